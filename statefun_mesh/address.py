@@ -1,0 +1,64 @@
+"""Type names and function addresses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import TypeNameError
+
+__all__ = ["Address", "SdkAddress", "check_id", "parse_typename"]
+
+
+def parse_typename(typename: str) -> tuple[str, str]:
+    """Split ``"namespace/name"`` at its last ``/``.
+
+    Raises:
+        TypeNameError: (a ``ValueError``) the name is not a non-empty ``str`` of the
+            form ``namespace/name`` with both parts non-empty.
+    """
+    if not isinstance(typename, str):
+        raise TypeNameError(f"a type name must be a str of the form 'namespace/name', got {type(typename).__name__}")
+    pos = typename.rfind("/")
+    if pos <= 0 or pos == len(typename) - 1:
+        raise TypeNameError(f"malformed type name {typename!r}: expected 'namespace/name', e.g. 'example/greeter'")
+    if "\x00" in typename:
+        raise TypeNameError(f"malformed type name {typename!r}: NUL characters are not allowed")
+    return typename[:pos], typename[pos + 1 :]
+
+
+def check_id(id: object, what: str = "target_id") -> str:
+    """Return ``id`` if it is a non-empty ``str``; raise ``TypeError``/``ValueError`` otherwise."""
+    if not isinstance(id, str):
+        raise TypeError(f"{what} must be a str, got {type(id).__name__}")
+    if not id:
+        raise ValueError(f"{what} can not be missing")
+    return id
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """The address of one function instance: its type name and its id.
+
+    Instances are virtual: every address exists and costs nothing until it receives
+    a message.
+    """
+
+    typename: str
+    id: str
+
+    @property
+    def namespace(self) -> str:
+        """The part of the type name before the last ``/``."""
+        return self.typename[: self.typename.rfind("/")]
+
+    @property
+    def name(self) -> str:
+        """The part of the type name after the last ``/``."""
+        return self.typename[self.typename.rfind("/") + 1 :]
+
+    def __str__(self) -> str:
+        return f"{self.typename}/{self.id}"
+
+
+#: StateFun's name for an address (``context.caller`` is one).
+SdkAddress = Address

@@ -1,0 +1,229 @@
+"""The invocation context (StateFun's ``Context``) and the per-invocation storage view."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from .address import Address
+from .messages import EgressMessage, Message, typed_value_from_kwargs
+
+if TYPE_CHECKING:
+    from .valuetypes import Type
+
+__all__ = ["Cell", "Context", "Storage"]
+
+_IMMUTABLE: Final = frozenset({int, float, str, bool, bytes, type(None), tuple, frozenset})
+
+
+class _Deleted:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+DELETED: Final = _Deleted()
+
+
+class Cell:
+    """One declared value of one instance during a batch: its stored bytes and decoded value."""
+
+    __slots__ = ("data", "decoded", "dirty", "expire", "has_decoded", "key", "name", "type", "vt")
+
+    def __init__(self, name: str, type: Type, key: bytes, vt: str | None, data: bytes | None, expire: int) -> None:
+        self.name = name
+        self.type = type
+        self.key = key
+        self.vt = vt
+        self.data = data
+        self.expire = expire
+        self.decoded: Any = None
+        self.has_decoded = False
+        self.dirty = False
+
+    def read(self, address: Address) -> Any:
+        """Return the decoded value (``None`` when absent or expired)."""
+        if self.has_decoded:
+            return self.decoded
+        if self.data is None:
+            value = None
+        else:
+            if self.vt != self.type.typename:
+                raise TypeError(
+                    f"state {self.name!r} of {address} holds a value of type {self.vt!r}, but its "
+                    f"ValueSpec declares type {self.type.typename!r}; migrate or delete the stored value"
+                )
+            value = self.type.serializer().deserialize(self.data)
+        if type(value) in _IMMUTABLE:
+            self.decoded = value
+            self.has_decoded = True
+        return value
+
+
+class Storage:
+    """``context.storage``: one attribute per declared ``ValueSpec``.
+
+    Reading gives the value (``None`` if absent or expired); assigning stores it
+    (assigning ``None`` deletes it); ``del`` deletes it. Writes become visible to later
+    invocations only if this invocation returns without raising.
+    """
+
+    __slots__ = ("_address", "_cells", "_writes")
+
+    def __init__(self, address: Address, cells: dict[str, Cell]) -> None:
+        object.__setattr__(self, "_address", address)
+        object.__setattr__(self, "_cells", cells)
+        object.__setattr__(self, "_writes", {})
+
+    def __getattr__(self, name: str) -> Any:
+        writes = self._writes
+        if name in writes:
+            value = writes[name]
+            return None if value is DELETED else value
+        cell = self._cells.get(name)
+        if cell is None:
+            raise AttributeError(
+                f"{self._address.typename} has no state {name!r}; declare it with "
+                f"ValueSpec(name={name!r}, type=...) in bind(specs=[...])"
+            )
+        return cell.read(self._address)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._cells:
+            raise AttributeError(
+                f"{self._address.typename} has no state {name!r}; declare it with "
+                f"ValueSpec(name={name!r}, type=...) in bind(specs=[...])"
+            )
+        self._writes[name] = DELETED if value is None else value
+
+    def __delattr__(self, name: str) -> None:
+        self.__setattr__(name, None)
+
+    def __dir__(self) -> list[str]:
+        return sorted(self._cells)
+
+
+class Context:
+    """What a function gets besides its message: its address, its caller, its storage and
+    the ways to send messages (StateFun's ``Context``, plus :meth:`reply`).
+
+    Everything a function does through its context takes effect only if the invocation
+    returns normally; if it raises, its sends, timers, egress records, reply and state
+    changes are all discarded.
+    """
+
+    __slots__ = (
+        "_cancels",
+        "_delayed",
+        "_egress",
+        "_reply",
+        "_reply_peer",
+        "_request_id",
+        "_sends",
+        "address",
+        "caller",
+        "storage",
+    )
+
+    def __init__(
+        self, address: Address, caller: Address | None, storage: Storage, reply_peer: int, request_id: int
+    ) -> None:
+        self.address = address
+        self.caller = caller
+        self.storage = storage
+        self._reply_peer = reply_peer
+        self._request_id = request_id
+        self._sends: list[tuple[str, str, str, str, str, bytes, int, int]] | None = None
+        #: (delay, record, cancellation token) in call order; cancellations interleave here too.
+        self._delayed: list[tuple[Any, ...]] | None = None
+        self._cancels = False
+        self._egress: list[tuple[str, str, bytes]] | None = None
+        self._reply: tuple[str, bytes] | None = None
+
+    @property
+    def in_request(self) -> bool:
+        """Whether the message being handled is part of a client request (see :meth:`reply`)."""
+        return self._request_id != 0
+
+    def send(self, message: Message) -> None:
+        """Send ``message`` to its target instance."""
+        if type(message) is not Message:
+            raise TypeError(f"send() takes a Message (use message_builder), got {type(message).__name__}")
+        rec = (
+            message.target_typename,
+            message.target_id,
+            self.address.typename,
+            self.address.id,
+            message._vt,
+            message._v,
+            self._reply_peer,
+            self._request_id,
+        )
+        if self._sends is None:
+            self._sends = [rec]
+        else:
+            self._sends.append(rec)
+
+    def send_after(self, delay: timedelta, message: Message, cancellation_token: str = "") -> None:
+        """Send ``message`` once ``delay`` has passed.
+
+        Delayed messages are state: they survive restarts and are restored with
+        checkpoints. ``cancellation_token`` names the message for
+        :meth:`cancel_delayed_message`; tokens are scoped to the sending instance.
+        """
+        if not isinstance(delay, timedelta):
+            raise TypeError(f"delay must be a datetime.timedelta, got {type(delay).__name__}")
+        if delay < timedelta(0):
+            raise ValueError(f"delay must not be negative, got {delay}")
+        if type(message) is not Message:
+            raise TypeError(f"send_after() takes a Message (use message_builder), got {type(message).__name__}")
+        if not isinstance(cancellation_token, str):
+            raise TypeError("cancellation_token must be a str")
+        rec = (
+            message.target_typename,
+            message.target_id,
+            self.address.typename,
+            self.address.id,
+            message._vt,
+            message._v,
+            0,
+            0,
+        )
+        if self._delayed is None:
+            self._delayed = []
+        self._delayed.append(("after", delay, rec, cancellation_token))
+
+    def cancel_delayed_message(self, cancellation_token: str) -> None:
+        """Cancel every pending delayed message this instance sent with ``cancellation_token``.
+
+        A message that has already fired is not affected.
+        """
+        if not isinstance(cancellation_token, str) or not cancellation_token:
+            raise ValueError("cancellation_token must be a non-empty str")
+        if self._delayed is None:
+            self._delayed = []
+        self._delayed.append(("cancel", cancellation_token))
+
+    def send_egress(self, message: EgressMessage) -> None:
+        """Emit a record to the egress named by ``message.typename``."""
+        if type(message) is not EgressMessage:
+            raise TypeError(
+                f"send_egress() takes an EgressMessage (use egress_message_builder), got {type(message).__name__}"
+            )
+        if self._egress is None:
+            self._egress = []
+        self._egress.append((message.typename, message._vt, message._v))
+
+    def reply(self, **kwargs: Any) -> None:
+        """Answer the client request this message belongs to.
+
+        Takes the value like :func:`message_builder` does: ``int_value=``, ``str_value=``,
+        … or ``value=`` with ``value_type=``. A message sent while handling a request
+        carries that request along, so any function down the chain may answer; the
+        first answer wins and later ones are ignored. Outside a request (see
+        :attr:`in_request`) the reply is dropped.
+        """
+        encoded = typed_value_from_kwargs(kwargs, what="reply")
+        if self._reply is None:
+            self._reply = encoded

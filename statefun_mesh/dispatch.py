@@ -1,0 +1,394 @@
+"""One batch: group by address, load declared state once, invoke in order, collect effects.
+
+The dispatcher does not write anything itself: it returns the batch's writes as an
+ordered list of operations (:data:`~statefun_mesh.state.lmdb_backend.Op`) that the
+peer commits in one LMDB write transaction, and the batch's messages, replies and
+egress notifications, which the peer routes only after that commit succeeded. A batch
+is therefore applied wholly or not at all; if the commit fails the peer calls
+:meth:`Dispatcher.rollback` and retries the same records later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import traceback
+from collections.abc import Awaitable
+from typing import Any, Final
+
+import msgpack
+
+from . import _speedups
+from .address import Address
+from .context import DELETED, Cell, Context, Storage
+from .functions import FunctionSpec
+from .messages import Message
+from .state.lmdb_backend import (
+    LmdbStateBackend,
+    Op,
+    decode_state_value,
+    encode_state_value,
+    pack_due_kg_seq,
+    pack_kg_seq,
+    pack_u64,
+    state_key,
+    timer_token_prefix,
+)
+
+__all__ = [
+    "DEAD_LETTERS",
+    "DEAD_LETTER_TYPE",
+    "REPLY_ERROR",
+    "REPLY_OK",
+    "BatchOutcome",
+    "Dispatcher",
+]
+
+log = logging.getLogger("statefun_mesh.dispatch")
+
+#: The egress that receives every message whose invocation failed.
+DEAD_LETTERS: Final = "statefun-mesh/dead-letters"
+#: Value type of dead-letter records: UTF-8 JSON (see docs/concepts.md).
+DEAD_LETTER_TYPE: Final = "statefun-mesh.types/dead-letter"
+REPLY_OK: Final = 0
+REPLY_ERROR: Final = 1
+
+Record = tuple[str, str, str, str, str, bytes, int, int]
+#: (reply_peer, request_id, status, value_typename or error class, value bytes or error text,
+#: replier typename, replier id)
+Reply = tuple[int, int, int, str, Any, str, str]
+
+
+class BatchOutcome:
+    """What one batch produced; applied by the peer after the writes commit."""
+
+    __slots__ = ("egress", "min_due", "ops", "replies", "sends")
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self.sends: list[Record] = []
+        self.replies: list[Reply] = []
+        #: egress typename -> next offset after this batch
+        self.egress: dict[str, int] = {}
+        #: earliest due time (ms) of a timer this batch added, if any
+        self.min_due: int | None = None
+
+
+class Dispatcher:
+    """Runs batches of messages against the bound functions and one peer's state.
+
+    Args:
+        table: bound functions by type name.
+        backend: the peer's state store.
+        max_parallelism: the number of key groups (state keys start with the key group).
+        egress_retention: records kept per egress; older ones are trimmed.
+    """
+
+    def __init__(
+        self,
+        table: dict[str, FunctionSpec],
+        backend: LmdbStateBackend,
+        *,
+        max_parallelism: int,
+        egress_retention: int = 100_000,
+    ) -> None:
+        self.table = table
+        self.backend = backend
+        self.max_parallelism = max_parallelism
+        self.egress_retention = egress_retention
+        self._timer_seq = backend.meta_int(b"timer_seq")
+        self._egress_offsets: dict[str, list[int]] = {}
+        self._saved: tuple[int, dict[str, list[int]]] | None = None
+        self._db_state = backend.db_state
+        self._key_group = _speedups.key_group
+        #: counters for status: invocations, failures
+        self.invocations = 0
+        self.failures = 0
+
+    # -- rollback of in-memory counters when a commit fails -----------------------
+
+    def rollback(self) -> None:
+        """Undo the counter advances of the last :meth:`run` (its commit failed)."""
+        if self._saved is not None:
+            self._timer_seq, self._egress_offsets = self._saved
+            self._saved = None
+
+    # -- the batch ------------------------------------------------------------------
+
+    async def run(
+        self,
+        records: list[Record],
+        fired: list[tuple[int, int, int, list[Any]]],
+        now_ms: int,
+    ) -> BatchOutcome:
+        """Invoke the functions for ``records`` (then the ``fired`` timers' messages).
+
+        Returns the outcome; nothing is written yet.
+        """
+        self._saved = (self._timer_seq, {k: list(v) for k, v in self._egress_offsets.items()})
+        out = BatchOutcome()
+        if fired:
+            records = list(records)
+            for kg, seq, due, value in fired:
+                tok = None
+                if value:
+                    _, token, s_type, s_id, rec = value
+                    if token:
+                        tok = timer_token_prefix(kg, s_type, s_id, token)
+                    records.append(tuple(rec))  # type: ignore[arg-type]
+                out.ops.append(("fired", kg, seq, due, tok))
+
+        groups: dict[tuple[str, str], list[Record]] = {}
+        for rec in records:
+            key = (rec[0], rec[1])
+            g = groups.get(key)
+            if g is None:
+                groups[key] = [rec]
+            else:
+                g.append(rec)
+
+        table = self.table
+        pending: list[Awaitable[None]] = []
+        touched: list[list[Cell]] = []
+        with self.backend.read() as txn:
+            get = txn.get
+            db_state = self._db_state
+            key_group = self._key_group
+            maxp = self.max_parallelism
+            for (typename, id), recs in groups.items():
+                fspec = table.get(typename)
+                if fspec is None:
+                    for rec in recs:
+                        self._unknown(rec, out)
+                    continue
+                kg = key_group(id, maxp)
+                cells: dict[str, Cell] = {}
+                for spec in fspec.specs:
+                    skey = state_key(kg, typename, id, spec.name)
+                    raw = get(skey, db=db_state)
+                    if raw is None:
+                        cells[spec.name] = Cell(spec.name, spec.type, skey, None, None, 0)
+                    else:
+                        vt, data, expire = decode_state_value(raw)
+                        cell = Cell(spec.name, spec.type, skey, vt, data, expire)
+                        if expire and expire <= now_ms:
+                            cell.vt = cell.data = None
+                            cell.expire = 0
+                            cell.dirty = True
+                        cells[spec.name] = cell
+                address = Address(typename, id)
+                if cells:
+                    touched.append(list(cells.values()))
+                if fspec.is_async:
+                    pending.append(self._run_async(fspec, address, kg, cells, recs, now_ms, out))
+                else:
+                    invoke = self._invoke_sync
+                    for rec in recs:
+                        invoke(fspec, address, kg, cells, rec, now_ms, out)
+        if pending:
+            await asyncio.gather(*pending)
+
+        ops = out.ops
+        for cells_list in touched:
+            for cell in cells_list:
+                if cell.dirty:
+                    if cell.data is None:
+                        ops.append(("del", "state", cell.key))
+                    else:
+                        ops.append(("put", "state", cell.key, encode_state_value(cell.vt, cell.data, cell.expire)))  # type: ignore[arg-type]
+        if self._saved[0] != self._timer_seq:
+            ops.append(("put", "meta", b"timer_seq", pack_u64(self._timer_seq)))
+        return out
+
+    async def _run_async(
+        self,
+        fspec: FunctionSpec,
+        address: Address,
+        kg: int,
+        cells: dict[str, Cell],
+        recs: list[Record],
+        now_ms: int,
+        out: BatchOutcome,
+    ) -> None:
+        # One address's messages run strictly one after another; other addresses of the
+        # batch may interleave while this one awaits.
+        for rec in recs:
+            ctx = self._context(address, cells, rec)
+            msg = Message(rec[0], rec[1], rec[4], rec[5])
+            try:
+                await fspec.fun(ctx, msg)
+                writes = self._serialize_writes(ctx.storage)
+            except Exception as exc:
+                self._failed(rec, address, cells, exc, out)
+                continue
+            self._commit_invocation(fspec, address, kg, cells, ctx, writes, now_ms, out)
+
+    def _invoke_sync(
+        self,
+        fspec: FunctionSpec,
+        address: Address,
+        kg: int,
+        cells: dict[str, Cell],
+        rec: Record,
+        now_ms: int,
+        out: BatchOutcome,
+    ) -> None:
+        ctx = self._context(address, cells, rec)
+        try:
+            fspec.fun(ctx, Message(rec[0], rec[1], rec[4], rec[5]))
+            writes = self._serialize_writes(ctx.storage)
+        except Exception as exc:
+            self._failed(rec, address, cells, exc, out)
+            return
+        self._commit_invocation(fspec, address, kg, cells, ctx, writes, now_ms, out)
+
+    @staticmethod
+    def _context(address: Address, cells: dict[str, Cell], rec: Record) -> Context:
+        caller = Address(rec[2], rec[3]) if rec[2] else None
+        return Context(address, caller, Storage(address, cells), rec[6], rec[7])
+
+    @staticmethod
+    def _serialize_writes(storage: Storage) -> list[tuple[Cell, Any, bytes | None]]:
+        writes: dict[str, Any] = storage._writes
+        if not writes:
+            return []
+        cells = storage._cells
+        result = []
+        for name, value in writes.items():
+            cell = cells[name]
+            if value is DELETED:
+                result.append((cell, None, None))
+            else:
+                data = cell.type.serializer().serialize(value)
+                if not isinstance(data, bytes):
+                    raise TypeError(
+                        f"the serializer of type {cell.type.typename!r} returned "
+                        f"{type(data).__name__}, not bytes, for state {name!r}"
+                    )
+                result.append((cell, value, data))
+        return result
+
+    def _commit_invocation(
+        self,
+        fspec: FunctionSpec,
+        address: Address,
+        kg: int,
+        cells: dict[str, Cell],
+        ctx: Context,
+        writes: list[tuple[Cell, Any, bytes | None]],
+        now_ms: int,
+        out: BatchOutcome,
+    ) -> None:
+        self.invocations += 1
+        for cell, value, data in writes:
+            cell.dirty = True
+            if data is None:
+                cell.vt = cell.data = None
+                cell.expire = 0
+                cell.decoded = None
+                cell.has_decoded = True
+            else:
+                cell.vt = cell.type.typename
+                cell.data = data
+                cell.expire = 0
+                if type(value) in (int, float, str, bool, bytes):
+                    cell.decoded = value
+                    cell.has_decoded = True
+                else:
+                    cell.has_decoded = False
+        if fspec.ttl_ms:
+            for name, ms, after_call in fspec.ttl_ms:
+                cell = cells[name]
+                if cell.data is None:
+                    continue
+                if after_call or cell.expire == 0:
+                    cell.expire = now_ms + ms
+                    cell.dirty = True
+        for cell in cells.values():
+            if cell.has_decoded and type(cell.decoded) not in (int, float, str, bool, bytes, type(None)):
+                cell.has_decoded = False
+        if ctx._sends is not None:
+            out.sends.extend(ctx._sends)
+        if ctx._delayed is not None:
+            self._timers(address, kg, ctx._delayed, now_ms, out)
+        if ctx._egress is not None:
+            for typename, vt, data in ctx._egress:
+                self._egress(typename, vt, data, out)
+        if ctx._reply is not None and ctx._request_id:
+            vt, data = ctx._reply
+            out.replies.append((ctx._reply_peer, ctx._request_id, REPLY_OK, vt, data, address.typename, address.id))
+
+    def _timers(self, address: Address, kg: int, items: list[tuple[Any, ...]], now_ms: int, out: BatchOutcome) -> None:
+        ops = out.ops
+        for item in items:
+            if item[0] == "cancel":
+                ops.append(("cancel", kg, timer_token_prefix(kg, address.typename, address.id, item[1])))
+                continue
+            _, delay, rec, token = item
+            due = now_ms + int(delay.total_seconds() * 1000)
+            self._timer_seq += 1
+            seq = self._timer_seq
+            value = msgpack.packb([due, token, address.typename, address.id, list(rec)], use_bin_type=True)
+            ops.append(("put", "timers", pack_kg_seq(kg, seq), value))
+            ops.append(("put", "timer_due", pack_due_kg_seq(due, kg, seq), b""))
+            if token:
+                prefix = timer_token_prefix(kg, address.typename, address.id, token)
+                ops.append(("put", "timer_tokens", prefix + pack_u64(seq), b""))
+            if out.min_due is None or due < out.min_due:
+                out.min_due = due
+
+    def _egress(self, typename: str, vt: str, data: bytes, out: BatchOutcome) -> None:
+        bounds = self._egress_offsets.get(typename)
+        if bounds is None:
+            bounds = list(self.backend.egress_bounds(typename))
+            self._egress_offsets[typename] = bounds
+        offset = bounds[1]
+        bounds[1] = offset + 1
+        out.ops.append(
+            ("put", "egress", typename.encode() + b"\x00" + pack_u64(offset), msgpack.packb([vt, data], use_bin_type=True))
+        )
+        out.egress[typename] = offset + 1
+        if bounds[1] - bounds[0] > self.egress_retention + self.egress_retention // 10:
+            bounds[0] = bounds[1] - self.egress_retention
+            out.ops.append(("trim", typename, bounds[0]))
+
+    # -- failures -----------------------------------------------------------------------
+
+    def _failed(self, rec: Record, address: Address, cells: dict[str, Cell], exc: Exception, out: BatchOutcome) -> None:
+        self.failures += 1
+        for cell in cells.values():  # decoded values may have been mutated in place
+            cell.has_decoded = False
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("function %s raised %s; message moved to egress %r", address, error, DEAD_LETTERS, exc_info=exc)
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
+        self._dead_letter(rec, "function raised", error, tb, out)
+        if rec[7]:
+            out.replies.append((rec[6], rec[7], REPLY_ERROR, "InvocationError", error, rec[0], rec[1]))
+
+    def _unknown(self, rec: Record, out: BatchOutcome) -> None:
+        self.failures += 1
+        known = sorted(self.table)
+        error = f"no function is bound to type {rec[0]!r}"
+        log.error(
+            "%s (message to %s/%s from %s); known types: %s; message moved to egress %r",
+            error, rec[0], rec[1], f"{rec[2]}/{rec[3]}" if rec[2] else "a client",
+            ", ".join(known[:10]) or "none", DEAD_LETTERS,
+        )  # fmt: skip
+        self._dead_letter(rec, "unknown function type", error, "", out)
+        if rec[7]:
+            out.replies.append((rec[6], rec[7], REPLY_ERROR, "FunctionNotFoundError", rec[0], rec[0], rec[1]))
+
+    def _dead_letter(self, rec: Record, reason: str, error: str, tb: str, out: BatchOutcome) -> None:
+        doc = {
+            "target": f"{rec[0]}/{rec[1]}",
+            "caller": f"{rec[2]}/{rec[3]}" if rec[2] else None,
+            "value_typename": rec[4],
+            "value": base64.b64encode(rec[5]).decode("ascii"),
+            "reason": reason,
+            "error": error,
+            "traceback": tb,
+        }
+        self._egress(DEAD_LETTERS, DEAD_LETTER_TYPE, json.dumps(doc, separators=(",", ":")).encode(), out)
+

@@ -1,0 +1,180 @@
+"""Function registration: ``StatefulFunctions`` and ``ValueSpec`` (StateFun SDK names)."""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Any
+
+from .address import parse_typename
+from .valuetypes import Type
+
+__all__ = ["FunctionSpec", "StatefulFunctions", "ValueSpec", "merge_functions"]
+
+
+class ValueSpec:
+    """Declares one persisted value of a function: its name, type and optional TTL.
+
+    Args:
+        name: a lower-case Python identifier that is not a keyword; it becomes the
+            attribute ``context.storage.<name>``.
+        type: the value's :class:`~statefun_mesh.valuetypes.Type`.
+        expire_after_call: the value expires this long after the instance was last
+            invoked (any message refreshes it).
+        expire_after_write: the value expires this long after it was last written.
+
+    Only one of ``expire_after_call`` and ``expire_after_write`` may be set. An expired
+    value reads as ``None``.
+    """
+
+    __slots__ = ("after_call", "after_write", "duration", "name", "type")
+
+    def __init__(
+        self,
+        name: str,
+        type: Type,
+        expire_after_call: timedelta | None = None,
+        expire_after_write: timedelta | None = None,
+    ) -> None:
+        if not name:
+            raise ValueError("name can not be missing.")
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {name.__class__.__name__}")
+        if not name.isidentifier():
+            raise ValueError(
+                f"invalid name {name!r}: a spec name can only contain alphanumeric characters and "
+                "underscores, and must not start with a digit"
+            )
+        if keyword.iskeyword(name):
+            raise ValueError(f"invalid name {name!r}: a spec name can not be a Python keyword")
+        if name.lower() != name:
+            raise ValueError(f"invalid name {name!r}: a spec name must be lower case")
+        if name.startswith("_"):
+            raise ValueError(f"invalid name {name!r}: a spec name can not start with an underscore")
+        if not type:
+            raise ValueError("type can not be missing.")
+        if not isinstance(type, Type):
+            raise TypeError(f"type of ValueSpec {name!r} is not a statefun_mesh Type: {type!r}")
+        if expire_after_call is not None and expire_after_write is not None:
+            raise ValueError("Only one of expire_after_call or expire_after_write can be set.")
+        for label, ttl in (("expire_after_call", expire_after_call), ("expire_after_write", expire_after_write)):
+            if ttl is not None:
+                if not isinstance(ttl, timedelta):
+                    raise TypeError(f"{label} must be a datetime.timedelta, got {ttl.__class__.__name__}")
+                if ttl <= timedelta(0):
+                    raise ValueError(f"{label} must be positive, got {ttl}")
+        self.name = name
+        self.type = type
+        self.duration: timedelta | None = expire_after_call or expire_after_write
+        self.after_call = expire_after_call is not None
+        self.after_write = expire_after_write is not None
+
+    def __repr__(self) -> str:
+        ttl = ""
+        if self.after_call:
+            ttl = f", expire_after_call={self.duration!r}"
+        elif self.after_write:
+            ttl = f", expire_after_write={self.duration!r}"
+        return f"ValueSpec({self.name!r}, {self.type.typename!r}{ttl})"
+
+
+class FunctionSpec:
+    """A bound function: its type name, the callable, its value specs and whether it is async."""
+
+    __slots__ = ("fun", "is_async", "specs", "ttl_ms", "typename")
+
+    def __init__(self, typename: str, fun: Callable[..., Any], specs: list[ValueSpec]) -> None:
+        self.typename = typename
+        self.fun = fun
+        self.specs = specs
+        self.is_async = inspect.iscoroutinefunction(fun)
+        #: (name, milliseconds, after_call) for every spec with a TTL.
+        self.ttl_ms = [
+            (s.name, int(s.duration.total_seconds() * 1000), s.after_call) for s in specs if s.duration is not None
+        ]
+
+
+class StatefulFunctions:
+    """A module of functions, bound by type name (StateFun's ``StatefulFunctions``)."""
+
+    __slots__ = ("_functions",)
+
+    def __init__(self) -> None:
+        self._functions: dict[str, FunctionSpec] = {}
+
+    def register(
+        self, typename: str, fun: Callable[..., Any], specs: Iterable[ValueSpec] | None = None
+    ) -> None:
+        """Bind ``fun(context, message)`` (``def`` or ``async def``) to ``typename``.
+
+        Raises:
+            ValueError: a malformed type name, a type name bound twice, or two specs
+                with the same name.
+            TypeError: ``fun`` is not callable, or a spec is not a ``ValueSpec``.
+        """
+        parse_typename(typename)
+        if not callable(fun):
+            raise TypeError(f"function bound to {typename!r} is not callable: {fun!r}")
+        if typename in self._functions:
+            raise ValueError(f"a function is already bound to {typename!r}")
+        spec_list = list(specs or ())
+        seen: set[str] = set()
+        for s in spec_list:
+            if not isinstance(s, ValueSpec):
+                raise TypeError(f"specs of {typename!r} must be ValueSpec instances, got {s!r}")
+            if s.name in seen:
+                raise ValueError(f"{typename!r} declares the state {s.name!r} twice")
+            seen.add(s.name)
+        self._functions[typename] = FunctionSpec(typename, fun, spec_list)
+
+    def bind(
+        self, typename: str, specs: Iterable[ValueSpec] | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator form of :meth:`register`: ``@functions.bind(typename=..., specs=[...])``."""
+
+        def wrapper(fun: Callable[..., Any]) -> Callable[..., Any]:
+            self.register(typename, fun, specs)
+            return fun
+
+        return wrapper
+
+    def for_typename(self, typename: str) -> FunctionSpec:
+        """Return the bound function for ``typename``; ``KeyError`` if none."""
+        return self._functions[typename]
+
+    def __contains__(self, typename: object) -> bool:
+        return typename in self._functions
+
+    def __iter__(self) -> Any:
+        return iter(self._functions.values())
+
+    def __len__(self) -> int:
+        return len(self._functions)
+
+    @property
+    def typenames(self) -> list[str]:
+        """The bound type names."""
+        return list(self._functions)
+
+
+def merge_functions(*modules: StatefulFunctions | Iterable[StatefulFunctions]) -> dict[str, FunctionSpec]:
+    """Multiplex several modules into one table; a type bound in two modules is a ``ValueError``."""
+    table: dict[str, FunctionSpec] = {}
+    flat: list[StatefulFunctions] = []
+    for m in modules:
+        if isinstance(m, StatefulFunctions):
+            flat.append(m)
+        else:
+            flat.extend(m)
+    if not flat:
+        raise ValueError("no functions given: pass at least one StatefulFunctions")
+    for m in flat:
+        if not isinstance(m, StatefulFunctions):
+            raise TypeError(f"expected StatefulFunctions, got {type(m).__name__}")
+        for spec in m:
+            if spec.typename in table:
+                raise ValueError(f"{spec.typename!r} is bound in two of the given function modules")
+            table[spec.typename] = spec
+    return table

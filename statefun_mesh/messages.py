@@ -1,0 +1,233 @@
+"""Messages, egress messages and egress records, and their builders (StateFun SDK names)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import valuetypes as vt
+from .address import check_id, parse_typename
+
+__all__ = [
+    "EgressMessage",
+    "EgressRecord",
+    "Message",
+    "TypedValue",
+    "egress_message_builder",
+    "message_builder",
+    "typed_value_from_kwargs",
+]
+
+_PRIMITIVE_KWARGS: dict[str, vt.Type] = {
+    "int_value": vt.IntType,
+    "float_value": vt.FloatType,
+    "long_value": vt.LongType,
+    "str_value": vt.StringType,
+    "double_value": vt.DoubleType,
+    "bool_value": vt.BoolType,
+}
+
+
+class TypedValue:
+    """A value as the runtime sees it: its type name and its bytes (StateFun's ``TypedValue``)."""
+
+    __slots__ = ("typename", "value")
+
+    def __init__(self, typename: str, value: bytes) -> None:
+        self.typename = typename
+        self.value = value
+
+    @property
+    def has_value(self) -> bool:
+        """Always true: statefun_mesh never sends an empty typed value."""
+        return True
+
+    def __repr__(self) -> str:
+        return f"TypedValue({self.typename!r}, {self.value!r:.60})"
+
+
+class _Accessors:
+    """The ``is_*``/``as_*`` accessors shared by messages and egress records."""
+
+    __slots__ = ()
+    _vt: str
+    _v: bytes
+
+    def value_typename(self) -> str:
+        """The type name of the value, e.g. ``io.statefun.types/int``."""
+        return self._vt
+
+    def raw_value(self) -> bytes:
+        """The value's bytes, as its type encoded them."""
+        return self._v
+
+    @property
+    def typed_value(self) -> TypedValue:
+        """The value as a :class:`TypedValue` (StateFun compatibility)."""
+        return TypedValue(self._vt, self._v)
+
+    def is_type(self, tpe: vt.Type) -> bool:
+        """Whether the value has ``tpe``'s type name."""
+        return self._vt == tpe.typename
+
+    def as_type(self, tpe: vt.Type) -> Any:
+        """Decode the value with ``tpe``.
+
+        Raises:
+            TypeError: the value has a different type name.
+        """
+        if self._vt != tpe.typename:
+            raise TypeError(f"cannot read a value of type {self._vt!r} as {tpe.typename!r}")
+        return tpe.serializer().deserialize(self._v)
+
+    def is_int(self) -> bool:
+        return self._vt == "io.statefun.types/int"
+
+    def as_int(self) -> int:
+        return self.as_type(vt.IntType)  # type: ignore[no-any-return]
+
+    def is_long(self) -> bool:
+        return self._vt == "io.statefun.types/long"
+
+    def as_long(self) -> int:
+        return self.as_type(vt.LongType)  # type: ignore[no-any-return]
+
+    def is_float(self) -> bool:
+        return self._vt == "io.statefun.types/float"
+
+    def as_float(self) -> float:
+        return self.as_type(vt.FloatType)  # type: ignore[no-any-return]
+
+    def is_double(self) -> bool:
+        return self._vt == "io.statefun.types/double"
+
+    def as_double(self) -> float:
+        return self.as_type(vt.DoubleType)  # type: ignore[no-any-return]
+
+    def is_bool(self) -> bool:
+        return self._vt == "io.statefun.types/bool"
+
+    def as_bool(self) -> bool:
+        return self.as_type(vt.BoolType)  # type: ignore[no-any-return]
+
+    def is_string(self) -> bool:
+        return self._vt == "io.statefun.types/string"
+
+    def as_string(self) -> str:
+        return self.as_type(vt.StringType)  # type: ignore[no-any-return]
+
+
+class Message(_Accessors):
+    """A message to a function instance (build one with :func:`message_builder`)."""
+
+    __slots__ = ("_v", "_vt", "target_id", "target_typename")
+
+    def __init__(self, target_typename: str, target_id: str, value_typename: str, value: bytes) -> None:
+        self.target_typename = target_typename
+        self.target_id = target_id
+        self._vt = value_typename
+        self._v = value
+
+    def __repr__(self) -> str:
+        return f"Message(to={self.target_typename}/{self.target_id}, type={self._vt!r}, value={self._v!r:.40})"
+
+
+class EgressMessage(_Accessors):
+    """A record for an egress (build one with :func:`egress_message_builder`)."""
+
+    __slots__ = ("_v", "_vt", "typename")
+
+    def __init__(self, typename: str, value_typename: str, value: bytes) -> None:
+        self.typename = typename
+        self._vt = value_typename
+        self._v = value
+
+    def __repr__(self) -> str:
+        return f"EgressMessage(egress={self.typename!r}, type={self._vt!r}, value={self._v!r:.40})"
+
+
+class EgressRecord(_Accessors):
+    """A record read from an egress: its egress, its offset in that egress, and its value.
+
+    Offsets increase by one per record of an egress (per peer that produced it); the
+    pair ``(peer, offset)`` identifies a record.
+    """
+
+    __slots__ = ("_v", "_vt", "offset", "peer", "typename")
+
+    def __init__(self, typename: str, peer: int, offset: int, value_typename: str, value: bytes) -> None:
+        self.typename = typename
+        self.peer = peer
+        self.offset = offset
+        self._vt = value_typename
+        self._v = value
+
+    def __repr__(self) -> str:
+        return (
+            f"EgressRecord(egress={self.typename!r}, peer={self.peer}, offset={self.offset}, "
+            f"type={self._vt!r}, value={self._v!r:.40})"
+        )
+
+
+def typed_value_from_kwargs(kwargs: dict[str, Any], what: str = "message") -> tuple[str, bytes]:
+    """Encode a value given as StateFun builder keywords.
+
+    Accepts exactly one of ``int_value=``, ``float_value=``, ``long_value=``,
+    ``str_value=``, ``double_value=``, ``bool_value=``, or the pair ``value=``,
+    ``value_type=``. Returns ``(value_typename, bytes)``.
+    """
+    if len(kwargs) == 2 and "value" in kwargs and "value_type" in kwargs:
+        value, value_type = kwargs["value"], kwargs["value_type"]
+    elif len(kwargs) == 1:
+        keyword, value = next(iter(kwargs.items()))
+        value_type = _PRIMITIVE_KWARGS.get(keyword)
+        if value_type is None and keyword not in ("value", "value_type"):
+            raise TypeError(
+                f"unknown {what} value keyword {keyword!r}; use one of "
+                f"{', '.join(_PRIMITIVE_KWARGS)}, or value=..., value_type=..."
+            )
+    else:
+        raise TypeError(
+            f"wrong value keywords for a {what}: {sorted(kwargs)}; there must be exactly one of "
+            f"{', '.join(_PRIMITIVE_KWARGS)}, or value=..., value_type=..."
+        )
+    if value is None:
+        raise ValueError("value can not be missing")
+    if value_type is None:
+        raise ValueError(
+            "Could not deduce the value type, please specify the type explicitly, "
+            "passing value=<the value>, value_type=<the type>"
+        )
+    if not isinstance(value_type, vt.Type):
+        raise TypeError(f"value_type must be a statefun_mesh Type, got {type(value_type).__name__}")
+    data = value_type.serializer().serialize(value)
+    return value_type.typename, data
+
+
+def message_builder(target_typename: str, target_id: str, **kwargs: Any) -> Message:
+    """Build a message to any function instance (StateFun's ``message_builder``).
+
+    Args:
+        target_typename: the target function's type, ``"namespace/name"``.
+        target_id: the target instance's id.
+        **kwargs: exactly one of ``int_value=``, ``float_value=``, ``long_value=``,
+            ``str_value=``, ``double_value=``, ``bool_value=``, or ``value=`` together
+            with ``value_type=``.
+
+    Raises:
+        ValueError: a malformed type name, an empty id or a missing value.
+        TypeError: wrong keywords, or a value its type cannot encode.
+    """
+    parse_typename(target_typename)
+    check_id(target_id)
+    value_typename, data = typed_value_from_kwargs(kwargs)
+    return Message(target_typename, target_id, value_typename, data)
+
+
+def egress_message_builder(target_typename: str, value: Any, value_type: vt.Type) -> EgressMessage:
+    """Build an egress record for the egress named ``target_typename`` (StateFun's builder)."""
+    parse_typename(target_typename)
+    if value is None:
+        raise ValueError("value can not be missing")
+    if not isinstance(value_type, vt.Type):
+        raise TypeError(f"value_type must be a statefun_mesh Type, got {type(value_type).__name__}")
+    return EgressMessage(target_typename, value_type.typename, value_type.serializer().serialize(value))

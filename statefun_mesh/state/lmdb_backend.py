@@ -1,0 +1,352 @@
+"""LMDB state backend: one environment per peer, key layout, value codec, batch commits.
+
+Layout (ARCHITECTURE §6). Named databases in one environment:
+
+``state``
+    key ``kg (u16 BE) | typename | 0x00 | id | 0x00 | state name`` — big-endian key
+    group first, so a key group is one contiguous range. Type names and state names
+    never contain NUL, so the key parses unambiguously (first and last NUL), even for
+    ids that contain NUL. A key longer than LMDB's 511-byte limit is stored as
+    ``kg | 0x00 | blake2b-256(typename NUL id NUL name)`` instead (a type name never
+    starts with NUL, so the two forms cannot collide).
+    value ``version (u8 = 1) | expire_at_ms (u64 BE, 0 = never) | len (u16 BE) |
+    value typename | value bytes``.
+``timers``      ``kg | seq (u64 BE)`` → msgpack ``[due_ms, token, sender_typename, sender_id, record]``
+``timer_due``   ``due_ms (u64 BE) | kg | seq`` → empty: the firing order
+``timer_tokens`` ``kg | blake2b-128(sender typename NUL sender id NUL token) | seq`` → empty
+``egress``      ``egress typename | 0x00 | offset (u64 BE)`` → msgpack ``[value_typename, value]``
+``meta``        small counters (``timer_seq``) and the layout version.
+
+All writes of one batch go through :meth:`LmdbStateBackend.commit` as an ordered list
+of operations applied in one write transaction. A full map grows the map and
+replays the operations; any other failure aborts the transaction, so a batch is
+applied wholly or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+import lmdb
+import msgpack
+
+from ..errors import StateBackendError, StateCapacityError
+
+__all__ = [
+    "LAYOUT_VERSION",
+    "LmdbStateBackend",
+    "Op",
+    "decode_state_value",
+    "encode_state_value",
+    "state_key",
+    "timer_token_prefix",
+]
+
+log = logging.getLogger("statefun_mesh.state")
+
+LAYOUT_VERSION: Final = 1
+MAX_KEY: Final = 511
+_VALUE_HEAD: Final = struct.Struct(">BQH")
+_KG: Final = struct.Struct(">H")
+_U64: Final = struct.Struct(">Q")
+_KG_SEQ: Final = struct.Struct(">HQ")
+_DUE_KG_SEQ: Final = struct.Struct(">QHQ")
+
+#: One write of a batch: ``("put", db, key, value)``, ``("del", db, key)``,
+#: ``("cancel", kg, token_prefix)`` or ``("fired", kg, seq, due_ms, token_prefix_or_None)``.
+Op = tuple[Any, ...]
+
+
+def state_key(kg: int, typename: str, id: str, name: str) -> bytes:
+    """Return the ``state`` key of one value of one instance."""
+    body = b"%s\x00%s\x00%s" % (typename.encode(), id.encode("utf-8", "surrogatepass"), name.encode())
+    if len(body) + 2 <= MAX_KEY:
+        return _KG.pack(kg) + body
+    return _KG.pack(kg) + b"\x00" + hashlib.blake2b(body, digest_size=32).digest()
+
+
+def encode_state_value(value_typename: str, data: bytes, expire_at_ms: int) -> bytes:
+    """Encode a stored value with its type name and expiry."""
+    tn = value_typename.encode()
+    return _VALUE_HEAD.pack(1, expire_at_ms, len(tn)) + tn + data
+
+
+def decode_state_value(raw: bytes) -> tuple[str, bytes, int]:
+    """Decode a stored value into ``(value_typename, data, expire_at_ms)``.
+
+    Raises:
+        StateBackendError: the bytes are not a version-1 stored value.
+    """
+    if len(raw) < _VALUE_HEAD.size or raw[0] != 1:
+        raise StateBackendError(f"stored value has an unknown layout (first byte {raw[:1]!r})")
+    _, expire, n = _VALUE_HEAD.unpack_from(raw)
+    end = _VALUE_HEAD.size + n
+    return raw[_VALUE_HEAD.size : end].decode(), raw[end:], expire
+
+
+def timer_token_prefix(kg: int, sender_typename: str, sender_id: str, token: str) -> bytes:
+    """Return the ``timer_tokens`` prefix of one (sender instance, token) pair."""
+    h = hashlib.blake2b(
+        b"%s\x00%s\x00%s" % (sender_typename.encode(), sender_id.encode("utf-8", "surrogatepass"), token.encode()),
+        digest_size=16,
+    ).digest()
+    return _KG.pack(kg) + h
+
+
+class LmdbStateBackend:
+    """One peer's LMDB environment.
+
+    Args:
+        path: directory of the environment (created if missing).
+        map_size: initial map size in bytes; it doubles whenever a batch does not fit,
+            up to ``max_map_size``.
+        max_map_size: the largest map the backend grows to before it fails batches
+            with :class:`~statefun_mesh.errors.StateCapacityError`.
+        sync: fsync every commit. Off by default: a commit survives a crash of the
+            process (it is in the OS page cache) but not of the machine, which is what
+            checkpoints are for; :meth:`close` and :meth:`flush` always sync.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        map_size: int = 1 << 30,
+        max_map_size: int = 1 << 40,
+        sync: bool = False,
+    ) -> None:
+        self.path = os.fspath(path)
+        os.makedirs(self.path, exist_ok=True)
+        try:
+            self.env = lmdb.open(
+                self.path,
+                map_size=map_size,
+                max_dbs=8,
+                sync=sync,
+                metasync=sync,
+                readahead=False,
+                max_readers=256,
+            )
+        except lmdb.Error as exc:
+            raise StateBackendError(f"cannot open the state store at {self.path}: {exc}") from exc
+        self.max_map_size = max_map_size
+        env = self.env
+        self.db_state = env.open_db(b"state")
+        self.db_timers = env.open_db(b"timers")
+        self.db_timer_due = env.open_db(b"timer_due")
+        self.db_timer_tokens = env.open_db(b"timer_tokens")
+        self.db_egress = env.open_db(b"egress")
+        self.db_meta = env.open_db(b"meta")
+        self._dbs = {
+            "state": self.db_state,
+            "timers": self.db_timers,
+            "timer_due": self.db_timer_due,
+            "timer_tokens": self.db_timer_tokens,
+            "egress": self.db_egress,
+            "meta": self.db_meta,
+        }
+        with env.begin(write=True) as txn:
+            version = txn.get(b"layout_version", db=self.db_meta)
+            if version is None:
+                txn.put(b"layout_version", _U64.pack(LAYOUT_VERSION), db=self.db_meta)
+            elif _U64.unpack(version)[0] != LAYOUT_VERSION:
+                raise StateBackendError(
+                    f"the state store at {self.path} has layout version {_U64.unpack(version)[0]}, "
+                    f"this statefun_mesh reads version {LAYOUT_VERSION}; restore from a checkpoint "
+                    "or use a fresh state directory"
+                )
+        self._closed = False
+
+    # -- reads ------------------------------------------------------------------------
+
+    def read(self) -> lmdb.Transaction:
+        """Begin a read transaction: a consistent, copy-on-write view of the whole store.
+
+        This is the snapshot seam: a checkpoint copies what one read transaction sees.
+        """
+        return self.env.begin(buffers=False)
+
+    def db(self, name: str) -> Any:
+        """Return the handle of a named database (``state``, ``timers``, ``egress``, ...)."""
+        return self._dbs[name]
+
+    def meta_int(self, key: bytes, default: int = 0) -> int:
+        """Read an integer counter from ``meta``."""
+        with self.env.begin() as txn:
+            raw = txn.get(key, db=self.db_meta)
+        return default if raw is None else _U64.unpack(raw)[0]
+
+    def next_timer_due(self) -> int | None:
+        """Return the due time (ms) of the earliest pending timer, or ``None``."""
+        with self.env.begin() as txn, txn.cursor(db=self.db_timer_due) as cur:
+            if cur.first():
+                return int(_U64.unpack_from(cur.key())[0])
+        return None
+
+    def due_timers(self, now_ms: int, limit: int) -> list[tuple[int, int, int, list[Any]]]:
+        """Return up to ``limit`` timers due at ``now_ms``: ``(kg, seq, due_ms, value)`` in firing order."""
+        out: list[tuple[int, int, int, list[Any]]] = []
+        with self.env.begin() as txn, txn.cursor(db=self.db_timer_due) as cur:
+            if not cur.first():
+                return out
+            for key in cur.iternext(keys=True, values=False):
+                due, kg, seq = _DUE_KG_SEQ.unpack(key)
+                if due > now_ms or len(out) >= limit:
+                    break
+                raw = txn.get(_KG_SEQ.pack(kg, seq), db=self.db_timers)
+                if raw is None:  # index without a timer: repaired by the next write
+                    log.warning("timer index entry without a timer (kg %d, seq %d); dropping it", kg, seq)
+                    out.append((kg, seq, due, []))
+                    continue
+                out.append((kg, seq, due, msgpack.unpackb(raw, raw=False)))
+        return out
+
+    def egress_range(self, typename: str, start: int, limit: int) -> list[tuple[int, str, bytes]]:
+        """Return up to ``limit`` egress records of ``typename`` from offset ``start`` on."""
+        prefix = typename.encode() + b"\x00"
+        out: list[tuple[int, str, bytes]] = []
+        with self.env.begin() as txn, txn.cursor(db=self.db_egress) as cur:
+            if not cur.set_range(prefix + _U64.pack(start)):
+                return out
+            for key, val in cur.iternext():
+                if not key.startswith(prefix) or len(out) >= limit:
+                    break
+                vt, data = msgpack.unpackb(val, raw=False)
+                out.append((_U64.unpack_from(key, len(prefix))[0], vt, data))
+        return out
+
+    def egress_bounds(self, typename: str) -> tuple[int, int]:
+        """Return ``(first, next)`` offsets of an egress: its oldest retained and its next record."""
+        prefix = typename.encode() + b"\x00"
+        with self.env.begin() as txn, txn.cursor(db=self.db_egress) as cur:
+            if not cur.set_range(prefix) or not cur.key().startswith(prefix):
+                return 0, 0
+            first = _U64.unpack_from(cur.key(), len(prefix))[0]
+            found = cur.prev() if cur.set_range(prefix + b"\xff" * 8) else cur.last()
+            if not found or not cur.key().startswith(prefix):  # pragma: no cover - first exists
+                return first, first
+            last = _U64.unpack_from(cur.key(), len(prefix))[0]
+            return first, last + 1
+
+    def iter_state(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
+        """Iterate every ``state`` entry of a transaction's view, in key order."""
+        with txn.cursor(db=self.db_state) as cur:
+            yield from cur.iternext()
+
+    # -- writes -----------------------------------------------------------------------
+
+    def commit(self, ops: Sequence[Op]) -> None:
+        """Apply ``ops`` in order in one write transaction.
+
+        Raises:
+            StateCapacityError: the store is full and cannot grow (map at its limit, or
+                the disk is full); nothing of the batch was applied.
+            StateBackendError: any other LMDB failure; nothing was applied.
+        """
+        if not ops:
+            return
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    self._apply(txn, ops)
+                return
+            except lmdb.MapFullError as exc:
+                size = self.env.info()["map_size"]
+                if size * 2 > self.max_map_size:
+                    raise StateCapacityError(
+                        f"the state store at {self.path} is full at its size limit "
+                        f"({size >> 20} MiB); raise max_map_size or delete state"
+                    ) from exc
+                log.info("state store map full at %d MiB; growing to %d MiB", size >> 20, size >> 19)
+                self.env.set_mapsize(size * 2)
+            except lmdb.Error as exc:
+                if isinstance(exc, lmdb.DiskError) or "No space left" in str(exc):
+                    raise StateCapacityError(
+                        f"the disk holding the state store at {self.path} is full: {exc}; "
+                        "free space and the peer resumes with the batch it could not write"
+                    ) from exc
+                raise StateBackendError(f"writing to the state store at {self.path} failed: {exc}") from exc
+
+    def _apply(self, txn: lmdb.Transaction, ops: Sequence[Op]) -> None:
+        dbs = self._dbs
+        put = txn.put
+        delete = txn.delete
+        for op in ops:
+            kind = op[0]
+            if kind == "put":
+                put(op[2], op[3], db=dbs[op[1]])
+            elif kind == "del":
+                delete(op[2], db=dbs[op[1]])
+            elif kind == "cancel":
+                self._cancel(txn, op[1], op[2])
+            elif kind == "fired":
+                _, kg, seq, due, tok = op
+                delete(_KG_SEQ.pack(kg, seq), db=self.db_timers)
+                delete(_DUE_KG_SEQ.pack(due, kg, seq), db=self.db_timer_due)
+                if tok is not None:
+                    delete(tok + _U64.pack(seq), db=self.db_timer_tokens)
+            elif kind == "trim":
+                self._trim(txn, op[1], op[2])
+            else:  # pragma: no cover - programming error
+                raise AssertionError(f"unknown op {kind!r}")
+
+    def _cancel(self, txn: lmdb.Transaction, kg: int, prefix: bytes) -> None:
+        seqs: list[int] = []
+        with txn.cursor(db=self.db_timer_tokens) as cur:
+            if cur.set_range(prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    seqs.append(_U64.unpack_from(key, len(prefix))[0])
+        for seq in seqs:
+            tkey = _KG_SEQ.pack(kg, seq)
+            raw = txn.get(tkey, db=self.db_timers)
+            txn.delete(prefix + _U64.pack(seq), db=self.db_timer_tokens)
+            if raw is None:
+                continue
+            due = msgpack.unpackb(raw, raw=False)[0]
+            txn.delete(tkey, db=self.db_timers)
+            txn.delete(_DUE_KG_SEQ.pack(due, kg, seq), db=self.db_timer_due)
+
+    def _trim(self, txn: lmdb.Transaction, typename: str, keep_from: int) -> None:
+        prefix = typename.encode() + b"\x00"
+        end = prefix + _U64.pack(keep_from)
+        with txn.cursor(db=self.db_egress) as cur:
+            if not cur.set_range(prefix):
+                return
+            while cur.key() and cur.key() < end:
+                if not cur.delete():
+                    break
+
+    def flush(self) -> None:
+        """Force committed data to disk."""
+        self.env.sync(True)
+
+    def close(self) -> None:
+        """Sync and close the environment (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self.env.sync(True)
+            finally:
+                self.env.close()
+
+
+def pack_kg_seq(kg: int, seq: int) -> bytes:
+    """``kg | seq``: a ``timers`` key."""
+    return _KG_SEQ.pack(kg, seq)
+
+
+def pack_due_kg_seq(due: int, kg: int, seq: int) -> bytes:
+    """``due | kg | seq``: a ``timer_due`` key."""
+    return _DUE_KG_SEQ.pack(due, kg, seq)
+
+
+def pack_u64(n: int) -> bytes:
+    """Big-endian u64."""
+    return _U64.pack(n)
