@@ -15,6 +15,7 @@ from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 from .functions import StatefulFunctions as StatefulFunctions
 from .functions import ValueSpec as ValueSpec
+from .client import MeshClient as MeshClient
 from .mesh import LocalMesh as LocalMesh
 from .messages import EgressMessage as EgressMessage
 from .messages import EgressRecord as EgressRecord
@@ -53,6 +54,7 @@ __all__ = [
     "LocalMesh",
     "LongType",
     "ManualClock",
+    "MeshClient",
     "MeshConfig",
     "Message",
     "MsgPackType",

@@ -1,55 +1,189 @@
-"""Mesh configuration: one frozen dataclass, every setting with a default."""
+"""Mesh configuration: one frozen dataclass, every setting with a default, loadable from TOML."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["MeshConfig"]
+__all__ = ["MeshConfig", "load_config"]
+
+_SCHEMES = ("tcp://", "ipc://", "inproc://", "memory://")
 
 
 @dataclass(frozen=True, slots=True)
 class MeshConfig:
-    """Settings shared by every peer of a mesh.
+    """Settings shared by every peer of a mesh (docs/configuration.md lists them all).
 
     Attributes:
+        functions: ``package.module:attribute`` references to ``StatefulFunctions``
+            (used by the command line; embedding code passes the objects).
         state_dir: directory holding each peer's LMDB environment (``peer-<id>/``).
-            ``None``: a temporary directory, deleted when the mesh closes.
+            ``None``: a temporary directory, deleted when a ``LocalMesh`` closes.
         max_parallelism: number of key groups; fixed for the life of the application.
         peers: number of peers.
+        endpoints: every peer's peer-to-peer endpoint, indexed by peer id
+            (``tcp://host:port``, ``ipc:///path``, ``inproc://name``, ``memory://hub/id``).
+            Needed when ``peers > 1``.
+        client_endpoints: every peer's endpoint for clients (``MeshClient``); ``""``
+            for a peer that takes no clients. Empty: no peer takes network clients.
         max_batch: most messages a peer takes into one batch (one LMDB write).
-        inbox_limit: queued messages above which ``send`` waits (backpressure).
+        inbox_limit: queued messages (local inbox plus unsent outgoing) above which
+            client sends wait: the backpressure that bounds memory.
+        credit_window: messages one peer may send another before the receiver grants more.
+        max_frame_records: outgoing messages to one peer that trigger an immediate flush.
+        linger: seconds a client message may wait to be batched with others before it
+            is flushed to its peer (0: at the next turn of the event loop).
+        max_frame_bytes: frames above this size are refused by the receiver.
+        heartbeat_interval: seconds between heartbeats to every other peer.
+        heartbeat_timeout: silence after which a peer is reported unavailable.
         egress_retention: records kept per egress and peer; older ones are trimmed.
         map_size: initial LMDB map size in bytes (it grows by doubling when full).
         max_map_size: the largest LMDB map a peer grows to.
         sync_interval: seconds between fsyncs of the state store (0: fsync every batch).
     """
 
+    functions: tuple[str, ...] = ()
     state_dir: str | None = None
     max_parallelism: int = 1024
     peers: int = 1
+    endpoints: tuple[str, ...] = ()
+    client_endpoints: tuple[str, ...] = ()
     max_batch: int = 1000
     inbox_limit: int = 100_000
+    credit_window: int = 20_000
+    max_frame_records: int = 1000
+    linger: float = 0.0
+    max_frame_bytes: int = 64 << 20
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 5.0
     egress_retention: int = 100_000
     map_size: int = 1 << 30
     max_map_size: int = 1 << 40
     sync_interval: float = 1.0
+    _source: str = field(default="<arguments>", repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        src = self._source
+
         def bad(key: str, expected: str) -> ConfigError:
-            return ConfigError(f"expected {expected}, got {getattr(self, key)!r}", key=key)
+            return ConfigError(f"expected {expected}, got {getattr(self, key)!r}", source=src, key=key)
 
         for f in fields(self):
             value: Any = getattr(self, f.name)
             if f.type == "int" and (type(value) is not int or value < 1):
                 raise bad(f.name, "a positive integer")
+            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise bad(f.name, "a number >= 0")
         if not 1 <= self.max_parallelism <= 32768:
             raise bad("max_parallelism", "an integer between 1 and 32768")
         if self.peers > self.max_parallelism:
             raise bad("peers", f"at most max_parallelism ({self.max_parallelism}) peers")
-        if not isinstance(self.sync_interval, (int, float)) or self.sync_interval < 0:
-            raise bad("sync_interval", "a number of seconds >= 0")
         if self.state_dir is not None and not isinstance(self.state_dir, str):
             raise bad("state_dir", "a directory path")
+        for name in ("functions", "endpoints", "client_endpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                raise bad(name, "a list of strings")
+        for ref in self.functions:
+            if ref.count(":") != 1 or not all(ref.split(":")):
+                raise ConfigError(
+                    f"expected 'package.module:attribute', got {ref!r}", source=src, key="functions"
+                )
+        if self.peers > 1 and len(self.endpoints) != self.peers:
+            raise bad("endpoints", f"one endpoint per peer ({self.peers})")
+        if self.endpoints and len(self.endpoints) != self.peers:
+            raise bad("endpoints", f"one endpoint per peer ({self.peers})")
+        for ep in self.endpoints:
+            if not ep.startswith(_SCHEMES):
+                raise ConfigError(
+                    f"expected an endpoint URL starting with one of {', '.join(_SCHEMES)}, got {ep!r}",
+                    source=src, key="endpoints",
+                )  # fmt: skip
+        if len(set(self.endpoints)) != len(self.endpoints):
+            raise bad("endpoints", "a distinct endpoint for every peer")
+        if self.client_endpoints:
+            if len(self.client_endpoints) != self.peers:
+                raise bad("client_endpoints", f"one entry per peer ({self.peers}), '' for none")
+            for ep in self.client_endpoints:
+                if ep and not ep.startswith(("tcp://", "ipc://", "inproc://")):
+                    raise ConfigError(
+                        f"expected a tcp://, ipc:// or inproc:// URL, got {ep!r}", source=src, key="client_endpoints"
+                    )
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise bad("heartbeat_timeout", f"more than heartbeat_interval ({self.heartbeat_interval})")
+
+    def with_(self, **changes: Any) -> MeshConfig:
+        """Return a copy with some settings changed (validated again)."""
+        return replace(self, **changes)
+
+
+_LIST_KEYS = {"functions", "endpoints", "client_endpoints"}
+
+
+def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
+    """Read a ``mesh.toml`` file; ``overrides`` (e.g. from the command line) win over it.
+
+    Top-level keys are :class:`MeshConfig` fields. Peers may instead be listed as
+    ``[[peer]]`` tables with ``endpoint`` and an optional ``client_endpoint``; then
+    ``peers`` is their count. A relative ``state_dir`` is relative to the file.
+
+    Raises:
+        ConfigError: the file is missing or is not valid TOML, a key is unknown, or a
+            value is of the wrong type, naming the file and the key.
+    """
+    src = os.fspath(path)
+    try:
+        with open(src, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("the configuration file does not exist", source=src) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", source=src) from exc
+    known = {f.name for f in fields(MeshConfig) if not f.name.startswith("_")}
+    kwargs: dict[str, Any] = {}
+    peer_tables = data.pop("peer", None)
+    for key, value in data.items():
+        if key not in known:
+            hint = ", ".join(sorted(known))
+            raise ConfigError(f"unknown setting (known: {hint}, and [[peer]] tables)", source=src, key=key)
+        if key in _LIST_KEYS:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list):
+                raise ConfigError(f"expected a list of strings, got {value!r}", source=src, key=key)
+            value = tuple(value)
+        kwargs[key] = value
+    if peer_tables is not None:
+        if not isinstance(peer_tables, list) or not all(isinstance(t, dict) for t in peer_tables):
+            raise ConfigError("expected [[peer]] tables", source=src, key="peer")
+        eps: list[str] = []
+        clients: list[str] = []
+        for i, table in enumerate(peer_tables):
+            for k in table:
+                if k not in ("endpoint", "client_endpoint"):
+                    raise ConfigError("unknown key (known: endpoint, client_endpoint)", source=src, key=f"peer[{i}].{k}")
+            if not isinstance(table.get("endpoint"), str):
+                raise ConfigError("expected an endpoint URL string", source=src, key=f"peer[{i}].endpoint")
+            eps.append(table["endpoint"])
+            ce = table.get("client_endpoint", "")
+            if not isinstance(ce, str):
+                raise ConfigError("expected an endpoint URL string", source=src, key=f"peer[{i}].client_endpoint")
+            clients.append(ce)
+        if "endpoints" in kwargs:
+            raise ConfigError("give either endpoints or [[peer]] tables, not both", source=src, key="endpoints")
+        kwargs["endpoints"] = tuple(eps)
+        kwargs["peers"] = len(eps)
+        if any(clients):
+            kwargs["client_endpoints"] = tuple(clients)
+    state_dir = kwargs.get("state_dir")
+    if isinstance(state_dir, str) and not os.path.isabs(state_dir):
+        kwargs["state_dir"] = os.path.join(os.path.dirname(os.path.abspath(src)), state_dir)
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return MeshConfig(**kwargs, _source=src)
+    except TypeError as exc:  # a field given a value of a type dataclasses cannot take
+        raise ConfigError(str(exc), source=src) from exc

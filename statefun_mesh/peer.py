@@ -1,4 +1,4 @@
-"""Peer: wires state, dispatch, timers, egress and (later) the transport; one event loop, one core."""
+"""Peer: wires config, transport, routing, state, dispatch, timers and egress; one loop, one core."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import collections
 import itertools
 import logging
 import os
+import random
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+from . import _speedups
 from .clock import Clock, SystemClock
 from .config import MeshConfig
 from .dispatch import REPLY_OK, BatchOutcome, Dispatcher, Record
 from .errors import (
     ClosedTransportError,
+    FrameDecodeError,
     FunctionNotFoundError,
     InvocationError,
     RequestTimeoutError,
@@ -24,23 +27,45 @@ from .errors import (
 from .functions import StatefulFunctions, merge_functions
 from .messages import EgressRecord, Message
 from .state.lmdb_backend import LmdbStateBackend
+from .transport import codec
+from .transport.base import Transport
 
-__all__ = ["Peer"]
+__all__ = ["Peer", "open_transport"]
 
 log = logging.getLogger("statefun_mesh.peer")
 
 
+def open_transport(config: MeshConfig, peer_id: int) -> Transport:
+    """Create the transport that ``config.endpoints`` name (by URL scheme)."""
+    eps = list(config.endpoints)
+    if all(ep.startswith("memory://") for ep in eps):
+        from .transport.memory import InMemoryTransport
+
+        hub = eps[0][len("memory://") :].rsplit("/", 1)[0]
+        return InMemoryTransport(hub, peer_id, config.peers)
+    if any(ep.startswith("memory://") for ep in eps):
+        raise StatefunMeshError("memory:// endpoints cannot be mixed with ZeroMQ endpoints")
+    from .transport.zeromq import ZmqTransport
+
+    return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes)
+
+
 class Peer:
-    """One peer of a mesh: a state store, a dispatch loop, timers and egress logs.
+    """One peer of a mesh: a state store, a dispatch loop, timers, egress logs, and
+    channels to the other peers.
 
     Use it as an async context manager (``async with Peer(config, functions) as peer:``)
-    inside any asyncio program, or through :class:`~statefun_mesh.LocalMesh`.
+    inside any asyncio program, or through :class:`~statefun_mesh.LocalMesh` and the
+    ``statefun-mesh`` command.
 
     Args:
-        config: the mesh's settings; ``config.state_dir`` must be set.
+        config: the mesh's settings; ``config.state_dir`` must be set, and with more
+            than one peer ``config.endpoints`` too.
         functions: one or more ``StatefulFunctions`` modules, multiplexed.
         peer_id: this peer's index in ``range(config.peers)``.
         clock: time source (tests pass a :class:`~statefun_mesh.clock.ManualClock`).
+        transport: frame channels to the other peers (default: chosen from
+            ``config.endpoints``).
     """
 
     def __init__(
@@ -50,6 +75,7 @@ class Peer:
         *,
         peer_id: int = 0,
         clock: Clock | None = None,
+        transport: Transport | None = None,
     ) -> None:
         if config.state_dir is None:
             raise StatefunMeshError("Peer needs config.state_dir; LocalMesh makes a temporary one for you")
@@ -57,12 +83,27 @@ class Peer:
             raise ValueError(f"peer_id must be in range({config.peers}), got {peer_id}")
         self.config = config
         self.peer_id = peer_id
+        self.n_peers = config.peers
         self.table = merge_functions(functions)
         self.clock = clock or SystemClock()
         self.state_path = os.path.join(config.state_dir, f"peer-{peer_id}")
         self.backend: LmdbStateBackend | None = None
         self.dispatcher: Dispatcher | None = None
+        self.transport = transport if transport is not None or config.peers == 1 else open_transport(config, peer_id)
+        n = self.n_peers
         self._inbox: collections.deque[Record] = collections.deque()
+        self._out = [_speedups.BatchEncoder() for _ in range(n)]
+        self._out_replies: list[list[Any]] = [[] for _ in range(n)]
+        self._credit = [config.credit_window] * n
+        self._owed = [0] * n
+        self._incarnations = [0] * n
+        self._last_heard = [0.0] * n
+        self._alive = [True] * n
+        self.sent_records = [0] * n
+        self.received_records = [0] * n
+        self.bad_frames = 0
+        self.incarnation = random.getrandbits(48) | 1
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
@@ -78,24 +119,48 @@ class Peer:
         self._dirty = False
         self._flush: asyncio.Future[None] | None = None
         self.batches = 0
+        self.client_server: Any = None
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the state store and start the dispatch loop."""
+        """Open the state store, connect to the other peers and start the dispatch loop."""
         if self._started:
             raise RuntimeError("peer already started")
         self._started = True
         cfg = self.config
         self.backend = LmdbStateBackend(self.state_path, map_size=cfg.map_size, max_map_size=cfg.max_map_size)
-        self.dispatcher = Dispatcher(
-            self.table, self.backend, max_parallelism=cfg.max_parallelism, egress_retention=cfg.egress_retention
-        )
-        self._next_due = self.backend.next_timer_due()
+        try:
+            self.dispatcher = Dispatcher(
+                self.table, self.backend, max_parallelism=cfg.max_parallelism, egress_retention=cfg.egress_retention
+            )
+            self._next_due = self.backend.next_timer_due()
+            if self.transport is not None:
+                await self.transport.start(self._on_frame)
+            endpoint = cfg.client_endpoints[self.peer_id] if cfg.client_endpoints else ""
+            if endpoint:
+                from .server import ClientServer
+
+                self.client_server = ClientServer(self, endpoint, list(cfg.client_endpoints))
+                await self.client_server.start()
+        except BaseException:
+            if self.transport is not None:
+                await self.transport.aclose()
+            self.backend.close()
+            raise
+        now = self.clock.now()
+        self._last_heard = [now] * self.n_peers
         self._tasks.append(asyncio.create_task(self._loop(), name=f"statefun-mesh peer {self.peer_id} dispatch"))
         if cfg.sync_interval > 0:
             self._tasks.append(asyncio.create_task(self._sync_loop(), name=f"statefun-mesh peer {self.peer_id} sync"))
-        log.info("peer %d started: state at %s, %d functions", self.peer_id, self.state_path, len(self.table))
+        if self.transport is not None:
+            self._tasks.append(
+                asyncio.create_task(self._heartbeat_loop(), name=f"statefun-mesh peer {self.peer_id} heartbeat")
+            )
+        log.info(
+            "peer %d/%d started: state at %s, %d functions, %s core",
+            self.peer_id, self.n_peers, self.state_path, len(self.table), _speedups.IMPLEMENTATION,
+        )  # fmt: skip
 
     async def aclose(self) -> None:
         """Finish the queued messages, stop, and close the state store (idempotent).
@@ -108,8 +173,11 @@ class Peer:
         self._closing = True
         self._wake.set()
         try:
+            if self.client_server is not None:
+                await self.client_server.aclose()
             if self._tasks:
-                await asyncio.wait({self._tasks[0]}, timeout=None)
+                await asyncio.wait({self._tasks[0]})
+            self._flush_all()
             for t in self._tasks[1:]:
                 t.cancel()
             if self._flush is not None:
@@ -130,6 +198,9 @@ class Peer:
             self._requests.clear()
             for ev in self._egress_events.values():
                 ev.set()
+            self._space.set()
+            if self.transport is not None:
+                await self.transport.aclose()
         finally:
             if self.backend is not None:
                 self.backend.close()
@@ -143,70 +214,95 @@ class Peer:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    @property
+    def running(self) -> bool:
+        """Whether the peer has started and is not closing."""
+        return self._started and not self._closing
+
     # -- client API -----------------------------------------------------------------
 
-    def _check(self, message: Message) -> None:
-        if self._closing or not self._started:
+    def _check(self, typename: str) -> None:
+        if not self.running:
             raise ClosedTransportError("the peer is not running")
-        if type(message) is not Message:
-            raise TypeError(f"expected a Message (use message_builder), got {type(message).__name__}")
-        if message.target_typename not in self.table:
-            raise FunctionNotFoundError(message.target_typename, list(self.table))
+        if typename not in self.table:
+            raise FunctionNotFoundError(typename, list(self.table))
 
-    async def _submit(self, rec: Record) -> None:
-        while len(self._inbox) >= self.config.inbox_limit:
+    def pressure(self) -> int:
+        """Messages queued here: the local inbox plus what waits to go to other peers."""
+        return len(self._inbox) + sum(len(e) for e in self._out)
+
+    async def submit(self, rec: Record) -> None:
+        """Admit one message from a client, waiting while the peer is over ``inbox_limit``."""
+        limit = self.config.inbox_limit
+        while self.pressure() >= limit:
             self._space.clear()
             await self._space.wait()
             if self._closing:
                 raise ClosedTransportError("the peer closed while the message waited for room")
-        self._inbox.append(rec)
-        self._idle.clear()
-        self._wake.set()
+        self._route([rec], from_client=True)
 
     async def send(self, message: Message) -> None:
-        """Queue ``message`` for its target; waits while the peer is over its inbox limit.
+        """Send ``message`` to its target instance, on whichever peer owns it.
+
+        Waits while the peer is over its ``inbox_limit`` (backpressure).
 
         Raises:
             FunctionNotFoundError: no function is bound to the target type.
             ClosedTransportError: the peer is not running.
         """
-        self._check(message)
-        await self._submit(
-            (message.target_typename, message.target_id, "", "", message._vt, message._v, 0, 0)
-        )
+        if type(message) is not Message:
+            raise TypeError(f"expected a Message (use message_builder), got {type(message).__name__}")
+        self._check(message.target_typename)
+        await self.submit((message.target_typename, message.target_id, "", "", message._vt, message._v, 0, 0))
 
     async def request(self, message: Message, timeout: float = 10.0) -> Message:
         """Send ``message`` and wait for the function's ``context.reply``.
 
         Returns:
-            The reply as a :class:`Message` addressed from the instance that replied
-            (``target_typename``/``target_id`` name the replier).
+            The reply as a :class:`Message` whose ``target_typename``/``target_id`` name
+            the instance that replied.
 
         Raises:
             RequestTimeoutError: no reply within ``timeout`` seconds.
             InvocationError: the function raised.
             FunctionNotFoundError: no function is bound to the target type.
         """
-        self._check(message)
+        if type(message) is not Message:
+            raise TypeError(f"expected a Message (use message_builder), got {type(message).__name__}")
+        return await self.request_raw(message.target_typename, message.target_id, message._vt, message._v, timeout)
+
+    async def request_raw(self, typename: str, id: str, vt: str, value: bytes, timeout: float) -> Message:
+        """:meth:`request` for a message given as its parts (used by the client server)."""
+        self._check(typename)
         rid = next(self._request_ids)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._requests[rid] = fut
         try:
-            await self._submit(
-                (message.target_typename, message.target_id, "", "", message._vt, message._v, self.peer_id, rid)
-            )
+            await self.submit((typename, id, "", "", vt, value, self.peer_id, rid))
             try:
                 return await asyncio.wait_for(fut, timeout)
             except (asyncio.TimeoutError, TimeoutError):
                 raise RequestTimeoutError(
-                    f"no reply from {message.target_typename}/{message.target_id} within {timeout} s; "
-                    "does the function call context.reply()?"
+                    f"no reply from {typename}/{id} within {timeout} s; does the function call context.reply()?"
                 ) from None
         finally:
             self._requests.pop(rid, None)
 
+    def egress_position(self, typename: str, start: str | int) -> int:
+        """Resolve ``"earliest"``, ``"latest"`` or an offset to an offset of this peer's egress log."""
+        if self.backend is None or self._closing:
+            raise ClosedTransportError("the peer is not running")
+        first, nxt = self.backend.egress_bounds(typename)
+        if start == "earliest":
+            return first
+        if start == "latest":
+            return nxt
+        if isinstance(start, int) and not isinstance(start, bool) and start >= 0:
+            return start
+        raise ValueError(f"start must be 'earliest', 'latest' or an offset >= 0, got {start!r}")
+
     def egress(self, typename: str, start: str | int = "earliest") -> AsyncIterator[EgressRecord]:
-        """Iterate the records of the egress ``typename``, waiting for new ones.
+        """Iterate this peer's records of the egress ``typename``, waiting for new ones.
 
         Args:
             typename: the egress name used in ``egress_message_builder``.
@@ -215,45 +311,48 @@ class Peer:
 
         The iteration ends when the peer closes.
         """
-        if self.backend is None or self._closing:
-            raise ClosedTransportError("the peer is not running")
-        first, nxt = self.backend.egress_bounds(typename)
-        if start == "earliest":
-            pos = first
-        elif start == "latest":
-            pos = nxt
-        elif isinstance(start, int) and not isinstance(start, bool) and start >= 0:
-            pos = start
-        else:
-            raise ValueError(f"start must be 'earliest', 'latest' or an offset >= 0, got {start!r}")
-        return self._egress_from(typename, pos)
+        return self._egress_from(typename, self.egress_position(typename, start))
+
+    def egress_read(self, typename: str, pos: int, limit: int) -> list[EgressRecord]:
+        """Return up to ``limit`` retained records from offset ``pos`` on, without waiting."""
+        assert self.backend is not None
+        return [
+            EgressRecord(typename, self.peer_id, off, vt, data)
+            for off, vt, data in self.backend.egress_range(typename, pos, limit)
+        ]
+
+    async def egress_wait(self, typename: str, pos: int, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a record at or after ``pos`` (or the peer closing)."""
+        assert self.backend is not None
+        event = self._egress_events.get(typename)
+        if event is None:
+            event = self._egress_events[typename] = asyncio.Event()
+        if self.backend.egress_bounds(typename)[1] > pos or self._closing:
+            return
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
 
     async def _egress_from(self, typename: str, pos: int) -> AsyncIterator[EgressRecord]:
-        assert self.backend is not None
-        backend = self.backend
         while True:
-            event = self._egress_events.get(typename)
-            if event is None:
-                event = self._egress_events[typename] = asyncio.Event()
-            records = backend.egress_range(typename, pos, 1000)
+            records = self.egress_read(typename, pos, 1000)
             if records:
-                if records[0][0] > pos:
+                if records[0].offset > pos:
                     log.warning(
                         "egress %r consumer fell behind retention: records %d..%d were trimmed",
-                        typename, pos, records[0][0] - 1,
+                        typename, pos, records[0].offset - 1,
                     )  # fmt: skip
-                for off, vt, data in records:
-                    yield EgressRecord(typename, self.peer_id, off, vt, data)
-                pos = records[-1][0] + 1
+                for rec in records:
+                    yield rec
+                pos = records[-1].offset + 1
                 continue
             if self._closing:
                 return
-            await event.wait()
-            if self._egress_events.get(typename) is event:
-                self._egress_events[typename] = asyncio.Event()
+            await self.egress_wait(typename, pos, 3600.0)
 
     async def idle(self) -> None:
-        """Wait until every queued message (and every due timer) has been processed."""
+        """Wait until this peer has processed everything queued here (and every due timer)."""
         while True:
             if self._inbox or self._timer_due(self._now_ms()):
                 self._idle.clear()
@@ -262,17 +361,179 @@ class Peer:
                 return
             await self._idle.wait()
 
+    def is_idle(self) -> bool:
+        """Whether nothing is queued here, nothing waits to be sent, and the loop is waiting."""
+        return (
+            not self._inbox
+            and self._idle.is_set()
+            and not any(len(e) for e in self._out)
+            and not self._timer_due(self._now_ms())
+        )
+
     def status(self) -> dict[str, Any]:
-        """Counters for monitoring: queued messages, batches, invocations, failures, next timer."""
+        """Counters for monitoring and the ``status`` command."""
         d = self.dispatcher
         return {
             "peer": self.peer_id,
+            "peers": self.n_peers,
+            "core": _speedups.IMPLEMENTATION,
             "queued": len(self._inbox),
+            "outgoing": [len(e) for e in self._out],
+            "credit": list(self._credit),
             "batches": self.batches,
             "invocations": d.invocations if d else 0,
             "failures": d.failures if d else 0,
+            "bad_frames": self.bad_frames,
+            "unavailable_peers": [p for p in range(self.n_peers) if not self._alive[p]],
             "next_timer_ms": self._next_due,
         }
+
+    # -- routing ------------------------------------------------------------------------
+
+    def _route(self, records: list[Record], from_client: bool = False) -> None:
+        if self.n_peers == 1:
+            self._inbox.extend(records)
+        else:
+            me = self.peer_id
+            for p, part in enumerate(_speedups.partition(records, self.config.max_parallelism, self.n_peers)):
+                if not part:
+                    continue
+                if p == me:
+                    self._inbox.extend(part)
+                    continue
+                enc = self._out[p]
+                enc.extend(part)
+                if len(enc) >= self.config.max_frame_records:
+                    self._flush_peer(p)
+            if from_client:
+                self._schedule_flush()
+        self._idle.clear()
+        self._wake.set()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            linger = self.config.linger
+            if linger > 0:
+                self._flush_handle = loop.call_later(linger, self._flush_all)
+            else:
+                self._flush_handle = loop.call_soon(self._flush_all)
+
+    def _flush_peer(self, p: int) -> None:
+        enc = self._out[p]
+        n = len(enc)
+        if n == 0 or self._credit[p] <= 0 or self.transport is None:
+            return
+        frame = enc.flush()
+        self._credit[p] -= n
+        self.sent_records[p] += n
+        try:
+            self.transport.send(p, frame)
+        except ClosedTransportError:
+            log.warning("peer %d: transport closed with %d messages for peer %d unsent", self.peer_id, n, p)
+
+    def _flush_all(self) -> None:
+        self._flush_handle = None
+        if self.transport is None:
+            return
+        for p in range(self.n_peers):
+            if p == self.peer_id:
+                continue
+            if len(self._out[p]):
+                self._flush_peer(p)
+            replies = self._out_replies[p]
+            if replies:
+                self._out_replies[p] = []
+                self.transport.send(p, codec.encode_control(codec.REPLIES, replies))
+
+    def _grant_credits(self) -> None:
+        if self.transport is None or len(self._inbox) >= self.config.inbox_limit:
+            return
+        quarter = max(self.config.credit_window // 4, 1)
+        empty = not self._inbox
+        for p in range(self.n_peers):
+            owed = self._owed[p]
+            if owed and (owed >= quarter or empty):
+                self._owed[p] = 0
+                self.transport.send(p, codec.encode_control(codec.CREDIT, owed))
+
+    # -- frames from other peers ---------------------------------------------------
+
+    def _on_frame(self, src: int, frame: bytes) -> None:
+        try:
+            kind = codec.frame_kind(frame)
+            if kind == codec.KIND_BATCH:
+                records = _speedups.decode_batch(frame)
+                self._last_heard[src] = self.clock.now()
+                self.received_records[src] += len(records)
+                self._owed[src] += len(records)
+                self._inbox.extend(records)
+                self._idle.clear()
+                self._wake.set()
+                return
+            kind, items = codec.decode_control(frame, _PEER_KINDS)
+        except FrameDecodeError as exc:
+            self.bad_frames += 1
+            log.error("peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
+            return
+        self._last_heard[src] = self.clock.now()
+        if kind == codec.CREDIT:
+            self._credit[src] += items[0]
+            if len(self._out[src]):
+                self._flush_peer(src)
+            self._check_space()
+        elif kind == codec.HEARTBEAT:
+            if items[0] != src:
+                self.bad_frames += 1
+                log.error("peer %d: heartbeat on peer %d's channel claims to be from peer %s", self.peer_id, src, items[0])
+                return
+            inc = items[1]
+            if inc != self._incarnations[src]:
+                if self._incarnations[src]:
+                    log.warning("peer %d: peer %d restarted; resetting its channel's credit", self.peer_id, src)
+                self._incarnations[src] = inc
+                self._credit[src] = self.config.credit_window
+                self._owed[src] = 0
+                if len(self._out[src]):
+                    self._flush_peer(src)
+            if not self._alive[src]:
+                self._alive[src] = True
+                log.warning("peer %d: peer %d is reachable again", self.peer_id, src)
+        elif kind == codec.REPLIES:
+            for item in items[0]:
+                if not (
+                    isinstance(item, list)
+                    and len(item) == 6
+                    and type(item[0]) is int
+                    and type(item[1]) is int
+                    and all(type(item[i]) is str for i in (2, 4, 5))
+                ):
+                    self.bad_frames += 1
+                    log.error("peer %d: malformed reply from peer %d", self.peer_id, src)
+                    continue
+                self._resolve(*item)
+
+    def _check_space(self) -> None:
+        if self.pressure() < self.config.inbox_limit:
+            self._space.set()
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.transport is not None
+        cfg = self.config
+        while True:
+            frame = codec.encode_control(codec.HEARTBEAT, self.peer_id, self.incarnation)
+            now = self.clock.now()
+            for p in range(self.n_peers):
+                if p == self.peer_id:
+                    continue
+                self.transport.send(p, frame)
+                if self._alive[p] and now - self._last_heard[p] > cfg.heartbeat_timeout:
+                    self._alive[p] = False
+                    log.warning(
+                        "peer %d: no word from peer %d for %.1f s; holding its %d outgoing messages until it is back",
+                        self.peer_id, p, now - self._last_heard[p], len(self._out[p]),
+                    )  # fmt: skip
+            await asyncio.sleep(cfg.heartbeat_interval)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -292,6 +553,8 @@ class Peer:
         while True:
             now_ms = self._now_ms()
             if not inbox and not self._timer_due(now_ms):
+                self._flush_all()
+                self._grant_credits()
                 if self._closing:
                     return
                 self._idle.set()
@@ -331,25 +594,29 @@ class Peer:
             if fired:
                 self._next_due = backend.next_timer_due()
             self._after_commit(outcome)
-            if len(inbox) < self.config.inbox_limit:
-                self._space.set()
-            # Let clients and other tasks run between batches.
+            self._flush_all()
+            self._grant_credits()
+            self._check_space()
+            # Let clients, receivers and other tasks run between batches.
             await asyncio.sleep(0)
 
     def _after_commit(self, out: BatchOutcome) -> None:
         if out.min_due is not None and (self._next_due is None or out.min_due < self._next_due):
             self._next_due = out.min_due
         if out.sends:
-            self._inbox.extend(out.sends)
+            self._route(out.sends)
         for reply in out.replies:
-            self._deliver_reply(reply)
+            if reply[0] == self.peer_id or self.n_peers == 1:
+                self._resolve(*reply[1:])
+            else:
+                self._out_replies[reply[0]].append(list(reply[1:]))
         for typename in out.egress:
             ev = self._egress_events.get(typename)
             if ev is not None:
                 ev.set()
+                self._egress_events[typename] = asyncio.Event()
 
-    def _deliver_reply(self, reply: tuple[Any, ...]) -> None:
-        _peer, rid, status, kind, value, r_type, r_id = reply
+    def _resolve(self, rid: int, status: int, kind: str, value: Any, r_type: str, r_id: str) -> None:
         fut = self._requests.get(rid)
         if fut is None or fut.done():
             return  # an answer after the first, or after the requester gave up
@@ -369,3 +636,6 @@ class Peer:
                 # fsync off the loop; aclose() waits for it before closing the store.
                 self._flush = asyncio.ensure_future(asyncio.to_thread(self.backend.flush))
                 await asyncio.shield(self._flush)
+
+
+_PEER_KINDS = frozenset({codec.CREDIT, codec.HEARTBEAT, codec.REPLIES})

@@ -1,0 +1,360 @@
+"""The ``statefun-mesh`` command: run a local mesh, run one peer, send, request, read egress, status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from . import __version__
+from .config import MeshConfig, load_config
+from .errors import ConfigError, StatefunMeshError
+from .functions import StatefulFunctions
+
+__all__ = ["decode_for_display", "import_functions", "main"]
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:7700"
+log = logging.getLogger("statefun_mesh.cli")
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def import_functions(ref: str) -> list[StatefulFunctions]:
+    """Import ``package.module:attribute`` and return the ``StatefulFunctions`` it names.
+
+    The attribute may be one ``StatefulFunctions`` or a list/tuple of them. The current
+    directory is importable, as with ``python -m``.
+
+    Raises:
+        ConfigError: the reference is malformed, cannot be imported, or names something else.
+    """
+    if ref.count(":") != 1:
+        raise ConfigError(f"expected 'package.module:attribute', got {ref!r}", key="functions")
+    module_name, attr = ref.split(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"cannot import {module_name!r} ({exc}); run from the directory that holds the package "
+            "or add it to PYTHONPATH",
+            key="functions",
+        ) from exc
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"module {module_name!r} has no attribute {attr!r}", key="functions") from None
+    items = list(obj) if isinstance(obj, (list, tuple)) else [obj]
+    if not items or not all(isinstance(i, StatefulFunctions) for i in items):
+        raise ConfigError(
+            f"{ref} is a {type(obj).__name__}, expected StatefulFunctions (or a list of them)", key="functions"
+        )
+    return items
+
+
+def decode_for_display(value_typename: str, data: bytes) -> Any:
+    """Decode a typed value for printing: primitives and JSON as themselves, else base64."""
+    from . import valuetypes as vt
+
+    for t in (vt.IntType, vt.LongType, vt.FloatType, vt.DoubleType, vt.BoolType, vt.StringType, vt.MsgPackType):
+        if value_typename == t.typename:
+            try:
+                return t.serializer().deserialize(data)
+            except ValueError:
+                break
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {"base64": base64.b64encode(data).decode("ascii")}
+
+
+def _message_from_args(args: argparse.Namespace) -> Any:
+    from . import valuetypes as vt
+    from .messages import message_builder
+
+    given = [k for k in ("int", "long", "float", "double", "bool", "str", "json") if getattr(args, k) is not None]
+    if len(given) != 1:
+        raise ConfigError("give exactly one value: --int, --long, --float, --double, --bool, --str or --json")
+    kind = given[0]
+    raw = getattr(args, kind)
+    try:
+        if kind == "json":
+            typename = args.value_type or "statefun-mesh.types/json"
+            return message_builder(
+                args.typename, args.id, value=json.loads(raw), value_type=vt.make_json_type(typename)
+            )
+        if kind == "bool":
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--bool takes true or false, got {raw!r}")
+            return message_builder(args.typename, args.id, bool_value=raw.lower() in ("true", "1"))
+        conv = {"int": int, "long": int, "float": float, "double": float, "str": str}[kind]
+        key = {"str": "str_value"}.get(kind, f"{kind}_value")
+        return message_builder(args.typename, args.id, **{key: conv(raw)})
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--json is not valid JSON: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad message: {exc}") from exc
+
+
+def _setup_logging(level: str, prefix: str = "") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    """Run one peer of a cluster until SIGTERM/SIGINT."""
+    from .peer import Peer
+
+    _setup_logging(args.log_level, f"peer-{args.id} ")
+    config = load_config(args.config, state_dir=args.state_dir)
+    if not 0 <= args.id < config.peers:
+        raise ConfigError(f"--id must be in 0..{config.peers - 1} for this config, got {args.id}", source=args.config)
+    refs = list(args.functions) or list(config.functions)
+    if not refs:
+        raise ConfigError(
+            "no functions given: list them in the config (functions = [...]) or pass MODULE:ATTR",
+            source=args.config, key="functions",
+        )  # fmt: skip
+    modules = [m for ref in refs for m in import_functions(ref)]
+    if config.state_dir is None:
+        raise ConfigError("a peer needs a state_dir", source=args.config, key="state_dir")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with Peer(config, modules, peer_id=args.id) as peer:
+            log.info("peer %d ready (client endpoint %s)", args.id,
+                     config.client_endpoints[args.id] if config.client_endpoints else "none")  # fmt: skip
+            await stop.wait()
+            log.info("peer %d stopping: %s", args.id, peer.status())
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Start a local cluster of peer processes and supervise it."""
+    from .launcher import Launcher
+
+    _setup_logging(args.log_level, "run ")
+    overrides: dict[str, Any] = {}
+    if args.max_parallelism is not None:
+        overrides["max_parallelism"] = args.max_parallelism
+    if args.config:
+        base = load_config(args.config)
+    else:
+        base = MeshConfig()
+    refs = tuple(args.functions) or base.functions
+    if not refs:
+        raise ConfigError("no functions given: pass MODULE:ATTR (e.g. examples.greeter:functions)")
+    for ref in refs:  # fail here, with a clear error, rather than in every peer
+        import_functions(ref)
+    launcher = Launcher(
+        base.with_(functions=tuple(refs), **overrides),
+        peers=args.peers,
+        transport=args.transport,
+        client_endpoint=args.client_endpoint,
+        state_dir=args.state_dir or base.state_dir or os.path.abspath("statefun-mesh-state"),
+        log_level=args.log_level,
+    )
+    return launcher.run()
+
+
+async def _with_client(args: argparse.Namespace, fn: Any) -> int:
+    from .client import MeshClient
+
+    async with MeshClient(args.endpoint, timeout=args.timeout) as client:
+        return await fn(client)  # type: ignore[no-any-return]
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Send one message."""
+    message = _message_from_args(args)
+
+    async def go(client: Any) -> int:
+        await client.send(message)
+        print(f"sent to {args.typename}/{args.id}", file=sys.stderr)
+        return 0
+
+    return asyncio.run(_with_client(args, go))
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    """Send one message and print the function's reply."""
+    message = _message_from_args(args)
+
+    async def go(client: Any) -> int:
+        reply = await client.request(message, timeout=args.timeout)
+        print(json.dumps({
+            "from": f"{reply.target_typename}/{reply.target_id}",
+            "type": reply.value_typename(),
+            "value": decode_for_display(reply.value_typename(), reply.raw_value()),
+        }, ensure_ascii=False))  # fmt: skip
+        return 0
+
+    return asyncio.run(_with_client(args, go))
+
+
+def cmd_egress(args: argparse.Namespace) -> int:
+    """Print an egress's records as JSON lines."""
+
+    async def go(client: Any) -> int:
+        count = 0
+        idle = None if args.follow else args.idle
+        async for rec in client.egress(args.typename, start=args.start, stop_when_idle=idle):
+            print(json.dumps({
+                "peer": rec.peer, "offset": rec.offset, "type": rec.value_typename(),
+                "value": decode_for_display(rec.value_typename(), rec.raw_value()),
+            }, ensure_ascii=False), flush=True)  # fmt: skip
+            count += 1
+            if args.limit and count >= args.limit:
+                break
+        return 0
+
+    return asyncio.run(_with_client(args, go))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print every peer's status."""
+    from .client import MeshClient
+
+    async def go(client: Any) -> int:
+        info = await client.info()
+        out = []
+        for i, ep in enumerate(info["client_endpoints"] or [args.endpoint]):
+            if not ep:
+                out.append({"peer": i, "status": "no client endpoint"})
+                continue
+            try:
+                async with MeshClient(ep, timeout=args.timeout) as c:
+                    out.append((await c.info())["status"])
+            except StatefunMeshError as exc:
+                out.append({"peer": i, "status": f"unreachable: {exc}"})
+        print(json.dumps({"peers": info["peers"], "max_parallelism": info["max_parallelism"],
+                          "functions": info["functions"], "status": out}, indent=2))  # fmt: skip
+        return 0
+
+    return asyncio.run(_with_client(args, go))
+
+
+# -- argument parsing --------------------------------------------------------------------
+
+
+def _add_value_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("typename", help="target function type, e.g. example/person")
+    p.add_argument("id", help="target instance id")
+    g = p.add_argument_group("value (exactly one)")
+    g.add_argument("--int", metavar="N", help="a 32-bit int (io.statefun.types/int)")
+    g.add_argument("--long", metavar="N", help="a 64-bit int (io.statefun.types/long)")
+    g.add_argument("--float", metavar="X", help="a float (io.statefun.types/float)")
+    g.add_argument("--double", metavar="X", help="a double (io.statefun.types/double)")
+    g.add_argument("--bool", metavar="true|false", help="a bool (io.statefun.types/bool)")
+    g.add_argument("--str", metavar="TEXT", help="a string (io.statefun.types/string)")
+    g.add_argument("--json", metavar="JSON", help="a JSON document, typed by --value-type")
+    g.add_argument("--value-type", metavar="NS/NAME", help="type name of a --json value (as in make_json_type)")
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoint", default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT),
+        help="a peer's client endpoint (default: $STATEFUN_MESH_ENDPOINT or %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default: 10)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="statefun-mesh",
+        description="Stateful Functions for Python, at scale, without a Flink cluster.",
+        epilog="Start with: statefun-mesh run examples.greeter:functions --peers 2",
+    )
+    parser.add_argument("--version", action="version", version=f"statefun-mesh {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "run", help="start a local mesh: N peer processes, supervised",
+        description="Start N peer processes on this machine, print the client endpoint, and keep them running "
+        "(a peer that dies is restarted) until Ctrl-C or SIGTERM.",
+    )  # fmt: skip
+    p.add_argument("functions", nargs="*", metavar="MODULE:ATTR", help="StatefulFunctions to run, e.g. app:functions")
+    p.add_argument("--peers", type=int, default=None, help="number of peer processes (default: the number of cores)")
+    p.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="between peers (default: ipc)")
+    p.add_argument("--client-endpoint", default=DEFAULT_ENDPOINT,
+                   help="endpoint peer 0 binds for clients (default: %(default)s)")  # fmt: skip
+    p.add_argument("--state-dir", help="state directory (default: ./statefun-mesh-state)")
+    p.add_argument("--max-parallelism", type=int, help="number of key groups (default: 1024)")
+    p.add_argument("--config", help="mesh.toml with further settings")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("peer", help="run one peer of a cluster described by a config file",
+                       description="Run peer --id of the cluster in --config until SIGTERM or Ctrl-C.")  # fmt: skip
+    p.add_argument("functions", nargs="*", metavar="MODULE:ATTR", help="override the config's functions")
+    p.add_argument("--config", required=True, help="mesh.toml naming every peer's endpoints")
+    p.add_argument("--id", type=int, required=True, help="this peer's index in the config")
+    p.add_argument("--state-dir", help="override the config's state_dir")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
+    p.set_defaults(func=cmd_peer)
+
+    p = sub.add_parser("send", help="send one message", description="Send one message into the mesh.")
+    _add_value_args(p)
+    _add_client_args(p)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("request", help="send a message and print the reply",
+                       description="Send a message and print the function's context.reply as JSON.")  # fmt: skip
+    _add_value_args(p)
+    _add_client_args(p)
+    p.set_defaults(func=cmd_request)
+
+    p = sub.add_parser("egress", help="print an egress's records as JSON lines",
+                       description="Print the records of an egress, from every peer, as JSON lines.")  # fmt: skip
+    p.add_argument("typename", help="egress name, e.g. example/greetings")
+    p.add_argument("--from", dest="start", choices=["earliest", "latest"], default="earliest",
+                   help="start at the oldest retained record or at new ones (default: earliest)")  # fmt: skip
+    p.add_argument("--follow", action="store_true", help="keep waiting for new records")
+    p.add_argument("--idle", type=float, default=2.0, help="without --follow, stop after this many quiet seconds")
+    p.add_argument("--limit", type=int, default=0, help="stop after this many records")
+    _add_client_args(p)
+    p.set_defaults(func=cmd_egress)
+
+    p = sub.add_parser("status", help="print every peer's status", description="Print every peer's counters.")
+    _add_client_args(p)
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, StatefunMeshError) as exc:
+        print(f"statefun-mesh {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `statefun-mesh egress ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

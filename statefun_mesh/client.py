@@ -1,0 +1,224 @@
+"""MeshClient: send, request and read egress from any asyncio service, over ZeroMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import zmq
+import zmq.asyncio
+
+from . import errors
+from .errors import ClosedTransportError, FrameDecodeError, StatefunMeshError
+from .messages import EgressRecord, Message
+from .transport import codec
+
+__all__ = ["MeshClient"]
+
+log = logging.getLogger("statefun_mesh.client")
+
+_REPLY_KINDS: Final = frozenset({codec.R_ACK, codec.R_REPLY, codec.R_ERROR, codec.R_RECORDS, codec.R_INFO})
+_BUILTIN_ERRORS: Final = {"ValueError": ValueError, "TypeError": TypeError}
+
+
+def _rebuild_error(name: str, message: str, args: list[Any]) -> Exception:
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, StatefunMeshError):
+        try:
+            return cls(*args)  # type: ignore[no-any-return]
+        except TypeError:
+            return StatefunMeshError(f"{name}: {message}")
+    if name in _BUILTIN_ERRORS:
+        return _BUILTIN_ERRORS[name](message)
+    return StatefunMeshError(f"{name}: {message}")
+
+
+class _Connection:
+    """One DEALER socket to one peer's client endpoint, matching answers to calls by id."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        self.sock.connect(endpoint)
+        self._calls: dict[int, asyncio.Future[tuple[int, list[Any]]]] = {}
+        self._ids = itertools.count(1)
+        self._task = asyncio.create_task(self._receive(), name=f"statefun-mesh client {endpoint}")
+
+    async def _receive(self) -> None:
+        while True:
+            frame = await self.sock.recv()
+            try:
+                kind, items = codec.decode_control(frame, _REPLY_KINDS)
+            except FrameDecodeError as exc:
+                log.error("client: rejected a frame from %s: %s", self.endpoint, exc)
+                continue
+            fut = self._calls.pop(items[0], None)
+            if fut is None:
+                if items[0] == 0 and kind == codec.R_ERROR:
+                    log.error("client: %s reported a malformed frame: %s", self.endpoint, items[2])
+                continue
+            if not fut.done():
+                fut.set_result((kind, items))
+
+    async def call(self, kind: int, *items: Any, timeout: float | None) -> tuple[int, list[Any]]:
+        corr = next(self._ids)
+        fut: asyncio.Future[tuple[int, list[Any]]] = asyncio.get_running_loop().create_future()
+        self._calls[corr] = fut
+        try:
+            await self.sock.send(codec.encode_control(kind, corr, *items))
+            rkind, ritems = await asyncio.wait_for(fut, timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise errors.RequestTimeoutError(
+                f"no answer from the peer at {self.endpoint} within {timeout} s; is the mesh running there?"
+            ) from None
+        finally:
+            self._calls.pop(corr, None)
+        if rkind == codec.R_ERROR:
+            raise _rebuild_error(ritems[1], ritems[2], ritems[3])
+        return rkind, ritems
+
+    async def close(self) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(ClosedTransportError("the client was closed"))
+        self.sock.close(0)
+
+
+class MeshClient:
+    """A client of a mesh: ``async with MeshClient("tcp://127.0.0.1:7700") as client:``.
+
+    Any peer accepts any message and routes it to the peer that owns its target. The
+    client connects to one peer; ``egress`` also connects to every other peer's client
+    endpoint, since each peer keeps the egress records its functions produced.
+
+    Args:
+        endpoint: a peer's client endpoint (what ``statefun-mesh run`` prints).
+        timeout: seconds to wait for a peer to acknowledge a send, or answer an info
+            call, before :class:`~statefun_mesh.errors.RequestTimeoutError`.
+    """
+
+    def __init__(self, endpoint: str, *, timeout: float = 10.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ctx = zmq.asyncio.Context.instance()
+        self._conns: dict[str, _Connection] = {}
+        self._closed = False
+
+    def _conn(self, endpoint: str | None = None) -> _Connection:
+        if self._closed:
+            raise ClosedTransportError("the client is closed")
+        ep = endpoint or self.endpoint
+        conn = self._conns.get(ep)
+        if conn is None:
+            conn = self._conns[ep] = _Connection(self._ctx, ep)
+        return conn
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection (idempotent)."""
+        self._closed = True
+        conns, self._conns = list(self._conns.values()), {}
+        for c in conns:
+            await c.close()
+
+    async def send(self, message: Message) -> None:
+        """Send ``message``; returns once a peer has accepted it (waits while the mesh is busy).
+
+        Raises:
+            FunctionNotFoundError: no function is bound to the target type.
+            RequestTimeoutError: the peer did not acknowledge in time.
+        """
+        if type(message) is not Message:
+            raise TypeError(f"expected a Message (use message_builder), got {type(message).__name__}")
+        await self._conn().call(
+            codec.C_SEND, message.target_typename, message.target_id, message._vt, message._v,
+            timeout=self.timeout,
+        )  # fmt: skip
+
+    async def request(self, message: Message, timeout: float = 10.0) -> Message:
+        """Send ``message`` and return the function's ``context.reply`` as a :class:`Message`.
+
+        Raises:
+            RequestTimeoutError: no reply within ``timeout`` seconds.
+            InvocationError: the function raised.
+            FunctionNotFoundError: no function is bound to the target type.
+        """
+        if type(message) is not Message:
+            raise TypeError(f"expected a Message (use message_builder), got {type(message).__name__}")
+        _, items = await self._conn().call(
+            codec.C_REQUEST, message.target_typename, message.target_id, message._vt, message._v, timeout,
+            timeout=timeout + 5.0,
+        )  # fmt: skip
+        return Message(items[1], items[2], items[3], items[4])
+
+    async def info(self) -> dict[str, Any]:
+        """The connected peer's view of the mesh: peers, client endpoints, functions, status."""
+        _, items = await self._conn().call(codec.C_INFO, timeout=self.timeout)
+        return items[1]  # type: ignore[no-any-return]
+
+    async def egress(
+        self, typename: str, start: str = "earliest", *, stop_when_idle: float | None = None
+    ) -> AsyncIterator[EgressRecord]:
+        """Iterate an egress's records from every peer.
+
+        Records of one peer arrive in offset order; ``(record.peer, record.offset)``
+        identifies a record. ``start`` is ``"earliest"`` or ``"latest"``.
+
+        Args:
+            stop_when_idle: end the iteration after this many seconds without a new
+                record (``None``: follow forever).
+        """
+        if start not in ("earliest", "latest"):
+            raise ValueError("start must be 'earliest' or 'latest'")
+        info = await self.info()
+        endpoints = list(info["client_endpoints"]) or [self.endpoint]
+        if len(endpoints) != info["peers"] or not all(endpoints):
+            raise StatefunMeshError(
+                "reading egress needs a client endpoint on every peer; set client_endpoints for all peers"
+            )
+        queue: asyncio.Queue[EgressRecord | BaseException] = asyncio.Queue(maxsize=10_000)
+
+        async def follow(ep: str) -> None:
+            conn = self._conn(ep)
+            pos: int | str = start
+            try:
+                while True:
+                    _, items = await conn.call(codec.C_FETCH, typename, pos, 1000, 1000, timeout=self.timeout + 2)
+                    _, peer, nxt, records = items
+                    for off, vt, value in records:
+                        await queue.put(EgressRecord(typename, peer, off, vt, value))
+                    pos = nxt
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                await queue.put(exc)
+
+        tasks = [asyncio.create_task(follow(ep)) for ep in endpoints]
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), stop_when_idle)
+                except (asyncio.TimeoutError, TimeoutError):
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,189 @@
+"""The local launcher behind ``statefun-mesh run``: N peer processes, supervised."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Final
+
+from .config import MeshConfig
+from .mesh import local_endpoints
+
+__all__ = ["Launcher", "write_config"]
+
+log = logging.getLogger("statefun_mesh.launcher")
+
+RESTART_BACKOFF: Final = (0.5, 1.0, 2.0, 5.0)
+STOP_GRACE: Final = 15.0
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def write_config(config: MeshConfig, path: str) -> None:
+    """Write ``config`` as a ``mesh.toml`` that :func:`~statefun_mesh.config.load_config` reads back."""
+    from dataclasses import fields
+
+    lines = ["# written by statefun-mesh run"]
+    for f in fields(config):
+        if f.name.startswith("_"):
+            continue
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        lines.append(f"{f.name} = {_toml_value(value)}")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+class Launcher:
+    """Starts ``peers`` peer processes on this machine and keeps them running.
+
+    Each peer is ``python -m statefun_mesh peer --config <run dir>/mesh.toml --id K``,
+    so ``ps`` shows its id. Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL
+    after a grace period). A peer that dies is reported and restarted with backoff.
+    """
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        *,
+        peers: int | None,
+        transport: str,
+        client_endpoint: str,
+        state_dir: str,
+        log_level: str = "info",
+    ) -> None:
+        n = peers or (config.peers if config.endpoints else max(os.cpu_count() or 1, 1))
+        self.run_dir = tempfile.mkdtemp(prefix="statefun-mesh-run-")
+        os.makedirs(state_dir, exist_ok=True)
+        if config.endpoints and len(config.endpoints) == n:
+            endpoints = config.endpoints
+        else:
+            endpoints = local_endpoints(transport, n, self.run_dir)
+        if config.client_endpoints and len(config.client_endpoints) == n and all(config.client_endpoints):
+            clients = config.client_endpoints
+        else:
+            others = local_endpoints(transport, n, os.path.join(self.run_dir, "clients"))
+            os.makedirs(os.path.join(self.run_dir, "clients"), exist_ok=True)
+            clients = (client_endpoint, *others[1:])
+        self.config = config.with_(peers=n, endpoints=tuple(endpoints), client_endpoints=tuple(clients),
+                                   state_dir=os.path.abspath(state_dir))  # fmt: skip
+        self.config_path = os.path.join(self.run_dir, "mesh.toml")
+        write_config(self.config, self.config_path)
+        self.log_level = log_level
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
+        self.restarts = [0] * n
+        self._stopping = False
+
+    def _spawn(self, k: int) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        paths = [os.getcwd(), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        cmd = [sys.executable, "-m", "statefun_mesh", "peer", "--config", self.config_path, "--id", str(k),
+               "--log-level", self.log_level]  # fmt: skip
+        return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def _wait_ready(self, timeout: float) -> bool:
+        from .client import MeshClient
+
+        async def probe() -> bool:
+            deadline = time.monotonic() + timeout
+            for ep in self.config.client_endpoints:
+                while True:
+                    if any(p is not None and p.poll() is not None for p in self.procs):
+                        return False
+                    try:
+                        async with MeshClient(ep, timeout=0.5) as c:
+                            await c.info()
+                        break
+                    except Exception:
+                        if time.monotonic() > deadline:
+                            return False
+            return True
+
+        return asyncio.run(probe())
+
+    def run(self) -> int:
+        """Start the peers, supervise them until a stop signal, and return an exit code."""
+        stop_signal: list[int] = []
+
+        def on_signal(signum: int, _frame: object) -> None:
+            stop_signal.append(signum)
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        n = self.config.peers
+        try:
+            for k in range(n):
+                self.procs[k] = self._spawn(k)
+            print(f"statefun-mesh: starting {n} peers ({', '.join(self.config.functions)}); "
+                  f"state in {self.config.state_dir}", file=sys.stderr, flush=True)  # fmt: skip
+            if not self._wait_ready(60.0) and not stop_signal:
+                print("statefun-mesh: a peer failed to start; see its log above", file=sys.stderr, flush=True)
+                return 1
+            if not stop_signal:
+                print(f"statefun-mesh: mesh of {n} peers is up; clients connect to "
+                      f"{self.config.client_endpoints[0]}", flush=True)  # fmt: skip
+                print(f"statefun-mesh: try `statefun-mesh status --endpoint {self.config.client_endpoints[0]}`; "
+                      "Ctrl-C stops the mesh", file=sys.stderr, flush=True)  # fmt: skip
+            next_restart = [0.0] * n
+            while not stop_signal:
+                time.sleep(0.1)
+                for k, proc in enumerate(self.procs):
+                    if proc is None:
+                        if time.monotonic() >= next_restart[k] and not stop_signal:
+                            self.procs[k] = self._spawn(k)
+                            print(f"statefun-mesh: peer {k} restarted (restart #{self.restarts[k]})",
+                                  file=sys.stderr, flush=True)  # fmt: skip
+                        continue
+                    code = proc.poll()
+                    if code is None:
+                        continue
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    delay = RESTART_BACKOFF[min(self.restarts[k], len(RESTART_BACKOFF) - 1)]
+                    self.restarts[k] += 1
+                    print(f"statefun-mesh: peer {k} {how}; restarting it in {delay} s "
+                          "(its in-memory queue is lost until checkpoints exist)", file=sys.stderr, flush=True)  # fmt: skip
+                    self.procs[k] = None
+                    next_restart[k] = time.monotonic() + delay
+            print(f"statefun-mesh: stopping {n} peers", file=sys.stderr, flush=True)
+            return 0
+        finally:
+            self._stop_all()
+            for s, h in old.items():
+                signal.signal(s, h)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _stop_all(self) -> None:
+        live = [p for p in self.procs if p is not None and p.poll() is None]
+        for p in live:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + STOP_GRACE
+        for p in live:
+            try:
+                p.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                print(f"statefun-mesh: peer pid {p.pid} did not stop in {STOP_GRACE} s; killing it",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                p.kill()
+                p.wait()

@@ -1,0 +1,188 @@
+"""The client endpoint of a peer: a ZeroMQ ROUTER serving MeshClient and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+import zmq
+import zmq.asyncio
+
+from .address import parse_typename
+from .errors import (
+    FrameDecodeError,
+    FunctionNotFoundError,
+    InvocationError,
+    StatefunMeshError,
+    TransportError,
+    TypeNameError,
+)
+from .peer import Peer
+from .transport import codec
+
+__all__ = ["ClientServer", "error_args"]
+
+log = logging.getLogger("statefun_mesh.server")
+
+_CLIENT_KINDS: Final = frozenset({codec.C_SEND, codec.C_REQUEST, codec.C_FETCH, codec.C_INFO})
+MAX_FETCH: Final = 10_000
+MAX_WAIT_MS: Final = 60_000
+
+
+def error_args(exc: BaseException) -> list[Any]:
+    """The constructor arguments that rebuild ``exc`` on the client side."""
+    if isinstance(exc, FunctionNotFoundError):
+        return [exc.typename]
+    if isinstance(exc, InvocationError):
+        return [exc.address, exc.error]
+    return [str(exc)]
+
+
+class ClientServer:
+    """Serves clients on one endpoint for one peer.
+
+    Every request is checked before it is acted on; a malformed frame is answered
+    with an ``ERROR`` naming what was wrong (when it carries a correlation id) and
+    logged with the client's routing id, and the server keeps running.
+    """
+
+    def __init__(self, peer: Peer, endpoint: str, client_endpoints: list[str]) -> None:
+        self.peer = peer
+        self.endpoint = endpoint
+        self.client_endpoints = client_endpoints
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._jobs: set[asyncio.Task[None]] = set()
+        self.bad_frames = 0
+
+    async def start(self) -> None:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.peer.config.max_frame_bytes)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise TransportError(
+                f"peer {self.peer.peer_id} cannot bind its client endpoint {self.endpoint}: {exc}; "
+                "is another mesh or program using it?"
+            ) from exc
+        self._sock = sock
+        self._task = asyncio.create_task(self._serve(), name=f"statefun-mesh peer {self.peer.peer_id} clients")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in list(self._jobs):
+            job.cancel()
+        if self._jobs:
+            await asyncio.gather(*self._jobs, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+
+    def _reply(self, ident: bytes, kind: int, *items: Any) -> None:
+        assert self._sock is not None
+        self._sock.send_multipart([ident, codec.encode_control(kind, *items)], flags=zmq.NOBLOCK)
+
+    def _error(self, ident: bytes, corr: int, exc: BaseException) -> None:
+        self._reply(ident, codec.R_ERROR, corr, type(exc).__name__, str(exc), error_args(exc))
+
+    def _spawn(self, coro: Any) -> None:
+        job = asyncio.create_task(coro)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    async def _serve(self) -> None:
+        assert self._sock is not None
+        sock = self._sock
+        peer = self.peer
+        while True:
+            parts = await sock.recv_multipart()
+            ident = parts[0]
+            if len(parts) != 2:
+                self.bad_frames += 1
+                log.error("peer %d: dropped a %d-part client message from %r", peer.peer_id, len(parts), ident[:64])
+                continue
+            frame = parts[1]
+            try:
+                kind, items = codec.decode_control(frame, _CLIENT_KINDS)
+            except FrameDecodeError as exc:
+                self.bad_frames += 1
+                peer.bad_frames += 1
+                log.error("peer %d: rejected a frame from client %r: %s", peer.peer_id, ident[:64], exc)
+                self._error(ident, 0, exc)
+                continue
+            corr = items[0]
+            try:
+                if kind == codec.C_SEND:
+                    _, typename, id, vt, value = items
+                    self._check_target(typename, id, vt)
+                    # Awaiting admission here is the backpressure: while this peer is over
+                    # its inbox limit it stops reading client frames.
+                    await peer.submit((typename, id, "", "", vt, value, 0, 0))
+                    self._reply(ident, codec.R_ACK, corr)
+                elif kind == codec.C_REQUEST:
+                    _, typename, id, vt, value, timeout = items
+                    self._check_target(typename, id, vt)
+                    self._spawn(self._request(ident, corr, typename, id, vt, value, float(timeout)))
+                elif kind == codec.C_FETCH:
+                    _, egress, start, limit, wait_ms = items
+                    parse_typename(egress)
+                    pos = peer.egress_position(egress, start)
+                    limit = max(1, min(limit, MAX_FETCH))
+                    self._spawn(self._fetch(ident, corr, egress, pos, limit, min(max(wait_ms, 0), MAX_WAIT_MS)))
+                else:  # C_INFO
+                    self._reply(ident, codec.R_INFO, corr, self.info())
+            except StatefunMeshError as exc:
+                self._error(ident, corr, exc)
+            except (ValueError, TypeError) as exc:
+                self._error(ident, corr, exc)
+
+    def _check_target(self, typename: str, id: str, vt: str) -> None:
+        parse_typename(typename)
+        parse_typename(vt)
+        if not id:
+            raise TypeNameError("target id can not be empty")
+        if typename not in self.peer.table:
+            raise FunctionNotFoundError(typename, list(self.peer.table))
+
+    def info(self) -> dict[str, Any]:
+        """What a client learns on connecting: the mesh's shape and every peer's client endpoint."""
+        peer = self.peer
+        return {
+            "peer": peer.peer_id,
+            "peers": peer.n_peers,
+            "max_parallelism": peer.config.max_parallelism,
+            "client_endpoints": self.client_endpoints,
+            "functions": sorted(peer.table),
+            "status": peer.status(),
+        }
+
+    async def _request(
+        self, ident: bytes, corr: int, typename: str, id: str, vt: str, value: bytes, timeout: float
+    ) -> None:
+        try:
+            reply = await self.peer.request_raw(typename, id, vt, value, timeout)
+        except StatefunMeshError as exc:
+            self._error(ident, corr, exc)
+            return
+        self._reply(ident, codec.R_REPLY, corr, reply.target_typename, reply.target_id, reply._vt, reply._v)
+
+    async def _fetch(self, ident: bytes, corr: int, egress: str, pos: int, limit: int, wait_ms: int) -> None:
+        peer = self.peer
+        records = peer.egress_read(egress, pos, limit)
+        if not records and wait_ms:
+            await peer.egress_wait(egress, pos, wait_ms / 1000)
+            if peer.running:
+                records = peer.egress_read(egress, pos, limit)
+        nxt = records[-1].offset + 1 if records else pos
+        self._reply(
+            ident, codec.R_RECORDS, corr, peer.peer_id, nxt, [[r.offset, r._vt, r._v] for r in records]
+        )

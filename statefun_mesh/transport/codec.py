@@ -1,0 +1,128 @@
+"""Control frames between peers and between clients and peers (msgpack with a version byte).
+
+Every frame starts with ``VERSION (1 byte) | KIND (1 byte)``. Batches of messages
+(``KIND_BATCH``) have the body the hot-path core encodes (see ``_speedups_py``); every
+other kind has a msgpack array body whose shape this module checks. A frame of another
+version, an unknown kind or a body of the wrong shape is a
+:class:`~statefun_mesh.errors.FrameDecodeError` naming what was wrong.
+
+Peer ↔ peer kinds: ``BATCH``, ``CREDIT [n]``, ``HEARTBEAT [peer, incarnation]``,
+``REPLIES [[request_id, status, kind, value, replier_type, replier_id], ...]``.
+
+Client → peer: ``C_SEND [corr, typename, id, value_typename, value]``,
+``C_REQUEST [corr, typename, id, value_typename, value, timeout_s]``,
+``C_FETCH [corr, egress, start, max_records, wait_ms]`` (``start``: offset, ``"earliest"``
+or ``"latest"``), ``C_INFO [corr]``.
+
+Peer → client: ``R_ACK [corr]``, ``R_REPLY [corr, replier_type, replier_id, value_typename,
+value]``, ``R_ERROR [corr, error_class, message, args]``, ``R_RECORDS [corr, peer, next_offset,
+[[offset, value_typename, value], ...]]``, ``R_INFO [corr, info_map]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgpack
+
+from .._speedups import FRAME_VERSION, KIND_BATCH
+from ..errors import FrameDecodeError
+
+__all__ = [
+    "C_FETCH",
+    "C_INFO",
+    "C_REQUEST",
+    "C_SEND",
+    "CREDIT",
+    "HEARTBEAT",
+    "KIND_BATCH",
+    "REPLIES",
+    "R_ACK",
+    "R_ERROR",
+    "R_INFO",
+    "R_RECORDS",
+    "R_REPLY",
+    "decode_control",
+    "encode_control",
+    "frame_kind",
+]
+
+CREDIT: Final = 0x02
+HEARTBEAT: Final = 0x03
+REPLIES: Final = 0x04
+C_SEND: Final = 0x10
+C_REQUEST: Final = 0x11
+C_FETCH: Final = 0x12
+C_INFO: Final = 0x13
+R_ACK: Final = 0x20
+R_REPLY: Final = 0x21
+R_ERROR: Final = 0x22
+R_RECORDS: Final = 0x23
+R_INFO: Final = 0x24
+
+_S = str
+_B = bytes
+_I = int
+#: kind -> (name, item types); ``object`` items are checked by the handler.
+_SHAPES: Final[dict[int, tuple[str, tuple[Any, ...]]]] = {
+    CREDIT: ("CREDIT", (_I,)),
+    HEARTBEAT: ("HEARTBEAT", (_I, _I)),
+    REPLIES: ("REPLIES", (list,)),
+    C_SEND: ("SEND", (_I, _S, _S, _S, _B)),
+    C_REQUEST: ("REQUEST", (_I, _S, _S, _S, _B, (int, float))),
+    C_FETCH: ("FETCH", (_I, _S, (int, str), _I, _I)),
+    C_INFO: ("INFO", (_I,)),
+    R_ACK: ("ACK", (_I,)),
+    R_REPLY: ("REPLY", (_I, _S, _S, _S, _B)),
+    R_ERROR: ("ERROR", (_I, _S, _S, list)),
+    R_RECORDS: ("RECORDS", (_I, _I, _I, list)),
+    R_INFO: ("INFO", (_I, dict)),
+}
+
+
+def frame_kind(frame: bytes) -> int:
+    """Return the kind byte of a frame after checking its version.
+
+    Raises:
+        FrameDecodeError: too short, or another version.
+    """
+    if len(frame) < 2:
+        raise FrameDecodeError(f"frame truncated: {len(frame)} bytes")
+    if frame[0] != FRAME_VERSION:
+        raise FrameDecodeError(
+            f"unsupported frame version {frame[0]} (this peer speaks version {FRAME_VERSION}); "
+            "is the sender a statefun_mesh of another release?"
+        )
+    return frame[1]
+
+
+def encode_control(kind: int, *items: Any) -> bytes:
+    """Encode a control frame of ``kind`` with ``items`` as its body."""
+    return bytes((FRAME_VERSION, kind)) + msgpack.packb(items, use_bin_type=True)
+
+
+def decode_control(frame: bytes, expect: frozenset[int] | None = None) -> tuple[int, list[Any]]:
+    """Decode a control frame into ``(kind, items)``, checking its shape.
+
+    Args:
+        frame: the whole frame.
+        expect: kinds acceptable on this socket; another kind is an error.
+
+    Raises:
+        FrameDecodeError: the frame is not a well-formed control frame of an expected kind.
+    """
+    kind = frame_kind(frame)
+    shape = _SHAPES.get(kind)
+    if shape is None or (expect is not None and kind not in expect):
+        raise FrameDecodeError(f"unexpected frame kind 0x{kind:02x} on this socket")
+    name, types = shape
+    try:
+        items = msgpack.unpackb(memoryview(frame)[2:], raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated classes
+        raise FrameDecodeError(f"{name} frame body is not valid msgpack: {exc}") from exc
+    if type(items) is not list or len(items) != len(types):
+        raise FrameDecodeError(f"{name} frame body must be an array of {len(types)} items")
+    for i, (item, tp) in enumerate(zip(items, types)):
+        if isinstance(item, bool) or not isinstance(item, tp):
+            raise FrameDecodeError(f"{name} frame item {i} has the wrong type ({type(item).__name__})")
+    return kind, items
