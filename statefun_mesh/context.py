@@ -13,7 +13,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Cell", "Context", "Storage"]
 
-_IMMUTABLE: Final = frozenset({int, float, str, bool, bytes, type(None), tuple, frozenset})
+#: decoded values of these types are cached across the invocations of a batch; anything
+#: else is decoded afresh each time, so an in-place change that was not assigned back
+#: (or that belonged to a failed invocation) never leaks into the next invocation.
+_IMMUTABLE: Final = frozenset({int, float, str, bool, bytes, type(None)})
 
 
 class _Deleted:

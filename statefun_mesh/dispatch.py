@@ -26,6 +26,7 @@ from .context import DELETED, Cell, Context, Storage
 from .functions import FunctionSpec
 from .messages import Message
 from .state.lmdb_backend import (
+    MAX_KEY,
     LmdbStateBackend,
     Op,
     decode_state_value,
@@ -56,6 +57,9 @@ REPLY_OK: Final = 0
 REPLY_ERROR: Final = 1
 
 Record = tuple[str, str, str, str, str, bytes, int, int]
+#: the 2-byte big-endian key-group prefix of every state key, precomputed
+_CACHEABLE: Final = frozenset({int, float, str, bool, bytes, type(None)})
+_KG_PREFIX: Final = [kg.to_bytes(2, "big") for kg in range(32768)]
 #: (reply_peer, request_id, status, value_typename or error class, value bytes or error text,
 #: replier typename, replier id)
 Reply = tuple[int, int, int, str, Any, str, str]
@@ -157,6 +161,7 @@ class Dispatcher:
             db_state = self._db_state
             key_group = self._key_group
             maxp = self.max_parallelism
+            kg_prefix = _KG_PREFIX
             for (typename, id), recs in groups.items():
                 fspec = table.get(typename)
                 if fspec is None:
@@ -165,19 +170,24 @@ class Dispatcher:
                     continue
                 kg = key_group(id, maxp)
                 cells: dict[str, Cell] = {}
-                for spec in fspec.specs:
-                    skey = state_key(kg, typename, id, spec.name)
-                    raw = get(skey, db=db_state)
-                    if raw is None:
-                        cells[spec.name] = Cell(spec.name, spec.type, skey, None, None, 0)
-                    else:
-                        vt, data, expire = decode_state_value(raw)
-                        cell = Cell(spec.name, spec.type, skey, vt, data, expire)
-                        if expire and expire <= now_ms:
-                            cell.vt = cell.data = None
-                            cell.expire = 0
-                            cell.dirty = True
-                        cells[spec.name] = cell
+                if fspec.specs:
+                    head = kg_prefix[kg]
+                    idb = id.encode("utf-8", "surrogatepass")
+                    for name, stype, tprefix, suffix in fspec.key_parts:
+                        skey = head + tprefix + idb + suffix
+                        if len(skey) > MAX_KEY:
+                            skey = state_key(kg, typename, id, name)
+                        raw = get(skey, db=db_state)
+                        if raw is None:
+                            cells[name] = Cell(name, stype, skey, None, None, 0)
+                        else:
+                            vt, data, expire = decode_state_value(raw)
+                            cell = Cell(name, stype, skey, vt, data, expire)
+                            if expire and expire <= now_ms:
+                                cell.vt = cell.data = None
+                                cell.expire = 0
+                                cell.dirty = True
+                            cells[name] = cell
                 address = Address(typename, id)
                 if cells:
                     touched.append(list(cells.values()))
@@ -235,10 +245,11 @@ class Dispatcher:
         now_ms: int,
         out: BatchOutcome,
     ) -> None:
-        ctx = self._context(address, cells, rec)
+        storage = Storage(address, cells)
+        ctx = Context(address, Address(rec[2], rec[3]) if rec[2] else None, storage, rec[6], rec[7])
         try:
             fspec.fun(ctx, Message(rec[0], rec[1], rec[4], rec[5]))
-            writes = self._serialize_writes(ctx.storage)
+            writes = self._serialize_writes(storage) if storage._writes else None
         except Exception as exc:
             self._failed(rec, address, cells, exc, out)
             return
@@ -277,12 +288,12 @@ class Dispatcher:
         kg: int,
         cells: dict[str, Cell],
         ctx: Context,
-        writes: list[tuple[Cell, Any, bytes | None]],
+        writes: list[tuple[Cell, Any, bytes | None]] | None,
         now_ms: int,
         out: BatchOutcome,
     ) -> None:
         self.invocations += 1
-        for cell, value, data in writes:
+        for cell, value, data in writes or ():
             cell.dirty = True
             if data is None:
                 cell.vt = cell.data = None
@@ -293,7 +304,7 @@ class Dispatcher:
                 cell.vt = cell.type.typename
                 cell.data = data
                 cell.expire = 0
-                if type(value) in (int, float, str, bool, bytes):
+                if type(value) in _CACHEABLE:
                     cell.decoded = value
                     cell.has_decoded = True
                 else:
@@ -306,9 +317,6 @@ class Dispatcher:
                 if after_call or cell.expire == 0:
                     cell.expire = now_ms + ms
                     cell.dirty = True
-        for cell in cells.values():
-            if cell.has_decoded and type(cell.decoded) not in (int, float, str, bool, bytes, type(None)):
-                cell.has_decoded = False
         if ctx._sends is not None:
             out.sends.extend(ctx._sends)
         if ctx._delayed is not None:

@@ -83,7 +83,7 @@ class ValueSpec:
 class FunctionSpec:
     """A bound function: its type name, the callable, its value specs and whether it is async."""
 
-    __slots__ = ("fun", "is_async", "specs", "ttl_ms", "typename")
+    __slots__ = ("fun", "is_async", "key_parts", "specs", "ttl_ms", "typename")
 
     def __init__(self, typename: str, fun: Callable[..., Any], specs: list[ValueSpec]) -> None:
         self.typename = typename
@@ -94,6 +94,9 @@ class FunctionSpec:
         self.ttl_ms = [
             (s.name, int(s.duration.total_seconds() * 1000), s.after_call) for s in specs if s.duration is not None
         ]
+        #: (name, type, typename + NUL, NUL + name): the parts of each state key (see state.lmdb_backend)
+        tprefix = typename.encode() + b"\x00"
+        self.key_parts = [(s.name, s.type, tprefix, b"\x00" + s.name.encode()) for s in specs]
 
 
 class StatefulFunctions:

@@ -1,0 +1,32 @@
+# Developer shortcuts; README.md shows the full commands.
+PY ?= python3
+
+.PHONY: build test test-c test-pure bench annotate debug lint demo
+
+build:
+	$(PY) -m pip install -e '.[dev]'
+
+test: test-c test-pure
+
+test-c:
+	STATEFUN_MESH_REQUIRE_EXTENSIONS=1 $(PY) -m pytest
+
+test-pure:
+	STATEFUN_MESH_NO_EXTENSIONS=1 $(PY) -m pytest
+
+bench:
+	$(PY) -m pytest bench --benchmark-only
+	$(PY) bench/mesh_perf.py
+
+annotate:
+	cython -3 -a csrc/_speedups_c.pyx -o /tmp/_speedups_c.c && mv /tmp/_speedups_c.html csrc/
+
+debug:
+	STATEFUN_MESH_CYTHON_TRACE=1 $(PY) -m pip install -e . --no-build-isolation
+
+lint:
+	ruff check statefun_mesh tests bench examples
+	$(PY) -m mypy
+
+demo:
+	$(PY) -m examples.greeter
