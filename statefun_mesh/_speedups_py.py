@@ -35,6 +35,7 @@ count) is a :class:`~statefun_mesh.errors.FrameDecodeError` naming what was wron
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Final
 
@@ -92,6 +93,8 @@ def stable_hash(data: bytes) -> int:
     Args:
         data: the bytes to hash (for routing, the UTF-8 encoding of an address id).
     """
+    if type(data) is not bytes:
+        data = memoryview(data).tobytes()  # any buffer, hashed as its raw bytes
     n = len(data)
     mv = memoryview(data)
     i = 0
@@ -137,6 +140,7 @@ def stable_hash(data: bytes) -> int:
 
 
 def _check_parallelism(max_parallelism: int) -> None:
+    operator.index(max_parallelism)  # a TypeError for floats and other non-integers
     if not 1 <= max_parallelism <= 32768:
         raise ValueError(f"max_parallelism must be between 1 and 32768, got {max_parallelism}")
 
@@ -144,6 +148,8 @@ def _check_parallelism(max_parallelism: int) -> None:
 def key_group(id: str, max_parallelism: int) -> int:
     """Return the key group of an address id: ``stable_hash(utf8(id)) % max_parallelism``."""
     _check_parallelism(max_parallelism)
+    if type(id) is not str:
+        raise TypeError(f"an id must be a str, got {type(id).__name__}")
     return stable_hash(id.encode("utf-8")) % max_parallelism
 
 
@@ -248,6 +254,8 @@ def decode_batch(frame: bytes) -> list[Record]:
         FrameDecodeError: the frame is not exactly a version-1 batch frame of
             well-formed records, with what was wrong in the message.
     """
+    if type(frame) is not bytes:
+        frame = memoryview(frame).tobytes()  # a TypeError for non-buffers, like the C core
     if len(frame) < 3:
         raise FrameDecodeError(f"batch frame truncated: {len(frame)} bytes")
     if frame[0] != FRAME_VERSION:
