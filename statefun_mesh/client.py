@@ -136,8 +136,14 @@ class MeshClient:
         for c in conns:
             await c.close()
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Message, idempotency_key: str | None = None) -> None:
         """Send ``message``; returns once a peer has accepted it (waits while the mesh is busy).
+
+        Args:
+            message: the message.
+            idempotency_key: a key unique to this message; a resend with the same key to
+                the same target instance, through any peer, within ``dedup_retention``
+                seconds, is not applied again. Retry with the same key after an error.
 
         Raises:
             FunctionNotFoundError: no function is bound to the target type.
@@ -147,7 +153,7 @@ class MeshClient:
             raise TypeError(f"expected a Message (use message_builder), got {type(message).__name__}")
         await self._conn().call(
             codec.C_SEND, message.target_typename, message.target_id, message._vt, message._v,
-            timeout=self.timeout,
+            idempotency_key or "", timeout=self.timeout,
         )  # fmt: skip
 
     async def request(self, message: Message, timeout: float = 10.0) -> Message:

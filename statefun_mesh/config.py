@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -41,9 +42,23 @@ class MeshConfig:
         heartbeat_interval: seconds between heartbeats to every other peer.
         heartbeat_timeout: silence after which a peer is reported unavailable.
         egress_retention: records kept per egress and peer; older ones are trimmed.
+        dedup_retention: seconds an idempotency key is remembered after its message
+            was applied; a resend within this window is not applied again.
         map_size: initial LMDB map size in bytes (it grows by doubling when full).
         max_map_size: the largest LMDB map a peer grows to.
         sync_interval: seconds between fsyncs of the state store (0: fsync every batch).
+        blob_store: where checkpoints go (``file:///dir``, a path, ``s3://bucket/prefix``,
+            ``memory://name``); empty: no checkpoints (and no exactly-once across crashes).
+        checkpoint_interval: seconds between checkpoints.
+        checkpoint_timeout: a checkpoint not complete after this long is aborted.
+        checkpoint_retention: complete checkpoints kept; older ones and the objects only
+            they use are deleted.
+        base_every: a peer uploads a full base instead of a delta after this many
+            deltas, or ...
+        delta_ratio: ... when its deltas since the base add up to more than this
+            fraction of the base.
+        ingress_sync: fsync the ingress log before acknowledging a client message
+            (survives a machine crash, not only a process crash).
     """
 
     functions: tuple[str, ...] = ()
@@ -61,9 +76,17 @@ class MeshConfig:
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 5.0
     egress_retention: int = 100_000
+    dedup_retention: float = 86_400.0
     map_size: int = 1 << 30
     max_map_size: int = 1 << 40
     sync_interval: float = 1.0
+    blob_store: str = ""
+    checkpoint_interval: float = 5.0
+    checkpoint_timeout: float = 60.0
+    checkpoint_retention: int = 3
+    base_every: int = 20
+    delta_ratio: float = 0.5
+    ingress_sync: bool = True
     _source: str = field(default="<arguments>", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -76,12 +99,20 @@ class MeshConfig:
             value: Any = getattr(self, f.name)
             if f.type == "int" and (type(value) is not int or value < 1):
                 raise bad(f.name, "a positive integer")
-            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-                raise bad(f.name, "a number >= 0")
+            if f.type == "float" and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            ):
+                raise bad(f.name, "a finite number >= 0")
         if not 1 <= self.max_parallelism <= 32768:
             raise bad("max_parallelism", "an integer between 1 and 32768")
         if self.peers > self.max_parallelism:
             raise bad("peers", f"at most max_parallelism ({self.max_parallelism}) peers")
+        if not isinstance(self.blob_store, str):
+            raise bad("blob_store", "a URL string (file://, s3://, memory://) or a path")
+        if not isinstance(self.ingress_sync, bool):
+            raise bad("ingress_sync", "true or false")
+        if self.blob_store and self.checkpoint_interval <= 0:
+            raise bad("checkpoint_interval", "a positive number of seconds")
         if self.state_dir is not None and not isinstance(self.state_dir, str):
             raise bad("state_dir", "a directory path")
         for name in ("functions", "endpoints", "client_endpoints"):
@@ -143,6 +174,10 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
         raise ConfigError("the configuration file does not exist", source=src) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", source=src) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not valid TOML: the file is not UTF-8 ({exc.reason} at byte {exc.start})", source=src) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration file: {exc.strerror}", source=src) from exc
     known = {f.name for f in fields(MeshConfig) if not f.name.startswith("_")}
     kwargs: dict[str, Any] = {}
     peer_tables = data.pop("peer", None)
@@ -175,6 +210,11 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
             clients.append(ce)
         if "endpoints" in kwargs:
             raise ConfigError("give either endpoints or [[peer]] tables, not both", source=src, key="endpoints")
+        if "peers" in kwargs and kwargs["peers"] != len(eps):
+            raise ConfigError(
+                f"peers = {kwargs['peers']!r} but {len(eps)} [[peer]] tables are given; drop peers or make them agree",
+                source=src, key="peers",
+            )  # fmt: skip
         kwargs["endpoints"] = tuple(eps)
         kwargs["peers"] = len(eps)
         if any(clients):

@@ -30,6 +30,7 @@ from .state.lmdb_backend import (
     LmdbStateBackend,
     Op,
     decode_state_value,
+    dedup_key,
     encode_state_value,
     pack_due_kg_seq,
     pack_kg_seq,
@@ -97,19 +98,23 @@ class Dispatcher:
         *,
         max_parallelism: int,
         egress_retention: int = 100_000,
+        dedup_retention: float = 86_400.0,
     ) -> None:
         self.table = table
         self.backend = backend
         self.max_parallelism = max_parallelism
         self.egress_retention = egress_retention
+        self.dedup_retention_ms = int(dedup_retention * 1000)
         self._timer_seq = backend.meta_int(b"timer_seq")
         self._egress_offsets: dict[str, list[int]] = {}
         self._saved: tuple[int, dict[str, list[int]]] | None = None
         self._db_state = backend.db_state
         self._key_group = _speedups.key_group
-        #: counters for status: invocations, failures
+        self._db_dedup = backend.db_dedup
+        #: counters for status: invocations, failures, duplicates skipped
         self.invocations = 0
         self.failures = 0
+        self.duplicates = 0
 
     # -- rollback of in-memory counters when a commit fails -----------------------
 
@@ -154,6 +159,7 @@ class Dispatcher:
                 g.append(rec)
 
         table = self.table
+        seen: set[bytes] = set()
         pending: list[Awaitable[None]] = []
         touched: list[list[Cell]] = []
         with self.backend.read() as txn:
@@ -169,6 +175,12 @@ class Dispatcher:
                         self._unknown(rec, out)
                     continue
                 kg = key_group(id, maxp)
+                for r in recs:
+                    if not r[2] and r[3]:  # a client message with an idempotency key
+                        recs = self._dedup(txn, typename, id, kg, recs, seen, now_ms, out)
+                        break
+                if not recs:
+                    continue
                 cells: dict[str, Cell] = {}
                 if fspec.specs:
                     head = kg_prefix[kg]
@@ -211,6 +223,38 @@ class Dispatcher:
         if self._saved[0] != self._timer_seq:
             ops.append(("put", "meta", b"timer_seq", pack_u64(self._timer_seq)))
         return out
+
+    def _dedup(
+        self,
+        txn: Any,
+        typename: str,
+        id: str,
+        kg: int,
+        recs: list[Record],
+        seen: set[bytes],
+        now_ms: int,
+        out: BatchOutcome,
+    ) -> list[Record]:
+        # A client message carries its idempotency key in caller_id (its caller_typename is
+        # empty). The key is remembered with the target instance's state, so it is part of
+        # every snapshot and a resend through any peer is applied once.
+        keep: list[Record] = []
+        for rec in recs:
+            if rec[2] or not rec[3]:
+                keep.append(rec)
+                continue
+            dk = dedup_key(kg, typename, id, rec[3])
+            if dk in seen:
+                self.duplicates += 1
+                continue
+            raw = txn.get(dk, db=self._db_dedup)
+            if raw is not None and int.from_bytes(raw, "big") > now_ms:
+                self.duplicates += 1
+                continue
+            seen.add(dk)
+            out.ops.append(("put", "dedup", dk, pack_u64(now_ms + self.dedup_retention_ms)))
+            keep.append(rec)
+        return keep
 
     async def _run_async(
         self,

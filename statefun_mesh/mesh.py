@@ -113,17 +113,14 @@ class LocalMesh:
         return list(self._peers)
 
     async def start(self) -> None:
-        """Start every peer."""
-        started: list[Peer] = []
-        try:
+        """Start every peer (together: with checkpoints, peer 0 waits for all of them)."""
+        results = await asyncio.gather(*(p.start() for p in self._peers), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
             for p in self._peers:
-                await p.start()
-                started.append(p)
-        except BaseException:
-            for p in started:
                 await p.aclose()
             self._cleanup()
-            raise
+            raise errors[0]
 
     async def aclose(self) -> None:
         """Finish queued work, stop the peers, and delete temporary directories."""
@@ -159,9 +156,9 @@ class LocalMesh:
         kg = key_group(message.target_id, self.config.max_parallelism)
         return self._peers[kg * len(self._peers) // self.config.max_parallelism]
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Message, idempotency_key: str | None = None) -> None:
         """Send ``message`` to its target instance (see :meth:`Peer.send`)."""
-        await self._entry(message).send(message)
+        await self._entry(message).send(message, idempotency_key)
 
     async def request(self, message: Message, timeout: float = 10.0) -> Message:
         """Send ``message`` and return the function's ``context.reply`` (see :meth:`Peer.request`)."""

@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import random
+import struct
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -16,6 +17,7 @@ from .clock import Clock, SystemClock
 from .config import MeshConfig
 from .dispatch import REPLY_OK, BatchOutcome, Dispatcher, Record
 from .errors import (
+    BrokenTransportError,
     ClosedTransportError,
     FrameDecodeError,
     FunctionNotFoundError,
@@ -120,21 +122,78 @@ class Peer:
         self._flush: asyncio.Future[None] | None = None
         self.batches = 0
         self.client_server: Any = None
+        # checkpoints and recovery
+        self.blobs: Any = None
+        self.ingress: Any = None
+        self.participant: Any = None
+        self.coordinator: Any = None
+        self.generation = 0
+        self.resumed = False
+        self.last_recovery_seconds = 0.0
+        self._resumed_event = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._in_batch = False
+        self._hold_batches = False
+        self._held: list[tuple[int, int, bytes]] = []
+        self._released: dict[str, int] = {}
+        self._replaying = False
+        self._admit = asyncio.Event()
+        self._admit.set()
+        self._ingress_batch: list[tuple[Record, asyncio.Future[None]]] = []
+        self._ingress_task: asyncio.Task[None] | None = None
+        self._recovery_task: asyncio.Task[None] | None = None
+        self._recovery_done = False
 
     # -- lifecycle ------------------------------------------------------------------
 
+    @property
+    def checkpointing(self) -> bool:
+        """Whether this mesh takes checkpoints (``config.blob_store`` is set)."""
+        return bool(self.config.blob_store)
+
+    @property
+    def key_group_range(self) -> tuple[int, int]:
+        """The key groups ``[lo, hi)`` this peer owns."""
+        maxp, n, p = self.config.max_parallelism, self.n_peers, self.peer_id
+        lo = -(-p * maxp // n)  # first kg with kg * n // maxp == p
+        hi = -(-(p + 1) * maxp // n)
+        return lo, hi
+
+    def _open_backend(self) -> LmdbStateBackend:
+        cfg = self.config
+        backend = LmdbStateBackend(self.state_path, map_size=cfg.map_size, max_map_size=cfg.max_map_size)
+        self.backend = backend
+        self.dispatcher = Dispatcher(
+            self.table,
+            backend,
+            max_parallelism=cfg.max_parallelism,
+            egress_retention=cfg.egress_retention,
+            dedup_retention=cfg.dedup_retention,
+        )
+        self._next_due = backend.next_timer_due()
+        return backend
+
     async def start(self) -> None:
-        """Open the state store, connect to the other peers and start the dispatch loop."""
+        """Open the state store, connect to the other peers and start processing.
+
+        With checkpoints on, this waits until the coordinator's first recovery round
+        has restored the last complete checkpoint on every peer.
+        """
         if self._started:
             raise RuntimeError("peer already started")
         self._started = True
         cfg = self.config
-        self.backend = LmdbStateBackend(self.state_path, map_size=cfg.map_size, max_map_size=cfg.max_map_size)
         try:
-            self.dispatcher = Dispatcher(
-                self.table, self.backend, max_parallelism=cfg.max_parallelism, egress_retention=cfg.egress_retention
-            )
-            self._next_due = self.backend.next_timer_due()
+            if self.checkpointing:
+                from .blobstore import open_blob_store
+                from .ingress import IngressLog
+                from .snapshot.participant import Participant
+
+                self.blobs = open_blob_store(cfg.blob_store)
+                self.ingress = IngressLog(self.state_path + ".ingress", sync=cfg.ingress_sync)
+                self.participant = Participant(self, self.blobs)
+            else:
+                self._open_backend()
             if self.transport is not None:
                 await self.transport.start(self._on_frame)
             endpoint = cfg.client_endpoints[self.peer_id] if cfg.client_endpoints else ""
@@ -144,13 +203,10 @@ class Peer:
                 self.client_server = ClientServer(self, endpoint, list(cfg.client_endpoints))
                 await self.client_server.start()
         except BaseException:
-            if self.transport is not None:
-                await self.transport.aclose()
-            self.backend.close()
+            await self._release_resources()
             raise
         now = self.clock.now()
         self._last_heard = [now] * self.n_peers
-        self._tasks.append(asyncio.create_task(self._loop(), name=f"statefun-mesh peer {self.peer_id} dispatch"))
         if cfg.sync_interval > 0:
             self._tasks.append(asyncio.create_task(self._sync_loop(), name=f"statefun-mesh peer {self.peer_id} sync"))
         if self.transport is not None:
@@ -158,9 +214,24 @@ class Peer:
                 asyncio.create_task(self._heartbeat_loop(), name=f"statefun-mesh peer {self.peer_id} heartbeat")
             )
         log.info(
-            "peer %d/%d started: state at %s, %d functions, %s core",
+            "peer %d/%d starting: state at %s, %d functions, %s core, checkpoints %s",
             self.peer_id, self.n_peers, self.state_path, len(self.table), _speedups.IMPLEMENTATION,
+            f"every {cfg.checkpoint_interval} s to {cfg.blob_store}" if self.checkpointing else "off",
         )  # fmt: skip
+        if not self.checkpointing:
+            self._resume(0)
+            return
+        try:
+            if self.peer_id == 0:
+                from .snapshot.coordinator import Coordinator
+
+                self.coordinator = Coordinator(self, self.blobs)
+                await self.coordinator.start()
+            else:
+                await self._resumed_event.wait()
+        except BaseException:
+            await self.aclose()
+            raise
 
     async def aclose(self) -> None:
         """Finish the queued messages, stop, and close the state store (idempotent).
@@ -172,40 +243,173 @@ class Peer:
             return
         self._closing = True
         self._wake.set()
+        self._resumed_event.set()
         try:
             if self.client_server is not None:
                 await self.client_server.aclose()
-            if self._tasks:
-                await asyncio.wait({self._tasks[0]})
+            if self.coordinator is not None:
+                await self.coordinator.aclose()
+            if self._loop_task is not None:
+                await asyncio.wait({self._loop_task})
             self._flush_all()
-            for t in self._tasks[1:]:
+            if self.participant is not None:
+                self.participant.reset()
+            for t in self._tasks:
                 t.cancel()
             if self._flush is not None:
                 try:
                     await self._flush
                 except Exception:
                     log.exception("peer %d: final background sync failed", self.peer_id)
-            for t in self._tasks:
+            for t in [*self._tasks, *([self._loop_task] if self._loop_task else [])]:
                 try:
                     await t
                 except asyncio.CancelledError:
                     pass
                 except Exception:  # already logged by the loop
                     pass
-            for fut in self._requests.values():
-                if not fut.done():
-                    fut.set_exception(ClosedTransportError("the peer closed before the request was answered"))
-            self._requests.clear()
+            self._fail_requests(ClosedTransportError("the peer closed before the request was answered"))
             for ev in self._egress_events.values():
                 ev.set()
             self._space.set()
-            if self.transport is not None:
-                await self.transport.aclose()
         finally:
-            if self.backend is not None:
-                self.backend.close()
+            await self._release_resources()
             self._closed_event.set()
             log.info("peer %d stopped", self.peer_id)
+
+    async def _release_resources(self) -> None:
+        if self.transport is not None:
+            await self.transport.aclose()
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        if self.ingress is not None:
+            self.ingress.close()
+            self.ingress = None
+        if self.blobs is not None:
+            await self.blobs.aclose()
+            self.blobs = None
+
+    def _fail_requests(self, exc: Exception) -> None:
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._requests.clear()
+
+    # -- recovery (driven by the coordinator, see snapshot/coordinator.py) -------------
+
+    async def _recover(self, gen: int, manifest: Any) -> None:
+        """Drop everything in memory and restore ``manifest`` (``None``: empty state)."""
+        assert self.participant is not None
+        self.resumed = False
+        self._resumed_event.clear()
+        self.generation = gen
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._loop_task = None
+        if self._flush is not None and not self._flush.done():
+            try:
+                await self._flush
+            except Exception:
+                pass
+        self.participant.reset()
+        self._inbox.clear()
+        self._out = [_speedups.BatchEncoder() for _ in range(self.n_peers)]
+        self._out_replies = [[] for _ in range(self.n_peers)]
+        self._credit = [self.config.credit_window] * self.n_peers
+        self._owed = [0] * self.n_peers
+        self.sent_records = [0] * self.n_peers
+        self.received_records = [0] * self.n_peers
+        self._hold_batches = False
+        self._held = [(g, src, f) for g, src, f in self._held if g >= gen]
+        self._in_batch = False
+        self._fail_requests(
+            BrokenTransportError("the mesh is recovering from a failure; the request may not have been applied: retry it")
+        )
+        t0 = self.clock.now()
+        await self.participant.restore(manifest)
+        self.last_recovery_seconds = self.clock.now() - t0
+        for typename, ev in self._egress_events.items():
+            ev.set()
+            self._egress_events[typename] = asyncio.Event()
+
+    def _resume(self, gen: int) -> None:
+        """Start processing in generation ``gen``: restored in-flight messages, then the
+        ingress log from the restored position, then new input."""
+        if self.generation != gen or self._closing:
+            return
+        if self._loop_task is not None and not self._loop_task.done():
+            return
+        assert self.backend is not None
+        self._next_due = self.backend.next_timer_due()
+        if self.participant is not None:
+            self._inbox.extend(self.participant.inflight_restored)
+            self.participant.inflight_restored = []
+        self._loop_task = asyncio.create_task(self._loop(), name=f"statefun-mesh peer {self.peer_id} dispatch")
+        self.resumed = True
+        held, self._held = self._held, []
+        for g, src, frame in held:
+            if g == gen:
+                self._on_channel_frame(src, frame)
+        if self.ingress is not None and self.participant is not None:
+            self._replaying = True
+            self._tasks.append(asyncio.create_task(self._replay(gen, self.participant.ingress_position)))
+        self._resumed_event.set()
+        self._wake.set()
+        log.info("peer %d processing (generation %d)", self.peer_id, gen)
+
+    async def _replay(self, gen: int, position: int) -> None:
+        assert self.ingress is not None
+        replayed = 0
+        try:
+            while self.generation == gen and not self._closing:
+                entries = self.ingress.read(position, 1000)
+                if not entries:
+                    break
+                self._route([tuple(rec) for _, rec in entries], from_client=True)  # type: ignore[misc]
+                replayed += len(entries)
+                position = entries[-1][0] + 1
+                while self.pressure() >= self.config.inbox_limit and self.generation == gen and not self._closing:
+                    self._space.clear()
+                    await self._space.wait()
+            if replayed:
+                log.info("peer %d replayed %d ingress messages", self.peer_id, replayed)
+        finally:
+            if self.generation == gen:
+                self._replaying = False
+                self._admit.set()
+
+    def _checkpoint_ack(self, n: int, part: Any, error: str | None) -> None:
+        from .snapshot.participant import part_to_dict
+
+        body = part_to_dict(part) if part is not None else None
+        if self.peer_id == 0:
+            if self.coordinator is not None:
+                self.coordinator.on_ack(0, n, body, error)
+        else:
+            self._send(0, codec.encode_control(codec.CK_ACK, n, body, error))
+
+    def _release_egress(self, heads: dict[str, int]) -> None:
+        for typename, head in heads.items():
+            if head > self._released.get(typename, 0):
+                self._released[typename] = head
+                ev = self._egress_events.get(typename)
+                if ev is not None:
+                    ev.set()
+                    self._egress_events[typename] = asyncio.Event()
+
+    def _release_held(self) -> None:
+        self._hold_batches = False
+        held, self._held = self._held, []
+        for g, src, frame in held:
+            if g == self.generation:
+                self._on_channel_frame(src, frame)
+            elif g > self.generation:
+                self._held.append((g, src, frame))
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -231,20 +435,67 @@ class Peer:
         """Messages queued here: the local inbox plus what waits to go to other peers."""
         return len(self._inbox) + sum(len(e) for e in self._out)
 
-    async def submit(self, rec: Record) -> None:
-        """Admit one message from a client, waiting while the peer is over ``inbox_limit``."""
+    async def submit(self, rec: Record, *, durable: bool = True) -> None:
+        """Admit one message from a client.
+
+        Waits while the peer is over ``inbox_limit``, recovering, or replaying its
+        ingress log. With checkpoints on and ``durable``, returns only once the message
+        is in the ingress log (it will be applied, after any crash); requests are not
+        logged (their caller waits for the answer and retries on failure).
+        """
         limit = self.config.inbox_limit
-        while self.pressure() >= limit:
-            self._space.clear()
-            await self._space.wait()
+        while True:
             if self._closing:
-                raise ClosedTransportError("the peer closed while the message waited for room")
+                raise ClosedTransportError("the peer is closing")
+            if not self.resumed:
+                await self._resumed_event.wait()
+                continue
+            if self._replaying:
+                self._admit.clear()
+                await self._admit.wait()
+                continue
+            if self.pressure() >= limit:
+                self._space.clear()
+                await self._space.wait()
+                continue
+            break
+        if durable and self.ingress is not None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._ingress_batch.append((rec, fut))
+            if self._ingress_task is None or self._ingress_task.done():
+                self._ingress_task = asyncio.create_task(self._ingress_writer())
+            await fut
+            return
         self._route([rec], from_client=True)
 
-    async def send(self, message: Message) -> None:
+    async def _ingress_writer(self) -> None:
+        # Group commit: every message admitted while one append is in flight goes into
+        # the next append, so one fsync covers many acknowledgements.
+        while self._ingress_batch and self.ingress is not None:
+            batch, self._ingress_batch = self._ingress_batch, []
+            gen = self.generation
+            records = [r for r, _ in batch]
+            try:
+                await asyncio.to_thread(self.ingress.append, records)
+            except StatefunMeshError as exc:
+                log.error("peer %d: could not log %d client messages: %s", self.peer_id, len(records), exc)
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            if self.generation == gen and self.resumed:
+                self._route(records, from_client=True)
+            # else a recovery began meanwhile: its replay of the log delivers them
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def send(self, message: Message, idempotency_key: str | None = None) -> None:
         """Send ``message`` to its target instance, on whichever peer owns it.
 
-        Waits while the peer is over its ``inbox_limit`` (backpressure).
+        Waits while the peer is over its ``inbox_limit`` (backpressure). A message sent
+        again with the same ``idempotency_key`` (to the same instance, within
+        ``dedup_retention`` seconds) is not applied again.
 
         Raises:
             FunctionNotFoundError: no function is bound to the target type.
@@ -253,7 +504,11 @@ class Peer:
         if type(message) is not Message:
             raise TypeError(f"expected a Message (use message_builder), got {type(message).__name__}")
         self._check(message.target_typename)
-        await self.submit((message.target_typename, message.target_id, "", "", message._vt, message._v, 0, 0))
+        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key):
+            raise ValueError("idempotency_key must be a non-empty str")
+        await self.submit(
+            (message.target_typename, message.target_id, "", idempotency_key or "", message._vt, message._v, 0, 0)
+        )
 
     async def request(self, message: Message, timeout: float = 10.0) -> Message:
         """Send ``message`` and wait for the function's ``context.reply``.
@@ -278,7 +533,7 @@ class Peer:
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._requests[rid] = fut
         try:
-            await self.submit((typename, id, "", "", vt, value, self.peer_id, rid))
+            await self.submit((typename, id, "", "", vt, value, self.peer_id, rid), durable=False)
             try:
                 return await asyncio.wait_for(fut, timeout)
             except (asyncio.TimeoutError, TimeoutError):
@@ -292,11 +547,11 @@ class Peer:
         """Resolve ``"earliest"``, ``"latest"`` or an offset to an offset of this peer's egress log."""
         if self.backend is None or self._closing:
             raise ClosedTransportError("the peer is not running")
-        first, nxt = self.backend.egress_bounds(typename)
+        first, _ = self.backend.egress_bounds(typename)
         if start == "earliest":
             return first
         if start == "latest":
-            return nxt
+            return self._egress_head(typename)
         if isinstance(start, int) and not isinstance(start, bool) and start >= 0:
             return start
         raise ValueError(f"start must be 'earliest', 'latest' or an offset >= 0, got {start!r}")
@@ -313,21 +568,34 @@ class Peer:
         """
         return self._egress_from(typename, self.egress_position(typename, start))
 
+    def _egress_head(self, typename: str) -> int:
+        """The offset after the last record consumers may see: with checkpoints, the last
+        record a complete checkpoint covers (transactional egress); else the last one."""
+        if self.checkpointing:
+            return self._released.get(typename, 0)
+        if self.backend is None:
+            return 0
+        return self.backend.egress_bounds(typename)[1]
+
     def egress_read(self, typename: str, pos: int, limit: int) -> list[EgressRecord]:
-        """Return up to ``limit`` retained records from offset ``pos`` on, without waiting."""
-        assert self.backend is not None
+        """Return up to ``limit`` released records from offset ``pos`` on, without waiting."""
+        if self.backend is None:
+            return []
+        head = self._egress_head(typename)
+        if pos >= head:
+            return []
         return [
             EgressRecord(typename, self.peer_id, off, vt, data)
-            for off, vt, data in self.backend.egress_range(typename, pos, limit)
+            for off, vt, data in self.backend.egress_range(typename, pos, min(limit, head - pos))
+            if off < head
         ]
 
     async def egress_wait(self, typename: str, pos: int, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for a record at or after ``pos`` (or the peer closing)."""
-        assert self.backend is not None
         event = self._egress_events.get(typename)
         if event is None:
             event = self._egress_events[typename] = asyncio.Event()
-        if self.backend.egress_bounds(typename)[1] > pos or self._closing:
+        if self._egress_head(typename) > pos or self._closing:
             return
         try:
             await asyncio.wait_for(event.wait(), timeout)
@@ -383,6 +651,7 @@ class Peer:
             "batches": self.batches,
             "invocations": d.invocations if d else 0,
             "failures": d.failures if d else 0,
+            "duplicates": d.duplicates if d else 0,
             "bad_frames": self.bad_frames,
             "unavailable_peers": [p for p in range(self.n_peers) if not self._alive[p]],
             "next_timer_ms": self._next_due,
@@ -419,18 +688,25 @@ class Peer:
             else:
                 self._flush_handle = loop.call_soon(self._flush_all)
 
-    def _flush_peer(self, p: int) -> None:
+    def _send(self, p: int, frame: bytes, generation: int | None = None) -> None:
+        """Send a frame to peer ``p``, preceded by our generation (u32 BE)."""
+        if self.transport is None:
+            return
+        gen = self.generation if generation is None else generation
+        try:
+            self.transport.send(p, _GEN.pack(gen) + frame)
+        except ClosedTransportError:
+            log.debug("peer %d: transport closed; frame for peer %d dropped", self.peer_id, p)
+
+    def _flush_peer(self, p: int, force: bool = False) -> None:
         enc = self._out[p]
         n = len(enc)
-        if n == 0 or self._credit[p] <= 0 or self.transport is None:
+        if n == 0 or (self._credit[p] <= 0 and not force) or self.transport is None:
             return
         frame = enc.flush()
         self._credit[p] -= n
         self.sent_records[p] += n
-        try:
-            self.transport.send(p, frame)
-        except ClosedTransportError:
-            log.warning("peer %d: transport closed with %d messages for peer %d unsent", self.peer_id, n, p)
+        self._send(p, frame)
 
     def _flush_all(self) -> None:
         self._flush_handle = None
@@ -444,7 +720,7 @@ class Peer:
             replies = self._out_replies[p]
             if replies:
                 self._out_replies[p] = []
-                self.transport.send(p, codec.encode_control(codec.REPLIES, replies))
+                self._send(p, codec.encode_control(codec.REPLIES, replies))
 
     def _grant_credits(self) -> None:
         if self.transport is None or len(self._inbox) >= self.config.inbox_limit:
@@ -455,18 +731,38 @@ class Peer:
             owed = self._owed[p]
             if owed and (owed >= quarter or empty):
                 self._owed[p] = 0
-                self.transport.send(p, codec.encode_control(codec.CREDIT, owed))
+                self._send(p, codec.encode_control(codec.CREDIT, owed))
 
     # -- frames from other peers ---------------------------------------------------
 
     def _on_frame(self, src: int, frame: bytes) -> None:
+        if len(frame) < 6:
+            self.bad_frames += 1
+            log.error("peer %d: rejected a frame from peer %d: %d bytes is too short", self.peer_id, src, len(frame))
+            return
+        gen = _GEN.unpack_from(frame)[0]
+        body = frame[4:]
+        kind = body[1]
+        self._last_heard[src] = self.clock.now()
+        if kind in (codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME):
+            self._on_channel_frame(src, body, gen)
+            return
+        if gen < self.generation:
+            return  # from before a recovery: its effects were rolled back
+        if gen > self.generation or not self.resumed or (self._hold_batches and kind == codec.KIND_BATCH):
+            self._held.append((gen, src, body))
+            return
+        self._on_channel_frame(src, body, gen)
+
+    def _on_channel_frame(self, src: int, frame: bytes, gen: int | None = None) -> None:
         try:
             kind = codec.frame_kind(frame)
             if kind == codec.KIND_BATCH:
                 records = _speedups.decode_batch(frame)
-                self._last_heard[src] = self.clock.now()
                 self.received_records[src] += len(records)
                 self._owed[src] += len(records)
+                if self.participant is not None and self.participant.snap is not None:
+                    self.participant.on_records(src, records)
                 self._inbox.extend(records)
                 self._idle.clear()
                 self._wake.set()
@@ -476,29 +772,13 @@ class Peer:
             self.bad_frames += 1
             log.error("peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
             return
-        self._last_heard[src] = self.clock.now()
         if kind == codec.CREDIT:
             self._credit[src] += items[0]
             if len(self._out[src]):
                 self._flush_peer(src)
             self._check_space()
         elif kind == codec.HEARTBEAT:
-            if items[0] != src:
-                self.bad_frames += 1
-                log.error("peer %d: heartbeat on peer %d's channel claims to be from peer %s", self.peer_id, src, items[0])
-                return
-            inc = items[1]
-            if inc != self._incarnations[src]:
-                if self._incarnations[src]:
-                    log.warning("peer %d: peer %d restarted; resetting its channel's credit", self.peer_id, src)
-                self._incarnations[src] = inc
-                self._credit[src] = self.config.credit_window
-                self._owed[src] = 0
-                if len(self._out[src]):
-                    self._flush_peer(src)
-            if not self._alive[src]:
-                self._alive[src] = True
-                log.warning("peer %d: peer %d is reachable again", self.peer_id, src)
+            self._on_heartbeat(src, items)
         elif kind == codec.REPLIES:
             for item in items[0]:
                 if not (
@@ -512,6 +792,74 @@ class Peer:
                     log.error("peer %d: malformed reply from peer %d", self.peer_id, src)
                     continue
                 self._resolve(*item)
+        elif self.participant is None:
+            self.bad_frames += 1
+            log.error("peer %d: checkpoint frame 0x%02x from peer %d, but this peer takes no checkpoints; "
+                      "do all peers have the same blob_store setting?", self.peer_id, kind, src)  # fmt: skip
+        elif kind == codec.BARRIER:
+            self.participant.on_barrier(src, items[0])
+        elif kind == codec.CK_DONE:
+            self.participant.on_done(items[0])
+        elif kind == codec.CK_ABORT:
+            self.participant.abort(items[0])
+        elif kind == codec.CK_ACK:
+            if self.coordinator is not None:
+                self.coordinator.on_ack(src, items[0], items[1], items[2])
+        elif kind == codec.RECOVER:
+            if src == 0 and gen is not None and gen > self.generation:
+                self._start_recovery_task(gen, items[1])
+        elif kind == codec.READY:
+            if self.coordinator is not None:
+                self.coordinator.on_ready(src, items[0])
+        elif kind == codec.RESUME:
+            if src == 0 and items[0] == self.generation and self._recovery_done:
+                self._resume(items[0])
+
+    def _start_recovery_task(self, gen: int, n: int) -> None:
+        if self._recovery_task is not None and not self._recovery_task.done():
+            self._recovery_task.cancel()
+        self._recovery_done = False
+        self.generation = gen
+        self._recovery_task = asyncio.create_task(self._recover_from(gen, n), name=f"peer {self.peer_id} recovery")
+
+    async def _recover_from(self, gen: int, n: int) -> None:
+        from .snapshot.format import Manifest, manifest_name
+
+        try:
+            manifest = None
+            if n >= 0:
+                name = manifest_name(n)
+                manifest = Manifest.from_json(await self.blobs.get(name), name=name)
+            await self._recover(gen, manifest)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("peer %d: recovery round %d failed; waiting for the coordinator to retry", self.peer_id, gen)
+            return
+        if self.generation == gen:
+            self._recovery_done = True
+            self._send(0, codec.encode_control(codec.READY, gen), generation=gen)
+
+    def _on_heartbeat(self, src: int, items: list[Any]) -> None:
+        if items[0] != src:
+            self.bad_frames += 1
+            log.error("peer %d: heartbeat on peer %d's channel claims to be from peer %s", self.peer_id, src, items[0])
+            return
+        inc = items[1]
+        if inc != self._incarnations[src]:
+            restarted = bool(self._incarnations[src])
+            self._incarnations[src] = inc
+            self._credit[src] = self.config.credit_window
+            self._owed[src] = 0
+            if restarted:
+                log.warning("peer %d: peer %d restarted", self.peer_id, src)
+                if self.coordinator is not None:
+                    self.coordinator.request_recovery(f"peer {src} restarted")
+            if len(self._out[src]):
+                self._flush_peer(src)
+        if not self._alive[src]:
+            self._alive[src] = True
+            log.warning("peer %d: peer %d is reachable again", self.peer_id, src)
 
     def _check_space(self) -> None:
         if self.pressure() < self.config.inbox_limit:
@@ -526,7 +874,7 @@ class Peer:
             for p in range(self.n_peers):
                 if p == self.peer_id:
                     continue
-                self.transport.send(p, frame)
+                self._send(p, frame)
                 if self._alive[p] and now - self._last_heard[p] > cfg.heartbeat_timeout:
                     self._alive[p] = False
                     log.warning(
@@ -551,6 +899,9 @@ class Peer:
         max_batch = self.config.max_batch
         backoff = 0.05
         while True:
+            participant = self.participant
+            if participant is not None and participant.pending is not None:
+                participant.take_snapshot()  # a barrier waited for the batch boundary
             now_ms = self._now_ms()
             if not inbox and not self._timer_due(now_ms):
                 self._flush_all()
@@ -568,6 +919,7 @@ class Peer:
             fired: list[Any] = []
             if self._timer_due(now_ms):
                 fired = backend.due_timers(now_ms, max(max_batch - n, 1))
+            self._in_batch = True
             try:
                 outcome = await dispatcher.run(batch, fired, now_ms)
                 backend.commit(outcome.ops)
@@ -586,6 +938,8 @@ class Peer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            finally:
+                self._in_batch = False
             backoff = 0.05
             self.batches += 1
             self._dirty = True
@@ -610,11 +964,12 @@ class Peer:
                 self._resolve(*reply[1:])
             else:
                 self._out_replies[reply[0]].append(list(reply[1:]))
-        for typename in out.egress:
-            ev = self._egress_events.get(typename)
-            if ev is not None:
-                ev.set()
-                self._egress_events[typename] = asyncio.Event()
+        if not self.checkpointing:
+            for typename in out.egress:
+                ev = self._egress_events.get(typename)
+                if ev is not None:
+                    ev.set()
+                    self._egress_events[typename] = asyncio.Event()
 
     def _resolve(self, rid: int, status: int, kind: str, value: Any, r_type: str, r_id: str) -> None:
         fut = self._requests.get(rid)
@@ -628,14 +983,28 @@ class Peer:
             fut.set_exception(InvocationError(f"{r_type}/{r_id}", value))
 
     async def _sync_loop(self) -> None:
-        assert self.backend is not None
         while True:
             await asyncio.sleep(self.config.sync_interval)
-            if self._dirty:
+            backend = self.backend
+            if self._dirty and backend is not None:
                 self._dirty = False
-                # fsync off the loop; aclose() waits for it before closing the store.
-                self._flush = asyncio.ensure_future(asyncio.to_thread(self.backend.flush))
+                # fsync off the loop; aclose() and recovery wait for it before closing the store.
+                self._flush = asyncio.ensure_future(asyncio.to_thread(backend.flush))
                 await asyncio.shield(self._flush)
 
 
-_PEER_KINDS = frozenset({codec.CREDIT, codec.HEARTBEAT, codec.REPLIES})
+_PEER_KINDS = frozenset(
+    {
+        codec.CREDIT,
+        codec.HEARTBEAT,
+        codec.REPLIES,
+        codec.BARRIER,
+        codec.CK_ACK,
+        codec.CK_DONE,
+        codec.CK_ABORT,
+        codec.RECOVER,
+        codec.READY,
+        codec.RESUME,
+    }
+)
+_GEN = struct.Struct(">I")

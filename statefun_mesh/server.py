@@ -122,11 +122,11 @@ class ClientServer:
             corr = items[0]
             try:
                 if kind == codec.C_SEND:
-                    _, typename, id, vt, value = items
+                    _, typename, id, vt, value, idem = items
                     self._check_target(typename, id, vt)
                     # Awaiting admission here is the backpressure: while this peer is over
                     # its inbox limit it stops reading client frames.
-                    await peer.submit((typename, id, "", "", vt, value, 0, 0))
+                    await peer.submit((typename, id, "", idem, vt, value, 0, 0))
                     self._reply(ident, codec.R_ACK, corr)
                 elif kind == codec.C_REQUEST:
                     _, typename, id, vt, value, timeout = items

@@ -15,6 +15,8 @@ Layout (ARCHITECTURE §6). Named databases in one environment:
 ``timer_due``   ``due_ms (u64 BE) | kg | seq`` → empty: the firing order
 ``timer_tokens`` ``kg | blake2b-128(sender typename NUL sender id NUL token) | seq`` → empty
 ``egress``      ``egress typename | 0x00 | offset (u64 BE)`` → msgpack ``[value_typename, value]``
+``dedup``       ``kg | blake2b-128(typename NUL id NUL idempotency key)`` → expire_at_ms (u64 BE):
+                client messages already applied, so a resend is not applied again
 ``meta``        small counters (``timer_seq``) and the layout version.
 
 All writes of one batch go through :meth:`LmdbStateBackend.commit` as an ordered list
@@ -26,10 +28,11 @@ applied wholly or not at all.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 import lmdb
@@ -42,6 +45,7 @@ __all__ = [
     "LmdbStateBackend",
     "Op",
     "decode_state_value",
+    "dedup_key",
     "encode_state_value",
     "state_key",
     "timer_token_prefix",
@@ -87,6 +91,15 @@ def decode_state_value(raw: bytes) -> tuple[str, bytes, int]:
     _, expire, n = _VALUE_HEAD.unpack_from(raw)
     end = _VALUE_HEAD.size + n
     return raw[_VALUE_HEAD.size : end].decode(), raw[end:], expire
+
+
+def dedup_key(kg: int, typename: str, id: str, key: str) -> bytes:
+    """Return the ``dedup`` key of one idempotency key sent to one instance."""
+    h = hashlib.blake2b(
+        b"%s\x00%s\x00%s" % (typename.encode(), id.encode("utf-8", "surrogatepass"), key.encode("utf-8", "surrogatepass")),
+        digest_size=16,
+    ).digest()
+    return _KG.pack(kg) + h
 
 
 def timer_token_prefix(kg: int, sender_typename: str, sender_id: str, token: str) -> bytes:
@@ -142,6 +155,7 @@ class LmdbStateBackend:
         self.db_timer_tokens = env.open_db(b"timer_tokens")
         self.db_egress = env.open_db(b"egress")
         self.db_meta = env.open_db(b"meta")
+        self.db_dedup = env.open_db(b"dedup")
         self._dbs = {
             "state": self.db_state,
             "timers": self.db_timers,
@@ -149,6 +163,7 @@ class LmdbStateBackend:
             "timer_tokens": self.db_timer_tokens,
             "egress": self.db_egress,
             "meta": self.db_meta,
+            "dedup": self.db_dedup,
         }
         with env.begin(write=True) as txn:
             version = txn.get(b"layout_version", db=self.db_meta)
@@ -161,6 +176,9 @@ class LmdbStateBackend:
                     "or use a fresh state directory"
                 )
         self._closed = False
+        #: (database name, key) of every entry written since the last take_changes(),
+        #: or None while nobody tracks changes (no checkpoints).
+        self.changed: set[tuple[str, bytes]] | None = None
 
     # -- reads ------------------------------------------------------------------------
 
@@ -233,6 +251,20 @@ class LmdbStateBackend:
             last = _U64.unpack_from(cur.key(), len(prefix))[0]
             return first, last + 1
 
+    def egress_heads(self, txn: lmdb.Transaction) -> dict[str, int]:
+        """The next offset of every egress in ``txn``'s view."""
+        heads: dict[str, int] = {}
+        with txn.cursor(db=self.db_egress) as cur:
+            found = cur.first()
+            while found:
+                key = cur.key()
+                prefix = key[:-8]
+                found = cur.prev() if cur.set_range(prefix + b"\xff" * 8) else cur.last()
+                last = cur.key()
+                heads[prefix[:-1].decode()] = _U64.unpack_from(last, len(prefix))[0] + 1
+                found = cur.set_range(prefix + b"\xff" * 8 + b"\x00")
+        return heads
+
     def iter_state(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
         """Iterate every ``state`` entry of a transaction's view, in key order."""
         with txn.cursor(db=self.db_state) as cur:
@@ -276,24 +308,74 @@ class LmdbStateBackend:
         dbs = self._dbs
         put = txn.put
         delete = txn.delete
+        track = self.changed
         for op in ops:
             kind = op[0]
             if kind == "put":
                 put(op[2], op[3], db=dbs[op[1]])
+                if track is not None:
+                    track.add((op[1], op[2]))
             elif kind == "del":
                 delete(op[2], db=dbs[op[1]])
+                if track is not None:
+                    track.add((op[1], op[2]))
             elif kind == "cancel":
                 self._cancel(txn, op[1], op[2])
             elif kind == "fired":
                 _, kg, seq, due, tok = op
-                delete(_KG_SEQ.pack(kg, seq), db=self.db_timers)
-                delete(_DUE_KG_SEQ.pack(due, kg, seq), db=self.db_timer_due)
+                keys = [("timers", _KG_SEQ.pack(kg, seq)), ("timer_due", _DUE_KG_SEQ.pack(due, kg, seq))]
                 if tok is not None:
-                    delete(tok + _U64.pack(seq), db=self.db_timer_tokens)
+                    keys.append(("timer_tokens", tok + _U64.pack(seq)))
+                for db, key in keys:
+                    delete(key, db=dbs[db])
+                    if track is not None:
+                        track.add((db, key))
             elif kind == "trim":
                 self._trim(txn, op[1], op[2])
             else:  # pragma: no cover - programming error
                 raise AssertionError(f"unknown op {kind!r}")
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    def take_changes(self) -> set[tuple[str, bytes]]:
+        """Return the keys written since the last call and start a new set (turns tracking on)."""
+        changed = self.changed if self.changed is not None else set()
+        self.changed = set()
+        return changed
+
+    def dump(self, txn: lmdb.Transaction) -> Iterator[tuple[str, bytes, bytes]]:
+        """Every entry of every database in ``txn``'s view: a full snapshot."""
+        for name, db in self._dbs.items():
+            if name == "meta":
+                continue
+            with txn.cursor(db=db) as cur:
+                for key, value in cur.iternext():
+                    yield name, key, value
+        raw = txn.get(b"timer_seq", db=self.db_meta)
+        if raw is not None:
+            yield "meta", b"timer_seq", raw
+
+    def delta(self, txn: lmdb.Transaction, changed: set[tuple[str, bytes]]) -> Iterator[tuple[str, bytes, bytes | None]]:
+        """The current value (``None``: deleted) in ``txn``'s view of every changed key, in key order."""
+        dbs = self._dbs
+        for name, key in sorted(changed):
+            yield name, key, txn.get(key, db=dbs[name])
+
+    def load(self, entries: Iterable[tuple[str, bytes, bytes | None]], batch: int = 10_000) -> int:
+        """Apply snapshot entries (puts, and deletes for ``None``) in order; return how many."""
+        dbs = self._dbs
+        n = 0
+        it = iter(entries)
+        while True:
+            chunk = list(itertools.islice(it, batch))
+            if not chunk:
+                return n
+            ops: list[Op] = [("del", db, key) if value is None else ("put", db, key, value) for db, key, value in chunk]
+            if any(db not in dbs for db, _, _ in chunk):
+                bad = next(db for db, _, _ in chunk if db not in dbs)
+                raise StateBackendError(f"snapshot entry for unknown database {bad!r}")
+            self.commit(ops)
+            n += len(chunk)
 
     def _cancel(self, txn: lmdb.Transaction, kg: int, prefix: bytes) -> None:
         seqs: list[int] = []
@@ -307,11 +389,17 @@ class LmdbStateBackend:
             tkey = _KG_SEQ.pack(kg, seq)
             raw = txn.get(tkey, db=self.db_timers)
             txn.delete(prefix + _U64.pack(seq), db=self.db_timer_tokens)
+            track = self.changed
+            if track is not None:
+                track.add(("timer_tokens", prefix + _U64.pack(seq)))
             if raw is None:
                 continue
             due = msgpack.unpackb(raw, raw=False)[0]
             txn.delete(tkey, db=self.db_timers)
             txn.delete(_DUE_KG_SEQ.pack(due, kg, seq), db=self.db_timer_due)
+            if track is not None:
+                track.add(("timers", tkey))
+                track.add(("timer_due", _DUE_KG_SEQ.pack(due, kg, seq)))
 
     def _trim(self, txn: lmdb.Transaction, typename: str, keep_from: int) -> None:
         prefix = typename.encode() + b"\x00"
@@ -319,7 +407,10 @@ class LmdbStateBackend:
         with txn.cursor(db=self.db_egress) as cur:
             if not cur.set_range(prefix):
                 return
+            track = self.changed
             while cur.key() and cur.key() < end:
+                if track is not None:
+                    track.add(("egress", cur.key()))
                 if not cur.delete():
                     break
 

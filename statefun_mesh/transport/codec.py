@@ -7,9 +7,13 @@ version, an unknown kind or a body of the wrong shape is a
 :class:`~statefun_mesh.errors.FrameDecodeError` naming what was wrong.
 
 Peer ↔ peer kinds: ``BATCH``, ``CREDIT [n]``, ``HEARTBEAT [peer, incarnation]``,
-``REPLIES [[request_id, status, kind, value, replier_type, replier_id], ...]``.
+``REPLIES [[request_id, status, kind, value, replier_type, replier_id], ...]``, and for
+checkpoints ``BARRIER [n]``, ``CK_ACK [n, part, error]``, ``CK_DONE [n]``,
+``CK_ABORT [n]``, ``RECOVER [generation, n]``, ``READY [generation]``,
+``RESUME [generation]``. Between peers every frame is preceded by the sender's
+generation (u32, big-endian); see ``snapshot/coordinator.py``.
 
-Client → peer: ``C_SEND [corr, typename, id, value_typename, value]``,
+Client → peer: ``C_SEND [corr, typename, id, value_typename, value, idempotency_key]``,
 ``C_REQUEST [corr, typename, id, value_typename, value, timeout_s]``,
 ``C_FETCH [corr, egress, start, max_records, wait_ms]`` (``start``: offset, ``"earliest"``
 or ``"latest"``), ``C_INFO [corr]``.
@@ -29,6 +33,13 @@ from .._speedups import FRAME_VERSION, KIND_BATCH
 from ..errors import FrameDecodeError
 
 __all__ = [
+    "BARRIER",
+    "CK_ABORT",
+    "CK_ACK",
+    "CK_DONE",
+    "READY",
+    "RECOVER",
+    "RESUME",
     "C_FETCH",
     "C_INFO",
     "C_REQUEST",
@@ -50,6 +61,13 @@ __all__ = [
 CREDIT: Final = 0x02
 HEARTBEAT: Final = 0x03
 REPLIES: Final = 0x04
+BARRIER: Final = 0x05
+CK_ACK: Final = 0x06
+CK_DONE: Final = 0x07
+CK_ABORT: Final = 0x08
+RECOVER: Final = 0x09
+READY: Final = 0x0A
+RESUME: Final = 0x0B
 C_SEND: Final = 0x10
 C_REQUEST: Final = 0x11
 C_FETCH: Final = 0x12
@@ -68,7 +86,14 @@ _SHAPES: Final[dict[int, tuple[str, tuple[Any, ...]]]] = {
     CREDIT: ("CREDIT", (_I,)),
     HEARTBEAT: ("HEARTBEAT", (_I, _I)),
     REPLIES: ("REPLIES", (list,)),
-    C_SEND: ("SEND", (_I, _S, _S, _S, _B)),
+    BARRIER: ("BARRIER", (_I,)),
+    CK_ACK: ("CK_ACK", (_I, (dict, type(None)), (str, type(None)))),
+    CK_DONE: ("CK_DONE", (_I,)),
+    CK_ABORT: ("CK_ABORT", (_I,)),
+    RECOVER: ("RECOVER", (_I, _I)),
+    READY: ("READY", (_I,)),
+    RESUME: ("RESUME", (_I,)),
+    C_SEND: ("SEND", (_I, _S, _S, _S, _B, _S)),
     C_REQUEST: ("REQUEST", (_I, _S, _S, _S, _B, (int, float))),
     C_FETCH: ("FETCH", (_I, _S, (int, str), _I, _I)),
     C_INFO: ("INFO", (_I,)),

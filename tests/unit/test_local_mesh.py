@@ -460,3 +460,27 @@ def test_public_api_exports() -> None:
     for name in statefun_mesh.__all__:
         assert hasattr(statefun_mesh, name), name
     assert os.environ.get("STATEFUN_MESH_NO_EXTENSIONS") is None or statefun_mesh.IMPLEMENTATION == "python"
+
+
+async def test_idempotency_key_applies_a_resend_once(tmp_path: Path) -> None:
+    async with LocalMesh(counter_functions(), state_dir=str(tmp_path), peers=3) as mesh:
+        msg = message_builder(target_typename="test/counter", target_id="x", int_value=5)
+        for _ in range(3):  # three resends through three different peers
+            for peer in mesh.peers:
+                await peer.send(msg, idempotency_key="order-17")
+        await mesh.send(msg, idempotency_key="order-18")
+        await mesh.send(msg)  # no key: always applied
+        await mesh.idle()
+        r = await mesh.request(message_builder(target_typename="test/counter", target_id="x", int_value=0))
+        assert r.as_int() == 15
+        assert sum(s["duplicates"] for s in mesh.status()) == 8
+    # remembered across restarts, but only for the same target instance
+    async with LocalMesh(counter_functions(), state_dir=str(tmp_path), peers=3) as mesh:
+        await mesh.send(msg, idempotency_key="order-17")
+        await mesh.send(message_builder(target_typename="test/counter", target_id="y", int_value=1),
+                        idempotency_key="order-17")
+        await mesh.idle()
+        r = await mesh.request(message_builder(target_typename="test/counter", target_id="x", int_value=0))
+        assert r.as_int() == 15
+        r = await mesh.request(message_builder(target_typename="test/counter", target_id="y", int_value=0))
+        assert r.as_int() == 1

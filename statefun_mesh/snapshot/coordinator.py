@@ -1,0 +1,275 @@
+"""The checkpoint coordinator (on peer 0): triggers checkpoints, publishes manifests,
+deletes what no retained checkpoint needs, and runs recovery rounds.
+
+Recovery round ``g`` (generation ``g``): the coordinator picks the latest complete
+checkpoint, sends ``RECOVER [g, n]`` to every peer, restores its own part, waits for
+``READY [g]`` from every peer (repeating ``RECOVER`` to the silent ones) and then sends
+``RESUME [g]``. Every frame between peers carries its sender's generation; frames of
+an older generation are dropped, so nothing from before the failure survives it. A
+round starts when the coordinator starts, and whenever a peer restarts (it announces
+a new incarnation in its heartbeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BlobStoreError, SnapshotError
+from ..transport import codec
+from .format import Manifest, PeerPart, manifest_name, parse_manifest_name
+from .participant import part_to_dict
+
+if TYPE_CHECKING:
+    from ..blobstore.base import BlobStore
+    from ..peer import Peer
+
+__all__ = ["Coordinator", "latest_manifest", "list_checkpoints"]
+
+log = logging.getLogger("statefun_mesh.snapshot")
+
+GENERATION_BLOB = "coordinator/generation"
+
+
+async def list_checkpoints(blobs: BlobStore) -> list[int]:
+    """Ids of the checkpoints that have a manifest, ascending."""
+    ids = [parse_manifest_name(name) for name in await blobs.list("checkpoints/")]
+    return sorted(i for i in ids if i is not None)
+
+
+async def latest_manifest(blobs: BlobStore) -> Manifest | None:
+    """The newest checkpoint whose manifest parses and whose objects exist, or ``None``.
+
+    A manifest that does not parse, or that names a missing object, is skipped with an
+    error in the log: a partial or corrupted checkpoint is never restored.
+    """
+    for n in reversed(await list_checkpoints(blobs)):
+        name = manifest_name(n)
+        try:
+            m = Manifest.from_json(await blobs.get(name), name=name)
+            for part in m.parts:
+                for ref in (*part.chain, part.inflight):
+                    if not await blobs.exists(ref.name):
+                        raise SnapshotError(f"{name} names {ref.name}, which is missing")
+            return m
+        except (SnapshotError, BlobStoreError) as exc:
+            log.error("skipping checkpoint %d: %s", n, exc)
+    return None
+
+
+class Coordinator:
+    """Runs on peer 0."""
+
+    def __init__(self, peer: Peer, blobs: BlobStore) -> None:
+        self.peer = peer
+        self.blobs = blobs
+        self.generation = 0
+        self.next_id = 0
+        self.in_progress: int | None = None
+        self.started_at = 0.0
+        self.acks: dict[int, PeerPart] = {}
+        self.ready: set[int] = set()
+        self.manifests: list[int] = []
+        self.last_complete: Manifest | None = None
+        self.recoveries = 0
+        self._task: asyncio.Task[None] | None = None
+        self._recovering: asyncio.Task[None] | None = None
+        self._ready_event = asyncio.Event()
+
+    # -- recovery -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read the blob store and run the first recovery round (blocks until the mesh is up)."""
+        try:
+            raw = await self.blobs.get(GENERATION_BLOB)
+            self.generation = int(raw.decode())
+        except (BlobStoreError, ValueError, LookupError):
+            self.generation = 0
+        self.manifests = await list_checkpoints(self.blobs)
+        self.next_id = (self.manifests[-1] + 1) if self.manifests else 1
+        await self.recover("the coordinator started")
+        self._task = asyncio.create_task(self._tick(), name="statefun-mesh checkpoint coordinator")
+
+    def request_recovery(self, reason: str) -> None:
+        """Start a recovery round soon (e.g. a peer restarted)."""
+        if self._recovering is None or self._recovering.done():
+            self._recovering = asyncio.create_task(self.recover(reason), name="statefun-mesh recovery")
+
+    async def recover(self, reason: str) -> None:
+        peer = self.peer
+        self.generation += 1
+        gen = self.generation
+        self.recoveries += 1
+        self.in_progress = None
+        self.acks = {}
+        t0 = time.monotonic()
+        await self.blobs.put(GENERATION_BLOB, str(gen).encode())
+        manifest = await latest_manifest(self.blobs)
+        self.last_complete = manifest
+        if manifest is not None:
+            self.next_id = max(self.next_id, manifest.checkpoint + 1)
+        n = manifest.checkpoint if manifest is not None else -1
+        log.warning("recovery round %d (%s): restoring %s on %d peers", gen, reason,
+                    f"checkpoint {n}" if n >= 0 else "empty state (no checkpoint yet)", peer.n_peers)  # fmt: skip
+        self.ready = set()
+        self._ready_event = asyncio.Event()
+        frame = codec.encode_control(codec.RECOVER, gen, n)
+        await peer._recover(gen, manifest)
+        self.on_ready(peer.peer_id, gen)
+        while not self._ready_event.is_set():
+            for p in range(peer.n_peers):
+                if p != peer.peer_id and p not in self.ready:
+                    peer._send(p, frame, generation=gen)
+            try:
+                await asyncio.wait_for(self._ready_event.wait(), 2.0)
+            except (asyncio.TimeoutError, TimeoutError):
+                if self.generation != gen:
+                    return
+                log.info("recovery round %d: waiting for peers %s", gen,
+                         sorted(set(range(peer.n_peers)) - self.ready))  # fmt: skip
+        if self.generation != gen:
+            return
+        resume = codec.encode_control(codec.RESUME, gen)
+        for p in range(peer.n_peers):
+            if p != peer.peer_id:
+                peer._send(p, resume, generation=gen)
+        peer._resume(gen)
+        log.warning("recovery round %d done in %.2f s", gen, time.monotonic() - t0)
+
+    def on_ready(self, src: int, gen: int) -> None:
+        if gen != self.generation:
+            return
+        self.ready.add(src)
+        if len(self.ready) == self.peer.n_peers:
+            self._ready_event.set()
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        peer = self.peer
+        cfg = peer.config
+        while True:
+            await asyncio.sleep(cfg.checkpoint_interval)
+            if not peer.resumed or (self._recovering is not None and not self._recovering.done()):
+                continue
+            if self.in_progress is not None:
+                if time.monotonic() - self.started_at > cfg.checkpoint_timeout:
+                    self.abort(self.in_progress, f"not complete after {cfg.checkpoint_timeout} s")
+                continue
+            self.trigger()
+
+    def trigger(self) -> int:
+        """Start the next checkpoint now; return its id."""
+        n = self.next_id
+        self.next_id += 1
+        self.in_progress = n
+        self.started_at = time.monotonic()
+        self.acks = {}
+        self.peer.participant.on_barrier(None, n)  # type: ignore[union-attr]
+        return n
+
+    def on_ack(self, src: int, n: int, part: dict[str, Any] | None, error: str | None) -> None:
+        if n != self.in_progress:
+            return
+        if error is not None or part is None:
+            self.abort(n, f"peer {src} failed: {error}")
+            return
+        try:
+            self.acks[src] = _part_from_dict(part)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.abort(n, f"peer {src} sent a malformed acknowledgement: {exc!r}")
+            return
+        if len(self.acks) == self.peer.n_peers:
+            asyncio.create_task(self._publish(n), name=f"checkpoint {n} publish")
+
+    async def _publish(self, n: int) -> None:
+        peer = self.peer
+        manifest = Manifest(
+            checkpoint=n,
+            generation=self.generation,
+            peers=peer.n_peers,
+            max_parallelism=peer.config.max_parallelism,
+            created_ms=int(time.time() * 1000),
+            parts=tuple(self.acks[p] for p in range(peer.n_peers)),
+        )
+        try:
+            await self.blobs.put(manifest_name(n), manifest.to_json())
+        except BlobStoreError as exc:
+            self.abort(n, f"its manifest could not be written: {exc}")
+            return
+        if self.in_progress != n:
+            return
+        self.in_progress = None
+        self.last_complete = manifest
+        self.manifests.append(n)
+        log.info("checkpoint %d complete in %.2f s", n, time.monotonic() - self.started_at)
+        done = codec.encode_control(codec.CK_DONE, n)
+        for p in range(peer.n_peers):
+            if p != peer.peer_id:
+                peer._send(p, done)
+        peer.participant.on_done(n)  # type: ignore[union-attr]
+        await self._collect_garbage()
+
+    def abort(self, n: int, why: str) -> None:
+        if self.in_progress != n:
+            return
+        log.error("checkpoint %d aborted: %s; the last complete checkpoint stays in force", n, why)
+        self.in_progress = None
+        frame = codec.encode_control(codec.CK_ABORT, n)
+        for p in range(self.peer.n_peers):
+            if p != self.peer.peer_id:
+                self.peer._send(p, frame)
+        self.peer.participant.abort(n)  # type: ignore[union-attr]
+
+    async def _collect_garbage(self) -> None:
+        """Delete manifests beyond the retention, and objects no retained manifest names."""
+        keep_n = self.peer.config.checkpoint_retention
+        try:
+            ids = await list_checkpoints(self.blobs)
+            retained = ids[-keep_n:]
+            needed: set[str] = set()
+            for n in retained:
+                m = Manifest.from_json(await self.blobs.get(manifest_name(n)))
+                for part in m.parts:
+                    needed.update(r.name for r in (*part.chain, part.inflight))
+            for n in ids[:-keep_n]:
+                await self.blobs.delete(manifest_name(n))
+            oldest = retained[0] if retained else 0
+            for name in await self.blobs.list("objects/"):
+                if name in needed:
+                    continue
+                try:  # never delete objects of a checkpoint that may still be in progress
+                    ck = int(name.rsplit("/", 1)[1].split("-", 1)[0])
+                except ValueError:
+                    continue
+                if ck < oldest:
+                    await self.blobs.delete(name)
+        except (BlobStoreError, SnapshotError) as exc:
+            log.warning("checkpoint garbage collection failed (retried after the next checkpoint): %s", exc)
+
+    async def aclose(self) -> None:
+        for t in (self._task, self._recovering):
+            if t is not None and not t.done():
+                t.cancel()
+                try:
+                    await t
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+
+def _part_from_dict(d: dict[str, Any]) -> PeerPart:
+    from .format import ObjectRef
+
+    return PeerPart(
+        peer=int(d["peer"]),
+        key_groups=(int(d["key_groups"][0]), int(d["key_groups"][1])),
+        chain=tuple(ObjectRef(**o) for o in d["chain"]),
+        inflight=ObjectRef(**d["inflight"]),
+        ingress_position=int(d["ingress_position"]),
+        egress={str(k): int(v) for k, v in d["egress"].items()},
+    )
+
+
+__all__ += ["part_to_dict"]

@@ -1,0 +1,194 @@
+"""Checkpoint objects and manifests: their byte formats, names and validation.
+
+A checkpoint ``n`` is a manifest ``checkpoints/<n>/manifest.json`` naming, for each
+peer, the chain of state objects that rebuild its key groups (one ``base`` and the
+``delta`` objects after it, oldest first) and one ``inflight`` object with the
+messages that were in flight across the cut. The manifest is written last, after
+every object it names: a checkpoint without a manifest does not exist.
+
+State object::
+
+    b"SMCKPT" | format (u8 = 1) | kind (u8: 1 base, 2 delta, 3 inflight)
+    | msgpack header map | msgpack entries, one after another
+
+A ``base``/``delta`` entry is ``[database, key, value or nil]`` (nil: deleted); an
+``inflight`` entry is one message record (8 fields, as in a batch frame). Objects
+are checked against the SHA-256 the manifest records before anything is restored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+import msgpack
+
+from ..errors import SnapshotError
+
+__all__ = [
+    "FORMAT",
+    "KINDS",
+    "Manifest",
+    "ObjectRef",
+    "PeerPart",
+    "decode_object",
+    "encode_object",
+    "manifest_name",
+    "object_name",
+    "parse_manifest_name",
+]
+
+MAGIC: Final = b"SMCKPT"
+FORMAT: Final = 1
+KINDS: Final = {"base": 1, "delta": 2, "inflight": 3}
+_KIND_NAMES: Final = {v: k for k, v in KINDS.items()}
+_MANIFEST_RE: Final = re.compile(r"^checkpoints/(\d{12})/manifest\.json$")
+
+
+def manifest_name(checkpoint: int) -> str:
+    """Blob name of checkpoint ``checkpoint``'s manifest."""
+    return f"checkpoints/{checkpoint:012d}/manifest.json"
+
+
+def parse_manifest_name(name: str) -> int | None:
+    """The checkpoint id of a manifest blob name, or ``None`` for another name."""
+    m = _MANIFEST_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def object_name(peer: int, checkpoint: int, kind: str) -> str:
+    """Blob name of one peer's ``kind`` object of one checkpoint."""
+    return f"objects/peer-{peer:04d}/{checkpoint:012d}-{kind}.bin"
+
+
+def encode_object(kind: str, header: dict[str, Any], entries: Iterable[Any]) -> tuple[bytes, int]:
+    """Encode an object; return ``(bytes, number of entries)``."""
+    packer = msgpack.Packer(use_bin_type=True)
+    parts = [MAGIC, bytes((FORMAT, KINDS[kind])), packer.pack(header)]
+    n = 0
+    for entry in entries:
+        parts.append(packer.pack(entry))
+        n += 1
+    return b"".join(parts), n
+
+
+def decode_object(data: bytes, *, sha256: str | None = None, name: str = "object") -> tuple[str, dict[str, Any], Iterator[Any]]:
+    """Check and open an object: ``(kind, header, entries)``.
+
+    Raises:
+        SnapshotError: wrong magic, format or checksum, or a body that does not parse.
+    """
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise SnapshotError(f"{name} is corrupted: its SHA-256 does not match the manifest")
+    if len(data) < 8 or data[:6] != MAGIC:
+        raise SnapshotError(f"{name} is not a statefun_mesh checkpoint object")
+    if data[6] != FORMAT:
+        raise SnapshotError(f"{name} has object format {data[6]}; this statefun_mesh reads format {FORMAT}")
+    kind = _KIND_NAMES.get(data[7])
+    if kind is None:
+        raise SnapshotError(f"{name} has unknown kind {data[7]}")
+    unpacker = msgpack.Unpacker(raw=False, use_list=True, max_buffer_size=max(len(data), 1 << 20))
+    unpacker.feed(memoryview(data)[8:])
+    try:
+        header = next(unpacker)
+    except (StopIteration, ValueError, msgpack.UnpackException) as exc:
+        raise SnapshotError(f"{name} has no readable header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise SnapshotError(f"{name} has a malformed header")
+
+    def entries() -> Iterator[Any]:
+        try:
+            yield from unpacker
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise SnapshotError(f"{name} is truncated or corrupted: {exc}") from exc
+
+    return kind, header, entries()
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """One object in the blob store: name, size and SHA-256."""
+
+    name: str
+    size: int
+    sha256: str
+    checkpoint: int
+    kind: str
+    entries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPart:
+    """One peer's share of a checkpoint."""
+
+    peer: int
+    key_groups: tuple[int, int]
+    chain: tuple[ObjectRef, ...]
+    inflight: ObjectRef
+    ingress_position: int
+    egress: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A complete checkpoint."""
+
+    checkpoint: int
+    generation: int
+    peers: int
+    max_parallelism: int
+    created_ms: int
+    parts: tuple[PeerPart, ...]
+    format: int = FORMAT
+
+    def to_json(self) -> bytes:
+        """The manifest as JSON bytes."""
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+
+    @staticmethod
+    def from_json(data: bytes, name: str = "manifest") -> Manifest:
+        """Parse and validate a manifest.
+
+        Raises:
+            SnapshotError: not JSON, another format, or fields missing or inconsistent.
+        """
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise SnapshotError(f"{name} does not parse as JSON: {exc}") from exc
+        try:
+            if doc["format"] != FORMAT:
+                raise SnapshotError(f"{name} has format {doc['format']}; this statefun_mesh reads format {FORMAT}")
+            parts = tuple(
+                PeerPart(
+                    peer=int(p["peer"]),
+                    key_groups=(int(p["key_groups"][0]), int(p["key_groups"][1])),
+                    chain=tuple(ObjectRef(**o) for o in p["chain"]),
+                    inflight=ObjectRef(**p["inflight"]),
+                    ingress_position=int(p["ingress_position"]),
+                    egress={str(k): int(v) for k, v in p["egress"].items()},
+                )
+                for p in doc["parts"]
+            )
+            m = Manifest(
+                checkpoint=int(doc["checkpoint"]),
+                generation=int(doc["generation"]),
+                peers=int(doc["peers"]),
+                max_parallelism=int(doc["max_parallelism"]),
+                created_ms=int(doc["created_ms"]),
+                parts=parts,
+            )
+        except SnapshotError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise SnapshotError(f"{name} is malformed: {exc!r}") from exc
+        if sorted(p.peer for p in m.parts) != list(range(m.peers)):
+            raise SnapshotError(f"{name} does not have exactly one part per peer")
+        for p in m.parts:
+            if not p.chain or p.chain[0].kind != "base":
+                raise SnapshotError(f"{name}: the chain of peer {p.peer} does not start with a base object")
+        return m

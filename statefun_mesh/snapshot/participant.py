@@ -1,0 +1,351 @@
+"""A peer's part in checkpoints: barriers, the consistent cut, uploads, and restoring.
+
+The algorithm (ARCHITECTURE §7, unaligned barriers as in Chandy-Lamport): at the
+first barrier ``n`` a peer sees — from the coordinator for itself, or in-band from
+another peer — it waits for the batch in progress to commit, then, between batches:
+
+1. opens an LMDB read transaction (the consistent view of its state, timers, egress
+   and idempotency keys at the cut),
+2. keeps the messages queued in its inbox (received, not yet processed: in flight),
+3. sends every message its earlier batches produced and then barrier ``n`` on every
+   outgoing channel,
+4. records its ingress log position,
+
+and from then on copies every message that arrives on channel ``c`` until barrier
+``n`` arrives on ``c`` (in flight across the cut). Processing never stops. When every
+channel has delivered barrier ``n`` the peer writes its objects — a state ``base`` or
+``delta`` (only the keys written since the last complete checkpoint) and the
+``inflight`` messages — to the blob store, off the event loop, and acknowledges to
+the coordinator, which publishes the manifest once all peers have.
+
+While a barrier waits for the batch in progress, batch frames are held (not
+processed) so that nothing received after a channel's barrier is mistaken for
+something received before the cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BlobNotFoundError, BlobStoreError, SnapshotError
+from ..transport import codec
+from .format import Manifest, ObjectRef, PeerPart, decode_object, encode_object, object_name
+
+if TYPE_CHECKING:
+    import lmdb
+
+    from ..blobstore.base import BlobStore
+    from ..peer import Peer
+
+__all__ = ["Participant"]
+
+log = logging.getLogger("statefun_mesh.snapshot")
+
+
+class _Snap:
+    """One checkpoint this peer has cut and not yet finished."""
+
+    def __init__(self, n: int, txn: lmdb.Transaction, changes: set[tuple[str, bytes]], inbox: list[Any],
+                 ingress_pos: int, waiting: set[int], peers: int) -> None:  # fmt: skip
+        self.n = n
+        self.txn: lmdb.Transaction | None = txn
+        self.changes = changes
+        self.inbox = inbox
+        self.ingress_pos = ingress_pos
+        self.waiting = waiting
+        self.logs: dict[int, list[Any]] = {p: [] for p in range(peers)}
+        self.finalizing = False
+        self.part: PeerPart | None = None
+
+
+class Participant:
+    """Checkpoint and restore logic of one peer (the coordinator is peer 0's :class:`Coordinator`)."""
+
+    def __init__(self, peer: Peer, blobs: BlobStore) -> None:
+        self.peer = peer
+        self.blobs = blobs
+        cfg = peer.config
+        assert cfg.state_dir is not None
+        self.local_dir = os.path.join(cfg.state_dir, f"peer-{peer.peer_id}.checkpoints")
+        os.makedirs(self.local_dir, exist_ok=True)
+        self.chain: list[ObjectRef] = []
+        self.carry: set[tuple[str, bytes]] = set()
+        self.snap: _Snap | None = None
+        self.pending: int | None = None
+        self.pending_srcs: set[int] = set()
+        self.completed = -1
+        self.restored_from: int | None = None
+        self.inflight_restored: list[Any] = []
+        self.ingress_position = 0
+        self.last_duration = 0.0
+        self.last_bytes = 0
+        self._upload: asyncio.Task[None] | None = None
+
+    # -- barriers -------------------------------------------------------------------------
+
+    def on_barrier(self, src: int | None, n: int) -> None:
+        """Barrier ``n`` arrived from peer ``src`` (``None``: the coordinator, for this peer)."""
+        snap = self.snap
+        if n <= self.completed or (snap is not None and n < snap.n):
+            return  # a stale barrier
+        if snap is not None and snap.n == n:
+            if src is not None:
+                snap.waiting.discard(src)
+                self._maybe_finalize()
+            return
+        if snap is not None:  # a newer checkpoint overtook one we never finished
+            self.abort(snap.n)
+        if self.pending == n:
+            if src is not None:
+                self.pending_srcs.add(src)
+            return
+        self.pending = n
+        self.pending_srcs = {src} if src is not None else set()
+        self.peer._hold_batches = True
+        if not self.peer._in_batch:
+            self.take_snapshot()
+        else:
+            self.peer._wake.set()
+
+    def take_snapshot(self) -> None:
+        """Cut checkpoint ``self.pending`` now (called between batches)."""
+        peer = self.peer
+        n = self.pending
+        if n is None:
+            return
+        self.pending = None
+        assert peer.backend is not None
+        backend = peer.backend
+        changes = self.carry | backend.take_changes()
+        self.carry = set()
+        txn = backend.read()
+        inbox = list(peer._inbox)
+        others = {p for p in range(peer.n_peers) if p != peer.peer_id}
+        barrier = codec.encode_control(codec.BARRIER, n)
+        for p in others:
+            peer._flush_peer(p, force=True)
+            peer._send(p, barrier)
+        ingress_pos = peer.ingress.next_offset if peer.ingress is not None else 0
+        self.snap = _Snap(n, txn, changes, inbox, ingress_pos, others - self.pending_srcs, peer.n_peers)
+        self.pending_srcs = set()
+        peer._release_held()
+        self._maybe_finalize()
+
+    def on_records(self, src: int, records: list[Any]) -> None:
+        """Batch records arrived from ``src``: log them if they cross the current cut."""
+        snap = self.snap
+        if snap is not None and src in snap.waiting:
+            snap.logs[src].extend(records)
+
+    def _maybe_finalize(self) -> None:
+        snap = self.snap
+        if snap is None or snap.waiting or snap.finalizing:
+            return
+        snap.finalizing = True
+        self._upload = asyncio.create_task(self._finalize(snap), name=f"checkpoint {snap.n} upload")
+
+    async def _finalize(self, snap: _Snap) -> None:
+        peer = self.peer
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            part = await self._write_objects(snap)
+        except (BlobStoreError, SnapshotError, OSError) as exc:
+            log.error("peer %d: checkpoint %d could not be written: %s; processing goes on and the "
+                      "coordinator retries with the next checkpoint", peer.peer_id, snap.n, exc)  # fmt: skip
+            peer._checkpoint_ack(snap.n, None, str(exc))
+            return
+        finally:
+            if snap.txn is not None:
+                snap.txn.abort()
+                snap.txn = None
+        snap.part = part
+        self.last_duration = loop.time() - started
+        peer._checkpoint_ack(snap.n, part, None)
+
+    def _need_base(self) -> bool:
+        cfg = self.peer.config
+        if not self.chain or len(self.chain) >= cfg.base_every:
+            return True
+        deltas = sum(r.size for r in self.chain[1:])
+        return deltas > cfg.delta_ratio * max(self.chain[0].size, 1)
+
+    async def _write_objects(self, snap: _Snap) -> PeerPart:
+        peer = self.peer
+        assert peer.backend is not None
+        backend = peer.backend
+        kind = "base" if self._need_base() else "delta"
+        n, me = snap.n, peer.peer_id
+        lo, hi = peer.key_group_range
+        header = {"checkpoint": n, "peer": me, "key_groups": [lo, hi], "max_parallelism": peer.config.max_parallelism}
+        txn = snap.txn
+        assert txn is not None
+
+        def build() -> tuple[bytes, int, bytes, int, dict[str, int]]:
+            entries: Iterator[Any]
+            if kind == "base":
+                entries = ([db, k, v] for db, k, v in backend.dump(txn))
+            else:
+                entries = ([db, k, v] for db, k, v in backend.delta(txn, snap.changes))
+            state, count = encode_object(kind, header, entries)
+            egress = backend.egress_heads(txn)
+            records = list(snap.inbox)
+            for p in range(peer.n_peers):
+                records.extend(snap.logs[p])
+            inflight, icount = encode_object("inflight", header, (list(r) for r in records))
+            return state, count, inflight, icount, egress
+
+        state, count, inflight, icount, egress = await asyncio.to_thread(build)
+        refs = []
+        for k, data, entries in ((kind, state, count), ("inflight", inflight, icount)):
+            name = object_name(me, n, k)
+            ref = ObjectRef(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest(), checkpoint=n, kind=k,
+                            entries=entries)  # fmt: skip
+            await self.blobs.put(name, data)
+            await asyncio.to_thread(self._keep_local, name, data)
+            refs.append(ref)
+        self.last_bytes = refs[0].size + refs[1].size
+        chain = [refs[0]] if kind == "base" else [*self.chain, refs[0]]
+        return PeerPart(peer=me, key_groups=(lo, hi), chain=tuple(chain), inflight=refs[1],
+                        ingress_position=snap.ingress_pos, egress=egress)  # fmt: skip
+
+    def _keep_local(self, name: str, data: bytes) -> None:
+        path = os.path.join(self.local_dir, name.replace("/", "__"))
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+
+    def _local(self, ref: ObjectRef) -> bytes | None:
+        path = os.path.join(self.local_dir, ref.name.replace("/", "__"))
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            return None
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            log.warning("peer %d: local copy of %s does not match the manifest; downloading it", self.peer.peer_id,
+                        ref.name)  # fmt: skip
+            return None
+        return data
+
+    # -- completion -----------------------------------------------------------------------
+
+    def on_done(self, n: int) -> None:
+        """The coordinator published checkpoint ``n``."""
+        snap = self.snap
+        if snap is None or snap.n != n or snap.part is None:
+            return
+        self.snap = None
+        self.completed = n
+        self.chain = list(snap.part.chain)
+        self.peer._release_egress(snap.part.egress)
+        if self.peer.ingress is not None:
+            self.peer.ingress.trim(snap.ingress_pos)
+        keep = {r.name.replace("/", "__") for r in [*self.chain, snap.part.inflight]}
+        for f in os.listdir(self.local_dir):
+            if f not in keep:
+                try:
+                    os.remove(os.path.join(self.local_dir, f))
+                except OSError:
+                    pass
+
+    def abort(self, n: int) -> None:
+        """Checkpoint ``n`` will not complete: keep its changes for the next delta."""
+        snap = self.snap
+        if self.pending == n:
+            self.pending = None
+            self.pending_srcs = set()
+            self.peer._release_held()
+        if snap is None or snap.n != n:
+            return
+        self.snap = None
+        self.carry |= snap.changes
+        if snap.txn is not None and not snap.finalizing:
+            snap.txn.abort()
+            snap.txn = None
+
+    def reset(self) -> None:
+        """Forget every checkpoint in progress (recovery starts)."""
+        if self._upload is not None and not self._upload.done():
+            self._upload.cancel()
+        snap, self.snap = self.snap, None
+        if snap is not None and snap.txn is not None and not snap.finalizing:
+            snap.txn.abort()
+        self.pending = None
+        self.pending_srcs = set()
+        self.carry = set()
+
+    # -- restoring ------------------------------------------------------------------------
+
+    async def restore(self, manifest: Manifest | None) -> None:
+        """Rebuild this peer's state store from ``manifest`` (``None``: empty state).
+
+        The live store is not trusted after a failure: it is deleted and rebuilt from
+        the checkpoint objects, read from the local copies this peer kept when they are
+        intact, else from the blob store.
+        """
+        peer = self.peer
+        cfg = peer.config
+        if manifest is not None:
+            if manifest.max_parallelism != cfg.max_parallelism:
+                raise SnapshotError(
+                    f"checkpoint {manifest.checkpoint} was taken with max_parallelism {manifest.max_parallelism}, "
+                    f"this mesh has {cfg.max_parallelism}; max_parallelism is fixed for the life of the application"
+                )
+            if manifest.peers != peer.n_peers:
+                raise SnapshotError(
+                    f"checkpoint {manifest.checkpoint} was taken on {manifest.peers} peers and this mesh has "
+                    f"{peer.n_peers}; restoring onto another number of peers is not supported yet"
+                )
+        if peer.backend is not None:
+            peer.backend.close()
+            peer.backend = None
+        if os.path.exists(peer.state_path):
+            shutil.rmtree(peer.state_path)
+        backend = peer._open_backend()
+        self.chain = []
+        self.inflight_restored = []
+        self.completed = -1
+        released: dict[str, int] = {}
+        self.ingress_position = peer.ingress.first_offset if peer.ingress is not None else 0
+        if manifest is not None:
+            part = manifest.parts[peer.peer_id]
+            for ref in part.chain:
+                data = await self._fetch(ref)
+                kind, _, entries = decode_object(data, sha256=ref.sha256, name=ref.name)
+                if kind != ref.kind:
+                    raise SnapshotError(f"{ref.name} is a {kind} object, the manifest says {ref.kind}")
+                await asyncio.to_thread(backend.load, ((e[0], e[1], e[2]) for e in entries))
+            data = await self._fetch(part.inflight)
+            _, _, entries = decode_object(data, sha256=part.inflight.sha256, name=part.inflight.name)
+            self.inflight_restored = [tuple(e) for e in entries]
+            self.chain = list(part.chain)
+            self.completed = manifest.checkpoint
+            self.ingress_position = part.ingress_position
+            released = dict(part.egress)
+        backend.take_changes()
+        self.carry = set()
+        self.restored_from = manifest.checkpoint if manifest is not None else None
+        peer._released = released
+
+    async def _fetch(self, ref: ObjectRef) -> bytes:
+        data = await asyncio.to_thread(self._local, ref)
+        if data is not None:
+            return data
+        try:
+            return await self.blobs.get(ref.name)
+        except BlobNotFoundError as exc:
+            raise SnapshotError(f"checkpoint object {ref.name} is missing from the blob store") from exc
+
+
+def part_to_dict(part: PeerPart) -> dict[str, Any]:
+    """A :class:`PeerPart` as a msgpack/JSON-able dict."""
+    return asdict(part)
