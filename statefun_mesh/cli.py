@@ -166,12 +166,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("no functions given: pass MODULE:ATTR (e.g. examples.greeter:functions)")
     for ref in refs:  # fail here, with a clear error, rather than in every peer
         import_functions(ref)
+    state_dir = os.path.abspath(args.state_dir or base.state_dir or "statefun-mesh-state")
+    if args.no_checkpoints:
+        overrides["blob_store"] = ""
+    elif args.blob_store:
+        overrides["blob_store"] = args.blob_store
+    elif not base.blob_store:
+        overrides["blob_store"] = "file://" + os.path.join(state_dir, "checkpoints")
+    if args.checkpoint_interval is not None:
+        overrides["checkpoint_interval"] = args.checkpoint_interval
     launcher = Launcher(
         base.with_(functions=tuple(refs), **overrides),
         peers=args.peers,
         transport=args.transport,
         client_endpoint=args.client_endpoint,
-        state_dir=args.state_dir or base.state_dir or os.path.abspath("statefun-mesh-state"),
+        state_dir=state_dir,
         log_level=args.log_level,
     )
     return launcher.run()
@@ -254,6 +263,63 @@ def cmd_status(args: argparse.Namespace) -> int:
     return asyncio.run(_with_client(args, go))
 
 
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    """List checkpoints in a blob store, or show one."""
+    from .blobstore import open_blob_store
+    from .snapshot.coordinator import list_checkpoints
+    from .snapshot.format import Manifest, manifest_name
+
+    url = args.blob_store
+    if not url and args.config:
+        url = load_config(args.config).blob_store
+    if not url:
+        raise ConfigError("give --blob-store URL (or --config mesh.toml with blob_store)")
+
+    async def go() -> int:
+        blobs = open_blob_store(url)
+        try:
+            ids = await list_checkpoints(blobs)
+            if args.action == "list":
+                if not ids:
+                    print(f"no checkpoints in {url}")
+                for n in ids:
+                    name = manifest_name(n)
+                    try:
+                        m = Manifest.from_json(await blobs.get(name), name=name)
+                    except StatefunMeshError as exc:
+                        print(f"{n:>8}  INVALID  {exc}")
+                        continue
+                    size = sum(r.size for p in m.parts for r in (*p.chain, p.inflight))
+                    print(f"{n:>8}  complete  peers={m.peers}  generation={m.generation}  "
+                          f"{size / 1e6:.2f} MB  created {_iso(m.created_ms)}")  # fmt: skip
+                return 0
+            n = ids[-1] if args.id in (None, "latest") else int(args.id)
+            name = manifest_name(n)
+            m = Manifest.from_json(await blobs.get(name), name=name)
+            print(f"checkpoint {m.checkpoint}: {m.peers} peers, max_parallelism {m.max_parallelism}, "
+                  f"generation {m.generation}, created {_iso(m.created_ms)}")  # fmt: skip
+            for p in m.parts:
+                print(f"  peer {p.peer}: key groups [{p.key_groups[0]}, {p.key_groups[1]}), "
+                      f"ingress position {p.ingress_position}")  # fmt: skip
+                for r in p.chain:
+                    print(f"    {r.kind:<8} {r.name}  {r.size:>12,} bytes  {r.entries:>9,} entries")
+                r = p.inflight
+                print(f"    {'inflight':<8} {r.name}  {r.size:>12,} bytes  {r.entries:>9,} messages")
+                for eg, head in sorted(p.egress.items()):
+                    print(f"    egress {eg}: released up to offset {head}")
+            return 0
+        finally:
+            await blobs.aclose()
+
+    return asyncio.run(go())
+
+
+def _iso(ms: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 # -- argument parsing --------------------------------------------------------------------
 
 
@@ -300,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="endpoint peer 0 binds for clients (default: %(default)s)")  # fmt: skip
     p.add_argument("--state-dir", help="state directory (default: ./statefun-mesh-state)")
     p.add_argument("--max-parallelism", type=int, help="number of key groups (default: 1024)")
+    p.add_argument("--blob-store", metavar="URL",
+                   help="where checkpoints go: file:///dir, s3://bucket/prefix (default: <state-dir>/checkpoints)")
+    p.add_argument("--checkpoint-interval", type=float, metavar="SECONDS", help="between checkpoints (default: 5)")
+    p.add_argument("--no-checkpoints", action="store_true",
+                   help="take no checkpoints (faster; a crash then loses queued messages)")
     p.add_argument("--config", help="mesh.toml with further settings")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
     p.set_defaults(func=cmd_run)
@@ -334,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="stop after this many records")
     _add_client_args(p)
     p.set_defaults(func=cmd_egress)
+
+    p = sub.add_parser("checkpoints", help="list checkpoints or inspect one",
+                       description="List the checkpoints in a blob store, or show one's objects per peer.")  # fmt: skip
+    p.add_argument("action", choices=["list", "inspect"])
+    p.add_argument("id", nargs="?", help="checkpoint id for inspect (default: latest)")
+    p.add_argument("--blob-store", metavar="URL", help="file:///dir, a path, or s3://bucket/prefix")
+    p.add_argument("--config", help="mesh.toml whose blob_store to read")
+    p.set_defaults(func=cmd_checkpoints)
 
     p = sub.add_parser("status", help="print every peer's status", description="Print every peer's counters.")
     _add_client_args(p)
