@@ -32,6 +32,11 @@ def check_id(id: object, what: str = "target_id") -> str:
         raise TypeError(f"{what} must be a str, got {type(id).__name__}")
     if not id:
         raise ValueError(f"{what} can not be missing")
+    if not id.isascii():
+        try:
+            id.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{what} is not valid Unicode text (it holds a lone surrogate at {exc.start})") from None
     return id
 
 

@@ -132,21 +132,23 @@ class Dispatcher:
         fired: list[tuple[int, int, int, list[Any]]],
         now_ms: int,
     ) -> BatchOutcome:
-        """Invoke the functions for ``records`` (then the ``fired`` timers' messages).
+        """Invoke the functions for ``records``, and release the ``fired`` timers' messages.
 
         Returns the outcome; nothing is written yet.
         """
         self._saved = (self._timer_seq, {k: list(v) for k, v in self._egress_offsets.items()})
         out = BatchOutcome()
         if fired:
-            records = list(records)
+            # A due timer's message is routed like any send of this batch: the timer is
+            # deleted in the batch's transaction and the message leaves after the commit,
+            # to whichever peer owns its target (not necessarily this one).
             for kg, seq, due, value in fired:
                 tok = None
                 if value:
                     _, token, s_type, s_id, rec = value
                     if token:
                         tok = timer_token_prefix(kg, s_type, s_id, token)
-                    records.append(tuple(rec))  # type: ignore[arg-type]
+                    out.sends.append(tuple(rec))  # type: ignore[arg-type]
                 out.ops.append(("fired", kg, seq, due, tok))
 
         groups: dict[tuple[str, str], list[Record]] = {}
@@ -435,7 +437,11 @@ class Dispatcher:
     def _dead_letter(self, rec: Record, reason: str, error: str, tb: str, out: BatchOutcome) -> None:
         doc = {
             "target": f"{rec[0]}/{rec[1]}",
+            "target_typename": rec[0],
+            "target_id": rec[1],
             "caller": f"{rec[2]}/{rec[3]}" if rec[2] else None,
+            "caller_typename": rec[2] or None,
+            "caller_id": rec[3] if rec[2] else None,
             "value_typename": rec[4],
             "value": base64.b64encode(rec[5]).decode("ascii"),
             "reason": reason,

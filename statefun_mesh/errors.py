@@ -83,8 +83,9 @@ class FunctionNotFoundError(StatefunMeshError, LookupError):
 class InvocationError(StatefunMeshError):
     """A user function raised; the invocation's state changes and effects were discarded.
 
-    The user's exception is ``__cause__`` when raised locally. When the error crossed a
-    process boundary (a request answered by another peer) only its text survives.
+    Only the text of the user's exception reaches the requester (the exception itself,
+    with its traceback, is logged by the peer that ran the function and recorded in the
+    dead-letter egress).
 
     Attributes:
         address: ``"namespace/name/id"`` of the failed instance.

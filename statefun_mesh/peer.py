@@ -95,6 +95,10 @@ class Peer:
         n = self.n_peers
         self._inbox: collections.deque[Record] = collections.deque()
         self._out = [_speedups.BatchEncoder() for _ in range(n)]
+        #: sealed frames waiting for credit, per peer: (records, frame)
+        self._frames: list[collections.deque[tuple[int, bytes]]] = [collections.deque() for _ in range(n)]
+        self._framed = [0] * n  # records in _frames[p]
+        self._frame_cap = max(config.max_frame_bytes // 2, 4096)
         self._out_replies: list[list[Any]] = [[] for _ in range(n)]
         self._credit = [config.credit_window] * n
         self._owed = [0] * n
@@ -112,7 +116,8 @@ class Peer:
         self._idle = asyncio.Event()
         self._closed_event = asyncio.Event()
         self._requests: dict[int, asyncio.Future[Message]] = {}
-        self._request_ids = itertools.count(1)
+        # random start: a restarted peer never reuses an id an old request chain may carry
+        self._request_ids = itertools.count(random.getrandbits(40) + 1)
         self._egress_events: dict[str, asyncio.Event] = {}
         self._next_due: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -319,6 +324,8 @@ class Peer:
         self.participant.reset()
         self._inbox.clear()
         self._out = [_speedups.BatchEncoder() for _ in range(self.n_peers)]
+        self._frames = [collections.deque() for _ in range(self.n_peers)]
+        self._framed = [0] * self.n_peers
         self._out_replies = [[] for _ in range(self.n_peers)]
         self._credit = [self.config.credit_window] * self.n_peers
         self._owed = [0] * self.n_peers
@@ -433,7 +440,7 @@ class Peer:
 
     def pressure(self) -> int:
         """Messages queued here: the local inbox plus what waits to go to other peers."""
-        return len(self._inbox) + sum(len(e) for e in self._out)
+        return len(self._inbox) + sum(len(e) for e in self._out) + sum(self._framed)
 
     async def submit(self, rec: Record, *, durable: bool = True) -> None:
         """Admit one message from a client.
@@ -635,6 +642,7 @@ class Peer:
             not self._inbox
             and self._idle.is_set()
             and not any(len(e) for e in self._out)
+            and not any(self._framed)
             and not self._timer_due(self._now_ms())
         )
 
@@ -646,7 +654,7 @@ class Peer:
             "peers": self.n_peers,
             "core": _speedups.IMPLEMENTATION,
             "queued": len(self._inbox),
-            "outgoing": [len(e) for e in self._out],
+            "outgoing": [len(e) + f for e, f in zip(self._out, self._framed)],
             "credit": list(self._credit),
             "batches": self.batches,
             "invocations": d.invocations if d else 0,
@@ -671,8 +679,12 @@ class Peer:
                     self._inbox.extend(part)
                     continue
                 enc = self._out[p]
-                enc.extend(part)
-                if len(enc) >= self.config.max_frame_records:
+                step = 64 if len(part) > 64 else len(part)
+                for i in range(0, len(part), step):
+                    enc.extend(part[i : i + step] if step < len(part) else part)
+                    if len(enc) >= self.config.max_frame_records or enc.nbytes >= self._frame_cap:
+                        self._seal(p)
+                if self._framed[p]:
                     self._flush_peer(p)
             if from_client:
                 self._schedule_flush()
@@ -698,15 +710,32 @@ class Peer:
         except ClosedTransportError:
             log.debug("peer %d: transport closed; frame for peer %d dropped", self.peer_id, p)
 
-    def _flush_peer(self, p: int, force: bool = False) -> None:
+    def _seal(self, p: int) -> None:
+        """Close the records waiting for peer ``p`` into a frame (frames stay under
+        ``max_frame_bytes``, which the receiver enforces)."""
         enc = self._out[p]
         n = len(enc)
-        if n == 0 or (self._credit[p] <= 0 and not force) or self.transport is None:
+        if n:
+            frame = enc.flush()
+            if len(frame) > self.config.max_frame_bytes:
+                log.error("peer %d: a message to peer %d makes a %d-byte frame, over max_frame_bytes (%d); "
+                          "the receiver will refuse it: raise max_frame_bytes on every peer",
+                          self.peer_id, p, len(frame), self.config.max_frame_bytes)  # fmt: skip
+            self._frames[p].append((n, frame))
+            self._framed[p] += n
+
+    def _flush_peer(self, p: int, force: bool = False) -> None:
+        """Send peer ``p`` what waits for it, as far as its credit goes (``force``: all of it)."""
+        if self.transport is None:
             return
-        frame = enc.flush()
-        self._credit[p] -= n
-        self.sent_records[p] += n
-        self._send(p, frame)
+        self._seal(p)
+        frames = self._frames[p]
+        while frames and (self._credit[p] > 0 or force):
+            n, frame = frames.popleft()
+            self._framed[p] -= n
+            self._credit[p] -= n
+            self.sent_records[p] += n
+            self._send(p, frame)
 
     def _flush_all(self) -> None:
         self._flush_handle = None
@@ -715,7 +744,7 @@ class Peer:
         for p in range(self.n_peers):
             if p == self.peer_id:
                 continue
-            if len(self._out[p]):
+            if len(self._out[p]) or self._framed[p]:
                 self._flush_peer(p)
             replies = self._out_replies[p]
             if replies:
@@ -742,6 +771,11 @@ class Peer:
             return
         gen = _GEN.unpack_from(frame)[0]
         body = frame[4:]
+        if body[0] != _speedups.FRAME_VERSION:
+            self.bad_frames += 1
+            log.error("peer %d: rejected a frame from peer %d: not a generation-prefixed frame of version %d; "
+                      "do all peers run the same statefun_mesh release?", self.peer_id, src, _speedups.FRAME_VERSION)  # fmt: skip
+            return
         kind = body[1]
         self._last_heard[src] = self.clock.now()
         if kind in (codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME):
@@ -774,7 +808,7 @@ class Peer:
             return
         if kind == codec.CREDIT:
             self._credit[src] += items[0]
-            if len(self._out[src]):
+            if len(self._out[src]) or self._framed[src]:
                 self._flush_peer(src)
             self._check_space()
         elif kind == codec.HEARTBEAT:
@@ -855,7 +889,7 @@ class Peer:
                 log.warning("peer %d: peer %d restarted", self.peer_id, src)
                 if self.coordinator is not None:
                     self.coordinator.request_recovery(f"peer {src} restarted")
-            if len(self._out[src]):
+            if len(self._out[src]) or self._framed[src]:
                 self._flush_peer(src)
         if not self._alive[src]:
             self._alive[src] = True
@@ -879,7 +913,7 @@ class Peer:
                     self._alive[p] = False
                     log.warning(
                         "peer %d: no word from peer %d for %.1f s; holding its %d outgoing messages until it is back",
-                        self.peer_id, p, now - self._last_heard[p], len(self._out[p]),
+                        self.peer_id, p, now - self._last_heard[p], len(self._out[p]) + self._framed[p],
                     )  # fmt: skip
             await asyncio.sleep(cfg.heartbeat_interval)
 

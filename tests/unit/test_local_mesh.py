@@ -484,3 +484,48 @@ async def test_idempotency_key_applies_a_resend_once(tmp_path: Path) -> None:
         assert r.as_int() == 15
         r = await mesh.request(message_builder(target_typename="test/counter", target_id="y", int_value=0))
         assert r.as_int() == 1
+
+
+async def test_delayed_message_reaches_a_target_on_another_peer(tmp_path: Path) -> None:
+    clock = ManualClock()
+    functions = counter_functions()
+
+    @functions.bind(typename="test/later")
+    def later(context, message):
+        for i in range(20):  # targets spread over every peer
+            context.send_after(timedelta(seconds=1),
+                               message_builder(target_typename="test/counter", target_id=f"t{i}", int_value=1))
+
+    async with LocalMesh(functions, state_dir=str(tmp_path), peers=3, clock=clock) as mesh:
+        await mesh.send(message_builder(target_typename="test/later", target_id="s", int_value=0))
+        await mesh.idle()
+        clock.advance(2)
+        await mesh.idle()
+        counts = [(await mesh.request(message_builder(target_typename="test/counter", target_id=f"t{i}",
+                                                      int_value=0))).as_int() for i in range(20)]
+        assert counts == [1] * 20
+
+
+async def test_outgoing_frames_stay_under_max_frame_bytes(tmp_path: Path) -> None:
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="test/fan", specs=[ValueSpec(name="n", type=IntType)])
+    def fan(context, message):
+        if message.is_string():  # the fan-out: 500 messages of ~1 KB
+            for i in range(500):
+                context.send(message_builder(target_typename="test/fan", target_id=f"f{i}", value="x" * 1000,
+                                             value_type=MsgPackType))
+            return
+        context.storage.n = (context.storage.n or 0) + 1
+
+    async with LocalMesh(functions, state_dir=str(tmp_path), peers=2, transport="tcp",
+                         max_frame_bytes=100_000) as mesh:
+        await mesh.send(message_builder(target_typename="test/fan", target_id="root", str_value="go"))
+        await mesh.idle(timeout=20)
+        assert sum(p.dispatcher.invocations for p in mesh.peers) == 501
+        assert sum(p.bad_frames for p in mesh.peers) == 0
+
+
+def test_ids_must_be_valid_unicode() -> None:
+    with pytest.raises(ValueError, match="surrogate"):
+        message_builder(target_typename="test/counter", target_id="a\udc80", int_value=1)
