@@ -198,7 +198,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     message = _message_from_args(args)
 
     async def go(client: Any) -> int:
-        await client.send(message)
+        await client.send(message, idempotency_key=args.idempotency_key)
         print(f"sent to {args.typename}/{args.id}", file=sys.stderr)
         return 0
 
@@ -386,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("send", help="send one message", description="Send one message into the mesh.")
     _add_value_args(p)
+    p.add_argument("--idempotency-key", metavar="KEY",
+                   help="resending with the same key does not apply the message twice")  # fmt: skip
     _add_client_args(p)
     p.set_defaults(func=cmd_send)
 

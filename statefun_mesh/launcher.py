@@ -136,8 +136,9 @@ class Launcher:
             print(f"statefun-mesh: starting {n} peers ({', '.join(self.config.functions)}); "
                   f"state in {self.config.state_dir}", file=sys.stderr, flush=True)  # fmt: skip
             if not self._wait_ready(60.0) and not stop_signal:
+                codes = [p.poll() for p in self.procs if p is not None]
                 print("statefun-mesh: a peer failed to start; see its log above", file=sys.stderr, flush=True)
-                return 1
+                return 2 if 2 in codes else 1
             if not stop_signal:
                 print(f"statefun-mesh: mesh of {n} peers is up; clients connect to "
                       f"{self.config.client_endpoints[0]}", flush=True)  # fmt: skip
@@ -156,11 +157,17 @@ class Launcher:
                     code = proc.poll()
                     if code is None:
                         continue
+                    if code == 2:  # the peer refused to start (bad config, incompatible checkpoint)
+                        print(f"statefun-mesh: peer {k} refused to start (see its error above); stopping the mesh",
+                              file=sys.stderr, flush=True)  # fmt: skip
+                        return 2
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                     delay = RESTART_BACKOFF[min(self.restarts[k], len(RESTART_BACKOFF) - 1)]
                     self.restarts[k] += 1
-                    print(f"statefun-mesh: peer {k} {how}; restarting it in {delay} s "
-                          "(its in-memory queue is lost until checkpoints exist)", file=sys.stderr, flush=True)  # fmt: skip
+                    after = ("; the mesh then recovers from its last checkpoint" if self.config.blob_store
+                             else " (checkpoints are off: messages it had queued are lost)")  # fmt: skip
+                    print(f"statefun-mesh: peer {k} {how}; restarting it in {delay} s{after}",
+                          file=sys.stderr, flush=True)  # fmt: skip
                     self.procs[k] = None
                     next_restart[k] = time.monotonic() + delay
             print(f"statefun-mesh: stopping {n} peers", file=sys.stderr, flush=True)

@@ -114,13 +114,17 @@ class LocalMesh:
 
     async def start(self) -> None:
         """Start every peer (together: with checkpoints, peer 0 waits for all of them)."""
-        results = await asyncio.gather(*(p.start() for p in self._peers), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
+        tasks = [asyncio.ensure_future(p.start()) for p in self._peers]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        errors = [t.exception() for t in done if t.exception() is not None]
         if errors:
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             for p in self._peers:
                 await p.aclose()
             self._cleanup()
-            raise errors[0]
+            raise errors[0]  # type: ignore[misc]
 
     async def aclose(self) -> None:
         """Finish queued work, stop the peers, and delete temporary directories."""

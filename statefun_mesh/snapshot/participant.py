@@ -84,6 +84,8 @@ class Participant:
         self.restored_from: int | None = None
         self.inflight_restored: list[Any] = []
         self.ingress_position = 0
+        #: ingress positions of the retained complete checkpoints, oldest first
+        self.positions: list[int] = []
         self.last_duration = 0.0
         self.last_bytes = 0
         self._upload: asyncio.Task[None] | None = None
@@ -247,8 +249,12 @@ class Participant:
         self.completed = n
         self.chain = list(snap.part.chain)
         self.peer._release_egress(snap.part.egress)
+        # Trim the ingress log only below the oldest retained checkpoint, so recovery can
+        # still fall back to any retained checkpoint if a newer one turns out unreadable.
+        self.positions.append(snap.ingress_pos)
+        del self.positions[: -self.peer.config.checkpoint_retention]
         if self.peer.ingress is not None:
-            self.peer.ingress.trim(snap.ingress_pos)
+            self.peer.ingress.trim(self.positions[0])
         keep = {r.name.replace("/", "__") for r in [*self.chain, snap.part.inflight]}
         for f in os.listdir(self.local_dir):
             if f not in keep:
@@ -330,6 +336,7 @@ class Participant:
             self.chain = list(part.chain)
             self.completed = manifest.checkpoint
             self.ingress_position = part.ingress_position
+            self.positions = [part.ingress_position]
             released = dict(part.egress)
         backend.take_changes()
         self.carry = set()

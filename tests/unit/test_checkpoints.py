@@ -1,0 +1,230 @@
+"""Checkpoints and recovery inside one process: barriers, manifests, egress release,
+idempotent ingress, and a peer that dies and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from statefun_mesh import (
+    IntType,
+    LocalMesh,
+    MeshConfig,
+    Peer,
+    StatefulFunctions,
+    ValueSpec,
+    egress_message_builder,
+    message_builder,
+)
+from statefun_mesh.snapshot.coordinator import latest_manifest
+from statefun_mesh.snapshot.format import manifest_name
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def app() -> StatefulFunctions:
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="ck/counter", specs=[ValueSpec(name="count", type=IntType)])
+    def counter(context, message):
+        count = (context.storage.count or 0) + message.as_int()
+        context.storage.count = count
+        context.send_egress(egress_message_builder(target_typename="ck/out", value=count, value_type=IntType))
+        if context.in_request:
+            context.reply(int_value=count)
+
+    @functions.bind(typename="ck/ping", specs=[ValueSpec(name="hops", type=IntType)])
+    def ping(context, message):
+        # bounce between two instances on (very likely) different peers until n reaches 0
+        n = message.as_int()
+        context.storage.hops = (context.storage.hops or 0) + 1
+        if n > 0:
+            other = "b" if context.address.id.endswith("a") else "a"
+            target = context.address.id[:-1] + other
+            context.send(message_builder(target_typename="ck/ping", target_id=target, int_value=n - 1))
+        else:
+            context.send(message_builder(target_typename="ck/counter", target_id="chains-done", int_value=1))
+
+    return functions
+
+
+async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def completed(mesh: LocalMesh) -> int:
+    coord = mesh.peers[0].coordinator
+    return coord.last_complete.checkpoint if coord.last_complete else -1
+
+
+async def wait_checkpoint_after(mesh: LocalMesh, n: int, timeout: float = 30.0) -> int:
+    coord = mesh.peers[0].coordinator
+    await wait_for(lambda: coord.last_complete is not None and coord.last_complete.checkpoint > n, timeout,
+                   f"a checkpoint after {n}")
+    return coord.last_complete.checkpoint
+
+
+def settings(tmp_path: Path, **kw):
+    base = dict(state_dir=str(tmp_path / "state"), blob_store=f"file://{tmp_path / 'blobs'}",
+                checkpoint_interval=0.2, heartbeat_interval=0.1, heartbeat_timeout=1.0)
+    base.update(kw)
+    return base
+
+
+async def count_of(mesh: LocalMesh, key: str) -> int:
+    r = await mesh.request(message_builder(target_typename="ck/counter", target_id=key, int_value=0))
+    return r.as_int()
+
+
+async def test_checkpoints_complete_and_manifest_names_objects(tmp_path: Path) -> None:
+    async with LocalMesh(app(), peers=3, **settings(tmp_path)) as mesh:
+        for i in range(300):
+            await mesh.send(message_builder(target_typename="ck/counter", target_id=f"k{i % 30}", int_value=1))
+        n = await wait_checkpoint_after(mesh, -1)
+        n = await wait_checkpoint_after(mesh, n)
+        manifest = await latest_manifest(mesh.peers[0].blobs)
+        assert manifest is not None and manifest.checkpoint >= n and manifest.peers == 3
+        for part in manifest.parts:
+            assert part.chain[0].kind == "base"
+            for ref in (*part.chain, part.inflight):
+                assert await mesh.peers[0].blobs.exists(ref.name)
+        # later checkpoints upload deltas, not the whole state again
+        await mesh.send(message_builder(target_typename="ck/counter", target_id="k1", int_value=1))
+        n2 = await wait_checkpoint_after(mesh, manifest.checkpoint)
+        m2 = await latest_manifest(mesh.peers[0].blobs)
+        assert m2.checkpoint == n2
+        assert any(len(p.chain) > 1 and p.chain[-1].kind == "delta" for p in m2.parts)
+
+
+async def test_egress_is_released_when_its_checkpoint_completes(tmp_path: Path) -> None:
+    async with LocalMesh(app(), peers=2, **settings(tmp_path, checkpoint_interval=0.5)) as mesh:
+        await mesh.send(message_builder(target_typename="ck/counter", target_id="x", int_value=7))
+        await mesh.idle()
+        owner = next(p for p in mesh.peers if p.dispatcher.invocations)
+        assert owner.backend.egress_bounds("ck/out")[1] == 1  # written...
+        assert owner.egress_read("ck/out", 0, 10) == []  # ...but not released yet
+        recs = []
+        async for rec in mesh.egress("ck/out"):
+            recs.append(rec)
+            break
+        assert recs[0].as_int() == 7 and recs[0].peer == owner.peer_id
+
+
+async def test_restore_after_restart_of_the_whole_mesh(tmp_path: Path) -> None:
+    async with LocalMesh(app(), peers=3, **settings(tmp_path)) as mesh:
+        for i in range(100):
+            await mesh.send(message_builder(target_typename="ck/counter", target_id=f"k{i % 10}", int_value=1))
+        await mesh.idle()
+        n = await completed(mesh)
+        await wait_checkpoint_after(mesh, n)
+    # a clean stop, then a start: the mesh restores its latest checkpoint and replays
+    # what the ingress logs hold after it
+    async with LocalMesh(app(), peers=3, **settings(tmp_path)) as mesh:
+        assert [await count_of(mesh, f"k{i}") for i in range(10)] == [10] * 10
+
+
+async def crash(peer: Peer) -> None:
+    """Stop a peer as abruptly as the process it stands for would die: no draining."""
+    peer._closing = True
+    tasks = [t for t in [peer._loop_task, peer._ingress_task, peer._recovery_task, *peer._tasks] if t]
+    if peer.coordinator is not None:
+        await peer.coordinator.aclose()
+    if peer.participant is not None:
+        peer.participant.reset()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await peer._release_resources()
+
+
+async def test_a_peer_dies_and_every_message_counts_exactly_once(tmp_path: Path) -> None:
+    cfg_kw = settings(tmp_path)
+    functions = app()
+    async with LocalMesh(functions, peers=3, **cfg_kw) as mesh:
+        config: MeshConfig = mesh.config
+        sent = {f"k{i}": 0 for i in range(20)}
+        seq = 0
+
+        async def send_some(n: int) -> None:
+            nonlocal seq
+            for _ in range(n):
+                key = f"k{seq % 20}"
+                msg = message_builder(target_typename="ck/counter", target_id=key, int_value=1)
+                for attempt in range(50):  # a client retrying with its idempotency key
+                    try:
+                        await asyncio.wait_for(mesh.peers[seq % 2].send(msg, idempotency_key=f"m{seq}"), 5)
+                        break
+                    except Exception:
+                        await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("send never accepted")
+                sent[key] += 1
+                seq += 1
+
+        await send_some(300)
+        # ping-pong chains in flight across checkpoints and the crash
+        for c in range(5):
+            await mesh.peers[0].send(message_builder(target_typename="ck/ping", target_id=f"c{c}a", int_value=200))
+        await asyncio.sleep(0.3)
+        victim = mesh._peers[2]
+        await crash(victim)
+        await send_some(100)  # accepted by peers 0 and 1 while peer 2 is down
+        # peer 2 comes back: the coordinator sees its new incarnation and recovers everyone
+        reborn = Peer(config, functions, peer_id=2)
+        mesh._peers[2] = reborn
+        await reborn.start()
+        await send_some(100)
+        await wait_for(lambda: all(p.resumed for p in mesh.peers), 30, "recovery")
+        assert mesh.peers[0].coordinator.recoveries >= 2
+        for key, n in sent.items():
+            assert await count_of(mesh, key) == n, key
+        assert await count_of(mesh, "chains-done") == 5
+
+
+async def test_corrupted_latest_checkpoint_is_skipped(tmp_path: Path) -> None:
+    async with LocalMesh(app(), peers=2, **settings(tmp_path)) as mesh:
+        await mesh.send(message_builder(target_typename="ck/counter", target_id="x", int_value=1))
+        await mesh.idle()
+        n1 = await wait_checkpoint_after(mesh, await completed(mesh))
+        await mesh.send(message_builder(target_typename="ck/counter", target_id="x", int_value=1))
+        await mesh.idle()
+        await wait_checkpoint_after(mesh, n1)
+        blobs_dir = tmp_path / "blobs"
+    # corrupt every manifest newer than n1
+    for d in sorted((blobs_dir / "checkpoints").iterdir()):
+        if int(d.name) > n1:
+            (d / "manifest.json").write_text("{ not json")
+    async with LocalMesh(app(), peers=2, **settings(tmp_path)) as mesh:
+        manifest = mesh.peers[0].coordinator.last_complete
+        assert manifest is not None and manifest.checkpoint == n1
+        # the second increment is replayed from the ingress log: nothing is lost
+        assert await count_of(mesh, "x") == 2
+
+
+async def test_refuses_a_checkpoint_of_another_max_parallelism(tmp_path: Path) -> None:
+    async with LocalMesh(app(), peers=2, **settings(tmp_path)) as mesh:
+        await mesh.send(message_builder(target_typename="ck/counter", target_id="x", int_value=1))
+        await wait_checkpoint_after(mesh, -1)
+    with pytest.raises(Exception, match="max_parallelism"):
+        async with LocalMesh(app(), peers=2, **settings(tmp_path, max_parallelism=512)):
+            pass
+
+
+def test_manifest_is_json_with_the_documented_fields(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with LocalMesh(app(), peers=2, **settings(tmp_path)) as mesh:
+            await mesh.send(message_builder(target_typename="ck/counter", target_id="x", int_value=1))
+            n = await wait_checkpoint_after(mesh, -1)
+            doc = json.loads(await mesh.peers[0].blobs.get(manifest_name(n)))
+            assert {"checkpoint", "generation", "peers", "max_parallelism", "created_ms", "parts", "format"} <= set(doc)
+            assert os.path.isdir(tmp_path / "state" / "peer-0.checkpoints")
+
+    asyncio.run(run())
