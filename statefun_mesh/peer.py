@@ -148,6 +148,8 @@ class Peer:
         self._ingress_task: asyncio.Task[None] | None = None
         self._recovery_task: asyncio.Task[None] | None = None
         self._recovery_done = False
+        self._next_purge = 0
+        self._purge_from = b""
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -981,6 +983,10 @@ class Peer:
                 backend.flush()
             if fired:
                 self._next_due = backend.next_timer_due()
+            if now_ms >= self._next_purge:
+                # expired idempotency keys, a slice at a time between batches
+                self._next_purge = now_ms + 1000
+                self._purge_from = backend.purge_dedup(now_ms, self._purge_from, 5000)
             self._after_commit(outcome)
             self._flush_all()
             self._grant_credits()

@@ -335,6 +335,25 @@ class LmdbStateBackend:
             else:  # pragma: no cover - programming error
                 raise AssertionError(f"unknown op {kind!r}")
 
+    def purge_dedup(self, now_ms: int, start: bytes, limit: int) -> bytes:
+        """Delete expired idempotency keys among the next ``limit`` from ``start``.
+
+        Returns where the next call should start (``b""``: from the beginning again).
+        """
+        expired: list[bytes] = []
+        nxt = b""
+        with self.env.begin() as txn, txn.cursor(db=self.db_dedup) as cur:
+            if cur.set_range(start):
+                for i, (key, value) in enumerate(cur.iternext()):
+                    if i >= limit:
+                        nxt = key
+                        break
+                    if _U64.unpack(value)[0] <= now_ms:
+                        expired.append(key)
+        if expired:
+            self.commit([("del", "dedup", k) for k in expired])
+        return nxt
+
     # -- snapshots ---------------------------------------------------------------------
 
     def take_changes(self) -> set[tuple[str, bytes]]:

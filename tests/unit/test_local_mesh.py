@@ -529,3 +529,26 @@ async def test_outgoing_frames_stay_under_max_frame_bytes(tmp_path: Path) -> Non
 def test_ids_must_be_valid_unicode() -> None:
     with pytest.raises(ValueError, match="surrogate"):
         message_builder(target_typename="test/counter", target_id="a\udc80", int_value=1)
+
+
+async def test_expired_idempotency_keys_are_purged(tmp_path: Path) -> None:
+    clock = ManualClock()
+    async with LocalMesh(counter_functions(), state_dir=str(tmp_path), clock=clock, dedup_retention=60) as mesh:
+        for i in range(50):
+            await mesh.send(message_builder(target_typename="test/counter", target_id=f"k{i}", int_value=1),
+                            idempotency_key=f"key-{i}")
+        await mesh.idle()
+        backend = mesh.peers[0].backend
+        with backend.read() as txn:
+            assert sum(1 for _ in txn.cursor(db=backend.db_dedup)) == 50
+        clock.advance(120)
+        # the purge runs between batches: give the peer one batch to run
+        await mesh.send(message_builder(target_typename="test/counter", target_id="other", int_value=1))
+        await mesh.idle()
+        with backend.read() as txn:
+            assert sum(1 for _ in txn.cursor(db=backend.db_dedup)) == 0
+        # an expired key no longer deduplicates
+        await mesh.send(message_builder(target_typename="test/counter", target_id="k1", int_value=1),
+                        idempotency_key="key-1")
+        r = await mesh.request(message_builder(target_typename="test/counter", target_id="k1", int_value=0))
+        assert r.as_int() == 2
