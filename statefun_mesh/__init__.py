@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._speedups import IMPLEMENTATION as IMPLEMENTATION
 from .address import Address as Address
 from .address import SdkAddress as SdkAddress
+from .client import MeshClient as MeshClient
 from .clock import Clock as Clock
 from .clock import ManualClock as ManualClock
 from .clock import SystemClock as SystemClock
@@ -15,7 +16,6 @@ from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 from .functions import StatefulFunctions as StatefulFunctions
 from .functions import ValueSpec as ValueSpec
-from .client import MeshClient as MeshClient
 from .mesh import LocalMesh as LocalMesh
 from .messages import EgressMessage as EgressMessage
 from .messages import EgressRecord as EgressRecord

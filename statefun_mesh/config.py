@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+import tomllib
 
 from .errors import ConfigError
 

@@ -77,6 +77,7 @@ class Coordinator:
         self._task: asyncio.Task[None] | None = None
         self._recovering: asyncio.Task[None] | None = None
         self._ready_event = asyncio.Event()
+        self._publishing: set[asyncio.Task[None]] = set()
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -182,7 +183,9 @@ class Coordinator:
             self.abort(n, f"peer {src} sent a malformed acknowledgement: {exc!r}")
             return
         if len(self.acks) == self.peer.n_peers:
-            asyncio.create_task(self._publish(n), name=f"checkpoint {n} publish")
+            task = asyncio.create_task(self._publish(n), name=f"checkpoint {n} publish")
+            self._publishing.add(task)  # keep a reference: the loop holds tasks only weakly
+            task.add_done_callback(self._publishing.discard)
 
     async def _publish(self, n: int) -> None:
         peer = self.peer
