@@ -108,6 +108,7 @@ class ClientServer:
             ident = parts[0]
             if len(parts) != 2:
                 self.bad_frames += 1
+                peer.bad_frames += 1
                 log.error("peer %d: dropped a %d-part client message from %r", peer.peer_id, len(parts), ident[:64])
                 continue
             frame = parts[1]
