@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -34,6 +35,15 @@ def _rebuild_error(name: str, message: str, args: list[Any]) -> Exception:
     if name in _BUILTIN_ERRORS:
         return _BUILTIN_ERRORS[name](message)
     return StatefunMeshError(f"{name}: {message}")
+
+
+async def _wait(fut: asyncio.Future[Any], timeout: float | None) -> Any:
+    # asyncio.wait_for on Python 3.11 can swallow a cancellation that races with the
+    # result; asyncio.timeout does not, so a cancelled caller really stops.
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout):
+            return await fut
+    return await asyncio.wait_for(fut, timeout)  # pragma: no cover - Python 3.10
 
 
 class _Connection:
@@ -71,7 +81,7 @@ class _Connection:
         self._calls[corr] = fut
         try:
             await self.sock.send(codec.encode_control(kind, corr, *items))
-            rkind, ritems = await asyncio.wait_for(fut, timeout)
+            rkind, ritems = await _wait(fut, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise errors.RequestTimeoutError(
                 f"no answer from the peer at {self.endpoint} within {timeout} s; is the mesh running there?"
@@ -227,4 +237,4 @@ class MeshClient:
         finally:
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=5.0)

@@ -359,6 +359,7 @@ class Peer:
             self._inbox.extend(self.participant.inflight_restored)
             self.participant.inflight_restored = []
         self._loop_task = asyncio.create_task(self._loop(), name=f"statefun-mesh peer {self.peer_id} dispatch")
+        self._loop_task.add_done_callback(self._loop_ended)
         self.resumed = True
         held, self._held = self._held, []
         for g, src, frame in held:
@@ -391,6 +392,11 @@ class Peer:
             if self.generation == gen:
                 self._replaying = False
                 self._admit.set()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("peer %d: the dispatch loop died; this peer processes nothing more: restart it",
+                         self.peer_id, exc_info=task.exception())  # fmt: skip
 
     def _checkpoint_ack(self, n: int, part: Any, error: str | None) -> None:
         from .snapshot.participant import part_to_dict
@@ -662,7 +668,7 @@ class Peer:
             "invocations": d.invocations if d else 0,
             "failures": d.failures if d else 0,
             "duplicates": d.duplicates if d else 0,
-            "bad_frames": self.bad_frames,
+            "bad_frames": self.bad_frames + getattr(self.transport, "foreign_frames", 0),
             "unavailable_peers": [p for p in range(self.n_peers) if not self._alive[p]],
             "next_timer_ms": self._next_due,
         }
@@ -809,6 +815,10 @@ class Peer:
             log.error("peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
             return
         if kind == codec.CREDIT:
+            if not 0 < items[0] <= self.config.credit_window:
+                self.bad_frames += 1
+                log.error("peer %d: rejected a credit of %d from peer %d", self.peer_id, items[0], src)
+                return
             self._credit[src] += items[0]
             if len(self._out[src]) or self._framed[src]:
                 self._flush_peer(src)
@@ -1002,8 +1012,12 @@ class Peer:
         for reply in out.replies:
             if reply[0] == self.peer_id or self.n_peers == 1:
                 self._resolve(*reply[1:])
-            else:
+            elif 0 <= reply[0] < self.n_peers:
                 self._out_replies[reply[0]].append(list(reply[1:]))
+            else:
+                self.bad_frames += 1
+                log.error("peer %d: dropped a reply for peer %d, which is not in this mesh of %d peers",
+                          self.peer_id, reply[0], self.n_peers)  # fmt: skip
         if not self.checkpointing:
             for typename in out.egress:
                 ev = self._egress_events.get(typename)

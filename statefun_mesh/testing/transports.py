@@ -179,7 +179,8 @@ async def _wait(receivers: Sequence[_Receiver], timeout: float, what: str) -> No
         state = "; ".join(f"peer {r.me}: {r.progress()}" for r in receivers)
         errors = [e for r in receivers for e in r.errors]
         raise AssertionError(
-            f"{what}: not every frame arrived within {timeout} s ({state})" + (f"; first errors: {errors[:5]}" if errors else "")
+            f"{what}: not every frame arrived within {timeout} s ({state})"
+            + (f"; first errors: {errors[:5]}" if errors else "")
         ) from None
 
 
@@ -207,11 +208,11 @@ async def _check_fifo_all_pairs(
     receivers = [_Receiver(i, n, plan) for i in range(n)]
     try:
         # Start them one after the other and send at once: nothing waits for connections.
-        for t, r in zip(transports, receivers):
+        for t, r in zip(transports, receivers, strict=True):
             await asyncio.wait_for(t.start(r), timeout)
         chunk = 50
         for lo in range(0, frames_per_pair, chunk):
-            for (s, d) in plan.sizes:
+            for s, d in plan.sizes:
                 _send_range(transports[s], plan, s, d, lo, lo + chunk)
             await asyncio.sleep(0)  # let receivers run while senders keep sending
         await _wait(receivers, timeout, "FIFO on every channel")
@@ -255,7 +256,7 @@ async def _check_bad_peer_ids(factory: TransportFactory, timeout: float) -> None
     transports = await _make(factory, n)
     receivers = [_Receiver(i, n, None) for i in range(n)]
     try:
-        for t, r in zip(transports, receivers):
+        for t, r in zip(transports, receivers, strict=True):
             await asyncio.wait_for(t.start(r), timeout)
         for t in transports:
             for bad in (t.peer_id, -1, n, n + 7):
@@ -295,7 +296,7 @@ async def _check_close(factory: TransportFactory, timeout: float) -> None:
     transports = await _make(factory, n)
     receivers = [_Receiver(i, n, None) for i in range(n)]
     try:
-        for t, r in zip(transports, receivers):
+        for t, r in zip(transports, receivers, strict=True):
             await asyncio.wait_for(t.start(r), timeout)
         # A round trip 0 -> 1 first, so the channel is surely connected.
         transports[0].send(1, b"\x01\x02hello")
@@ -327,7 +328,9 @@ async def _check_close(factory: TransportFactory, timeout: float) -> None:
         await _wait_raw(receivers[2], 1, timeout, "1 -> 2 after peer 0 closed")
         await _wait_raw(receivers[1], 2 + len(burst), timeout, "2 -> 1 after peer 0 closed")
         if receivers[2].raw != [(1, b"\x01\x02one-to-two")] or receivers[1].raw[-1] != (2, b"\x01\x02two-to-one"):
-            raise AssertionError(f"after peer 0 closed: peer 1 got {receivers[1].raw[-1:]}, peer 2 got {receivers[2].raw}")
+            raise AssertionError(
+                f"after peer 0 closed: peer 1 got {receivers[1].raw[-1:]}, peer 2 got {receivers[2].raw}"
+            )
         if receivers[0].raw:
             raise AssertionError(f"peer 0 received {receivers[0].raw[:3]} although nobody sent to it")
     finally:

@@ -1,0 +1,53 @@
+"""Integration fixtures: real clusters started with ``statefun-mesh run``, always cleaned up."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:  # the clusters import tests.integration.app from the repository root
+    sys.path.insert(0, _ROOT)
+
+from statefun_mesh.mesh import free_ports  # noqa: E402
+from tests.integration.support import Cluster  # noqa: E402
+
+
+@pytest.fixture
+def start_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Cluster]]:
+    """Start clusters of one's own (``start_cluster(transport="ipc", config=..., env=...)``);
+    every one is stopped at teardown, also when the test failed."""
+    started: list[Cluster] = []
+
+    def start(transport: str = "ipc", **kwargs: Any) -> Cluster:
+        workdir = tmp_path_factory.mktemp(f"cluster-{transport}")
+        cluster = Cluster(workdir, transport=transport, port=free_ports(1)[0], **kwargs)
+        started.append(cluster)
+        cluster.wait_up()
+        return cluster
+
+    yield start
+    for c in started:
+        c.stop()
+
+
+@pytest.fixture(scope="session", params=["tcp", "ipc"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A 3-peer cluster shared by the tests that leave it healthy (each uses ids of its own)."""
+    workdir = tmp_path_factory.mktemp(f"shared-{request.param}")
+    c = Cluster(workdir, transport=request.param, port=free_ports(1)[0])
+    try:
+        c.wait_up()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def cluster_endpoint(cluster: Cluster) -> str:
+    """The client endpoint of the shared cluster (peer 0's)."""
+    return cluster.endpoint

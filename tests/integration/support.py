@@ -1,0 +1,272 @@
+"""Helpers of the integration tests: clusters in subprocesses, the CLI, /proc, bounded loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from statefun_mesh import EgressRecord, MeshClient
+from statefun_mesh._speedups import key_group
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "tests.integration.app:functions"
+T = TypeVar("T")
+
+
+# -- placement -------------------------------------------------------------------------------
+
+
+def owner(id: str, peers: int = 3, max_parallelism: int = 1024) -> int:
+    """The peer that owns instance ``id`` (Flink's contiguous key-group ranges)."""
+    return key_group(id, max_parallelism) * peers // max_parallelism
+
+
+def ids_on(peer: int, prefix: str, count: int, peers: int = 3) -> list[str]:
+    """``count`` ids starting with ``prefix`` that live on ``peer``."""
+    out: list[str] = []
+    for i in range(100_000):
+        candidate = f"{prefix}-{i}"
+        if owner(candidate, peers) == peer:
+            out.append(candidate)
+            if len(out) == count:
+                return out
+    raise AssertionError(f"no {count} ids on peer {peer}")
+
+
+# -- bounded loops ---------------------------------------------------------------------------
+
+
+async def gather_bounded(coros: Iterable[Awaitable[T]], limit: int) -> list[T]:
+    """Await every coroutine with at most ``limit`` running at once; results in order."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c: Awaitable[T]) -> T:
+        async with sem:
+            return await c
+
+    return await asyncio.gather(*(one(c) for c in coros))
+
+
+async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float, interval: float = 0.1, what: str) -> T:
+    """Call ``check`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = await check()
+        except Exception as exc:  # e.g. a request timing out while a peer restarts
+            last = exc
+        else:
+            if last:
+                return last  # type: ignore[no-any-return]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not true within {timeout} s (last result: {last!r})")
+        await asyncio.sleep(interval)
+
+
+async def read_egress(
+    client: MeshClient,
+    name: str,
+    *,
+    count: int | None = None,
+    keep: Callable[[EgressRecord], bool] | None = None,
+    idle: float | None = None,
+    timeout: float = 30.0,
+) -> list[EgressRecord]:
+    """Read egress ``name`` from every peer until ``count`` kept records, or ``idle`` quiet seconds.
+
+    With checkpoints on (``statefun-mesh run``'s default) records become readable when the
+    checkpoint that produced them completes, so give ``count`` and no ``idle`` to wait for them.
+    """
+    out: list[EgressRecord] = []
+
+    async def run() -> None:
+        async with contextlib.aclosing(client.egress(name, stop_when_idle=idle)) as records:
+            async for rec in records:
+                if keep is None or keep(rec):
+                    out.append(rec)
+                if count is not None and len(out) >= count:
+                    return
+
+    try:
+        await asyncio.wait_for(run(), timeout)
+    except (asyncio.TimeoutError, TimeoutError):
+        if count is not None and len(out) >= count:
+            # Everything arrived, only closing the reader hung: that is the MeshClient.egress
+            # bug test_client_egress.py pins down; do not fail unrelated tests on it.
+            return out
+        raise AssertionError(f"egress {name}: {len(out)} of {count} records within {timeout} s") from None
+    return out
+
+
+# -- /proc -----------------------------------------------------------------------------------
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def children(pid: int) -> list[int]:
+    """Live children of ``pid`` (a scan of /proc; no psutil)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _ppid(int(entry)) == pid:
+            out.append(int(entry))
+    return out
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """``VmRSS``, ``RssAnon`` and ``RssFile`` of a process, in KiB (empty if it is gone)."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    state = Path(f"/proc/{pid}/stat").read_text()
+    return state[state.rindex(")") + 2] != "Z"
+
+
+# -- clusters --------------------------------------------------------------------------------
+
+
+class Cluster:
+    """``statefun-mesh run`` in a subprocess of its own session; stdout and stderr go to files."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        transport: str,
+        peers: int = 3,
+        port: int,
+        config: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.transport = transport
+        self.peers = peers
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.state_dir = workdir / "state"
+        self.out_path = workdir / "launcher.out"
+        self.log_path = workdir / "launcher.log"
+        cmd = [
+            sys.executable, "-m", "statefun_mesh", "run", APP,
+            "--peers", str(peers), "--transport", transport,
+            "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir),
+        ]  # fmt: skip
+        if config is not None:
+            cfg = workdir / "extra.toml"
+            cfg.write_text(config)
+            cmd += ["--config", str(cfg)]
+        full_env = dict(os.environ)
+        full_env.pop("STATEFUN_MESH_ENDPOINT", None)
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p)
+        full_env.update(env or {})
+        self._seen_peers: dict[int, list[str]] = {}
+        with open(self.out_path, "wb") as out, open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=out, stderr=log, stdin=subprocess.DEVNULL, env=full_env, start_new_session=True
+            )
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_up(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while "is up" not in self.output():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"statefun-mesh run exited with {self.proc.returncode} before it was up:\n{self.log()[-4000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"statefun-mesh run not up within {timeout} s:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+        assert self.endpoint in self.output(), self.output()
+        self.peer_pids()
+
+    def peer_pids(self) -> dict[int, int]:
+        """Peer id -> pid of the launcher's live peer processes (remembered for cleanup)."""
+        out: dict[int, int] = {}
+        for pid in children(self.proc.pid):
+            cmd = _cmdline(pid)
+            if "peer" in cmd and "--id" in cmd:
+                out[int(cmd[cmd.index("--id") + 1])] = pid
+                self._seen_peers[pid] = cmd
+        return out
+
+    def stop(self, grace: float = 25.0) -> None:
+        """SIGTERM the launcher's process group, SIGKILL it if it lingers, then any peer it left behind."""
+        if self.proc.poll() is None:
+            self.peer_pids()
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+        # Peers run in sessions of their own: a launcher killed hard leaves them behind.
+        for pid, cmd in self._seen_peers.items():
+            if alive(pid) and _cmdline(pid) == cmd:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def run_cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m statefun_mesh ARGS`` to completion (killed after ``timeout``)."""
+    full_env = dict(os.environ)
+    full_env.pop("STATEFUN_MESH_ENDPOINT", None)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "statefun_mesh", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
