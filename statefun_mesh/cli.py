@@ -139,11 +139,24 @@ def cmd_peer(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with Peer(config, modules, peer_id=args.id) as peer:
+        peer = Peer(config, modules, peer_id=args.id)
+        starting = asyncio.ensure_future(peer.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped while waiting for the mesh (e.g. its first recovery round)
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await peer.aclose()
+            return
+        stopping.cancel()
+        starting.result()  # a start-up error ends the peer here, with its message
+        try:
             log.info("peer %d ready (client endpoint %s)", args.id,
                      config.client_endpoints[args.id] if config.client_endpoints else "none")  # fmt: skip
             await stop.wait()
             log.info("peer %d stopping: %s", args.id, peer.status())
+        finally:
+            await peer.aclose()
 
     asyncio.run(run())
     return 0

@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "FrameDecodeError",
     "FunctionNotFoundError",
+    "IncompatibleSnapshotError",
     "InvocationError",
     "PeerUnavailableError",
     "RequestTimeoutError",
@@ -148,6 +149,11 @@ class SnapshotAbortedError(SnapshotError):
 
 class SnapshotNotFoundError(SnapshotError, LookupError):
     """The requested checkpoint does not exist."""
+
+
+class IncompatibleSnapshotError(SnapshotError):
+    """A checkpoint cannot be restored by this mesh (another ``max_parallelism``, another
+    number of peers, another format): the peer refuses to start rather than fall back."""
 
 
 class BlobStoreError(StatefunMeshError):

@@ -145,12 +145,14 @@ class Launcher:
                 print(f"statefun-mesh: try `statefun-mesh status --endpoint {self.config.client_endpoints[0]}`; "
                       "Ctrl-C stops the mesh", file=sys.stderr, flush=True)  # fmt: skip
             next_restart = [0.0] * n
+            started_at = [time.monotonic()] * n
             while not stop_signal:
                 time.sleep(0.1)
                 for k, proc in enumerate(self.procs):
                     if proc is None:
                         if time.monotonic() >= next_restart[k] and not stop_signal:
                             self.procs[k] = self._spawn(k)
+                            started_at[k] = time.monotonic()
                             print(f"statefun-mesh: peer {k} restarted (restart #{self.restarts[k]})",
                                   file=sys.stderr, flush=True)  # fmt: skip
                         continue
@@ -162,6 +164,8 @@ class Launcher:
                               file=sys.stderr, flush=True)  # fmt: skip
                         return 2
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    if time.monotonic() - started_at[k] > 60:
+                        self.restarts[k] = 0  # it ran fine for a while: start the backoff afresh
                     delay = RESTART_BACKOFF[min(self.restarts[k], len(RESTART_BACKOFF) - 1)]
                     self.restarts[k] += 1
                     after = ("; the mesh then recovers from its last checkpoint" if self.config.blob_store

@@ -141,15 +141,17 @@ class Peer:
         self._hold_batches = False
         self._held: list[tuple[int, int, bytes]] = []
         self._released: dict[str, int] = {}
-        self._replaying = False
-        self._admit = asyncio.Event()
-        self._admit.set()
         self._ingress_batch: list[tuple[Record, asyncio.Future[None]]] = []
         self._ingress_task: asyncio.Task[None] | None = None
         self._recovery_task: asyncio.Task[None] | None = None
         self._recovery_done = False
         self._next_purge = 0
         self._purge_from = b""
+        #: ingress log offset up to which messages have been routed into the mesh
+        self.ingress_routed = 0
+        #: after a recovery, due timers wait until the replayed messages are processed
+        self._timers_held = False
+        self._replayed_from: set[int] = set()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -339,25 +341,43 @@ class Peer:
         self._fail_requests(
             BrokenTransportError("the mesh is recovering from a failure; the request may not have been applied: retry it")
         )
+        if self._ingress_task is not None and not self._ingress_task.done():
+            # an append in progress ends unrouted (the generation changed); the replay
+            # below must see it in the log
+            await asyncio.wait({self._ingress_task})
         t0 = self.clock.now()
         await self.participant.restore(manifest)
         self.last_recovery_seconds = self.clock.now() - t0
         for typename, ev in self._egress_events.items():
             ev.set()
             self._egress_events[typename] = asyncio.Event()
+        # What was in flight at the cut comes first, then the ingress log from the cut's
+        # position; both are queued before this peer reports READY, so when the mesh
+        # resumes every replayed message is already on its way, ahead of new input.
+        self._inbox.extend(self.participant.inflight_restored)
+        self.participant.inflight_restored = []
+        if self.ingress is not None:
+            self._replay(self.participant.ingress_position)
+        # Behind the replayed messages on every channel: a marker. A peer fires no timer
+        # after a recovery until it has the marker from every other peer and has processed
+        # what came before it, so a replayed cancellation is never overtaken by its timer.
+        self._replayed_from = set()
+        marker = codec.encode_control(codec.REPLAYED, gen)
+        for p in range(self.n_peers):
+            if p != self.peer_id:
+                self._seal(p)
+                self._frames[p].append((0, marker))
+        self._flush_all()
 
     def _resume(self, gen: int) -> None:
-        """Start processing in generation ``gen``: restored in-flight messages, then the
-        ingress log from the restored position, then new input."""
+        """Start processing in generation ``gen`` (what :meth:`_recover` queued first)."""
         if self.generation != gen or self._closing:
             return
         if self._loop_task is not None and not self._loop_task.done():
             return
         assert self.backend is not None
         self._next_due = self.backend.next_timer_due()
-        if self.participant is not None:
-            self._inbox.extend(self.participant.inflight_restored)
-            self.participant.inflight_restored = []
+        self._timers_held = self.checkpointing
         self._loop_task = asyncio.create_task(self._loop(), name=f"statefun-mesh peer {self.peer_id} dispatch")
         self._loop_task.add_done_callback(self._loop_ended)
         self.resumed = True
@@ -365,33 +385,24 @@ class Peer:
         for g, src, frame in held:
             if g == gen:
                 self._on_channel_frame(src, frame)
-        if self.ingress is not None and self.participant is not None:
-            self._replaying = True
-            self._tasks.append(asyncio.create_task(self._replay(gen, self.participant.ingress_position)))
         self._resumed_event.set()
         self._wake.set()
+        self._flush_all()
         log.info("peer %d processing (generation %d)", self.peer_id, gen)
 
-    async def _replay(self, gen: int, position: int) -> None:
+    def _replay(self, position: int) -> None:
         assert self.ingress is not None
         replayed = 0
-        try:
-            while self.generation == gen and not self._closing:
-                entries = self.ingress.read(position, 1000)
-                if not entries:
-                    break
-                self._route([tuple(rec) for _, rec in entries], from_client=True)  # type: ignore[misc]
-                replayed += len(entries)
-                position = entries[-1][0] + 1
-                while self.pressure() >= self.config.inbox_limit and self.generation == gen and not self._closing:
-                    self._space.clear()
-                    await self._space.wait()
-            if replayed:
-                log.info("peer %d replayed %d ingress messages", self.peer_id, replayed)
-        finally:
-            if self.generation == gen:
-                self._replaying = False
-                self._admit.set()
+        while True:
+            entries = self.ingress.read(position, 1000)
+            if not entries:
+                break
+            self._route([tuple(rec) for _, rec in entries])  # type: ignore[misc]
+            replayed += len(entries)
+            position = entries[-1][0] + 1
+        self.ingress_routed = self.ingress.next_offset
+        if replayed:
+            log.info("peer %d: replaying %d messages from its ingress log", self.peer_id, replayed)
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -458,22 +469,11 @@ class Peer:
         is in the ingress log (it will be applied, after any crash); requests are not
         logged (their caller waits for the answer and retries on failure).
         """
-        limit = self.config.inbox_limit
-        while True:
-            if self._closing:
-                raise ClosedTransportError("the peer is closing")
-            if not self.resumed:
-                await self._resumed_event.wait()
-                continue
-            if self._replaying:
-                self._admit.clear()
-                await self._admit.wait()
-                continue
-            if self.pressure() >= limit:
-                self._space.clear()
-                await self._space.wait()
-                continue
-            break
+        await self.admit()
+        await self.accept(rec, durable=durable)
+
+    async def accept(self, rec: Record, *, durable: bool = True) -> None:
+        """Log (when ``durable`` and checkpoints are on) and route an admitted message."""
         if durable and self.ingress is not None:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._ingress_batch.append((rec, fut))
@@ -482,6 +482,21 @@ class Peer:
             await fut
             return
         self._route([rec], from_client=True)
+
+    async def admit(self) -> None:
+        """Wait until this peer admits client messages (running, and under ``inbox_limit``)."""
+        limit = self.config.inbox_limit
+        while True:
+            if self._closing:
+                raise ClosedTransportError("the peer is closing")
+            if not self.resumed:
+                await self._resumed_event.wait()
+                continue
+            if self.pressure() >= limit:
+                self._space.clear()
+                await self._space.wait()
+                continue
+            break
 
     async def _ingress_writer(self) -> None:
         # Group commit: every message admitted while one append is in flight goes into
@@ -500,6 +515,8 @@ class Peer:
                 continue
             if self.generation == gen and self.resumed:
                 self._route(records, from_client=True)
+                # only now are these messages in the mesh: a snapshot cut from here on covers them
+                self.ingress_routed = self.ingress.next_offset
             # else a recovery began meanwhile: its replay of the log delivers them
             for _, fut in batch:
                 if not fut.done():
@@ -650,7 +667,7 @@ class Peer:
             not self._inbox
             and self._idle.is_set()
             and not any(len(e) for e in self._out)
-            and not any(self._framed)
+            and not any(self._frames)
             and not self._timer_due(self._now_ms())
         )
 
@@ -752,7 +769,7 @@ class Peer:
         for p in range(self.n_peers):
             if p == self.peer_id:
                 continue
-            if len(self._out[p]) or self._framed[p]:
+            if len(self._out[p]) or self._frames[p]:
                 self._flush_peer(p)
             replies = self._out_replies[p]
             if replies:
@@ -786,7 +803,7 @@ class Peer:
             return
         kind = body[1]
         self._last_heard[src] = self.clock.now()
-        if kind in (codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME):
+        if kind in (codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME, codec.RESTORE_FAILED):
             self._on_channel_frame(src, body, gen)
             return
         if gen < self.generation:
@@ -820,7 +837,7 @@ class Peer:
                 log.error("peer %d: rejected a credit of %d from peer %d", self.peer_id, items[0], src)
                 return
             self._credit[src] += items[0]
-            if len(self._out[src]) or self._framed[src]:
+            if len(self._out[src]) or self._frames[src]:
                 self._flush_peer(src)
             self._check_space()
         elif kind == codec.HEARTBEAT:
@@ -857,6 +874,13 @@ class Peer:
         elif kind == codec.READY:
             if self.coordinator is not None:
                 self.coordinator.on_ready(src, items[0])
+        elif kind == codec.REPLAYED:
+            if items[0] == self.generation:
+                self._replayed_from.add(src)
+                self._wake.set()
+        elif kind == codec.RESTORE_FAILED:
+            if self.coordinator is not None:
+                self.coordinator.on_restore_failed(src, items[0], items[1], items[2])
         elif kind == codec.RESUME:
             if src == 0 and items[0] == self.generation and self._recovery_done:
                 self._resume(items[0])
@@ -879,8 +903,10 @@ class Peer:
             await self._recover(gen, manifest)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("peer %d: recovery round %d failed; waiting for the coordinator to retry", self.peer_id, gen)
+        except Exception as exc:
+            log.error("peer %d: cannot restore checkpoint %d in recovery round %d: %s; asking the coordinator "
+                      "to fall back to an earlier checkpoint", self.peer_id, n, gen, exc)  # fmt: skip
+            self._send(0, codec.encode_control(codec.RESTORE_FAILED, gen, n, str(exc)[:500]), generation=gen)
             return
         if self.generation == gen:
             self._recovery_done = True
@@ -901,7 +927,7 @@ class Peer:
                 log.warning("peer %d: peer %d restarted", self.peer_id, src)
                 if self.coordinator is not None:
                     self.coordinator.request_recovery(f"peer {src} restarted")
-            if len(self._out[src]) or self._framed[src]:
+            if len(self._out[src]) or self._frames[src]:
                 self._flush_peer(src)
         if not self._alive[src]:
             self._alive[src] = True
@@ -935,7 +961,7 @@ class Peer:
         return int(self.clock.now() * 1000)
 
     def _timer_due(self, now_ms: int) -> bool:
-        return self._next_due is not None and self._next_due <= now_ms
+        return self._next_due is not None and self._next_due <= now_ms and not self._timers_held
 
     async def _loop(self) -> None:
         assert self.backend is not None and self.dispatcher is not None
@@ -949,6 +975,8 @@ class Peer:
             if participant is not None and participant.pending is not None:
                 participant.take_snapshot()  # a barrier waited for the batch boundary
             now_ms = self._now_ms()
+            if self._timers_held and not inbox and len(self._replayed_from) >= self.n_peers - 1:
+                self._timers_held = False  # every replayed message is processed: timers may fire
             if not inbox and not self._timer_due(now_ms):
                 self._flush_all()
                 self._grant_credits()
@@ -1059,6 +1087,8 @@ _PEER_KINDS = frozenset(
         codec.RECOVER,
         codec.READY,
         codec.RESUME,
+        codec.RESTORE_FAILED,
+        codec.REPLAYED,
     }
 )
 _GEN = struct.Struct(">I")

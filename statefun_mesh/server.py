@@ -126,9 +126,10 @@ class ClientServer:
                     _, typename, id, vt, value, idem = items
                     self._check_target(typename, id, vt)
                     # Awaiting admission here is the backpressure: while this peer is over
-                    # its inbox limit it stops reading client frames.
-                    await peer.submit((typename, id, "", idem, vt, value, 0, 0))
-                    self._reply(ident, codec.R_ACK, corr)
+                    # its inbox limit it stops reading client frames. Logging and the
+                    # acknowledgement run apart, so sends that arrive meanwhile share an fsync.
+                    await peer.admit()
+                    self._spawn(self._accept(ident, corr, (typename, id, "", idem, vt, value, 0, 0)))
                 elif kind == codec.C_REQUEST:
                     _, typename, id, vt, value, timeout = items
                     self._check_target(typename, id, vt)
@@ -165,6 +166,14 @@ class ClientServer:
             "functions": sorted(peer.table),
             "status": peer.status(),
         }
+
+    async def _accept(self, ident: bytes, corr: int, rec: Any) -> None:
+        try:
+            await self.peer.accept(rec)
+        except StatefunMeshError as exc:
+            self._error(ident, corr, exc)
+            return
+        self._reply(ident, codec.R_ACK, corr)
 
     async def _request(
         self, ident: bytes, corr: int, typename: str, id: str, vt: str, value: bytes, timeout: float

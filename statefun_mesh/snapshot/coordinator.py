@@ -17,7 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BlobStoreError, SnapshotError
+from ..errors import BlobStoreError, IncompatibleSnapshotError, SnapshotError
 from ..transport import codec
 from .format import Manifest, PeerPart, manifest_name, parse_manifest_name
 from .participant import part_to_dict
@@ -39,13 +39,15 @@ async def list_checkpoints(blobs: BlobStore) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-async def latest_manifest(blobs: BlobStore) -> Manifest | None:
+async def latest_manifest(blobs: BlobStore, exclude: set[int] | frozenset[int] = frozenset()) -> Manifest | None:
     """The newest checkpoint whose manifest parses and whose objects exist, or ``None``.
 
     A manifest that does not parse, or that names a missing object, is skipped with an
     error in the log: a partial or corrupted checkpoint is never restored.
     """
     for n in reversed(await list_checkpoints(blobs)):
+        if n in exclude:
+            continue
         name = manifest_name(n)
         try:
             m = Manifest.from_json(await blobs.get(name), name=name)
@@ -78,6 +80,8 @@ class Coordinator:
         self._recovering: asyncio.Task[None] | None = None
         self._ready_event = asyncio.Event()
         self._publishing: set[asyncio.Task[None]] = set()
+        #: checkpoints a peer could not restore (a corrupted object): never tried again
+        self.unrestorable: set[int] = set()
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -90,13 +94,27 @@ class Coordinator:
             self.generation = 0
         self.manifests = await list_checkpoints(self.blobs)
         self.next_id = (self.manifests[-1] + 1) if self.manifests else 1
-        await self.recover("the coordinator started")
+        self.request_recovery("the coordinator started")
+        while self._recovering is not None and not self._recovering.done():
+            await asyncio.wait({self._recovering})  # a round may be superseded by another
+        if self._recovering is not None and not self._recovering.cancelled() and self._recovering.exception():
+            raise self._recovering.exception()  # type: ignore[misc]  # e.g. an incompatible checkpoint
         self._task = asyncio.create_task(self._tick(), name="statefun-mesh checkpoint coordinator")
 
     def request_recovery(self, reason: str) -> None:
-        """Start a recovery round soon (e.g. a peer restarted)."""
-        if self._recovering is None or self._recovering.done():
-            self._recovering = asyncio.create_task(self.recover(reason), name="statefun-mesh recovery")
+        """Start a recovery round (e.g. a peer restarted). A round in progress is abandoned:
+        the peer that restarted during it may have reported READY in its former life."""
+        old = self._recovering
+        if old is not None and not old.done():
+            self.generation += 1  # the round in progress sees this and gives up
+            self._ready_event.set()
+
+        async def run() -> None:
+            if old is not None and not old.done():
+                await asyncio.wait({old})
+            await self.recover(reason)
+
+        self._recovering = asyncio.create_task(run(), name="statefun-mesh recovery")
 
     async def recover(self, reason: str) -> None:
         peer = self.peer
@@ -107,7 +125,7 @@ class Coordinator:
         self.acks = {}
         t0 = time.monotonic()
         await self.blobs.put(GENERATION_BLOB, str(gen).encode())
-        manifest = await latest_manifest(self.blobs)
+        manifest = await latest_manifest(self.blobs, self.unrestorable)
         self.last_complete = manifest
         if manifest is not None:
             self.next_id = max(self.next_id, manifest.checkpoint + 1)
@@ -117,7 +135,22 @@ class Coordinator:
         self.ready = set()
         self._ready_event = asyncio.Event()
         frame = codec.encode_control(codec.RECOVER, gen, n)
-        await peer._recover(gen, manifest)
+        try:
+            await peer._recover(gen, manifest)
+        except IncompatibleSnapshotError:
+            raise
+        except SnapshotError as exc:
+            if manifest is None:
+                raise
+            log.error("recovery round %d: peer 0 cannot restore checkpoint %d: %s; falling back to an earlier one",
+                      gen, n, exc)  # fmt: skip
+            self.unrestorable.add(n)
+            if self.generation == gen:
+                self.generation += 1
+                self._ready_event.set()
+                # run the next round from here (this coroutine is the current round's task)
+                await self.recover(f"checkpoint {n} is unreadable on peer 0")
+            return
         self.on_ready(peer.peer_id, gen)
         while not self._ready_event.is_set():
             for p in range(peer.n_peers):
@@ -138,6 +171,15 @@ class Coordinator:
                 peer._send(p, resume, generation=gen)
         peer._resume(gen)
         log.warning("recovery round %d done in %.2f s", gen, time.monotonic() - t0)
+
+    def on_restore_failed(self, src: int, gen: int, n: int, reason: str) -> None:
+        """Peer ``src`` could not restore checkpoint ``n``: never use it again; start over."""
+        if gen != self.generation or n < 0:
+            return
+        log.error("recovery round %d: peer %d cannot restore checkpoint %d (%s); falling back to an earlier one",
+                  gen, src, n, reason)  # fmt: skip
+        self.unrestorable.add(n)
+        self.request_recovery(f"checkpoint {n} is unreadable on peer {src}")
 
     def on_ready(self, src: int, gen: int) -> None:
         if gen != self.generation:

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BlobNotFoundError, BlobStoreError, SnapshotError
+from ..errors import BlobNotFoundError, BlobStoreError, IncompatibleSnapshotError, SnapshotError
 from ..transport import codec
 from .format import Manifest, ObjectRef, PeerPart, decode_object, encode_object, object_name
 
@@ -134,7 +134,9 @@ class Participant:
         for p in others:
             peer._flush_peer(p, force=True)
             peer._send(p, barrier)
-        ingress_pos = peer.ingress.next_offset if peer.ingress is not None else 0
+        # the log position of the last message routed into the mesh (one still being
+        # appended, not yet routed, is not covered: recovery replays it)
+        ingress_pos = peer.ingress_routed if peer.ingress is not None else 0
         self.snap = _Snap(n, txn, changes, inbox, ingress_pos, others - self.pending_srcs, peer.n_peers)
         self.pending_srcs = set()
         peer._release_held()
@@ -302,12 +304,12 @@ class Participant:
         cfg = peer.config
         if manifest is not None:
             if manifest.max_parallelism != cfg.max_parallelism:
-                raise SnapshotError(
+                raise IncompatibleSnapshotError(
                     f"checkpoint {manifest.checkpoint} was taken with max_parallelism {manifest.max_parallelism}, "
                     f"this mesh has {cfg.max_parallelism}; max_parallelism is fixed for the life of the application"
                 )
             if manifest.peers != peer.n_peers:
-                raise SnapshotError(
+                raise IncompatibleSnapshotError(
                     f"checkpoint {manifest.checkpoint} was taken on {manifest.peers} peers and this mesh has "
                     f"{peer.n_peers}; restoring onto another number of peers is not supported yet"
                 )

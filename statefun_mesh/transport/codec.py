@@ -10,7 +10,8 @@ Peer ↔ peer kinds: ``BATCH``, ``CREDIT [n]``, ``HEARTBEAT [peer, incarnation]`
 ``REPLIES [[request_id, status, kind, value, replier_type, replier_id], ...]``, and for
 checkpoints ``BARRIER [n]``, ``CK_ACK [n, part, error]``, ``CK_DONE [n]``,
 ``CK_ABORT [n]``, ``RECOVER [generation, n]``, ``READY [generation]``,
-``RESUME [generation]``. Between peers every frame is preceded by the sender's
+``RESUME [generation]``, ``RESTORE_FAILED [generation, n, reason]``, ``REPLAYED [generation]`` (sent on
+every channel after the messages a peer replayed in a recovery round). Between peers every frame is preceded by the sender's
 generation (u32, big-endian); see ``snapshot/coordinator.py``.
 
 Client → peer: ``C_SEND [corr, typename, id, value_typename, value, idempotency_key]``,
@@ -40,6 +41,8 @@ __all__ = [
     "READY",
     "RECOVER",
     "RESUME",
+    "RESTORE_FAILED",
+    "REPLAYED",
     "C_FETCH",
     "C_INFO",
     "C_REQUEST",
@@ -68,6 +71,8 @@ CK_ABORT: Final = 0x08
 RECOVER: Final = 0x09
 READY: Final = 0x0A
 RESUME: Final = 0x0B
+RESTORE_FAILED: Final = 0x0C
+REPLAYED: Final = 0x0D
 C_SEND: Final = 0x10
 C_REQUEST: Final = 0x11
 C_FETCH: Final = 0x12
@@ -93,6 +98,8 @@ _SHAPES: Final[dict[int, tuple[str, tuple[Any, ...]]]] = {
     RECOVER: ("RECOVER", (_I, _I)),
     READY: ("READY", (_I,)),
     RESUME: ("RESUME", (_I,)),
+    RESTORE_FAILED: ("RESTORE_FAILED", (_I, _I, _S)),
+    REPLAYED: ("REPLAYED", (_I,)),
     C_SEND: ("SEND", (_I, _S, _S, _S, _B, _S)),
     C_REQUEST: ("REQUEST", (_I, _S, _S, _S, _B, (int, float))),
     C_FETCH: ("FETCH", (_I, _S, (int, str), _I, _I)),
