@@ -35,6 +35,7 @@ from .valuetypes import Type as Type
 from .valuetypes import TypeSerializer as TypeSerializer
 from .valuetypes import make_json_type as make_json_type
 from .valuetypes import make_msgpack_type as make_msgpack_type
+from .valuetypes import make_protobuf_type as make_protobuf_type
 from .valuetypes import simple_type as simple_type
 
 __version__ = "0.1.0"
@@ -71,6 +72,7 @@ __all__ = [
     "egress_message_builder",
     "make_json_type",
     "make_msgpack_type",
+    "make_protobuf_type",
     "message_builder",
     "simple_type",
     *_errors_all,
