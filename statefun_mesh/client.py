@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import sys
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -161,10 +162,25 @@ class MeshClient:
         """
         if type(message) is not Message:
             raise TypeError(f"expected a Message (use message_builder), got {type(message).__name__}")
-        await self._conn().call(
-            codec.C_SEND, message.target_typename, message.target_id, message._vt, message._v,
-            idempotency_key or "", timeout=self.timeout,
-        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        pause = 0.01
+        while True:
+            try:
+                await self._conn().call(
+                    codec.C_SEND, message.target_typename, message.target_id, message._vt, message._v,
+                    idempotency_key or "", timeout=max(deadline - loop.time(), 0.001),
+                )  # fmt: skip
+                return
+            except errors.MeshBusyError as exc:
+                # refused, not accepted: sending it again cannot apply it twice
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise errors.RequestTimeoutError(
+                        f"the peer at {self.endpoint} stayed too busy to accept a message for {self.timeout} s: {exc}"
+                    ) from None
+                await asyncio.sleep(min(pause * (0.5 + random.random()), left))
+                pause = min(pause * 2, 0.5)
 
     async def request(self, message: Message, timeout: float = 10.0) -> Message:
         """Send ``message`` and return the function's ``context.reply`` as a :class:`Message`.

@@ -118,6 +118,9 @@ class MeshConfig:
             raise bad("state_dir", "a directory path")
         for name in ("functions", "endpoints", "client_endpoints"):
             value = getattr(self, name)
+            if isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(self, name, value)
             if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
                 raise bad(name, "a list of strings")
         for ref in self.functions:

@@ -22,6 +22,7 @@ __all__ = [
     "FunctionNotFoundError",
     "IncompatibleSnapshotError",
     "InvocationError",
+    "MeshBusyError",
     "PeerUnavailableError",
     "RequestTimeoutError",
     "SnapshotAbortedError",
@@ -101,6 +102,12 @@ class InvocationError(StatefunMeshError):
 
 class RequestTimeoutError(StatefunMeshError, TimeoutError):
     """A request got no reply in time (the target function never called ``context.reply``)."""
+
+
+class MeshBusyError(StatefunMeshError):
+    """A peer has more client messages waiting for admission than it will hold; nothing
+    was accepted. :class:`~statefun_mesh.client.MeshClient` retries these with backoff
+    within its timeout; other clients should retry too."""
 
 
 class FrameDecodeError(StatefunMeshError, ValueError):

@@ -143,6 +143,7 @@ class Peer:
         self._released: dict[str, int] = {}
         self._ingress_batch: list[tuple[Record, asyncio.Future[None]]] = []
         self._ingress_task: asyncio.Task[None] | None = None
+        self._ingress_writing = 0  # messages in the ingress append under way
         self._recovery_task: asyncio.Task[None] | None = None
         self._recovery_done = False
         self._next_purge = 0
@@ -459,7 +460,10 @@ class Peer:
 
     def pressure(self) -> int:
         """Messages queued here: the local inbox plus what waits to go to other peers."""
-        return len(self._inbox) + sum(len(e) for e in self._out) + sum(self._framed)
+        return (
+            len(self._inbox) + sum(len(e) for e in self._out) + sum(self._framed)
+            + len(self._ingress_batch) + self._ingress_writing
+        )  # fmt: skip
 
     async def submit(self, rec: Record, *, durable: bool = True) -> None:
         """Admit one message from a client.
@@ -474,14 +478,28 @@ class Peer:
 
     async def accept(self, rec: Record, *, durable: bool = True) -> None:
         """Log (when ``durable`` and checkpoints are on) and route an admitted message."""
+        fut = self.accept_nowait(rec, durable=durable)
+        if fut is not None:
+            await fut
+
+    def accept_nowait(self, rec: Record, *, durable: bool = True) -> asyncio.Future[None] | None:
+        """Take an admitted message in now (it counts in :meth:`pressure` at once).
+
+        Returns ``None`` when the message is routed already, else a future that is done
+        once it is in the ingress log (and routed), or fails if it could not be logged.
+        """
         if durable and self.ingress is not None:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._ingress_batch.append((rec, fut))
             if self._ingress_task is None or self._ingress_task.done():
                 self._ingress_task = asyncio.create_task(self._ingress_writer())
-            await fut
-            return
+            return fut
         self._route([rec], from_client=True)
+        return None
+
+    def admits(self) -> bool:
+        """Whether :meth:`admit` would return at once."""
+        return self.resumed and not self._closing and self.pressure() < self.config.inbox_limit
 
     async def admit(self) -> None:
         """Wait until this peer admits client messages (running, and under ``inbox_limit``)."""
@@ -505,19 +523,24 @@ class Peer:
             batch, self._ingress_batch = self._ingress_batch, []
             gen = self.generation
             records = [r for r, _ in batch]
+            self._ingress_writing = len(records)
             try:
                 await asyncio.to_thread(self.ingress.append, records)
             except StatefunMeshError as exc:
+                self._ingress_writing = 0
+                self._check_space()
                 log.error("peer %d: could not log %d client messages: %s", self.peer_id, len(records), exc)
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            self._ingress_writing = 0
             if self.generation == gen and self.resumed:
                 self._route(records, from_client=True)
                 # only now are these messages in the mesh: a snapshot cut from here on covers them
                 self.ingress_routed = self.ingress.next_offset
-            # else a recovery began meanwhile: its replay of the log delivers them
+            else:
+                self._check_space()  # a recovery began meanwhile: its replay of the log delivers them
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
@@ -755,12 +778,18 @@ class Peer:
             return
         self._seal(p)
         frames = self._frames[p]
+        sent = False
         while frames and (self._credit[p] > 0 or force):
             n, frame = frames.popleft()
             self._framed[p] -= n
             self._credit[p] -= n
             self.sent_records[p] += n
             self._send(p, frame)
+            sent = True
+        if sent:
+            # what left frees admission: wake clients waiting in admit(), wherever this
+            # flush came from (the loop, a credit, a timer, the idle path)
+            self._check_space()
 
     def _flush_all(self) -> None:
         self._flush_handle = None
@@ -832,9 +861,14 @@ class Peer:
             log.error("peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
             return
         if kind == codec.CREDIT:
-            if not 0 < items[0] <= self.config.credit_window:
+            # A grant returns records this peer sent and the other has since taken in:
+            # never more than are outstanding. (That can exceed the window: whole frames
+            # go while credit > 0, and a checkpoint barrier forces out what is queued.)
+            outstanding = self.config.credit_window - self._credit[src]
+            if not 0 < items[0] <= outstanding:
                 self.bad_frames += 1
-                log.error("peer %d: rejected a credit of %d from peer %d", self.peer_id, items[0], src)
+                log.error("peer %d: rejected a credit of %d from peer %d, which has only %d records of "
+                          "this peer's outstanding", self.peer_id, items[0], src, outstanding)  # fmt: skip
                 return
             self._credit[src] += items[0]
             if len(self._out[src]) or self._frames[src]:
@@ -921,9 +955,11 @@ class Peer:
         if inc != self._incarnations[src]:
             restarted = bool(self._incarnations[src])
             self._incarnations[src] = inc
-            self._credit[src] = self.config.credit_window
-            self._owed[src] = 0
             if restarted:
+                # what the old process had not granted back is gone with it; on first
+                # contact, by contrast, what was already sent is owed by this very process
+                self._credit[src] = self.config.credit_window
+                self._owed[src] = 0
                 log.warning("peer %d: peer %d restarted", self.peer_id, src)
                 if self.coordinator is not None:
                     self.coordinator.request_recovery(f"peer {src} restarted")

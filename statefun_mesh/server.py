@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any, Final
 
 import zmq
@@ -14,6 +15,7 @@ from .errors import (
     FrameDecodeError,
     FunctionNotFoundError,
     InvocationError,
+    MeshBusyError,
     StatefunMeshError,
     TransportError,
     TypeNameError,
@@ -28,6 +30,9 @@ log = logging.getLogger("statefun_mesh.server")
 _CLIENT_KINDS: Final = frozenset({codec.C_SEND, codec.C_REQUEST, codec.C_FETCH, codec.C_INFO})
 MAX_FETCH: Final = 10_000
 MAX_WAIT_MS: Final = 60_000
+#: client sends a peer holds while it admits none (beyond them: MeshBusyError, retried)
+MAX_PARKED: Final = 10_000
+MAX_PARKED_BYTES: Final = 64 << 20
 
 
 def error_args(exc: BaseException) -> list[Any]:
@@ -55,7 +60,13 @@ class ClientServer:
         self._sock: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._jobs: set[asyncio.Task[None]] = set()
+        # sends waiting for admission, in arrival order; the loop keeps reading meanwhile,
+        # so info, fetches and requests are answered while the peer is over its limits
+        self._parked: deque[tuple[bytes, int, Any, int]] = deque()
+        self._parked_bytes = 0
+        self._admitter: asyncio.Task[None] | None = None
         self.bad_frames = 0
+        self.busy = 0
 
     async def start(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -74,6 +85,8 @@ class ClientServer:
         self._task = asyncio.create_task(self._serve(), name=f"statefun-mesh peer {self.peer.peer_id} clients")
 
     async def aclose(self) -> None:
+        if self._admitter is not None:
+            self._admitter.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -125,11 +138,11 @@ class ClientServer:
                 if kind == codec.C_SEND:
                     _, typename, id, vt, value, idem = items
                     self._check_target(typename, id, vt)
-                    # Awaiting admission here is the backpressure: while this peer is over
-                    # its inbox limit it stops reading client frames. Logging and the
-                    # acknowledgement run apart, so sends that arrive meanwhile share an fsync.
-                    await peer.admit()
-                    self._spawn(self._accept(ident, corr, (typename, id, "", idem, vt, value, 0, 0)))
+                    rec = (typename, id, "", idem, vt, value, 0, 0)
+                    if not self._parked and peer.admits():
+                        self._accept(ident, corr, rec)
+                    else:
+                        self._park(ident, corr, rec, len(frame))
                 elif kind == codec.C_REQUEST:
                     _, typename, id, vt, value, timeout = items
                     self._check_target(typename, id, vt)
@@ -146,6 +159,38 @@ class ClientServer:
                 self._error(ident, corr, exc)
             except (ValueError, TypeError) as exc:
                 self._error(ident, corr, exc)
+
+    def _park(self, ident: bytes, corr: int, rec: Any, size: int) -> None:
+        # Backpressure: the client's acknowledgement waits until the peer admits the
+        # message. Past the parking limits the send is refused (not accepted, so a retry
+        # cannot apply it twice) rather than blocking this loop.
+        if len(self._parked) >= MAX_PARKED or self._parked_bytes + size > MAX_PARKED_BYTES:
+            self.busy += 1
+            self._error(ident, corr, MeshBusyError(
+                f"peer {self.peer.peer_id} is over its inbox_limit and holds {len(self._parked)} more client "
+                "messages waiting for admission; retry later (MeshClient does, within its timeout)"
+            ))  # fmt: skip
+            return
+        self._parked.append((ident, corr, rec, size))
+        self._parked_bytes += size
+        if self._admitter is None or self._admitter.done():
+            self._admitter = asyncio.create_task(self._admit_parked())
+
+    async def _admit_parked(self) -> None:
+        parked = self._parked
+        while parked:
+            try:
+                await self.peer.admit()
+            except StatefunMeshError as exc:
+                while parked:
+                    ident, corr, _, size = parked.popleft()
+                    self._parked_bytes -= size
+                    self._error(ident, corr, exc)
+                return
+            while parked and self.peer.admits():
+                ident, corr, rec, size = parked.popleft()
+                self._parked_bytes -= size
+                self._accept(ident, corr, rec)
 
     def _check_target(self, typename: str, id: str, vt: str) -> None:
         parse_typename(typename)
@@ -164,16 +209,32 @@ class ClientServer:
             "max_parallelism": peer.config.max_parallelism,
             "client_endpoints": self.client_endpoints,
             "functions": sorted(peer.table),
-            "status": peer.status(),
+            "status": {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy},
         }
 
-    async def _accept(self, ident: bytes, corr: int, rec: Any) -> None:
+    def _accept(self, ident: bytes, corr: int, rec: Any) -> None:
+        # Taken in at once (so it counts against the inbox limit before the next frame
+        # is read); acknowledged when logged. Logging runs apart from this loop, so the
+        # sends that arrive meanwhile share one fsync.
         try:
-            await self.peer.accept(rec)
+            fut = self.peer.accept_nowait(rec)
         except StatefunMeshError as exc:
             self._error(ident, corr, exc)
             return
-        self._reply(ident, codec.R_ACK, corr)
+        if fut is None:
+            self._reply(ident, codec.R_ACK, corr)
+        else:
+            fut.add_done_callback(lambda f: self._logged(ident, corr, f))
+
+    def _logged(self, ident: bytes, corr: int, fut: asyncio.Future[None]) -> None:
+        if self._sock is None or self._sock.closed:
+            return
+        if fut.cancelled():
+            self._error(ident, corr, TransportError("the peer closed before the message was logged"))
+        elif fut.exception() is not None:
+            self._error(ident, corr, fut.exception())  # type: ignore[arg-type]
+        else:
+            self._reply(ident, codec.R_ACK, corr)
 
     async def _request(
         self, ident: bytes, corr: int, typename: str, id: str, vt: str, value: bytes, timeout: float

@@ -1,0 +1,122 @@
+"""Credit-based flow control between peers, and admission of client messages.
+
+Regression for a credit leak: a peer sends whole frames while its credit is positive,
+so it can have more records outstanding than the credit window; the receiver then owes
+(and grants) more than one window, and a sender that refused such a grant lost that
+credit for good and stalled until a checkpoint forced its frames out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from statefun_mesh import IntType, LocalMesh, StatefulFunctions, ValueSpec, message_builder
+from statefun_mesh._speedups import key_group
+from statefun_mesh.transport import codec
+
+pytestmark = pytest.mark.timeout(60)
+
+MAX_PARALLELISM = 128
+
+
+def app() -> StatefulFunctions:
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="fc/counter", specs=[ValueSpec(name="count", type=IntType)])
+    def counter(context, message):
+        context.storage.count = (context.storage.count or 0) + message.as_int()
+        if context.in_request:
+            context.reply(int_value=context.storage.count)
+
+    return functions
+
+
+def ids_on(peer: int, peers: int, count: int, prefix: str) -> list[str]:
+    out = [f"{prefix}-{i}" for i in range(count * peers * 8)]
+    return [k for k in out if key_group(k, MAX_PARALLELISM) * peers // MAX_PARALLELISM == peer][:count]
+
+
+@pytest.mark.parametrize("transport", ["memory", "inproc"])
+async def test_frames_larger_than_the_credit_window_keep_flowing(tmp_path: Path, transport: str) -> None:
+    # Frames of up to 64 records against a window of 10: every frame overdraws the
+    # sender's credit, and every grant exceeds the window.
+    settings = dict(
+        credit_window=10, max_frame_records=64, inbox_limit=50, max_batch=16, max_parallelism=MAX_PARALLELISM
+    )
+    keys = ids_on(1, 2, 20, "fc")
+    assert len(keys) == 20
+    n = 2000
+    async with LocalMesh(app(), state_dir=tmp_path, peers=2, transport=transport, **settings) as mesh:
+        entry = mesh.peers[0]  # every target lives on peer 1: everything crosses the channel
+        for i in range(n):
+            await entry.send(message_builder(target_typename="fc/counter", target_id=keys[i % len(keys)], int_value=1))
+        await asyncio.wait_for(mesh.idle(), 30)
+        counts = [
+            (await mesh.request(message_builder(target_typename="fc/counter", target_id=k, int_value=0))).as_int()
+            for k in keys
+        ]
+        status = mesh.status()
+    assert counts == [n // len(keys)] * len(keys)
+    assert [s["bad_frames"] for s in status] == [0, 0], status
+    # every record came back as credit: nothing is left outstanding
+    assert status[0]["credit"][1] == 10, status
+
+
+async def test_a_grant_beyond_what_is_outstanding_is_refused(tmp_path: Path) -> None:
+    async with LocalMesh(app(), state_dir=tmp_path, peers=2, credit_window=10, max_parallelism=MAX_PARALLELISM) as mesh:
+        peer = mesh.peers[0]
+        peer._on_channel_frame(1, codec.encode_control(codec.CREDIT, 5))  # nothing is outstanding
+        assert peer.status()["credit"][1] == 10
+        assert peer.status()["bad_frames"] == 1
+
+
+def slow_app() -> StatefulFunctions:
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="fc/slow", specs=[ValueSpec(name="count", type=IntType)])
+    async def slow(context, message):
+        await asyncio.sleep(0.002)  # yields: the peer's client endpoint stays served meanwhile
+        context.storage.count = (context.storage.count or 0) + message.as_int()
+        if context.in_request:
+            context.reply(int_value=context.storage.count)
+
+    return functions
+
+
+async def test_an_overloaded_peer_answers_info_and_refuses_sends_past_its_parking_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from statefun_mesh import MeshClient, server
+    from statefun_mesh.mesh import free_ports
+
+    monkeypatch.setattr(server, "MAX_PARKED", 20)
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    n = 300
+    async with LocalMesh(slow_app(), state_dir=tmp_path, inbox_limit=5, max_batch=5, client_endpoints=[endpoint]):
+        async with MeshClient(endpoint, timeout=60) as sender, MeshClient(endpoint, timeout=5) as watcher:
+
+            async def send(i: int) -> None:
+                await sender.send(message_builder(target_typename="fc/slow", target_id=f"k{i % 10}", int_value=1))
+
+            sends = asyncio.gather(*(send(i) for i in range(n)))
+            seen: list[dict] = []
+            try:
+                for _ in range(200):  # bounded: at most ~10 s
+                    seen.append((await watcher.info())["status"])  # answered although sends wait
+                    if seen[-1]["parked_sends"] and seen[-1]["busy_refusals"]:
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                await sends
+            counts = [
+                (await sender.request(message_builder(target_typename="fc/slow", target_id=f"k{k}", int_value=0))).as_int()
+                for k in range(10)
+            ]
+            final = (await watcher.info())["status"]
+    assert any(s["parked_sends"] for s in seen), seen[-3:]
+    assert final["busy_refusals"] > 0, final
+    # every send was acknowledged once, refusals included, and applied exactly once
+    assert counts == [n // 10] * 10
