@@ -359,6 +359,8 @@ class Peer:
         self.participant.inflight_restored = []
         if self.ingress is not None:
             self._replay(self.participant.ingress_position)
+            for path, position in self.participant.foreign_ingress:
+                self._replay_foreign(path, position)
         # Behind the replayed messages on every channel: a marker. A peer fires no timer
         # after a recovery until it has the marker from every other peer and has processed
         # what came before it, so a replayed cancellation is never overtaken by its timer.
@@ -405,6 +407,28 @@ class Peer:
         if replayed:
             log.info("peer %d: replaying %d messages from its ingress log", self.peer_id, replayed)
 
+    def _replay_foreign(self, path: str, position: int) -> None:
+        """After a rescale: replay a removed peer's ingress log from ``position``."""
+        assert self.participant is not None
+        from .ingress import IngressLog
+
+        log_ = IngressLog(path, sync=False)
+        replayed = 0
+        try:
+            while True:
+                entries = log_.read(position, 1000)
+                if not entries:
+                    break
+                self._route([tuple(rec) for _, rec in entries])  # type: ignore[misc]
+                replayed += len(entries)
+                position = entries[-1][0] + 1
+        finally:
+            log_.close()
+        if path not in self.participant.replayed_foreign:
+            self.participant.replayed_foreign.append(path)
+        log.warning("peer %d: replayed %d messages from the ingress log of a removed peer (%s); it is deleted "
+                    "once the next checkpoint completes", self.peer_id, replayed, path)  # fmt: skip
+
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.critical("peer %d: the dispatch loop died; this peer processes nothing more: restart it",
@@ -432,11 +456,18 @@ class Peer:
     def _release_held(self) -> None:
         self._hold_batches = False
         held, self._held = self._held, []
-        for g, src, frame in held:
+        keep: list[tuple[int, int, bytes]] = []
+        for i, (g, src, frame) in enumerate(held):
+            if self._hold_batches:
+                # a released barrier started the next cut, which waits for a batch to
+                # end: what came after it waits too, in order
+                self._held = keep + held[i:] + self._held
+                return
             if g == self.generation:
                 self._on_channel_frame(src, frame)
             elif g > self.generation:
-                self._held.append((g, src, frame))
+                keep.append((g, src, frame))
+        self._held = keep + self._held
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -837,7 +868,12 @@ class Peer:
             return
         if gen < self.generation:
             return  # from before a recovery: its effects were rolled back
-        if gen > self.generation or not self.resumed or (self._hold_batches and kind == codec.KIND_BATCH):
+        # While a cut waits for the batch in progress, batch frames wait, and so do
+        # barriers: a barrier must not overtake the frames its sender sent before it
+        # (they are in flight across the cut and must be logged as such).
+        if gen > self.generation or not self.resumed or (
+            self._hold_batches and (kind == codec.KIND_BATCH or kind == codec.BARRIER)
+        ):
             self._held.append((gen, src, body))
             return
         self._on_channel_frame(src, body, gen)
