@@ -121,7 +121,10 @@ def cmd_peer(args: argparse.Namespace) -> int:
     from .peer import Peer
 
     _setup_logging(args.log_level, f"peer-{args.id} ")
-    config = load_config(args.config, state_dir=args.state_dir)
+    overrides: dict[str, Any] = {"state_dir": args.state_dir}
+    if args.restore is not None:
+        overrides["restore"] = args.restore
+    config = load_config(args.config, **overrides)
     if not 0 <= args.id < config.peers:
         raise ConfigError(f"--id must be in 0..{config.peers - 1} for this config, got {args.id}", source=args.config)
     refs = list(args.functions) or list(config.functions)
@@ -188,6 +191,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["blob_store"] = "file://" + os.path.join(state_dir, "checkpoints")
     if args.checkpoint_interval is not None:
         overrides["checkpoint_interval"] = args.checkpoint_interval
+    if args.restore is not None:
+        if args.no_checkpoints:
+            raise ConfigError("--restore needs checkpoints: drop --no-checkpoints")
+        overrides["restore"] = args.restore
     launcher = Launcher(
         base.with_(functions=tuple(refs), **overrides),
         peers=args.peers,
@@ -384,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-interval", type=float, metavar="SECONDS", help="between checkpoints (default: 5)")
     p.add_argument("--no-checkpoints", action="store_true",
                    help="take no checkpoints (faster; a crash then loses queued messages)")
+    p.add_argument("--restore", metavar="latest|ID",
+                   help="start from this checkpoint, onto --peers peers even if it was taken on another number "
+                        "(rescaling); an older ID rolls back, deleting newer checkpoints (default: the latest "
+                        "checkpoint, which must have been taken on --peers peers)")
     p.add_argument("--config", help="mesh.toml with further settings")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
     p.set_defaults(func=cmd_run)
@@ -394,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="mesh.toml naming every peer's endpoints")
     p.add_argument("--id", type=int, required=True, help="this peer's index in the config")
     p.add_argument("--state-dir", help="override the config's state_dir")
+    p.add_argument("--restore", metavar="latest|ID",
+                   help="peer 0 only: start the mesh from this checkpoint, rescaling if it was taken on another "
+                        "number of peers (remove it again once the mesh is up)")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
     p.set_defaults(func=cmd_peer)
 

@@ -60,6 +60,11 @@ class MeshConfig:
             fraction of the base.
         ingress_sync: fsync the ingress log before acknowledging a client message
             (survives a machine crash, not only a process crash).
+        restore: which checkpoint the mesh starts from. ``""`` (default): the latest,
+            which must have been taken on this number of peers. ``"latest"`` or a
+            checkpoint id: that checkpoint, onto this number of peers (rescaling when
+            it was taken on another number); checkpoints newer than an older id are
+            deleted. Done once: ``statefun-mesh run`` drops it when the mesh is up.
     """
 
     functions: tuple[str, ...] = ()
@@ -88,6 +93,7 @@ class MeshConfig:
     base_every: int = 20
     delta_ratio: float = 0.5
     ingress_sync: bool = True
+    restore: str = ""
     _source: str = field(default="<arguments>", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +116,10 @@ class MeshConfig:
             raise bad("peers", f"at most max_parallelism ({self.max_parallelism}) peers")
         if not isinstance(self.blob_store, str):
             raise bad("blob_store", "a URL string (file://, s3://, memory://) or a path")
+        if not isinstance(self.restore, str) or not (self.restore in ("", "latest") or self.restore.isdigit()):
+            raise bad("restore", '"latest", a checkpoint id, or "" (the latest checkpoint, same number of peers)')
+        if self.restore and not self.blob_store:
+            raise bad("restore", "no value: there is no blob_store to restore from")
         if not isinstance(self.ingress_sync, bool):
             raise bad("ingress_sync", "true or false")
         if self.blob_store and self.checkpoint_interval <= 0:

@@ -116,6 +116,11 @@ class Dispatcher:
         self.failures = 0
         self.duplicates = 0
 
+    def reload_counters(self) -> None:
+        """Re-read what is cached from the store (after the store was restored)."""
+        self._timer_seq = self.backend.meta_int(b"timer_seq")
+        self._egress_offsets = {}
+
     # -- rollback of in-memory counters when a commit fails -----------------------
 
     def rollback(self) -> None:

@@ -49,8 +49,10 @@ def write_config(config: MeshConfig, path: str) -> None:
         if value is None:
             continue
         lines.append(f"{f.name} = {_toml_value(value)}")
-    with open(path, "w", encoding="utf-8") as fh:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)  # a peer starting meanwhile reads the old file or the new one
 
 
 class Launcher:
@@ -139,6 +141,11 @@ class Launcher:
                 codes = [p.poll() for p in self.procs if p is not None]
                 print("statefun-mesh: a peer failed to start; see its log above", file=sys.stderr, flush=True)
                 return 2 if 2 in codes else 1
+            if self.config.restore:
+                # Done: a peer restarted from here on recovers from the latest checkpoint
+                # (restoring the requested one again would roll the mesh back).
+                self.config = self.config.with_(restore="")
+                write_config(self.config, self.config_path)
             if not stop_signal:
                 print(f"statefun-mesh: mesh of {n} peers is up; clients connect to "
                       f"{self.config.client_endpoints[0]}", flush=True)  # fmt: skip

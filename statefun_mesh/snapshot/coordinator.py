@@ -13,11 +13,12 @@ a new incarnation in its heartbeats).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BlobStoreError, IncompatibleSnapshotError, SnapshotError
+from ..errors import BlobStoreError, IncompatibleSnapshotError, SnapshotError, SnapshotNotFoundError
 from ..transport import codec
 from .format import Manifest, PeerPart, manifest_name, parse_manifest_name
 from .participant import part_to_dict
@@ -31,6 +32,8 @@ __all__ = ["Coordinator", "latest_manifest", "list_checkpoints"]
 log = logging.getLogger("statefun_mesh.snapshot")
 
 GENERATION_BLOB = "coordinator/generation"
+#: while a rescale is in progress: ``{"checkpoint": n, "peers": m}``
+RESCALE_BLOB = "coordinator/rescale"
 
 
 async def list_checkpoints(blobs: BlobStore) -> list[int]:
@@ -82,6 +85,8 @@ class Coordinator:
         self._publishing: set[asyncio.Task[None]] = set()
         #: checkpoints a peer could not restore (a corrupted object): never tried again
         self.unrestorable: set[int] = set()
+        #: the configured ``restore`` (``"latest"``, an id, or ``""``): used by the first round
+        self.restore = peer.config.restore
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -125,7 +130,7 @@ class Coordinator:
         self.acks = {}
         t0 = time.monotonic()
         await self.blobs.put(GENERATION_BLOB, str(gen).encode())
-        manifest = await latest_manifest(self.blobs, self.unrestorable)
+        manifest = await self._choose()
         self.last_complete = manifest
         if manifest is not None:
             self.next_id = max(self.next_id, manifest.checkpoint + 1)
@@ -170,7 +175,60 @@ class Coordinator:
             if p != peer.peer_id:
                 peer._send(p, resume, generation=gen)
         peer._resume(gen)
+        self.restore = ""  # an explicit restore is done once; later rounds take the latest
         log.warning("recovery round %d done in %.2f s", gen, time.monotonic() - t0)
+
+    async def _choose(self) -> Manifest | None:
+        """The checkpoint this round restores, after checking it fits this mesh."""
+        n_peers = self.peer.n_peers
+        spec = self.restore
+        if spec.isdigit():
+            n = int(spec)
+            if n in self.unrestorable:
+                raise SnapshotError(f"checkpoint {n} (restore = {spec!r}) cannot be restored; see the errors above")
+            try:
+                manifest = Manifest.from_json(await self.blobs.get(manifest_name(n)), name=manifest_name(n))
+            except LookupError:
+                ids = await list_checkpoints(self.blobs)
+                raise SnapshotNotFoundError(
+                    f"restore = {spec!r}: there is no checkpoint {n} in the blob store "
+                    f"(complete checkpoints: {', '.join(map(str, ids[-10:])) or 'none'})"
+                ) from None
+            newer = [i for i in await list_checkpoints(self.blobs) if i > n]
+            for i in newer:
+                # restoring an older checkpoint rolls the application back: a later
+                # recovery must never pick up a checkpoint from the abandoned future
+                await self.blobs.delete(manifest_name(i))
+            if newer:
+                log.warning("restoring checkpoint %d: deleted the newer checkpoints %s", n, newer)
+            self.manifests = [i for i in self.manifests if i <= n]
+        else:
+            manifest = await latest_manifest(self.blobs, self.unrestorable)
+        if manifest is None or manifest.peers == n_peers:
+            return manifest
+        marker = await self._rescale_marker()
+        if not spec and marker != (manifest.checkpoint, n_peers):
+            raise IncompatibleSnapshotError(
+                f"checkpoint {manifest.checkpoint} was taken on {manifest.peers} peers and this mesh has {n_peers}; "
+                f"to restore it onto {n_peers} peers (moving key groups, state, timers and in-flight messages), "
+                "start with --restore latest (restore = \"latest\" in the config), or start "
+                f"{manifest.peers} peers"
+            )
+        # Until a checkpoint of the new shape completes, any recovery restores this one
+        # again, onto the same new shape, even after peer 0 restarted without `restore`.
+        await self.blobs.put(
+            RESCALE_BLOB, json.dumps({"checkpoint": manifest.checkpoint, "peers": n_peers}).encode()
+        )
+        log.warning("rescaling: checkpoint %d was taken on %d peers; restoring it onto %d",
+                    manifest.checkpoint, manifest.peers, n_peers)  # fmt: skip
+        return manifest
+
+    async def _rescale_marker(self) -> tuple[int, int] | None:
+        try:
+            doc = json.loads(await self.blobs.get(RESCALE_BLOB))
+            return int(doc["checkpoint"]), int(doc["peers"])
+        except (BlobStoreError, LookupError, ValueError, TypeError, KeyError):
+            return None
 
     def on_restore_failed(self, src: int, gen: int, n: int, reason: str) -> None:
         """Peer ``src`` could not restore checkpoint ``n``: never use it again; start over."""

@@ -30,13 +30,16 @@ import hashlib
 import logging
 import os
 import shutil
+import struct
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BlobNotFoundError, BlobStoreError, IncompatibleSnapshotError, SnapshotError
 from ..transport import codec
+from .._speedups import key_group
 from .format import Manifest, ObjectRef, PeerPart, decode_object, encode_object, object_name
+from .rescale import inherited_peers, renumber_egress, split_entries
 
 if TYPE_CHECKING:
     import lmdb
@@ -84,6 +87,10 @@ class Participant:
         self.restored_from: int | None = None
         self.inflight_restored: list[Any] = []
         self.ingress_position = 0
+        #: (path, position) of removed peers' ingress logs to replay after a rescale
+        self.foreign_ingress: list[tuple[str, int]] = []
+        #: foreign ingress logs replayed since the last completed checkpoint (deleted then)
+        self.replayed_foreign: list[str] = []
         #: ingress positions of the retained complete checkpoints, oldest first
         self.positions: list[int] = []
         self.last_duration = 0.0
@@ -257,6 +264,11 @@ class Participant:
         del self.positions[: -self.peer.config.checkpoint_retention]
         if self.peer.ingress is not None:
             self.peer.ingress.trim(self.positions[0])
+        # removed peers' ingress logs replayed after a rescale: this checkpoint covers them
+        for path in self.replayed_foreign:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("peer %d: deleted %s (checkpoint %d covers its messages)", self.peer.peer_id, path, n)
+        self.replayed_foreign = []
         keep = {r.name.replace("/", "__") for r in [*self.chain, snap.part.inflight]}
         for f in os.listdir(self.local_dir):
             if f not in keep:
@@ -308,11 +320,6 @@ class Participant:
                     f"checkpoint {manifest.checkpoint} was taken with max_parallelism {manifest.max_parallelism}, "
                     f"this mesh has {cfg.max_parallelism}; max_parallelism is fixed for the life of the application"
                 )
-            if manifest.peers != peer.n_peers:
-                raise IncompatibleSnapshotError(
-                    f"checkpoint {manifest.checkpoint} was taken on {manifest.peers} peers and this mesh has "
-                    f"{peer.n_peers}; restoring onto another number of peers is not supported yet"
-                )
         if peer.backend is not None:
             peer.backend.close()
             peer.backend = None
@@ -324,7 +331,10 @@ class Participant:
         self.completed = -1
         released: dict[str, int] = {}
         self.ingress_position = peer.ingress.first_offset if peer.ingress is not None else 0
-        if manifest is not None:
+        self.foreign_ingress = []
+        if manifest is not None and manifest.peers != peer.n_peers:
+            released = await self._restore_rescaled(manifest, backend)
+        elif manifest is not None:
             part = manifest.parts[peer.peer_id]
             for ref in part.chain:
                 data = await self._fetch(ref)
@@ -344,6 +354,83 @@ class Participant:
         self.carry = set()
         self.restored_from = manifest.checkpoint if manifest is not None else None
         peer._released = released
+        assert peer.dispatcher is not None
+        peer.dispatcher.reload_counters()  # the restored timer sequence, not the empty store's
+        peer._next_due = backend.next_timer_due()
+
+    async def _restore_rescaled(self, manifest: Manifest, backend: Any) -> dict[str, int]:
+        """Restore a checkpoint taken on another number of peers (see snapshot/rescale.py)."""
+        peer = self.peer
+        me, new_n, old_n = peer.peer_id, peer.n_peers, manifest.peers
+        lo, hi = peer.key_group_range
+        inherited = inherited_peers(me, old_n, new_n)
+        timer_seq = 0
+        appended: list[dict[bytes, bytes]] = []
+        loaded = 0
+        # the old peer with this index first: its egress keeps its offsets
+        parts = sorted(manifest.parts, key=lambda p: p.peer != me)
+        for part in parts:
+            a, b = part.key_groups
+            keep_egress = part.peer in inherited
+            if not (a < hi and lo < b) and not keep_egress:
+                continue
+            egress: dict[bytes, bytes] = {}
+            for ref in part.chain:
+                data = await self._fetch(ref)
+                kind, _, entries = decode_object(data, sha256=ref.sha256, name=ref.name)
+                if kind != ref.kind:
+                    raise SnapshotError(f"{ref.name} is a {kind} object, the manifest says {ref.kind}")
+                split = split_entries(entries, lo, hi, keep_egress=keep_egress)
+                split.egress = egress  # deltas apply on top of the base
+                loaded += await asyncio.to_thread(backend.load, split)
+                timer_seq = max(timer_seq, split.timer_seq)
+            if part.peer == me:
+                await asyncio.to_thread(backend.load, ((("egress", k, v) for k, v in egress.items())))
+            elif keep_egress:
+                appended.append(egress)
+        if appended:
+            with backend.read() as txn:
+                heads = backend.egress_heads(txn)
+            for egress in appended:
+                await asyncio.to_thread(backend.load, renumber_egress(egress, heads))
+        await asyncio.to_thread(backend.load, [("meta", b"timer_seq", struct.pack(">Q", timer_seq))])
+        # in flight at the cut: every old part's messages whose target this peer now owns
+        maxp = peer.config.max_parallelism
+        inflight: list[tuple[Any, ...]] = []
+        for part in manifest.parts:
+            data = await self._fetch(part.inflight)
+            _, _, entries = decode_object(data, sha256=part.inflight.sha256, name=part.inflight.name)
+            for e in entries:
+                if lo <= key_group(e[1], maxp) < hi:
+                    if e[6] >= new_n:  # a request's reply address that no longer exists
+                        e[6] = e[7] = 0
+                    inflight.append(tuple(e))
+        self.inflight_restored = inflight
+        self.chain = []  # the next checkpoint writes a base for the new key-group range
+        self.completed = manifest.checkpoint
+        if me < old_n:
+            self.ingress_position = manifest.parts[me].ingress_position
+        elif peer.ingress is not None:
+            self.ingress_position = peer.ingress.next_offset  # a new peer: nothing of its own to replay
+        self.positions = [self.ingress_position]
+        cfg = peer.config
+        assert cfg.state_dir is not None
+        for r in inherited:
+            if r == me:
+                continue
+            path = os.path.join(cfg.state_dir, f"peer-{r}.ingress")
+            if os.path.isdir(path):
+                self.foreign_ingress.append((path, manifest.parts[r].ingress_position))
+            else:
+                log.error("peer %d: the ingress log of removed peer %d is not at %s: client messages it "
+                          "acknowledged after checkpoint %d cannot be replayed; restore on the machine that "
+                          "holds its state directory to keep them", me, r, path, manifest.checkpoint)  # fmt: skip
+        with backend.read() as txn:
+            released = backend.egress_heads(txn)
+        log.warning("peer %d: restored checkpoint %d taken on %d peers onto %d: key groups %d..%d, %d entries, "
+                    "%d messages in flight, egress of old peers %s", me, manifest.checkpoint, old_n, new_n,
+                    lo, hi - 1, loaded, len(inflight), inherited)  # fmt: skip
+        return released
 
     async def _fetch(self, ref: ObjectRef) -> bytes:
         data = await asyncio.to_thread(self._local, ref)
