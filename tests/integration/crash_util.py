@@ -41,6 +41,8 @@ class CrashMesh:
         self.blob_dir = self.state_dir / "checkpoints"
         self.checkpoint_interval = checkpoint_interval
         self.extra_config = extra_config
+        #: more arguments for the next start (e.g. ["--restore", "latest"])
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
         self._seen: dict[int, list[str]] = {}
@@ -65,6 +67,7 @@ class CrashMesh:
             "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir),
             "--checkpoint-interval", str(self.checkpoint_interval),
         ]  # fmt: skip
+        cmd += self.extra_args
         if self.extra_config:
             cfg = self.workdir / "extra.toml"
             cfg.write_text(self.extra_config)

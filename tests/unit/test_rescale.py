@@ -259,3 +259,18 @@ def test_entry_key_groups_and_split() -> None:
     heads = {"x/y": 5}
     assert renumber_egress(split.egress, heads) == [("egress", b"x/y\x00" + struct.pack(">Q", 5), b"e1")]
     assert heads == {"x/y": 6}
+
+
+async def test_timers_scheduled_after_a_restore_do_not_replace_restored_ones(tmp_path: Path) -> None:
+    # Regression: the dispatcher kept the empty store's timer sequence after a restore, so
+    # the first timer scheduled afterwards reused the key of a restored pending timer.
+    async with LocalMesh(app(), **settings(tmp_path, 1)) as mesh:
+        await mesh.send(message_builder(target_typename="rs/alarm", target_id="t", int_value=2))
+        await mesh.idle()
+        await checkpoint_after_now(mesh)
+    async with LocalMesh(app(), **settings(tmp_path, 1)) as mesh:
+        await mesh.send(message_builder(target_typename="rs/alarm", target_id="t", int_value=1))
+        deadline = asyncio.get_running_loop().time() + 10
+        while await count(mesh, "fired-t") < 2 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        assert await count(mesh, "fired-t") == 2
