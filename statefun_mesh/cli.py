@@ -248,10 +248,13 @@ def cmd_egress(args: argparse.Namespace) -> int:
         count = 0
         idle = None if args.follow else args.idle
         async for rec in client.egress(args.typename, start=args.start, stop_when_idle=idle):
-            print(json.dumps({
+            doc = {
                 "peer": rec.peer, "offset": rec.offset, "type": rec.value_typename(),
                 "value": decode_for_display(rec.value_typename(), rec.raw_value()),
-            }, ensure_ascii=False), flush=True)  # fmt: skip
+            }  # fmt: skip
+            if rec.id is not None:
+                doc["id"] = rec.id
+            print(json.dumps(doc, ensure_ascii=False), flush=True)
             count += 1
             if args.limit and count >= args.limit:
                 break

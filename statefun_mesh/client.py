@@ -228,12 +228,15 @@ class MeshClient:
         async def follow(ep: str) -> None:
             conn = self._conn(ep)
             pos: int | str = start
+            gen = -1
             try:
                 while True:
-                    _, items = await conn.call(codec.C_FETCH, typename, pos, 1000, 1000, timeout=self.timeout + 2)
-                    _, peer, nxt, records = items
-                    for off, vt, value in records:
-                        await queue.put(EgressRecord(typename, peer, off, vt, value))
+                    _, items = await conn.call(
+                        codec.C_FETCH, typename, pos, 1000, 1000, gen, timeout=self.timeout + 2
+                    )  # fmt: skip
+                    _, peer, nxt, records, gen = items
+                    for rec in records:
+                        await queue.put(EgressRecord(typename, peer, *rec))
                     pos = nxt
             except asyncio.CancelledError:
                 raise

@@ -60,6 +60,11 @@ class MeshConfig:
             fraction of the base.
         ingress_sync: fsync the ingress log before acknowledging a client message
             (survives a machine crash, not only a process crash).
+        egress_immediate: egresses whose records consumers see as soon as the batch
+            that produced them commits, instead of when the checkpoint covering them
+            completes. Each record then carries a deterministic ``id``
+            (``"<function type>/<id>#<n>"``): after a recovery, records of the rolled-back
+            part are produced again with the same ids; consumers deduplicate by id.
         restore: which checkpoint the mesh starts from. ``""`` (default): the latest,
             which must have been taken on this number of peers. ``"latest"`` or a
             checkpoint id: that checkpoint, onto this number of peers (rescaling when
@@ -93,6 +98,7 @@ class MeshConfig:
     base_every: int = 20
     delta_ratio: float = 0.5
     ingress_sync: bool = True
+    egress_immediate: tuple[str, ...] = ()
     restore: str = ""
     _source: str = field(default="<arguments>", repr=False, compare=False)
 
@@ -126,7 +132,7 @@ class MeshConfig:
             raise bad("checkpoint_interval", "a positive number of seconds")
         if self.state_dir is not None and not isinstance(self.state_dir, str):
             raise bad("state_dir", "a directory path")
-        for name in ("functions", "endpoints", "client_endpoints"):
+        for name in ("functions", "endpoints", "client_endpoints", "egress_immediate"):
             value = getattr(self, name)
             if isinstance(value, list):
                 value = tuple(value)
@@ -166,7 +172,7 @@ class MeshConfig:
         return replace(self, **changes)
 
 
-_LIST_KEYS = {"functions", "endpoints", "client_endpoints"}
+_LIST_KEYS = {"functions", "endpoints", "client_endpoints", "egress_immediate"}
 
 
 def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:

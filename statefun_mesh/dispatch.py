@@ -15,7 +15,7 @@ import base64
 import json
 import logging
 import traceback
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import Any, Final
 
 import msgpack
@@ -49,6 +49,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("statefun_mesh.dispatch")
+
+#: Reserved state name (not an identifier, so no ValueSpec can use it) of an instance's
+#: immediate-egress record counter, and the type name of its value (u64 BE).
+EGRESS_SEQ_NAME: Final = "~egress-seq"
+EGRESS_SEQ_TYPE: Final = "statefun-mesh/egress-seq"
 
 #: The egress that receives every message whose invocation failed.
 DEAD_LETTERS: Final = "statefun-mesh/dead-letters"
@@ -99,6 +104,7 @@ class Dispatcher:
         max_parallelism: int,
         egress_retention: int = 100_000,
         dedup_retention: float = 86_400.0,
+        egress_immediate: Iterable[str] = (),
     ) -> None:
         self.table = table
         self.backend = backend
@@ -108,6 +114,10 @@ class Dispatcher:
         self._timer_seq = backend.meta_int(b"timer_seq")
         self._egress_offsets: dict[str, list[int]] = {}
         self._saved: tuple[int, dict[str, list[int]]] | None = None
+        #: immediate egresses: their records carry "<type>/<id>#<n>" ids, n counted per instance
+        self.immediate = frozenset(egress_immediate)
+        self._egress_seq: dict[bytes, int] = {}
+        self._txn: Any = None
         self._db_state = backend.db_state
         self._key_group = _speedups.key_group
         self._db_dedup = backend.db_dedup
@@ -142,6 +152,7 @@ class Dispatcher:
         Returns the outcome; nothing is written yet.
         """
         self._saved = (self._timer_seq, {k: list(v) for k, v in self._egress_offsets.items()})
+        self._egress_seq = {}
         out = BatchOutcome()
         if fired:
             # A due timer's message is routed like any send of this batch: the timer is
@@ -170,6 +181,7 @@ class Dispatcher:
         pending: list[Awaitable[None]] = []
         touched: list[list[Cell]] = []
         with self.backend.read() as txn:
+            self._txn = txn
             get = txn.get
             db_state = self._db_state
             key_group = self._key_group
@@ -216,6 +228,7 @@ class Dispatcher:
                     invoke = self._invoke_sync
                     for rec in recs:
                         invoke(fspec, address, kg, cells, rec, now_ms, out)
+        self._txn = None  # closed: async invocations below read what they need afresh
         if pending:
             await asyncio.gather(*pending)
 
@@ -229,6 +242,8 @@ class Dispatcher:
                         ops.append(("put", "state", cell.key, encode_state_value(cell.vt, cell.data, cell.expire)))  # type: ignore[arg-type]
         if self._saved[0] != self._timer_seq:
             ops.append(("put", "meta", b"timer_seq", pack_u64(self._timer_seq)))
+        for key, seq in self._egress_seq.items():
+            ops.append(("put", "state", key, encode_state_value(EGRESS_SEQ_TYPE, pack_u64(seq), 0)))
         return out
 
     def _dedup(
@@ -374,7 +389,10 @@ class Dispatcher:
             self._timers(address, kg, ctx._delayed, now_ms, out)
         if ctx._egress is not None:
             for typename, vt, data in ctx._egress:
-                self._egress(typename, vt, data, out)
+                if typename in self.immediate:
+                    self._egress(typename, vt, data, out, self._egress_id(address, kg))
+                else:
+                    self._egress(typename, vt, data, out)
         if ctx._reply is not None and ctx._request_id:
             vt, data = ctx._reply
             out.replies.append((ctx._reply_peer, ctx._request_id, REPLY_OK, vt, data, address.typename, address.id))
@@ -398,15 +416,33 @@ class Dispatcher:
             if out.min_due is None or due < out.min_due:
                 out.min_due = due
 
-    def _egress(self, typename: str, vt: str, data: bytes, out: BatchOutcome) -> None:
+    def _egress_id(self, address: Address, kg: int) -> str:
+        # The n-th immediate egress record an instance produces is "<type>/<id>#<n>". The
+        # counter is part of the instance's state, so a recovery rolls it back with the
+        # state and the records produced again get the same ids.
+        key = state_key(kg, address.typename, address.id, EGRESS_SEQ_NAME)
+        seq = self._egress_seq.get(key)
+        if seq is None:
+            if self._txn is not None:
+                raw = self._txn.get(key, db=self._db_state)
+            else:
+                with self.backend.read() as txn:
+                    raw = txn.get(key, db=self._db_state)
+            seq = int.from_bytes(decode_state_value(raw)[1], "big") if raw is not None else 0
+        seq += 1
+        self._egress_seq[key] = seq
+        return f"{address.typename}/{address.id}#{seq}"
+
+    def _egress(self, typename: str, vt: str, data: bytes, out: BatchOutcome, rid: str | None = None) -> None:
         bounds = self._egress_offsets.get(typename)
         if bounds is None:
             bounds = list(self.backend.egress_bounds(typename))
             self._egress_offsets[typename] = bounds
         offset = bounds[1]
         bounds[1] = offset + 1
+        fields = [vt, data] if rid is None else [vt, data, rid]
         out.ops.append(
-            ("put", "egress", typename.encode() + b"\x00" + pack_u64(offset), msgpack.packb([vt, data], use_bin_type=True))
+            ("put", "egress", typename.encode() + b"\x00" + pack_u64(offset), msgpack.packb(fields, use_bin_type=True))
         )
         out.egress[typename] = offset + 1
         if bounds[1] - bounds[0] > self.egress_retention + self.egress_retention // 10:

@@ -149,21 +149,28 @@ class EgressRecord(_Accessors):
     """A record read from an egress: its egress, its offset in that egress, and its value.
 
     Offsets increase by one per record of an egress (per peer that produced it); the
-    pair ``(peer, offset)`` identifies a record.
+    pair ``(peer, offset)`` identifies a record of a transactional egress (the default).
+    A record of an immediate egress (``egress_immediate``) has an ``id``,
+    ``"<function type>/<instance id>#<n>"``, that a recovery reproduces: deduplicate by
+    it. ``id`` is ``None`` for transactional records.
     """
 
-    __slots__ = ("_v", "_vt", "offset", "peer", "typename")
+    __slots__ = ("_v", "_vt", "id", "offset", "peer", "typename")
 
-    def __init__(self, typename: str, peer: int, offset: int, value_typename: str, value: bytes) -> None:
+    def __init__(
+        self, typename: str, peer: int, offset: int, value_typename: str, value: bytes, id: str | None = None
+    ) -> None:
         self.typename = typename
         self.peer = peer
         self.offset = offset
         self._vt = value_typename
         self._v = value
+        self.id = id
 
     def __repr__(self) -> str:
+        rid = f", id={self.id!r}" if self.id is not None else ""
         return (
-            f"EgressRecord(egress={self.typename!r}, peer={self.peer}, offset={self.offset}, "
+            f"EgressRecord(egress={self.typename!r}, peer={self.peer}, offset={self.offset}{rid}, "
             f"type={self._vt!r}, value={self._v!r:.40})"
         )
 

@@ -141,6 +141,8 @@ class Peer:
         self._hold_batches = False
         self._held: list[tuple[int, int, bytes]] = []
         self._released: dict[str, int] = {}
+        self._immediate = frozenset(config.egress_immediate)
+        self._restored_heads: dict[str, int] = {}
         self._ingress_batch: list[tuple[Record, asyncio.Future[None]]] = []
         self._ingress_task: asyncio.Task[None] | None = None
         self._ingress_writing = 0  # messages in the ingress append under way
@@ -179,6 +181,7 @@ class Peer:
             max_parallelism=cfg.max_parallelism,
             egress_retention=cfg.egress_retention,
             dedup_retention=cfg.dedup_retention,
+            egress_immediate=cfg.egress_immediate,
         )
         self._next_due = backend.next_timer_due()
         return backend
@@ -657,11 +660,15 @@ class Peer:
     def _egress_head(self, typename: str) -> int:
         """The offset after the last record consumers may see: with checkpoints, the last
         record a complete checkpoint covers (transactional egress); else the last one."""
-        if self.checkpointing:
+        if self.checkpointing and typename not in self._immediate:
             return self._released.get(typename, 0)
         if self.backend is None:
             return 0
         return self.backend.egress_bounds(typename)[1]
+
+    def egress_restored_head(self, typename: str) -> int:
+        """Where ``typename``'s log stood in the checkpoint the last recovery restored."""
+        return self._restored_heads.get(typename, 0)
 
     def egress_read(self, typename: str, pos: int, limit: int) -> list[EgressRecord]:
         """Return up to ``limit`` released records from offset ``pos`` on, without waiting."""
@@ -671,8 +678,8 @@ class Peer:
         if pos >= head:
             return []
         return [
-            EgressRecord(typename, self.peer_id, off, vt, data)
-            for off, vt, data in self.backend.egress_range(typename, pos, min(limit, head - pos))
+            EgressRecord(typename, self.peer_id, off, vt, data, rid)
+            for off, vt, data, rid in self.backend.egress_range(typename, pos, min(limit, head - pos))
             if off < head
         ]
 
@@ -689,7 +696,11 @@ class Peer:
             pass
 
     async def _egress_from(self, typename: str, pos: int) -> AsyncIterator[EgressRecord]:
+        gen = self.generation
         while True:
+            if gen != self.generation:  # a recovery rolled the log back: re-read from the restored head
+                gen = self.generation
+                pos = min(pos, self.egress_restored_head(typename))
             records = self.egress_read(typename, pos, 1000)
             if records:
                 if records[0].offset > pos:
@@ -930,7 +941,7 @@ class Peer:
             log.error("peer %d: checkpoint frame 0x%02x from peer %d, but this peer takes no checkpoints; "
                       "do all peers have the same blob_store setting?", self.peer_id, kind, src)  # fmt: skip
         elif kind == codec.BARRIER:
-            self.participant.on_barrier(src, items[0])
+            self.participant.on_barrier(src, items[0], items[1])
         elif kind == codec.CK_DONE:
             self.participant.on_done(items[0])
         elif kind == codec.CK_ABORT:
@@ -1118,8 +1129,8 @@ class Peer:
                 self.bad_frames += 1
                 log.error("peer %d: dropped a reply for peer %d, which is not in this mesh of %d peers",
                           self.peer_id, reply[0], self.n_peers)  # fmt: skip
-        if not self.checkpointing:
-            for typename in out.egress:
+        for typename in out.egress:
+            if not self.checkpointing or typename in self._immediate:
                 ev = self._egress_events.get(typename)
                 if ev is not None:
                     ev.set()

@@ -148,9 +148,14 @@ class ClientServer:
                     self._check_target(typename, id, vt)
                     self._spawn(self._request(ident, corr, typename, id, vt, value, float(timeout)))
                 elif kind == codec.C_FETCH:
-                    _, egress, start, limit, wait_ms = items
+                    _, egress, start, limit, wait_ms, gen = items
                     parse_typename(egress)
                     pos = peer.egress_position(egress, start)
+                    if 0 <= gen != peer.generation:
+                        # a recovery since the client's last read rolled this peer's egress
+                        # back: records from the restored head on may be new (or produced
+                        # again, with the same ids), so read from there
+                        pos = min(pos, peer.egress_restored_head(egress))
                     limit = max(1, min(limit, MAX_FETCH))
                     self._spawn(self._fetch(ident, corr, egress, pos, limit, min(max(wait_ms, 0), MAX_WAIT_MS)))
                 else:  # C_INFO
@@ -254,6 +259,5 @@ class ClientServer:
             if peer.running:
                 records = peer.egress_read(egress, pos, limit)
         nxt = records[-1].offset + 1 if records else pos
-        self._reply(
-            ident, codec.R_RECORDS, corr, peer.peer_id, nxt, [[r.offset, r._vt, r._v] for r in records]
-        )
+        items = [[r.offset, r._vt, r._v] if r.id is None else [r.offset, r._vt, r._v, r.id] for r in records]
+        self._reply(ident, codec.R_RECORDS, corr, peer.peer_id, nxt, items, peer.generation)

@@ -268,7 +268,8 @@ class Coordinator:
         self.in_progress = n
         self.started_at = time.monotonic()
         self.acks = {}
-        self.peer.participant.on_barrier(None, n)  # type: ignore[union-attr]
+        last = self.last_complete.checkpoint if self.last_complete is not None else -1
+        self.peer.participant.on_barrier(None, n, last)  # type: ignore[union-attr]
         return n
 
     def on_ack(self, src: int, n: int, part: dict[str, Any] | None, error: str | None) -> None:

@@ -82,6 +82,7 @@ class Participant:
         self.carry: set[tuple[str, bytes]] = set()
         self.snap: _Snap | None = None
         self.pending: int | None = None
+        self.pending_last_complete = -1
         self.pending_srcs: set[int] = set()
         self.completed = -1
         self.restored_from: int | None = None
@@ -99,9 +100,17 @@ class Participant:
 
     # -- barriers -------------------------------------------------------------------------
 
-    def on_barrier(self, src: int | None, n: int) -> None:
-        """Barrier ``n`` arrived from peer ``src`` (``None``: the coordinator, for this peer)."""
+    def on_barrier(self, src: int | None, n: int, last_complete: int = -1) -> None:
+        """Barrier ``n`` arrived from peer ``src`` (``None``: the coordinator, for this peer).
+
+        ``last_complete`` is the coordinator's last complete checkpoint when it started
+        ``n``: the barrier can overtake that checkpoint's ``CK_DONE`` (they travel on
+        different channels), and a finished snapshot must not be taken for an aborted one.
+        """
         snap = self.snap
+        if snap is not None and snap.n == last_complete and snap.part is not None:
+            self.on_done(last_complete)
+            snap = self.snap
         if n <= self.completed or (snap is not None and n < snap.n):
             return  # a stale barrier
         if snap is not None and snap.n == n:
@@ -116,6 +125,7 @@ class Participant:
                 self.pending_srcs.add(src)
             return
         self.pending = n
+        self.pending_last_complete = last_complete
         self.pending_srcs = {src} if src is not None else set()
         self.peer._hold_batches = True
         if not self.peer._in_batch:
@@ -137,7 +147,7 @@ class Participant:
         txn = backend.read()
         inbox = list(peer._inbox)
         others = {p for p in range(peer.n_peers) if p != peer.peer_id}
-        barrier = codec.encode_control(codec.BARRIER, n)
+        barrier = codec.encode_control(codec.BARRIER, n, max(self.completed, self.pending_last_complete))
         for p in others:
             peer._flush_peer(p, force=True)
             peer._send(p, barrier)
@@ -354,6 +364,7 @@ class Participant:
         self.carry = set()
         self.restored_from = manifest.checkpoint if manifest is not None else None
         peer._released = released
+        peer._restored_heads = dict(released)
         assert peer.dispatcher is not None
         peer.dispatcher.reload_counters()  # the restored timer sequence, not the empty store's
         peer._next_due = backend.next_timer_due()

@@ -14,7 +14,9 @@ Layout (ARCHITECTURE §6). Named databases in one environment:
 ``timers``      ``kg | seq (u64 BE)`` → msgpack ``[due_ms, token, sender_typename, sender_id, record]``
 ``timer_due``   ``due_ms (u64 BE) | kg | seq`` → empty: the firing order
 ``timer_tokens`` ``kg | blake2b-128(sender typename NUL sender id NUL token) | seq`` → empty
-``egress``      ``egress typename | 0x00 | offset (u64 BE)`` → msgpack ``[value_typename, value]``
+``egress``      ``egress typename | 0x00 | offset (u64 BE)`` → msgpack ``[value_typename, value]``,
+                or ``[value_typename, value, id]`` for an immediate egress (``egress_immediate``);
+                the id counter lives in ``state`` under the reserved name ``~egress-seq``
 ``dedup``       ``kg | blake2b-128(typename NUL id NUL idempotency key)`` → expire_at_ms (u64 BE):
                 client messages already applied, so a resend is not applied again
 ``meta``        small counters (``timer_seq``) and the layout version.
@@ -224,18 +226,20 @@ class LmdbStateBackend:
                 out.append((kg, seq, due, msgpack.unpackb(raw, raw=False)))
         return out
 
-    def egress_range(self, typename: str, start: int, limit: int) -> list[tuple[int, str, bytes]]:
-        """Return up to ``limit`` egress records of ``typename`` from offset ``start`` on."""
+    def egress_range(self, typename: str, start: int, limit: int) -> list[tuple[int, str, bytes, str | None]]:
+        """Return up to ``limit`` egress records ``(offset, value type, value, id or None)``
+        of ``typename`` from offset ``start`` on."""
         prefix = typename.encode() + b"\x00"
-        out: list[tuple[int, str, bytes]] = []
+        out: list[tuple[int, str, bytes, str | None]] = []
         with self.env.begin() as txn, txn.cursor(db=self.db_egress) as cur:
             if not cur.set_range(prefix + _U64.pack(start)):
                 return out
             for key, val in cur.iternext():
                 if not key.startswith(prefix) or len(out) >= limit:
                     break
-                vt, data = msgpack.unpackb(val, raw=False)
-                out.append((_U64.unpack_from(key, len(prefix))[0], vt, data))
+                fields = msgpack.unpackb(val, raw=False)  # [vt, value] or [vt, value, id]
+                out.append((_U64.unpack_from(key, len(prefix))[0], fields[0], fields[1],
+                            fields[2] if len(fields) > 2 else None))  # fmt: skip
         return out
 
     def egress_bounds(self, typename: str) -> tuple[int, int]:

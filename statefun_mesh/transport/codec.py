@@ -8,7 +8,7 @@ version, an unknown kind or a body of the wrong shape is a
 
 Peer ↔ peer kinds: ``BATCH``, ``CREDIT [n]``, ``HEARTBEAT [peer, incarnation]``,
 ``REPLIES [[request_id, status, kind, value, replier_type, replier_id], ...]``, and for
-checkpoints ``BARRIER [n]``, ``CK_ACK [n, part, error]``, ``CK_DONE [n]``,
+checkpoints ``BARRIER [n, last_complete]``, ``CK_ACK [n, part, error]``, ``CK_DONE [n]``,
 ``CK_ABORT [n]``, ``RECOVER [generation, n]``, ``READY [generation]``,
 ``RESUME [generation]``, ``RESTORE_FAILED [generation, n, reason]``, ``REPLAYED [generation]`` (sent on
 every channel after the messages a peer replayed in a recovery round). Between peers every frame is preceded by the sender's
@@ -16,12 +16,13 @@ generation (u32, big-endian); see ``snapshot/coordinator.py``.
 
 Client → peer: ``C_SEND [corr, typename, id, value_typename, value, idempotency_key]``,
 ``C_REQUEST [corr, typename, id, value_typename, value, timeout_s]``,
-``C_FETCH [corr, egress, start, max_records, wait_ms]`` (``start``: offset, ``"earliest"``
-or ``"latest"``), ``C_INFO [corr]``.
+``C_FETCH [corr, egress, start, max_records, wait_ms, generation]`` (``start``: offset,
+``"earliest"`` or ``"latest"``; ``generation``: the peer generation ``start`` was read in,
+-1 if none), ``C_INFO [corr]``.
 
 Peer → client: ``R_ACK [corr]``, ``R_REPLY [corr, replier_type, replier_id, value_typename,
 value]``, ``R_ERROR [corr, error_class, message, args]``, ``R_RECORDS [corr, peer, next_offset,
-[[offset, value_typename, value], ...]]``, ``R_INFO [corr, info_map]``.
+[[offset, value_typename, value(, id)], ...], generation]``, ``R_INFO [corr, info_map]``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ _SHAPES: Final[dict[int, tuple[str, tuple[Any, ...]]]] = {
     CREDIT: ("CREDIT", (_I,)),
     HEARTBEAT: ("HEARTBEAT", (_I, _I)),
     REPLIES: ("REPLIES", (list,)),
-    BARRIER: ("BARRIER", (_I,)),
+    BARRIER: ("BARRIER", (_I, _I)),
     CK_ACK: ("CK_ACK", (_I, (dict, type(None)), (str, type(None)))),
     CK_DONE: ("CK_DONE", (_I,)),
     CK_ABORT: ("CK_ABORT", (_I,)),
@@ -102,12 +103,12 @@ _SHAPES: Final[dict[int, tuple[str, tuple[Any, ...]]]] = {
     REPLAYED: ("REPLAYED", (_I,)),
     C_SEND: ("SEND", (_I, _S, _S, _S, _B, _S)),
     C_REQUEST: ("REQUEST", (_I, _S, _S, _S, _B, (int, float))),
-    C_FETCH: ("FETCH", (_I, _S, (int, str), _I, _I)),
+    C_FETCH: ("FETCH", (_I, _S, (int, str), _I, _I, _I)),
     C_INFO: ("INFO", (_I,)),
     R_ACK: ("ACK", (_I,)),
     R_REPLY: ("REPLY", (_I, _S, _S, _S, _B)),
     R_ERROR: ("ERROR", (_I, _S, _S, list)),
-    R_RECORDS: ("RECORDS", (_I, _I, _I, list)),
+    R_RECORDS: ("RECORDS", (_I, _I, _I, list, _I)),
     R_INFO: ("INFO", (_I, dict)),
 }
 

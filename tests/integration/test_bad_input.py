@@ -158,9 +158,9 @@ async def test_client_endpoint_answers_bad_values_and_keeps_serving(cluster: Clu
             102: codec.encode_control(codec.C_SEND, 102, "it/nope", "x", INT, int_bytes(1), ""),
             103: codec.encode_control(codec.C_SEND, 103, app.COUNTER, "", INT, int_bytes(1), ""),
             104: codec.encode_control(codec.C_SEND, 104, app.COUNTER, "x", "no-slash", int_bytes(1), ""),
-            105: codec.encode_control(codec.C_FETCH, 105, "bad egress", "earliest", 10, 0),
-            106: codec.encode_control(codec.C_FETCH, 106, "it/out", -5, 10, 0),
-            107: codec.encode_control(codec.C_FETCH, 107, "it/out", "middle", 10, 0),
+            105: codec.encode_control(codec.C_FETCH, 105, "bad egress", "earliest", 10, 0, -1),
+            106: codec.encode_control(codec.C_FETCH, 106, "it/out", -5, 10, 0, -1),
+            107: codec.encode_control(codec.C_FETCH, 107, "it/out", "middle", 10, 0, -1),
             108: codec.encode_control(codec.C_REQUEST, 108, "it/nope", "x", INT, int_bytes(1), 1.0),
             109: codec.encode_control(codec.C_REQUEST, 109, app.FANOUT_TARGET, f"{run}-q", INT, int_bytes(1), -1.0),
         }
