@@ -109,7 +109,7 @@ class CrashMesh:
 
     def __init__(self, workdir: Path, *, peers: int = PEERS, checkpoint_interval: float = 0.5,
                  port: int | None = None, extra_config: str = "", blobs: FileBlobs | S3Blobs | None = None,
-                 state_dir: Path | None = None) -> None:  # fmt: skip
+                 state_dir: Path | None = None, checkpoints: bool = True) -> None:  # fmt: skip
         self.workdir = workdir
         self.peers = peers
         self.port = port or free_ports(1)[0]
@@ -118,6 +118,7 @@ class CrashMesh:
         #: where the checkpoints go (default: ``statefun-mesh run``'s, <state-dir>/checkpoints)
         self.blobs = blobs or FileBlobs(self.state_dir / "checkpoints")
         self.checkpoint_interval = checkpoint_interval
+        self.checkpoints = checkpoints
         self.extra_config = extra_config
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
@@ -141,8 +142,11 @@ class CrashMesh:
             sys.executable, "-m", "statefun_mesh", "run", APP,
             "--peers", str(self.peers), "--transport", "ipc",
             "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir),
-            "--checkpoint-interval", str(self.checkpoint_interval), "--blob-store", self.blobs.url,
         ]  # fmt: skip
+        if self.checkpoints:
+            cmd += ["--checkpoint-interval", str(self.checkpoint_interval), "--blob-store", self.blobs.url]
+        else:
+            cmd += ["--no-checkpoints"]
         if self.extra_config:
             cfg = self.workdir / "extra.toml"
             cfg.write_text(self.extra_config)
