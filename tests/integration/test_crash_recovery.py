@@ -3,8 +3,9 @@ killed with SIGKILL at random moments, the launcher restarting them and peer 0's
 coordinator running a recovery round for the whole mesh (ARCHITECTURE §7).
 
 The counter, cycle, timer and corrupted-checkpoint tests run with checkpoints on
-``file://`` and on ``s3://`` (a local ``rclone serve s3``, see tests/s3server.py); to keep
-the default run short, the S3 variants of the cycle and corruption tests are ``slow``.
+``file://`` and on ``s3://`` (a local ``rclone serve s3``, see tests/s3server.py). The S3
+variants add about a minute by default; those of the five corruption tests (another
+1.5 minutes) are ``slow`` (``--run-slow``).
 
 Every test starts its own mesh (``start_new_session=True``) and kills every process it
 started at teardown, also when it failed. ``pytest -s`` shows the measured recovery times.
@@ -277,7 +278,7 @@ async def test_counter_exactly_once_across_sigkills_50k(meshes: Callable[..., Cr
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("store", STORES_S3_SLOW)
+@pytest.mark.parametrize("store", STORES)
 async def test_cycles_finish_exactly_once_across_a_sigkill(meshes: Callable[..., CrashMesh]) -> None:
     chains, rounds = 50, 2000  # ~100k hops: several seconds of cross-peer ping-pong
     mesh = meshes()
@@ -338,11 +339,12 @@ async def chains_done(clients: Clients, names: list[str], deadline: float) -> di
 # -- 3. timers pending at a crash -------------------------------------------------------------
 
 
-async def timers_across_a_crash(meshes: Callable[..., CrashMesh]) -> dict[str, Any]:
-    """Set 120 timers (delays 1.5-3 s) from 12 setter instances; cancel a third of them at
-    once (checkpointed before the crash) and a third just before the crash (acknowledged,
-    so in the ingress log, but after the last checkpoint); SIGKILL peer 2 before any is
-    due; wait until all are due after recovery. Returns the firing counts per group."""
+async def timers_across_a_crash(meshes: Callable[..., CrashMesh], scale: float = 1.0) -> dict[str, Any]:
+    """Set 120 timers (delays 1.5-3 s, times ``scale``) from 12 setter instances; cancel a
+    third of them at once (checkpointed before the crash) and a third just before the crash
+    (acknowledged, so in the ingress log, but after the last checkpoint); SIGKILL peer 2
+    before any is due; wait until all are due after recovery. Returns the firing counts per
+    group. S3 checkpoints take longer than local ones: those tests give ``scale=2``."""
     setters = 12
     per_setter = 10
     mesh = meshes()
@@ -354,7 +356,7 @@ async def timers_across_a_crash(meshes: Callable[..., CrashMesh]) -> dict[str, A
         plan: dict[str, tuple[str, int, str]] = {}  # target -> (setter, delay_ms, token)
         for s in range(setters):
             for j in range(per_setter):
-                plan[f"t{s}-{j}"] = (f"s{s}", rng.randint(1_500, 3_000), f"tok-{s}-{j}")
+                plan[f"t{s}-{j}"] = (f"s{s}", rng.randint(int(1_500 * scale), int(3_000 * scale)), f"tok-{s}-{j}")
         targets = sorted(plan)
         shuffled = targets[:]
         rng.shuffle(shuffled)
@@ -378,7 +380,7 @@ async def timers_across_a_crash(meshes: Callable[..., CrashMesh]) -> dict[str, A
             await clients.send(app.json_message(app.TIMER_SETTER, f"s{s}", {"cancel": toks}), f"cancel-late-{s}",
                                first=s, deadline=deadline)  # fmt: skip
         elapsed = time.monotonic() - t0
-        assert elapsed < 1.4, f"setup took {elapsed:.2f} s: timers may have fired before the crash"
+        assert elapsed < 1.4 * scale, f"setup took {elapsed:.2f} s: timers may have fired before the crash"
         victim = 2
         secs = await kill_and_wait(mesh, victim, probes)
         print(
@@ -388,7 +390,7 @@ async def timers_across_a_crash(meshes: Callable[..., CrashMesh]) -> dict[str, A
         rounds = recovery_rounds(mesh.log())
         late_checkpointed = not rounds[-1].endswith(f"restoring checkpoint {newest} on 3 peers")
 
-        await asyncio.sleep(4.0)  # every timer is due by now; a second firing would have happened
+        await asyncio.sleep(4.0 * scale)  # every timer is due by now; a second firing would have happened
 
         async def fired(i: int, t: str) -> tuple[str, int]:
             r = await clients.request(app.query(app.TIMER_TARGET, t), first=i, deadline=deadline)
@@ -419,9 +421,9 @@ async def timers_across_a_crash(meshes: Callable[..., CrashMesh]) -> dict[str, A
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("store", STORES)
 async def test_timers_pending_at_a_crash_fire_exactly_once_and_checkpointed_cancellations_hold(
-    meshes: Callable[..., CrashMesh],
+    meshes: Callable[..., CrashMesh], store: str
 ) -> None:
-    r = await timers_across_a_crash(meshes)
+    r = await timers_across_a_crash(meshes, 2.0 if store == "s3" else 1.0)
     bad_keep = {t: n for t, n in r["keep"].items() if n != 1}
     bad_early = {t: n for t, n in r["early"].items() if n != 0}
     assert not bad_keep, f"timers not fired exactly once (target: times fired): {bad_keep}"
@@ -429,15 +431,15 @@ async def test_timers_pending_at_a_crash_fire_exactly_once_and_checkpointed_canc
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("store", STORES_S3_SLOW)
+@pytest.mark.parametrize("store", STORES)
 async def test_a_cancellation_acknowledged_before_a_crash_holds_after_recovery(
-    meshes: Callable[..., CrashMesh],
+    meshes: Callable[..., CrashMesh], store: str
 ) -> None:
     """A client's cancellation the mesh acknowledged (it is in the ingress log) before the
     crash, and before the timer was due, must win after recovery too: without the crash
     the timer never fires. Recovery replays the cancellation from the ingress log, but
     timers that came due during the outage must not fire ahead of it."""
-    r = await timers_across_a_crash(meshes)
+    r = await timers_across_a_crash(meshes, 2.0 if store == "s3" else 1.0)
     bad_keep = {t: n for t, n in r["keep"].items() if n != 1}
     assert not bad_keep, f"timers not fired exactly once (target: times fired): {bad_keep}"
     bad_late = {t: (n, r["delay_ms"][t]) for t, n in r["late"].items() if n != 0}
