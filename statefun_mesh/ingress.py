@@ -9,6 +9,7 @@ position of the last complete checkpoint are trimmed.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Sequence
@@ -18,10 +19,13 @@ import lmdb
 import msgpack
 
 from .errors import StateBackendError, StateCapacityError
+from .state.lmdb_backend import write_error
 
 __all__ = ["IngressLog"]
 
 _U64: Final = struct.Struct(">Q")
+
+log = logging.getLogger("statefun_mesh.ingress")
 
 
 class IngressLog:
@@ -64,10 +68,17 @@ class IngressLog:
             except lmdb.MapFullError as exc:
                 size = self.env.info()["map_size"]
                 if size * 2 > self.max_map_size:
-                    raise StateCapacityError(f"the ingress log at {self.path} is full ({size >> 20} MiB)") from exc
+                    raise StateCapacityError(
+                        f"the ingress log at {self.path} is full at its size limit ({size >> 20} MiB); "
+                        "let checkpoints complete: they trim the log"
+                    ) from exc
                 self.env.set_mapsize(size * 2)
             except lmdb.Error as exc:
-                raise StateCapacityError(f"appending to the ingress log at {self.path} failed: {exc}") from exc
+                raise write_error(
+                    "the ingress log", self.path, exc,
+                    "client sends are refused meanwhile (nothing of them was logged; retry them with the "
+                    "same idempotency key) and accepted again once the log can be written",
+                ) from exc  # fmt: skip
         self.next_offset = first + len(items)
         return first
 
@@ -87,11 +98,16 @@ class IngressLog:
         """Delete the entries before offset ``before`` (covered by a complete checkpoint)."""
         if before <= self.first_offset:
             return
-        with self.env.begin(write=True) as txn, txn.cursor() as cur:
-            if cur.first():
-                while cur.key() and _U64.unpack(cur.key())[0] < before:
-                    if not cur.delete():
-                        break
+        try:
+            with self.env.begin(write=True) as txn, txn.cursor() as cur:
+                if cur.first():
+                    while cur.key() and _U64.unpack(cur.key())[0] < before:
+                        if not cur.delete():
+                            break
+        except lmdb.Error as exc:  # e.g. a full disk: keep the entries, the next checkpoint trims them
+            log.warning("%s", write_error("the ingress log", self.path, exc, "trimming is retried after the next "
+                                          "checkpoint"))  # fmt: skip
+            return
         self.first_offset = before
 
     def close(self) -> None:

@@ -152,6 +152,9 @@ class Peer:
         self._purge_from = b""
         #: ingress log offset up to which messages have been routed into the mesh
         self.ingress_routed = 0
+        #: checkpoints this peer could not write (its upload failed), and the newest failure
+        self.checkpoint_failures = 0
+        self._checkpoint_error: tuple[int, str] | None = None
         #: after a recovery, due timers wait until the replayed messages are processed
         self._timers_held = False
         self._replayed_from: set[int] = set()
@@ -441,6 +444,9 @@ class Peer:
         from .snapshot.participant import part_to_dict
 
         body = part_to_dict(part) if part is not None else None
+        if error is not None:
+            self.checkpoint_failures += 1
+            self._checkpoint_error = (n, error)
         if self.peer_id == 0:
             if self.coordinator is not None:
                 self.coordinator.on_ack(0, n, body, error)
@@ -753,6 +759,23 @@ class Peer:
             "bad_frames": self.bad_frames + getattr(self.transport, "foreign_frames", 0),
             "unavailable_peers": [p for p in range(self.n_peers) if not self._alive[p]],
             "next_timer_ms": self._next_due,
+            "checkpoints": self._checkpoint_status(),
+        }
+
+    def _checkpoint_status(self) -> dict[str, Any] | None:
+        """This peer's view of the checkpoints: the last complete one, how many this peer
+        failed to write, and the newest failure if no checkpoint completed since."""
+        participant = self.participant
+        if participant is None:
+            return None
+        err = self._checkpoint_error
+        completed = participant.completed
+        failing = err is not None and err[0] > completed
+        return {
+            "last_complete": completed if completed >= 0 else None,
+            "failed": self.checkpoint_failures,
+            "failing": failing,
+            "last_error": f"checkpoint {err[0]}: {err[1]}" if failing and err is not None else None,
         }
 
     # -- routing ------------------------------------------------------------------------
@@ -1104,11 +1127,14 @@ class Peer:
                 backend.flush()
             if fired:
                 self._next_due = backend.next_timer_due()
+            self._after_commit(outcome)
             if now_ms >= self._next_purge:
                 # expired idempotency keys, a slice at a time between batches
                 self._next_purge = now_ms + 1000
-                self._purge_from = backend.purge_dedup(now_ms, self._purge_from, 5000)
-            self._after_commit(outcome)
+                try:
+                    self._purge_from = backend.purge_dedup(now_ms, self._purge_from, 5000)
+                except StateBackendError as exc:  # e.g. a full disk: purging waits, processing goes on
+                    log.warning("peer %d: could not purge expired idempotency keys: %s", self.peer_id, exc)
             self._flush_all()
             self._grant_credits()
             self._check_space()
@@ -1155,7 +1181,12 @@ class Peer:
                 self._dirty = False
                 # fsync off the loop; aclose() and recovery wait for it before closing the store.
                 self._flush = asyncio.ensure_future(asyncio.to_thread(backend.flush))
-                await asyncio.shield(self._flush)
+                try:
+                    await asyncio.shield(self._flush)
+                except Exception as exc:  # keep syncing: one failed fsync must not end the loop
+                    self._dirty = True
+                    log.error("peer %d: syncing the state store to disk failed: %s; retrying in %s s",
+                              self.peer_id, exc, self.config.sync_interval)  # fmt: skip
 
 
 _PEER_KINDS = frozenset(

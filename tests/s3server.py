@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "TEST_ACCESS_KEY",
@@ -38,7 +38,10 @@ __all__ = [
     "TEST_SECRET_KEY",
     "S3Server",
     "S3ServerUnavailable",
+    "create_bucket",
     "find_rclone",
+    "raw_client",
+    "require_s3_server",
     "running_s3_server",
 ]
 
@@ -112,6 +115,8 @@ class S3Server:
     data_dir: Path
     log_path: Path
     process: subprocess.Popen[bytes] = field(repr=False)
+    binary: str = ""
+    port: int = 0
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the server's log, for failure messages."""
@@ -127,6 +132,24 @@ class S3Server:
     def resume(self) -> None:
         """SIGCONT a paused server."""
         self.process.send_signal(signal.SIGCONT)
+
+    def restart(self, *, read_only: bool = False, startup_timeout: float = 20.0) -> None:
+        """Stop the server and start it again on the same port and data: with ``read_only``
+        it serves reads and refuses every write (PUT, DELETE). Raises ``RuntimeError`` if it
+        does not answer within ``startup_timeout`` s."""
+        self.stop()
+        root = self.data_dir.parent
+        self.process = _start(self.binary, root, self.port, self.access_key, self.secret_key, read_only=read_only)
+        deadline = time.monotonic() + startup_timeout
+        while not _answers(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"rclone serve s3 did not come back on port {self.port}; log:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the server process (kill it if it does not exit in ``timeout`` s). Idempotent."""
@@ -155,7 +178,8 @@ def _answers(port: int) -> bool:
         conn.close()
 
 
-def _start(binary: str, root: Path, port: int, access_key: str, secret_key: str) -> subprocess.Popen[bytes]:
+def _start(binary: str, root: Path, port: int, access_key: str, secret_key: str, *,
+           read_only: bool = False) -> subprocess.Popen[bytes]:  # fmt: skip
     data = root / "data"
     data.mkdir(exist_ok=True)
     log = open(root / "server.log", "ab")  # noqa: SIM115 - handed to the child, closed below
@@ -175,6 +199,8 @@ def _start(binary: str, root: Path, port: int, access_key: str, secret_key: str)
             "--cache-dir",
             str(root / "cache"),
         ]
+        if read_only:
+            cmd.append("--read-only")
         env = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
     finally:
@@ -219,6 +245,8 @@ def running_s3_server(
                 data_dir=root / "data",
                 log_path=root / "server.log",
                 process=proc,
+                binary=binary,
+                port=port,
             )
             deadline = time.monotonic() + startup_timeout
             while proc.poll() is None and not _answers(port):
@@ -240,6 +268,41 @@ def running_s3_server(
         if server is not None:
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def require_s3_server() -> str:
+    """Return the server binary; in a pytest run, skip if it is missing, but fail when ``CI`` is set."""
+    import pytest
+
+    try:
+        return find_rclone()
+    except S3ServerUnavailable as exc:
+        if os.environ.get("CI") is not None:
+            pytest.fail(f"CI is set, so the S3 tests must not be skipped: {exc}")
+        pytest.skip(str(exc))
+
+
+def raw_client(server: S3Server) -> Any:
+    """A plain boto3 client of ``server`` (one attempt per request)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint_url,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+
+
+def create_bucket(server: S3Server, name: str) -> None:
+    client = raw_client(server)
+    try:
+        client.create_bucket(Bucket=name)
+    finally:
+        client.close()
 
 
 def main(argv: list[str]) -> int:

@@ -101,6 +101,11 @@ class FileSystemBlobStore(BlobStore):
             )
         elif code == errno.EROFS:
             hint = "the file system is read-only; remount it read-write or choose another blob_store directory"
+        elif code in (errno.ENOTDIR, errno.EEXIST) and os.path.lexists(self._root) and not os.path.isdir(self._root):
+            hint = (
+                f"the blob store root {self._root} is not a directory; remove or rename what is there, "
+                "or choose another blob_store directory"
+            )
         elif code in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOTEMPTY):
             hint = (
                 "a name conflicts with an existing object or directory: on a file system one name "
@@ -229,6 +234,10 @@ class FileSystemBlobStore(BlobStore):
                 entries = list(os.scandir(directory))
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR) and directory == start:
+                    if os.path.lexists(self._root) and not os.path.isdir(self._root):
+                        # the root replaced by a file: an error, not "no checkpoints" (recovery
+                        # would restore empty state)
+                        raise self._error(exc, "list", prefix, self._root) from exc
                     return []
                 if exc.errno == errno.ENOENT:
                     continue  # removed by a concurrent delete

@@ -26,6 +26,7 @@ something received before the cut.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -240,9 +241,20 @@ class Participant:
     def _keep_local(self, name: str, data: bytes) -> None:
         path = os.path.join(self.local_dir, name.replace("/", "__"))
         tmp = path + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                os.remove(tmp)  # a partial file would only take more of a full disk
+            except OSError:
+                pass
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                hint = "the disk holding state_dir is full: free space on it or move state_dir to a larger one"
+            else:
+                hint = "check that state_dir is writable"
+            raise SnapshotError(f"cannot write the local copy {tmp} of {name}: {exc.strerror or exc}; {hint}") from exc
 
     def _local(self, ref: ObjectRef) -> bytes | None:
         path = os.path.join(self.local_dir, ref.name.replace("/", "__"))

@@ -48,6 +48,7 @@ __all__ = [
     "Op",
     "decode_state_value",
     "dedup_key",
+    "write_error",
     "encode_state_value",
     "state_key",
     "timer_token_prefix",
@@ -60,6 +61,9 @@ MAX_KEY: Final = 511
 _VALUE_HEAD: Final = struct.Struct(">BQH")
 _KG: Final = struct.Struct(">H")
 _U64: Final = struct.Struct(">Q")
+#: A failed LMDB write with less free space than this on its disk is taken for a full disk:
+#: LMDB reports a short write (ENOSPC part-way through) as EIO, "Input/output error".
+FULL_DISK_SLACK: Final = 64 << 20
 _KG_SEQ: Final = struct.Struct(">HQ")
 _DUE_KG_SEQ: Final = struct.Struct(">QHQ")
 
@@ -111,6 +115,31 @@ def timer_token_prefix(kg: int, sender_typename: str, sender_id: str, token: str
         digest_size=16,
     ).digest()
     return _KG.pack(kg) + h
+
+
+def write_error(what: str, path: str, exc: Exception, remedy: str) -> StateBackendError:
+    """The error for a failed LMDB write to ``what`` at ``path``: a :class:`StateCapacityError`
+    naming the full disk (or file-size limit) and ``remedy`` when that is the cause, else a
+    :class:`StateBackendError`. Nothing of the failed transaction was applied either way."""
+    text = str(exc)
+    try:
+        st = os.statvfs(path)
+        free: int | None = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    if "File too large" in text:
+        return StateCapacityError(
+            f"cannot write {what} at {path}: {text}: a file reached this process's file size limit "
+            f"(ulimit -f / RLIMIT_FSIZE); raise the limit; {remedy}"
+        )
+    if ("No space left" in text or "quota exceeded" in text.lower()
+            or (free is not None and free < FULL_DISK_SLACK)):  # fmt: skip
+        space = f" ({free >> 20} MiB free)" if free is not None else ""
+        return StateCapacityError(
+            f"the disk holding {what} at {path} is full{space}: {text}; free space on that disk or move "
+            f"state_dir to a larger one; {remedy}"
+        )
+    return StateBackendError(f"writing to {what} at {path} failed: {text}; check the disk (dmesg); {remedy}")
 
 
 class LmdbStateBackend:
@@ -301,12 +330,10 @@ class LmdbStateBackend:
                 log.info("state store map full at %d MiB; growing to %d MiB", size >> 20, size >> 19)
                 self.env.set_mapsize(size * 2)
             except lmdb.Error as exc:
-                if isinstance(exc, lmdb.DiskError) or "No space left" in str(exc):
-                    raise StateCapacityError(
-                        f"the disk holding the state store at {self.path} is full: {exc}; "
-                        "free space and the peer resumes with the batch it could not write"
-                    ) from exc
-                raise StateBackendError(f"writing to the state store at {self.path} failed: {exc}") from exc
+                raise write_error(
+                    "the state store", self.path, exc,
+                    "nothing of the batch was applied; the peer retries it with backoff and goes on by itself",
+                ) from exc  # fmt: skip
 
     def _apply(self, txn: lmdb.Transaction, ops: Sequence[Op]) -> None:
         dbs = self._dbs

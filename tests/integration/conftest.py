@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,3 +52,21 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 def cluster_endpoint(cluster: Cluster) -> str:
     """The client endpoint of the shared cluster (peer 0's)."""
     return cluster.endpoint
+
+
+@pytest.fixture(scope="session")
+def mesh_s3_server() -> Iterator[Any]:
+    """One local S3 server (``rclone serve s3`` on 127.0.0.1) with bucket ``statefun-mesh``,
+    shared by the tests that run meshes on ``s3://`` (each under a prefix of its own).
+    Skips without the server binary, but fails under CI (see tests/s3server.py)."""
+    from tests.s3server import create_bucket, require_s3_server, running_s3_server
+
+    if os.environ.get("CI") is None:
+        pytest.importorskip("boto3", reason="s3:// blob stores need boto3: pip install 'statefun-mesh[s3]'")
+    require_s3_server()
+    with running_s3_server() as server:
+        create_bucket(server, MESH_BUCKET)
+        yield server
+
+
+MESH_BUCKET = "statefun-mesh"

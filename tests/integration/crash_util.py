@@ -22,6 +22,82 @@ APP = "tests.integration.crash_app:functions"
 PEERS = 3
 
 
+# -- where the checkpoints go --------------------------------------------------------------
+
+
+class FileBlobs:
+    """A ``file://`` blob store the tests read and write behind the mesh's back."""
+
+    kind = "file"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = "file://" + str(root)
+        self.env: dict[str, str] = {}
+
+    def read(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def write(self, name: str, data: bytes) -> None:
+        (self.root / name).write_bytes(data)
+
+    def manifests(self) -> list[int]:
+        d = self.root / "checkpoints"
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "manifest.json").exists())
+
+
+class S3Blobs:
+    """An ``s3://bucket/prefix`` blob store on the local S3 test server; the peers get its
+    endpoint and credentials through the AWS environment variables."""
+
+    kind = "s3"
+
+    def __init__(self, server: Any, bucket: str, prefix: str) -> None:
+        from tests.s3server import raw_client
+
+        self.server = server
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}"
+        self.client = raw_client(server)
+        self.env = {
+            "AWS_ENDPOINT_URL": server.endpoint_url,
+            "AWS_ACCESS_KEY_ID": server.access_key,
+            "AWS_SECRET_ACCESS_KEY": server.secret_key,
+            "AWS_REGION": server.region,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": "/nonexistent/statefun-mesh-test-aws-config",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/statefun-mesh-test-aws-credentials",
+        }
+
+    def read(self, name: str) -> bytes:
+        body = self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")["Body"]
+        try:
+            return bytes(body.read())
+        finally:
+            body.close()
+
+    def write(self, name: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}", Body=data)
+
+    def manifests(self) -> list[int]:
+        out = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=f"{self.prefix}/checkpoints/"
+        )
+        for page in pages:
+            for obj in page.get("Contents", ()):
+                parts = obj["Key"].split("/")
+                if parts[-1] == "manifest.json" and parts[-2].isdigit():
+                    out.append(int(parts[-2]))
+        return sorted(out)
+
+    def close(self) -> None:
+        self.client.close()
+
+
 class CrashMesh:
     """``python -m statefun_mesh run tests.integration.crash_app:functions`` in a session of
     its own. Peers run in sessions of their own too (the launcher starts them so), hence
@@ -32,14 +108,17 @@ class CrashMesh:
     """
 
     def __init__(self, workdir: Path, *, peers: int = PEERS, checkpoint_interval: float = 0.5,
-                 port: int | None = None, extra_config: str = "") -> None:  # fmt: skip
+                 port: int | None = None, extra_config: str = "", blobs: FileBlobs | S3Blobs | None = None,
+                 state_dir: Path | None = None, checkpoints: bool = True) -> None:  # fmt: skip
         self.workdir = workdir
         self.peers = peers
         self.port = port or free_ports(1)[0]
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
-        self.state_dir = workdir / "state"
-        self.blob_dir = self.state_dir / "checkpoints"
+        self.state_dir = state_dir or workdir / "state"
+        #: where the checkpoints go (default: ``statefun-mesh run``'s, <state-dir>/checkpoints)
+        self.blobs = blobs or FileBlobs(self.state_dir / "checkpoints")
         self.checkpoint_interval = checkpoint_interval
+        self.checkpoints = checkpoints
         self.extra_config = extra_config
         #: more arguments for the next start (e.g. ["--restore", "latest"])
         self.extra_args: list[str] = []
@@ -65,8 +144,11 @@ class CrashMesh:
             sys.executable, "-m", "statefun_mesh", "run", APP,
             "--peers", str(self.peers), "--transport", "ipc",
             "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir),
-            "--checkpoint-interval", str(self.checkpoint_interval),
         ]  # fmt: skip
+        if self.checkpoints:
+            cmd += ["--checkpoint-interval", str(self.checkpoint_interval), "--blob-store", self.blobs.url]
+        else:
+            cmd += ["--no-checkpoints"]
         cmd += self.extra_args
         if self.extra_config:
             cfg = self.workdir / "extra.toml"
@@ -75,6 +157,7 @@ class CrashMesh:
         env = dict(os.environ)
         env.pop("STATEFUN_MESH_ENDPOINT", None)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        env.update(self.blobs.env)
         with open(self.out_path, "wb") as out, open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 cmd, cwd=ROOT, stdout=out, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True
@@ -181,16 +264,13 @@ class CrashMesh:
     # -- checkpoints on disk -------------------------------------------------------------
 
     def manifests(self) -> list[int]:
-        d = self.blob_dir / "checkpoints"
-        if not d.is_dir():
-            return []
-        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "manifest.json").exists())
+        return self.blobs.manifests()
 
     def manifest(self, n: int) -> dict[str, Any]:
-        return json.loads((self.blob_dir / "checkpoints" / f"{n:012d}" / "manifest.json").read_bytes())
+        return json.loads(self.blobs.read(f"checkpoints/{n:012d}/manifest.json"))
 
     def checkpoints_list(self) -> str:
-        r = run_cli("checkpoints", "list", "--blob-store", str(self.blob_dir), timeout=60)
+        r = run_cli("checkpoints", "list", "--blob-store", self.blobs.url, timeout=60, env=self.blobs.env)
         assert r.returncode == 0, r.stderr
         return r.stdout
 

@@ -2,6 +2,11 @@
 killed with SIGKILL at random moments, the launcher restarting them and peer 0's
 coordinator running a recovery round for the whole mesh (ARCHITECTURE §7).
 
+The counter, cycle, timer and corrupted-checkpoint tests run with checkpoints on
+``file://`` and on ``s3://`` (a local ``rclone serve s3``, see tests/s3server.py). The S3
+variants add about a minute by default; those of the five corruption tests (another
+1.5 minutes) are ``slow`` (``--run-slow``).
+
 Every test starts its own mesh (``start_new_session=True``) and kills every process it
 started at teardown, also when it failed. ``pytest -s`` shows the measured recovery times.
 """
@@ -16,13 +21,22 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration import crash_app as app
-from tests.integration.crash_util import Clients, CrashMesh, probe_ids, reply_json, wait_log, wait_responsive
+from tests.integration.conftest import MESH_BUCKET
+from tests.integration.crash_util import (
+    Clients,
+    CrashMesh,
+    FileBlobs,
+    S3Blobs,
+    probe_ids,
+    reply_json,
+    wait_log,
+    wait_responsive,
+)
 from tests.integration.support import gather_bounded, read_egress
 
 pytestmark = pytest.mark.integration
@@ -30,18 +44,40 @@ pytestmark = pytest.mark.integration
 RECOVERY_BOUND = 20.0  # seconds from SIGKILL to the first answered request
 
 
+#: both blob stores, the S3 one marked slow (a test that lists this runs on S3 only with --run-slow)
+STORES_S3_SLOW = ["file", pytest.param("s3", marks=pytest.mark.slow)]
+STORES = ["file", "s3"]
+
+
 @pytest.fixture
-def meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., CrashMesh]]:
+def store() -> str:
+    """The blob store kind of a test that is not parametrized over stores."""
+    return "file"
+
+
+@pytest.fixture
+def meshes(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+           store: str) -> Iterator[Callable[..., CrashMesh]]:  # fmt: skip
+    """``meshes(**CrashMesh options)``: meshes that checkpoint to the test's ``store``
+    (``file``: <state-dir>/checkpoints; ``s3``: a prefix of its own on the shared S3 server)."""
     started: list[CrashMesh] = []
+    s3: list[S3Blobs] = []
 
     def make(**kw: Any) -> CrashMesh:
-        m = CrashMesh(tmp_path_factory.mktemp("crash"), **kw)
+        workdir = tmp_path_factory.mktemp("crash")
+        if store == "s3" and "blobs" not in kw:
+            server = request.getfixturevalue("mesh_s3_server")
+            kw["blobs"] = S3Blobs(server, MESH_BUCKET, workdir.name)
+            s3.append(kw["blobs"])
+        m = CrashMesh(workdir, **kw)
         started.append(m)
         return m
 
     yield make
     for m in started:
         m.cleanup()
+    for b in s3:
+        b.close()
 
 
 def counter_query(id: str) -> Any:
@@ -227,6 +263,7 @@ class app_client:
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("store", STORES)
 async def test_counter_exactly_once_across_sigkills(meshes: Callable[..., CrashMesh]) -> None:
     await run_counter(meshes, increments=3_000, keys=100, kills=3, budget=140)
 
@@ -241,6 +278,7 @@ async def test_counter_exactly_once_across_sigkills_50k(meshes: Callable[..., Cr
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("store", STORES)
 async def test_cycles_finish_exactly_once_across_a_sigkill(meshes: Callable[..., CrashMesh]) -> None:
     chains, rounds = 50, 2000  # ~100k hops: several seconds of cross-peer ping-pong
     mesh = meshes()
@@ -301,11 +339,12 @@ async def chains_done(clients: Clients, names: list[str], deadline: float) -> di
 # -- 3. timers pending at a crash -------------------------------------------------------------
 
 
-async def timers_across_a_crash(meshes: Callable[..., CrashMesh]) -> dict[str, Any]:
-    """Set 120 timers (delays 1.5-3 s) from 12 setter instances; cancel a third of them at
-    once (checkpointed before the crash) and a third just before the crash (acknowledged,
-    so in the ingress log, but after the last checkpoint); SIGKILL peer 2 before any is
-    due; wait until all are due after recovery. Returns the firing counts per group."""
+async def timers_across_a_crash(meshes: Callable[..., CrashMesh], scale: float = 1.0) -> dict[str, Any]:
+    """Set 120 timers (delays 1.5-3 s, times ``scale``) from 12 setter instances; cancel a
+    third of them at once (checkpointed before the crash) and a third just before the crash
+    (acknowledged, so in the ingress log, but after the last checkpoint); SIGKILL peer 2
+    before any is due; wait until all are due after recovery. Returns the firing counts per
+    group. S3 checkpoints take longer than local ones: those tests give ``scale=2``."""
     setters = 12
     per_setter = 10
     mesh = meshes()
@@ -317,7 +356,7 @@ async def timers_across_a_crash(meshes: Callable[..., CrashMesh]) -> dict[str, A
         plan: dict[str, tuple[str, int, str]] = {}  # target -> (setter, delay_ms, token)
         for s in range(setters):
             for j in range(per_setter):
-                plan[f"t{s}-{j}"] = (f"s{s}", rng.randint(1_500, 3_000), f"tok-{s}-{j}")
+                plan[f"t{s}-{j}"] = (f"s{s}", rng.randint(int(1_500 * scale), int(3_000 * scale)), f"tok-{s}-{j}")
         targets = sorted(plan)
         shuffled = targets[:]
         rng.shuffle(shuffled)
@@ -341,7 +380,7 @@ async def timers_across_a_crash(meshes: Callable[..., CrashMesh]) -> dict[str, A
             await clients.send(app.json_message(app.TIMER_SETTER, f"s{s}", {"cancel": toks}), f"cancel-late-{s}",
                                first=s, deadline=deadline)  # fmt: skip
         elapsed = time.monotonic() - t0
-        assert elapsed < 1.4, f"setup took {elapsed:.2f} s: timers may have fired before the crash"
+        assert elapsed < 1.4 * scale, f"setup took {elapsed:.2f} s: timers may have fired before the crash"
         victim = 2
         secs = await kill_and_wait(mesh, victim, probes)
         print(
@@ -351,7 +390,7 @@ async def timers_across_a_crash(meshes: Callable[..., CrashMesh]) -> dict[str, A
         rounds = recovery_rounds(mesh.log())
         late_checkpointed = not rounds[-1].endswith(f"restoring checkpoint {newest} on 3 peers")
 
-        await asyncio.sleep(4.0)  # every timer is due by now; a second firing would have happened
+        await asyncio.sleep(4.0 * scale)  # every timer is due by now; a second firing would have happened
 
         async def fired(i: int, t: str) -> tuple[str, int]:
             r = await clients.request(app.query(app.TIMER_TARGET, t), first=i, deadline=deadline)
@@ -380,10 +419,11 @@ async def timers_across_a_crash(meshes: Callable[..., CrashMesh]) -> dict[str, A
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("store", STORES)
 async def test_timers_pending_at_a_crash_fire_exactly_once_and_checkpointed_cancellations_hold(
-    meshes: Callable[..., CrashMesh],
+    meshes: Callable[..., CrashMesh], store: str
 ) -> None:
-    r = await timers_across_a_crash(meshes)
+    r = await timers_across_a_crash(meshes, 2.0 if store == "s3" else 1.0)
     bad_keep = {t: n for t, n in r["keep"].items() if n != 1}
     bad_early = {t: n for t, n in r["early"].items() if n != 0}
     assert not bad_keep, f"timers not fired exactly once (target: times fired): {bad_keep}"
@@ -391,14 +431,15 @@ async def test_timers_pending_at_a_crash_fire_exactly_once_and_checkpointed_canc
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("store", STORES)
 async def test_a_cancellation_acknowledged_before_a_crash_holds_after_recovery(
-    meshes: Callable[..., CrashMesh],
+    meshes: Callable[..., CrashMesh], store: str
 ) -> None:
     """A client's cancellation the mesh acknowledged (it is in the ingress log) before the
     crash, and before the timer was due, must win after recovery too: without the crash
     the timer never fires. Recovery replays the cancellation from the ingress log, but
     timers that came due during the outage must not fire ahead of it."""
-    r = await timers_across_a_crash(meshes)
+    r = await timers_across_a_crash(meshes, 2.0 if store == "s3" else 1.0)
     bad_keep = {t: n for t, n in r["keep"].items() if n != 1}
     assert not bad_keep, f"timers not fired exactly once (target: times fired): {bad_keep}"
     bad_late = {t: (n, r["delay_ms"][t]) for t, n in r["late"].items() if n != 0}
@@ -487,13 +528,14 @@ async def test_recovery_time_after_sigkill(meshes: Callable[..., CrashMesh]) -> 
 # -- 5. a corrupted newest checkpoint ---------------------------------------------------------
 
 
-def _corrupt(path: Path, how: str) -> None:
-    data = path.read_bytes()
+def _corrupt(blobs: FileBlobs | S3Blobs, name: str, how: str) -> None:
+    """Corrupt object ``name`` in the blob store, behind the mesh's back."""
+    data = blobs.read(name)
     if how == "truncate":
-        path.write_bytes(data[: len(data) // 2])
+        blobs.write(name, data[: len(data) // 2])
     else:  # flip bytes in the middle
         mid = len(data) // 2
-        path.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 16]) + data[mid + 16 :])
+        blobs.write(name, data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 16]) + data[mid + 16 :])
 
 
 async def corrupted_checkpoint_scenario(meshes: Callable[..., CrashMesh], target: str) -> dict[str, Any]:
@@ -538,9 +580,9 @@ async def corrupted_checkpoint_scenario(meshes: Callable[..., CrashMesh], target
         previous = ids[-2]
         assert previous >= first
         assert covered(previous) < 2 * len(keys), "the previous checkpoint covers round b too: nothing to replay"
-        m_dir = mesh.blob_dir / "checkpoints" / f"{newest:012d}"
         if target.startswith("manifest"):
-            _corrupt(m_dir / "manifest.json", "truncate" if target == "manifest-truncated" else "flip")
+            _corrupt(mesh.blobs, f"checkpoints/{newest:012d}/manifest.json",
+                     "truncate" if target == "manifest-truncated" else "flip")  # fmt: skip
             corrupted = f"manifest of checkpoint {newest}"
         else:
             # an object only the newest checkpoint names (its own state or in-flight object of
@@ -550,7 +592,7 @@ async def corrupted_checkpoint_scenario(meshes: Callable[..., CrashMesh], target
             part = mesh.manifest(newest)["parts"][victim]
             own = [r for r in [*part["chain"], part["inflight"]] if r["checkpoint"] == newest]
             ref = own[0]
-            _corrupt(mesh.blob_dir / ref["name"], "flip")
+            _corrupt(mesh.blobs, ref["name"], "flip")
             local = mesh.state_dir / f"peer-{victim}.checkpoints" / ref["name"].replace("/", "__")
             assert local.exists(), f"peer {victim} kept no local copy of {ref['name']}"
             if not target.endswith("local-copy-intact"):
@@ -599,6 +641,7 @@ async def corrupted_checkpoint_scenario(meshes: Callable[..., CrashMesh], target
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("store", STORES_S3_SLOW)
 @pytest.mark.parametrize(
     "target",
     [

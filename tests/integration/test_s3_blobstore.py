@@ -24,7 +24,14 @@ if _ROOT not in sys.path:  # tests.s3server lives at the repository root's tests
 from statefun_mesh.blobstore import S3BlobStore, open_blob_store  # noqa: E402
 from statefun_mesh.errors import BlobNotFoundError, BlobStoreError  # noqa: E402
 from statefun_mesh.testing.blobstores import check_blob_store  # noqa: E402
-from tests.s3server import S3Server, S3ServerUnavailable, find_rclone, running_s3_server  # noqa: E402
+from tests.s3server import (  # noqa: E402
+    S3Server,
+    S3ServerUnavailable,
+    create_bucket,
+    raw_client,
+    require_s3_server,
+    running_s3_server,
+)
 
 pytestmark = [pytest.mark.integration]
 
@@ -32,38 +39,16 @@ if os.environ.get("CI") is None:
     boto3 = pytest.importorskip("boto3", reason="S3BlobStore needs boto3: pip install 'statefun-mesh[s3]'")
 else:
     import boto3  # CI must have it: the tests may not skip there
-from botocore.config import Config  # noqa: E402
 
 BUCKET = "statefun-test"
 
 
-def require_s3_server() -> str:
-    """Return the server binary; skip if it is missing, but fail when ``CI`` is set."""
-    try:
-        return find_rclone()
-    except S3ServerUnavailable as exc:
-        if os.environ.get("CI") is not None:
-            pytest.fail(f"CI is set, so the S3 tests must not be skipped: {exc}")
-        pytest.skip(str(exc))
-
-
 def _raw_client(server: S3Server) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=server.endpoint_url,
-        region_name=server.region,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-    )
+    return raw_client(server)
 
 
 def _create_bucket(server: S3Server, name: str = BUCKET) -> None:
-    client = _raw_client(server)
-    try:
-        client.create_bucket(Bucket=name)
-    finally:
-        client.close()
+    create_bucket(server, name)
 
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,17 @@ async def test_fs_missing_root_lists_empty_and_put_creates_it(tmp_path: Path) ->
     assert (tmp_path / "not/yet/a").read_bytes() == b"1"
 
 
+async def test_fs_root_replaced_by_a_file_is_an_error_not_an_empty_store(tmp_path: Path) -> None:
+    # Listing it as empty would make a recovery restore empty state: it must fail, and say why.
+    (tmp_path / "root").write_bytes(b"not a directory")
+    store = FileSystemBlobStore(tmp_path / "root")
+    with pytest.raises(BlobStoreError, match=r"root .*root is not a directory"):
+        await store.list("checkpoints/")
+    with pytest.raises(BlobStoreError, match=r"root .*root is not a directory"):
+        await store.put("objects/peer-0000/000000000001-base.bin", b"x")
+    assert await FileSystemBlobStore(tmp_path / "root" / "below").list() == []  # a path below a file: no objects
+
+
 async def test_fs_directory_is_not_an_object(tmp_path: Path) -> None:
     store = FileSystemBlobStore(tmp_path)
     await store.put("a/b", b"1")
