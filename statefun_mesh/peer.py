@@ -17,6 +17,8 @@ from .clock import Clock, SystemClock
 from .config import MeshConfig
 from .dispatch import REPLY_OK, BatchOutcome, Dispatcher, Record
 from .errors import (
+    BlobNotFoundError,
+    BlobStoreError,
     BrokenTransportError,
     ClosedTransportError,
     FrameDecodeError,
@@ -999,12 +1001,25 @@ class Peer:
     async def _recover_from(self, gen: int, n: int) -> None:
         from .snapshot.format import Manifest, manifest_name
 
+        pause = 0.5
         try:
-            manifest = None
-            if n >= 0:
-                name = manifest_name(n)
-                manifest = Manifest.from_json(await self.blobs.get(name), name=name)
-            await self._recover(gen, manifest)
+            while True:
+                try:
+                    manifest = None
+                    if n >= 0:
+                        name = manifest_name(n)
+                        manifest = Manifest.from_json(await self.blobs.get(name), name=name)
+                    await self._recover(gen, manifest)
+                    break
+                except BlobStoreError as exc:
+                    if isinstance(exc, BlobNotFoundError) or self.generation != gen:
+                        raise
+                    # the store is unreachable or failing: not the checkpoint's fault, so
+                    # do not report it unrestorable; try again while this round stands
+                    log.error("peer %d: cannot read checkpoint %d from the blob store in recovery round %d: %s; "
+                              "retrying in %.1f s", self.peer_id, n, gen, exc, pause)  # fmt: skip
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 10.0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

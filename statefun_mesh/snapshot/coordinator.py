@@ -18,7 +18,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BlobStoreError, IncompatibleSnapshotError, SnapshotError, SnapshotNotFoundError
+from ..errors import (
+    BlobNotFoundError,
+    BlobStoreError,
+    IncompatibleSnapshotError,
+    SnapshotError,
+    SnapshotNotFoundError,
+)
 from ..transport import codec
 from .format import Manifest, PeerPart, manifest_name, parse_manifest_name
 from .participant import part_to_dict
@@ -59,7 +65,9 @@ async def latest_manifest(blobs: BlobStore, exclude: set[int] | frozenset[int] =
                     if not await blobs.exists(ref.name):
                         raise SnapshotError(f"{name} names {ref.name}, which is missing")
             return m
-        except (SnapshotError, BlobStoreError) as exc:
+        except (SnapshotError, BlobNotFoundError) as exc:
+            # a corrupted or incomplete checkpoint: never restored. (Any other blob store
+            # error propagates: the store failing says nothing about the checkpoint.)
             log.error("skipping checkpoint %d: %s", n, exc)
     return None
 
@@ -92,12 +100,20 @@ class Coordinator:
 
     async def start(self) -> None:
         """Read the blob store and run the first recovery round (blocks until the mesh is up)."""
-        try:
-            raw = await self.blobs.get(GENERATION_BLOB)
-            self.generation = int(raw.decode())
-        except (BlobStoreError, ValueError, LookupError):
-            self.generation = 0
-        self.manifests = await list_checkpoints(self.blobs)
+        pause = 0.5
+        while True:
+            try:
+                try:
+                    self.generation = int((await self.blobs.get(GENERATION_BLOB)).decode())
+                except (BlobNotFoundError, ValueError):
+                    self.generation = 0
+                self.manifests = await list_checkpoints(self.blobs)
+                break
+            except BlobStoreError as exc:
+                # generations must only grow: never guess 0 because the store failed
+                log.error("the coordinator cannot read the blob store: %s; retrying in %.1f s", exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
         self.next_id = (self.manifests[-1] + 1) if self.manifests else 1
         self.request_recovery("the coordinator started")
         while self._recovering is not None and not self._recovering.done():
@@ -117,7 +133,20 @@ class Coordinator:
         async def run() -> None:
             if old is not None and not old.done():
                 await asyncio.wait({old})
-            await self.recover(reason)
+            pause = 0.5
+            why = reason
+            while True:
+                try:
+                    await self.recover(why)
+                    return
+                except BlobStoreError as exc:
+                    # the store is down or failing (not a bad checkpoint): the mesh cannot
+                    # restore anything until it answers, so try the round again
+                    log.error("recovery round %d: the blob store failed: %s; retrying the round in %.1f s",
+                              self.generation, exc, pause)  # fmt: skip
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 10.0)
+                    why = f"retry after a blob store failure ({reason})"
 
         self._recovering = asyncio.create_task(run(), name="statefun-mesh recovery")
 

@@ -27,10 +27,19 @@ import pytest
 from statefun_mesh import MeshClient
 from statefun_mesh.errors import StatefunMeshError
 from tests.integration import crash_app as app
-from tests.integration.crash_util import Clients, CrashMesh, FileBlobs, S3Blobs, probe_ids, wait_log
+from tests.integration.crash_util import (
+    Clients,
+    CrashMesh,
+    FileBlobs,
+    S3Blobs,
+    probe_ids,
+    wait_log,
+    wait_responsive,
+)
 from tests.integration.support import read_egress
 from tests.integration.test_crash_recovery import (
     app_client,
+    counter_query,
     kill_and_wait,
     read_counts,
     start_mesh,
@@ -288,6 +297,46 @@ async def test_s3_down_then_read_only_checkpoints_fail_processing_goes_on(env: E
             print(f"[s3] checkpoints list:\n{mesh.checkpoints_list()}")
             st = await peer_checkpoint_status(clients)
             assert not any(s.get("failing") for s in st), st
+        finally:
+            await work.cancel()
+            await clients.aclose()
+            mesh.cleanup()
+
+
+@pytest.mark.timeout(180)
+async def test_a_peer_restarting_while_s3_is_down_recovers_once_it_is_back(env: Env) -> None:
+    """A SIGKILL while the S3 server is stopped: the recovery round cannot read the
+    checkpoint, so it is retried (logged) rather than given up or mistaken for a bad
+    checkpoint; once the server is back the mesh recovers by itself, exactly once."""
+    from tests.s3server import create_bucket, require_s3_server, running_s3_server
+
+    pytest.importorskip("boto3")
+    require_s3_server()
+    with running_s3_server() as server:
+        create_bucket(server, BUCKET)
+        blobs = S3Blobs(server, BUCKET, "restart-while-down")
+        env.closers.append(blobs.close)
+        mesh = env.mesh(blobs=blobs)
+        clients = await start_mesh(mesh)
+        deadline = time.monotonic() + 170
+        work = Workload(clients)
+        try:
+            work.start(deadline)
+            await wait_new_checkpoints(mesh, 2)
+            await work.wait_acked(100, 20, "sends before the outage")
+            mark = len(mesh.log(mesh.runs))
+            server.stop()
+            old, _ = mesh.kill_peer(1)
+            await asyncio.to_thread(mesh.wait_peer_restarted, 1, old)
+            retry = await asyncio.to_thread(
+                wait_log, mesh, r"(retrying the round|cannot read checkpoint \d+ from the blob store)", timeout=40,
+                after=mark,
+            )  # fmt: skip
+            print(f"\n[s3 down, peer restarted] {retry}")
+            assert "skipping checkpoint" not in mesh.log(mesh.runs)[mark:], "a store outage was taken as a bad checkpoint"
+            server.restart()
+            await wait_responsive(mesh.endpoint, probe_ids("probe"), counter_query, timeout=60)
+            await finish(mesh, clients, work, deadline)
         finally:
             await work.cancel()
             await clients.aclose()
