@@ -60,6 +60,9 @@ class MeshConfig:
             fraction of the base.
         ingress_sync: fsync the ingress log before acknowledging a client message
             (survives a machine crash, not only a process crash).
+        local_recovery: keep a local copy of every checkpoint object a peer uploads
+            (``<state_dir>/peer-<id>.checkpoints/``) and restore from it when it is
+            intact; ``False``: keep none and restore from the blob store only.
     """
 
     functions: tuple[str, ...] = ()
@@ -88,6 +91,7 @@ class MeshConfig:
     base_every: int = 20
     delta_ratio: float = 0.5
     ingress_sync: bool = True
+    local_recovery: bool = True
     _source: str = field(default="<arguments>", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +116,8 @@ class MeshConfig:
             raise bad("blob_store", "a URL string (file://, s3://, memory://) or a path")
         if not isinstance(self.ingress_sync, bool):
             raise bad("ingress_sync", "true or false")
+        if not isinstance(self.local_recovery, bool):
+            raise bad("local_recovery", "true or false")
         if self.blob_store and self.checkpoint_interval <= 0:
             raise bad("checkpoint_interval", "a positive number of seconds")
         if self.state_dir is not None and not isinstance(self.state_dir, str):
