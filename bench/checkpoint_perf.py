@@ -174,7 +174,7 @@ async def _checkpoint(mesh: LocalMesh, timeout: float = 600.0) -> dict[str, Any]
             raise RuntimeError(f"checkpoint {n} was aborted (see the log)")
         if loop.time() - t0 > timeout:
             raise TimeoutError(f"checkpoint {n} not complete after {timeout} s")
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.005)
     wall = loop.time() - t0
     m = coord.last_complete
     parts = []
@@ -287,6 +287,29 @@ def _manifests(mesh: mp.MeshProcesses) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit() and (d / n / "manifest.json").exists())
 
 
+def _manifest(mesh: mp.MeshProcesses, n: int) -> dict[str, Any] | None:
+    path = mesh.state_dir / "checkpoints" / "checkpoints" / f"{n:012d}" / "manifest.json"
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    return None
+
+
+def _manifest_stats(mesh: mp.MeshProcesses, ids: list[int]) -> dict[str, Any]:
+    """Per peer and checkpoint (of the retained manifests ``ids``): the state object's and the
+    in-flight object's entries and bytes."""
+    rows = []
+    for n in ids:
+        m = _manifest(mesh, n)
+        if m is None:
+            continue
+        for part in m["parts"]:
+            st, inf = part["chain"][-1], part["inflight"]
+            rows.append({"checkpoint": n, "peer": part["peer"], "kind": st["kind"], "state_entries": st["entries"],
+                         "state_bytes": st["size"], "inflight_entries": inf["entries"], "inflight_bytes": inf["size"],
+                         "chain_bytes": sum(o["size"] for o in part["chain"]), "created_ms": m["created_ms"]})  # fmt: skip
+    return {"rows": rows}
+
+
 def _stop(mesh: mp.MeshProcesses, keep_logs: str | None, tag: str) -> None:
     with contextlib.suppress(Exception):
         if mesh.proc is not None:
@@ -312,10 +335,12 @@ async def _tp_measure(mesh: mp.MeshProcesses, args: argparse.Namespace, log: Log
         await mp.counter_run(s, args.tp_keys, args.tp_keys, 999, 300.0)  # warm-up: every key exists
         runs = []
         for i in range(args.tp_repeat):
-            m0 = _manifests(mesh)
+            m0 = max(_manifests(mesh) or [0])
             r = await mp.counter_run(s, messages, args.tp_keys, 999, 600.0)
             m1 = _manifests(mesh)
-            r["checkpoints_completed"] = len(set(m1) - set(m0))
+            # ids count up by one per checkpoint (retention deletes old manifests: count by id)
+            r["checkpoints_completed"] = max(m1 or [0]) - m0
+            r["checkpoint_objects"] = _manifest_stats(mesh, [n for n in m1 if n > m0])
             r["peer_cpu_s"] = sum(p["cpu_s"] for p in r["per_peer"])
             r["per_cpu_s"] = messages / r["peer_cpu_s"] if r["peer_cpu_s"] else None
             log(f"  {tag} run {i + 1}/{args.tp_repeat}: {r['rate']:,.0f} increments/s, "
@@ -470,10 +495,12 @@ async def _recovery_measure(mesh: mp.MeshProcesses, args: argparse.Namespace, lo
         before = await s.clients[0].request(ckpt_app.probe(probe_id), timeout=10.0)
         if before.as_string() != expected:
             raise RuntimeError("the probe instance does not hold the loaded state")
-        base_bytes = _state_bytes(mesh)
+        disk_bytes = _state_bytes(mesh)
         kills = []
         for k in range(args.recovery_kills):
             rounds_before = len(_recovery_rounds(mesh.tail(10**9)))
+            in_force = _manifest(mesh, max(_manifests(mesh) or [0])) or {"parts": []}
+            restored = [sum(o["size"] for o in p["chain"]) + p["inflight"]["size"] for p in in_force["parts"]]
             r = await _kill_and_time(mesh, s.clients[0], probe_id, expected, args.recovery_timeout)
             # the coordinator logs "recovery round g done in X s" when it sends RESUME
             deadline = time.monotonic() + 10
@@ -481,6 +508,10 @@ async def _recovery_measure(mesh: mp.MeshProcesses, args: argparse.Namespace, lo
                 await asyncio.sleep(0.05)
             rounds = _recovery_rounds(mesh.tail(10**9))[rounds_before:]
             r["recovery_rounds_s"] = rounds
+            r["restored_bytes_per_peer"] = restored
+            if r["kill_to_new_process_s"] is not None and rounds:
+                # python start-up, opening the stores, and the heartbeat that tells the coordinator
+                r["new_process_to_round_s"] = r["kill_to_answer_s"] - r["kill_to_new_process_s"] - sum(rounds)
             log(f"  {mode}: kill {k + 1}/{args.recovery_kills}: answered {r['kill_to_answer_s']:.2f} s after the "
                 f"SIGKILL (new process after {r['kill_to_new_process_s'] or float('nan'):.2f} s; recovery "
                 f"round(s) {', '.join(f'{x:.2f}' for x in rounds)} s)")  # fmt: skip
@@ -488,7 +519,7 @@ async def _recovery_measure(mesh: mp.MeshProcesses, args: argparse.Namespace, lo
             if k + 1 < args.recovery_kills:  # settle: the mesh checkpoints again before the next kill
                 await _wait_manifests(mesh, max(_manifests(mesh) or [0]), 1, 10 * args.recovery_interval + 120)
         return {"mode": mode, "keys": instances * ckpt_app.SPECS, "peers": n, "load_s": load_s,
-                "checkpoint_objects_bytes": base_bytes, "kills": kills,
+                "disk_bytes": disk_bytes, "kills": kills,
                 "median_kill_to_answer_s": statistics.median(k["kill_to_answer_s"] for k in kills)}  # fmt: skip
     finally:
         await s.close()
@@ -557,28 +588,40 @@ def print_tables(res: dict[str, Any]) -> None:
         t = res["throughput"]
         out(f"\n== counter throughput, {t['peers']} peer processes, {t['messages']:,} increments over {t['keys']:,} "
             f"keys per run; mesh order {','.join(t['order'])} ==\n")  # fmt: skip
-        out("| checkpoints | runs: increments/s | median | per peer-CPU-s (median) | checkpoints per run |")
-        out("|---|---|---:|---:|---|")
+        out("| checkpoints | runs: increments/s | median | per peer-CPU-s (median) | checkpoints per run "
+            "| seconds per checkpoint |")  # fmt: skip
+        out("|---|---|---:|---:|---|---|")
         for mode, label in (("off", "none"), ("on", f"every {t['interval_s']:g} s")):
             rs = t["runs"][mode]
             rates = ", ".join(format(r["rate"], ",.0f") for r in rs)
             cks = ", ".join(str(r["checkpoints_completed"]) for r in rs)
-            out(f"| {label} | {rates} | {t[mode + '_rate']:,.0f} | {t[mode + '_per_cpu_s']:,.0f} | {cks} |")
+            every = ", ".join(format(r["elapsed_s"] / r["checkpoints_completed"], ".2f") if r["checkpoints_completed"]
+                              else "–" for r in rs)  # fmt: skip
+            out(f"| {label} | {rates} | {t[mode + '_rate']:,.0f} | {t[mode + '_per_cpu_s']:,.0f} | {cks} | {every} |")
+        rows = [row for r in t["runs"]["on"] for row in r["checkpoint_objects"]["rows"]]
+        if rows:
+            med = {k: statistics.median(row[k] for row in rows)
+                   for k in ("state_entries", "state_bytes", "inflight_entries", "inflight_bytes")}  # fmt: skip
+            out(f"\nobjects per peer and checkpoint during the 'on' runs (median of {len(rows)}): state "
+                f"{med['state_entries']:,.0f} entries / {med['state_bytes'] / 1e3:,.0f} kB, in flight "
+                f"{med['inflight_entries']:,.0f} messages / {med['inflight_bytes'] / 1e3:,.0f} kB")  # fmt: skip
         out(f"\nwith / without checkpoints: {t['ratio']:.3f} wall-clock ({(t['ratio'] - 1):+.1%}), "
             f"{t['ratio_cpu']:.3f} per CPU-second ({(t['ratio_cpu'] - 1):+.1%}); aim: >= 0.90")  # fmt: skip
     if "recovery" in res:
         out("\n== SIGKILL of peer 1 -> first request to one of its instances answered ==\n")
         out("| restore from | keys | peers | kill → answered s (each kill) | kill → new process s "
-            "| recovery round s | objects in blob store MB |")  # fmt: skip
-        out("|---|---:|---:|---|---|---|---:|")
+            "| new process → recovery round s | recovery round s | restored per peer MB |")  # fmt: skip
+        out("|---|---:|---:|---|---|---|---|---|")
         for r in res["recovery"]:
             label = "local copies" if r["mode"] == "local" else "blob store only"
             ks = r["kills"]
             answered = ", ".join(format(k["kill_to_answer_s"], ".2f") for k in ks)
             restarted = ", ".join(format(k["kill_to_new_process_s"] or float("nan"), ".2f") for k in ks)
             rounds = ", ".join("+".join(format(x, ".2f") for x in k["recovery_rounds_s"]) or "?" for k in ks)
-            blob_mb = _mb(r["checkpoint_objects_bytes"]["blob_store"])
-            out(f"| {label} | {r['keys']:,} | {r['peers']} | {answered} | {restarted} | {rounds} | {blob_mb} |")
+            between = ", ".join(format(k.get("new_process_to_round_s", float("nan")), ".2f") for k in ks)
+            restored = ", ".join("/".join(format(b / 1e6, ".1f") for b in k["restored_bytes_per_peer"]) for k in ks)
+            out(f"| {label} | {r['keys']:,} | {r['peers']} | {answered} | {restarted} | {between} | {rounds} "
+                f"| {restored} |")
 
 
 def main(argv: list[str] | None = None) -> int:
