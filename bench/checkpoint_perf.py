@@ -55,9 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/checkpoint_perf.py` puts bench/ first, not the root
     sys.path.insert(0, str(ROOT))
 
-from bench import ckpt_app  # noqa: E402
+from bench import ckpt_app, perf_app  # noqa: E402
 from bench import mesh_perf as mp  # noqa: E402
-from bench import perf_app  # noqa: E402
 from statefun_mesh import LocalMesh, MeshClient  # noqa: E402
 from statefun_mesh._speedups import IMPLEMENTATION  # noqa: E402
 
@@ -304,9 +303,12 @@ def _manifest_stats(mesh: mp.MeshProcesses, ids: list[int]) -> dict[str, Any]:
             continue
         for part in m["parts"]:
             st, inf = part["chain"][-1], part["inflight"]
-            rows.append({"checkpoint": n, "peer": part["peer"], "kind": st["kind"], "state_entries": st["entries"],
-                         "state_bytes": st["size"], "inflight_entries": inf["entries"], "inflight_bytes": inf["size"],
-                         "chain_bytes": sum(o["size"] for o in part["chain"]), "created_ms": m["created_ms"]})  # fmt: skip
+            rows.append({
+                "checkpoint": n, "peer": part["peer"], "kind": st["kind"],
+                "state_entries": st["entries"], "state_bytes": st["size"],
+                "inflight_entries": inf["entries"], "inflight_bytes": inf["size"],
+                "chain_bytes": sum(o["size"] for o in part["chain"]), "created_ms": m["created_ms"],
+            })  # fmt: skip
     return {"rows": rows}
 
 
@@ -596,7 +598,7 @@ def print_tables(res: dict[str, Any]) -> None:
             rates = ", ".join(format(r["rate"], ",.0f") for r in rs)
             cks = ", ".join(str(r["checkpoints_completed"]) for r in rs)
             every = ", ".join(format(r["elapsed_s"] / r["checkpoints_completed"], ".2f") if r["checkpoints_completed"]
-                              else "–" for r in rs)  # fmt: skip
+                              else "-" for r in rs)  # fmt: skip
             out(f"| {label} | {rates} | {t[mode + '_rate']:,.0f} | {t[mode + '_per_cpu_s']:,.0f} | {cks} | {every} |")
         rows = [row for r in t["runs"]["on"] for row in r["checkpoint_objects"]["rows"]]
         if rows:
