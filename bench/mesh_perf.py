@@ -202,7 +202,8 @@ class MeshProcesses:
     only processes this object started, identified by pid *and* command line.
     """
 
-    def __init__(self, args: argparse.Namespace, peers: int, core: str, log: Callable[[str], None]) -> None:
+    def __init__(self, args: argparse.Namespace, peers: int, core: str, log: Callable[[str], None],
+                 app_ref: str = APP_REF) -> None:  # fmt: skip
         self.peers = peers
         self.core = core
         self.log = log
@@ -212,7 +213,7 @@ class MeshProcesses:
         self.out_path = self.workdir / "launcher.out"
         self.err_path = self.workdir / "launcher.err"
         cmd = [
-            sys.executable, "-m", "statefun_mesh", "run", APP_REF,
+            sys.executable, "-m", "statefun_mesh", "run", app_ref,
             "--peers", str(peers), "--transport", args.transport,
             "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir),
             "--log-level", "warning",

@@ -70,6 +70,9 @@ class MeshConfig:
             checkpoint id: that checkpoint, onto this number of peers (rescaling when
             it was taken on another number); checkpoints newer than an older id are
             deleted. Done once: ``statefun-mesh run`` drops it when the mesh is up.
+        local_recovery: keep a local copy of every checkpoint object a peer uploads
+            (``<state_dir>/peer-<id>.checkpoints/``) and restore from it when it is
+            intact; ``False``: keep none and restore from the blob store only.
     """
 
     functions: tuple[str, ...] = ()
@@ -100,6 +103,7 @@ class MeshConfig:
     ingress_sync: bool = True
     egress_immediate: tuple[str, ...] = ()
     restore: str = ""
+    local_recovery: bool = True
     _source: str = field(default="<arguments>", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +132,8 @@ class MeshConfig:
             raise bad("restore", "no value: there is no blob_store to restore from")
         if not isinstance(self.ingress_sync, bool):
             raise bad("ingress_sync", "true or false")
+        if not isinstance(self.local_recovery, bool):
+            raise bad("local_recovery", "true or false")
         if self.blob_store and self.checkpoint_interval <= 0:
             raise bad("checkpoint_interval", "a positive number of seconds")
         if self.state_dir is not None and not isinstance(self.state_dir, str):

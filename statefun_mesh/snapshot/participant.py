@@ -78,7 +78,10 @@ class Participant:
         cfg = peer.config
         assert cfg.state_dir is not None
         self.local_dir = os.path.join(cfg.state_dir, f"peer-{peer.peer_id}.checkpoints")
-        os.makedirs(self.local_dir, exist_ok=True)
+        #: keep local copies of uploaded objects and restore from them (``local_recovery``)
+        self.local_recovery = cfg.local_recovery
+        if self.local_recovery:
+            os.makedirs(self.local_dir, exist_ok=True)
         self.chain: list[ObjectRef] = []
         self.carry: set[tuple[str, bytes]] = set()
         self.snap: _Snap | None = None
@@ -231,7 +234,8 @@ class Participant:
             ref = ObjectRef(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest(), checkpoint=n, kind=k,
                             entries=entries)  # fmt: skip
             await self.blobs.put(name, data)
-            await asyncio.to_thread(self._keep_local, name, data)
+            if self.local_recovery:
+                await asyncio.to_thread(self._keep_local, name, data)
             refs.append(ref)
         self.last_bytes = refs[0].size + refs[1].size
         chain = [refs[0]] if kind == "base" else [*self.chain, refs[0]]
@@ -257,6 +261,8 @@ class Participant:
             raise SnapshotError(f"cannot write the local copy {tmp} of {name}: {exc.strerror or exc}; {hint}") from exc
 
     def _local(self, ref: ObjectRef) -> bytes | None:
+        if not self.local_recovery:
+            return None
         path = os.path.join(self.local_dir, ref.name.replace("/", "__"))
         try:
             with open(path, "rb") as fh:
@@ -291,6 +297,8 @@ class Participant:
             shutil.rmtree(path, ignore_errors=True)
             log.info("peer %d: deleted %s (checkpoint %d covers its messages)", self.peer.peer_id, path, n)
         self.replayed_foreign = []
+        if not self.local_recovery:
+            return
         keep = {r.name.replace("/", "__") for r in [*self.chain, snap.part.inflight]}
         for f in os.listdir(self.local_dir):
             if f not in keep:
@@ -332,7 +340,7 @@ class Participant:
 
         The live store is not trusted after a failure: it is deleted and rebuilt from
         the checkpoint objects, read from the local copies this peer kept when they are
-        intact, else from the blob store.
+        intact (and ``local_recovery`` is on), else from the blob store.
         """
         peer = self.peer
         cfg = peer.config

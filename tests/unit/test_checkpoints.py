@@ -228,3 +228,41 @@ def test_manifest_is_json_with_the_documented_fields(tmp_path: Path) -> None:
             assert os.path.isdir(tmp_path / "state" / "peer-0.checkpoints")
 
     asyncio.run(run())
+
+
+
+async def test_without_local_recovery_no_local_copies_are_kept(tmp_path: Path) -> None:
+    kw = settings(tmp_path, local_recovery=False)
+    async with LocalMesh(app(), peers=2, **kw) as mesh:
+        for i in range(50):
+            await mesh.send(message_builder(target_typename="ck/counter", target_id=f"k{i % 5}", int_value=1))
+        await mesh.idle()
+        n = await wait_checkpoint_after(mesh, await completed(mesh))
+        await wait_checkpoint_after(mesh, n)
+    assert not (tmp_path / "state" / "peer-0.checkpoints").exists()
+    assert not (tmp_path / "state" / "peer-1.checkpoints").exists()
+    async with LocalMesh(app(), peers=2, **kw) as mesh:  # restored from the blob store alone
+        assert mesh.peers[0].coordinator.last_complete.checkpoint >= n
+        assert [await count_of(mesh, f"k{i}") for i in range(5)] == [10] * 5
+
+
+async def test_local_recovery_decides_where_a_restore_reads(tmp_path: Path) -> None:
+    async with LocalMesh(app(), peers=2, **settings(tmp_path)) as mesh:
+        for i in range(50):
+            await mesh.send(message_builder(target_typename="ck/counter", target_id=f"k{i % 5}", int_value=1))
+        await mesh.idle()
+        n = await wait_checkpoint_after(mesh, await completed(mesh))
+        n = await wait_checkpoint_after(mesh, n)
+    n = max(int(d.name) for d in (tmp_path / "blobs" / "checkpoints").iterdir())
+    # the blob store's copy of one object of the newest checkpoint is damaged; peer 1's
+    # local copy of it is intact
+    (tmp_path / "blobs" / "objects" / "peer-0001" / f"{n:012d}-inflight.bin").write_bytes(b"damaged")
+    quiet = dict(checkpoint_interval=3600.0)  # no new checkpoint may replace checkpoint n
+    async with LocalMesh(app(), peers=2, **settings(tmp_path, **quiet)) as mesh:
+        coord = mesh.peers[0].coordinator
+        assert coord.last_complete.checkpoint == n and not coord.unrestorable  # read the local copy
+        assert [await count_of(mesh, f"k{i}") for i in range(5)] == [10] * 5
+    async with LocalMesh(app(), peers=2, **settings(tmp_path, local_recovery=False, **quiet)) as mesh:
+        coord = mesh.peers[0].coordinator
+        assert n in coord.unrestorable and coord.last_complete.checkpoint < n  # read the blob store
+        assert [await count_of(mesh, f"k{i}") for i in range(5)] == [10] * 5  # replayed: nothing lost

@@ -294,3 +294,10 @@ def test_bad_override_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "peers = 1\n"), max_batch=0)
     assert str(tmp_path / "mesh.toml") in str(info.value) and "max_batch" in str(info.value)
+
+
+def test_local_recovery_is_a_bool_defaulting_to_true(tmp_path: Path) -> None:
+    assert MeshConfig().local_recovery is True
+    assert load_config(write(tmp_path, "local_recovery = false")).local_recovery is False
+    with pytest.raises(ConfigError, match="local_recovery"):
+        load_config(write(tmp_path, 'local_recovery = "no"'))

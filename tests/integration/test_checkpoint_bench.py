@@ -1,0 +1,54 @@
+"""``bench/checkpoint_perf.py --quick`` still runs and prints its figures (so the benchmark cannot rot).
+
+Not a performance test: the sizes are small and the numbers are not checked against
+targets, only for being there and for what holds at any speed (a 1%-changed delta is
+about 1% of the base).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.support import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_checkpoint_perf_quick_runs_and_prints_its_figures(tmp_path: Path) -> None:
+    out_json = tmp_path / "figures.json"
+    env = dict(os.environ)
+    env.pop("STATEFUN_MESH_ENDPOINT", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "checkpoint_perf.py"), "--quick", "--json", str(out_json)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the script stops the meshes it started, then exits
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"checkpoint_perf.py --quick did not finish in 90 s:\n{stderr.decode()[-3000:]}")
+    text = stdout.decode()
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{text[-2000:]}\n{stderr.decode()[-3000:]}"
+    for heading in ("checkpoint duration and bytes uploaded", "counter throughput", "SIGKILL of peer 1"):
+        assert heading in text, text
+    assert "with / without checkpoints:" in text
+    res = json.loads(out_json.read_text())["results"]
+    (size,) = res["deltas"]
+    one_percent = next(r for r in size["deltas"] if r["fraction"] == 0.01)
+    assert 0.005 < one_percent["delta_over_base"] < 0.02  # a 1% delta uploads about 1% of the state
+    assert res["throughput"]["on_rate"] > 0 and res["throughput"]["off_rate"] > 0
+    assert {r["mode"] for r in res["recovery"]} == {"local", "blob"}
+    assert all(k["kill_to_answer_s"] > 0 for r in res["recovery"] for k in r["kills"])
