@@ -214,7 +214,7 @@ class NatsMapping:
                 value = conv(text if conv is str else text.strip())
             return tpe.serializer().serialize(value)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise UnmappableMessage(f"payload {data[:40]!r} is not a {value_typename} value ({exc!r})") from None
+            raise UnmappableMessage(f"payload {data[:40]!r} is not a valid {value_typename} value ({exc!r})") from None
 
 
 # -- configuration -------------------------------------------------------------------------------
