@@ -338,7 +338,7 @@ async def test_unmappable_messages_are_dead_lettered_and_do_not_block(
         bad = [
             ("c.too-short", b"1", None, "does not spell <namespace>.<name>.<id>"),
             ("c.it.no-such-function.x", b"1", None, "the mesh has no function it/no-such-function"),
-            ("c.it.tally.c-good", b"abc", {"Statefun-Value-Type": "io.statefun.types/int"}, "is not a valid io.statefun"),
+            ("c.it.tally.c-good", b"abc", {"Statefun-Value-Type": "io.statefun.types/int"}, "is not a valid"),
             ("c.x", b"1", {"Statefun-Target-Type": "no-namespace", "Statefun-Target-Id": "x"}, "bad target"),
             ("c.it.tally.c-good", b"\xff\xfe", None, "must be UTF-8 text"),
             ("c.it.tally.c-good", b"1", {"Statefun-Value-Type": "not a type"}, "bad Statefun-Value-Type"),
