@@ -407,13 +407,19 @@ class NatsIngress:
 
         servers = [s.strip() for s in cfg.nats_url.split(",") if s.strip()]
         try:
-            return await nats.connect(
-                servers=servers, name=cfg.client_name, connect_timeout=5, max_reconnect_attempts=-1,
+            # a few attempts at start-up, so a wrong URL fails fast with a clear message ...
+            nc = await nats.connect(
+                servers=servers, name=cfg.client_name, connect_timeout=5, max_reconnect_attempts=3,
                 reconnect_time_wait=1, error_cb=on_error, disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
             )  # fmt: skip
         except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
-            raise StatefunMeshError(f"cannot connect to NATS at {cfg.nats_url}: {exc or type(exc).__name__}") from None
+            raise StatefunMeshError(
+                f"cannot connect to NATS at {cfg.nats_url}: {exc or type(exc).__name__}"
+            ) from None
+        # ... and, once connected, reconnect for ever: pending messages wait in JetStream meanwhile
+        nc.options["max_reconnect_attempts"] = -1
+        return nc
 
     async def _setup_consumer(self, nats: Any, js: Any) -> Any:
         cfg = self.config
@@ -469,13 +475,20 @@ class NatsIngress:
     async def _consume(self, nats: Any, js: Any, psub: Any, stop: asyncio.Event) -> None:
         cfg = self.config
         pause = 0.1
+        # fetch when this many slots are free (or after a quiet second, whatever is free):
+        # refilling slot by slot would cost a fetch round trip per message
+        low_water = max(1, min(cfg.fetch_batch, cfg.max_in_flight // 4))
         while not stop.is_set():
             self._slot_free.clear()
             free = cfg.max_in_flight - len(self._tasks)
-            if free <= 0:
-                with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            if free < low_water:
+                try:
                     await asyncio.wait_for(self._slot_free.wait(), 1.0)
-                continue
+                    continue
+                except (asyncio.TimeoutError, TimeoutError):
+                    if cfg.max_in_flight - len(self._tasks) <= 0:
+                        continue
+                free = cfg.max_in_flight - len(self._tasks)
             try:
                 msgs = await psub.fetch(min(cfg.fetch_batch, free), timeout=1.0)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
