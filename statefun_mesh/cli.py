@@ -344,10 +344,24 @@ def cmd_nats_ingress(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         stop = asyncio.Event()
+        bridge = NatsIngress(config)
+        main = asyncio.current_task()
+        assert main is not None
+
+        def on_signal() -> None:
+            # still starting (e.g. waiting for NATS), or a second signal while draining: stop now;
+            # whatever was not acked is delivered again later, and the mesh drops what it has
+            if stop.is_set() or not bridge.consuming:
+                main.cancel()
+            stop.set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await NatsIngress(config).run(stop)
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await bridge.run(stop)
+        except asyncio.CancelledError:
+            log.warning("nats-ingress: stopped by a signal before finishing: %s", bridge.stats.line(0))
         return 0
 
     return asyncio.run(run())

@@ -345,6 +345,8 @@ class NatsIngress:
         self._last_warning = 0.0
         self._suppressed = 0
         self._closing = False
+        #: true while the bridge fetches messages (after start-up, before it drains)
+        self.consuming = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -375,8 +377,10 @@ class NatsIngress:
             if cfg.status_interval > 0:
                 helpers.append(asyncio.create_task(self._report(), name="nats-ingress status"))
             try:
+                self.consuming = True
                 await self._consume(nats, js, psub, stop)
             finally:
+                self.consuming = False
                 await self._drain()
                 for t in helpers:
                     t.cancel()
