@@ -1,4 +1,5 @@
-"""The ``statefun-mesh`` command: run a local mesh, run one peer, send, request, read egress, status."""
+"""The ``statefun-mesh`` command: run a local mesh, run one peer, send, request, read egress, status,
+bridge a NATS JetStream stream into a mesh."""
 
 from __future__ import annotations
 
@@ -337,6 +338,45 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def cmd_nats_ingress(args: argparse.Namespace) -> int:
+    """Bridge a NATS JetStream stream into the mesh until SIGTERM/SIGINT."""
+    from .connectors.nats import NatsIngress, NatsIngressConfig
+
+    _setup_logging(args.log_level, "nats-ingress ")
+    config = NatsIngressConfig(
+        stream=args.stream, durable=args.durable, nats_url=args.nats_url, mesh_endpoint=args.mesh,
+        subject=args.subject, subject_prefix=args.subject_prefix, target_type=args.target_type,
+        value_type=args.value_type, dead_letter_subject=args.dead_letter_subject,
+        max_in_flight=args.max_in_flight, max_ack_pending=args.max_ack_pending or max(1024, args.max_in_flight),
+        fetch_batch=args.fetch_batch, ack_wait=args.ack_wait, mesh_timeout=args.timeout,
+        status_interval=args.status_interval, ordered=not args.unordered,
+    )  # fmt: skip
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        bridge = NatsIngress(config)
+        main = asyncio.current_task()
+        assert main is not None
+
+        def on_signal() -> None:
+            # still starting (e.g. waiting for NATS), or a second signal while draining: stop now;
+            # whatever was not acked is delivered again later, and the mesh drops what it has
+            if stop.is_set() or not bridge.consuming:
+                main.cancel()
+            stop.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await bridge.run(stop)
+        except asyncio.CancelledError:
+            log.warning("nats-ingress: stopped by a signal before finishing: %s", bridge.stats.line(0))
+        return 0
+
+    return asyncio.run(run())
+
+
 def _iso(ms: int) -> str:
     import datetime
 
@@ -445,6 +485,81 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blob-store", metavar="URL", help="file:///dir, a path, or s3://bucket/prefix")
     p.add_argument("--config", help="mesh.toml whose blob_store to read")
     p.set_defaults(func=cmd_checkpoints)
+
+    p = sub.add_parser(
+        "nats-ingress", help="bridge a NATS JetStream stream into the mesh, exactly once",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Read a JetStream stream through a durable pull consumer and send every message into the
+mesh with an idempotency key: the Nats-Msg-Id header, else <stream>:<sequence>@<stream
+creation ms>. A message is acked to JetStream only after the mesh acknowledged it (it is
+then in a peer's ingress log), so a crash of this process leads to redelivery, which the
+mesh drops: every message affects function state exactly once. Runs until Ctrl-C or
+SIGTERM. Needs nats-py: pip install 'statefun-mesh[nats]'.""",
+        epilog="""\
+mapping of a NATS message to a mesh message:
+  target type   header Statefun-Target-Type, else --target-type, else the subject
+  target id     header Statefun-Target-Id, else the subject
+  subject       after --subject-prefix: <namespace>.<name>.<id>, or <id> alone when the
+                type is known (the id may then contain dots)
+  value type    header Statefun-Value-Type, else --value-type; for io.statefun.types/
+                string, int, long, float, double and bool the payload is the value as
+                text ("42", "true"); for any other type it is the value's bytes, as is
+  unmappable    bad headers or subject, a payload that is not its type, a function type
+                the mesh does not know: logged and terminated (after publishing it to
+                --dead-letter-subject, if given); never blocks the messages behind it
+
+example:
+  statefun-mesh run examples.greeter:functions --peers 2
+  nats stream add ORDERS --subjects 'orders.>' --defaults
+  statefun-mesh nats-ingress --stream ORDERS --subject 'orders.>' --durable mesh
+  nats pub orders.example.person.Alice Alice      # -> example/person, id Alice
+
+See docs/connectors.md.""",
+    )  # fmt: skip
+    g = p.add_argument_group("source (NATS JetStream)")
+    g.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), metavar="URL",
+                   help="NATS server URL, several comma-separated (default: $NATS_URL or nats://127.0.0.1:4222)")
+    g.add_argument("--stream", required=True, help="the JetStream stream to read (it must exist)")
+    g.add_argument("--durable", required=True, metavar="NAME",
+                   help="durable consumer name: created, or updated to these settings; restart with the same "
+                   "name to go on where the last run stopped")
+    g.add_argument("--subject", metavar="SUBJECT",
+                   help="consumer filter subject, e.g. 'orders.>' (default: every subject of the stream)")
+    g.add_argument("--max-ack-pending", type=int, metavar="N",
+                   help="the consumer's limit of delivered, unacked messages (default: 1024, at least --max-in-flight)")
+    g.add_argument("--ack-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="redeliver a message not acked within this time (default: %(default)s; also how soon "
+                   "messages held by a crashed bridge come again)")
+    g.add_argument("--fetch-batch", type=int, default=128, metavar="N",
+                   help="messages asked for per fetch (default: %(default)s)")
+    g = p.add_argument_group("mapping")
+    g.add_argument("--subject-prefix", metavar="TOKENS",
+                   help="leading subject tokens that are not part of the target (default: the tokens of --subject "
+                   "before its first wildcard, e.g. 'orders' for 'orders.>')")
+    g.add_argument("--target-type", metavar="NS/NAME",
+                   help="send every message to this function type; the subject (after the prefix) is the id")
+    g.add_argument("--value-type", default="io.statefun.types/string", metavar="NS/NAME",
+                   help="value type of messages without a Statefun-Value-Type header (default: %(default)s)")
+    g.add_argument("--dead-letter-subject", metavar="SUBJECT",
+                   help="publish unmappable messages here (through JetStream: a stream must capture it), with "
+                   "a Statefun-Error header, before terminating them (default: only log and terminate)")
+    g = p.add_argument_group("target (the mesh)")
+    g.add_argument("--mesh", default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT), metavar="ENDPOINT",
+                   help="a peer's client endpoint (default: $STATEFUN_MESH_ENDPOINT or %(default)s); the other "
+                   "peers' endpoints are learnt from it and used when a send has to be retried")
+    g.add_argument("--max-in-flight", type=int, default=256, metavar="N",
+                   help="messages being sent at once (default: %(default)s); messages to one function "
+                   "instance are sent one after another, in stream order")
+    g.add_argument("--unordered", action="store_true",
+                   help="pipeline messages to one function instance too: faster for hot instances, but a retried "
+                   "send may then overtake a later one")
+    g.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="wait this long for the mesh to acknowledge a send before retrying it (default: %(default)s)")
+    p.add_argument("--status-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="log a progress line this often; 0: never (default: %(default)s)")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
+    p.set_defaults(func=cmd_nats_ingress)
 
     p = sub.add_parser("status", help="print every peer's status", description="Print every peer's counters.")
     _add_client_args(p)

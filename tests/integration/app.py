@@ -31,10 +31,12 @@ SEQ: Final = "it/seq"
 EMIT: Final = "it/emit"
 SLOW: Final = "it/slow"
 PINGPONG_EGRESS: Final = "it/pingpong-done"
+TALLY: Final = "it/tally"
 
 #: the value type of every JSON message of this module
 JSON = make_json_type("it/json")
 _SEQ_STATE = make_json_type("it/seq-state")
+_TALLY_STATE = make_json_type("it/tally-state")
 #: per-message delay of ``it/slow`` (milliseconds), read when the peer imports this module
 SLOW_MS: Final = float(os.environ.get("STATEFUN_MESH_IT_SLOW_MS", "2"))
 
@@ -160,3 +162,27 @@ def slow(context, message):
         context.storage.count = (context.storage.count or 0) + 1
     if context.in_request:
         context.reply(int_value=context.storage.count or 0)
+
+
+@functions.bind(typename=TALLY, specs=[ValueSpec(name="state", type=_TALLY_STATE)])
+def tally(context, message):
+    """Counts the messages it gets, each carrying a number (as a string, an int or ``{"n": n}``):
+    ``{"count": messages, "sum": of the numbers, "out_of_order": times a number was not above
+    the one before}``. A ``{"query": true}`` JSON message is answered with that state instead."""
+    state = context.storage.state or {"count": 0, "sum": 0, "last": None, "out_of_order": 0}
+    if message.is_string():
+        n = int(message.as_string())
+    elif message.is_int():
+        n = message.as_int()
+    else:
+        doc = as_json(message)
+        if doc.get("query"):
+            context.reply(value=state, value_type=JSON)
+            return
+        n = int(doc["n"])
+    if state["last"] is not None and n <= state["last"]:
+        state["out_of_order"] += 1
+    state["count"] += 1
+    state["sum"] += n
+    state["last"] = n
+    context.storage.state = state
