@@ -15,20 +15,23 @@ nats-server is installed; ``python tests/natsserver.py --serve`` runs one until 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
+
+try:
+    from tests.binaries import find_executable, free_port
+except ImportError:  # run as a script: python tests/<this>.py --check
+    from binaries import find_executable, free_port  # type: ignore[no-redef]
 
 __all__ = ["NatsServer", "NatsServerUnavailable", "find_nats_server", "running_nats_server"]
 
@@ -61,32 +64,15 @@ def find_nats_server() -> str:
     Raises:
         NatsServerUnavailable: none found, or only one that does not run or is too old.
     """
-    scripts = sysconfig.get_path("scripts")
-    candidates = [
-        os.environ.get(NATS_SERVER_ENV),
-        os.path.join(scripts, "nats-server") if scripts else None,
-        shutil.which("nats-server"),
-    ]
-    seen: list[str] = []
-    for path in candidates:
-        if not path or path in seen or not os.access(path, os.X_OK):
-            continue
-        seen.append(path)
-        version = _version(path)
-        if version is not None and version >= MIN_VERSION:
-            return path
+    path, seen = find_executable("nats-server", NATS_SERVER_ENV, _version, MIN_VERSION)
+    if path is not None:
+        return path
     if seen:
         raise NatsServerUnavailable(
             f"nats-server at {', '.join(seen)} does not run or is older than "
             f"{MIN_VERSION[0]}.{MIN_VERSION[1]}; {INSTALL_HINT}"
         )
     raise NatsServerUnavailable(f"nats-server (the JetStream test server) is not installed; {INSTALL_HINT}")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _answers(port: int) -> bool:
@@ -141,7 +127,7 @@ def running_nats_server(*, startup_timeout: float = 20.0) -> Iterator[NatsServer
     server: NatsServer | None = None
     try:
         for _attempt in range(3):  # the free port may be taken again before the server binds it
-            port = _free_port()
+            port = free_port()
             log_path = root / "server.log"
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(

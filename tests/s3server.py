@@ -21,16 +21,19 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+try:
+    from tests.binaries import find_executable, free_port
+except ImportError:  # run as a script: python tests/<this>.py --check
+    from binaries import find_executable, free_port  # type: ignore[no-redef]
 
 __all__ = [
     "TEST_ACCESS_KEY",
@@ -76,32 +79,15 @@ def find_rclone() -> str:
     Raises:
         S3ServerUnavailable: none found, or only one too old for ``serve s3``.
     """
-    scripts = sysconfig.get_path("scripts")
-    candidates = [
-        os.environ.get(RCLONE_ENV),
-        os.path.join(scripts, "rclone") if scripts else None,
-        shutil.which("rclone"),
-    ]
-    seen: list[str] = []
-    for path in candidates:
-        if not path or path in seen or not os.access(path, os.X_OK):
-            continue
-        seen.append(path)
-        version = _version(path)
-        if version is not None and version >= MIN_RCLONE:
-            return path
+    path, seen = find_executable("rclone", RCLONE_ENV, _version, MIN_RCLONE)
+    if path is not None:
+        return path
     if seen:
         raise S3ServerUnavailable(
             f"rclone at {', '.join(seen)} does not run or is older than {MIN_RCLONE[0]}.{MIN_RCLONE[1]} "
             f"(needed for serve s3); {INSTALL_HINT}"
         )
     raise S3ServerUnavailable(f"rclone (the S3 test server) is not installed; {INSTALL_HINT}")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -235,7 +221,7 @@ def running_s3_server(
     server: S3Server | None = None
     try:
         for _attempt in range(3):  # the free port may be taken again before rclone binds it
-            port = _free_port()
+            port = free_port()
             proc = _start(binary, root, port, access_key, secret_key)
             server = S3Server(
                 endpoint_url=f"http://127.0.0.1:{port}",

@@ -36,9 +36,9 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from .._speedups import key_group
 from ..errors import BlobNotFoundError, BlobStoreError, IncompatibleSnapshotError, SnapshotError
 from ..transport import codec
-from .._speedups import key_group
 from .format import Manifest, ObjectRef, PeerPart, decode_object, encode_object, object_name
 from .rescale import inherited_peers, renumber_egress, split_entries
 

@@ -47,7 +47,7 @@ def inherited_peers(me: int, old_peers: int, new_peers: int) -> list[int]:
     return own + [r for r in range(new_peers, old_peers) if r % new_peers == me]
 
 
-class split_entries:  # noqa: N801 - used like a function that also collects side results
+class split_entries:
     """Filter one old part's checkpoint entries for a new peer owning key groups ``[lo, hi)``.
 
     Iterating yields the key-grouped entries to load. Meanwhile it collects, in

@@ -15,7 +15,24 @@ if _ROOT not in sys.path:  # the clusters import tests.integration.app from the 
     sys.path.insert(0, _ROOT)
 
 from statefun_mesh.mesh import free_ports  # noqa: E402
+from tests.integration.crash_util import CrashMesh  # noqa: E402
 from tests.integration.support import Cluster  # noqa: E402
+
+
+@pytest.fixture
+def file_meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., CrashMesh]]:
+    """``file_meshes(**CrashMesh options)``: crash-test meshes checkpointing to their own
+    <state-dir>/checkpoints; every one is killed at teardown, with every peer it had."""
+    started: list[CrashMesh] = []
+
+    def make(**kw: Any) -> CrashMesh:
+        m = CrashMesh(tmp_path_factory.mktemp("mesh"), **kw)
+        started.append(m)
+        return m
+
+    yield make
+    for m in started:
+        m.cleanup()
 
 
 @pytest.fixture

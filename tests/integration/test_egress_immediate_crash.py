@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,25 +27,11 @@ KEYS = 40
 ROUNDS = 25
 
 
-@pytest.fixture
-def meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., CrashMesh]]:
-    started: list[CrashMesh] = []
-
-    def make(**kw: Any) -> CrashMesh:
-        m = CrashMesh(tmp_path_factory.mktemp("egress-now"), **kw)
-        started.append(m)
-        return m
-
-    yield make
-    for m in started:
-        m.cleanup()
-
-
 async def test_immediate_egress_is_exactly_once_after_dedup_across_a_sigkill(
-    meshes: Callable[..., CrashMesh],
+    file_meshes: Callable[..., CrashMesh],
 ) -> None:
     deadline = time.monotonic() + 130
-    mesh = meshes(checkpoint_interval=1.0, extra_config=f'egress_immediate = ["{app.INCREMENTS}"]\n')
+    mesh = file_meshes(checkpoint_interval=1.0, extra_config=f'egress_immediate = ["{app.INCREMENTS}"]\n')
     mesh.start()
     await asyncio.to_thread(mesh.wait_up)
     clients = await Clients.connect(mesh.endpoint)
@@ -80,7 +66,9 @@ async def test_immediate_egress_is_exactly_once_after_dedup_across_a_sigkill(
                                       timeout=60)  # fmt: skip
         counts = {}
         for i, k in enumerate(keys):
-            counts[k] = reply_json(await clients.request(app.query(app.COUNTER, k), first=i, deadline=deadline))["count"]
+            counts[k] = reply_json(await clients.request(app.query(app.COUNTER, k), first=i, deadline=deadline))[
+                "count"
+            ]
         assert counts == dict.fromkeys(keys, ROUNDS), counts
         while True:
             ids = {rec.id for rec in records if rec.id is not None and rec.id.split("#")[0].endswith(tuple(keys))}
@@ -91,9 +79,15 @@ async def test_immediate_egress_is_exactly_once_after_dedup_across_a_sigkill(
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)
         await clients.aclose()
-    mine = [rec for rec in records if rec.id is not None and rec.id.rsplit("#", 1)[0] in {f"{app.COUNTER}/{k}" for k in keys}]
+    mine = [
+        rec
+        for rec in records
+        if rec.id is not None and rec.id.rsplit("#", 1)[0] in {f"{app.COUNTER}/{k}" for k in keys}
+    ]
     expected = {f"{app.COUNTER}/{k}#{n}" for k in keys for n in range(1, ROUNDS + 1)}
     got = {rec.id for rec in mine}
     assert got == expected, f"missing {sorted(expected - got)[:5]}, unexpected {sorted(got - expected)[:5]}"
     repeated = len(mine) - len(got)
-    print(f"\n[egress-immediate] {len(mine)} records read, {len(got)} distinct ids, {repeated} re-produced after the kill")
+    print(
+        f"\n[egress-immediate] {len(mine)} records read, {len(got)} distinct ids, {repeated} re-produced after the kill"
+    )

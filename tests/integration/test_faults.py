@@ -333,7 +333,9 @@ async def test_a_peer_restarting_while_s3_is_down_recovers_once_it_is_back(env: 
                 after=mark,
             )  # fmt: skip
             print(f"\n[s3 down, peer restarted] {retry}")
-            assert "skipping checkpoint" not in mesh.log(mesh.runs)[mark:], "a store outage was taken as a bad checkpoint"
+            assert "skipping checkpoint" not in mesh.log(mesh.runs)[mark:], (
+                "a store outage was taken as a bad checkpoint"
+            )
             server.restart()
             await wait_responsive(mesh.endpoint, probe_ids("probe"), counter_query, timeout=60)
             await finish(mesh, clients, work, deadline)

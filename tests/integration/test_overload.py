@@ -128,7 +128,8 @@ async def test_overload_keeps_peer_memory_bounded_and_applies_every_accepted_mes
     growth = {p: (peak[p]["RssAnon"] - baseline[p]["RssAnon"]) // 1024 for p in pids}
     report = (
         f"{MESSAGES} x {PAYLOAD} B accepted in {accepted:.1f} s, applied in {processed:.1f} s; "
-        f"peak backlog {backlog_peak} messages acknowledged but not applied (bound {BACKLOG_BOUND}), {parked_peak} sends held back at peer 0; "
+        f"peak backlog {backlog_peak} messages acknowledged but not applied (bound {BACKLOG_BOUND}), "
+        f"{parked_peak} sends held back at peer 0; "
         f"peak anonymous RSS growth per peer (MiB): {growth}; peak VmRSS (MiB): "
         f"{ {p: peak[p]['VmRSS'] // 1024 for p in pids} }"
     )

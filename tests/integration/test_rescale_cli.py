@@ -14,7 +14,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -26,20 +26,6 @@ from tests.integration.support import gather_bounded
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(170)]
 
 KEYS = 60
-
-
-@pytest.fixture
-def meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., CrashMesh]]:
-    started: list[CrashMesh] = []
-
-    def make(**kw: Any) -> CrashMesh:
-        m = CrashMesh(tmp_path_factory.mktemp("rescale"), **kw)
-        started.append(m)
-        return m
-
-    yield make
-    for m in started:
-        m.cleanup()
 
 
 def increment(key: str, n: int) -> Any:
@@ -72,12 +58,12 @@ def crash_everything(mesh: CrashMesh) -> None:
 
 
 async def test_rescale_3_to_2_with_a_crash_before_the_first_new_checkpoint(
-    meshes: Callable[..., CrashMesh],
+    file_meshes: Callable[..., CrashMesh],
 ) -> None:
     deadline = time.monotonic() + 150
     keys = [f"r{i}" for i in range(KEYS)]
     expected = dict.fromkeys(keys, 0)
-    mesh = meshes(peers=3, checkpoint_interval=0.5)
+    mesh = file_meshes(peers=3, checkpoint_interval=0.5)
     mesh.start()
     await asyncio.to_thread(mesh.wait_up)
     clients = await Clients.connect(mesh.endpoint)

@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.integration]
 if os.environ.get("CI") is None:
     boto3 = pytest.importorskip("boto3", reason="S3BlobStore needs boto3: pip install 'statefun-mesh[s3]'")
 else:
-    import boto3  # CI must have it: the tests may not skip there
+    import boto3  # noqa: F401  # CI must have it: the tests may not skip there
 
 BUCKET = "statefun-test"
 

@@ -33,7 +33,8 @@ def app() -> StatefulFunctions:
 
 
 def settings(tmp_path: Path, **kw):
-    base = dict(state_dir=str(tmp_path / "state"), blob_store=f"file://{tmp_path / 'blobs'}", egress_immediate=["ei/now"],
+    base = dict(state_dir=str(tmp_path / "state"), blob_store=f"file://{tmp_path / 'blobs'}",
+                egress_immediate=["ei/now"],
                 checkpoint_interval=3600.0, heartbeat_interval=0.1, heartbeat_timeout=1.0)  # fmt: skip
     base.update(kw)
     return base

@@ -112,7 +112,9 @@ async def test_an_overloaded_peer_answers_info_and_refuses_sends_past_its_parkin
             finally:
                 await sends
             counts = [
-                (await sender.request(message_builder(target_typename="fc/slow", target_id=f"k{k}", int_value=0))).as_int()
+                (
+                    await sender.request(message_builder(target_typename="fc/slow", target_id=f"k{k}", int_value=0))
+                ).as_int()
                 for k in range(10)
             ]
             final = (await watcher.info())["status"]
