@@ -319,8 +319,7 @@ class Peer:
     async def _recover(self, gen: int, manifest: Any) -> None:
         """Drop everything in memory and restore ``manifest`` (``None``: empty state)."""
         assert self.participant is not None
-        self.resumed = False
-        self._resumed_event.clear()
+        self._halt()
         self.generation = gen
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -991,10 +990,31 @@ class Peer:
             if src == 0 and items[0] == self.generation and self._recovery_done:
                 self._resume(items[0])
 
+    def _halt(self) -> None:
+        """Stop the current generation at once, before the generation number changes.
+
+        Everything queued or produced from here on belongs to the timeline being rolled
+        back; stamped with the new generation it would be taken for new work by peers
+        that already moved on, and applied a second time after the replay.
+        """
+        self.resumed = False
+        self._resumed_event.clear()
+        if self._loop_task is not None and not self._loop_task.done():
+            self._loop_task.cancel()  # it stops at its next await; _recover waits for it
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._inbox.clear()
+        self._out = [_speedups.BatchEncoder() for _ in range(self.n_peers)]
+        self._frames = [collections.deque() for _ in range(self.n_peers)]
+        self._framed = [0] * self.n_peers
+        self._out_replies = [[] for _ in range(self.n_peers)]
+
     def _start_recovery_task(self, gen: int, n: int) -> None:
         if self._recovery_task is not None and not self._recovery_task.done():
             self._recovery_task.cancel()
         self._recovery_done = False
+        self._halt()
         self.generation = gen
         self._recovery_task = asyncio.create_task(self._recover_from(gen, n), name=f"peer {self.peer_id} recovery")
 

@@ -266,3 +266,39 @@ async def test_local_recovery_decides_where_a_restore_reads(tmp_path: Path) -> N
         coord = mesh.peers[0].coordinator
         assert n in coord.unrestorable and coord.last_complete.checkpoint < n  # read the blob store
         assert [await count_of(mesh, f"k{i}") for i in range(5)] == [10] * 5  # replayed: nothing lost
+
+
+async def test_a_recovery_sends_nothing_of_the_old_timeline_under_the_new_generation(tmp_path: Path) -> None:
+    # Regression: a peer took the new generation number as soon as RECOVER arrived, while
+    # its dispatch loop and pending flushes still ran: outputs of the timeline being rolled
+    # back went out stamped with the new generation, and peers that had moved on applied
+    # them, and then the replayed copies too (a crash test saw chains finish twice).
+    async with LocalMesh(app(), peers=2, **settings(tmp_path)) as mesh:
+        await wait_for(lambda: all(p.resumed for p in mesh.peers), 30, "start")
+        peer = mesh.peers[1]
+        old_gen = peer.generation
+        sent: list[tuple[int, int, bytes]] = []
+        real_send = peer._send
+
+        def spy(p: int, frame: bytes, generation: int | None = None) -> None:
+            sent.append((p, peer.generation if generation is None else generation, frame))
+            real_send(p, frame, generation=generation)
+
+        peer._send = spy  # type: ignore[method-assign]
+        # an output of the old timeline, queued for peer 0 and not yet flushed
+        rec = ("ck/counter", "old-timeline", "", "", "io.statefun.types/int", b"\x00\x00\x00\x01", 0, 0)
+        peer._out[0].extend([rec])
+        peer._schedule_flush()
+        peer._start_recovery_task(old_gen + 1, -1)
+        await asyncio.sleep(0.2)
+        from statefun_mesh._speedups import decode_batch
+        from statefun_mesh.transport import codec
+
+        leaked = [
+            r
+            for _, g, f in sent
+            if g > old_gen and f[1] == codec.KIND_BATCH
+            for r in decode_batch(f)
+            if r[1] == "old-timeline"
+        ]
+        assert not leaked
