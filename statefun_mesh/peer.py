@@ -334,11 +334,7 @@ class Peer:
             except Exception:
                 pass
         self.participant.reset()
-        self._inbox.clear()
-        self._out = [_speedups.BatchEncoder() for _ in range(self.n_peers)]
-        self._frames = [collections.deque() for _ in range(self.n_peers)]
-        self._framed = [0] * self.n_peers
-        self._out_replies = [[] for _ in range(self.n_peers)]
+        self._drop_queues()  # again: requests may have queued output while the loop stopped
         self._credit = [self.config.credit_window] * self.n_peers
         self._owed = [0] * self.n_peers
         self.sent_records = [0] * self.n_peers
@@ -1004,6 +1000,9 @@ class Peer:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        self._drop_queues()
+
+    def _drop_queues(self) -> None:
         self._inbox.clear()
         self._out = [_speedups.BatchEncoder() for _ in range(self.n_peers)]
         self._frames = [collections.deque() for _ in range(self.n_peers)]
