@@ -280,7 +280,9 @@ class FileSystemBlobStore(BlobStore):
         try:
             _fsync_dir(directory)
         except OSError as exc:
-            raise self._error(exc, "delete", name, path) from exc
+            if exc.errno != errno.ENOENT:
+                raise self._error(exc, "delete", name, path) from exc
+            # a concurrent delete emptied and pruned the directory: the entry is gone with it
         while directory != self._root:
             try:
                 os.rmdir(directory)  # only succeeds when empty

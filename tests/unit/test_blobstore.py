@@ -380,3 +380,17 @@ async def test_s3_boto3_vanishing_later_is_blob_store_error(monkeypatch: pytest.
     with pytest.raises(BlobStoreError, match=r"pip install"):
         await store.get("x")
     await store.aclose()
+
+
+async def test_file_store_concurrent_deletes_of_one_directory(tmp_path: Path) -> None:
+    # Regression: deletes racing on the last entries of a directory; one prunes it while
+    # another fsyncs it after its unlink, which then failed with ENOENT.
+    from statefun_mesh.blobstore.filesystem import FileSystemBlobStore
+
+    for round_ in range(20):
+        async with FileSystemBlobStore(str(tmp_path / "blobs")) as store:
+            names = [f"r{round_}/d/{i:04d}" for i in range(16)]
+            for n in names:
+                await store.put(n, b"x")
+            await asyncio.gather(*(store.delete(n) for n in names))
+            assert await store.list(f"r{round_}/") == []
