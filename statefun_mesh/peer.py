@@ -673,6 +673,13 @@ class Peer:
         """Where ``typename``'s log stood in the checkpoint the last recovery restored."""
         return self._restored_heads.get(typename, 0)
 
+    def egress_resume(self, typename: str, pos: int, generation: int) -> int:
+        """Where a reader at ``pos``, read in ``generation`` (-1: none), continues: after a
+        recovery since, offsets past the restored head are reused, so from there."""
+        if 0 <= generation != self.generation:
+            return min(pos, self.egress_restored_head(typename))
+        return pos
+
     def egress_read(self, typename: str, pos: int, limit: int) -> list[EgressRecord]:
         """Return up to ``limit`` released records from offset ``pos`` on, without waiting."""
         if self.backend is None:
@@ -701,9 +708,7 @@ class Peer:
     async def _egress_from(self, typename: str, pos: int) -> AsyncIterator[EgressRecord]:
         gen = self.generation
         while True:
-            if gen != self.generation:  # a recovery rolled the log back: re-read from the restored head
-                gen = self.generation
-                pos = min(pos, self.egress_restored_head(typename))
+            pos, gen = self.egress_resume(typename, pos, gen), self.generation
             records = self.egress_read(typename, pos, 1000)
             if records:
                 if records[0].offset > pos:

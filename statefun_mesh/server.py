@@ -150,12 +150,7 @@ class ClientServer:
                 elif kind == codec.C_FETCH:
                     _, egress, start, limit, wait_ms, gen = items
                     parse_typename(egress)
-                    pos = peer.egress_position(egress, start)
-                    if 0 <= gen != peer.generation:
-                        # a recovery since the client's last read rolled this peer's egress
-                        # back: records from the restored head on may be new (or produced
-                        # again, with the same ids), so read from there
-                        pos = min(pos, peer.egress_restored_head(egress))
+                    pos = peer.egress_resume(egress, peer.egress_position(egress, start), gen)
                     limit = max(1, min(limit, MAX_FETCH))
                     self._spawn(self._fetch(ident, corr, egress, pos, limit, min(max(wait_ms, 0), MAX_WAIT_MS)))
                 else:  # C_INFO
