@@ -885,7 +885,8 @@ class Peer:
                 self._send(p, codec.encode_control(codec.REPLIES, replies))
 
     def _grant_credits(self) -> None:
-        if self.transport is None or len(self._inbox) >= self.config.inbox_limit:
+        queued = self.dispatcher.queued if self.dispatcher is not None else 0  # behind parked addresses
+        if self.transport is None or len(self._inbox) + queued >= self.config.inbox_limit:
             return
         quarter = max(self.config.credit_window // 4, 1)
         empty = not self._inbox

@@ -140,3 +140,69 @@ async def test_async_function_blocking_between_awaits_is_logged(tmp_path: Path,
         await mesh.request(message_builder(target_typename="t/ablocker", target_id="x", int_value=1))
     lines = [r.getMessage() for r in caplog.records if "event loop" in r.getMessage()]
     assert any("async function t/ablocker (address t/ablocker/x)" in m for m in lines), lines
+
+
+@pytest.mark.timeout(60)
+async def test_in_thread_sync_function_blocks_only_its_address(tmp_path: Path) -> None:
+    from statefun_mesh import in_thread
+
+    functions = StatefulFunctions()
+    threads: set[str] = set()
+
+    @functions.bind(typename="t/report", specs=[ValueSpec(name="seen", type=MsgPackType)])
+    @in_thread
+    def report(context, message):
+        import threading
+
+        threads.add(threading.current_thread().name)
+        if message.as_int() < 0:
+            time.sleep(3)  # blocking, but in a worker thread
+        context.storage.seen = (context.storage.seen or []) + [message.as_int()]
+        context.send(message_builder(target_typename="t/count", target_id="all", int_value=1))
+        if context.in_request:
+            context.reply(value=context.storage.seen, value_type=MsgPackType)
+
+    @functions.bind(typename="t/count", specs=[ValueSpec(name="n", type=IntType)])
+    def count(context, message):
+        context.storage.n = (context.storage.n or 0) + message.as_int()
+        if context.in_request:
+            context.reply(int_value=context.storage.n)
+
+    with pytest.raises(TypeError, match="async already"):
+        in_thread(report)
+    async with LocalMesh(functions, state_dir=str(tmp_path), block_warning=0.5) as mesh:
+        t0 = time.monotonic()
+        await mesh.send(msg("t/report", "slow", -1))
+        await mesh.send(msg("t/report", "slow", 1))
+        slow = asyncio.ensure_future(mesh.request(msg("t/report", "slow", 2), timeout=20))
+        for k in range(10):
+            t = time.monotonic()
+            r = await mesh.request(msg("t/report", f"k{k}", k))
+            assert time.monotonic() - t < 1.0
+            assert r.as_type(MsgPackType) == [k]
+        assert time.monotonic() - t0 < 2.5 and not slow.done()
+        assert (await slow).as_type(MsgPackType) == [-1, 1, 2]
+        await mesh.idle()
+        assert (await mesh.request(msg("t/count", "all", 0))).as_int() == 13
+    assert "MainThread" not in threads
+
+
+@pytest.mark.timeout(60)
+async def test_async_function_may_await_a_request_to_another_address(tmp_path: Path) -> None:
+    functions = StatefulFunctions()
+    mesh_ref: list[LocalMesh] = []
+
+    @functions.bind(typename="t/asker")
+    async def asker(context, message):
+        answer = await mesh_ref[0].request(msg("t/answerer", "x", message.as_int()), timeout=5)
+        context.reply(int_value=answer.as_int() + 1)
+
+    @functions.bind(typename="t/answerer")
+    def answerer(context, message):
+        context.reply(int_value=message.as_int() * 10)
+
+    async with LocalMesh(functions, state_dir=str(tmp_path), peers=2) as mesh:
+        mesh_ref.append(mesh)
+        for i in range(5):
+            r = await mesh.request(msg("t/asker", f"a{i}", i), timeout=10)
+            assert r.as_int() == i * 10 + 1
