@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import pytest
 from statefun_mesh import MeshClient
 from statefun_mesh.snapshot.format import decode_object
 from tests.integration import crash_app as app
-from tests.integration.crash_util import Clients, CrashMesh, probe_ids, reply_json, wait_responsive
+from tests.integration.crash_util import Clients, CrashMesh, probe_ids, reply_json, wait_log, wait_responsive
 from tests.integration.support import read_egress
 
 pytestmark = pytest.mark.integration
@@ -127,3 +128,42 @@ async def test_checkpoint_and_sigkill_while_an_invocation_is_parked(mesh: CrashM
     finally:
         await clients.aclose()
 
+
+
+@pytest.mark.timeout(120)
+async def test_a_blocked_peer_is_named_and_not_recovered(mesh: CrashMesh) -> None:
+    """A sync function blocks peer 1's event loop for 8 s (past heartbeat_timeout, 5 s):
+    the watchdog names it in the log, the other peers report peer 1 unavailable but start
+    no recovery round, peer 1 does not accuse the others afterwards, and every message
+    is applied once."""
+    mesh.start()
+    await asyncio.to_thread(mesh.wait_up)
+    clients = await Clients.connect(mesh.endpoint)
+    deadline = time.monotonic() + 100
+    blocked_id = probe_ids("blocked")[SLOW_PEER]
+    try:
+        await wait_new_manifests(mesh, -1, 1, 30)
+        rounds_before = mesh.log().count("recovery round")
+        await clients.send(app.json_message(app.BLOCKER, blocked_id, {"block_ms": 8000}), "b0", deadline=deadline)
+        line = await asyncio.to_thread(
+            wait_log, mesh, r"peer 1: sync function cr/blocker \(address cr/blocker/[^)]*\) has held the event loop",
+            timeout=10,
+        )
+        assert blocked_id in line
+        await asyncio.to_thread(wait_log, mesh, r"no word from peer 1 for", timeout=15)
+        await asyncio.to_thread(wait_log, mesh, r"cr/blocker/[^)]*\) held the event loop for [0-9.]+ s", timeout=15)
+        await clients.send(app.json_message(app.BLOCKER, blocked_id, {"block_ms": 0}), "b1", deadline=deadline)
+        for _ in range(100):
+            r = await clients.request(app.query(app.BLOCKER, blocked_id), deadline=deadline)
+            if reply_json(r)["count"] == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert reply_json(r)["count"] == 2
+        await asyncio.to_thread(wait_log, mesh, r"peer 1 is reachable again", timeout=10)
+        log = mesh.log()
+        assert log.count("recovery round") == rounds_before, "a blocked peer started a recovery round"
+        assert not re.search(r"peer 1: no word from peer", log), "the blocked peer accused the others"
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- launcher log (tail) ---\n{mesh.log()[-4000:]}") from None
+    finally:
+        await clients.aclose()
