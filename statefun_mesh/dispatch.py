@@ -274,11 +274,11 @@ class Dispatcher:
         if parked:
             # Parked addresses whose task is done commit in this batch; what queued
             # behind them (and their messages in this batch) runs after the commit.
-            for key, r in list(parked.items()):
-                if r.task is not None and r.task.done():
-                    del parked[key]
-                    merging[key] = r
-                    self._merged.append(r)
+            for pkey, pr in list(parked.items()):
+                if pr.task is not None and pr.task.done():
+                    del parked[pkey]
+                    merging[pkey] = pr
+                    self._merged.append(pr)
         if fired:
             # A due timer's message is routed like any send of this batch: the timer is
             # deleted in the batch's transaction and the message leaves after the commit,
@@ -315,11 +315,11 @@ class Dispatcher:
             for (typename, id), recs in groups.items():
                 if parked or merging:
                     # per-address order: behind an invocation that has not committed yet
-                    r = parked.get((typename, id)) or merging.get((typename, id))
-                    if r is not None:
+                    behind = parked.get((typename, id)) or merging.get((typename, id))
+                    if behind is not None:
                         if (typename, id) not in qlens:
-                            qlens[(typename, id)] = (r, len(r.queue))
-                        r.queue.extend(recs)
+                            qlens[(typename, id)] = (behind, len(behind.queue))
+                        behind.queue.extend(recs)
                         continue
                 fspec = table.get(typename)
                 if fspec is None:
@@ -368,9 +368,9 @@ class Dispatcher:
                     invoke(fspec, address, kg, cells, rec, now_ms, out)
                 self.current = None
         self._txn = None  # closed: async invocations below read what they need afresh
-        for r in merging.values():
-            self._finish(r, now_ms, out)
-            out.requeue.extend(r.queue)
+        for pr in merging.values():
+            self._finish(pr, now_ms, out)
+            out.requeue.extend(pr.queue)
         if starting:
             await self._start(starting, now_ms, out)
 
@@ -393,10 +393,12 @@ class Dispatcher:
         take in those that finished and park the others."""
         self._starting = starting
         loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[None]] = []
         try:
             for r in starting:
                 r.task = loop.create_task(self._run_async(r, now_ms), name=f"statefun-mesh {r.address}")
-            await asyncio.wait([r.task for r in starting], timeout=self.park_after)  # type: ignore[misc]
+                tasks.append(r.task)
+            await asyncio.wait(tasks, timeout=self.park_after)
         except BaseException:
             for r in starting:  # the batch is cancelled (a recovery): so are its invocations
                 if r.task is not None:
