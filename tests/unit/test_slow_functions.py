@@ -206,3 +206,59 @@ async def test_async_function_may_await_a_request_to_another_address(tmp_path: P
         for i in range(5):
             r = await mesh.request(msg("t/asker", f"a{i}", i), timeout=10)
             assert r.as_int() == i * 10 + 1
+
+
+@pytest.mark.timeout(60)
+async def test_failed_commits_around_parked_invocations_apply_everything_once(tmp_path: Path) -> None:
+    """Commits fail (as on a full disk) while a parked invocation finishes and while
+    another one is being parked: the batches are retried, and every message is applied
+    once, in order per address."""
+    from statefun_mesh.errors import StateCapacityError
+
+    calls: list[tuple[str, int]] = []
+    async with LocalMesh(slow_app(calls), state_dir=str(tmp_path)) as mesh:
+        peer = mesh.peers[0]
+        backend = peer.backend
+        real_commit = backend.commit
+        window = [float("inf"), float("inf")]
+        failed = [0]
+
+        def commit(ops):
+            if window[0] <= time.monotonic() < window[1]:
+                failed[0] += 1
+                raise StateCapacityError("injected: the disk is full")
+            return real_commit(ops)
+
+        backend.commit = commit
+        global SLOW
+        old_slow, SLOW = SLOW, 0.6
+        try:
+            await mesh.send(msg("t/acc", "slow", -1))
+            while ("slow", -1) not in calls:
+                await asyncio.sleep(0.01)
+            t0 = time.monotonic()
+            window[:] = [t0 + 0.3, t0 + 1.2]  # covers the slow invocation's end (0.6 s)
+            for i in range(1, 4):
+                await mesh.send(msg("t/acc", "slow", i))
+            for k in range(5):
+                await mesh.send(msg("t/acc", f"k{k}", k + 1))
+            await asyncio.sleep(0.35)
+            await mesh.send(msg("t/acc", "slow", 4))  # queued by a batch whose commit fails
+            await mesh.send(msg("t/acc", "slow2", -1))  # parked by a batch whose commit fails
+            await mesh.send(msg("t/acc", "slow2", 7))
+            for k in range(5):
+                await mesh.send(msg("t/acc", f"k{k}", k + 10))
+            await mesh.idle(timeout=30)
+        finally:
+            SLOW = old_slow
+        assert failed[0] >= 2
+        for key, want in [("slow", [-1, 1, 2, 3, 4]), ("slow2", [-1, 7])] + [(f"k{k}", [k + 1, k + 10]) for k in range(5)]:
+            r = await mesh.request(msg("t/count", key, 0))
+            assert r.as_int() == len(want), (key, r.as_int())
+        seen = {}
+        for key in ("slow", "slow2"):
+            calls_before = len(calls)
+            seen[key] = (await mesh.request(msg("t/acc", key, 100))).as_type(MsgPackType)
+            assert len(calls) == calls_before + 1
+        assert seen["slow"] == [-1, 1, 2, 3, 4, 100]
+        assert seen["slow2"] == [-1, 7, 100]
