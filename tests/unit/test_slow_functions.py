@@ -252,7 +252,8 @@ async def test_failed_commits_around_parked_invocations_apply_everything_once(tm
         finally:
             SLOW = old_slow
         assert failed[0] >= 2
-        for key, want in [("slow", [-1, 1, 2, 3, 4]), ("slow2", [-1, 7])] + [(f"k{k}", [k + 1, k + 10]) for k in range(5)]:
+        expected = [("slow", [-1, 1, 2, 3, 4]), ("slow2", [-1, 7])] + [(f"k{k}", [k + 1, k + 10]) for k in range(5)]
+        for key, want in expected:
             r = await mesh.request(msg("t/count", key, 0))
             assert r.as_int() == len(want), (key, r.as_int())
         seen = {}
