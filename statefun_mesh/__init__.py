@@ -23,6 +23,7 @@ from .messages import Message as Message
 from .messages import TypedValue as TypedValue
 from .messages import egress_message_builder as egress_message_builder
 from .messages import message_builder as message_builder
+from .offload import in_thread as in_thread
 from .peer import Peer as Peer
 from .valuetypes import BoolType as BoolType
 from .valuetypes import DoubleType as DoubleType
@@ -70,6 +71,7 @@ __all__ = [
     "ValueSpec",
     "__version__",
     "egress_message_builder",
+    "in_thread",
     "make_json_type",
     "make_msgpack_type",
     "make_protobuf_type",

@@ -73,6 +73,12 @@ class MeshConfig:
         local_recovery: keep a local copy of every checkpoint object a peer uploads
             (``<state_dir>/peer-<id>.checkpoints/``) and restore from it when it is
             intact; ``False``: keep none and restore from the blob store only.
+        park_after: seconds a batch waits for its ``async`` invocations; one still
+            awaiting then is *parked*: the batch commits without it, its address's later
+            messages wait behind it, and its effects commit in a later batch.
+        block_warning: seconds an invocation may hold the peer's event loop (a sync
+            function, or an async one between awaits) before the peer logs a warning
+            naming it (0: no watchdog).
     """
 
     functions: tuple[str, ...] = ()
@@ -104,6 +110,8 @@ class MeshConfig:
     egress_immediate: tuple[str, ...] = ()
     restore: str = ""
     local_recovery: bool = True
+    park_after: float = 0.05
+    block_warning: float = 1.0
     _source: str = field(default="<arguments>", repr=False, compare=False)
 
     def __post_init__(self) -> None:

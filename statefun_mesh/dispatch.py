@@ -15,7 +15,7 @@ import base64
 import json
 import logging
 import traceback
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from typing import Any, Final
 
 import msgpack
@@ -74,7 +74,7 @@ Reply = tuple[int, int, int, str, Any, str, str]
 class BatchOutcome:
     """What one batch produced; applied by the peer after the writes commit."""
 
-    __slots__ = ("egress", "min_due", "ops", "replies", "sends")
+    __slots__ = ("egress", "min_due", "ops", "replies", "requeue", "sends")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -84,6 +84,35 @@ class BatchOutcome:
         self.egress: dict[str, int] = {}
         #: earliest due time (ms) of a timer this batch added, if any
         self.min_due: int | None = None
+        #: messages that waited behind a parked address this batch committed: the peer
+        #: puts them back at the head of its inbox once the commit succeeded
+        self.requeue: list[Record] = []
+
+
+class _Running:
+    """The messages of one address of an ``async`` function, being invoked in a task.
+
+    Its effects stay here until the task is done and a batch takes them into its
+    transaction (:meth:`Dispatcher._finish`). A task still awaiting when its batch
+    commits is *parked*: later messages for its address wait in ``queue``.
+    """
+
+    __slots__ = ("address", "cells", "done", "fspec", "key", "kg", "out", "queue", "records", "task")
+
+    def __init__(self, fspec: FunctionSpec, address: Address, kg: int, cells: dict[str, Cell],
+                 records: list[Record], out: BatchOutcome) -> None:  # fmt: skip
+        self.fspec = fspec
+        self.address = address
+        self.key = (address.typename, address.id)
+        self.kg = kg
+        self.cells = cells
+        self.records = records
+        #: this address's idempotency-key writes (they commit with its invocations)
+        self.out = out
+        #: (record, context, None) per invocation that returned, (record, None, exc) per one that raised
+        self.done: list[tuple[Record, Context | None, Exception | None]] = []
+        self.queue: list[Record] = []
+        self.task: asyncio.Task[None] | None = None
 
 
 class Dispatcher:
@@ -105,6 +134,7 @@ class Dispatcher:
         egress_retention: int = 100_000,
         dedup_retention: float = 86_400.0,
         egress_immediate: Iterable[str] = (),
+        park_after: float = 0.05,
     ) -> None:
         self.table = table
         self.backend = backend
@@ -125,6 +155,20 @@ class Dispatcher:
         self.invocations = 0
         self.failures = 0
         self.duplicates = 0
+        #: seconds a batch waits for its async invocations before it commits without them
+        self.park_after = park_after
+        #: async addresses whose batch committed while they were still running
+        self._parked: dict[tuple[str, str], _Running] = {}
+        #: async addresses started by the batch in progress (cancelled with it)
+        self._starting: list[_Running] = []
+        #: for rollback: parked addresses the batch in progress took in, queue lengths before it
+        self._merged: list[_Running] = []
+        self._qlens: dict[tuple[str, str], tuple[_Running, int]] = {}
+        self._parked_now: list[_Running] = []
+        #: called when a parked address's task is done (the peer wakes its loop)
+        self.on_ready: Any = None
+        #: the address whose sync function runs now (read by the peer's watchdog thread)
+        self.current: Address | None = None
 
     def reload_counters(self) -> None:
         """Re-read what is cached from the store (after the store was restored)."""
@@ -134,10 +178,78 @@ class Dispatcher:
     # -- rollback of in-memory counters when a commit fails -----------------------
 
     def rollback(self) -> None:
-        """Undo the counter advances of the last :meth:`run` (its commit failed)."""
+        """Undo the last :meth:`run` (its commit failed; the peer runs its records again).
+
+        Its counter advances are undone; the parked addresses it took in are parked again,
+        the messages it queued behind parked addresses are taken off their queues (they
+        go back to the inbox with the batch), and the addresses it parked are cancelled
+        (their messages go back with the batch).
+        """
         if self._saved is not None:
             self._timer_seq, self._egress_offsets = self._saved
             self._saved = None
+        for r, n in self._qlens.values():
+            del r.queue[n:]
+        for r in self._merged:
+            self._parked[r.key] = r
+        for r in self._parked_now:
+            if self._parked.get(r.key) is r:
+                del self._parked[r.key]
+            if r.task is not None:
+                r.task.cancel()
+        self._qlens = {}
+        self._merged = []
+        self._parked_now = []
+
+    # -- parked async invocations -----------------------------------------------------
+
+    @property
+    def parked(self) -> int:
+        """How many addresses are parked (an async invocation outlived its batch)."""
+        return len(self._parked)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a parked address finished and waits for a batch to commit it."""
+        return any(r.task is not None and r.task.done() for r in self._parked.values())
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting behind parked addresses."""
+        return sum(len(r.queue) for r in self._parked.values()) if self._parked else 0
+
+    def parked_records(self) -> list[Record]:
+        """Every message taken in and not committed: a parked address's messages (also
+        those whose invocation already returned), then those queued behind it.
+
+        A checkpoint cut between batches saves these as unprocessed input, with the
+        state as it was before them: their effects commit after the cut.
+        """
+        records: list[Record] = []
+        for r in self._parked.values():
+            records.extend(r.records)
+            records.extend(r.queue)
+        return records
+
+    def parked_addresses(self) -> list[tuple[Address, int]]:
+        """(address, messages queued behind it) of every parked address, for status and logs."""
+        return [(r.address, len(r.queue)) for r in self._parked.values()]
+
+    def cancel_all(self) -> None:
+        """Cancel every async invocation in progress and forget its messages (the peer
+        rolls back to a checkpoint, which has them as unprocessed input)."""
+        for r in [*self._parked.values(), *self._starting]:
+            if r.task is not None and not r.task.done():
+                r.task.cancel()
+        self._parked = {}
+        self._starting = []
+        self._merged = []
+        self._qlens = {}
+        self._parked_now = []
+
+    def _parked_done(self, task: asyncio.Task[None]) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
 
     # -- the batch ------------------------------------------------------------------
 
@@ -154,6 +266,19 @@ class Dispatcher:
         self._saved = (self._timer_seq, {k: list(v) for k, v in self._egress_offsets.items()})
         self._egress_seq = {}
         out = BatchOutcome()
+        parked = self._parked
+        merging: dict[tuple[str, str], _Running] = {}
+        self._merged = []
+        self._qlens = qlens = {}
+        self._parked_now = []
+        if parked:
+            # Parked addresses whose task is done commit in this batch; what queued
+            # behind them (and their messages in this batch) runs after the commit.
+            for pkey, pr in list(parked.items()):
+                if pr.task is not None and pr.task.done():
+                    del parked[pkey]
+                    merging[pkey] = pr
+                    self._merged.append(pr)
         if fired:
             # A due timer's message is routed like any send of this batch: the timer is
             # deleted in the batch's transaction and the message leaves after the commit,
@@ -178,7 +303,7 @@ class Dispatcher:
 
         table = self.table
         seen: set[bytes] = set()
-        pending: list[Awaitable[None]] = []
+        starting: list[_Running] = []
         touched: list[list[Cell]] = []
         with self.backend.read() as txn:
             self._txn = txn
@@ -188,15 +313,27 @@ class Dispatcher:
             maxp = self.max_parallelism
             kg_prefix = _KG_PREFIX
             for (typename, id), recs in groups.items():
+                if parked or merging:
+                    # per-address order: behind an invocation that has not committed yet
+                    behind = parked.get((typename, id)) or merging.get((typename, id))
+                    if behind is not None:
+                        if (typename, id) not in qlens:
+                            qlens[(typename, id)] = (behind, len(behind.queue))
+                        behind.queue.extend(recs)
+                        continue
                 fspec = table.get(typename)
                 if fspec is None:
                     for rec in recs:
                         self._unknown(rec, out)
                     continue
                 kg = key_group(id, maxp)
+                dedup_out = out
+                if fspec.is_async:
+                    # an async address's idempotency keys commit with its invocations
+                    dedup_out = BatchOutcome()
                 for r in recs:
                     if not r[2] and r[3]:  # a client message with an idempotency key
-                        recs = self._dedup(txn, typename, id, kg, recs, seen, now_ms, out)
+                        recs = self._dedup(txn, typename, id, kg, recs, seen, now_ms, dedup_out)
                         break
                 if not recs:
                     continue
@@ -220,17 +357,22 @@ class Dispatcher:
                                 cell.dirty = True
                             cells[name] = cell
                 address = Address(typename, id)
+                if fspec.is_async:
+                    starting.append(_Running(fspec, address, kg, cells, recs, dedup_out))
+                    continue
                 if cells:
                     touched.append(list(cells.values()))
-                if fspec.is_async:
-                    pending.append(self._run_async(fspec, address, kg, cells, recs, now_ms, out))
-                else:
-                    invoke = self._invoke_sync
-                    for rec in recs:
-                        invoke(fspec, address, kg, cells, rec, now_ms, out)
+                invoke = self._invoke_sync
+                self.current = address
+                for rec in recs:
+                    invoke(fspec, address, kg, cells, rec, now_ms, out)
+                self.current = None
         self._txn = None  # closed: async invocations below read what they need afresh
-        if pending:
-            await asyncio.gather(*pending)
+        for pr in merging.values():
+            self._finish(pr, now_ms, out)
+            out.requeue.extend(pr.queue)
+        if starting:
+            await self._start(starting, now_ms, out)
 
         ops = out.ops
         for cells_list in touched:
@@ -245,6 +387,54 @@ class Dispatcher:
         for key, seq in self._egress_seq.items():
             ops.append(("put", "state", key, encode_state_value(EGRESS_SEQ_TYPE, pack_u64(seq), 0)))
         return out
+
+    async def _start(self, starting: list[_Running], now_ms: int, out: BatchOutcome) -> None:
+        """Run the batch's async addresses, one task each, for up to ``park_after`` seconds;
+        take in those that finished and park the others."""
+        self._starting = starting
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for r in starting:
+                r.task = loop.create_task(self._run_async(r, now_ms), name=f"statefun-mesh {r.address}")
+                tasks.append(r.task)
+            await asyncio.wait(tasks, timeout=self.park_after)
+        except BaseException:
+            for r in starting:  # the batch is cancelled (a recovery): so are its invocations
+                if r.task is not None:
+                    r.task.cancel()
+            raise
+        finally:
+            self._starting = []
+        for r in starting:
+            task = r.task
+            assert task is not None
+            if task.done():
+                self._finish(r, now_ms, out)
+            else:
+                self._parked[r.key] = r
+                self._parked_now.append(r)
+                task.add_done_callback(self._parked_done)
+
+    def _finish(self, r: _Running, now_ms: int, out: BatchOutcome) -> None:
+        """Take a finished async address's effects into this batch's outcome."""
+        assert r.task is not None
+        r.task.result()  # a BaseException from the function stops the dispatch loop, as a sync one's does
+        out.ops.extend(r.out.ops)
+        address, cells = r.address, r.cells
+        for rec, ctx, exc in r.done:
+            if exc is not None:
+                self._failed(rec, address, cells, exc, out)
+            else:
+                assert ctx is not None
+                self._emit(address, r.kg, ctx, out, now_ms)
+        ops = out.ops
+        for cell in cells.values():
+            if cell.dirty:
+                if cell.data is None:
+                    ops.append(("del", "state", cell.key))
+                else:
+                    ops.append(("put", "state", cell.key, encode_state_value(cell.vt, cell.data, cell.expire)))  # type: ignore[arg-type]
 
     def _dedup(
         self,
@@ -278,28 +468,25 @@ class Dispatcher:
             keep.append(rec)
         return keep
 
-    async def _run_async(
-        self,
-        fspec: FunctionSpec,
-        address: Address,
-        kg: int,
-        cells: dict[str, Cell],
-        recs: list[Record],
-        now_ms: int,
-        out: BatchOutcome,
-    ) -> None:
-        # One address's messages run strictly one after another; other addresses of the
-        # batch may interleave while this one awaits.
-        for rec in recs:
+    async def _run_async(self, r: _Running, now_ms: int) -> None:
+        # One address's messages run strictly one after another; other addresses may
+        # interleave while this one awaits. State changes apply to the address's cells
+        # at once (the next message sees them); every other effect waits in r.done
+        # until a batch commits the address (_finish).
+        fspec, address, cells = r.fspec, r.address, r.cells
+        for rec in r.records:
             ctx = self._context(address, cells, rec)
             msg = Message(rec[0], rec[1], rec[4], rec[5])
             try:
                 await fspec.fun(ctx, msg)
                 writes = self._serialize_writes(ctx.storage)
             except Exception as exc:
-                self._failed(rec, address, cells, exc, out)
+                for cell in cells.values():  # decoded values may have been mutated in place
+                    cell.has_decoded = False
+                r.done.append((rec, None, exc))
                 continue
-            self._commit_invocation(fspec, address, kg, cells, ctx, writes, now_ms, out)
+            self._apply(fspec, cells, writes, now_ms)
+            r.done.append((rec, ctx, None))
 
     def _invoke_sync(
         self,
@@ -358,7 +545,14 @@ class Dispatcher:
         now_ms: int,
         out: BatchOutcome,
     ) -> None:
-        self.invocations += 1
+        self._apply(fspec, cells, writes, now_ms)
+        self._emit(address, kg, ctx, out, now_ms)
+
+    @staticmethod
+    def _apply(
+        fspec: FunctionSpec, cells: dict[str, Cell], writes: list[tuple[Cell, Any, bytes | None]] | None, now_ms: int
+    ) -> None:
+        """Apply a returned invocation's state writes (and TTLs) to its address's cells."""
         for cell, value, data in writes or ():
             cell.dirty = True
             if data is None:
@@ -383,6 +577,10 @@ class Dispatcher:
                 if after_call or cell.expire == 0:
                     cell.expire = now_ms + ms
                     cell.dirty = True
+
+    def _emit(self, address: Address, kg: int, ctx: Context, out: BatchOutcome, now_ms: int) -> None:
+        """Take a returned invocation's sends, timers, egress records and reply into ``out``."""
+        self.invocations += 1
         if ctx._sends is not None:
             out.sends.extend(ctx._sends)
         if ctx._delayed is not None:

@@ -160,6 +160,7 @@ class Peer:
         #: after a recovery, due timers wait until the replayed messages are processed
         self._timers_held = False
         self._replayed_from: set[int] = set()
+        self._unwatch: Any = None  # stops the blocked-loop watchdog (watchdog.py)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -187,7 +188,9 @@ class Peer:
             egress_retention=cfg.egress_retention,
             dedup_retention=cfg.dedup_retention,
             egress_immediate=cfg.egress_immediate,
+            park_after=cfg.park_after,
         )
+        self.dispatcher.on_ready = self._wake.set  # a parked async invocation finished
         self._next_due = backend.next_timer_due()
         return backend
 
@@ -231,6 +234,10 @@ class Peer:
             self._tasks.append(
                 asyncio.create_task(self._heartbeat_loop(), name=f"statefun-mesh peer {self.peer_id} heartbeat")
             )
+        if cfg.block_warning > 0:
+            from .watchdog import watch
+
+            self._unwatch = watch(self.peer_id, lambda: self.dispatcher, cfg.block_warning)
         log.info(
             "peer %d/%d starting: state at %s, %d functions, %s core, checkpoints %s",
             self.peer_id, self.n_peers, self.state_path, len(self.table), _speedups.IMPLEMENTATION,
@@ -291,6 +298,9 @@ class Peer:
                 ev.set()
             self._space.set()
         finally:
+            if self._unwatch is not None:
+                self._unwatch()
+                self._unwatch = None
             await self._release_resources()
             self._closed_event.set()
             log.info("peer %d stopped", self.peer_id)
@@ -500,6 +510,7 @@ class Peer:
         return (
             len(self._inbox) + sum(len(e) for e in self._out) + sum(self._framed)
             + len(self._ingress_batch) + self._ingress_writing
+            + (self.dispatcher.queued if self.dispatcher is not None else 0)
         )  # fmt: skip
 
     async def submit(self, rec: Record, *, durable: bool = True) -> None:
@@ -758,6 +769,7 @@ class Peer:
             "invocations": d.invocations if d else 0,
             "failures": d.failures if d else 0,
             "duplicates": d.duplicates if d else 0,
+            "parked": d.parked if d else 0,
             "bad_frames": self.bad_frames + getattr(self.transport, "foreign_frames", 0),
             "unavailable_peers": [p for p in range(self.n_peers) if not self._alive[p]],
             "next_timer_ms": self._next_due,
@@ -873,7 +885,8 @@ class Peer:
                 self._send(p, codec.encode_control(codec.REPLIES, replies))
 
     def _grant_credits(self) -> None:
-        if self.transport is None or len(self._inbox) >= self.config.inbox_limit:
+        queued = self.dispatcher.queued if self.dispatcher is not None else 0  # behind parked addresses
+        if self.transport is None or len(self._inbox) + queued >= self.config.inbox_limit:
             return
         quarter = max(self.config.credit_window // 4, 1)
         empty = not self._inbox
@@ -1002,6 +1015,8 @@ class Peer:
         self._resumed_event.clear()
         if self._loop_task is not None and not self._loop_task.done():
             self._loop_task.cancel()  # it stops at its next await; _recover waits for it
+        if self.dispatcher is not None:
+            self.dispatcher.cancel_all()  # parked async invocations: the checkpoint has their messages
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -1085,14 +1100,18 @@ class Peer:
     async def _heartbeat_loop(self) -> None:
         assert self.transport is not None
         cfg = self.config
+        last = self.clock.now()
         while True:
             frame = codec.encode_control(codec.HEARTBEAT, self.peer_id, self.incarnation)
             now = self.clock.now()
+            # after this peer's own loop was held (a blocking function), the silence is
+            # ours: give the frames that waited one round to be read before judging others
+            held, last = now - last > cfg.heartbeat_timeout, now
             for p in range(self.n_peers):
                 if p == self.peer_id:
                     continue
                 self._send(p, frame)
-                if self._alive[p] and now - self._last_heard[p] > cfg.heartbeat_timeout:
+                if not held and self._alive[p] and now - self._last_heard[p] > cfg.heartbeat_timeout:
                     self._alive[p] = False
                     log.warning(
                         "peer %d: no word from peer %d for %.1f s; holding its %d outgoing messages until it is back",
@@ -1120,14 +1139,16 @@ class Peer:
             if participant is not None and participant.pending is not None:
                 participant.take_snapshot()  # a barrier waited for the batch boundary
             now_ms = self._now_ms()
-            if self._timers_held and not inbox and len(self._replayed_from) >= self.n_peers - 1:
+            if (self._timers_held and not inbox and len(self._replayed_from) >= self.n_peers - 1
+                    and not dispatcher.parked):  # fmt: skip
                 self._timers_held = False  # every replayed message is processed: timers may fire
-            if not inbox and not self._timer_due(now_ms):
+            if not inbox and not self._timer_due(now_ms) and not dispatcher.ready:
                 self._flush_all()
                 self._grant_credits()
-                if self._closing:
-                    return
-                self._idle.set()
+                if not dispatcher.parked:  # else a parked async invocation is still to commit
+                    if self._closing:
+                        return
+                    self._idle.set()
                 deadline = None if self._next_due is None else self._next_due / 1000
                 await self.clock.wait(self._wake, deadline)
                 self._wake.clear()
@@ -1166,6 +1187,8 @@ class Peer:
                 backend.flush()
             if fired:
                 self._next_due = backend.next_timer_due()
+            if outcome.requeue:  # they waited behind a parked address this batch committed
+                inbox.extendleft(reversed(outcome.requeue))
             self._after_commit(outcome)
             if now_ms >= self._next_purge:
                 # expired idempotency keys, a slice at a time between batches

@@ -7,6 +7,7 @@ another peer — it waits for the batch in progress to commit, then, between bat
 1. opens an LMDB read transaction (the consistent view of its state, timers, egress
    and idempotency keys at the cut),
 2. keeps the messages queued in its inbox (received, not yet processed: in flight),
+   and those of parked async invocations (see dispatch.py), which have not committed,
 3. sends every message its earlier batches produced and then barrier ``n`` on every
    outgoing channel,
 4. records its ingress log position,
@@ -149,7 +150,11 @@ class Participant:
         changes = self.carry | backend.take_changes()
         self.carry = set()
         txn = backend.read()
-        inbox = list(peer._inbox)
+        # Unprocessed input: the inbox, and before it the messages of parked async
+        # invocations (still running, or finished but not committed) and those queued
+        # behind them. Their state in txn is from before them; their effects commit
+        # after this cut and belong to the next checkpoint.
+        inbox = (peer.dispatcher.parked_records() if peer.dispatcher is not None else []) + list(peer._inbox)
         others = {p for p in range(peer.n_peers) if p != peer.peer_id}
         barrier = codec.encode_control(codec.BARRIER, n, max(self.completed, self.pending_last_complete))
         for p in others:

@@ -13,11 +13,18 @@ request is answered with the instance's state, so tests read state through
   delayed message per entry to ``cr/timer-target/<target>``; ``{"cancel": [token, ...]}``
   cancels them.
 - ``cr/timer-target``: counts how often a delayed message arrived (``fired``).
+- ``cr/slow-counter`` (``async``): ``{"inc": id, "seq": n, "sleep_ms": ms}`` awaits ``ms``,
+  then adds 1, appends ``seq`` to its ``order`` and emits ``"<key>|<inc>"`` to
+  ``cr/increments``, like ``cr/counter`` (a long await parks the invocation).
+- ``cr/blocker`` (sync): ``{"block_ms": ms}`` blocks the peer's event loop for ``ms``
+  (``time.sleep``), then adds 1 to ``count``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from datetime import timedelta
 from typing import Any, Final
 
@@ -38,6 +45,8 @@ DONE: Final = "cr/done"
 TIMER_SETTER: Final = "cr/timer-setter"
 TIMER_TARGET: Final = "cr/timer-target"
 INCREMENTS: Final = "cr/increments"
+SLOW_COUNTER: Final = "cr/slow-counter"
+BLOCKER: Final = "cr/blocker"
 
 JSON = make_json_type("cr/json")
 _DONE_STATE = make_json_type("cr/done-state")
@@ -127,3 +136,30 @@ def timer_target(context, message):
         context.storage.fired = fired
     if context.in_request:
         context.reply(value={"fired": fired}, value_type=JSON)
+
+
+_ORDER = make_json_type("cr/order")
+
+
+@functions.bind(typename=SLOW_COUNTER,
+                specs=[ValueSpec(name="count", type=IntType), ValueSpec(name="order", type=_ORDER)])  # fmt: skip
+async def slow_counter(context, message):
+    doc = as_json(message)
+    if doc.get("query"):
+        context.reply(value={"count": context.storage.count or 0, "order": context.storage.order or []},
+                      value_type=JSON)  # fmt: skip
+        return
+    await asyncio.sleep(doc.get("sleep_ms", 0) / 1000)
+    context.storage.count = (context.storage.count or 0) + 1
+    context.storage.order = (context.storage.order or []) + [doc["seq"]]
+    context.send_egress(egress_message_builder(INCREMENTS, f"{context.address.id}|{doc['inc']}", StringType))
+
+
+@functions.bind(typename=BLOCKER, specs=[ValueSpec(name="count", type=IntType)])
+def blocker(context, message):
+    doc = as_json(message)
+    if not doc.get("query"):
+        time.sleep(doc.get("block_ms", 0) / 1000)
+        context.storage.count = (context.storage.count or 0) + 1
+    if context.in_request:
+        context.reply(value={"count": context.storage.count or 0}, value_type=JSON)
