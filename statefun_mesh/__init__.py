@@ -12,6 +12,10 @@ from .clock import SystemClock as SystemClock
 from .config import MeshConfig as MeshConfig
 from .context import Context as Context
 from .dispatch import DEAD_LETTERS as DEAD_LETTERS
+from .egress_io import KafkaEgressRecord as KafkaEgressRecord
+from .egress_io import KinesisEgressRecord as KinesisEgressRecord
+from .egress_io import kafka_egress_message as kafka_egress_message
+from .egress_io import kinesis_egress_message as kinesis_egress_message
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 from .functions import StatefulFunctions as StatefulFunctions
@@ -24,6 +28,7 @@ from .messages import TypedValue as TypedValue
 from .messages import egress_message_builder as egress_message_builder
 from .messages import message_builder as message_builder
 from .peer import Peer as Peer
+from .remote.handler import RequestReplyHandler as RequestReplyHandler
 from .valuetypes import BoolType as BoolType
 from .valuetypes import DoubleType as DoubleType
 from .valuetypes import FloatType as FloatType
@@ -40,6 +45,7 @@ from .valuetypes import simple_type as simple_type
 
 __version__ = "0.1.0"
 
+
 __all__ = [
     "DEAD_LETTERS",
     "IMPLEMENTATION",
@@ -52,6 +58,8 @@ __all__ = [
     "EgressRecord",
     "FloatType",
     "IntType",
+    "KafkaEgressRecord",
+    "KinesisEgressRecord",
     "LocalMesh",
     "LongType",
     "ManualClock",
@@ -60,6 +68,7 @@ __all__ = [
     "Message",
     "MsgPackType",
     "Peer",
+    "RequestReplyHandler",
     "SdkAddress",
     "StatefulFunctions",
     "StringType",
@@ -70,6 +79,8 @@ __all__ = [
     "ValueSpec",
     "__version__",
     "egress_message_builder",
+    "kafka_egress_message",
+    "kinesis_egress_message",
     "make_json_type",
     "make_msgpack_type",
     "make_protobuf_type",

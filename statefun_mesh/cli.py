@@ -65,6 +65,7 @@ def import_functions(ref: str) -> list[StatefulFunctions]:
 def decode_for_display(value_typename: str, data: bytes) -> Any:
     """Decode a typed value for printing: primitives and JSON as themselves, else base64."""
     from . import valuetypes as vt
+    from .egress_io import KafkaProducerRecordType, KinesisEgressRecordType
 
     for t in (vt.IntType, vt.LongType, vt.FloatType, vt.DoubleType, vt.BoolType, vt.StringType, vt.MsgPackType):
         if value_typename == t.typename:
@@ -72,6 +73,20 @@ def decode_for_display(value_typename: str, data: bytes) -> Any:
                 return t.serializer().deserialize(data)
             except ValueError:
                 break
+    for t in (KafkaProducerRecordType, KinesisEgressRecordType):  # their fields, the value decoded as below
+        if value_typename == t.typename:
+            try:
+                record = t.serializer().deserialize(data)
+            except ValueError:
+                break
+            fields = {k: getattr(record, k) for k in record.__slots__ if k != "value"}
+            shown = decode_for_display("", record.value)
+            if isinstance(shown, dict) and "base64" in shown:
+                try:  # plain text (the builders' str values) reads better as itself
+                    shown = record.value.decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
+            return {**fields, "value": shown}
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
