@@ -119,9 +119,7 @@ def _text(raw: bytes, typename: str, field: str) -> str:
 
 def _encode_kafka(record: KafkaEgressRecord) -> bytes:
     return (
-        _field(1, _utf8(record.key, "key"))
-        + _field(2, bytes(record.value))
-        + _field(3, _utf8(record.topic, "topic"))
+        _field(1, _utf8(record.key, "key")) + _field(2, bytes(record.value)) + _field(3, _utf8(record.topic, "topic"))
     )
 
 

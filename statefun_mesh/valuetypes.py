@@ -608,7 +608,12 @@ def _check_bytes_result(out: object, typename: str, producer: str) -> bytes:
         return out
     if isinstance(out, (bytes, bytearray, memoryview)):
         return bytes(out)
-    raise TypeError(f"{producer} of type {typename!r} returned {type(out).__name__}, expected bytes")
+    if isinstance(out, str):  # StateFun's docs use json.dumps as a serialize_fn: take text as UTF-8
+        try:
+            return out.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{producer} of type {typename!r} returned text that is not valid Unicode") from exc
+    raise TypeError(f"{producer} of type {typename!r} returned {type(out).__name__}, expected bytes (or str)")
 
 
 class _UserTypeSerializer(TypeSerializer):
@@ -648,7 +653,8 @@ def simple_type(
 
     Args:
         typename: the type's name, ``"namespace/name"``.
-        serialize_fn: turns a value into ``bytes``.
+        serialize_fn: turns a value into ``bytes`` (a ``str`` it returns is taken as UTF-8,
+            so StateFun's ``json.dumps``/``json.loads`` example works).
         deserialize_fn: turns ``bytes`` back into a value.
 
     Raises:
@@ -656,7 +662,7 @@ def simple_type(
         ValueError: a function is missing.
         TypeError: a function is not callable. Later, ``serialize()`` raises
             ``TypeError`` naming the type when ``serialize_fn`` returns something other
-            than bytes.
+            than bytes or str.
     """
     _check_typename(typename)
     if serialize_fn is None:
