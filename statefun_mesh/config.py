@@ -73,6 +73,9 @@ class MeshConfig:
         local_recovery: keep a local copy of every checkpoint object a peer uploads
             (``<state_dir>/peer-<id>.checkpoints/``) and restore from it when it is
             intact; ``False``: keep none and restore from the blob store only.
+        module: a StateFun ``module.yaml`` whose HTTP endpoint components name remote
+            functions the peers call over the request-reply protocol (docs/remote.md);
+            ``""``: none.
     """
 
     functions: tuple[str, ...] = ()
@@ -104,6 +107,7 @@ class MeshConfig:
     egress_immediate: tuple[str, ...] = ()
     restore: str = ""
     local_recovery: bool = True
+    module: str = ""
     _source: str = field(default="<arguments>", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +140,8 @@ class MeshConfig:
             raise bad("local_recovery", "true or false")
         if self.blob_store and self.checkpoint_interval <= 0:
             raise bad("checkpoint_interval", "a positive number of seconds")
+        if not isinstance(self.module, str):
+            raise bad("module", "the path of a StateFun module.yaml")
         if self.state_dir is not None and not isinstance(self.state_dir, str):
             raise bad("state_dir", "a directory path")
         for name in ("functions", "endpoints", "client_endpoints", "egress_immediate"):
@@ -248,6 +254,9 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
     state_dir = kwargs.get("state_dir")
     if isinstance(state_dir, str) and not os.path.isabs(state_dir):
         kwargs["state_dir"] = os.path.join(os.path.dirname(os.path.abspath(src)), state_dir)
+    module = kwargs.get("module")
+    if isinstance(module, str) and module and not os.path.isabs(module):
+        kwargs["module"] = os.path.join(os.path.dirname(os.path.abspath(src)), module)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return MeshConfig(**kwargs, _source=src)

@@ -105,8 +105,11 @@ class Dispatcher:
         egress_retention: int = 100_000,
         dedup_retention: float = 86_400.0,
         egress_immediate: Iterable[str] = (),
+        remote: Any = None,
     ) -> None:
         self.table = table
+        #: the peer's remote functions (remote.invoker.RemoteFunctions), or None
+        self.remote = remote
         self.backend = backend
         self.max_parallelism = max_parallelism
         self.egress_retention = egress_retention
@@ -189,16 +192,26 @@ class Dispatcher:
             kg_prefix = _KG_PREFIX
             for (typename, id), recs in groups.items():
                 fspec = table.get(typename)
+                endpoint = None
                 if fspec is None:
-                    for rec in recs:
-                        self._unknown(rec, out)
-                    continue
+                    endpoint = self.remote.endpoint_for(typename) if self.remote is not None else None
+                    if endpoint is None:
+                        for rec in recs:
+                            self._unknown(rec, out)
+                        continue
                 kg = key_group(id, maxp)
                 for r in recs:
                     if not r[2] and r[3]:  # a client message with an idempotency key
                         recs = self._dedup(txn, typename, id, kg, recs, seen, now_ms, out)
                         break
                 if not recs:
+                    continue
+                if fspec is None:  # a remote function: like an async one, its state is the cells
+                    address = Address(typename, id)
+                    rcells = self.remote.load(self, txn, typename, id, kg, now_ms)
+                    rtouched = list(rcells.values())
+                    touched.append(rtouched)
+                    pending.append(self.remote.run(self, endpoint, address, kg, recs, rcells, rtouched, now_ms, out))
                     continue
                 cells: dict[str, Cell] = {}
                 if fspec.specs:
