@@ -107,6 +107,12 @@ class RemoteFunctions:
             raise ImportError("calling remote functions needs aiohttp: pip install 'statefun-mesh[remote]'") from exc
         self._aiohttp = aiohttp
         self.module = module
+        #: handlers of python: endpoints, imported now so a bad reference fails at construction
+        self._handlers: dict[str, Any] = {}
+        for ep in module.endpoints:
+            ref = ep.in_process
+            if ref is not None and ref not in self._handlers:
+                self._handlers[ref] = _import_handler(ref, module.source)
         self._session: Any = None
         #: function type -> state name -> registered spec
         self.specs: dict[str, dict[str, RemoteSpec]] = {}
@@ -253,6 +259,9 @@ class RemoteFunctions:
 
     async def _post(self, endpoint: HttpEndpoint, typename: str, url: str, body: bytes) -> bytes:
         """POST ``body``; retry transient failures with backoff until the call timeout."""
+        ref = endpoint.in_process
+        if ref is not None:
+            return await self._call_in_process(endpoint, typename, url, self._handlers[ref], body)
         aiohttp = self._aiohttp
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -285,6 +294,27 @@ class RemoteFunctions:
             self._tlog.warning("remote retry", "remote function %s at %s: %s; retrying", typename, url, problem)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def _call_in_process(
+        self, endpoint: HttpEndpoint, typename: str, url: str, handler: Any, body: bytes
+    ) -> bytes:
+        """Hand ``body`` to a handler in this process: what its HTTP server would do, minus HTTP.
+
+        A function that raises is not retried (it would raise again): its messages go to
+        the dead letters at once, with the exception.
+        """
+        self.requests += 1
+        try:
+            out = await asyncio.wait_for(handler.handle_async(body), endpoint.timeouts.call)
+        except asyncio.TimeoutError:
+            raise RemoteFunctionError(
+                typename, url, f"no answer within the {endpoint.timeouts.call:g} s call timeout"
+            ) from None
+        except Exception as exc:
+            raise RemoteFunctionError(typename, url, f"the handler raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(out, (bytes, bytearray)):
+            raise RemoteFunctionError(typename, url, f"the handler returned {type(out).__name__}, not bytes")
+        return bytes(out)
 
     # -- applying an answer ----------------------------------------------------------------
 
@@ -391,6 +421,25 @@ class RemoteFunctions:
             rid = d._egress_id(address, kg) if egress in d.immediate else None
             d._egress(egress, eg.argument.typename, bytes(eg.argument.value), out, rid)
         d.invocations += len(chunk)
+
+
+def _import_handler(ref: str, source: str | None) -> Any:
+    import importlib
+
+    from ..errors import ConfigError
+
+    module_name, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import the handler python:{ref}: {exc}", source=source) from exc
+    if not callable(getattr(obj, "handle_async", None)):
+        raise ConfigError(
+            f"python:{ref} is a {type(obj).__name__}, not a request-reply handler (no handle_async)", source=source
+        )
+    return obj
 
 
 def _load_cell(d: Dispatcher, txn: Any, kg: int, typename: str, id: str, name: str, now_ms: int) -> Cell:

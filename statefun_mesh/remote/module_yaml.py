@@ -11,6 +11,11 @@ component::
       transport:
         timeouts: {call: 1 min, connect: 10 sec, read: 10 sec, write: 10 sec}
 
+A statefun_mesh extension: ``urlPathTemplate: python:package.module:attribute`` names a
+request-reply handler (anything with ``async handle_async(bytes) -> bytes``, such as the
+official SDK's ``RequestReplyHandler``) that the peer imports and calls in-process,
+without HTTP.
+
 ``io.statefun.endpoints.v1/http`` has ``timeouts`` directly under ``spec``. StateFun's
 asynchronous transport (``type: io.statefun.transports.v1/async``) puts ``call`` and
 ``connect`` directly under ``transport``; both layouts are read. Durations are written
@@ -47,6 +52,9 @@ TRANSPORT_OKHTTP: Final = "io.statefun.transports.v1/okhttp"
 TRANSPORT_ASYNC: Final = "io.statefun.transports.v1/async"
 DEFAULT_MAX_BATCH: Final = 1000
 _PLACEHOLDER: Final = "{function.name}"
+#: statefun_mesh's extension: a request-reply handler called in the peer, without HTTP
+_PYTHON: Final = "python:"
+_PYTHON_REF: Final = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 #: kinds StateFun knows that statefun_mesh does not read, with what to use instead
 _OTHER_KINDS: Final = {
@@ -132,6 +140,13 @@ class HttpEndpoint:
     def url_for(self, typename: str) -> str:
         """The URL for the function type ``typename``."""
         return self.url_template.replace(_PLACEHOLDER, typename[typename.rfind("/") + 1 :])
+
+    @property
+    def in_process(self) -> str | None:
+        """``package.module:attribute`` of a handler called in the peer (``python:`` URLs), else ``None``."""
+        if self.url_template.startswith(_PYTHON):
+            return self.url_template[len(_PYTHON) :]
+        return None
 
 
 class RemoteModule:
@@ -288,6 +303,10 @@ def _endpoint(kind: str, spec: dict[str, Any], at: str) -> HttpEndpoint:
 
 
 def _check_url(template: str, fail: Any) -> None:
+    if template.startswith(_PYTHON):
+        if not _PYTHON_REF.match(template[len(_PYTHON) :]):
+            raise fail(f"{template!r}: expected python:package.module:attribute", "urlPathTemplate")
+        return
     braces = re.findall(r"\{[^}]*\}", template)
     bad = [b for b in braces if b != _PLACEHOLDER]
     if bad or template.count("{") != len(braces) or template.count("}") != len(braces):

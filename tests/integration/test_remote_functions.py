@@ -315,3 +315,53 @@ async def test_bad_module_file_fails_at_construction(tmp_path: Path) -> None:
     path.write_text("kind: io.statefun.kafka.v1/ingress\nspec: {}\n")
     with pytest.raises(sm.ConfigError, match=r"kafka\.v1/ingress"):
         sm.LocalMesh(sm.StatefulFunctions(), module=str(path))
+
+
+def python_module(tmp_path: Path, ref: str) -> str:
+    path = tmp_path / "module.yaml"
+    path.write_text(
+        "kind: io.statefun.endpoints.v2/http\n"
+        "spec:\n"
+        "  functions: remote.example/*\n"
+        f"  urlPathTemplate: python:{ref}\n"
+        "  transport: {timeouts: {call: 2 sec, connect: 1 sec, read: 1 sec, write: 1 sec}}\n"
+    )
+    return str(path)
+
+
+async def test_official_sdk_handler_called_in_process_without_http(tmp_path: Path) -> None:
+    # tests/integration/remote_app.py imports only the official SDK; its handler runs in the peer.
+    pytest.importorskip("statefun", reason="the official SDK (apache-flink-statefun, in the dev extra)")
+    module = python_module(tmp_path, "tests.integration.remote_app:handler")
+    async with sm.LocalMesh(sm.StatefulFunctions(), module=module) as mesh:
+        for _ in range(4):
+            await mesh.send(sm.message_builder("remote.example/counter", "a", int_value=1))
+        await settle(mesh, lambda: len(mesh.peers[0].egress_read("e/ticks", 0, 10)) >= 2)
+        counts = [json.loads(r.as_string())["count"] for r in await egress(mesh, "e/counts")]
+        ticks = sorted(json.loads(r.as_string())["n"] for r in await egress(mesh, "e/ticks"))
+        assert counts == [1, 2, 3, 4] and ticks == [1, 3]
+        assert mesh.peers[0].remote.requests >= 2  # the first one was answered with the specs
+
+
+async def test_in_process_handler_errors(tmp_path: Path) -> None:
+    with pytest.raises(sm.ConfigError, match="cannot import the handler"):
+        sm.LocalMesh(sm.StatefulFunctions(), module=python_module(tmp_path, "no.such.module:handler"))
+    with pytest.raises(sm.ConfigError, match="not a request-reply handler"):
+        sm.LocalMesh(sm.StatefulFunctions(), module=python_module(tmp_path, "json:dumps"))
+    boom = sm.StatefulFunctions()
+
+    @boom.bind("remote.example/boom")
+    def explode(context: sm.Context, message: sm.Message) -> None:
+        raise RuntimeError("kaput")
+
+    global BOOM_HANDLER
+    BOOM_HANDLER = sm.RequestReplyHandler(boom)
+    module = python_module(tmp_path, f"{__name__}:BOOM_HANDLER")
+    async with sm.LocalMesh(sm.StatefulFunctions(), module=module) as mesh:
+        await mesh.send(sm.message_builder("remote.example/boom", "x", int_value=1))
+        await settle(mesh, lambda: len(mesh.peers[0].egress_read(sm.DEAD_LETTERS, 0, 10)) >= 1)
+        (letter,) = [json.loads(r.raw_value()) for r in await egress(mesh, sm.DEAD_LETTERS)]
+        assert "RuntimeError: kaput" in letter["error"]
+
+
+BOOM_HANDLER: Any = None

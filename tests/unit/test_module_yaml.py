@@ -129,6 +129,7 @@ OK = "{functions: 'a/*', urlPathTemplate: 'http://a/'"
         (H + OK + ", transport: {timeouts: {cal: 1s}}}\n", "unknown timeout"),
         (H1 + OK + ", timeouts: {call: forever}}\n", "spec.timeouts.call"),
         (H + OK + "}\n---\n" + H + "{functions: 'a/*', urlPathTemplate: 'http://b/'}\n", "two endpoints"),
+        (H + "{functions: 'a/*', urlPathTemplate: 'python:no-colon'}\n", "python:package.module:attribute"),
         ("kind: [unclosed\n", "not valid YAML"),
     ],
 )  # fmt: skip
@@ -145,3 +146,10 @@ def test_unreadable_file(tmp_path: Path) -> None:
     bad.write_bytes(b"kind: \xe9\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_module_yaml(bad)
+
+
+def test_in_process_handler_reference() -> None:
+    (ep,) = parse_module_yaml(H + "{functions: 'a/*', urlPathTemplate: 'python:my_app.serve:handler'}\n").endpoints
+    assert ep.in_process == "my_app.serve:handler"
+    (http,) = parse_module_yaml(H + OK + "}\n").endpoints
+    assert http.in_process is None
