@@ -44,6 +44,8 @@ log = logging.getLogger("statefun_mesh.remote")
 #: rounds of IncompleteInvocationContext answered for one request before giving up
 _MAX_REGISTRATION_ROUNDS: Final = 4
 _RETRY_STATUSES: Final = frozenset({408, 429})
+#: the largest answer read from an endpoint; a larger one is a protocol error, not a retry
+MAX_RESPONSE_BYTES: Final = 64 << 20
 _FIRST_BACKOFF: Final = 0.01
 _MAX_BACKOFF: Final = 1.0
 
@@ -278,9 +280,9 @@ class RemoteFunctions:
             timeout = aiohttp.ClientTimeout(total=remaining, connect=min(t.connect, remaining), sock_read=t.read)
             try:
                 async with self._session.post(url, data=body, timeout=timeout) as resp:
-                    data = await resp.read()
+                    data = await _read_bounded(resp, typename, url)
                     if resp.status == 200:
-                        return data  # type: ignore[no-any-return]
+                        return data
                     problem = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
                     if resp.status < 500 and resp.status not in _RETRY_STATUSES:
                         raise RemoteFunctionError(typename, url, f"{problem}: {data[:200]!r}")
@@ -421,6 +423,22 @@ class RemoteFunctions:
             rid = d._egress_id(address, kg) if egress in d.immediate else None
             d._egress(egress, eg.argument.typename, bytes(eg.argument.value), out, rid)
         d.invocations += len(chunk)
+
+
+async def _read_bounded(resp: Any, typename: str, url: str) -> bytes:
+    """The response body, refused past :data:`MAX_RESPONSE_BYTES` without reading it all."""
+    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
+        raise RemoteFunctionError(
+            typename, url, f"the answer has {resp.content_length:,} bytes, over {MAX_RESPONSE_BYTES:,}"
+        )
+    parts = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise RemoteFunctionError(typename, url, f"the answer is over {MAX_RESPONSE_BYTES:,} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _import_handler(ref: str, source: str | None) -> Any:

@@ -365,3 +365,31 @@ async def test_in_process_handler_errors(tmp_path: Path) -> None:
 
 
 BOOM_HANDLER: Any = None
+
+
+async def test_an_oversized_answer_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from statefun_mesh.remote import invoker
+
+    monkeypatch.setattr(invoker, "MAX_RESPONSE_BYTES", 1000)
+
+    async def huge(body: bytes) -> web.StreamResponse:
+        return web.Response(body=b"\x00" * 5000, content_type="application/octet-stream")
+
+    async def huge_chunked(body: bytes) -> web.StreamResponse:
+        async def chunks() -> Any:
+            for _ in range(5):
+                yield b"\x00" * 1000
+
+        return web.Response(body=chunks(), content_type="application/octet-stream")
+
+    async with Servers() as servers:
+        s1 = await servers.serve(huge)
+        s2 = await servers.serve(huge_chunked)
+        module = module_file(tmp_path, ("big/a", s1.port, ""), ("big/b", s2.port, ""))
+        async with sm.LocalMesh(sm.StatefulFunctions(), module=module) as mesh:
+            await mesh.send(sm.message_builder("big/a", "x", int_value=1))
+            await mesh.send(sm.message_builder("big/b", "x", int_value=1))
+            await settle(mesh, lambda: len(mesh.peers[0].egress_read(sm.DEAD_LETTERS, 0, 10)) >= 2)
+            errors = sorted(json.loads(r.raw_value())["error"] for r in await egress(mesh, sm.DEAD_LETTERS))
+            assert "5,000 bytes, over 1,000" in errors[0] and "over 1,000 bytes" in errors[1]
+            assert s1.requests == 1 and s2.requests == 1  # not retried
