@@ -12,6 +12,10 @@ from .clock import SystemClock as SystemClock
 from .config import MeshConfig as MeshConfig
 from .context import Context as Context
 from .dispatch import DEAD_LETTERS as DEAD_LETTERS
+from .egress_io import KafkaEgressRecord as KafkaEgressRecord
+from .egress_io import KinesisEgressRecord as KinesisEgressRecord
+from .egress_io import kafka_egress_message as kafka_egress_message
+from .egress_io import kinesis_egress_message as kinesis_egress_message
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 from .functions import StatefulFunctions as StatefulFunctions
@@ -25,6 +29,7 @@ from .messages import egress_message_builder as egress_message_builder
 from .messages import message_builder as message_builder
 from .offload import in_thread as in_thread
 from .peer import Peer as Peer
+from .remote.handler import RequestReplyHandler as RequestReplyHandler
 from .valuetypes import BoolType as BoolType
 from .valuetypes import DoubleType as DoubleType
 from .valuetypes import FloatType as FloatType
@@ -41,6 +46,7 @@ from .valuetypes import simple_type as simple_type
 
 __version__ = "0.1.0"
 
+
 __all__ = [
     "DEAD_LETTERS",
     "IMPLEMENTATION",
@@ -53,6 +59,8 @@ __all__ = [
     "EgressRecord",
     "FloatType",
     "IntType",
+    "KafkaEgressRecord",
+    "KinesisEgressRecord",
     "LocalMesh",
     "LongType",
     "ManualClock",
@@ -61,6 +69,7 @@ __all__ = [
     "Message",
     "MsgPackType",
     "Peer",
+    "RequestReplyHandler",
     "SdkAddress",
     "StatefulFunctions",
     "StringType",
@@ -72,6 +81,8 @@ __all__ = [
     "__version__",
     "egress_message_builder",
     "in_thread",
+    "kafka_egress_message",
+    "kinesis_egress_message",
     "make_json_type",
     "make_msgpack_type",
     "make_protobuf_type",

@@ -65,5 +65,41 @@ class Address:
         return f"{self.typename}/{self.id}"
 
 
-#: StateFun's name for an address (``context.caller`` is one).
-SdkAddress = Address
+class SdkAddress(Address):
+    """StateFun's address type: ``SdkAddress(namespace, name, id, typename)``.
+
+    The same value as :class:`Address` (``context.address`` and ``context.caller`` are
+    ``Address`` objects with the same four attributes), constructed with StateFun's
+    fields: ``typename`` may be left out, and if given must be ``namespace/name``. An
+    ``SdkAddress`` equals, and hashes like, the ``Address`` with the same type and id.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, namespace: str, name: str, id: str, typename: str | None = None) -> None:
+        if not isinstance(namespace, str) or not isinstance(name, str):
+            raise TypeError("namespace and name must be str")
+        joined = f"{namespace}/{name}"
+        if typename is None:
+            typename = joined
+        elif typename != joined:
+            raise ValueError(f"typename {typename!r} does not match namespace {namespace!r} and name {name!r}")
+        parse_typename(typename)
+        if typename.rfind("/") != len(namespace):
+            raise ValueError(f"the name {name!r} of an address can not contain '/'")
+        object.__setattr__(self, "typename", typename)
+        object.__setattr__(self, "id", id)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Address):
+            return self.typename == other.typename and self.id == other.id
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.typename, self.id))
+
+    def __repr__(self) -> str:
+        return (
+            f"SdkAddress(namespace={self.namespace!r}, name={self.name!r}, id={self.id!r}, "
+            f"typename={self.typename!r})"
+        )

@@ -65,6 +65,7 @@ def import_functions(ref: str) -> list[StatefulFunctions]:
 def decode_for_display(value_typename: str, data: bytes) -> Any:
     """Decode a typed value for printing: primitives and JSON as themselves, else base64."""
     from . import valuetypes as vt
+    from .egress_io import KafkaProducerRecordType, KinesisEgressRecordType
 
     for t in (vt.IntType, vt.LongType, vt.FloatType, vt.DoubleType, vt.BoolType, vt.StringType, vt.MsgPackType):
         if value_typename == t.typename:
@@ -72,6 +73,20 @@ def decode_for_display(value_typename: str, data: bytes) -> Any:
                 return t.serializer().deserialize(data)
             except ValueError:
                 break
+    for t in (KafkaProducerRecordType, KinesisEgressRecordType):  # their fields, the value decoded as below
+        if value_typename == t.typename:
+            try:
+                record = t.serializer().deserialize(data)
+            except ValueError:
+                break
+            fields = {k: getattr(record, k) for k in record.__slots__ if k != "value"}
+            shown = decode_for_display("", record.value)
+            if isinstance(shown, dict) and "base64" in shown:
+                try:  # plain text (the builders' str values) reads better as itself
+                    shown = record.value.decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
+            return {**fields, "value": shown}
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -129,12 +144,13 @@ def cmd_peer(args: argparse.Namespace) -> int:
     if not 0 <= args.id < config.peers:
         raise ConfigError(f"--id must be in 0..{config.peers - 1} for this config, got {args.id}", source=args.config)
     refs = list(args.functions) or list(config.functions)
-    if not refs:
+    if not refs and not config.module:
         raise ConfigError(
-            "no functions given: list them in the config (functions = [...]) or pass MODULE:ATTR",
+            "no functions given: list them in the config (functions = [...]), pass MODULE:ATTR, "
+            "or name remote functions with module = 'module.yaml'",
             source=args.config, key="functions",
         )  # fmt: skip
-    modules = [m for ref in refs for m in import_functions(ref)]
+    modules = [m for ref in refs for m in import_functions(ref)] or [StatefulFunctions()]
     if config.state_dir is None:
         raise ConfigError("a peer needs a state_dir", source=args.config, key="state_dir")
 
@@ -179,10 +195,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         base = MeshConfig()
     refs = tuple(args.functions) or base.functions
-    if not refs:
-        raise ConfigError("no functions given: pass MODULE:ATTR (e.g. examples.greeter:functions)")
+    if args.module:
+        overrides["module"] = os.path.abspath(args.module)
+    module = overrides.get("module") or base.module
+    if not refs and not module:
+        raise ConfigError(
+            "no functions given: pass MODULE:ATTR (e.g. examples.greeter:functions) or --module module.yaml"
+        )
     for ref in refs:  # fail here, with a clear error, rather than in every peer
         import_functions(ref)
+    if module:
+        from .remote.module_yaml import load_module_yaml
+
+        load_module_yaml(module)
     state_dir = os.path.abspath(args.state_dir or base.state_dir or "statefun-mesh-state")
     if args.no_checkpoints:
         overrides["blob_store"] = ""
@@ -438,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this checkpoint, onto --peers peers even if it was taken on another number "
                         "(rescaling); an older ID rolls back, deleting newer checkpoints (default: the latest "
                         "checkpoint, which must have been taken on --peers peers)")
+    p.add_argument("--module", metavar="module.yaml",
+                   help="a StateFun module.yaml: its HTTP endpoints are remote functions the peers call")  # fmt: skip
     p.add_argument("--config", help="mesh.toml with further settings")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
     p.set_defaults(func=cmd_run)

@@ -79,6 +79,9 @@ class MeshConfig:
         block_warning: seconds an invocation may hold the peer's event loop (a sync
             function, or an async one between awaits) before the peer logs a warning
             naming it (0: no watchdog).
+        module: a StateFun ``module.yaml`` whose HTTP endpoint components name remote
+            functions the peers call over the request-reply protocol (docs/remote.md);
+            ``""``: none.
     """
 
     functions: tuple[str, ...] = ()
@@ -112,6 +115,7 @@ class MeshConfig:
     local_recovery: bool = True
     park_after: float = 0.05
     block_warning: float = 1.0
+    module: str = ""
     _source: str = field(default="<arguments>", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +148,8 @@ class MeshConfig:
             raise bad("local_recovery", "true or false")
         if self.blob_store and self.checkpoint_interval <= 0:
             raise bad("checkpoint_interval", "a positive number of seconds")
+        if not isinstance(self.module, str):
+            raise bad("module", "the path of a StateFun module.yaml")
         if self.state_dir is not None and not isinstance(self.state_dir, str):
             raise bad("state_dir", "a directory path")
         for name in ("functions", "endpoints", "client_endpoints", "egress_immediate"):
@@ -256,6 +262,9 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
     state_dir = kwargs.get("state_dir")
     if isinstance(state_dir, str) and not os.path.isabs(state_dir):
         kwargs["state_dir"] = os.path.join(os.path.dirname(os.path.abspath(src)), state_dir)
+    module = kwargs.get("module")
+    if isinstance(module, str) and module and not os.path.isabs(module):
+        kwargs["module"] = os.path.join(os.path.dirname(os.path.abspath(src)), module)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return MeshConfig(**kwargs, _source=src)

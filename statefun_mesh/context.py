@@ -27,6 +27,8 @@ class _Deleted:
 
 
 DELETED: Final = _Deleted()
+#: ``reply()``'s "no positional value given" (``None`` is a value the builder rejects by name)
+_NO_VALUE: Final[Any] = object()
 
 
 class Cell:
@@ -168,17 +170,17 @@ class Context:
         else:
             self._sends.append(rec)
 
-    def send_after(self, delay: timedelta, message: Message, cancellation_token: str = "") -> None:
-        """Send ``message`` once ``delay`` has passed.
+    def send_after(self, duration: timedelta, message: Message, cancellation_token: str = "") -> None:
+        """Send ``message`` once ``duration`` has passed (StateFun's signature).
 
         Delayed messages are state: they survive restarts and are restored with
         checkpoints. ``cancellation_token`` names the message for
         :meth:`cancel_delayed_message`; tokens are scoped to the sending instance.
         """
-        if not isinstance(delay, timedelta):
-            raise TypeError(f"delay must be a datetime.timedelta, got {type(delay).__name__}")
-        if delay < timedelta(0):
-            raise ValueError(f"delay must not be negative, got {delay}")
+        if not isinstance(duration, timedelta):
+            raise TypeError(f"duration must be a datetime.timedelta, got {type(duration).__name__}")
+        if duration < timedelta(0):
+            raise ValueError(f"duration must not be negative, got {duration}")
         if type(message) is not Message:
             raise TypeError(f"send_after() takes a Message (use message_builder), got {type(message).__name__}")
         if not isinstance(cancellation_token, str):
@@ -195,7 +197,7 @@ class Context:
         )
         if self._delayed is None:
             self._delayed = []
-        self._delayed.append(("after", delay, rec, cancellation_token))
+        self._delayed.append(("after", duration, rec, cancellation_token))
 
     def cancel_delayed_message(self, cancellation_token: str) -> None:
         """Cancel every pending delayed message this instance sent with ``cancellation_token``.
@@ -218,15 +220,20 @@ class Context:
             self._egress = []
         self._egress.append((message.typename, message._vt, message._v))
 
-    def reply(self, **kwargs: Any) -> None:
+    def reply(self, value: Any = _NO_VALUE, value_type: Type | None = None, **kwargs: Any) -> None:
         """Answer the client request this message belongs to.
 
         Takes the value like :func:`message_builder` does: ``int_value=``, ``str_value=``,
-        … or ``value=`` with ``value_type=``. A message sent while handling a request
+        … or ``value`` with ``value_type``, positionally (``reply(5, IntType)``) or by
+        keyword. A message sent while handling a request
         carries that request along, so any function down the chain may answer; the
         first answer wins and later ones are ignored. Outside a request (see
         :attr:`in_request`) the reply is dropped.
         """
+        if value is not _NO_VALUE:
+            kwargs["value"] = value
+        if value_type is not None:
+            kwargs["value_type"] = value_type
         encoded = typed_value_from_kwargs(kwargs, what="reply")
         if self._reply is None:
             self._reply = encoded

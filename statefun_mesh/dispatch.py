@@ -15,7 +15,7 @@ import base64
 import json
 import logging
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import msgpack
@@ -115,6 +115,23 @@ class _Running:
         self.task: asyncio.Task[None] | None = None
 
 
+class _RemoteRunning(_Running):
+    """The messages of one address of a remote function, being sent to its endpoint.
+
+    The answers' state mutations go to ``cells`` as they come (the next request of the
+    address sends them); every other effect waits in ``effects`` (closures taking the
+    committing batch's outcome) until a batch takes the address in.
+    """
+
+    __slots__ = ("effects", "endpoint")
+
+    def __init__(self, endpoint: Any, address: Address, kg: int, cells: dict[str, Cell],
+                 records: list[Record], out: BatchOutcome) -> None:  # fmt: skip
+        super().__init__(None, address, kg, cells, records, out)  # type: ignore[arg-type]
+        self.endpoint = endpoint
+        self.effects: list[Callable[[BatchOutcome], None]] = []
+
+
 class Dispatcher:
     """Runs batches of messages against the bound functions and one peer's state.
 
@@ -135,8 +152,11 @@ class Dispatcher:
         dedup_retention: float = 86_400.0,
         egress_immediate: Iterable[str] = (),
         park_after: float = 0.05,
+        remote: Any = None,
     ) -> None:
         self.table = table
+        #: the peer's remote functions (remote.invoker.RemoteFunctions), or None
+        self.remote = remote
         self.backend = backend
         self.max_parallelism = max_parallelism
         self.egress_retention = egress_retention
@@ -322,13 +342,16 @@ class Dispatcher:
                         behind.queue.extend(recs)
                         continue
                 fspec = table.get(typename)
+                endpoint = None
                 if fspec is None:
-                    for rec in recs:
-                        self._unknown(rec, out)
-                    continue
+                    endpoint = self.remote.endpoint_for(typename) if self.remote is not None else None
+                    if endpoint is None:
+                        for rec in recs:
+                            self._unknown(rec, out)
+                        continue
                 kg = key_group(id, maxp)
                 dedup_out = out
-                if fspec.is_async:
+                if fspec is None or fspec.is_async:
                     # an async address's idempotency keys commit with its invocations
                     dedup_out = BatchOutcome()
                 for r in recs:
@@ -336,6 +359,10 @@ class Dispatcher:
                         recs = self._dedup(txn, typename, id, kg, recs, seen, now_ms, dedup_out)
                         break
                 if not recs:
+                    continue
+                if fspec is None:  # a remote function: an address task like an async one's
+                    rcells = self.remote.load(self, txn, typename, id, kg, now_ms)
+                    starting.append(_RemoteRunning(endpoint, Address(typename, id), kg, rcells, recs, dedup_out))
                     continue
                 cells: dict[str, Cell] = {}
                 if fspec.specs:
@@ -422,6 +449,9 @@ class Dispatcher:
         r.task.result()  # a BaseException from the function stops the dispatch loop, as a sync one's does
         out.ops.extend(r.out.ops)
         address, cells = r.address, r.cells
+        if type(r) is _RemoteRunning:
+            for effect in r.effects:
+                effect(out)
         for rec, ctx, exc in r.done:
             if exc is not None:
                 self._failed(rec, address, cells, exc, out)
@@ -473,6 +503,9 @@ class Dispatcher:
         # interleave while this one awaits. State changes apply to the address's cells
         # at once (the next message sees them); every other effect waits in r.done
         # until a batch commits the address (_finish).
+        if type(r) is _RemoteRunning:
+            await self.remote.run(self, r.endpoint, r.address, r.kg, r.records, r.cells, now_ms, r.effects)
+            return
         fspec, address, cells = r.fspec, r.address, r.cells
         for rec in r.records:
             ctx = self._context(address, cells, rec)

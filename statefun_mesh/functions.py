@@ -6,12 +6,12 @@ import inspect
 import keyword
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 from .address import parse_typename
 from .valuetypes import Type
 
-__all__ = ["FunctionSpec", "StatefulFunctions", "ValueSpec", "merge_functions"]
+__all__ = ["FunctionSpec", "StatefulFunctions", "StorageSpec", "ValueSpec", "merge_functions"]
 
 
 class ValueSpec:
@@ -25,8 +25,11 @@ class ValueSpec:
             invoked (any message refreshes it).
         expire_after_write: the value expires this long after it was last written.
 
-    Only one of ``expire_after_call`` and ``expire_after_write`` may be set. An expired
-    value reads as ``None``.
+    Only one of ``expire_after_call`` and ``expire_after_write`` may be set; a zero
+    ``timedelta`` means no expiry. An expired value reads as ``None``.
+
+    As in StateFun, ``duration`` is the TTL in whole milliseconds (0 without one) and
+    ``after_call``/``after_write`` say which kind it is.
     """
 
     __slots__ = ("after_call", "after_write", "duration", "name", "type")
@@ -49,54 +52,91 @@ class ValueSpec:
             )
         if keyword.iskeyword(name):
             raise ValueError(f"invalid name {name!r}: a spec name can not be a Python keyword")
-        if name.lower() != name:
-            raise ValueError(f"invalid name {name!r}: a spec name must be lower case")
-        if name.startswith("_"):
-            raise ValueError(f"invalid name {name!r}: a spec name can not start with an underscore")
+        if not name.islower():
+            raise ValueError(f"invalid name {name!r}: a spec name must be lower case (and hold a letter)")
+        if name in _RESERVED_NAMES:
+            raise ValueError(f"invalid name {name!r}: the storage object uses this attribute itself")
         if not type:
             raise ValueError("type can not be missing.")
         if not isinstance(type, Type):
             raise TypeError(f"type of ValueSpec {name!r} is not a statefun_mesh Type: {type!r}")
-        if expire_after_call is not None and expire_after_write is not None:
-            raise ValueError("Only one of expire_after_call or expire_after_write can be set.")
         for label, ttl in (("expire_after_call", expire_after_call), ("expire_after_write", expire_after_write)):
             if ttl is not None:
                 if not isinstance(ttl, timedelta):
                     raise TypeError(f"{label} must be a datetime.timedelta, got {ttl.__class__.__name__}")
-                if ttl <= timedelta(0):
-                    raise ValueError(f"{label} must be positive, got {ttl}")
+                if ttl < timedelta(0):
+                    raise ValueError(f"{label} must not be negative, got {ttl}")
+        if expire_after_call and expire_after_write:
+            raise ValueError("Only one of expire_after_call or expire_after_write can be set.")
         self.name = name
         self.type = type
-        self.duration: timedelta | None = expire_after_call or expire_after_write
-        self.after_call = expire_after_call is not None
-        self.after_write = expire_after_write is not None
+        ttl = expire_after_call or expire_after_write
+        #: the TTL in milliseconds, 0 for none (StateFun's ``ValueSpec.duration``)
+        self.duration: int = int(ttl.total_seconds() * 1000.0) if ttl else 0
+        if ttl and self.duration == 0:
+            raise ValueError(f"a TTL of {ttl} is shorter than a millisecond; use at least timedelta(milliseconds=1)")
+        self.after_call = bool(expire_after_call)
+        self.after_write = bool(expire_after_write)
 
     def __repr__(self) -> str:
         ttl = ""
         if self.after_call:
-            ttl = f", expire_after_call={self.duration!r}"
+            ttl = f", expire_after_call={timedelta(milliseconds=self.duration)!r}"
         elif self.after_write:
-            ttl = f", expire_after_write={self.duration!r}"
+            ttl = f", expire_after_write={timedelta(milliseconds=self.duration)!r}"
         return f"ValueSpec({self.name!r}, {self.type.typename!r}{ttl})"
+
+
+#: attributes of ``context.storage`` itself: no spec may take these names
+_RESERVED_NAMES: Final = frozenset({"_address", "_cells", "_writes"})
+
+
+class StorageSpec:
+    """A function's declared values (StateFun's ``StorageSpec``: ``names`` and ``specs``)."""
+
+    __slots__ = ("names", "specs")
+
+    def __init__(self, specs: list[ValueSpec]) -> None:
+        self.specs = specs
+        self.names = frozenset(s.name for s in specs)
+
+    def __repr__(self) -> str:
+        return f"StorageSpec({self.specs!r})"
 
 
 class FunctionSpec:
     """A bound function: its type name, the callable, its value specs and whether it is async."""
 
-    __slots__ = ("fun", "is_async", "key_parts", "specs", "ttl_ms", "typename")
+    __slots__ = ("fun", "is_async", "key_parts", "specs", "storage_spec", "ttl_ms", "typename")
 
     def __init__(self, typename: str, fun: Callable[..., Any], specs: list[ValueSpec]) -> None:
         self.typename = typename
         self.fun = fun
         self.specs = specs
+        #: StateFun's view of the specs (``fun.storage_spec.specs``)
+        self.storage_spec = StorageSpec(specs)
         self.is_async = inspect.iscoroutinefunction(fun)
         #: (name, milliseconds, after_call) for every spec with a TTL.
-        self.ttl_ms = [
-            (s.name, int(s.duration.total_seconds() * 1000), s.after_call) for s in specs if s.duration is not None
-        ]
+        self.ttl_ms = [(s.name, s.duration, s.after_call) for s in specs if s.duration]
         #: (name, type, typename + NUL, NUL + name): the parts of each state key (see state.lmdb_backend)
         tprefix = typename.encode() + b"\x00"
         self.key_parts = [(s.name, s.type, tprefix, b"\x00" + s.name.encode()) for s in specs]
+
+
+def _check_signature(typename: str, fun: Callable[..., Any]) -> None:
+    """Raise ``ValueError`` unless ``fun`` can be called as ``fun(context, message)``."""
+    try:
+        sig = inspect.signature(fun)
+    except (TypeError, ValueError):
+        return  # a builtin or extension callable without a signature: trust it
+    try:
+        sig.bind(None, None)
+    except TypeError:
+        params = list(sig.parameters)
+        raise ValueError(
+            f"The registered function {typename} does not expect a context and a message but rather {params}; "
+            "define it as def fn(context, message)"
+        ) from None
 
 
 class StatefulFunctions:
@@ -113,13 +153,17 @@ class StatefulFunctions:
         """Bind ``fun(context, message)`` (``def`` or ``async def``) to ``typename``.
 
         Raises:
-            ValueError: a malformed type name, a type name bound twice, or two specs
-                with the same name.
+            ValueError: a malformed type name, a type name bound twice, two specs with
+                the same name, a missing function, or one that cannot be called with
+                ``(context, message)`` (as in StateFun).
             TypeError: ``fun`` is not callable, or a spec is not a ``ValueSpec``.
         """
         parse_typename(typename)
+        if fun is None:
+            raise ValueError(f"function instance must be provided for {typename!r}")
         if not callable(fun):
             raise TypeError(f"function bound to {typename!r} is not callable: {fun!r}")
+        _check_signature(typename, fun)
         if typename in self._functions:
             raise ValueError(f"a function is already bound to {typename!r}")
         spec_list = list(specs or ())

@@ -115,15 +115,67 @@ class _Accessors:
     def as_string(self) -> str:
         return self.as_type(vt.StringType)  # type: ignore[no-any-return]
 
+    def is_kafka(self) -> bool:
+        """Whether the value is a Kafka egress record (from :func:`~statefun_mesh.kafka_egress_message`)."""
+        return self._vt == "type.googleapis.com/io.statefun.sdk.egress.KafkaProducerRecord"
+
+    def as_kafka(self) -> Any:
+        """Decode a Kafka egress record: a :class:`~statefun_mesh.egress_io.KafkaEgressRecord`."""
+        from .egress_io import KafkaProducerRecordType
+
+        return self.as_type(KafkaProducerRecordType)
+
+    def is_kinesis(self) -> bool:
+        """Whether the value is a Kinesis egress record (from :func:`~statefun_mesh.kinesis_egress_message`)."""
+        return self._vt == "type.googleapis.com/io.statefun.sdk.egress.KinesisEgressRecord"
+
+    def as_kinesis(self) -> Any:
+        """Decode a Kinesis egress record: a :class:`~statefun_mesh.egress_io.KinesisEgressRecord`."""
+        from .egress_io import KinesisEgressRecordType
+
+        return self.as_type(KinesisEgressRecordType)
+
+
+def _from_typed_value(typed_value: Any) -> tuple[str, bytes]:
+    """``(typename, bytes)`` of a StateFun ``TypedValue`` (ours or a protobuf one); no value is ``b""``."""
+    if typed_value is None:
+        raise ValueError("typed_value can not be missing")
+    try:
+        typename, has_value, value = typed_value.typename, typed_value.has_value, typed_value.value
+    except AttributeError:
+        raise TypeError(
+            f"typed_value must be a TypedValue (typename, has_value, value), got {type(typed_value).__name__}"
+        ) from None
+    parse_typename(typename)
+    return typename, bytes(value) if has_value else b""
+
 
 class Message(_Accessors):
-    """A message to a function instance (build one with :func:`message_builder`)."""
+    """A message to a function instance (build one with :func:`message_builder`).
+
+    As in StateFun, ``Message(target_typename, target_id, typed_value)`` also builds one
+    from a ``TypedValue`` (statefun_mesh's, or the request-reply protocol's protobuf one).
+    """
 
     __slots__ = ("_v", "_vt", "target_id", "target_typename")
 
-    def __init__(self, target_typename: str, target_id: str, value_typename: str, value: bytes) -> None:
+    def __init__(
+        self,
+        target_typename: str,
+        target_id: str,
+        value_typename: Any = None,
+        value: bytes | None = None,
+        *,
+        typed_value: Any = None,
+    ) -> None:
         self.target_typename = target_typename
         self.target_id = target_id
+        if value is None:  # the StateFun form: a TypedValue, positionally or by keyword
+            if not target_typename:
+                raise ValueError("target_typename can not be missing")
+            if not target_id:
+                raise ValueError("target_id can not be missing")
+            value_typename, value = _from_typed_value(typed_value if typed_value is not None else value_typename)
         self._vt = value_typename
         self._v = value
 
@@ -132,11 +184,21 @@ class Message(_Accessors):
 
 
 class EgressMessage(_Accessors):
-    """A record for an egress (build one with :func:`egress_message_builder`)."""
+    """A record for an egress (build one with :func:`egress_message_builder`,
+    :func:`~statefun_mesh.kafka_egress_message` or :func:`~statefun_mesh.kinesis_egress_message`).
+
+    As in StateFun, ``EgressMessage(typename, typed_value)`` also builds one from a ``TypedValue``.
+    """
 
     __slots__ = ("_v", "_vt", "typename")
 
-    def __init__(self, typename: str, value_typename: str, value: bytes) -> None:
+    def __init__(
+        self, typename: str, value_typename: Any = None, value: bytes | None = None, *, typed_value: Any = None
+    ) -> None:
+        if value is None:
+            if not typename:
+                raise ValueError("typename is missing")
+            value_typename, value = _from_typed_value(typed_value if typed_value is not None else value_typename)
         self.typename = typename
         self._vt = value_typename
         self._v = value

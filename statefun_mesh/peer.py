@@ -89,6 +89,17 @@ class Peer:
         self.peer_id = peer_id
         self.n_peers = config.peers
         self.table = merge_functions(functions)
+        #: remote functions (config.module), loaded here so a bad module file fails at construction
+        self.remote: Any = None
+        if config.module:
+            from .errors import ConfigError
+            from .remote.invoker import RemoteFunctions
+            from .remote.module_yaml import load_module_yaml
+
+            self.remote = RemoteFunctions(load_module_yaml(config.module))
+            local = [ep.pattern for ep in self.remote.module.endpoints if ep.name and ep.pattern in self.table]
+            if local:
+                raise ConfigError(f"{', '.join(local)} bound both locally and in the module file", key="module")
         self.clock = clock or SystemClock()
         self.state_path = os.path.join(config.state_dir, f"peer-{peer_id}")
         self.backend: LmdbStateBackend | None = None
@@ -189,6 +200,7 @@ class Peer:
             dedup_retention=cfg.dedup_retention,
             egress_immediate=cfg.egress_immediate,
             park_after=cfg.park_after,
+            remote=self.remote,
         )
         self.dispatcher.on_ready = self._wake.set  # a parked async invocation finished
         self._next_due = backend.next_timer_due()
@@ -294,6 +306,8 @@ class Peer:
                 except Exception:  # already logged by the loop
                     pass
             self._fail_requests(ClosedTransportError("the peer closed before the request was answered"))
+            if self.remote is not None:
+                await self.remote.aclose()
             for ev in self._egress_events.values():
                 ev.set()
             self._space.set()
@@ -502,8 +516,12 @@ class Peer:
     def _check(self, typename: str) -> None:
         if not self.running:
             raise ClosedTransportError("the peer is not running")
-        if typename not in self.table:
+        if typename not in self.table and not self.is_remote(typename):
             raise FunctionNotFoundError(typename, list(self.table))
+
+    def is_remote(self, typename: str) -> bool:
+        """Whether ``typename`` is a remote function of the module file."""
+        return self.remote is not None and self.remote.endpoint_for(typename) is not None
 
     def pressure(self) -> int:
         """Messages queued here: the local inbox plus what waits to go to other peers."""

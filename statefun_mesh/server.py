@@ -197,7 +197,7 @@ class ClientServer:
         parse_typename(vt)
         if not id:
             raise TypeNameError("target id can not be empty")
-        if typename not in self.peer.table:
+        if typename not in self.peer.table and not self.peer.is_remote(typename):
             raise FunctionNotFoundError(typename, list(self.peer.table))
 
     def info(self) -> dict[str, Any]:

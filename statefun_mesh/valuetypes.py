@@ -154,8 +154,9 @@ class _SerializerType(Type):
 #   StringWrapper  { string   value = 1; }   tag 0x0A, varint length + UTF-8
 #
 # Note int and long are *fixed* width (sfixed32/sfixed64), not varints. Proto3 omits a
-# field that holds its default, so 0, False, "" and +0.0 encode as b"" (but -0.0, whose
-# bits are not zero, is emitted). Decoding accepts everything google.protobuf (upb) does:
+# field that holds its default, so 0, False, "" and 0.0 encode as b"". Like StateFun 3.3
+# (whose protobuf < 4 compares with ==) we omit -0.0 too and take bools for int and long;
+# newer protobuf emits -0.0 and refuses bools. Decoding accepts everything google.protobuf (upb) does:
 # fields in any order, the last occurrence wins, unknown fields (and field 1 with another
 # wire type, which protobuf treats as unknown) are skipped, groups included.
 
@@ -195,7 +196,7 @@ _unpack_f64 = struct.Struct("<d").unpack_from
 _EMPTY: Final = b""
 _TRUE_BYTES: Final = b"\x08\x01"
 _F32_POS_ZERO: Final = _pack_tag_f32(_TAG_FIXED32, 0.0)
-_F64_POS_ZERO: Final = _pack_tag_f64(_TAG_FIXED64, 0.0)
+_F32_NEG_ZERO: Final = _pack_tag_f32(_TAG_FIXED32, -0.0)
 _F32_POS_INF: Final = _pack_tag_f32(_TAG_FIXED32, float("inf"))
 _F32_NEG_INF: Final = _pack_tag_f32(_TAG_FIXED32, float("-inf"))
 
@@ -342,10 +343,11 @@ def _not_a(typename: str, expected: str, value: object) -> TypeError:
 
 
 def _to_int(value: Any, typename: str) -> int:
-    """Convert ``value`` to ``int`` as protobuf's integer fields do: ``__index__`` yes, ``bool`` no."""
-    if isinstance(value, bool):
-        # google.protobuf: "Expected an int, got a boolean."
-        raise _not_a(typename, "an int (bool is not accepted; use BoolType)", value)
+    """Convert ``value`` to ``int`` as StateFun's integer types do: anything with ``__index__``.
+
+    ``bool`` is accepted and encodes as 1 or 0: the official SDK 3.3 pins protobuf < 4,
+    whose integer fields take bools (newer protobuf refuses them; we follow StateFun).
+    """
     try:
         return operator.index(value)
     except TypeError:
@@ -401,7 +403,7 @@ class _IntSerializer(TypeSerializer):
     __slots__ = ()
 
     def serialize(self, value: Any) -> bytes:
-        """Encode an int in the int32 range."""
+        """Encode an int in the int32 range (``True``/``False`` as 1/0, as StateFun 3.3 does)."""
         v: int = value if type(value) is int else _to_int(value, _INT)
         if 0 <= v < 256:
             return _SMALL_INT32[v]
@@ -426,7 +428,7 @@ class _LongSerializer(TypeSerializer):
     __slots__ = ()
 
     def serialize(self, value: Any) -> bytes:
-        """Encode an int in the int64 range."""
+        """Encode an int in the int64 range (``True``/``False`` as 1/0, as StateFun 3.3 does)."""
         v: int = value if type(value) is int else _to_int(value, _LONG)
         if 0 <= v < 256:
             return _SMALL_INT64[v]
@@ -459,8 +461,9 @@ class _FloatSerializer(TypeSerializer):
         except OverflowError:
             # struct refuses finite values that round to infinity; protobuf (a C cast) stores ±inf.
             out = _F32_POS_INF if value > 0 else _F32_NEG_INF
-        # Proto3 omits exactly the all-zero bit pattern (+0.0); -0.0 and NaN are emitted.
-        return _EMPTY if out == _F32_POS_ZERO else out
+        # Zero of either sign is omitted, as StateFun 3.3 writes it (its protobuf < 4 drops
+        # any value equal to the default; newer protobuf emits -0.0). NaN is emitted.
+        return _EMPTY if out in (_F32_POS_ZERO, _F32_NEG_ZERO) else out
 
     def deserialize(self, data: bytes) -> Any:
         """Decode to a Python ``float`` holding the binary32 value."""
@@ -482,8 +485,9 @@ class _DoubleSerializer(TypeSerializer):
         """Encode a float or int."""
         if type(value) is not float:
             value = _to_float(value, _DOUBLE)
-        out = _pack_tag_f64(_TAG_FIXED64, value)
-        return _EMPTY if out == _F64_POS_ZERO else out
+        if value == 0.0:  # +0.0 and -0.0 are omitted, as StateFun 3.3 writes them (see FloatType)
+            return _EMPTY
+        return _pack_tag_f64(_TAG_FIXED64, value)
 
     def deserialize(self, data: bytes) -> Any:
         """Decode to a Python ``float``."""
@@ -604,7 +608,12 @@ def _check_bytes_result(out: object, typename: str, producer: str) -> bytes:
         return out
     if isinstance(out, (bytes, bytearray, memoryview)):
         return bytes(out)
-    raise TypeError(f"{producer} of type {typename!r} returned {type(out).__name__}, expected bytes")
+    if isinstance(out, str):  # StateFun's docs use json.dumps as a serialize_fn: take text as UTF-8
+        try:
+            return out.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{producer} of type {typename!r} returned text that is not valid Unicode") from exc
+    raise TypeError(f"{producer} of type {typename!r} returned {type(out).__name__}, expected bytes (or str)")
 
 
 class _UserTypeSerializer(TypeSerializer):
@@ -644,7 +653,8 @@ def simple_type(
 
     Args:
         typename: the type's name, ``"namespace/name"``.
-        serialize_fn: turns a value into ``bytes``.
+        serialize_fn: turns a value into ``bytes`` (a ``str`` it returns is taken as UTF-8,
+            so StateFun's ``json.dumps``/``json.loads`` example works).
         deserialize_fn: turns ``bytes`` back into a value.
 
     Raises:
@@ -652,7 +662,7 @@ def simple_type(
         ValueError: a function is missing.
         TypeError: a function is not callable. Later, ``serialize()`` raises
             ``TypeError`` naming the type when ``serialize_fn`` returns something other
-            than bytes.
+            than bytes or str.
     """
     _check_typename(typename)
     if serialize_fn is None:

@@ -81,6 +81,24 @@ def pb_serialize(typename: str, value: Any) -> bytes:
     return bytes(message.SerializeToString())
 
 
+def statefun_serialize(typename: str, value: Any) -> bytes:
+    """The bytes the official StateFun SDK 3.3 writes, which statefun_mesh matches.
+
+    The SDK pins protobuf < 4, whose Python fields drop any value equal to the default
+    (so -0.0 is omitted, as +0.0 is) and whose integer fields take bools as 1 and 0.
+    Newer protobuf emits -0.0 and refuses bools; everywhere else the two agree.
+    """
+    if typename in (INT, LONG) and isinstance(value, bool):
+        return pb_serialize(typename, int(value))
+    if typename in (FLOAT, DOUBLE) and isinstance(value, float) and value == 0.0:
+        pb_serialize(typename, value)  # still checked: protobuf must accept it
+        return b""
+    data = pb_serialize(typename, value)
+    if typename == FLOAT and pb_deserialize(typename, data) == 0.0:  # rounds to -0.0 in binary32
+        return b""
+    return data
+
+
 def pb_deserialize(typename: str, data: bytes) -> Any:
     message = CLASSES[typename]()
     message.ParseFromString(data)
@@ -121,6 +139,8 @@ NEG_NAN = -math.nan
 ENCODE: list[tuple[str, Any]] = [
     *((BOOL, v) for v in (True, False, 0, 1, 5, -1, 2**40)),
     *((INT, v) for v in (0, 1, -1, 7, 127, 128, 255, 256, 65535, 123456789, -123456789, 2**31 - 1, -(2**31))),
+    *((INT, v) for v in (True, False)),  # StateFun 3.3 (protobuf < 4) encodes bools as ints
+    *((LONG, v) for v in (True, False)),
     *((LONG, v) for v in (0, 1, -1, 255, 256, 2**31, -(2**31) - 1, 2**40 + 5, 2**53 + 1, 2**63 - 1, -(2**63))),
     *(
         (FLOAT, v)
@@ -200,13 +220,11 @@ ENCODE_ERRORS: list[tuple[str, Any]] = [
     (BOOL, 1.0),
     (BOOL, "true"),
     (BOOL, [1]),
-    (INT, True),
     (INT, 1.0),
     (INT, "1"),
     (INT, [1]),
     (INT, 2**31),
     (INT, -(2**31) - 1),
-    (LONG, False),
     (LONG, 1.5),
     (LONG, 2**63),
     (LONG, -(2**63) - 1),
@@ -373,15 +391,18 @@ def main() -> None:
     print(f"protobuf {protobuf_version} ({api_implementation.Type()})")
     canonical = []
     for typename, value in ENCODE:
-        expected = pb_serialize(typename, value)
+        expected = statefun_serialize(typename, value)
         ours = TYPES[typename].serializer().serialize(value)
         assert ours == expected, (typename, value, ours.hex(), expected.hex())
         decoded = pb_deserialize(typename, expected)
         ours_decoded = TYPES[typename].serializer().deserialize(expected)
         assert same(ours_decoded, decoded), (typename, value, ours_decoded, decoded)
-        canonical.append(
-            {"typename": typename, "value": to_json(value), "hex": expected.hex(), "decoded": to_json(decoded)}
-        )
+        entry = {"typename": typename, "value": to_json(value), "hex": expected.hex(), "decoded": to_json(decoded)}
+        if not isinstance(value, bool) or typename == BOOL:
+            pb_bytes = pb_serialize(typename, value)
+            if pb_bytes != expected:
+                entry["protobuf_hex"] = pb_bytes.hex()  # where StateFun 3.3 differs from this protobuf
+        canonical.append(entry)
 
     errors = []
     for typename, value in ENCODE_ERRORS:
@@ -433,7 +454,8 @@ def main() -> None:
     document = {
         "about": (
             "StateFun wrapper-type vectors (io.statefun.sdk.types, proto3), checked against "
-            f"google.protobuf {protobuf_version} ({api_implementation.Type()}) by tests/data/make_value_vectors.py. "
+            f"google.protobuf {protobuf_version} ({api_implementation.Type()}) by tests/data/make_value_vectors.py, "
+            "with StateFun 3.3's own choices where they differ (protobuf_hex: -0.0 omitted, bools as ints). "
             "Floats are {'f64': big-endian binary64 bits}, bytes are {'bytes': hex}."
         ),
         "canonical": canonical,

@@ -21,7 +21,7 @@ from statefun_mesh import (
 )
 
 
-@pytest.mark.parametrize("name", ["", "1abc", "with space", "class", "Upper", "_private", "a-b"])
+@pytest.mark.parametrize("name", ["", "1abc", "with space", "class", "Upper", "_1", "_cells", "a-b"])
 def test_value_spec_rejects_bad_names(name: str) -> None:
     with pytest.raises(ValueError):
         ValueSpec(name=name, type=IntType)
@@ -34,10 +34,15 @@ def test_value_spec_checks_type_and_ttls() -> None:
         ValueSpec(name="x", type=IntType, expire_after_call=timedelta(1), expire_after_write=timedelta(1))
     with pytest.raises(TypeError, match="timedelta"):
         ValueSpec(name="x", type=IntType, expire_after_call=5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="positive"):
-        ValueSpec(name="x", type=IntType, expire_after_write=timedelta(0))
+    with pytest.raises(ValueError, match="negative"):
+        ValueSpec(name="x", type=IntType, expire_after_write=timedelta(seconds=-1))
+    with pytest.raises(ValueError, match="millisecond"):
+        ValueSpec(name="x", type=IntType, expire_after_write=timedelta(microseconds=10))
     spec = ValueSpec(name="seen_count", type=IntType, expire_after_call=timedelta(seconds=3))
-    assert spec.after_call and not spec.after_write and spec.duration == timedelta(seconds=3)
+    assert spec.after_call and not spec.after_write and spec.duration == 3000  # milliseconds, as in StateFun
+    # As in StateFun: a zero TTL is no TTL; names may start with an underscore.
+    spec = ValueSpec(name="_x", type=IntType, expire_after_write=timedelta(0))
+    assert (spec.duration, spec.after_call, spec.after_write) == (0, False, False)
 
 
 @pytest.mark.parametrize("typename", ["", "noslash", "ns/", "/name", "a\x00b/c"])
