@@ -74,7 +74,7 @@ Reply = tuple[int, int, int, str, Any, str, str]
 class BatchOutcome:
     """What one batch produced; applied by the peer after the writes commit."""
 
-    __slots__ = ("egress", "min_due", "ops", "replies", "sends")
+    __slots__ = ("cancels", "egress", "min_due", "ops", "replies", "sends")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -84,6 +84,8 @@ class BatchOutcome:
         self.egress: dict[str, int] = {}
         #: earliest due time (ms) of a timer this batch added, if any
         self.min_due: int | None = None
+        #: whether this batch cancels timers (the earliest pending one may be among them)
+        self.cancels = False
 
 
 class Dispatcher:
@@ -402,6 +404,7 @@ class Dispatcher:
         for item in items:
             if item[0] == "cancel":
                 ops.append(("cancel", kg, timer_token_prefix(kg, address.typename, address.id, item[1])))
+                out.cancels = True
                 continue
             _, delay, rec, token = item
             due = now_ms + int(delay.total_seconds() * 1000)

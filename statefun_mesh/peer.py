@@ -1136,7 +1136,8 @@ class Peer:
             n = min(len(inbox), max_batch)
             batch = [inbox.popleft() for _ in range(n)]
             fired: list[Any] = []
-            if self._timer_due(now_ms):
+            timers_checked = self._timer_due(now_ms)
+            if timers_checked:
                 fired = backend.due_timers(now_ms, max(max_batch - n, 1))
             self._in_batch = True
             try:
@@ -1164,7 +1165,9 @@ class Peer:
             self._dirty = True
             if self.config.sync_interval == 0:
                 backend.flush()
-            if fired:
+            if timers_checked or outcome.cancels:
+                # a fired or cancelled timer may have been the earliest: without this the
+                # loop would take a removed timer for due and spin on empty batches
                 self._next_due = backend.next_timer_due()
             self._after_commit(outcome)
             if now_ms >= self._next_purge:
