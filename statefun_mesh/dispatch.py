@@ -23,6 +23,7 @@ import msgpack
 from . import _speedups
 from .address import Address
 from .context import DELETED, Cell, Context, Storage
+from .errors import MessageTooLargeError
 from .functions import FunctionSpec
 from .messages import Message
 from .state.lmdb_backend import (
@@ -107,8 +108,11 @@ class Dispatcher:
         egress_retention: int = 100_000,
         dedup_retention: float = 86_400.0,
         egress_immediate: Iterable[str] = (),
+        max_message_bytes: int = 0,
     ) -> None:
         self.table = table
+        #: what a function may send, reply or emit (0: unchecked); see Context._check_size
+        self.message_limit = max_message_bytes
         self.backend = backend
         self.max_parallelism = max_parallelism
         self.egress_retention = egress_retention
@@ -294,6 +298,7 @@ class Dispatcher:
         # batch may interleave while this one awaits.
         for rec in recs:
             ctx = self._context(address, cells, rec)
+            ctx._limit = self.message_limit
             msg = Message(rec[0], rec[1], rec[4], rec[5])
             try:
                 await fspec.fun(ctx, msg)
@@ -314,7 +319,7 @@ class Dispatcher:
         out: BatchOutcome,
     ) -> None:
         storage = Storage(address, cells)
-        ctx = Context(address, Address(rec[2], rec[3]) if rec[2] else None, storage, rec[6], rec[7])
+        ctx = Context(address, Address(rec[2], rec[3]) if rec[2] else None, storage, rec[6], rec[7], self.message_limit)
         try:
             fspec.fun(ctx, Message(rec[0], rec[1], rec[4], rec[5]))
             writes = self._serialize_writes(storage) if storage._writes else None
@@ -461,7 +466,8 @@ class Dispatcher:
         error = f"{type(exc).__name__}: {exc}"
         log.error("function %s raised %s; message moved to egress %r", address, error, DEAD_LETTERS, exc_info=exc)
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
-        self._dead_letter(rec, "function raised", error, tb, out)
+        reason = "message too large" if isinstance(exc, MessageTooLargeError) else "function raised"
+        self._dead_letter(rec, reason, error, tb, out)
         if rec[7]:
             out.replies.append((rec[6], rec[7], REPLY_ERROR, "InvocationError", error, rec[0], rec[1]))
 
