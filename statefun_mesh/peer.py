@@ -886,13 +886,14 @@ class Peer:
             log.debug("peer %d: transport closed; frame for peer %d dropped", self.peer_id, p)
 
     def _seal(self, p: int) -> None:
-        """Close the records waiting for peer ``p`` into a frame (frames stay under
-        ``max_frame_bytes``, which the receiver enforces)."""
+        """Close the records waiting for peer ``p`` into a frame (``_route`` fills the
+        encoder only up to ``max_frame_bytes`` with the generation prefix, which the
+        receiver enforces)."""
         enc = self._out[p]
         n = len(enc)
         if n:
             frame = enc.flush()
-            if len(frame) > self.config.max_frame_bytes:
+            if len(frame) > self._frame_limit:  # never: a bug if it shows
                 log.error("peer %d: a message to peer %d makes a %d-byte frame, over max_frame_bytes (%d); "
                           "the receiver will refuse it: raise max_frame_bytes on every peer",
                           self.peer_id, p, len(frame), self.config.max_frame_bytes)  # fmt: skip

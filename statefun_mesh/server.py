@@ -77,6 +77,7 @@ class ClientServer:
         self.busy = 0
         # requests waiting for their reply, per client routing id
         self._pending: dict[bytes, int] = {}
+        self._pending_total = 0
 
     async def start(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -162,6 +163,9 @@ class ClientServer:
                     # at most 16 bytes more than with zeros (the peer checks it exactly)
                     peer.check_message((typename, id, "", "", vt, value, 0, 0), "request")
                     self._check_pending(ident)
+                    # counted from here (not when the job starts), so the next frame sees it
+                    self._pending[ident] = self._pending.get(ident, 0) + 1
+                    self._pending_total += 1
                     self._spawn(self._request(ident, corr, typename, id, vt, value, timeout))
                 elif kind == codec.C_FETCH:
                     _, egress, start, limit, wait_ms, gen = items
@@ -189,7 +193,7 @@ class ClientServer:
                 f"this client already has {mine} requests waiting for replies at peer {self.peer.peer_id} "
                 "(max_pending_requests_per_client); wait for some to be answered, or use more connections"
             )
-        total = sum(self._pending.values())
+        total = self._pending_total
         if total >= cfg.max_pending_requests:
             self.busy += 1
             raise MeshBusyError(
@@ -278,13 +282,13 @@ class ClientServer:
     async def _request(
         self, ident: bytes, corr: int, typename: str, id: str, vt: str, value: bytes, timeout: float
     ) -> None:
-        self._pending[ident] = self._pending.get(ident, 0) + 1
         try:
             reply = await self.peer.request_raw(typename, id, vt, value, timeout)
         except (StatefunMeshError, ValueError) as exc:
             self._error(ident, corr, exc)
             return
         finally:
+            self._pending_total -= 1
             left = self._pending[ident] - 1
             if left:
                 self._pending[ident] = left
