@@ -13,7 +13,7 @@ import struct
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from . import _speedups
 from .clock import Clock, SystemClock
