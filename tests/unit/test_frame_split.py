@@ -102,3 +102,23 @@ def test_both_cores_split_alike_at_every_boundary() -> None:
                 assert max(len(f) for f in frames_py) <= max_bytes
             if max_records:
                 assert max(len(decode_batch(f)) for f in frames_py) <= max_records
+
+
+def test_message_limit_settings() -> None:
+    from statefun_mesh import ConfigError, MeshConfig
+    from statefun_mesh.config import FRAME_HEADROOM
+
+    assert MeshConfig().message_limit == (64 << 20) - FRAME_HEADROOM
+    assert MeshConfig(max_frame_bytes=1 << 20).message_limit == (1 << 20) - FRAME_HEADROOM
+    assert MeshConfig(max_message_bytes=1000).message_limit == 1000
+    for bad in (0, -1, True, 1.5, (64 << 20) - FRAME_HEADROOM + 1):
+        with pytest.raises(ConfigError, match="max_message_bytes"):
+            MeshConfig(max_message_bytes=bad)
+    with pytest.raises(ConfigError, match="max_frame_bytes"):
+        MeshConfig(max_frame_bytes=4095)
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="max_request_timeout"):
+            MeshConfig(max_request_timeout=bad)
+    for name in ("max_pending_requests", "max_pending_requests_per_client"):
+        with pytest.raises(ConfigError, match=name):
+            MeshConfig(**{name: 0})
