@@ -1349,5 +1349,10 @@ def _reply_frames(replies: list[Any], limit: int) -> list[bytes]:
 
 def _replies_frame(head: bytes, parts: list[bytes]) -> bytes:
     n = len(parts)
-    count = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 0x10000 else b"\xdd" + n.to_bytes(4, "big")
+    if n < 16:
+        count = bytes((0x90 | n,))  # fixarray
+    elif n < 0x10000:
+        count = b"\xdc" + n.to_bytes(2, "big")  # array16
+    else:
+        count = b"\xdd" + n.to_bytes(4, "big")  # array32
     return b"".join((head, count, *parts))
