@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import random
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import msgpack
 import pytest
 
 from statefun_mesh._speedups_py import decode_batch
+
+FRAME_VECTORS = json.loads((Path(__file__).resolve().parents[1] / "data" / "frame_vectors.json").read_text("utf-8"))
 
 
 def rec(value_len: int, id: str = "id", rid: int = 0) -> tuple:
@@ -122,3 +127,32 @@ def test_message_limit_settings() -> None:
     for name in ("max_pending_requests", "max_pending_requests_per_client"):
         with pytest.raises(ConfigError, match=name):
             MeshConfig(**{name: 0})
+
+
+def _field(v: Any, hexed: bool) -> Any:
+    if isinstance(v, dict):
+        unit = bytes.fromhex(v["repeat"]) if hexed else v["repeat"]
+        return unit * v["count"]
+    return bytes.fromhex(v) if hexed else v
+
+
+@pytest.mark.parametrize("vector", FRAME_VECTORS["splits"],
+                         ids=[f"{v['frame']}-{v['max_bytes']}-{v['max_records']}" for v in FRAME_VECTORS["splits"]])
+def test_split_vectors(speedups: ModuleType, vector: dict[str, Any]) -> None:
+    """The golden splits (tests/data/make_vectors.py, checked there against a msgpack-only reference)."""
+    (frame,) = [f for f in FRAME_VECTORS["frames"] if f["name"] == vector["frame"]]
+    records = [(*(_field(r[i], False) for i in range(5)), _field(r[5], True), r[6], r[7]) for r in frame["records"]]
+    enc = speedups.BatchEncoder()
+    counts, i = [], 0
+    while i < len(records):
+        j = enc.fill(records, i, vector["max_bytes"], vector["max_records"])
+        if j == i and not len(enc):
+            counts.append(0)
+            j += 1
+        else:
+            size = enc.frame_size
+            out = enc.flush()
+            assert len(out) == size <= vector["max_bytes"]
+            counts.append(len(decode_batch(out)))
+        i = j
+    assert ",".join(map(str, counts)) == vector["counts"]
