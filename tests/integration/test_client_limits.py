@@ -19,12 +19,15 @@ from statefun_mesh import (
     MeshClient,
     StatefulFunctions,
     ValueSpec,
+    egress_message_builder,
     message_builder,
+    simple_type,
 )
 from statefun_mesh.mesh import local_endpoints
 from statefun_mesh.transport import codec
 
 INT = IntType.typename
+Raw = simple_type("test/raw", serialize_fn=bytes, deserialize_fn=bytes)
 
 
 def app() -> StatefulFunctions:
@@ -171,3 +174,34 @@ async def test_fetch_fields_out_of_range_are_refused(tmp_path: Path) -> None:
         for corr in range(1, 8):
             assert got[corr][0] == codec.R_ERROR and got[corr][1][1] == "ValueError", (frames[corr], got[corr])
         assert got[8][0] == codec.R_RECORDS
+
+
+async def test_a_fetch_answer_stays_within_a_frame(tmp_path: Path) -> None:
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="test/emit")
+    def emit(context, message):
+        for _ in range(5):
+            context.send_egress(egress_message_builder(target_typename="test/out", value=bytes(30_000),
+                                                       value_type=Raw))
+
+    async with LocalMesh(functions, state_dir=str(tmp_path), client_endpoints=local_endpoints("tcp", 1, ""),
+                         max_frame_bytes=65536) as m:
+        await m.send(message_builder(target_typename="test/emit", target_id="e", int_value=0))
+        await m.idle()
+        sock = dealer(m.config.client_endpoints[0])
+        try:
+            offsets, pos = [], 0
+            for corr in range(1, 5):
+                await sock.send(codec.encode_control(codec.C_FETCH, corr, "test/out", pos, 1000, 0, -1))
+                kind, items = (await answers(sock, 1))[corr]
+                assert kind == codec.R_RECORDS
+                records = items[3]
+                assert 1 <= len(records) <= 2  # 5 x 30 kB do not go in one 64 KiB answer
+                offsets += [r[0] for r in records]
+                pos = items[2]
+                if pos == 5:
+                    break
+        finally:
+            sock.close(0)
+        assert offsets == [0, 1, 2, 3, 4]
