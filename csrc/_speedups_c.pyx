@@ -80,6 +80,7 @@ __all__ = [
     "key_group",
     "key_groups",
     "partition",
+    "record_size",
     "stable_hash",
 ]
 

@@ -75,6 +75,43 @@ cdef inline unsigned char* _put_uint(unsigned char* p, uint64_t v) noexcept nogi
     return _put_be(p + 1, v, 8)
 
 
+cdef inline uint64_t _str_size(Py_ssize_t n) noexcept nogil:
+    # header + payload of what _put_str writes
+    if n < 32:
+        return 1 + <uint64_t>n
+    return _bin_size(n)
+
+
+cdef inline uint64_t _bin_size(Py_ssize_t n) noexcept nogil:
+    # header + payload of what _put_sized writes (bin8/16/32, and str8/16/32)
+    if n < 0x100:
+        return 2 + <uint64_t>n
+    if n < 0x10000:
+        return 3 + <uint64_t>n
+    return 5 + <uint64_t>n
+
+
+cdef inline uint64_t _uint_size(uint64_t v) noexcept nogil:
+    if v < 0x80:
+        return 1
+    if v < 0x100:
+        return 2
+    if v < 0x10000:
+        return 3
+    if v <= 0xFFFFFFFFu:
+        return 5
+    return 9
+
+
+cdef inline Py_ssize_t _array_head_size(Py_ssize_t n) noexcept nogil:
+    # fixarray / array16 / array32 header of a batch of n records
+    if n < 16:
+        return 1
+    if n < 0x10000:
+        return 3
+    return 5
+
+
 cdef inline uint64_t _record_uint(object v, Py_ssize_t i) except? 0xFFFFFFFFFFFFFFFFu:
     # The twin: `type(v) is not int or v < 0 or v > 2**64 - 1` is a TypeError.
     cdef uint64_t x
@@ -130,7 +167,11 @@ cdef class BatchEncoder:
 
     @cython.boundscheck(False)  # audited: `rec` is an exact tuple of exactly 8 items
     @cython.wraparound(False)
-    cdef int _append(self, object record) except -1:
+    cdef int _append(self, object record, Py_ssize_t max_bytes=0) except -1:
+        """Encode one record; with ``max_bytes`` > 0, only if the frame stays within it.
+
+        Returns 1 if the record was appended, 0 if it would not fit (nothing written).
+        """
         cdef tuple rec
         cdef const char* text[5]
         cdef Py_ssize_t text_len[5]
@@ -153,14 +194,20 @@ cdef class BatchEncoder:
         # What msgpack.packb raises next: UnicodeEncodeError (lone surrogates), or
         # ValueError for a str/bin beyond the 32-bit length of str32/bin32.
         value_len = PyBytes_GET_SIZE(value)
-        need = _MAX_RECORD_OVERHEAD + <uint64_t>value_len
         for i in range(5):
             text[i] = PyUnicode_AsUTF8AndSize(rec[i], &text_len[i])
             if <uint64_t>text_len[i] > SFM_ITEM_LIMIT:
                 raise ValueError("unicode string is too large")
-            need += <uint64_t>text_len[i]
         if <uint64_t>value_len > SFM_ITEM_LIMIT:
             raise ValueError("bytes object is too large")
+        # The exact encoded size: what the writers below produce.
+        need = 1 + _bin_size(value_len) + _uint_size(reply_peer) + _uint_size(request_id)
+        for i in range(5):
+            need += _str_size(text_len[i])
+        if max_bytes > 0 and (
+            <uint64_t>(2 + _array_head_size(self._count + 1) + self._len) + need > <uint64_t>max_bytes
+        ):
+            return 0
         # The UTF-8 pointers stay valid: they are cached in the str objects, which
         # `rec` keeps alive; _reserve() moves only our own buffer.
         self._reserve(need)
@@ -174,7 +221,7 @@ cdef class BatchEncoder:
         p = _put_uint(p, request_id)
         self._len = p - self._buf
         self._count += 1
-        return 0
+        return 1
 
     def append(self, record):
         """Encode one record into the pending batch."""
@@ -185,6 +232,30 @@ cdef class BatchEncoder:
         for rec in records:
             self._append(rec)
 
+    def fill(self, records, Py_ssize_t start=0, Py_ssize_t max_bytes=0, Py_ssize_t max_records=0):
+        """Append ``records[start:]``, in order, while the frame stays within limits.
+
+        Stops before the first record that would make the frame (header included)
+        larger than ``max_bytes`` or hold more than ``max_records`` records (0: no
+        limit). Returns the index of the first record not appended (``len(records)``
+        when all were). A record that does not fit even an empty frame is not
+        appended either: the caller sees the index unchanged on an empty encoder.
+        """
+        cdef Py_ssize_t i, n
+        if start < 0 or max_bytes < 0 or max_records < 0:
+            raise ValueError("start, max_bytes and max_records must be >= 0")
+        n = len(records)
+        if start > n:
+            raise ValueError(f"start ({start}) is past the end of the records ({n})")
+        i = start
+        while i < n:
+            if max_records > 0 and self._count >= max_records:
+                break
+            if not self._append(records[i], max_bytes):
+                break
+            i += 1
+        return i
+
     def __len__(self):
         return self._count
 
@@ -192,6 +263,11 @@ cdef class BatchEncoder:
     def nbytes(self):
         """Encoded size of the pending records, without the frame header."""
         return self._len
+
+    @property
+    def frame_size(self):
+        """Size of the frame :meth:`flush` would return now (header included)."""
+        return 2 + _array_head_size(self._count) + self._len
 
     def flush(self):
         """Return the frame for the pending records and start a new, empty batch."""
@@ -225,6 +301,14 @@ cdef class BatchEncoder:
             self._buf = NULL
             self._cap = 0
         return frame
+
+
+def record_size(record):
+    """Return the encoded size of one record in a batch frame (the record is checked
+    as :meth:`BatchEncoder.append` checks it)."""
+    cdef BatchEncoder enc = BatchEncoder()
+    enc._append(record)
+    return enc._len
 
 
 def encode_batch(records):

@@ -25,6 +25,7 @@ if TYPE_CHECKING or NO_EXTENSIONS:
         key_group,
         key_groups,
         partition,
+        record_size,
         stable_hash,
     )
 
@@ -40,6 +41,7 @@ else:
             key_group,
             key_groups,
             partition,
+            record_size,
             stable_hash,
         )
 
@@ -60,6 +62,7 @@ else:
             key_group,
             key_groups,
             partition,
+            record_size,
             stable_hash,
         )
 
@@ -75,5 +78,6 @@ __all__ = [
     "key_group",
     "key_groups",
     "partition",
+    "record_size",
     "stable_hash",
 ]

@@ -36,7 +36,7 @@ count) is a :class:`~statefun_mesh.errors.FrameDecodeError` naming what was wron
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import msgpack
@@ -53,6 +53,7 @@ __all__ = [
     "key_group",
     "key_groups",
     "partition",
+    "record_size",
     "stable_hash",
 ]
 
@@ -190,6 +191,17 @@ def _check_record(rec: object) -> Record:
     return rec  # type: ignore[return-value]
 
 
+def record_size(record: Record) -> int:
+    """Return the encoded size of one record in a batch frame (the record is checked
+    as :meth:`BatchEncoder.append` checks it)."""
+    return len(msgpack.packb(_check_record(record), use_bin_type=True))
+
+
+def _array_head_size(n: int) -> int:
+    """Size of the array header of a batch of ``n`` records (fixarray/array16/array32)."""
+    return 1 if n < 16 else 3 if n < 0x10000 else 5
+
+
 class BatchEncoder:
     """Accumulates records and produces one batch frame.
 
@@ -216,6 +228,34 @@ class BatchEncoder:
         for rec in records:
             self.append(rec)
 
+    def fill(self, records: Sequence[Record], start: int = 0, max_bytes: int = 0, max_records: int = 0) -> int:
+        """Append ``records[start:]``, in order, while the frame stays within limits.
+
+        Stops before the first record that would make the frame (header included)
+        larger than ``max_bytes`` or hold more than ``max_records`` records (0: no
+        limit). Returns the index of the first record not appended (``len(records)``
+        when all were). A record that does not fit even an empty frame is not
+        appended either: the caller sees the index unchanged on an empty encoder.
+        """
+        start, max_bytes, max_records = (operator.index(v) for v in (start, max_bytes, max_records))
+        if start < 0 or max_bytes < 0 or max_records < 0:
+            raise ValueError("start, max_bytes and max_records must be >= 0")
+        n = len(records)
+        if start > n:
+            raise ValueError(f"start ({start}) is past the end of the records ({n})")
+        i = start
+        while i < n:
+            if max_records > 0 and self._count >= max_records:
+                break
+            part = msgpack.packb(_check_record(records[i]), use_bin_type=True)
+            if max_bytes > 0 and 2 + _array_head_size(self._count + 1) + self._size + len(part) > max_bytes:
+                break
+            self._parts.append(part)
+            self._count += 1
+            self._size += len(part)
+            i += 1
+        return i
+
     def __len__(self) -> int:
         return self._count
 
@@ -223,6 +263,11 @@ class BatchEncoder:
     def nbytes(self) -> int:
         """Encoded size of the pending records, without the frame header."""
         return self._size
+
+    @property
+    def frame_size(self) -> int:
+        """Size of the frame :meth:`flush` would return now (header included)."""
+        return 2 + _array_head_size(self._count) + self._size
 
     def flush(self) -> bytes:
         """Return the frame for the pending records and start a new, empty batch."""

@@ -235,8 +235,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 async def _with_client(args: argparse.Namespace, fn: Any) -> int:
     from .client import MeshClient
 
-    async with MeshClient(args.endpoint, timeout=args.timeout) as client:
-        return await fn(client)  # type: ignore[no-any-return]
+    try:
+        async with MeshClient(args.endpoint, timeout=args.timeout) as client:
+            return await fn(client)  # type: ignore[no-any-return]
+    except StatefunMeshError:
+        raise
+    except ValueError as exc:  # e.g. a --timeout that is NaN or over the peer's max_request_timeout
+        raise StatefunMeshError(str(exc)) from None
 
 
 def cmd_send(args: argparse.Namespace) -> int:

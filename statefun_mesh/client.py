@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import random
 import sys
 from collections.abc import AsyncIterator
@@ -13,7 +14,8 @@ from typing import Any, Final
 import zmq
 import zmq.asyncio
 
-from . import errors
+from . import _speedups, errors
+from .config import FRAME_HEADROOM, MIN_FRAME_BYTES
 from .errors import ClosedTransportError, FrameDecodeError, StatefunMeshError
 from .messages import EgressRecord, Message
 from .transport import codec
@@ -24,6 +26,14 @@ log = logging.getLogger("statefun_mesh.client")
 
 _REPLY_KINDS: Final = frozenset({codec.R_ACK, codec.R_REPLY, codec.R_ERROR, codec.R_RECORDS, codec.R_INFO})
 _BUILTIN_ERRORS: Final = {"ValueError": ValueError, "TypeError": TypeError}
+#: a message up to this size fits every mesh's frames; a larger one is checked against
+#: the peer's max_message_bytes (learnt once per connection) before it is sent
+_ALWAYS_FITS: Final = MIN_FRAME_BYTES - FRAME_HEADROOM
+
+
+def _check_seconds(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a finite number of seconds > 0, got {value!r}")
 
 
 def _rebuild_error(name: str, message: str, args: list[Any]) -> Exception:
@@ -58,6 +68,8 @@ class _Connection:
         self.sock.connect(endpoint)
         self._calls: dict[int, asyncio.Future[tuple[int, list[Any]]]] = {}
         self._ids = itertools.count(1)
+        #: the peer's max_message_bytes, once asked for
+        self.message_limit: int | None = None
         self._task = asyncio.create_task(self._receive(), name=f"statefun-mesh client {endpoint}")
 
     async def _receive(self) -> None:
@@ -119,6 +131,7 @@ class MeshClient:
     """
 
     def __init__(self, endpoint: str, *, timeout: float = 10.0) -> None:
+        _check_seconds("timeout", timeout)
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = zmq.asyncio.Context.instance()
@@ -133,6 +146,22 @@ class MeshClient:
         if conn is None:
             conn = self._conns[ep] = _Connection(self._ctx, ep)
         return conn
+
+    async def _check_size(self, conn: _Connection, rec: tuple[Any, ...], what: str) -> None:
+        # The peer's client socket drops a frame over max_frame_bytes without a word (a
+        # ZeroMQ limit), so the client must not send one: it refuses a message over the
+        # peer's max_message_bytes itself; the peer checks exactly what it admits.
+        if len(rec[5]) + 4 * sum(len(f) for f in rec[:5]) + 49 <= _ALWAYS_FITS:
+            return
+        size = _speedups.record_size(rec)
+        if size <= _ALWAYS_FITS:
+            return
+        if conn.message_limit is None:
+            _, items = await conn.call(codec.C_INFO, timeout=self.timeout)
+            limit = items[1].get("max_message_bytes")
+            conn.message_limit = limit if type(limit) is int and limit > 0 else _ALWAYS_FITS
+        if size > conn.message_limit:
+            raise errors.MessageTooLargeError(size, conn.message_limit, what)
 
     async def __aenter__(self) -> MeshClient:
         return self
@@ -158,10 +187,17 @@ class MeshClient:
 
         Raises:
             FunctionNotFoundError: no function is bound to the target type.
+            MessageTooLargeError: the message is over the mesh's ``max_message_bytes``
+                (refused before it is sent; nothing was accepted).
             RequestTimeoutError: the peer did not acknowledge in time.
         """
         if type(message) is not Message:
             raise TypeError(f"expected a Message (use message_builder), got {type(message).__name__}")
+        await self._check_size(
+            self._conn(),
+            (message.target_typename, message.target_id, "", idempotency_key or "", message._vt, message._v, 0, 0),
+            "message",
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         pause = 0.01
@@ -189,10 +225,20 @@ class MeshClient:
             RequestTimeoutError: no reply within ``timeout`` seconds.
             InvocationError: the function raised.
             FunctionNotFoundError: no function is bound to the target type.
+            MessageTooLargeError: the message is over the mesh's ``max_message_bytes``.
+            MeshBusyError: the peer holds as many pending requests as it will (for this
+                connection or in total); nothing was sent on to the function.
+            ValueError: ``timeout`` is not finite and > 0, or over the peer's
+                ``max_request_timeout``.
         """
         if type(message) is not Message:
             raise TypeError(f"expected a Message (use message_builder), got {type(message).__name__}")
-        _, items = await self._conn().call(
+        _check_seconds("timeout", timeout)
+        conn = self._conn()
+        await self._check_size(
+            conn, (message.target_typename, message.target_id, "", "", message._vt, message._v, 0, 0), "request"
+        )
+        _, items = await conn.call(
             codec.C_REQUEST, message.target_typename, message.target_id, message._vt, message._v, timeout,
             timeout=timeout + 5.0,
         )  # fmt: skip

@@ -14,6 +14,10 @@ from .errors import ConfigError
 __all__ = ["MeshConfig", "load_config"]
 
 _SCHEMES = ("tcp://", "ipc://", "inproc://", "memory://")
+#: bytes of a frame that are not the message: generation prefix, frame and array
+#: headers between peers; the other fields of a client's SEND or REQUEST frame.
+FRAME_HEADROOM = 1024
+MIN_FRAME_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,13 @@ class MeshConfig:
         linger: seconds a client message may wait to be batched with others before it
             is flushed to its peer (0: at the next turn of the event loop).
         max_frame_bytes: frames above this size are refused by the receiver.
+        max_message_bytes: the largest message (its record as framed: value, type
+            names, ids) a peer admits; a larger one is refused with
+            ``MessageTooLargeError``. ``None``: ``max_frame_bytes - FRAME_HEADROOM``;
+            at most that.
+        max_request_timeout: the longest timeout, in seconds, a client request may ask for.
+        max_pending_requests: client requests a peer holds waiting for their reply, in total.
+        max_pending_requests_per_client: ... and per client connection.
         heartbeat_interval: seconds between heartbeats to every other peer.
         heartbeat_timeout: silence after which a peer is reported unavailable.
         egress_retention: records kept per egress and peer; older ones are trimmed.
@@ -96,6 +107,10 @@ class MeshConfig:
     max_frame_records: int = 1000
     linger: float = 0.0
     max_frame_bytes: int = 64 << 20
+    max_message_bytes: int | None = None
+    max_request_timeout: float = 300.0
+    max_pending_requests: int = 10_000
+    max_pending_requests_per_client: int = 1_000
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 5.0
     egress_retention: int = 100_000
@@ -184,8 +199,24 @@ class MeshConfig:
                     raise ConfigError(
                         f"expected a tcp://, ipc:// or inproc:// URL, got {ep!r}", source=src, key="client_endpoints"
                     )
+        if self.max_frame_bytes < MIN_FRAME_BYTES:
+            raise bad("max_frame_bytes", f"at least {MIN_FRAME_BYTES} bytes")
+        mm = self.max_message_bytes
+        if mm is not None and (type(mm) is not int or not 1 <= mm <= self.max_frame_bytes - FRAME_HEADROOM):
+            most = self.max_frame_bytes - FRAME_HEADROOM
+            raise bad("max_message_bytes", f"a positive integer at most max_frame_bytes - {FRAME_HEADROOM} ({most})")
+        if self.max_request_timeout <= 0:
+            raise bad("max_request_timeout", "a positive number of seconds")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise bad("heartbeat_timeout", f"more than heartbeat_interval ({self.heartbeat_interval})")
+
+    @property
+    def message_limit(self) -> int:
+        """The largest message a peer admits: ``max_message_bytes``, or by default
+        ``max_frame_bytes - FRAME_HEADROOM``, so that any message fits a frame."""
+        if self.max_message_bytes is not None:
+            return self.max_message_bytes
+        return self.max_frame_bytes - FRAME_HEADROOM
 
     def with_(self, **changes: Any) -> MeshConfig:
         """Return a copy with some settings changed (validated again)."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
+from ._speedups import record_size
 from .address import Address
+from .errors import MessageTooLargeError
 from .messages import EgressMessage, Message, typed_value_from_kwargs
 
 if TYPE_CHECKING:
@@ -122,6 +124,7 @@ class Context:
         "_cancels",
         "_delayed",
         "_egress",
+        "_limit",
         "_reply",
         "_reply_peer",
         "_request_id",
@@ -132,7 +135,13 @@ class Context:
     )
 
     def __init__(
-        self, address: Address, caller: Address | None, storage: Storage, reply_peer: int, request_id: int
+        self,
+        address: Address,
+        caller: Address | None,
+        storage: Storage,
+        reply_peer: int,
+        request_id: int,
+        limit: int = 0,
     ) -> None:
         self.address = address
         self.caller = caller
@@ -145,6 +154,19 @@ class Context:
         self._cancels = False
         self._egress: list[tuple[str, str, bytes]] | None = None
         self._reply: tuple[str, bytes] | None = None
+        #: the largest message the mesh admits (max_message_bytes; 0: unchecked)
+        self._limit = limit
+
+    def _check_size(self, rec: tuple[str, str, str, str, str, bytes, int, int], kind: str) -> None:
+        # Refused here, at the call, so the function may catch it; uncaught, the
+        # invocation fails as a whole and its message is dead-lettered with the reason.
+        limit = self._limit
+        if not limit or len(rec[5]) + 4 * sum(len(f) for f in rec[:5]) + 49 <= limit:
+            return
+        size = record_size(rec)
+        if size > limit:
+            where = f"for {rec[0]}" if kind == "egress record" else f"to {rec[0]}/{rec[1]}"
+            raise MessageTooLargeError(size, limit, f"{kind} {where}")
 
     @property
     def in_request(self) -> bool:
@@ -152,7 +174,11 @@ class Context:
         return self._request_id != 0
 
     def send(self, message: Message) -> None:
-        """Send ``message`` to its target instance."""
+        """Send ``message`` to its target instance.
+
+        Raises:
+            MessageTooLargeError: the message is over the mesh's ``max_message_bytes``.
+        """
         if type(message) is not Message:
             raise TypeError(f"send() takes a Message (use message_builder), got {type(message).__name__}")
         rec = (
@@ -165,6 +191,7 @@ class Context:
             self._reply_peer,
             self._request_id,
         )
+        self._check_size(rec, "message")
         if self._sends is None:
             self._sends = [rec]
         else:
@@ -195,6 +222,7 @@ class Context:
             0,
             0,
         )
+        self._check_size(rec, "delayed message")
         if self._delayed is None:
             self._delayed = []
         self._delayed.append(("after", duration, rec, cancellation_token))
@@ -216,6 +244,7 @@ class Context:
             raise TypeError(
                 f"send_egress() takes an EgressMessage (use egress_message_builder), got {type(message).__name__}"
             )
+        self._check_size((message.typename, "", "", "", message._vt, message._v, 0, 0), "egress record")
         if self._egress is None:
             self._egress = []
         self._egress.append((message.typename, message._vt, message._v))
@@ -235,5 +264,9 @@ class Context:
         if value_type is not None:
             kwargs["value_type"] = value_type
         encoded = typed_value_from_kwargs(kwargs, what="reply")
+        if self._request_id:
+            a = self.address
+            rec = (a.typename, a.id, "", "", encoded[0], encoded[1], self._reply_peer, self._request_id)
+            self._check_size(rec, "reply")
         if self._reply is None:
             self._reply = encoded

@@ -23,6 +23,7 @@ import msgpack
 from . import _speedups
 from .address import Address
 from .context import DELETED, Cell, Context, Storage
+from .errors import MessageTooLargeError
 from .functions import FunctionSpec
 from .messages import Message
 from .state.lmdb_backend import (
@@ -74,7 +75,7 @@ Reply = tuple[int, int, int, str, Any, str, str]
 class BatchOutcome:
     """What one batch produced; applied by the peer after the writes commit."""
 
-    __slots__ = ("egress", "min_due", "ops", "replies", "requeue", "sends")
+    __slots__ = ("cancels", "egress", "min_due", "ops", "replies", "requeue", "sends")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -87,6 +88,8 @@ class BatchOutcome:
         #: messages that waited behind a parked address this batch committed: the peer
         #: puts them back at the head of its inbox once the commit succeeded
         self.requeue: list[Record] = []
+        #: whether this batch cancels timers (the earliest pending one may be among them)
+        self.cancels = False
 
 
 class _Running:
@@ -153,10 +156,13 @@ class Dispatcher:
         egress_immediate: Iterable[str] = (),
         park_after: float = 0.05,
         remote: Any = None,
+        max_message_bytes: int = 0,
     ) -> None:
         self.table = table
         #: the peer's remote functions (remote.invoker.RemoteFunctions), or None
         self.remote = remote
+        #: what a function may send, reply or emit (0: unchecked); see Context._check_size
+        self.message_limit = max_message_bytes
         self.backend = backend
         self.max_parallelism = max_parallelism
         self.egress_retention = egress_retention
@@ -509,6 +515,7 @@ class Dispatcher:
         fspec, address, cells = r.fspec, r.address, r.cells
         for rec in r.records:
             ctx = self._context(address, cells, rec)
+            ctx._limit = self.message_limit
             msg = Message(rec[0], rec[1], rec[4], rec[5])
             try:
                 await fspec.fun(ctx, msg)
@@ -532,7 +539,7 @@ class Dispatcher:
         out: BatchOutcome,
     ) -> None:
         storage = Storage(address, cells)
-        ctx = Context(address, Address(rec[2], rec[3]) if rec[2] else None, storage, rec[6], rec[7])
+        ctx = Context(address, Address(rec[2], rec[3]) if rec[2] else None, storage, rec[6], rec[7], self.message_limit)
         try:
             fspec.fun(ctx, Message(rec[0], rec[1], rec[4], rec[5]))
             writes = self._serialize_writes(storage) if storage._writes else None
@@ -633,6 +640,7 @@ class Dispatcher:
         for item in items:
             if item[0] == "cancel":
                 ops.append(("cancel", kg, timer_token_prefix(kg, address.typename, address.id, item[1])))
+                out.cancels = True
                 continue
             _, delay, rec, token = item
             due = now_ms + int(delay.total_seconds() * 1000)
@@ -689,7 +697,8 @@ class Dispatcher:
         error = f"{type(exc).__name__}: {exc}"
         log.error("function %s raised %s; message moved to egress %r", address, error, DEAD_LETTERS, exc_info=exc)
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
-        self._dead_letter(rec, "function raised", error, tb, out)
+        reason = "message too large" if isinstance(exc, MessageTooLargeError) else "function raised"
+        self._dead_letter(rec, reason, error, tb, out)
         if rec[7]:
             out.replies.append((rec[6], rec[7], REPLY_ERROR, "InvocationError", error, rec[0], rec[1]))
 

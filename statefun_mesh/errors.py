@@ -23,6 +23,7 @@ __all__ = [
     "IncompatibleSnapshotError",
     "InvocationError",
     "MeshBusyError",
+    "MessageTooLargeError",
     "PeerUnavailableError",
     "RequestTimeoutError",
     "SnapshotAbortedError",
@@ -105,9 +106,31 @@ class RequestTimeoutError(StatefunMeshError, TimeoutError):
 
 
 class MeshBusyError(StatefunMeshError):
-    """A peer has more client messages waiting for admission than it will hold; nothing
-    was accepted. :class:`~statefun_mesh.client.MeshClient` retries these with backoff
-    within its timeout; other clients should retry too."""
+    """A peer holds as much client work as it will (sends waiting for admission, or
+    requests waiting for their reply); nothing was accepted. :class:`~statefun_mesh.client.MeshClient`
+    retries refused sends with backoff within its timeout and raises this for refused
+    requests; other clients should retry later too."""
+
+
+class MessageTooLargeError(StatefunMeshError, ValueError):
+    """A message (or a reply, or an egress record) is larger than the mesh admits
+    (``max_message_bytes``); it was refused where it was made, never accepted.
+
+    Attributes:
+        size: the message's size in bytes, as framed (value, type names and ids).
+        limit: the largest size admitted.
+        what: what was refused ("message", "reply", "egress record", ...).
+    """
+
+    def __init__(self, size: int, limit: int, what: str = "message") -> None:
+        super().__init__(
+            f"{what} of {size} bytes is over the limit of {limit} bytes (max_message_bytes); it was not "
+            "accepted: send a smaller value (split it, or store a large blob elsewhere and send a reference), "
+            "or raise max_message_bytes (and max_frame_bytes) on every peer"
+        )
+        self.size = size
+        self.limit = limit
+        self.what = what
 
 
 class FrameDecodeError(StatefunMeshError, ValueError):

@@ -16,11 +16,12 @@ from .errors import (
     FunctionNotFoundError,
     InvocationError,
     MeshBusyError,
+    MessageTooLargeError,
     StatefunMeshError,
     TransportError,
     TypeNameError,
 )
-from .peer import Peer
+from .peer import Peer, check_request_timeout
 from .transport import codec
 
 __all__ = ["ClientServer", "error_args"]
@@ -35,12 +36,19 @@ MAX_PARKED: Final = 10_000
 MAX_PARKED_BYTES: Final = 64 << 20
 
 
+def _check_range(what: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"{what} must be between {lo} and {hi}, got {value}")
+
+
 def error_args(exc: BaseException) -> list[Any]:
     """The constructor arguments that rebuild ``exc`` on the client side."""
     if isinstance(exc, FunctionNotFoundError):
         return [exc.typename]
     if isinstance(exc, InvocationError):
         return [exc.address, exc.error]
+    if isinstance(exc, MessageTooLargeError):
+        return [exc.size, exc.limit, exc.what]
     return [str(exc)]
 
 
@@ -67,6 +75,9 @@ class ClientServer:
         self._admitter: asyncio.Task[None] | None = None
         self.bad_frames = 0
         self.busy = 0
+        # requests waiting for their reply, per client routing id
+        self._pending: dict[bytes, int] = {}
+        self._pending_total = 0
 
     async def start(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -139,6 +150,7 @@ class ClientServer:
                     _, typename, id, vt, value, idem = items
                     self._check_target(typename, id, vt)
                     rec = (typename, id, "", idem, vt, value, 0, 0)
+                    peer.check_message(rec)
                     if not self._parked and peer.admits():
                         self._accept(ident, corr, rec)
                     else:
@@ -146,19 +158,48 @@ class ClientServer:
                 elif kind == codec.C_REQUEST:
                     _, typename, id, vt, value, timeout = items
                     self._check_target(typename, id, vt)
-                    self._spawn(self._request(ident, corr, typename, id, vt, value, float(timeout)))
+                    timeout = check_request_timeout(timeout, peer.config.max_request_timeout)
+                    # the record as the peer frames it has a reply peer and a request id:
+                    # at most 16 bytes more than with zeros (the peer checks it exactly)
+                    peer.check_message((typename, id, "", "", vt, value, 0, 0), "request")
+                    self._check_pending(ident)
+                    # counted from here (not when the job starts), so the next frame sees it
+                    self._pending[ident] = self._pending.get(ident, 0) + 1
+                    self._pending_total += 1
+                    self._spawn(self._request(ident, corr, typename, id, vt, value, timeout))
                 elif kind == codec.C_FETCH:
                     _, egress, start, limit, wait_ms, gen = items
                     parse_typename(egress)
+                    _check_range("FETCH max_records", limit, 1, MAX_FETCH)
+                    _check_range("FETCH wait_ms", wait_ms, 0, MAX_WAIT_MS)
+                    _check_range("FETCH generation", gen, -1, 2**32 - 1)
+                    if isinstance(start, int):
+                        _check_range("FETCH start offset", start, 0, 2**63 - 1)
                     pos = peer.egress_resume(egress, peer.egress_position(egress, start), gen)
-                    limit = max(1, min(limit, MAX_FETCH))
-                    self._spawn(self._fetch(ident, corr, egress, pos, limit, min(max(wait_ms, 0), MAX_WAIT_MS)))
+                    self._spawn(self._fetch(ident, corr, egress, pos, limit, wait_ms))
                 else:  # C_INFO
                     self._reply(ident, codec.R_INFO, corr, self.info())
             except StatefunMeshError as exc:
                 self._error(ident, corr, exc)
             except (ValueError, TypeError) as exc:
                 self._error(ident, corr, exc)
+
+    def _check_pending(self, ident: bytes) -> None:
+        cfg = self.peer.config
+        mine = self._pending.get(ident, 0)
+        if mine >= cfg.max_pending_requests_per_client:
+            self.busy += 1
+            raise MeshBusyError(
+                f"this client already has {mine} requests waiting for replies at peer {self.peer.peer_id} "
+                "(max_pending_requests_per_client); wait for some to be answered, or use more connections"
+            )
+        total = self._pending_total
+        if total >= cfg.max_pending_requests:
+            self.busy += 1
+            raise MeshBusyError(
+                f"peer {self.peer.peer_id} already holds {total} client requests waiting for replies "
+                "(max_pending_requests); retry once some are answered"
+            )
 
     def _park(self, ident: bytes, corr: int, rec: Any, size: int) -> None:
         # Backpressure: the client's acknowledgement waits until the peer admits the
@@ -209,6 +250,8 @@ class ClientServer:
             "max_parallelism": peer.config.max_parallelism,
             "client_endpoints": self.client_endpoints,
             "functions": sorted(peer.table),
+            "max_message_bytes": peer.config.message_limit,
+            "max_request_timeout": peer.config.max_request_timeout,
             "status": {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy},
         }
 
@@ -241,9 +284,16 @@ class ClientServer:
     ) -> None:
         try:
             reply = await self.peer.request_raw(typename, id, vt, value, timeout)
-        except StatefunMeshError as exc:
+        except (StatefunMeshError, ValueError) as exc:
             self._error(ident, corr, exc)
             return
+        finally:
+            self._pending_total -= 1
+            left = self._pending[ident] - 1
+            if left:
+                self._pending[ident] = left
+            else:
+                del self._pending[ident]
         self._reply(ident, codec.R_REPLY, corr, reply.target_typename, reply.target_id, reply._vt, reply._v)
 
     async def _fetch(self, ident: bytes, corr: int, egress: str, pos: int, limit: int, wait_ms: int) -> None:
@@ -253,6 +303,13 @@ class ClientServer:
             await peer.egress_wait(egress, pos, wait_ms / 1000)
             if peer.running:
                 records = peer.egress_read(egress, pos, limit)
+        # one answer frame stays near max_frame_bytes: stop before the record that passes it
+        budget, size = peer.config.max_frame_bytes - 1024, 0
+        for i, r in enumerate(records):
+            size += len(r._v) + len(r._vt) + 32 + (len(r.id) if r.id else 0)
+            if size > budget and i:
+                records = records[:i]
+                break
         nxt = records[-1].offset + 1 if records else pos
         items = [[r.offset, r._vt, r._v] if r.id is None else [r.offset, r._vt, r._v, r.id] for r in records]
         self._reply(ident, codec.R_RECORDS, corr, peer.peer_id, nxt, items, peer.generation)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
+from .. import _speedups
 from ..address import Address
 from ..context import Cell
 from ..errors import StatefunMeshError
@@ -367,6 +368,32 @@ class RemoteFunctions:
 
         # A request's reply context travels with the messages only when it is unambiguous.
         reply_peer, request_id = (chunk[0][6], chunk[0][7]) if len(chunk) == 1 else (0, 0)
+        records = [
+            (target_typename, target_id, typename, address.id, arg.typename, bytes(arg.value), reply_peer, request_id)
+            for target_typename, target_id, arg in sends
+        ]
+        items: list[tuple[Any, ...]] = []
+        for item in delayed:
+            if item[0] == "cancel":
+                items.append(item)
+                continue
+            t, di = item
+            rec = (f"{t.namespace}/{t.type}", t.id, typename, address.id, di.argument.typename,
+                   bytes(di.argument.value), 0, 0)  # fmt: skip
+            items.append(("after", timedelta(milliseconds=max(di.delay_in_ms, 0)), rec, di.cancellation_token))
+        egress = [
+            (f"{eg.egress_namespace}/{eg.egress_type}", eg.argument.typename, bytes(eg.argument.value))
+            for eg in result.outgoing_egresses
+        ]
+        limit = d.message_limit
+        if limit:
+            for rec in records + [item[2] for item in items if item[0] == "after"]:
+                size = _speedups.record_size(rec)
+                if size > limit:
+                    raise RemoteFunctionError(
+                        typename, url, f"sent a message of {size:,} bytes to {rec[0]}/{rec[1]}, over max_message_bytes "
+                        f"({limit:,})"
+                    )
         for m in result.state_mutations:
             cell = cells[m.state_name]
             cell.dirty = True
@@ -385,23 +412,6 @@ class RemoteFunctions:
             if spec.mode == 2 or cell.expire == 0:  # after invoke: every call refreshes; after write: on write
                 cell.expire = now_ms + spec.expire_ms
                 cell.dirty = True
-        records = [
-            (target_typename, target_id, typename, address.id, arg.typename, bytes(arg.value), reply_peer, request_id)
-            for target_typename, target_id, arg in sends
-        ]
-        items: list[tuple[Any, ...]] = []
-        for item in delayed:
-            if item[0] == "cancel":
-                items.append(item)
-                continue
-            t, di = item
-            rec = (f"{t.namespace}/{t.type}", t.id, typename, address.id, di.argument.typename,
-                   bytes(di.argument.value), 0, 0)  # fmt: skip
-            items.append(("after", timedelta(milliseconds=max(di.delay_in_ms, 0)), rec, di.cancellation_token))
-        egress = [
-            (f"{eg.egress_namespace}/{eg.egress_type}", eg.argument.typename, bytes(eg.argument.value))
-            for eg in result.outgoing_egresses
-        ]
         n = len(chunk)
 
         def effect(out: BatchOutcome) -> None:
