@@ -314,8 +314,13 @@ class Hosts:
         else:
             _in(host.ns, "nft", "delete", "table", "inet", "sfmloss", check=False)
 
-    def remove(self, host: Host) -> None:
-        """The host is gone for good: its processes SIGKILLed, its namespace deleted."""
+    def remove(self, host: Host, *, silent: bool = False) -> None:
+        """The host is gone for good: its processes SIGKILLed (their kernel still closes their
+        TCP connections, so the other hosts see FINs) and its namespace deleted. With
+        ``silent``, as at a power loss or a crashed VM: its cable is pulled first, so no FIN
+        or RST reaches anyone and the others' connections to it are left half-open."""
+        if silent:
+            self.isolate(host)
         for p in host.procs:
             self.kill(p)
         self._delete_ns(host.ns)
@@ -451,14 +456,14 @@ class NetMesh:
         assert proc.returncode == 0, f"load failed ({proc.returncode}):\n{log[-3000:]}"
         return json.loads((self.workdir / f"load-{tag}.json").read_text())  # type: ignore[no-any-return]
 
-    def check(self, tag: str, timeout: float = 60.0) -> dict[str, object]:
+    def check(self, tag: str, timeout: float = 60.0, at_most_once: str | None = None) -> dict[str, object]:
         import json
 
         out = self.workdir / f"check-{tag}.json"
         r = self.hosts.run_py(self.client, [
             "-m", "tests.integration.netns_workload", "check", "--endpoints", ",".join(self.endpoints),
             "--load", str(self.workdir / f"load-{tag}.json"), "--timeout", str(timeout), "--out", str(out),
-        ], timeout=timeout + 60)  # fmt: skip
+        ] + (["--at-most-once", at_most_once] if at_most_once else []), timeout=timeout + 60)  # fmt: skip
         assert r.returncode == 0, f"check failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         return json.loads(out.read_text())  # type: ignore[no-any-return]
 

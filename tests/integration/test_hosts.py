@@ -133,3 +133,115 @@ def test_peer_cut_off_longer_than_heartbeat_timeout(mesh: NetMesh) -> None:
     others = [k for k in range(mesh.n) if k != 1]
     assert all("no word from peer 1" in mesh.log(k) for k in others), "the others never noticed the cut"
     _measured("cut", {**_summary(load, fault=fault, heal=heal), "settle_s": round(check["settle_seconds"], 2)})
+
+
+def test_asymmetric_cut(mesh: NetMesh) -> None:
+    """Peer 1 drops every packet it sends to peer 2 for 4 s; peer 2's packets still reach peer 1.
+    TCP needs both directions, so the 1-2 link stalls both ways while both still reach peer 0."""
+    proc = mesh.run_load(seconds=7.0, tag="asym")
+    time.sleep(1.5)
+    fault = time.monotonic()
+    mesh.hosts.blackhole(mesh.peer_hosts[1], mesh.peer_hosts[2])
+    time.sleep(4.0)
+    heal = time.monotonic()
+    mesh.hosts.unblackhole(mesh.peer_hosts[1], mesh.peer_hosts[2])
+    load = mesh.wait_load(proc, "asym", timeout=90)
+    check = mesh.check("asym", timeout=60)
+    _assert_exactly_once(check, load)
+    assert "no word from peer 1" in mesh.log(2), "peer 2 should have stopped hearing peer 1"
+    _measured("asymmetric", {**_summary(load, fault=fault, heal=heal), "settle_s": round(check["settle_seconds"], 2),
+                             "peer1_noticed_peer2": "no word from peer 2" in mesh.log(1)})
+
+
+def test_packet_loss_and_delay_on_one_link(mesh: NetMesh) -> None:
+    """5 % loss (and 50 ms ± 20 ms delay where the kernel has netem) on peer 1's link for 5 s."""
+    if not has_netem() and not has_nft():
+        pytest.fail("neither netem nor nftables here: install nftables (apt-get install nftables)") if CI else \
+            pytest.skip("neither netem nor nftables here to drop packets")  # fmt: skip
+    proc = mesh.run_load(seconds=7.0, tag="loss")
+    time.sleep(1.0)
+    fault = time.monotonic()
+    applied = mesh.hosts.lossy(mesh.peer_hosts[1], loss_pct=5, delay_ms=50, jitter_ms=20)
+    time.sleep(5.0)
+    heal = time.monotonic()
+    mesh.hosts.unlossy(mesh.peer_hosts[1])
+    load = mesh.wait_load(proc, "loss", timeout=90)
+    check = mesh.check("loss", timeout=60)
+    _assert_exactly_once(check, load)
+    _measured("loss", {**_summary(load, fault=fault, heal=heal), "settle_s": round(check["settle_seconds"], 2),
+                       "applied": applied})
+
+
+def test_blob_store_unreachable_from_one_host(mesh: NetMesh) -> None:
+    """Peer 1 cannot reach the S3 server for 6 s (the others can): checkpoints cannot complete,
+    processing goes on, egress waits; after the heal checkpoints complete again."""
+    proc = mesh.run_load(seconds=8.0, tag="blob")
+    time.sleep(1.0)
+    fault = time.monotonic()
+    mesh.hosts.blackhole(mesh.peer_hosts[1], mesh.s3)
+    time.sleep(6.0)
+    heal = time.monotonic()
+    mesh.hosts.unblackhole(mesh.peer_hosts[1], mesh.s3)
+    load = mesh.wait_load(proc, "blob", timeout=90)
+    check = mesh.check("blob", timeout=90)
+    _assert_exactly_once(check, load)
+    _measured("blob_unreachable", {**_summary(load, fault=fault, heal=heal),
+                                   "settle_s": round(check["settle_seconds"], 2)})
+
+
+def _lose_host_and_replace(mesh: NetMesh, *, silent: bool, ready_timeout: float) -> None:
+    """Peer 1's host vanishes with its disk; a replacement starts on a new host with a new
+    address and an empty state directory, and the name ``peer1`` is moved to it (a DNS
+    update). It recovers from the blob store only."""
+    proc = mesh.run_load(seconds=8.0, tag="lost", deadline=120)
+    time.sleep(1.5)
+    fault = time.monotonic()
+    old = mesh.peer_hosts[1]
+    mesh.hosts.remove(old, silent=silent)
+    gone = time.monotonic()  # peer 1 is dead from here on: it acknowledged nothing later
+    shutil.rmtree(mesh.state_dir(1))
+    time.sleep(2.0)
+    new = mesh.hosts.add("peer1b")
+    assert new.ip != old.ip
+    mesh.hosts.move_name("peer1", new)
+    mesh.peer_hosts[1] = new
+    started = time.monotonic()
+    mesh.start_peer(1, new)
+    try:
+        mesh.wait_ready(ready_timeout, peers=[1])
+    finally:
+        if silent:
+            mesh.hosts.kill(proc)  # the load would wait for its deadline
+    ready = time.monotonic()
+    load = mesh.wait_load(proc, "lost", timeout=150)
+    # What peer 1 acknowledged after its last complete checkpoint was only in its ingress log,
+    # on the lost disk (docs/guarantees.md, "What exactly-once does not cover"): those may be
+    # lost, never duplicated; everything accepted through the surviving peers exactly once.
+    check = mesh.check("lost", timeout=60, at_most_once=f"1,{gone}")
+    _assert_exactly_once(check, load)
+    assert "generation 2" in mesh.log(1).rsplit("=== start", 1)[-1], "the replacement never joined a recovery"
+    _measured("host_lost" + ("_silent" if silent else ""), {
+        **_summary(load, fault=fault, heal=started), "replacement_ready_s": round(ready - started, 2),
+        "at_risk_ops": check["at_most_once_ops"], "lost_ops": check["lost_at_most_once"],
+        "lost_egress": check["egress_lost_at_most_once"], "settle_s": round(check["settle_seconds"], 2),
+    })  # fmt: skip
+
+
+def test_host_lost_replacement_with_new_address(mesh: NetMesh) -> None:
+    """The host's processes die and it is gone with its disk (the dying kernel still closes
+    their connections); the replacement, at a new address under the same name, recovers
+    from the blob store."""
+    _lose_host_and_replace(mesh, silent=False, ready_timeout=60)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "a host that vanishes without closing its TCP connections leaves the others' ZeroMQ "
+    "connections to its old address half-open; ZeroMQ only re-resolves the name when it "
+    "reconnects, which it does not do until TCP gives up (tcp_retries2, ~15 min): the "
+    "replacement at the new address never hears peers 0 and 2, and the recovery round "
+    "waits for it. Needs ZMTP heartbeats (ZMQ_HEARTBEAT_IVL/TIMEOUT) on the peer links AND "
+    "a recovery round whenever a link reconnects without a restart (frames in flight on "
+    "the dropped connection are lost); see docs/guarantees.md, Faults between hosts"))
+def test_host_vanishes_silently_replacement_with_new_address(mesh: NetMesh) -> None:
+    """As above, but the host vanishes as at a power loss (cable first, then everything)."""
+    _lose_host_and_replace(mesh, silent=True, ready_timeout=20)
