@@ -238,7 +238,7 @@ def main(argv: list[str]) -> int:
     cp.add_argument("--endpoints", required=True)
     cp.add_argument("--load", required=True)
     cp.add_argument("--timeout", type=float, default=60.0)
-    cp.add_argument("--egress-idle", type=float, default=3.0)
+    cp.add_argument("--egress-idle", type=float, default=2.0)
     cp.add_argument("--at-most-once", metavar="K,T", help="ops accepted through peer K before monotonic T may be lost")
     cp.add_argument("--out", required=True)
     args = p.parse_args(argv)

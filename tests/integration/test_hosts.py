@@ -125,7 +125,7 @@ def _measured(name: str, mesh: NetMesh, load: dict[str, Any], check: dict[str, A
     print(f"MEASURED {name}: {json.dumps(values)}")
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.slow  # each fault test checks the same load, under a fault
 def test_harness_no_fault_baseline(mesh: NetMesh) -> None:
     """The harness itself: peers in separate namespaces, real TCP, the load applied exactly once."""
     t = time.monotonic()
@@ -139,16 +139,17 @@ def test_harness_no_fault_baseline(mesh: NetMesh) -> None:
         assert f"({h.ip})" in mesh.log(k)
 
 
-def test_peer_cut_off_longer_than_heartbeat_timeout(mesh: NetMesh) -> None:
-    """Peer 1's link goes down for 4 s (heartbeat_timeout is 1 s), then comes back."""
-    proc = mesh.run_load(seconds=7.0, tag="cut")
+@pytest.mark.parametrize("seconds", [4.0, pytest.param(30.0, marks=pytest.mark.slow)])
+def test_peer_cut_off_longer_than_heartbeat_timeout(mesh: NetMesh, seconds: float) -> None:
+    """Peer 1's link goes down for 4 s (heartbeat_timeout is 1 s; 30 s with --run-slow), then comes back."""
+    proc = mesh.run_load(seconds=seconds + 3.0, tag="cut", deadline=seconds + 90)
     time.sleep(1.5)
     fault = time.monotonic()
     mesh.hosts.isolate(mesh.peer_hosts[1])
-    time.sleep(4.0)
+    time.sleep(seconds)
     heal = time.monotonic()
     mesh.hosts.heal(mesh.peer_hosts[1])
-    load = mesh.wait_load(proc, "cut", timeout=90)
+    load = mesh.wait_load(proc, "cut", timeout=seconds + 100)
     check = mesh.check("cut", timeout=60)
     _assert_exactly_once(check, load)
     others = [k for k in range(mesh.n) if k != 1]
@@ -174,35 +175,39 @@ def test_asymmetric_cut(mesh: NetMesh) -> None:
               peer1_noticed_peer2="no word from peer 2" in mesh.log(1))
 
 
-def test_packet_loss_and_delay_on_one_link(mesh: NetMesh) -> None:
-    """5 % loss (and 50 ms ± 20 ms delay where the kernel has netem) on peer 1's link for 5 s."""
+@pytest.mark.parametrize("seconds", [4.0, pytest.param(60.0, marks=pytest.mark.slow)])
+def test_packet_loss_and_delay_on_one_link(mesh: NetMesh, seconds: float) -> None:
+    """5 % loss (and 50 ms ± 20 ms delay where the kernel has netem) on peer 1's link for 4 s
+    (60 s with --run-slow)."""
     if not has_netem() and not has_nft():
         pytest.fail("neither netem nor nftables here: install nftables (apt-get install nftables)") if CI else \
             pytest.skip("neither netem nor nftables here to drop packets")  # fmt: skip
-    proc = mesh.run_load(seconds=7.0, tag="loss")
+    proc = mesh.run_load(seconds=seconds + 2.0, tag="loss", deadline=seconds + 90)
     time.sleep(1.0)
     fault = time.monotonic()
     applied = mesh.hosts.lossy(mesh.peer_hosts[1], loss_pct=5, delay_ms=50, jitter_ms=20)
-    time.sleep(5.0)
+    time.sleep(seconds)
     heal = time.monotonic()
     mesh.hosts.unlossy(mesh.peer_hosts[1])
-    load = mesh.wait_load(proc, "loss", timeout=90)
+    load = mesh.wait_load(proc, "loss", timeout=seconds + 100)
     check = mesh.check("loss", timeout=60)
     _assert_exactly_once(check, load)
     _measured("loss", mesh, load, check, fault=fault, heal=heal, applied=applied)
 
 
-def test_blob_store_unreachable_from_one_host(mesh: NetMesh) -> None:
-    """Peer 1 cannot reach the S3 server for 6 s (the others can): checkpoints cannot complete,
-    processing goes on, egress waits; after the heal checkpoints complete again."""
-    proc = mesh.run_load(seconds=8.0, tag="blob")
+@pytest.mark.parametrize("seconds", [5.0, pytest.param(45.0, marks=pytest.mark.slow)])
+def test_blob_store_unreachable_from_one_host(mesh: NetMesh, seconds: float) -> None:
+    """Peer 1 cannot reach the S3 server for 5 s (45 s with --run-slow; the others can):
+    checkpoints cannot complete, processing goes on, egress waits; after the heal
+    checkpoints complete again."""
+    proc = mesh.run_load(seconds=seconds + 2.0, tag="blob", deadline=seconds + 90)
     time.sleep(1.0)
     fault = time.monotonic()
     mesh.hosts.blackhole(mesh.peer_hosts[1], mesh.s3)
-    time.sleep(6.0)
+    time.sleep(seconds)
     heal = time.monotonic()
     mesh.hosts.unblackhole(mesh.peer_hosts[1], mesh.s3)
-    load = mesh.wait_load(proc, "blob", timeout=90)
+    load = mesh.wait_load(proc, "blob", timeout=seconds + 100)
     check = mesh.check("blob", timeout=90)
     _assert_exactly_once(check, load)
     _measured("blob_unreachable", mesh, load, check, fault=fault, heal=heal)
@@ -245,6 +250,7 @@ def _lose_host_and_replace(mesh: NetMesh, *, silent: bool, ready_timeout: float)
               lost_ops=check["lost_at_most_once"], lost_egress=check["egress_lost_at_most_once"])
 
 
+@pytest.mark.slow  # the silent variant below covers this and more in CI
 def test_host_lost_replacement_with_new_address(mesh: NetMesh) -> None:
     """The host's processes die and it is gone with its disk (the dying kernel still closes
     their connections); the replacement, at a new address under the same name, recovers
