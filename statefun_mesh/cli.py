@@ -132,10 +132,30 @@ def _setup_logging(level: str, prefix: str = "") -> None:
 # -- commands ----------------------------------------------------------------------------
 
 
+def peer_id_from_hostname(hostname: str) -> int:
+    """The peer id a StatefulSet pod's host name carries: ``mesh-2`` (or ``mesh-2.mesh.ns...``) is 2.
+
+    Raises:
+        ConfigError: the name does not end in ``-<number>``.
+    """
+    name = hostname.split(".", 1)[0]
+    _, dash, tail = name.rpartition("-")
+    if not dash or not tail.isdigit():
+        raise ConfigError(
+            f"--id-from-hostname: the host name {hostname!r} does not end in '-<number>' (as a StatefulSet "
+            "pod's does, e.g. mesh-2); pass --id instead"
+        )
+    return int(tail)
+
+
 def cmd_peer(args: argparse.Namespace) -> int:
     """Run one peer of a cluster until SIGTERM/SIGINT."""
     from .peer import Peer
 
+    if args.id is None:
+        import socket
+
+        args.id = peer_id_from_hostname(socket.gethostname())
     _setup_logging(args.log_level, f"peer-{args.id} ")
     overrides: dict[str, Any] = {"state_dir": args.state_dir}
     if args.restore is not None:
@@ -478,7 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run peer --id of the cluster in --config until SIGTERM or Ctrl-C.")  # fmt: skip
     p.add_argument("functions", nargs="*", metavar="MODULE:ATTR", help="override the config's functions")
     p.add_argument("--config", required=True, help="mesh.toml naming every peer's endpoints")
-    p.add_argument("--id", type=int, required=True, help="this peer's index in the config")
+    ident = p.add_mutually_exclusive_group(required=True)
+    ident.add_argument("--id", type=int, help="this peer's index in the config")
+    ident.add_argument("--id-from-hostname", action="store_true",
+                       help="take the index from the host name's last '-N' (a Kubernetes StatefulSet pod "
+                            "mesh-2 is peer 2)")  # fmt: skip
     p.add_argument("--state-dir", help="override the config's state_dir")
     p.add_argument("--restore", metavar="latest|ID",
                    help="peer 0 only: start the mesh from this checkpoint, rescaling if it was taken on another "

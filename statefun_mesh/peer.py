@@ -57,7 +57,10 @@ def open_transport(config: MeshConfig, peer_id: int) -> Transport:
         raise StatefunMeshError("memory:// endpoints cannot be mixed with ZeroMQ endpoints")
     from .transport.zeromq import ZmqTransport
 
-    return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes)
+    # ZMTP pings drop a connection to an address nobody answers at any more (a host gone
+    # without closing its connections, a peer moved elsewhere under the same name).
+    return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes,
+                        heartbeat=(config.heartbeat_interval, 3 * config.heartbeat_timeout))  # fmt: skip
 
 
 class Peer:
@@ -128,6 +131,8 @@ class Peer:
         self._credit = [config.credit_window] * n
         self._owed = [0] * n
         self._incarnations = [0] * n
+        #: per peer: (its incarnation, when) when our connection to it was lost; see _on_link_lost
+        self._link_lost: list[tuple[int, float] | None] = [None] * n
         self._last_heard = [0.0] * n
         self._alive = [True] * n
         self.sent_records = [0] * n
@@ -241,6 +246,8 @@ class Peer:
             else:
                 self._open_backend()
             if self.transport is not None:
+                if hasattr(self.transport, "on_link_lost"):
+                    self.transport.on_link_lost = self._on_link_lost
                 await self.transport.start(self._on_frame)
             endpoint = cfg.client_endpoints[self.peer_id] if cfg.client_endpoints else ""
             if endpoint:
@@ -1172,6 +1179,36 @@ class Peer:
         if not self._alive[src]:
             self._alive[src] = True
             log.warning("peer %d: peer %d is reachable again", self.peer_id, src)
+        lost = self._link_lost[src]
+        if lost is not None:
+            if inc != lost[0]:
+                self._link_lost[src] = None  # it restarted: that restart's recovery covers the link
+            elif self.clock.now() - lost[1] >= 2 * self.config.heartbeat_interval:
+                self._link_lost[src] = None  # (a heartbeat sent before the loss is no proof)
+                self._link_reset(src)
+
+    def _on_link_lost(self, p: int) -> None:
+        """Our connection to peer ``p`` was lost; ZeroMQ makes it again. If ``p`` did not
+        restart (it is heard again with the same incarnation), frames that were in flight
+        on the lost connection may be gone for good: see :meth:`_link_reset`."""
+        self._link_lost[p] = (self._incarnations[p], self.clock.now())
+
+    def _link_reset(self, p: int) -> None:
+        """The connection to peer ``p`` was lost and made again while ``p`` kept running
+        (a partition longer than TCP retransmits, a peer that moved): what was in flight on
+        it may be lost, batches and credits alike. Only a recovery round makes that good."""
+        if not self.checkpointing:
+            log.error("peer %d: the connection to peer %d was lost and made again; messages in flight on it may "
+                      "be lost (checkpoints are off, so nothing recovers them)", self.peer_id, p)  # fmt: skip
+            return
+        log.warning("peer %d: the connection to peer %d was lost and made again while it kept running; frames in "
+                    "flight on it may be lost: recovering from the last checkpoint", self.peer_id, p)  # fmt: skip
+        if self.coordinator is not None:
+            self.coordinator.request_recovery(f"peer {self.peer_id}'s connection to peer {p} was lost")
+        else:
+            # A new incarnation, announced by the next heartbeat, makes the coordinator
+            # start a recovery round, as for a restart.
+            self.incarnation = random.getrandbits(48) | 1
 
     def _check_space(self) -> None:
         if self.pressure() < self.config.inbox_limit:

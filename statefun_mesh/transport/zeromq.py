@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Final
 
 import zmq
@@ -42,6 +43,14 @@ class ZmqTransport(Transport):
             sent one is dropped and reconnects).
         context: the ZeroMQ context; ``inproc://`` peers must share one (the default
             is the process-wide instance).
+        heartbeat: ``(interval, timeout)`` in seconds for ZMTP heartbeats on the links to
+            the other peers: a connection that answers no ping within ``timeout`` is
+            dropped and made again, resolving the peer's host name anew (a peer that
+            vanished without closing its connections, or moved to another address).
+            ``None``: none; a dead connection then lasts until TCP gives up on it.
+
+    A connection to another peer that was lost (and is made again by ZeroMQ) is
+    reported to ``on_link_lost(peer)``, if set: frames in flight on it may be lost.
     """
 
     def __init__(
@@ -51,6 +60,7 @@ class ZmqTransport(Transport):
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
         context: zmq.asyncio.Context | None = None,
+        heartbeat: tuple[float, float] | None = None,
     ) -> None:
         self.peer_id = peer_id
         self.endpoints = list(endpoints)
@@ -61,6 +71,10 @@ class ZmqTransport(Transport):
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.foreign_frames = 0
+        self.heartbeat = heartbeat
+        #: called with a peer id when the connection to it was lost (see the class docstring)
+        self.on_link_lost: Callable[[int], None] | None = None
+        self._monitors: list[tuple[zmq.asyncio.Socket, zmq.asyncio.Socket, asyncio.Task[None]]] = []
 
     async def start(self, on_frame: FrameHandler) -> None:
         router = self._ctx.socket(zmq.ROUTER)
@@ -86,9 +100,32 @@ class ZmqTransport(Transport):
             dealer.setsockopt(zmq.LINGER, 1000)
             dealer.setsockopt(zmq.RECONNECT_IVL, 100)
             dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            if self.heartbeat is not None:
+                dealer.setsockopt(zmq.HEARTBEAT_IVL, max(int(self.heartbeat[0] * 1000), 1))
+                dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(int(self.heartbeat[1] * 1000), 1))
+            monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            task = asyncio.create_task(self._watch(p, monitor), name=f"statefun-mesh peer {self.peer_id} link {p}")
+            self._monitors.append((dealer, monitor, task))
             dealer.connect(ep)
             self._dealers[p] = dealer
         self._task = asyncio.create_task(self._receive(on_frame), name=f"statefun-mesh peer {self.peer_id} zmq rx")
+
+    async def _watch(self, peer: int, monitor: zmq.asyncio.Socket) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            try:
+                event = parse_monitor_message(await monitor.recv_multipart())
+            except zmq.ZMQError:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED and not self._closed:
+                log.info("peer %d: the connection to peer %d at %s was lost", self.peer_id, peer,
+                         self.endpoints[peer])  # fmt: skip
+                if self.on_link_lost is not None:
+                    try:
+                        self.on_link_lost(peer)
+                    except Exception:
+                        log.exception("peer %d: on_link_lost(%d) failed", self.peer_id, peer)
 
     async def _receive(self, on_frame: FrameHandler) -> None:
         assert self._router is not None
@@ -138,6 +175,18 @@ class ZmqTransport(Transport):
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for dealer, monitor, task in self._monitors:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            try:
+                dealer.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            monitor.close(0)
+        self._monitors.clear()
         for d in self._dealers.values():
             d.close()
         if self._router is not None:
