@@ -15,6 +15,7 @@ import zmq.asyncio
 
 from . import errors
 from .errors import ClosedTransportError, FrameDecodeError, StatefunMeshError
+from .logutil import format_seconds
 from .messages import EgressRecord, Message
 from .transport import codec
 
@@ -24,6 +25,9 @@ log = logging.getLogger("statefun_mesh.client")
 
 _REPLY_KINDS: Final = frozenset({codec.R_ACK, codec.R_REPLY, codec.R_ERROR, codec.R_RECORDS, codec.R_INFO})
 _BUILTIN_ERRORS: Final = {"ValueError": ValueError, "TypeError": TypeError}
+#: how much longer than a request's timeout the client waits for the peer's own timeout
+#: answer (which says which function did not reply) before giving up on the peer itself
+REQUEST_GRACE: Final = 0.5
 
 
 def _rebuild_error(name: str, message: str, args: list[Any]) -> Exception:
@@ -76,7 +80,10 @@ class _Connection:
             if not fut.done():
                 fut.set_result((kind, items))
 
-    async def call(self, kind: int, *items: Any, timeout: float | None) -> tuple[int, list[Any]]:
+    async def call(
+        self, kind: int, *items: Any, timeout: float | None, said: float | None = None
+    ) -> tuple[int, list[Any]]:
+        """Send a call and wait ``timeout`` s for its answer (``said``: the timeout to name on expiry)."""
         corr = next(self._ids)
         fut: asyncio.Future[tuple[int, list[Any]]] = asyncio.get_running_loop().create_future()
         self._calls[corr] = fut
@@ -85,7 +92,8 @@ class _Connection:
             rkind, ritems = await _wait(fut, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise errors.RequestTimeoutError(
-                f"no answer from the peer at {self.endpoint} within {timeout} s; is the mesh running there?"
+                f"no answer from the peer at {self.endpoint} within {format_seconds(said or timeout or 0)} s; "
+                "is the mesh running there?"
             ) from None
         finally:
             self._calls.pop(corr, None)
@@ -169,7 +177,7 @@ class MeshClient:
             try:
                 await self._conn().call(
                     codec.C_SEND, message.target_typename, message.target_id, message._vt, message._v,
-                    idempotency_key or "", timeout=max(deadline - loop.time(), 0.001),
+                    idempotency_key or "", timeout=max(deadline - loop.time(), 0.001), said=self.timeout,
                 )  # fmt: skip
                 return
             except errors.MeshBusyError as exc:
@@ -177,7 +185,8 @@ class MeshClient:
                 left = deadline - loop.time()
                 if left <= 0:
                     raise errors.RequestTimeoutError(
-                        f"the peer at {self.endpoint} stayed too busy to accept a message for {self.timeout} s: {exc}"
+                        f"the peer at {self.endpoint} stayed too busy to accept a message for "
+                        f"{format_seconds(self.timeout)} s: {exc}"
                     ) from None
                 await asyncio.sleep(min(pause * (0.5 + random.random()), left))
                 pause = min(pause * 2, 0.5)
@@ -194,7 +203,7 @@ class MeshClient:
             raise TypeError(f"expected a Message (use message_builder), got {type(message).__name__}")
         _, items = await self._conn().call(
             codec.C_REQUEST, message.target_typename, message.target_id, message._vt, message._v, timeout,
-            timeout=timeout + 5.0,
+            timeout=timeout + REQUEST_GRACE, said=timeout,
         )  # fmt: skip
         return Message(items[1], items[2], items[3], items[4])
 

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import struct
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -29,6 +30,7 @@ from .errors import (
     StatefunMeshError,
 )
 from .functions import StatefulFunctions, merge_functions
+from .logutil import format_seconds
 from .messages import EgressRecord, Message
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
@@ -394,7 +396,7 @@ class Peer:
         self._resumed_event.set()
         self._wake.set()
         self._flush_all()
-        log.info("peer %d processing (generation %d)", self.peer_id, gen)
+        log.debug("peer %d processing (generation %d)", self.peer_id, gen)  # `ready` (or a recovery round) says it
 
     def _replay(self, position: int) -> None:
         assert self.ingress is not None
@@ -630,7 +632,8 @@ class Peer:
                 return await asyncio.wait_for(fut, timeout)
             except (asyncio.TimeoutError, TimeoutError):
                 raise RequestTimeoutError(
-                    f"no reply from {typename}/{id} within {timeout} s; does the function call context.reply()?"
+                    f"no reply from {typename}/{id} within {format_seconds(timeout)} s; "
+                    "does the function call context.reply()?"
                 ) from None
         finally:
             self._requests.pop(rid, None)
@@ -762,7 +765,21 @@ class Peer:
             "unavailable_peers": [p for p in range(self.n_peers) if not self._alive[p]],
             "next_timer_ms": self._next_due,
             "checkpoints": self._checkpoint_status(),
+            "key_groups": list(self.key_group_range),
+            "state_bytes": self._state_bytes(),
         }
+
+    def _state_bytes(self) -> int | None:
+        """Bytes of the state store's file in use (pages up to the last one written)."""
+        import lmdb
+
+        backend = self.backend
+        if backend is None:
+            return None
+        try:
+            return (int(backend.env.info()["last_pgno"]) + 1) * int(backend.env.stat()["psize"])
+        except lmdb.Error:  # closed meanwhile (a recovery reopens it)
+            return None
 
     def _checkpoint_status(self) -> dict[str, Any] | None:
         """This peer's view of the checkpoints: the last complete one, how many this peer
@@ -772,12 +789,14 @@ class Peer:
             return None
         err = self._checkpoint_error
         completed = participant.completed
+        at = participant.completed_at
         failing = err is not None and err[0] > completed
         return {
             "last_complete": completed if completed >= 0 else None,
             "failed": self.checkpoint_failures,
             "failing": failing,
             "last_error": f"checkpoint {err[0]}: {err[1]}" if failing and err is not None else None,
+            "last_complete_age_s": None if at is None else round(max(time.time() - at, 0.0), 3),
         }
 
     # -- routing ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from typing import Any, Final
 
@@ -209,6 +210,10 @@ class ClientServer:
             "max_parallelism": peer.config.max_parallelism,
             "client_endpoints": self.client_endpoints,
             "functions": sorted(peer.table),
+            # what `statefun-mesh egress` and `run` need to know: when records appear, whose answer this is
+            "checkpoint_interval": peer.config.checkpoint_interval if peer.checkpointing else None,
+            "egress_immediate": list(peer.config.egress_immediate),
+            "pid": os.getpid(),
             "status": {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy},
         }
 
