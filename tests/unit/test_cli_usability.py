@@ -172,7 +172,7 @@ def test_dev_extra_brings_what_make_and_ci_use() -> None:
 def test_runs_default_state_dir_is_ignored_by_git() -> None:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    out = subprocess.run(["git", "check-ignore", "-q", "statefun-mesh-state/peer-0/data.mdb"], cwd=ROOT)
+    out = subprocess.run(["git", "check-ignore", "-q", "statefun-mesh-state/checkpoints/1/manifest.json"], cwd=ROOT)
     assert out.returncode == 0, "statefun-mesh-state/ is not in .gitignore"
 
 
