@@ -345,7 +345,9 @@ class Peer:
         self._held = [(g, src, f) for g, src, f in self._held if g >= gen]
         self._in_batch = False
         self._fail_requests(
-            BrokenTransportError("the mesh is recovering from a failure; the request may not have been applied: retry it")
+            BrokenTransportError(
+                "the mesh is recovering from a failure; the request may not have been applied: retry it"
+            )
         )
         if self._ingress_task is not None and not self._ingress_task.done():
             # an append in progress ends unrouted (the generation changed); the replay
@@ -755,7 +757,7 @@ class Peer:
             "peers": self.n_peers,
             "core": _speedups.IMPLEMENTATION,
             "queued": len(self._inbox),
-            "outgoing": [len(e) + f for e, f in zip(self._out, self._framed)],
+            "outgoing": [len(e) + f for e, f in zip(self._out, self._framed, strict=True)],
             "credit": list(self._credit),
             "batches": self.batches,
             "invocations": d.invocations if d else 0,
@@ -914,7 +916,8 @@ class Peer:
         if body[0] != _speedups.FRAME_VERSION:
             self.bad_frames += 1
             log.error("peer %d: rejected a frame from peer %d: not a generation-prefixed frame of version %d; "
-                      "do all peers run the same statefun_mesh release?", self.peer_id, src, _speedups.FRAME_VERSION)  # fmt: skip
+                      "do all peers run the same statefun_mesh release?",
+                      self.peer_id, src, _speedups.FRAME_VERSION)  # fmt: skip
             return
         kind = body[1]
         self._last_heard[src] = self.clock.now()
@@ -1006,9 +1009,8 @@ class Peer:
         elif kind == codec.RESTORE_FAILED:
             if self.coordinator is not None:
                 self.coordinator.on_restore_failed(src, items[0], items[1], items[2])
-        elif kind == codec.RESUME:
-            if src == 0 and items[0] == self.generation and self._recovery_done:
-                self._resume(items[0])
+        elif kind == codec.RESUME and src == 0 and items[0] == self.generation and self._recovery_done:
+            self._resume(items[0])
 
     def _halt(self) -> None:
         """Stop the current generation at once, before the generation number changes.

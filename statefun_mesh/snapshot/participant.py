@@ -348,12 +348,11 @@ class Participant:
         """
         peer = self.peer
         cfg = peer.config
-        if manifest is not None:
-            if manifest.max_parallelism != cfg.max_parallelism:
-                raise IncompatibleSnapshotError(
-                    f"checkpoint {manifest.checkpoint} was taken with max_parallelism {manifest.max_parallelism}, "
-                    f"this mesh has {cfg.max_parallelism}; max_parallelism is fixed for the life of the application"
-                )
+        if manifest is not None and manifest.max_parallelism != cfg.max_parallelism:
+            raise IncompatibleSnapshotError(
+                f"checkpoint {manifest.checkpoint} was taken with max_parallelism {manifest.max_parallelism}, "
+                f"this mesh has {cfg.max_parallelism}; max_parallelism is fixed for the life of the application"
+            )
         if peer.backend is not None:
             peer.backend.close()
             peer.backend = None
