@@ -817,7 +817,7 @@ See docs/connectors.md.""",
     g.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="wait this long for the mesh to acknowledge a send before retrying it (default: %(default)s)")
     p.add_argument("--status-interval", type=float, default=10.0, metavar="SECONDS",
-                   help="log a progress line this often; 0: never (default: %(default)s)")
+                   help="log a progress line this often while something changes; 0: never (default: %(default)s)")
     _add_log_args(p)
     p.set_defaults(func=cmd_nats_ingress)
 
