@@ -20,7 +20,7 @@ from .errors import ConfigError, StatefunMeshError
 from .functions import StatefulFunctions
 from .logutil import format_seconds
 
-__all__ = ["decode_for_display", "import_functions", "main"]
+__all__ = ["decode_for_display", "import_functions", "main", "status_table"]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7700"
 #: seconds `egress` waits for a further record (on top of the checkpoint interval by default)
@@ -426,6 +426,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             return
         if args.watch is not None and sys.stdout.isatty():
             print("\x1b[H\x1b[2J", end="")  # clear the terminal: the table replaces the last one
+        elif args.watch is not None and before is not None:
+            print()  # a log or a pipe: a blank line between tables
         print(status_table(doc, before, seconds), flush=True)
 
     async def go(client: Any) -> int:
