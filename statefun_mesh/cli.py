@@ -215,10 +215,17 @@ def _log_level(text: str) -> str:
     return text.lower()
 
 
+def _log_format(text: str) -> str:
+    """argparse type: ``text`` or ``json`` (also checks $STATEFUN_MESH_LOG_FORMAT, the default)."""
+    if text.lower() not in ("text", "json"):
+        raise argparse.ArgumentTypeError(f"expected text or json, got {text!r}")
+    return text.lower()
+
+
 def _add_log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", type=_log_level, default=os.environ.get("STATEFUN_MESH_LOG_LEVEL", "info"),
                    help="debug, info, warning or error (default: $STATEFUN_MESH_LOG_LEVEL or info)")  # fmt: skip
-    p.add_argument("--log-format", choices=("text", "json"),
+    p.add_argument("--log-format", type=_log_format, metavar="{text,json}",
                    default=os.environ.get("STATEFUN_MESH_LOG_FORMAT", "text") or "text",
                    help="text lines, or one JSON object per line (default: $STATEFUN_MESH_LOG_FORMAT or text)")
 

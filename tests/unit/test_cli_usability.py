@@ -66,6 +66,9 @@ def test_log_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("STATEFUN_MESH_LOG_LEVEL", "warning")
     args = build_parser().parse_args(["peer", "--config", "m.toml", "--id", "0"])
     assert (args.log_format, args.log_level) == ("json", "warning")
+    monkeypatch.setenv("STATEFUN_MESH_LOG_FORMAT", "xml")  # a typo is an error, not silently text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["peer", "--config", "m.toml", "--id", "0"])
 
 
 # -- durations and logs ---------------------------------------------------------------------
