@@ -12,16 +12,21 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Final
 
 from . import __version__
 from .config import MeshConfig, load_config
 from .errors import ConfigError, StatefunMeshError
 from .functions import StatefulFunctions
+from .logutil import format_seconds
 
-__all__ = ["decode_for_display", "import_functions", "main"]
+__all__ = ["decode_for_display", "import_functions", "main", "status_table"]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7700"
+#: seconds `egress` waits for a further record (on top of the checkpoint interval by default)
+DEFAULT_IDLE = 2.0
+#: `run`'s state directory when neither --state-dir nor the config names one (relative to the cwd)
+DEFAULT_STATE_DIR = "statefun-mesh-state"
 log = logging.getLogger("statefun_mesh.cli")
 
 
@@ -121,12 +126,131 @@ def _message_from_args(args: argparse.Namespace) -> Any:
         raise ConfigError(f"bad message: {exc}") from exc
 
 
-def _setup_logging(level: str, prefix: str = "") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _seconds(text: str, *, allow_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf") or (value == 0 and not allow_zero):
+        raise argparse.ArgumentTypeError(f"must be {'0 or more' if allow_zero else 'more than 0'} seconds, got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type: seconds > 0."""
+    return _seconds(text, allow_zero=False)
+
+
+def _non_negative_seconds(text: str) -> float:
+    """argparse type: seconds >= 0."""
+    return _seconds(text, allow_zero=True)
+
+
+def _endpoint(text: str) -> str:
+    """argparse type: a client endpoint; ``HOST:PORT`` without a scheme means ``tcp://HOST:PORT``."""
+    text = text.strip()
+    if "://" not in text:
+        host, sep, port = text.rpartition(":")
+        if not (sep and host and port.isdigit()):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an endpoint: expected tcp://HOST:PORT (or HOST:PORT), ipc:///PATH or inproc://NAME"
+            )
+        text = f"tcp://{text}"
+    scheme, _, rest = text.partition("://")
+    if scheme not in ("tcp", "ipc", "inproc"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown scheme {scheme!r}; expected tcp://HOST:PORT, ipc:///PATH or inproc://NAME"
+        )
+    if scheme == "tcp":
+        host, sep, port = rest.rpartition(":")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected tcp://HOST:PORT with a port from 1 to 65535")
+    elif not rest:
+        raise argparse.ArgumentTypeError(f"{text!r}: the {scheme} endpoint has no path or name")
+    return text
+
+
+def _check_state_dir(path: str, flag: str) -> None:
+    """Create ``path`` if needed and make sure files can be written there, so that a bad
+    state directory is one line naming it, not a traceback from deep inside a peer."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".statefun-mesh-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the state directory {path}: {exc.strerror or exc}; fix its permissions or choose another "
+            f"with {flag}"
+        ) from None
+
+
+def _setup_logging(level: str, prefix: str = "", fmt: str = "text") -> None:
+    from .logutil import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(prefix.strip()))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(text: str) -> str:
+    """argparse type: a log level name, any case."""
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return text.lower()
+
+
+def _log_format(text: str) -> str:
+    """argparse type: ``text`` or ``json`` (also checks $STATEFUN_MESH_LOG_FORMAT, the default)."""
+    if text.lower() not in ("text", "json"):
+        raise argparse.ArgumentTypeError(f"expected text or json, got {text!r}")
+    return text.lower()
+
+
+def _add_log_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", type=_log_level, default=os.environ.get("STATEFUN_MESH_LOG_LEVEL", "info"),
+                   help="debug, info, warning or error (default: $STATEFUN_MESH_LOG_LEVEL or info)")  # fmt: skip
+    p.add_argument("--log-format", type=_log_format, metavar="{text,json}",
+                   default=os.environ.get("STATEFUN_MESH_LOG_FORMAT", "text") or "text",
+                   help="text lines, or one JSON object per line (default: $STATEFUN_MESH_LOG_FORMAT or text)")
+
+
+def _summary(status: dict[str, Any]) -> str:
+    """A peer's counters as a sentence (for its last log line)."""
+    ck = status.get("checkpoints")
+    last = f"; last checkpoint {ck['last_complete']}" if ck and ck.get("last_complete") is not None else ""
+    return (f"{status['invocations']:,} invocations ({status['failures']:,} failed) in {status['batches']:,} "
+            f"batches, {status['queued']:,} queued{last}")  # fmt: skip
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -156,7 +280,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         import socket
 
         args.id = peer_id_from_hostname(socket.gethostname())
-    _setup_logging(args.log_level, f"peer-{args.id} ")
+    _setup_logging(args.log_level, f"peer-{args.id} ", args.log_format)
     overrides: dict[str, Any] = {"state_dir": args.state_dir}
     if args.restore is not None:
         overrides["restore"] = args.restore
@@ -173,6 +297,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     modules = [m for ref in refs for m in import_functions(ref)] or [StatefulFunctions()]
     if config.state_dir is None:
         raise ConfigError("a peer needs a state_dir", source=args.config, key="state_dir")
+    _check_state_dir(os.path.join(config.state_dir, f"peer-{args.id}"), "--state-dir or state_dir in the config")
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -194,7 +319,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
             log.info("peer %d ready (client endpoint %s)", args.id,
                      config.client_endpoints[args.id] if config.client_endpoints else "none")  # fmt: skip
             await stop.wait()
-            log.info("peer %d stopping: %s", args.id, peer.status())
+            log.info("peer %d stopping: %s", args.id, _summary(peer.status()))
         finally:
             await peer.aclose()
 
@@ -206,7 +331,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Start a local cluster of peer processes and supervise it."""
     from .launcher import Launcher
 
-    _setup_logging(args.log_level, "run ")
+    _setup_logging(args.log_level, "run ", args.log_format)
+    os.environ["STATEFUN_MESH_LOG_FORMAT"] = args.log_format  # the peers' --log-format
     overrides: dict[str, Any] = {}
     if args.max_parallelism is not None:
         overrides["max_parallelism"] = args.max_parallelism
@@ -228,7 +354,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .remote.module_yaml import load_module_yaml
 
         load_module_yaml(module)
-    state_dir = os.path.abspath(args.state_dir or base.state_dir or "statefun-mesh-state")
+        state_dir = os.path.abspath(args.state_dir or base.state_dir or DEFAULT_STATE_DIR)
+    _check_state_dir(state_dir, "--state-dir")
     if args.no_checkpoints:
         overrides["blob_store"] = ""
     elif args.blob_store:
@@ -298,6 +425,16 @@ def cmd_egress(args: argparse.Namespace) -> int:
     async def go(client: Any) -> int:
         count = 0
         idle = None if args.follow else args.idle
+        interval = None
+        if not args.follow:
+            # Records are released when the checkpoint after them completes, so a record sent
+            # just now may be one checkpoint interval away even when older ones came at once:
+            # by default wait that long for each further record.
+            info = await client.info()
+            if args.typename not in info.get("egress_immediate", ()):
+                interval = info.get("checkpoint_interval")
+            if idle is None:
+                idle = DEFAULT_IDLE if interval is None else interval + DEFAULT_IDLE
         async for rec in client.egress(args.typename, start=args.start, stop_when_idle=idle):
             doc = {
                 "peer": rec.peer, "offset": rec.offset, "type": rec.value_typename(),
@@ -309,32 +446,147 @@ def cmd_egress(args: argparse.Namespace) -> int:
             count += 1
             if args.limit and count >= args.limit:
                 break
+        if count == 0 and not args.follow:
+            hint = (f"; records appear when the checkpoint after them completes (every {format_seconds(interval)} s)"
+                    if interval else "")  # fmt: skip
+            print(f"statefun-mesh egress: no records in {args.typename} within {format_seconds(idle or 0)} s"
+                  f"{hint}", file=sys.stderr)  # fmt: skip
         return 0
 
     return asyncio.run(_with_client(args, go))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print every peer's status."""
+    """Print every peer's status: a table, or JSON with --json; --watch refreshes it."""
     from .client import MeshClient
 
-    async def go(client: Any) -> int:
+    async def sample(client: Any) -> dict[str, Any]:
         info = await client.info()
-        out = []
-        for i, ep in enumerate(info["client_endpoints"] or [args.endpoint]):
+
+        async def one(i: int, ep: str) -> dict[str, Any]:
             if not ep:
-                out.append({"peer": i, "status": "no client endpoint"})
-                continue
+                return {"peer": i, "status": "no client endpoint"}
             try:
                 async with MeshClient(ep, timeout=args.timeout) as c:
-                    out.append((await c.info())["status"])
+                    return (await c.info())["status"]  # type: ignore[no-any-return]
             except StatefunMeshError as exc:
-                out.append({"peer": i, "status": f"unreachable: {exc}"})
-        print(json.dumps({"peers": info["peers"], "max_parallelism": info["max_parallelism"],
-                          "functions": info["functions"], "status": out}, indent=2))  # fmt: skip
+                return {"peer": i, "status": f"unreachable: {exc}"}
+
+        endpoints = info["client_endpoints"] or [args.endpoint]
+        out = await asyncio.gather(*(one(i, ep) for i, ep in enumerate(endpoints)))
+        return {"peers": info["peers"], "max_parallelism": info["max_parallelism"], "functions": info["functions"],
+                "checkpoint_interval": info.get("checkpoint_interval"), "status": list(out)}  # fmt: skip
+
+    def show(doc: dict[str, Any], before: dict[str, Any] | None, seconds: float) -> None:
+        if args.json:
+            print(json.dumps(doc) if args.watch is not None else json.dumps(doc, indent=2), flush=True)
+            return
+        if args.watch is not None and sys.stdout.isatty():
+            print("\x1b[H\x1b[2J", end="")  # clear the terminal: the table replaces the last one
+        elif args.watch is not None and before is not None:
+            print()  # a log or a pipe: a blank line between tables
+        print(status_table(doc, before, seconds), flush=True)
+
+    async def go(client: Any) -> int:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        doc = await sample(client)
+        if args.watch is None:
+            before = None
+            if not args.json:  # a rate needs two samples: take the second a second later
+                await asyncio.sleep(RATE_SAMPLE)
+                before, doc, t1 = doc, await sample(client), loop.time()
+            show(doc, before, loop.time() - t0 if before is None else t1 - t0)
+            return 0
+        shown = 0
+        before, t_before = None, t0
+        while True:
+            now = loop.time()
+            show(doc, before, now - t_before)
+            shown += 1
+            if args.count and shown >= args.count:
+                return 0
+            before, t_before = doc, now
+            await asyncio.sleep(args.watch)
+            while True:
+                try:
+                    doc = await sample(client)
+                    break
+                except StatefunMeshError as exc:  # keep watching: the mesh may be restarting
+                    print(f"statefun-mesh status: {exc}; retrying", file=sys.stderr, flush=True)
+                    before = None
+                    await asyncio.sleep(args.watch)
+
+    try:
+        return asyncio.run(_with_client(args, go))
+    except KeyboardInterrupt:  # Ctrl-C ends --watch: a normal way to stop it
         return 0
 
-    return asyncio.run(_with_client(args, go))
+
+RATE_SAMPLE: Final = 1.0
+_UNITS: Final = ("B", "kB", "MB", "GB", "TB")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size, unit = float(n), 0
+    while size >= 1000 and unit < len(_UNITS) - 1:
+        size, unit = size / 1000, unit + 1
+    return f"{size:.0f} {_UNITS[unit]}" if unit == 0 else f"{size:.1f} {_UNITS[unit]}"
+
+
+def status_table(doc: dict[str, Any], before: dict[str, Any] | None = None, seconds: float = 0.0) -> str:
+    """The ``status`` table: one row per peer.
+
+    Args:
+        doc: what ``status --json`` prints.
+        before: an earlier ``doc``, for invocations per second over ``seconds``.
+    """
+    interval = doc.get("checkpoint_interval")
+    lines = [
+        f"mesh: {doc['peers']} peer{'s' if doc['peers'] != 1 else ''}, {doc['max_parallelism']} key groups, "
+        f"checkpoints {'every ' + format_seconds(interval) + ' s' if interval else 'off'}; "
+        f"functions: {', '.join(doc['functions'])}"
+    ]
+    prev = {s.get("peer"): s for s in (before or {}).get("status", []) if isinstance(s.get("invocations"), int)}
+    down_seen = {p for s in doc["status"] for p in s.get("unavailable_peers", ())}
+    header = ("PEER", "ALIVE", "KEY GROUPS", "INVOCATIONS", "INV/S", "FAILED", "BACKLOG", "STATE", "CHECKPOINT", "AGE")
+    rows: list[tuple[str, ...]] = []
+    for s in doc["status"]:
+        peer = s.get("peer", "?")
+        if not isinstance(s.get("invocations"), int):  # unreachable, or no client endpoint
+            rows.append((str(peer), "NO", "-", "-", "-", "-", "-", "-", "-", "-"))
+            continue
+        kg = s.get("key_groups")
+        rate = "-"
+        if peer in prev and seconds > 0:
+            rate = f"{max(s['invocations'] - prev[peer]['invocations'], 0) / seconds:,.0f}"
+        backlog = s.get("queued", 0) + sum(s.get("outgoing", ())) + s.get("parked_sends", 0)
+        ck = s.get("checkpoints") or {}
+        if not ck:
+            last, age = "off", "-"
+        else:
+            last = "-" if ck.get("last_complete") is None else str(ck["last_complete"])
+            if ck.get("failing"):
+                last += " (FAILING)"
+            a = ck.get("last_complete_age_s")
+            age = "-" if a is None else f"{format_seconds(round(a, 1))} s"
+        alive = "yes" if peer not in down_seen else "yes (others lost it)"
+        rows.append((
+            str(peer), alive, f"{kg[0]}-{kg[1] - 1}" if kg else "-", f"{s['invocations']:,}", rate,
+            f"{s.get('failures', 0):,}", f"{backlog:,}", _size(s.get("state_bytes")), last, age,
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for r in (header, *rows):
+        cells = (c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        lines.append("  ".join(cells).rstrip())
+    for s in doc["status"]:
+        if not isinstance(s.get("invocations"), int):
+            lines.append(f"peer {s.get('peer', '?')}: {s.get('status')}")
+        elif (s.get("checkpoints") or {}).get("last_error"):
+            lines.append(f"peer {s['peer']}: {s['checkpoints']['last_error']}")
+    return "\n".join(lines)
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
@@ -347,7 +599,15 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     if not url and args.config:
         url = load_config(args.config).blob_store
     if not url:
-        raise ConfigError("give --blob-store URL (or --config mesh.toml with blob_store)")
+        # where `statefun-mesh run` puts them by default: <state dir>/checkpoints
+        where = os.path.join(os.path.abspath(args.state_dir or DEFAULT_STATE_DIR), "checkpoints")
+        if not os.path.isdir(where):
+            raise ConfigError(
+                f"no checkpoints at {where} (where `statefun-mesh run` keeps them for "
+                f"{'--state-dir ' + args.state_dir if args.state_dir else 'its default state directory'}); "
+                "give --state-dir DIR, --blob-store URL or --config mesh.toml"
+            )
+        url = "file://" + where
 
     async def go() -> int:
         blobs = open_blob_store(url)
@@ -392,7 +652,7 @@ def cmd_nats_ingress(args: argparse.Namespace) -> int:
     """Bridge a NATS JetStream stream into the mesh until SIGTERM/SIGINT."""
     from .connectors.nats import NatsIngress, NatsIngressConfig
 
-    _setup_logging(args.log_level, "nats-ingress ")
+    _setup_logging(args.log_level, "nats-ingress ", args.log_format)
     config = NatsIngressConfig(
         stream=args.stream, durable=args.durable, nats_url=args.nats_url, mesh_endpoint=args.mesh,
         subject=args.subject, subject_prefix=args.subject_prefix, target_type=args.target_type,
@@ -452,10 +712,11 @@ def _add_value_args(p: argparse.ArgumentParser) -> None:
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--endpoint", default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT),
+        "--endpoint", type=_endpoint, default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT),
         help="a peer's client endpoint (default: $STATEFUN_MESH_ENDPOINT or %(default)s)",
     )  # fmt: skip
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default: 10)")
+    p.add_argument("--timeout", type=_positive_seconds, default=10.0,
+                   help="seconds to wait for an answer (default: 10)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,15 +734,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(a peer that dies is restarted) until Ctrl-C or SIGTERM.",
     )  # fmt: skip
     p.add_argument("functions", nargs="*", metavar="MODULE:ATTR", help="StatefulFunctions to run, e.g. app:functions")
-    p.add_argument("--peers", type=int, default=None, help="number of peer processes (default: the number of cores)")
+    p.add_argument("--peers", type=_positive_int, default=None,
+                   help="number of peer processes (default: the number of cores)")  # fmt: skip
     p.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="between peers (default: ipc)")
-    p.add_argument("--client-endpoint", default=DEFAULT_ENDPOINT,
+    p.add_argument("--client-endpoint", type=_endpoint, default=DEFAULT_ENDPOINT,
                    help="endpoint peer 0 binds for clients (default: %(default)s)")  # fmt: skip
     p.add_argument("--state-dir", help="state directory (default: ./statefun-mesh-state)")
-    p.add_argument("--max-parallelism", type=int, help="number of key groups (default: 1024)")
+    p.add_argument("--max-parallelism", type=_positive_int, help="number of key groups (default: 1024)")
     p.add_argument("--blob-store", metavar="URL",
                    help="where checkpoints go: file:///dir, s3://bucket/prefix (default: <state-dir>/checkpoints)")
-    p.add_argument("--checkpoint-interval", type=float, metavar="SECONDS", help="between checkpoints (default: 5)")
+    p.add_argument("--checkpoint-interval", type=_positive_seconds, metavar="SECONDS",
+                   help="between checkpoints (default: 5)")  # fmt: skip
     p.add_argument("--no-checkpoints", action="store_true",
                    help="take no checkpoints (faster; a crash then loses queued messages)")
     p.add_argument("--restore", metavar="latest|ID",
@@ -491,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module", metavar="module.yaml",
                    help="a StateFun module.yaml: its HTTP endpoints are remote functions the peers call")  # fmt: skip
     p.add_argument("--config", help="mesh.toml with further settings")
-    p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
+    _add_log_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("peer", help="run one peer of a cluster described by a config file",
@@ -499,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("functions", nargs="*", metavar="MODULE:ATTR", help="override the config's functions")
     p.add_argument("--config", required=True, help="mesh.toml naming every peer's endpoints")
     ident = p.add_mutually_exclusive_group(required=True)
-    ident.add_argument("--id", type=int, help="this peer's index in the config")
+    ident.add_argument("--id", type=_count, help="this peer's index in the config")
     ident.add_argument("--id-from-hostname", action="store_true",
                        help="take the index from the host name's last '-N' (a Kubernetes StatefulSet pod "
                             "mesh-2 is peer 2)")  # fmt: skip
@@ -507,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", metavar="latest|ID",
                    help="peer 0 only: start the mesh from this checkpoint, rescaling if it was taken on another "
                         "number of peers (remove it again once the mesh is up)")
-    p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
+    _add_log_args(p)
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("send", help="send one message", description="Send one message into the mesh.")
@@ -529,8 +792,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", choices=["earliest", "latest"], default="earliest",
                    help="start at the oldest retained record or at new ones (default: earliest)")  # fmt: skip
     p.add_argument("--follow", action="store_true", help="keep waiting for new records")
-    p.add_argument("--idle", type=float, default=2.0, help="without --follow, stop after this many quiet seconds")
-    p.add_argument("--limit", type=int, default=0, help="stop after this many records")
+    p.add_argument("--idle", type=_non_negative_seconds, metavar="SECONDS",
+                   help="without --follow, stop after this many quiet seconds (default: 2 more than the mesh's "
+                   "checkpoint interval, since records appear when a checkpoint completes; 2 without checkpoints)")
+    p.add_argument("--limit", type=_count, default=0, help="stop after this many records (default: 0, no limit)")
     _add_client_args(p)
     p.set_defaults(func=cmd_egress)
 
@@ -540,6 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", help="checkpoint id for inspect (default: latest)")
     p.add_argument("--blob-store", metavar="URL", help="file:///dir, a path, or s3://bucket/prefix")
     p.add_argument("--config", help="mesh.toml whose blob_store to read")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="without --blob-store or --config: read <DIR>/checkpoints, where `run` keeps them "
+                   "(default: ./statefun-mesh-state, run's default)")  # fmt: skip
     p.set_defaults(func=cmd_checkpoints)
 
     p = sub.add_parser(
@@ -601,7 +869,8 @@ See docs/connectors.md.""",
                    help="publish unmappable messages here (through JetStream: a stream must capture it), with "
                    "a Statefun-Error header, before terminating them (default: only log and terminate)")
     g = p.add_argument_group("target (the mesh)")
-    g.add_argument("--mesh", default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT), metavar="ENDPOINT",
+    g.add_argument("--mesh", type=_endpoint, default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT),
+                   metavar="ENDPOINT",
                    help="a peer's client endpoint (default: $STATEFUN_MESH_ENDPOINT or %(default)s); the other "
                    "peers' endpoints are learnt from it and used when a send has to be retried")
     g.add_argument("--max-in-flight", type=int, default=256, metavar="N",
@@ -613,11 +882,18 @@ See docs/connectors.md.""",
     g.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="wait this long for the mesh to acknowledge a send before retrying it (default: %(default)s)")
     p.add_argument("--status-interval", type=float, default=10.0, metavar="SECONDS",
-                   help="log a progress line this often; 0: never (default: %(default)s)")
-    p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
+                   help="log a progress line this often while something changes; 0: never (default: %(default)s)")
+    _add_log_args(p)
     p.set_defaults(func=cmd_nats_ingress)
 
-    p = sub.add_parser("status", help="print every peer's status", description="Print every peer's counters.")
+    p = sub.add_parser("status", help="print every peer's status as a table",
+                       description="Print a table of every peer: alive, key groups, invocations (and per second, "
+                       "measured over 1 s), backlog, state size, last checkpoint and its age.")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the counters as JSON (the machine form)")
+    p.add_argument("--watch", nargs="?", type=_positive_seconds, const=2.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")  # fmt: skip
+    p.add_argument("--count", type=_count, default=0, metavar="N",
+                   help="with --watch: stop after N refreshes (default: 0, until Ctrl-C)")  # fmt: skip
     _add_client_args(p)
     p.set_defaults(func=cmd_status)
     return parser

@@ -17,6 +17,7 @@ import zmq.asyncio
 from . import _speedups, errors
 from .config import FRAME_HEADROOM, MIN_FRAME_BYTES
 from .errors import ClosedTransportError, FrameDecodeError, StatefunMeshError
+from .logutil import format_seconds
 from .messages import EgressRecord, Message
 from .transport import codec
 
@@ -34,6 +35,11 @@ _ALWAYS_FITS: Final = MIN_FRAME_BYTES - FRAME_HEADROOM
 def _check_seconds(what: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{what} must be a finite number of seconds > 0, got {value!r}")
+
+
+#: how much longer than a request's timeout the client waits for the peer's own timeout
+#: answer (which says which function did not reply) before giving up on the peer itself
+REQUEST_GRACE: Final = 0.5
 
 
 def _rebuild_error(name: str, message: str, args: list[Any]) -> Exception:
@@ -88,7 +94,10 @@ class _Connection:
             if not fut.done():
                 fut.set_result((kind, items))
 
-    async def call(self, kind: int, *items: Any, timeout: float | None) -> tuple[int, list[Any]]:
+    async def call(
+        self, kind: int, *items: Any, timeout: float | None, said: float | None = None
+    ) -> tuple[int, list[Any]]:
+        """Send a call and wait ``timeout`` s for its answer (``said``: the timeout to name on expiry)."""
         corr = next(self._ids)
         fut: asyncio.Future[tuple[int, list[Any]]] = asyncio.get_running_loop().create_future()
         self._calls[corr] = fut
@@ -97,7 +106,8 @@ class _Connection:
             rkind, ritems = await _wait(fut, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise errors.RequestTimeoutError(
-                f"no answer from the peer at {self.endpoint} within {timeout} s; is the mesh running there?"
+                f"no answer from the peer at {self.endpoint} within {format_seconds(said or timeout or 0)} s; "
+                "is the mesh running there?"
             ) from None
         finally:
             self._calls.pop(corr, None)
@@ -205,7 +215,7 @@ class MeshClient:
             try:
                 await self._conn().call(
                     codec.C_SEND, message.target_typename, message.target_id, message._vt, message._v,
-                    idempotency_key or "", timeout=max(deadline - loop.time(), 0.001),
+                    idempotency_key or "", timeout=max(deadline - loop.time(), 0.001), said=self.timeout,
                 )  # fmt: skip
                 return
             except errors.MeshBusyError as exc:
@@ -213,7 +223,8 @@ class MeshClient:
                 left = deadline - loop.time()
                 if left <= 0:
                     raise errors.RequestTimeoutError(
-                        f"the peer at {self.endpoint} stayed too busy to accept a message for {self.timeout} s: {exc}"
+                        f"the peer at {self.endpoint} stayed too busy to accept a message for "
+                        f"{format_seconds(self.timeout)} s: {exc}"
                     ) from None
                 await asyncio.sleep(min(pause * (0.5 + random.random()), left))
                 pause = min(pause * 2, 0.5)
@@ -240,7 +251,7 @@ class MeshClient:
         )
         _, items = await conn.call(
             codec.C_REQUEST, message.target_typename, message.target_id, message._vt, message._v, timeout,
-            timeout=timeout + 5.0,
+            timeout=timeout + REQUEST_GRACE, said=timeout,
         )  # fmt: skip
         return Message(items[1], items[2], items[3], items[4])
 

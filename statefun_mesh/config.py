@@ -246,7 +246,9 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", source=src) from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"not valid TOML: the file is not UTF-8 ({exc.reason} at byte {exc.start})", source=src) from exc
+        raise ConfigError(
+            f"not valid TOML: the file is not UTF-8 ({exc.reason} at byte {exc.start})", source=src
+        ) from exc
     except OSError as exc:
         raise ConfigError(f"cannot read the configuration file: {exc.strerror}", source=src) from exc
     known = {f.name for f in fields(MeshConfig) if not f.name.startswith("_")}
@@ -271,7 +273,9 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
         for i, table in enumerate(peer_tables):
             for k in table:
                 if k not in ("endpoint", "client_endpoint"):
-                    raise ConfigError("unknown key (known: endpoint, client_endpoint)", source=src, key=f"peer[{i}].{k}")
+                    raise ConfigError(
+                        "unknown key (known: endpoint, client_endpoint)", source=src, key=f"peer[{i}].{k}"
+                    )
             if not isinstance(table.get("endpoint"), str):
                 raise ConfigError("expected an endpoint URL string", source=src, key=f"peer[{i}].endpoint")
             eps.append(table["endpoint"])

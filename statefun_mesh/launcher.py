@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import time
 from typing import Final
 
 from .config import MeshConfig
+from .errors import ConfigError
 from .mesh import local_endpoints
 
 __all__ = ["Launcher", "write_config"]
@@ -53,6 +55,33 @@ def write_config(config: MeshConfig, path: str) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     os.replace(tmp, path)  # a peer starting meanwhile reads the old file or the new one
+
+
+def _check_endpoint_free(endpoint: str) -> None:
+    """Refuse a ``tcp://`` client endpoint that something on this machine already listens on.
+
+    Binding a plain socket with SO_REUSEADDR (as ZeroMQ does) fails only while another
+    socket listens on the port, not for connections of an earlier run in TIME_WAIT.
+    """
+    import socket
+
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme != "tcp" or not port.isdigit():
+        return
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("" if host == "*" else host, int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"the client endpoint {endpoint} is in use (another mesh or program listens there); stop it "
+                    "or choose another with --client-endpoint"
+                ) from None
+            # anything else (e.g. a host name of another machine): the peer reports it when it binds
 
 
 class Launcher:
@@ -94,6 +123,8 @@ class Launcher:
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
         self.restarts = [0] * n
         self._stopping = False
+        #: (endpoint, its INFO) when a client endpoint was answered by a process this launcher did not start
+        self.foreign: tuple[str, dict[str, object]] | None = None
 
     def _spawn(self, k: int) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
@@ -108,17 +139,23 @@ class Launcher:
 
         async def probe() -> bool:
             deadline = time.monotonic() + timeout
-            for ep in self.config.client_endpoints:
+            for k, ep in enumerate(self.config.client_endpoints):
                 while True:
                     if any(p is not None and p.poll() is not None for p in self.procs):
                         return False
                     try:
                         async with MeshClient(ep, timeout=0.5) as c:
-                            await c.info()
-                        break
+                            info = await c.info()
                     except Exception:
                         if time.monotonic() > deadline:
                             return False
+                        continue
+                    proc = self.procs[k]
+                    if proc is not None and info.get("pid") != proc.pid:
+                        # answered, but not by the peer we started: another mesh holds the endpoint
+                        self.foreign = (ep, info)
+                        return False
+                    break
             return True
 
         return asyncio.run(probe())
@@ -133,11 +170,19 @@ class Launcher:
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         n = self.config.peers
         try:
+            for ep in self.config.client_endpoints:
+                _check_endpoint_free(ep)
             for k in range(n):
                 self.procs[k] = self._spawn(k)
             print(f"statefun-mesh: starting {n} peers ({', '.join(self.config.functions)}); "
                   f"state in {self.config.state_dir}", file=sys.stderr, flush=True)  # fmt: skip
             if not self._wait_ready(60.0) and not stop_signal:
+                if self.foreign is not None:
+                    ep, info = self.foreign
+                    print(f"statefun-mesh run: error: {ep} is already served by another mesh (its peer "
+                          f"{info.get('peer')}, pid {info.get('pid', '?')}); stop that mesh or choose another "
+                          "--client-endpoint", file=sys.stderr, flush=True)  # fmt: skip
+                    return 2
                 codes = [p.poll() for p in self.procs if p is not None]
                 print("statefun-mesh: a peer failed to start; see its log above", file=sys.stderr, flush=True)
                 return 2 if 2 in codes else 1
@@ -147,7 +192,7 @@ class Launcher:
                 self.config = self.config.with_(restore="")
                 write_config(self.config, self.config_path)
             if not stop_signal:
-                print(f"statefun-mesh: mesh of {n} peers is up; clients connect to "
+                print(f"statefun-mesh: mesh of {n} peer{'s' if n != 1 else ''} is up; clients connect to "
                       f"{self.config.client_endpoints[0]}", flush=True)  # fmt: skip
                 print(f"statefun-mesh: try `statefun-mesh status --endpoint {self.config.client_endpoints[0]}`; "
                       "Ctrl-C stops the mesh", file=sys.stderr, flush=True)  # fmt: skip

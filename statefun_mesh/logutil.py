@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["DEFAULT_WINDOW", "ThrottledLog"]
+__all__ = ["DEFAULT_WINDOW", "JsonFormatter", "ThrottledLog", "format_seconds"]
 
 DEFAULT_WINDOW: Final = 10.0
 
@@ -86,3 +86,44 @@ class ThrottledLog:
         if k.suppressed:
             self.logger.log(k.level, "... and %s more %s in the last %.0f s", f"{k.suppressed:,}", kind, now - k.opened)
             k.suppressed = 0
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for people: ``10`` for 9.9996, ``1.5``, ``0.25``, ``0.004`` (no float noise)."""
+    text = f"{seconds:.{2 if abs(seconds) >= 1 else 3}f}".rstrip("0").rstrip(".")
+    return text if text not in ("", "-0") else "0"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (ISO 8601, UTC), ``level``, ``logger``, ``message``,
+    plus ``source`` (e.g. ``"peer-0"``) when given and ``exception`` when there is one.
+
+    For log collectors (Loki, Elasticsearch, CloudWatch): a message that spans lines, or a
+    traceback, stays one record.
+    """
+
+    def __init__(self, source: str = "") -> None:
+        super().__init__()
+        self.source = source
+
+    def format(self, record: logging.LogRecord) -> str:
+        import datetime
+        import json
+
+        doc: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, tz=datetime.timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self.source:
+            doc["source"] = self.source
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            doc["exception"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(doc, ensure_ascii=False, default=str)

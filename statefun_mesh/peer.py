@@ -10,6 +10,7 @@ import math
 import os
 import random
 import struct
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -34,7 +35,7 @@ from .errors import (
     StatefunMeshError,
 )
 from .functions import StatefulFunctions, merge_functions
-from .logutil import ThrottledLog
+from .logutil import ThrottledLog, format_seconds
 from .messages import EgressRecord, Message
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
@@ -387,7 +388,9 @@ class Peer:
         self._held = [(g, src, f) for g, src, f in self._held if g >= gen]
         self._in_batch = False
         self._fail_requests(
-            BrokenTransportError("the mesh is recovering from a failure; the request may not have been applied: retry it")
+            BrokenTransportError(
+                "the mesh is recovering from a failure; the request may not have been applied: retry it"
+            )
         )
         if self._ingress_task is not None and not self._ingress_task.done():
             # an append in progress ends unrouted (the generation changed); the replay
@@ -438,7 +441,7 @@ class Peer:
         self._resumed_event.set()
         self._wake.set()
         self._flush_all()
-        log.info("peer %d processing (generation %d)", self.peer_id, gen)
+        log.debug("peer %d processing (generation %d)", self.peer_id, gen)  # `ready` (or a recovery round) says it
 
     def _replay(self, position: int) -> None:
         assert self.ingress is not None
@@ -691,7 +694,8 @@ class Peer:
                 return await asyncio.wait_for(fut, timeout)
             except (asyncio.TimeoutError, TimeoutError):
                 raise RequestTimeoutError(
-                    f"no reply from {typename}/{id} within {timeout} s; does the function call context.reply()?"
+                    f"no reply from {typename}/{id} within {format_seconds(timeout)} s; "
+                    "does the function call context.reply()?"
                 ) from None
         finally:
             self._requests.pop(rid, None)
@@ -813,7 +817,7 @@ class Peer:
             "peers": self.n_peers,
             "core": _speedups.IMPLEMENTATION,
             "queued": len(self._inbox),
-            "outgoing": [len(e) + f for e, f in zip(self._out, self._framed)],
+            "outgoing": [len(e) + f for e, f in zip(self._out, self._framed, strict=True)],
             "credit": list(self._credit),
             "batches": self.batches,
             "invocations": d.invocations if d else 0,
@@ -825,7 +829,21 @@ class Peer:
             "next_timer_ms": self._next_due,
             "oversized_dropped": self.oversized_dropped,
             "checkpoints": self._checkpoint_status(),
+            "key_groups": list(self.key_group_range),
+            "state_bytes": self._state_bytes(),
         }
+
+    def _state_bytes(self) -> int | None:
+        """Bytes of the state store's file in use (pages up to the last one written)."""
+        import lmdb
+
+        backend = self.backend
+        if backend is None:
+            return None
+        try:
+            return (int(backend.env.info()["last_pgno"]) + 1) * int(backend.env.stat()["psize"])
+        except lmdb.Error:  # closed meanwhile (a recovery reopens it)
+            return None
 
     def _checkpoint_status(self) -> dict[str, Any] | None:
         """This peer's view of the checkpoints: the last complete one, how many this peer
@@ -835,12 +853,14 @@ class Peer:
             return None
         err = self._checkpoint_error
         completed = participant.completed
+        at = participant.completed_at
         failing = err is not None and err[0] > completed
         return {
             "last_complete": completed if completed >= 0 else None,
             "failed": self.checkpoint_failures,
             "failing": failing,
             "last_error": f"checkpoint {err[0]}: {err[1]}" if failing and err is not None else None,
+            "last_complete_age_s": None if at is None else round(max(time.time() - at, 0.0), 3),
         }
 
     # -- routing ------------------------------------------------------------------------
@@ -995,7 +1015,8 @@ class Peer:
         if body[0] != _speedups.FRAME_VERSION:
             self.bad_frames += 1
             log.error("peer %d: rejected a frame from peer %d: not a generation-prefixed frame of version %d; "
-                      "do all peers run the same statefun_mesh release?", self.peer_id, src, _speedups.FRAME_VERSION)  # fmt: skip
+                      "do all peers run the same statefun_mesh release?",
+                      self.peer_id, src, _speedups.FRAME_VERSION)  # fmt: skip
             return
         kind = body[1]
         self._last_heard[src] = self.clock.now()
@@ -1087,9 +1108,8 @@ class Peer:
         elif kind == codec.RESTORE_FAILED:
             if self.coordinator is not None:
                 self.coordinator.on_restore_failed(src, items[0], items[1], items[2])
-        elif kind == codec.RESUME:
-            if src == 0 and items[0] == self.generation and self._recovery_done:
-                self._resume(items[0])
+        elif kind == codec.RESUME and src == 0 and items[0] == self.generation and self._recovery_done:
+            self._resume(items[0])
 
     def _halt(self) -> None:
         """Stop the current generation at once, before the generation number changes.

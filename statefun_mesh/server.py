@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from typing import Any, Final
 
@@ -252,6 +253,10 @@ class ClientServer:
             "functions": sorted(peer.table),
             "max_message_bytes": peer.config.message_limit,
             "max_request_timeout": peer.config.max_request_timeout,
+            # what `statefun-mesh egress` and `run` need to know: when records appear, whose answer this is
+            "checkpoint_interval": peer.config.checkpoint_interval if peer.checkpointing else None,
+            "egress_immediate": list(peer.config.egress_immediate),
+            "pid": os.getpid(),
             "status": {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy},
         }
 

@@ -242,7 +242,8 @@ class NatsIngressConfig:
         ack_wait: seconds JetStream waits for an ack before it delivers a message again
             (the bridge signals progress on messages it still works on).
         mesh_timeout: seconds one send may take before it is retried.
-        status_interval: seconds between progress log lines (0: none).
+        status_interval: seconds between progress log lines, written only when a counter
+            changed since the last one (0: none).
         ordered: send the messages of one target instance one after another, in stream
             order (the default); ``False`` pipelines them too, which is faster for hot
             instances but lets a retried send overtake a later one.
@@ -647,9 +648,16 @@ class NatsIngress:
                         await msg.in_progress()
 
     async def _report(self) -> None:
+        last: tuple[int, ...] = ()
         while True:
             await asyncio.sleep(self.config.status_interval)
-            log.info("nats-ingress: %s", self.stats.line(len(self._in_flight)))
+            s = self.stats
+            now = (s.bridged, s.redelivered, s.rejected, s.dead_lettered, s.send_retries, s.ack_errors,
+                   len(self._in_flight))  # fmt: skip
+            if now == last:  # quiet while idle: a line only when something moved
+                continue
+            last = now
+            log.info("nats-ingress: %s", s.line(len(self._in_flight)))
 
     def _warn(self, text: str) -> None:
         """A warning, at most one per 5 s (the others are counted and summarised)."""

@@ -38,6 +38,8 @@ __all__ = ["Coordinator", "latest_manifest", "list_checkpoints"]
 log = logging.getLogger("statefun_mesh.snapshot")
 
 GENERATION_BLOB = "coordinator/generation"
+#: the reason of the first recovery round, which is a start, not a failure
+STARTED = "the coordinator started"
 #: while a rescale is in progress: ``{"checkpoint": n, "peers": m}``
 RESCALE_BLOB = "coordinator/rescale"
 
@@ -95,6 +97,10 @@ class Coordinator:
         self.unrestorable: set[int] = set()
         #: the configured ``restore`` (``"latest"``, an id, or ``""``): used by the first round
         self.restore = peer.config.restore
+        #: for quiet logs: whether a completed checkpoint was logged at info level, and how
+        #: many were aborted since the last one completed
+        self.logged_complete = False
+        self.aborted_since_complete = 0
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -115,7 +121,7 @@ class Coordinator:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 10.0)
         self.next_id = (self.manifests[-1] + 1) if self.manifests else 1
-        self.request_recovery("the coordinator started")
+        self.request_recovery(STARTED)
         while self._recovering is not None and not self._recovering.done():
             await asyncio.wait({self._recovering})  # a round may be superseded by another
         if self._recovering is not None and not self._recovering.cancelled() and self._recovering.exception():
@@ -164,8 +170,11 @@ class Coordinator:
         if manifest is not None:
             self.next_id = max(self.next_id, manifest.checkpoint + 1)
         n = manifest.checkpoint if manifest is not None else -1
-        log.warning("recovery round %d (%s): restoring %s on %d peers", gen, reason,
-                    f"checkpoint {n}" if n >= 0 else "empty state (no checkpoint yet)", peer.n_peers)  # fmt: skip
+        # A start is not a failure: a fresh mesh (nothing to restore) is logged at debug level,
+        # a restart from a checkpoint at info; only a recovery after a failure warns.
+        level = logging.WARNING if reason != STARTED else logging.INFO if n >= 0 else logging.DEBUG
+        log.log(level, "recovery round %d (%s): restoring %s on %d peers", gen, reason,
+                f"checkpoint {n}" if n >= 0 else "empty state (no checkpoint yet)", peer.n_peers)  # fmt: skip
         self.ready = set()
         self._ready_event = asyncio.Event()
         frame = codec.encode_control(codec.RECOVER, gen, n)
@@ -205,7 +214,7 @@ class Coordinator:
                 peer._send(p, resume, generation=gen)
         peer._resume(gen)
         self.restore = ""  # an explicit restore is done once; later rounds take the latest
-        log.warning("recovery round %d done in %.2f s", gen, time.monotonic() - t0)
+        log.log(level, "recovery round %d done in %.2f s", gen, time.monotonic() - t0)
 
     async def _choose(self) -> Manifest | None:
         """The checkpoint this round restores, after checking it fits this mesh."""
@@ -337,7 +346,18 @@ class Coordinator:
         self.in_progress = None
         self.last_complete = manifest
         self.manifests.append(n)
-        log.info("checkpoint %d complete in %.2f s", n, time.monotonic() - self.started_at)
+        # Quiet while all is well: the first checkpoint, and the first after failures, at
+        # info level; the steady stream (one every checkpoint_interval) at debug level.
+        took = time.monotonic() - self.started_at
+        if self.aborted_since_complete:
+            log.info("checkpoint %d complete in %.2f s: checkpoints work again after %d aborted", n, took,
+                     self.aborted_since_complete)  # fmt: skip
+        elif not self.logged_complete:
+            log.info("checkpoint %d complete in %.2f s (later checkpoints are logged at debug level)", n, took)
+        else:
+            log.debug("checkpoint %d complete in %.2f s", n, took)
+        self.logged_complete = True
+        self.aborted_since_complete = 0
         done = codec.encode_control(codec.CK_DONE, n)
         for p in range(peer.n_peers):
             if p != peer.peer_id:
@@ -349,6 +369,7 @@ class Coordinator:
         if self.in_progress != n:
             return
         log.error("checkpoint %d aborted: %s; the last complete checkpoint stays in force", n, why)
+        self.aborted_since_complete += 1
         self.in_progress = None
         frame = codec.encode_control(codec.CK_ABORT, n)
         for p in range(self.peer.n_peers):

@@ -76,7 +76,9 @@ def encode_object(kind: str, header: dict[str, Any], entries: Iterable[Any]) -> 
     return b"".join(parts), n
 
 
-def decode_object(data: bytes, *, sha256: str | None = None, name: str = "object") -> tuple[str, dict[str, Any], Iterator[Any]]:
+def decode_object(
+    data: bytes, *, sha256: str | None = None, name: str = "object"
+) -> tuple[str, dict[str, Any], Iterator[Any]]:
     """Check and open an object: ``(kind, header, entries)``.
 
     Raises:

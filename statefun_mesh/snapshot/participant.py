@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,8 @@ class Participant:
         self.pending_last_complete = -1
         self.pending_srcs: set[int] = set()
         self.completed = -1
+        #: wall-clock time (s) the last complete checkpoint was taken (for its age in ``status``)
+        self.completed_at: float | None = None
         self.restored_from: int | None = None
         self.inflight_restored: list[Any] = []
         self.ingress_position = 0
@@ -289,6 +292,7 @@ class Participant:
             return
         self.snap = None
         self.completed = n
+        self.completed_at = time.time()
         self.chain = list(snap.part.chain)
         self.peer._release_egress(snap.part.egress)
         # Trim the ingress log only below the oldest retained checkpoint, so recovery can
@@ -349,12 +353,11 @@ class Participant:
         """
         peer = self.peer
         cfg = peer.config
-        if manifest is not None:
-            if manifest.max_parallelism != cfg.max_parallelism:
-                raise IncompatibleSnapshotError(
-                    f"checkpoint {manifest.checkpoint} was taken with max_parallelism {manifest.max_parallelism}, "
-                    f"this mesh has {cfg.max_parallelism}; max_parallelism is fixed for the life of the application"
-                )
+        if manifest is not None and manifest.max_parallelism != cfg.max_parallelism:
+            raise IncompatibleSnapshotError(
+                f"checkpoint {manifest.checkpoint} was taken with max_parallelism {manifest.max_parallelism}, "
+                f"this mesh has {cfg.max_parallelism}; max_parallelism is fixed for the life of the application"
+            )
         if peer.backend is not None:
             peer.backend.close()
             peer.backend = None
@@ -388,6 +391,7 @@ class Participant:
         backend.take_changes()
         self.carry = set()
         self.restored_from = manifest.checkpoint if manifest is not None else None
+        self.completed_at = manifest.created_ms / 1000 if manifest is not None else None
         peer._released = released
         peer._restored_heads = dict(released)
         assert peer.dispatcher is not None

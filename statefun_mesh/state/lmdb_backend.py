@@ -102,7 +102,8 @@ def decode_state_value(raw: bytes) -> tuple[str, bytes, int]:
 def dedup_key(kg: int, typename: str, id: str, key: str) -> bytes:
     """Return the ``dedup`` key of one idempotency key sent to one instance."""
     h = hashlib.blake2b(
-        b"%s\x00%s\x00%s" % (typename.encode(), id.encode("utf-8", "surrogatepass"), key.encode("utf-8", "surrogatepass")),
+        b"%s\x00%s\x00%s"
+        % (typename.encode(), id.encode("utf-8", "surrogatepass"), key.encode("utf-8", "surrogatepass")),
         digest_size=16,
     ).digest()
     return _KG.pack(kg) + h
@@ -405,7 +406,9 @@ class LmdbStateBackend:
         if raw is not None:
             yield "meta", b"timer_seq", raw
 
-    def delta(self, txn: lmdb.Transaction, changed: set[tuple[str, bytes]]) -> Iterator[tuple[str, bytes, bytes | None]]:
+    def delta(
+        self, txn: lmdb.Transaction, changed: set[tuple[str, bytes]]
+    ) -> Iterator[tuple[str, bytes, bytes | None]]:
         """The current value (``None``: deleted) in ``txn``'s view of every changed key, in key order."""
         dbs = self._dbs
         for name, key in sorted(changed):

@@ -11,8 +11,8 @@ Peer ↔ peer kinds: ``BATCH``, ``CREDIT [n]``, ``HEARTBEAT [peer, incarnation]`
 checkpoints ``BARRIER [n, last_complete]``, ``CK_ACK [n, part, error]``, ``CK_DONE [n]``,
 ``CK_ABORT [n]``, ``RECOVER [generation, n]``, ``READY [generation]``,
 ``RESUME [generation]``, ``RESTORE_FAILED [generation, n, reason]``, ``REPLAYED [generation]`` (sent on
-every channel after the messages a peer replayed in a recovery round). Between peers every frame is preceded by the sender's
-generation (u32, big-endian); see ``snapshot/coordinator.py``.
+every channel after the messages a peer replayed in a recovery round). Between peers every frame is preceded
+by the sender's generation (u32, big-endian); see ``snapshot/coordinator.py``.
 
 Client → peer: ``C_SEND [corr, typename, id, value_typename, value, idempotency_key]``,
 ``C_REQUEST [corr, typename, id, value_typename, value, timeout_s]``,
@@ -155,7 +155,7 @@ def decode_control(frame: bytes, expect: frozenset[int] | None = None) -> tuple[
         raise FrameDecodeError(f"{name} frame body is not valid msgpack: {exc}") from exc
     if type(items) is not list or len(items) != len(types):
         raise FrameDecodeError(f"{name} frame body must be an array of {len(types)} items")
-    for i, (item, tp) in enumerate(zip(items, types)):
+    for i, (item, tp) in enumerate(zip(items, types, strict=True)):
         if isinstance(item, bool) or not isinstance(item, tp):
             raise FrameDecodeError(f"{name} frame item {i} has the wrong type ({type(item).__name__})")
     return kind, items

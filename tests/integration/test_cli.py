@@ -69,7 +69,7 @@ async def test_egress_prints_records_of_every_peer_and_stops_when_idle(cluster: 
 
 
 def test_status(cluster: Cluster) -> None:
-    out = cli(cluster, "status")
+    out = cli(cluster, "status", "--json")  # without --json: a table (test_cli_rough_edges.py)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["peers"] == 3 and doc["max_parallelism"] == 1024

@@ -371,3 +371,22 @@ async def test_unmappable_messages_are_dead_lettered_and_do_not_block(
         assert b.log().count("dead-lettered to dlq.c") == len(bad)
     finally:
         await nc.close()
+
+
+@pytest.mark.timeout(40)
+async def test_an_idle_bridge_is_quiet(nats_server: NatsServer, mesh: Cluster, bridge: Any) -> None:
+    """Progress lines (every --status-interval 1 s here) only while something moves."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="Q", subjects=["q.>"]))
+        await js.publish("q.it.tally.quiet", b"1")
+        b = bridge("--stream", "Q", "--subject", "q.>", "--durable", "mesh-q")
+        b.start()
+        await wait_consumed(js, "Q", "mesh-q", b, timeout=20)
+        await asyncio.sleep(4.5)  # four more status intervals with nothing to report
+        assert b.stop() == 0
+        progress = [line for line in b.log().splitlines() if "nats-ingress: bridged" in line]
+        assert len(progress) <= 2, progress  # the message's line (and one still in flight), not one a second
+    finally:
+        await nc.close()

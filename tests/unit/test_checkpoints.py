@@ -158,7 +158,7 @@ async def test_a_peer_dies_and_every_message_counts_exactly_once(tmp_path: Path)
             for _ in range(n):
                 key = f"k{seq % 20}"
                 msg = message_builder(target_typename="ck/counter", target_id=key, int_value=1)
-                for attempt in range(50):  # a client retrying with its idempotency key
+                for _attempt in range(50):  # a client retrying with its idempotency key
                     try:
                         await asyncio.wait_for(mesh.peers[seq % 2].send(msg, idempotency_key=f"m{seq}"), 5)
                         break

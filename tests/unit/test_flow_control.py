@@ -95,7 +95,7 @@ async def test_an_overloaded_peer_answers_info_and_refuses_sends_past_its_parkin
     monkeypatch.setattr(server, "MAX_PARKED", 20)
     endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     n = 300
-    async with LocalMesh(slow_app(), state_dir=tmp_path, inbox_limit=5, max_batch=5, client_endpoints=[endpoint]):
+    async with LocalMesh(slow_app(), state_dir=tmp_path, inbox_limit=5, max_batch=5, client_endpoints=[endpoint]):  # noqa: SIM117
         async with MeshClient(endpoint, timeout=60) as sender, MeshClient(endpoint, timeout=5) as watcher:
 
             async def send(i: int) -> None:

@@ -258,7 +258,7 @@ async def test_request_timeout_when_no_reply(tmp_path: Path) -> None:
         pass
 
     async with LocalMesh(functions, state_dir=str(tmp_path)) as mesh:
-        with pytest.raises(RequestTimeoutError, match="context.reply"):
+        with pytest.raises(RequestTimeoutError, match=r"context\.reply"):
             await mesh.request(message_builder(target_typename="test/silent", target_id="1", int_value=1),
                                timeout=0.2)
 
@@ -293,7 +293,8 @@ async def test_storage_delete_and_undeclared(tmp_path: Path) -> None:
 
     async with LocalMesh(functions, state_dir=str(tmp_path)) as mesh:
         async def call(cmd: str) -> str:
-            return (await mesh.request(message_builder(target_typename="test/kv", target_id="1", str_value=cmd))).as_string()
+            reply = await mesh.request(message_builder(target_typename="test/kv", target_id="1", str_value=cmd))
+            return reply.as_string()
 
         assert await call("get") == "None"
         assert await call("set") == "'value'"
@@ -321,7 +322,8 @@ async def test_ttl_expire_after_write_and_call(tmp_path: Path) -> None:
 
     async with LocalMesh(functions, state_dir=str(tmp_path), clock=clock) as mesh:
         async def call(cmd: str) -> str:
-            return (await mesh.request(message_builder(target_typename="test/ttl", target_id="1", str_value=cmd))).as_string()
+            reply = await mesh.request(message_builder(target_typename="test/ttl", target_id="1", str_value=cmd))
+            return reply.as_string()
 
         assert await call("write") == "1,1"
         clock.advance(6)
