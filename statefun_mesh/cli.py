@@ -354,7 +354,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .remote.module_yaml import load_module_yaml
 
         load_module_yaml(module)
-        state_dir = os.path.abspath(args.state_dir or base.state_dir or DEFAULT_STATE_DIR)
+    state_dir = os.path.abspath(args.state_dir or base.state_dir or DEFAULT_STATE_DIR)
     _check_state_dir(state_dir, "--state-dir")
     if args.no_checkpoints:
         overrides["blob_store"] = ""

@@ -535,7 +535,7 @@ def test_simple_type_functions_must_be_callable() -> None:
 def test_simple_type_serialize_fn_must_return_bytes_or_str() -> None:
     # StateFun's own docs build a type from json.dumps/json.loads: a str is taken as UTF-8.
     tpe = vt.simple_type("com.example/Json", json.dumps, json.loads)  # type: ignore[arg-type]
-    assert tpe.serializer().serialize({"a": "é"}) == '{"a": "\\u00e9"}'.encode()
+    assert tpe.serializer().serialize({"a": "é"}) == b'{"a": "\\u00e9"}'
     assert tpe.serializer().deserialize(tpe.serializer().serialize({"a": 1})) == {"a": 1}
     bad = vt.simple_type("com.example/Num", lambda v: 5, bytes)  # type: ignore[arg-type,return-value]
     with pytest.raises(TypeError, match=r"serialize_fn of type 'com.example/Num' returned int, expected bytes"):
