@@ -51,6 +51,9 @@ def open_transport(config: MeshConfig, peer_id: int) -> Transport:
         raise StatefunMeshError("memory:// endpoints cannot be mixed with ZeroMQ endpoints")
     from .transport.zeromq import ZmqTransport
 
+    if config.curve:
+        return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes, keys=config.keypair(peer_id),
+                            peer_keys=config.peer_public_keys())  # fmt: skip
     return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes)
 
 
@@ -759,6 +762,7 @@ class Peer:
             "failures": d.failures if d else 0,
             "duplicates": d.duplicates if d else 0,
             "bad_frames": self.bad_frames + getattr(self.transport, "foreign_frames", 0),
+            "refused_connections": getattr(self.transport, "refused_connections", 0),
             "unavailable_peers": [p for p in range(self.n_peers) if not self._alive[p]],
             "next_timer_ms": self._next_due,
             "checkpoints": self._checkpoint_status(),
