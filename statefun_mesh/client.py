@@ -16,7 +16,7 @@ import zmq.asyncio
 from . import errors
 from .errors import ClosedTransportError, FrameDecodeError, StatefunMeshError
 from .messages import EgressRecord, Message
-from .security import ClientKeys, Keypair, curve_client
+from .security import ClientKeys, Keypair, curve_client, find_client_keys
 from .transport import codec
 
 __all__ = ["MeshClient"]
@@ -126,12 +126,16 @@ class MeshClient:
         keys: the client's CURVE keys and the peers' public keys, for a mesh with
             ``peer_keys`` (:meth:`ClientKeys.load <statefun_mesh.security.ClientKeys.load>`
             reads the file ``statefun-mesh keys generate --client`` or ``statefun-mesh run``
-            writes). ``None``: plaintext, which such a mesh refuses.
+            writes). ``None``: the keys :func:`~statefun_mesh.security.find_client_keys`
+            finds for ``endpoint`` (the file ``$STATEFUN_MESH_CLIENT_KEY`` names, or the one
+            ``statefun-mesh run`` left for its mesh on this machine), else plaintext.
     """
 
     def __init__(self, endpoint: str, *, timeout: float = 10.0, keys: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
+        if keys is None:
+            keys = find_client_keys(endpoint)
         self._keys = keys
         self._server_keys: dict[str, str] = dict(keys.server_keys) if keys is not None else {}
         self._ctx = zmq.asyncio.Context.instance()

@@ -29,6 +29,7 @@ from .errors import (
     StatefunMeshError,
 )
 from .functions import StatefulFunctions, merge_functions
+from .logutil import ThrottledLog
 from .messages import EgressRecord, Message
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
@@ -163,6 +164,11 @@ class Peer:
         #: after a recovery, due timers wait until the replayed messages are processed
         self._timers_held = False
         self._replayed_from: set[int] = set()
+        #: frames refused for what their link may not send (docs/security.md): control
+        #: frames off the coordinator's link, generations far ahead of the mesh's
+        self.refused_frames = 0
+        self._coordinator_generation = -1  # newest generation seen on peer 0's link
+        self._guard_log = ThrottledLog(log)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -763,6 +769,7 @@ class Peer:
             "duplicates": d.duplicates if d else 0,
             "bad_frames": self.bad_frames + getattr(self.transport, "foreign_frames", 0),
             "refused_connections": getattr(self.transport, "refused_connections", 0),
+            "refused_frames": self.refused_frames,
             "unavailable_peers": [p for p in range(self.n_peers) if not self._alive[p]],
             "next_timer_ms": self._next_due,
             "checkpoints": self._checkpoint_status(),
@@ -902,6 +909,12 @@ class Peer:
                       "do all peers run the same statefun_mesh release?", self.peer_id, src, _speedups.FRAME_VERSION)  # fmt: skip
             return
         kind = body[1]
+        if src == 0:
+            self._coordinator_generation = max(self._coordinator_generation, gen)
+        elif gen > self.generation and not self._generation_plausible(gen):
+            self._refuse_frame(src, "far-ahead generation", f"generation {gen}, more than {GENERATION_WINDOW} above "
+                               f"the newest this peer knows ({max(self.generation, self._coordinator_generation)})")
+            return
         self._last_heard[src] = self.clock.now()
         if kind in (codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME, codec.RESTORE_FAILED):
             self._on_channel_frame(src, body, gen)
@@ -917,6 +930,22 @@ class Peer:
             self._held.append((gen, src, body))
             return
         self._on_channel_frame(src, body, gen)
+
+    def _generation_plausible(self, gen: int) -> bool:
+        """Whether a frame stamped ``gen`` may be held for later: generations only come from
+        the coordinator (peer 0), so none is more than a few rounds ahead of what it last said."""
+        if not self.checkpointing:
+            known = self.generation
+        elif self.coordinator is not None:
+            known = self.coordinator.generation
+        else:
+            known = self._coordinator_generation  # -1: not heard from peer 0 yet (just started): hold
+        return known < 0 or gen <= max(known, self.generation) + GENERATION_WINDOW
+
+    def _refuse_frame(self, src: int, kind: str, why: str) -> None:
+        self.refused_frames += 1
+        self._guard_log.error(f"refused frames ({kind})", "peer %d: refused a frame from peer %d: %s (refused so "
+                              "far: %d)", self.peer_id, src, why, self.refused_frames)  # fmt: skip
 
     def _on_channel_frame(self, src: int, frame: bytes, gen: int | None = None) -> None:
         try:
@@ -965,6 +994,9 @@ class Peer:
                     log.error("peer %d: malformed reply from peer %d", self.peer_id, src)
                     continue
                 self._resolve(*item)
+        elif kind in _COORDINATOR_KINDS and src != 0:
+            self._refuse_frame(src, "control frames off the coordinator's link",
+                               f"control frame 0x{kind:02x} can only come from the coordinator (peer 0)")
         elif self.participant is None:
             self.bad_frames += 1
             log.error("peer %d: checkpoint frame 0x%02x from peer %d, but this peer takes no checkpoints; "
@@ -1090,6 +1122,9 @@ class Peer:
         assert self.transport is not None
         cfg = self.config
         while True:
+            self._guard_log.flush()
+            if hasattr(self.transport, "flush_logs"):
+                self.transport.flush_logs()
             frame = codec.encode_control(codec.HEARTBEAT, self.peer_id, self.incarnation)
             now = self.clock.now()
             for p in range(self.n_peers):
@@ -1249,3 +1284,7 @@ _PEER_KINDS = frozenset(
     }
 )
 _GEN = struct.Struct(">I")
+#: frames only the coordinator (peer 0) sends
+_COORDINATOR_KINDS = frozenset({codec.CK_DONE, codec.CK_ABORT, codec.RECOVER, codec.RESUME})
+#: a frame whose generation is more than this above the newest the peer knows is refused
+GENERATION_WINDOW = 16

@@ -227,6 +227,63 @@ class ClientKeys:
         return self.server_keys.get(endpoint)
 
 
+def ensure_keypair(base: str, comment: str = "") -> Keypair:
+    """The key pair in ``<base>.key_secret``, made (with ``<base>.key``) if there is none yet."""
+    path = base + ".key_secret"
+    if os.path.exists(path):
+        secret = read_key(path, secret=True, key=os.path.basename(path))
+        return Keypair(public_of(secret), secret)
+    pair = generate_keypair()
+    write_key_file(base, pair, comment)
+    return pair
+
+
+ENV_CLIENT_KEY: Final = "STATEFUN_MESH_CLIENT_KEY"
+
+
+def registry_path(endpoint: str) -> str:
+    """Where ``statefun-mesh run`` leaves the client key file for the mesh it serves at
+    ``endpoint``, for clients of this user on this machine to find
+    (``$XDG_RUNTIME_DIR/statefun-mesh/client-keys/``, else ``~/.cache/statefun-mesh/client-keys/``)."""
+    import re
+
+    root = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", endpoint) + ".toml"
+    return os.path.join(root, "statefun-mesh", "client-keys", name)
+
+
+def register_client_keys(endpoint: str, keys: ClientKeys) -> str:
+    """Leave ``keys`` where :func:`find_client_keys` looks for ``endpoint`` (mode 0600, directory 0700)."""
+    path = registry_path(endpoint)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    keys.save(path)
+    return path
+
+
+def find_client_keys(endpoint: str) -> ClientKeys | None:
+    """The client keys for ``endpoint``, when none are given: the file ``$STATEFUN_MESH_CLIENT_KEY``
+    names, else the one ``statefun-mesh run`` registered for this endpoint; ``None``: none
+    (plaintext). A file that does not list ``endpoint`` among its ``server_keys`` is not used.
+
+    Raises:
+        ConfigError: ``$STATEFUN_MESH_CLIENT_KEY`` names a missing or malformed file.
+    """
+    env = os.environ.get(ENV_CLIENT_KEY)
+    if env:
+        keys = ClientKeys.load(env)
+        if keys.server_key(endpoint) is not None:
+            return keys
+    path = registry_path(endpoint)
+    if not os.path.exists(path):
+        return None
+    try:
+        keys = ClientKeys.load(path)
+    except ConfigError as exc:
+        log.warning("ignoring the client key file %s: %s", path, exc)
+        return None
+    return keys if keys.server_key(endpoint) is not None else None
+
+
 # -- the ZAP handler ------------------------------------------------------------------------
 
 
