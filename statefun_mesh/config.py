@@ -268,6 +268,8 @@ def _key_path(value: Any, base: str) -> Any:
 
     if not isinstance(value, str) or not value or is_key_text(value) or os.path.isabs(value):
         return value
+    if len(value) == 40 and os.sep not in value:  # meant as key text: keep it, so the error says so
+        return value
     candidate = os.path.join(base, value)
     return candidate
 
