@@ -390,7 +390,9 @@ async def test_peer_endpoint_rejects_bad_frames_from_a_peer_identity(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="plaintext peer links are not authenticated; with CURVE (peer_keys) the takeover fails: test_security.py")
+@pytest.mark.xfail(
+    strict=True, reason="plaintext peer links are not authenticated; with CURVE (peer_keys) it fails: test_security.py"
+)
 async def test_impostor_routing_id_does_not_cut_a_peer_off(tmp_path: Path) -> None:
     """A connection that announces peer 1's routing id to peer 0 and goes away again must not
     leave peer 1's real channel into peer 0 dead for good (ROUTER_HANDOVER hands the id to the
