@@ -24,6 +24,7 @@ from .messages import TypedValue as TypedValue
 from .messages import egress_message_builder as egress_message_builder
 from .messages import message_builder as message_builder
 from .peer import Peer as Peer
+from .security import ClientKeys as ClientKeys
 from .valuetypes import BoolType as BoolType
 from .valuetypes import DoubleType as DoubleType
 from .valuetypes import FloatType as FloatType
@@ -45,6 +46,7 @@ __all__ = [
     "IMPLEMENTATION",
     "Address",
     "BoolType",
+    "ClientKeys",
     "Clock",
     "Context",
     "DoubleType",

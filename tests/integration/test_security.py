@@ -53,7 +53,7 @@ def live_generation(cluster: Cluster) -> int:
 
 
 def int_bytes(n: int) -> bytes:
-    return IntType.serializer().serialize(n)  # type: ignore[no-any-return]
+    return IntType.serializer().serialize(n)
 
 
 def counter_record(id: str, n: int) -> tuple[Any, ...]:
@@ -96,7 +96,7 @@ def cluster_args(keys: bool) -> tuple[str, ...]:
 
 async def count(client: MeshClient, id: str) -> int:
     reply = await client.request(message_builder(target_typename=app.COUNTER, target_id=id, int_value=0), timeout=5)
-    return reply.as_int()  # type: ignore[no-any-return]
+    return reply.as_int()
 
 
 async def add(client: MeshClient, id: str, n: int) -> None:
@@ -122,8 +122,12 @@ async def healthy(cluster: Cluster, run: str) -> None:
                 for p in range(3):
                     key = ids_on(p, f"{run}-healthy-{via}", 1)[0]
                     await add(c, key, 1)
-                    await eventually(lambda c=c, key=key: _equals(count(c, key), 1), timeout=15,
+                    await eventually(_counts_to(c, key, 1), timeout=15,
                                      what=f"a message entering at peer {via} reaches peer {p}")  # fmt: skip
+
+
+def _counts_to(client: MeshClient, key: str, value: int) -> Callable[[], Any]:
+    return lambda: _equals(count(client, key), value)
 
 
 async def _equals(coro: Any, value: int) -> bool:

@@ -58,7 +58,7 @@ def test_zmq_auth_reads_our_files(tmp_path: Path) -> None:
     pair = generate_keypair()
     _, secret_path = write_key_file(str(tmp_path / "c"), pair)
     public, secret = zmq.auth.load_certificate(secret_path)
-    assert (public.decode(), secret.decode()) == (pair.public, pair.secret)
+    assert secret is not None and (public.decode(), secret.decode()) == (pair.public, pair.secret)
 
 
 def test_mesh_toml_with_keys(tmp_path: Path) -> None:
