@@ -315,7 +315,8 @@ class _ZapHandler:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(ZAP_ENDPOINT)
         self.tlog = ThrottledLog(log)
-        self.task = asyncio.get_running_loop().create_task(self._serve(), name="statefun-mesh ZAP handler")
+        self.loop = asyncio.get_running_loop()
+        self.task = self.loop.create_task(self._serve(), name="statefun-mesh ZAP handler")
 
     async def _serve(self) -> None:
         while True:
@@ -387,7 +388,10 @@ def register_zap(ctx: zmq.asyncio.Context, domain: str, policy: ZapPolicy) -> Ca
         a function that unregisters the domain (and stops the handler after the last).
     """
     handler = _HANDLERS.get(id(ctx))
-    if handler is not None and (handler.ctx is not ctx or handler.task.done()):
+    stale = handler is not None and (
+        handler.ctx is not ctx or handler.task.done() or handler.loop is not asyncio.get_running_loop()
+    )
+    if handler is not None and stale:  # left by a closed event loop or context
         handler.close()
         handler = None
     if handler is None:

@@ -65,6 +65,9 @@ class ZmqTransport(Transport):
     ) -> None:
         if (keys is None) != (not peer_keys):
             raise ValueError("give both keys and peer_keys (CURVE) or neither")
+        if all(ep.startswith("inproc://") for ep in endpoints):
+            # inproc never leaves the process and ZeroMQ runs no security handshake on it
+            keys, peer_keys = None, None
         if peer_keys and len(peer_keys) != len(endpoints):
             raise ValueError(f"expected one public key per endpoint ({len(endpoints)}), got {len(peer_keys)}")
         self.keys = keys
