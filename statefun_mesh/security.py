@@ -308,12 +308,10 @@ class ZapPolicy:
 class _ZapHandler:
     """The one ZAP responder of a ZeroMQ context, serving every registered domain."""
 
-    def __init__(self, ctx: zmq.asyncio.Context) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket) -> None:
         self.ctx = ctx
         self.domains: dict[str, ZapPolicy] = {}
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(ZAP_ENDPOINT)
+        self.sock = sock
         self.tlog = ThrottledLog(log)
         self.loop = asyncio.get_running_loop()
         self.task = self.loop.create_task(self._serve(), name="statefun-mesh ZAP handler")
@@ -376,9 +374,26 @@ class _ZapHandler:
 
 
 _HANDLERS: dict[int, _ZapHandler] = {}
+_LOCKS: dict[tuple[int, int], asyncio.Lock] = {}
 
 
-def register_zap(ctx: zmq.asyncio.Context, domain: str, policy: ZapPolicy) -> Callable[[], None]:
+async def _bind_zap(ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    for attempt in range(100):
+        try:
+            sock.bind(ZAP_ENDPOINT)
+            return sock
+        except zmq.ZMQError as exc:
+            # a handler closed a moment ago: libzmq releases the inproc name asynchronously
+            if exc.errno != zmq.EADDRINUSE or attempt == 99:
+                sock.close(0)
+                raise
+            await asyncio.sleep(0.01)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def register_zap(ctx: zmq.asyncio.Context, domain: str, policy: ZapPolicy) -> Callable[[], None]:
     """Admit connections to sockets with ZAP domain ``domain`` by ``policy``.
 
     The context's ZAP handler is started at the first registration; it must run before
@@ -387,15 +402,18 @@ def register_zap(ctx: zmq.asyncio.Context, domain: str, policy: ZapPolicy) -> Ca
     Returns:
         a function that unregisters the domain (and stops the handler after the last).
     """
-    handler = _HANDLERS.get(id(ctx))
-    stale = handler is not None and (
-        handler.ctx is not ctx or handler.task.done() or handler.loop is not asyncio.get_running_loop()
-    )
-    if handler is not None and stale:  # left by a closed event loop or context
-        handler.close()
-        handler = None
-    if handler is None:
-        handler = _HANDLERS[id(ctx)] = _ZapHandler(ctx)
+    loop = asyncio.get_running_loop()
+    lock = _LOCKS.get((id(ctx), id(loop)))
+    if lock is None:
+        lock = _LOCKS[(id(ctx), id(loop))] = asyncio.Lock()
+    async with lock:  # peers of one LocalMesh start together: one of them binds the handler
+        handler = _HANDLERS.get(id(ctx))
+        if handler is not None and (handler.ctx is not ctx or handler.task.done() or handler.loop is not loop):
+            del _HANDLERS[id(ctx)]  # left by a closed event loop or context
+            handler.close()
+            handler = None
+        if handler is None:
+            handler = _HANDLERS[id(ctx)] = _ZapHandler(ctx, await _bind_zap(ctx))
     if domain in handler.domains:
         raise ValueError(f"ZAP domain {domain!r} is registered already")
     handler.domains[domain] = policy

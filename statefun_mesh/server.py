@@ -92,7 +92,7 @@ class ClientServer:
                 config.any_client_key,
             )
             domain = f"statefun-mesh-clients-{self.peer.peer_id}-{id(self):x}"
-            self._unregister = register_zap(self._ctx, domain, self._zap)
+            self._unregister = await register_zap(self._ctx, domain, self._zap)
             curve_server(sock, keys.secret, domain)
         elif not self.endpoint.startswith("inproc://"):
             log.warning("peer %d: the client endpoint %s is NOT authenticated: anyone who can reach it can send "

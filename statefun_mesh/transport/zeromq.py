@@ -103,7 +103,7 @@ class ZmqTransport(Transport):
                 {k: f"peer:{p}" for p, k in enumerate(self.peer_keys) if p != self.peer_id},
             )
             domain = f"statefun-mesh-peer-{self.peer_id}-{id(self):x}"
-            self._unregister = register_zap(self._ctx, domain, self._zap)
+            self._unregister = await register_zap(self._ctx, domain, self._zap)
             curve_server(router, self.keys.secret, domain)
         else:
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)
