@@ -911,16 +911,16 @@ class Peer:
         kind = body[1]
         if src == 0:
             self._coordinator_generation = max(self._coordinator_generation, gen)
-        elif gen > self.generation and not self._generation_plausible(gen):
-            self._refuse_frame(src, "far-ahead generation", f"generation {gen}, more than {GENERATION_WINDOW} above "
-                               f"the newest this peer knows ({max(self.generation, self._coordinator_generation)})")
-            return
         self._last_heard[src] = self.clock.now()
         if kind in (codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME, codec.RESTORE_FAILED):
             self._on_channel_frame(src, body, gen)
             return
         if gen < self.generation:
             return  # from before a recovery: its effects were rolled back
+        if gen > self.generation and src != 0 and not self._generation_plausible(gen):
+            self._refuse_frame(src, "far-ahead generation", f"generation {gen}, more than {GENERATION_WINDOW} above "
+                               f"the newest this peer knows ({max(self.generation, self._coordinator_generation)})")
+            return
         # While a cut waits for the batch in progress, batch frames wait, and so do
         # barriers: a barrier must not overtake the frames its sender sent before it
         # (they are in flight across the cut and must be logged as such).
@@ -937,7 +937,8 @@ class Peer:
         if not self.checkpointing:
             known = self.generation
         elif self.coordinator is not None:
-            known = self.coordinator.generation
+            # -1 until its first round: a restarted coordinator has not read the generation yet
+            known = self.coordinator.generation if self.generation > 0 else -1
         else:
             known = self._coordinator_generation  # -1: not heard from peer 0 yet (just started): hold
         return known < 0 or gen <= max(known, self.generation) + GENERATION_WINDOW
