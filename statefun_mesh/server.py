@@ -241,18 +241,19 @@ class ClientServer:
     def info(self) -> dict[str, Any]:
         """What a client learns on connecting: the mesh's shape and every peer's client endpoint."""
         peer = self.peer
-        info = {
+        status: dict[str, Any] = {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy}
+        info: dict[str, Any] = {
             "peer": peer.peer_id,
             "peers": peer.n_peers,
             "max_parallelism": peer.config.max_parallelism,
             "client_endpoints": self.client_endpoints,
             "functions": sorted(peer.table),
-            "status": {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy},
+            "status": status,
         }
         if self._zap is not None:
             # public keys: a client that authenticated with this peer learns the others' (egress, status)
             info["peer_keys"] = peer.config.peer_public_keys()
-            info["status"]["refused_clients"] = self._zap.refused
+            status["refused_clients"] = self._zap.refused
         return info
 
     def _accept(self, ident: bytes, corr: int, rec: Any) -> None:
