@@ -351,3 +351,31 @@ async def test_far_ahead_generation_is_refused_not_held(tmp_path: Path) -> None:
                              what="the near frame held")  # fmt: skip
         finally:
             sock.close(0)
+
+
+@pytest.mark.timeout(60)
+async def test_a_peer_key_cannot_speak_for_another_peer(tmp_path: Path) -> None:
+    """With CURVE, a connection holding peer 2's key that announces peer 1's routing id is
+    peer 2: its heartbeat claiming peer 1 is refused, and peer 1's own channel keeps working."""
+    from statefun_mesh.security import ensure_keypair
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    pairs = [ensure_keypair(str(keys / f"peer-{k}")) for k in range(3)]
+    async with LocalMesh(app.functions, peers=3, transport="tcp", state_dir=tmp_path / "state",
+                         peer_keys=tuple(p.public for p in pairs),
+                         secret_key=str(keys / "peer-{id}.key_secret")) as mesh:  # fmt: skip
+        peer0 = mesh.peers[0]
+        before = peer0.status()["bad_frames"]
+        beat = struct.pack(">I", peer0.generation) + codec.encode_control(codec.HEARTBEAT, 1, 12345)
+        await strike(mesh.config.endpoints[0], peer_identity(1), [beat], curve=(pairs[2], pairs[0].public), hold=0.3)
+        await eventually(lambda: asyncio.sleep(0, peer0.status()["bad_frames"] == before + 1), timeout=5,
+                         what="the heartbeat claiming peer 1 on peer 2's link refused")  # fmt: skip
+        key = ids_on(0, f"{uuid.uuid4().hex[:8]}-t", 1)[0]
+        await mesh.peers[1].send(message_builder(target_typename=app.COUNTER, target_id=key, int_value=1))
+        await mesh.idle(10)
+        reply = await mesh.peers[0].request(
+            message_builder(target_typename=app.COUNTER, target_id=key, int_value=0), timeout=5
+        )
+        assert reply.as_int() == 1
+        assert peer0.status()["unavailable_peers"] == []
