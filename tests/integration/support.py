@@ -180,6 +180,7 @@ class Cluster:
         port: int,
         config: str | None = None,
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.transport = transport
@@ -191,7 +192,7 @@ class Cluster:
         cmd = [
             sys.executable, "-m", "statefun_mesh", "run", APP,
             "--peers", str(peers), "--transport", transport,
-            "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir),
+            "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir), *args,
         ]  # fmt: skip
         if config is not None:
             cfg = workdir / "extra.toml"
