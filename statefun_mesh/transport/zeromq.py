@@ -48,7 +48,8 @@ class ZmqTransport(Transport):
         heartbeat: ``(interval, timeout)`` in seconds for ZMTP heartbeats on the links to
             the other peers: a connection that answers no ping within ``timeout`` is
             dropped and made again, resolving the peer's host name anew (a peer that
-            vanished without closing its connections, or moved to another address).
+            vanished without closing its connections, or moved to another address); a
+            connection attempt is given up after a third of ``timeout`` and tried again.
             ``None``: none; a dead connection then lasts until TCP gives up on it.
         keys: this peer's CURVE key pair; with ``peer_keys``, every link runs over
             CURVE: the ROUTER admits only the other peers' keys (through the ZAP
@@ -153,6 +154,9 @@ class ZmqTransport(Transport):
             if self.heartbeat is not None:
                 dealer.setsockopt(zmq.HEARTBEAT_IVL, max(int(self.heartbeat[0] * 1000), 1))
                 dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(int(self.heartbeat[1] * 1000), 1))
+                # A connect attempt made while the peer is cut off would otherwise wait out the
+                # kernel's SYN retries (seconds apart, up to two minutes) after the link is back.
+                dealer.setsockopt(zmq.CONNECT_TIMEOUT, max(int(self.heartbeat[1] * 1000 / 3), 100))
             monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             task = asyncio.create_task(self._watch_link(p, monitor), name=f"statefun-mesh peer {self.peer_id} link {p}")
             self._monitors.append((dealer, monitor, task))
