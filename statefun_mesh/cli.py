@@ -1000,7 +1000,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, StatefunMeshError) as exc:
-        print(f"statefun-mesh {args.command}: error: {exc}", file=sys.stderr)
+        # one write, line and newline together: peers started by `run` share its stderr,
+        # and two separate writes of theirs may interleave
+        sys.stderr.write(f"statefun-mesh {args.command}: error: {exc}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         return 130
