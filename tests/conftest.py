@@ -62,6 +62,9 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "timeout(seconds): time limit of an async test")
     settings.load_profile("slow" if config.getoption("--run-slow") else "ci")
+    # Hypothesis's pytest plugin, reporting a failure, imports a module that warns; with
+    # filterwarnings = error that turned the failure report into an INTERNALERROR
+    config.addinivalue_line("filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 
 
 class FuzzCount:

@@ -18,11 +18,12 @@ counters read back unchanged, the peer still accepts and applies a message, its 
 is alive and its anonymous RSS grew less than a bound.
 
 What is *not* sent (counted as "skipped"): frames that would legitimately change the
-known counters (a valid send, request or batch for them), requests with a timeout that
-is not finite or over 30 s and fetches that wait (the pending-request limits of issue 7
-item 4 bound those), and peer frames stamped with a generation ahead of the peer's,
-which the peer holds without a bound (issue 7 item 5; ``test_bad_input.py`` has the
-strict xfail for it). Everything else goes, including valid frames with nonsense values.
+known counters (a valid send, request or batch for them); requests with a timeout that
+is not finite or over 30 s (issue 7 item 4: a NaN timeout upsets the peer's timers, and
+requests held long are what its pending-request limits are for); and peer frames
+stamped with a generation ahead of the peer's, which the peer holds without a bound
+(issue 7 item 5; ``test_bad_input.py`` has the strict xfail for it). Everything else
+goes, including valid frames with nonsense values and messages of several parts.
 The checks stay at the transport interface, so they hold as they are once CURVE and the
 peer-identity checks land: a mesh without keys keeps accepting these connections.
 """
@@ -39,12 +40,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 import pytest
 import zmq
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from statefun_mesh import IntType
@@ -87,6 +88,24 @@ def budget(ci: int, slow: int) -> int:
     return slow if SLOW else ci
 
 
+#: The peer is stateful: once a frame broke it, every later example fails too, so shrinking
+#: would only retry (each try waiting out a barrier); the first failing example is reported as
+#: is, and the frames sent in it are written to a file named in the failure.
+NO_SHRINK: Final = [Phase.explicit, Phase.reuse, Phase.generate]
+
+
+def send_all(sock: zmq.Socket, frames: list[bytes], barrier: Any, workdir: Path, what: str) -> None:
+    """Send ``frames`` then pass ``barrier``; on failure, save the frames for a replay."""
+    for frame in frames:
+        sock.send(frame)
+    try:
+        barrier()
+    except AssertionError as exc:
+        saved = workdir / f"{what}-failing-example.msgpack"
+        saved.write_bytes(msgpack.packb(frames))
+        raise AssertionError(f"{exc}\nthe {len(frames)} frames of this example are in {saved}") from None
+
+
 def int_bytes(n: int) -> bytes:
     return IntType.serializer().serialize(n)  # type: ignore[no-any-return]
 
@@ -103,6 +122,7 @@ class FuzzedPeer:
 
     def __init__(self, workdir: Path, peers: int) -> None:
         ports = free_ports(peers + 1)
+        self.workdir = workdir
         self.peers = peers
         self.endpoints = [f"tcp://127.0.0.1:{p}" for p in ports[:peers]]
         self.client_endpoint = f"tcp://127.0.0.1:{ports[peers]}"
@@ -246,8 +266,6 @@ def client_skip_reason(frame: bytes, known: dict[str, int]) -> str | None:
         return "valid for a known counter"
     if kind == codec.C_REQUEST and not (math.isfinite(items[5]) and items[5] <= 30):
         return "request timeout not finite or over 30 s"
-    if kind == codec.C_FETCH and items[4] > 0:
-        return "waiting fetch"
     return None
 
 
@@ -264,7 +282,7 @@ def client_frames(draw: st.DrawFn) -> bytes:
     return draw(base_frames)
 
 
-@settings(max_examples=budget(ci=250, slow=5_000))
+@settings(max_examples=budget(ci=250, slow=5_000), phases=NO_SHRINK)
 @given(base=client_frames(), ops=st.lists(mutations, max_size=4), seed=st.integers(0, 2**32 - 1))
 def test_client_endpoint_survives_fuzzed_frames(
     client_fuzz_peer: FuzzedPeer, fuzz_count: Any, base: bytes, ops: list[Any], seed: int
@@ -272,23 +290,29 @@ def test_client_endpoint_survives_fuzzed_frames(
     peer = client_fuzz_peer
     if "client" not in RSS_BEFORE:
         RSS_BEFORE["client"], BAD_BEFORE["client"] = peer.rss_anon_kib(), peer.bad_frames()
+    frames = []
     for frame in derived_inputs(base, ops, seed, MUTANTS):
         reason = client_skip_reason(frame, peer.known)
         if reason is not None:
             fuzz_count.add(f"client endpoint skipped: {reason}")
             continue
-        peer.client.send(frame)
+        frames.append(frame)
         try:
             codec.decode_control(frame, CLIENT_KINDS)
             fuzz_count.add("client endpoint frames sent, well-formed")
         except FrameDecodeError:
             fuzz_count.add("client endpoint frames sent, malformed")
-    peer.call(codec.C_INFO)  # the barrier: everything before it was read, and the peer answers
+    if seed % 8 == 0:  # a message of several parts is no client frame, whatever the parts hold
+        peer.client.send_multipart(frames[:3] if len(frames) > 2 else [base, base])
+        fuzz_count.add("client endpoint frames sent, malformed")
+    # the barrier: an INFO answered after everything before it was read
+    send_all(peer.client, frames, lambda: peer.call(codec.C_INFO), peer.workdir, "client")
 
 
 def test_client_endpoint_state_and_memory_after_the_fuzz(client_fuzz_peer: FuzzedPeer, fuzz_count: Any) -> None:
     """Runs after the fuzz above (same module, same peer): nothing known changed, the peer serves, bounded RSS."""
-    assert fuzz_count.counts.get("client endpoint frames sent, malformed", 0) > 0, "the fuzz above did not run first"
+    if "client" not in RSS_BEFORE:
+        pytest.skip("checks what the fuzz test above did (run the whole module)")
     malformed = fuzz_count.counts["client endpoint frames sent, malformed"]
     rejected = client_fuzz_peer.bad_frames() - BAD_BEFORE["client"]
     assert rejected == malformed, f"the peer counted {rejected} rejected frames for the {malformed} malformed ones"
@@ -395,7 +419,7 @@ def peer_frames(draw: st.DrawFn) -> bytes:
     return GEN.pack(gen) + body
 
 
-@settings(max_examples=budget(ci=250, slow=5_000))
+@settings(max_examples=budget(ci=250, slow=5_000), phases=NO_SHRINK)
 @given(base=peer_frames(), ops=st.lists(mutations, max_size=4), seed=st.integers(0, 2**32 - 1))
 def test_peer_endpoint_survives_fuzzed_frames(
     peer_fuzz_peer: tuple[FuzzedPeer, FakePeer1], fuzz_count: Any, base: bytes, ops: list[Any], seed: int
@@ -403,14 +427,18 @@ def test_peer_endpoint_survives_fuzzed_frames(
     peer, fake = peer_fuzz_peer
     if "peer" not in RSS_BEFORE:
         RSS_BEFORE["peer"], BAD_BEFORE["peer"] = peer.rss_anon_kib(), peer.bad_frames()
+    frames = []
     for frame in derived_inputs(base, ops, seed, MUTANTS):
         reason = peer_skip_reason(frame, peer.known)
         if reason is not None:
             fuzz_count.add(f"peer endpoint skipped: {reason}")
             continue
-        fake.dealer.send(frame)
+        frames.append(frame)
         fuzz_count.add(f"peer endpoint frames sent, {peer_frame_class(frame)}")
-    fake.barrier()
+    if seed % 8 == 0:  # several parts: dropped by the transport, whatever they hold
+        fake.dealer.send_multipart(frames[:3] if len(frames) > 2 else [base, base])
+        fuzz_count.add("peer endpoint frames sent, malformed")
+    send_all(fake.dealer, frames, fake.barrier, peer.workdir, "peer")
 
 
 def test_peer_endpoint_state_and_memory_after_the_fuzz(
@@ -418,7 +446,8 @@ def test_peer_endpoint_state_and_memory_after_the_fuzz(
 ) -> None:
     """Runs after the fuzz above: nothing known changed, peer 0 serves, bounded RSS."""
     peer, fake = peer_fuzz_peer
-    assert fuzz_count.counts.get("peer endpoint frames sent, malformed", 0) > 0, "the fuzz above did not run first"
+    if "peer" not in RSS_BEFORE:
+        pytest.skip("checks what the fuzz test above did (run the whole module)")
     fake.barrier()
     malformed = fuzz_count.counts["peer endpoint frames sent, malformed"]
     rejected = peer.bad_frames() - BAD_BEFORE["peer"]
