@@ -84,7 +84,8 @@ class FuzzCount:
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        """Inputs run: every kind but those named "skipped" (drawn, but not sent)."""
+        return sum(n for kind, n in self.counts.items() if "skipped" not in kind)
 
 
 _FUZZ_REPORT: list[str] = []

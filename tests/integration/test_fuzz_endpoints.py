@@ -77,7 +77,7 @@ GEN = struct.Struct(">I")
 #: kinds a peer handles whatever the generation stamped on them (Peer._on_frame)
 ANY_GENERATION_KINDS = frozenset({codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME, codec.RESTORE_FAILED})
 #: growth of the peer's anonymous RSS over the fuzz that counts as unbounded
-RSS_BOUND_KIB = 96 * 1024
+RSS_BOUND_KIB = 32 * 1024
 APP_TYPES = frozenset(merge_functions(app.functions))
 #: the peer's anonymous RSS and rejected-frame count when each fuzz started
 RSS_BEFORE: dict[str, int] = {}
