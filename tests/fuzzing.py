@@ -174,7 +174,43 @@ mutations = st.one_of(
     st.tuples(st.just("header"), positions, st.sampled_from(HUGE_HEADERS)),
     st.tuples(st.just("append"), st.binary(min_size=1, max_size=6) | st.sampled_from([b"\xc0", b"\x90", b"\x00"])),
     st.tuples(st.just("duplicate"), positions, st.integers(1, 40)),
+    st.tuples(st.just("leaf"), positions, st.integers(0, 2**16)),
 )
+
+#: values a "leaf" mutation puts in place of one item of a frame's msgpack body: the frame stays
+#: well-formed msgpack, often of the right shape, with a value at an edge or of the wrong type
+INTERESTING_LEAVES: list[Any] = [
+    0, 1, -1, 2, 99, 2**31 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), 0.0, -1.5, float("nan"),
+    float("inf"), True, False, None, "", "it/counter", "io.statefun.types/int", "x" * 300, "\u00e9", b"",
+    b"\x00\x00\x00\x01", b"x" * 300, [], [0], {}, {"": 0}, ["a", "b", "", "", "c/d", b"", 0, 0],
+]  # fmt: skip
+
+
+def _leaf_paths(obj: Any, path: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
+    if isinstance(obj, list):
+        out = [path] if path else []
+        for i, item in enumerate(obj):
+            out += _leaf_paths(item, (*path, i))
+        return out
+    return [path]
+
+
+def _replace_leaf(frame: bytes, where: int, which: int) -> bytes:
+    """Replace one item (any depth) of the msgpack body after a frame's header with an interesting value."""
+    off = 6 if len(frame) > 6 and frame[4] == 1 and frame[0] != 1 else 2  # after a generation prefix, or not
+    try:
+        body = msgpack.unpackb(frame[off:], raw=False, strict_map_key=False)
+    except Exception:
+        return frame  # not msgpack: nothing to replace
+    paths = _leaf_paths(body)
+    if not isinstance(body, list) or not paths:
+        return frame
+    path = paths[where % len(paths)]
+    parent = body
+    for i in path[:-1]:
+        parent = parent[i]
+    parent[path[-1]] = INTERESTING_LEAVES[which % len(INTERESTING_LEAVES)]
+    return frame[:off] + msgpack.packb(body, use_bin_type=True)
 
 
 def mutate(frame: bytes, op: tuple[Any, ...]) -> bytes:
@@ -194,6 +230,8 @@ def mutate(frame: bytes, op: tuple[Any, ...]) -> bytes:
         return frame[:pos] + op[2] + frame[pos + len(op[2]) :]
     if kind == "duplicate":
         return frame[:pos] + frame[pos : pos + op[2]] + frame[pos:]
+    if kind == "leaf":
+        return _replace_leaf(frame, op[1], op[2])
     if n == 0:
         return frame
     pos %= n
@@ -211,7 +249,9 @@ base_frames = st.one_of(valid_frames(), wrong_type_frames(), nested_frames(), ra
 
 def random_mutation(rng: random.Random) -> tuple[Any, ...]:
     """One mutation of the kinds above, drawn from ``rng`` (the derived mutants of an example)."""
-    kind = rng.choice(["flip", "flip", "set", "set", "truncate", "insert", "delete", "header", "append", "duplicate"])
+    kind = rng.choice(
+        ["flip", "flip", "set", "set", "truncate", "insert", "delete", "header", "append", "duplicate", "leaf", "leaf"]
+    )
     pos = rng.randrange(2**16)
     if kind == "flip":
         return kind, pos, rng.randrange(8)
@@ -227,6 +267,8 @@ def random_mutation(rng: random.Random) -> tuple[Any, ...]:
         return kind, pos, rng.choice(HUGE_HEADERS)
     if kind == "append":
         return (kind, rng.randbytes(rng.randint(1, 6)))
+    if kind == "leaf":
+        return kind, pos, rng.randrange(2**16)
     return kind, pos, rng.randint(1, 40)
 
 
