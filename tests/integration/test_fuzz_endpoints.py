@@ -18,9 +18,9 @@ counters read back unchanged, the peer still accepts and applies a message, its 
 is alive and its anonymous RSS grew less than a bound.
 
 What is *not* sent (counted as "skipped"): frames that would legitimately change the
-known counters (a valid send, request or batch for them); requests with a timeout that
-is not finite or over 30 s (issue 7 item 4: a NaN timeout upsets the peer's timers, and
-requests held long are what its pending-request limits are for); and peer frames
+known counters (a valid send, request or batch for them); requests with a finite timeout
+over 30 s (valid: each would hold its pending slot that long; non-finite ones *are* sent,
+and refused under ``max_request_timeout``); and peer frames
 stamped with a generation ahead of the peer's, which the peer holds without a bound
 (issue 7 item 5; ``test_bad_input.py`` has the strict xfail for it). Everything else
 goes, including valid frames with nonsense values and messages of several parts.
@@ -461,7 +461,9 @@ def test_skip_rules_let_malformed_and_odd_frames_through() -> None:
     """The premise of the endpoint fuzz: only the frames named in the module docstring are held back."""
     known = {"k": 1}
     assert client_skip_reason(codec.encode_control(codec.C_SEND, 1, app.COUNTER, "k", INT, b"x", ""), known)
-    assert client_skip_reason(codec.encode_control(codec.C_REQUEST, 1, "x/y", "z", INT, b"", float("nan")), known)
+    assert client_skip_reason(codec.encode_control(codec.C_REQUEST, 1, "x/y", "z", INT, b"", 3600.0), known)
+    nan = codec.encode_control(codec.C_REQUEST, 1, "x/y", "z", INT, b"", float("nan"))
+    assert client_skip_reason(nan, known) is None  # sent: the endpoint refuses it (max_request_timeout)
     assert client_skip_reason(codec.encode_control(codec.C_SEND, 1, app.COUNTER, "other", INT, b"x", ""), known) is None
     assert client_skip_reason(codec.encode_control(codec.C_REQUEST, 1, "a/b", "c", INT, b"", 1.5), known) is None
     assert client_skip_reason(b"\x01\x10" + msgpack.packb([1, 2]), known) is None
