@@ -24,6 +24,7 @@ from . import _speedups
 from .address import Address
 from .context import DELETED, Cell, Context, Storage
 from .functions import FunctionSpec
+from .logutil import ThrottledLog
 from .messages import Message
 from .state.lmdb_backend import (
     MAX_KEY,
@@ -125,6 +126,8 @@ class Dispatcher:
         self.invocations = 0
         self.failures = 0
         self.duplicates = 0
+        #: failing invocations log one line per function type and error class per window
+        self.tlog = ThrottledLog(log)
 
     def reload_counters(self) -> None:
         """Re-read what is cached from the store (after the store was restored)."""
@@ -456,7 +459,10 @@ class Dispatcher:
         for cell in cells.values():  # decoded values may have been mutated in place
             cell.has_decoded = False
         error = f"{type(exc).__name__}: {exc}"
-        log.error("function %s raised %s; message moved to egress %r", address, error, DEAD_LETTERS, exc_info=exc)
+        # one line per kind of failure and window (the dead letter carries the traceback)
+        self.tlog.error(f"failures of {address.typename} ({type(exc).__name__})",
+                        "function %s raised %s; message moved to egress %r (traceback in the dead letter)",
+                        address, error, DEAD_LETTERS)  # fmt: skip
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
         self._dead_letter(rec, "function raised", error, tb, out)
         if rec[7]:
@@ -466,7 +472,8 @@ class Dispatcher:
         self.failures += 1
         known = sorted(self.table)
         error = f"no function is bound to type {rec[0]!r}"
-        log.error(
+        self.tlog.error(
+            f"messages to unknown type {rec[0][:100]!r}",
             "%s (message to %s/%s from %s); known types: %s; message moved to egress %r",
             error, rec[0], rec[1], f"{rec[2]}/{rec[3]}" if rec[2] else "a client",
             ", ".join(known[:10]) or "none", DEAD_LETTERS,

@@ -29,6 +29,7 @@ from .errors import (
     StatefunMeshError,
 )
 from .functions import StatefulFunctions, merge_functions
+from .logutil import ThrottledLog
 from .messages import EgressRecord, Message
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
@@ -110,6 +111,8 @@ class Peer:
         self.sent_records = [0] * n
         self.received_records = [0] * n
         self.bad_frames = 0
+        #: repeated problems (bad frames, a failing disk) log one line per kind and window
+        self._tlog = ThrottledLog(log)
         self.incarnation = random.getrandbits(48) | 1
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
@@ -566,7 +569,8 @@ class Peer:
             except StatefunMeshError as exc:
                 self._ingress_writing = 0
                 self._check_space()
-                log.error("peer %d: could not log %d client messages: %s", self.peer_id, len(records), exc)
+                self._tlog.error("failed ingress appends", "peer %d: could not log %d client messages: %s",
+                                 self.peer_id, len(records), exc)
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
@@ -888,14 +892,16 @@ class Peer:
     def _on_frame(self, src: int, frame: bytes) -> None:
         if len(frame) < 6:
             self.bad_frames += 1
-            log.error("peer %d: rejected a frame from peer %d: %d bytes is too short", self.peer_id, src, len(frame))
+            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: %d bytes is too short",
+                             self.peer_id, src, len(frame))
             return
         gen = _GEN.unpack_from(frame)[0]
         body = frame[4:]
         if body[0] != _speedups.FRAME_VERSION:
             self.bad_frames += 1
-            log.error("peer %d: rejected a frame from peer %d: not a generation-prefixed frame of version %d; "
-                      "do all peers run the same statefun_mesh release?", self.peer_id, src, _speedups.FRAME_VERSION)  # fmt: skip
+            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: not a generation-prefixed frame of "
+                             "version %d; do all peers run the same statefun_mesh release?", self.peer_id, src,
+                             _speedups.FRAME_VERSION)  # fmt: skip
             return
         kind = body[1]
         self._last_heard[src] = self.clock.now()
@@ -930,7 +936,7 @@ class Peer:
             kind, items = codec.decode_control(frame, _PEER_KINDS)
         except FrameDecodeError as exc:
             self.bad_frames += 1
-            log.error("peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
+            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
             return
         if kind == codec.CREDIT:
             # A grant returns records this peer sent and the other has since taken in:
@@ -939,8 +945,9 @@ class Peer:
             outstanding = self.config.credit_window - self._credit[src]
             if not 0 < items[0] <= outstanding:
                 self.bad_frames += 1
-                log.error("peer %d: rejected a credit of %d from peer %d, which has only %d records of "
-                          "this peer's outstanding", self.peer_id, items[0], src, outstanding)  # fmt: skip
+                self._tlog.error("bad credits", "peer %d: rejected a credit of %d from peer %d, which has only "
+                                 "%d records of this peer's outstanding", self.peer_id, items[0], src,
+                                 outstanding)  # fmt: skip
                 return
             self._credit[src] += items[0]
             if len(self._out[src]) or self._frames[src]:
@@ -958,13 +965,14 @@ class Peer:
                     and all(type(item[i]) is str for i in (2, 4, 5))
                 ):
                     self.bad_frames += 1
-                    log.error("peer %d: malformed reply from peer %d", self.peer_id, src)
+                    self._tlog.error("bad replies", "peer %d: malformed reply from peer %d", self.peer_id, src)
                     continue
                 self._resolve(*item)
         elif self.participant is None:
             self.bad_frames += 1
-            log.error("peer %d: checkpoint frame 0x%02x from peer %d, but this peer takes no checkpoints; "
-                      "do all peers have the same blob_store setting?", self.peer_id, kind, src)  # fmt: skip
+            self._tlog.error("unexpected checkpoint frames", "peer %d: checkpoint frame 0x%02x from peer %d, but this "
+                             "peer takes no checkpoints; do all peers have the same blob_store setting?",
+                             self.peer_id, kind, src)  # fmt: skip
         elif kind == codec.BARRIER:
             self.participant.on_barrier(src, items[0], items[1])
         elif kind == codec.CK_DONE:
@@ -1040,8 +1048,9 @@ class Peer:
                         raise
                     # the store is unreachable or failing: not the checkpoint's fault, so
                     # do not report it unrestorable; try again while this round stands
-                    log.error("peer %d: cannot read checkpoint %d from the blob store in recovery round %d: %s; "
-                              "retrying in %.1f s", self.peer_id, n, gen, exc, pause)  # fmt: skip
+                    self._tlog.error("blob store read retries", "peer %d: cannot read checkpoint %d from the blob "
+                                     "store in recovery round %d: %s; retrying in %.1f s", self.peer_id, n, gen, exc,
+                                     pause)  # fmt: skip
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 10.0)
         except asyncio.CancelledError:
@@ -1058,7 +1067,8 @@ class Peer:
     def _on_heartbeat(self, src: int, items: list[Any]) -> None:
         if items[0] != src:
             self.bad_frames += 1
-            log.error("peer %d: heartbeat on peer %d's channel claims to be from peer %s", self.peer_id, src, items[0])
+            self._tlog.error("bad heartbeats", "peer %d: heartbeat on peer %d's channel claims to be from peer %s",
+                             self.peer_id, src, items[0])
             return
         inc = items[1]
         if inc != self._incarnations[src]:
@@ -1077,6 +1087,19 @@ class Peer:
         if not self._alive[src]:
             self._alive[src] = True
             log.warning("peer %d: peer %d is reachable again", self.peer_id, src)
+
+    def flush_logs(self) -> None:
+        """Write the summaries of throttled log lines whose window closed (this peer's, its
+        dispatcher's and its client endpoint's)."""
+        self._tlog.flush()
+        if self.dispatcher is not None:
+            self.dispatcher.tlog.flush()
+        tlog = getattr(self.client_server, "tlog", None)
+        if tlog is not None:
+            tlog.flush()
+        tlog = getattr(self.transport, "tlog", None)
+        if tlog is not None:
+            tlog.flush()
 
     def _check_space(self) -> None:
         if self.pressure() < self.config.inbox_limit:
@@ -1098,6 +1121,7 @@ class Peer:
                         "peer %d: no word from peer %d for %.1f s; holding its %d outgoing messages until it is back",
                         self.peer_id, p, now - self._last_heard[p], len(self._out[p]) + self._framed[p],
                     )  # fmt: skip
+            self.flush_logs()
             await asyncio.sleep(cfg.heartbeat_interval)
 
     # -- the loop -------------------------------------------------------------------
@@ -1145,15 +1169,16 @@ class Peer:
             except StateBackendError as exc:
                 dispatcher.rollback()
                 inbox.extendleft(reversed(batch))
-                log.error("peer %d could not write a batch of %d messages: %s; retrying in %.2f s",
-                          self.peer_id, len(batch), exc, backoff)  # fmt: skip
+                self._tlog.error("failed batch writes", "peer %d could not write a batch of %d messages: %s; "
+                                 "retrying in %.2f s", self.peer_id, len(batch), exc, backoff)  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             except Exception:
                 dispatcher.rollback()
                 inbox.extendleft(reversed(batch))
-                log.exception("peer %d: internal error in a batch; retrying", self.peer_id)
+                self._tlog.log(logging.ERROR, "internal batch errors", "peer %d: internal error in a batch; retrying",
+                               self.peer_id, exc_info=True)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -1173,7 +1198,8 @@ class Peer:
                 try:
                     self._purge_from = backend.purge_dedup(now_ms, self._purge_from, 5000)
                 except StateBackendError as exc:  # e.g. a full disk: purging waits, processing goes on
-                    log.warning("peer %d: could not purge expired idempotency keys: %s", self.peer_id, exc)
+                    self._tlog.warning("failed purges", "peer %d: could not purge expired idempotency keys: %s",
+                                       self.peer_id, exc)
             self._flush_all()
             self._grant_credits()
             self._check_space()
@@ -1192,8 +1218,8 @@ class Peer:
                 self._out_replies[reply[0]].append(list(reply[1:]))
             else:
                 self.bad_frames += 1
-                log.error("peer %d: dropped a reply for peer %d, which is not in this mesh of %d peers",
-                          self.peer_id, reply[0], self.n_peers)  # fmt: skip
+                self._tlog.error("bad reply addresses", "peer %d: dropped a reply for peer %d, which is not in this "
+                                 "mesh of %d peers", self.peer_id, reply[0], self.n_peers)  # fmt: skip
         for typename in out.egress:
             if not self.checkpointing or typename in self._immediate:
                 ev = self._egress_events.get(typename)
@@ -1215,6 +1241,8 @@ class Peer:
     async def _sync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.sync_interval)
+            if self.transport is None:
+                self.flush_logs()  # no heartbeat loop to do it
             backend = self.backend
             if self._dirty and backend is not None:
                 self._dirty = False
@@ -1224,8 +1252,8 @@ class Peer:
                     await asyncio.shield(self._flush)
                 except Exception as exc:  # keep syncing: one failed fsync must not end the loop
                     self._dirty = True
-                    log.error("peer %d: syncing the state store to disk failed: %s; retrying in %s s",
-                              self.peer_id, exc, self.config.sync_interval)  # fmt: skip
+                    self._tlog.error("failed syncs", "peer %d: syncing the state store to disk failed: %s; retrying "
+                                     "in %s s", self.peer_id, exc, self.config.sync_interval)  # fmt: skip
 
 
 _PEER_KINDS = frozenset(

@@ -20,6 +20,7 @@ from .errors import (
     TransportError,
     TypeNameError,
 )
+from .logutil import ThrottledLog
 from .peer import Peer
 from .transport import codec
 
@@ -67,6 +68,8 @@ class ClientServer:
         self._admitter: asyncio.Task[None] | None = None
         self.bad_frames = 0
         self.busy = 0
+        #: bad client frames log one line per kind and window (the peer flushes the summaries)
+        self.tlog = ThrottledLog(log)
 
     async def start(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -122,7 +125,8 @@ class ClientServer:
             if len(parts) != 2:
                 self.bad_frames += 1
                 peer.bad_frames += 1
-                log.error("peer %d: dropped a %d-part client message from %r", peer.peer_id, len(parts), ident[:64])
+                self.tlog.error("bad client frames", "peer %d: dropped a %d-part client message from %r",
+                                peer.peer_id, len(parts), ident[:64])
                 continue
             frame = parts[1]
             try:
@@ -130,7 +134,8 @@ class ClientServer:
             except FrameDecodeError as exc:
                 self.bad_frames += 1
                 peer.bad_frames += 1
-                log.error("peer %d: rejected a frame from client %r: %s", peer.peer_id, ident[:64], exc)
+                self.tlog.error("bad client frames", "peer %d: rejected a frame from client %r: %s",
+                                peer.peer_id, ident[:64], exc)
                 self._error(ident, 0, exc)
                 continue
             corr = items[0]

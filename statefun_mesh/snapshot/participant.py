@@ -183,8 +183,9 @@ class Participant:
         try:
             part = await self._write_objects(snap)
         except (BlobStoreError, SnapshotError, OSError) as exc:
-            log.error("peer %d: checkpoint %d could not be written: %s; processing goes on and the "
-                      "coordinator retries with the next checkpoint", peer.peer_id, snap.n, exc)  # fmt: skip
+            peer._tlog.error("failed checkpoint uploads", "peer %d: checkpoint %d could not be written: %s; "
+                             "processing goes on and the coordinator retries with the next checkpoint",
+                             peer.peer_id, snap.n, exc)  # fmt: skip
             peer._checkpoint_ack(snap.n, None, str(exc))
             return
         finally:

@@ -10,6 +10,7 @@ import zmq
 import zmq.asyncio
 
 from ..errors import ClosedTransportError, TransportError
+from ..logutil import ThrottledLog
 from .base import FrameHandler, Transport
 
 __all__ = ["DEFAULT_MAX_FRAME", "ZmqTransport", "peer_identity"]
@@ -61,6 +62,8 @@ class ZmqTransport(Transport):
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.foreign_frames = 0
+        #: frames from non-peers log one line per window (the peer flushes the summaries)
+        self.tlog = ThrottledLog(log)
 
     async def start(self, on_frame: FrameHandler) -> None:
         router = self._ctx.socket(zmq.ROUTER)
@@ -101,7 +104,7 @@ class ZmqTransport(Transport):
             except zmq.ZMQError as exc:
                 if self._closed:
                     return
-                log.error("peer %d: receive failed: %s", self.peer_id, exc)
+                self.tlog.error("receive failures", "peer %d: receive failed: %s", self.peer_id, exc)
                 await asyncio.sleep(0.1)
                 continue
             ident = parts[0]
@@ -110,7 +113,8 @@ class ZmqTransport(Transport):
                 src = int(ident[prefix_len:])
             if not 0 <= src < n or src == self.peer_id or len(parts) != 2:
                 self.foreign_frames += 1
-                log.error(
+                self.tlog.error(
+                    "frames from non-peers",
                     "peer %d: dropped a frame from a sender that is not a peer of this mesh "
                     "(routing id %r, %d parts)", self.peer_id, ident[:64], len(parts),
                 )  # fmt: skip
@@ -118,7 +122,8 @@ class ZmqTransport(Transport):
             try:
                 on_frame(src, parts[1])
             except Exception:  # the handler logs bad frames itself; never let one kill the loop
-                log.exception("peer %d: handling a frame from peer %d failed", self.peer_id, src)
+                self.tlog.log(logging.ERROR, "frame handler errors", "peer %d: handling a frame from peer %d failed",
+                              self.peer_id, src, exc_info=True)
 
     def send(self, peer: int, frame: bytes) -> None:
         if self._closed:
