@@ -119,8 +119,10 @@ def _setup_logging(level: str, prefix: str = "") -> None:
 
 def cmd_peer(args: argparse.Namespace) -> int:
     """Run one peer of a cluster until SIGTERM/SIGINT."""
+    from .memory import limit_arenas
     from .peer import Peer
 
+    limit_arenas()  # a peer process's heap returns to its baseline after a load (memory.py)
     _setup_logging(args.log_level, f"peer-{args.id} ")
     overrides: dict[str, Any] = {"state_dir": args.state_dir}
     if args.restore is not None:

@@ -72,10 +72,14 @@ _KG_PREFIX: Final = [kg.to_bytes(2, "big") for kg in range(32768)]
 Reply = tuple[int, int, int, str, Any, str, str]
 
 
+#: bytes a send takes in an outgoing frame besides its id and value (type names, framing)
+_SEND_OVERHEAD: Final = 64
+
+
 class BatchOutcome:
     """What one batch produced; applied by the peer after the writes commit."""
 
-    __slots__ = ("egress", "min_due", "ops", "replies", "sends")
+    __slots__ = ("deferred", "egress", "min_due", "ops", "replies", "sends")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -85,6 +89,9 @@ class BatchOutcome:
         self.egress: dict[str, int] = {}
         #: earliest due time (ms) of a timer this batch added, if any
         self.min_due: int | None = None
+        #: records not run because the batch's sends reached ``max_send_bytes`` (whole
+        #: addresses, in arrival order): the caller queues them again, first
+        self.deferred: list[Record] = []
 
 
 class Dispatcher:
@@ -149,8 +156,13 @@ class Dispatcher:
         records: list[Record],
         fired: list[tuple[int, int, int, list[Any]]],
         now_ms: int,
+        max_send_bytes: int | None = None,
     ) -> BatchOutcome:
         """Invoke the functions for ``records``, and release the ``fired`` timers' messages.
+
+        With ``max_send_bytes``, addresses not yet started once the batch's sends reach that
+        many bytes (estimated) are not run but returned in ``outcome.deferred``: one batch's
+        fan-out stays within the peer's memory budget, overshot by one address at most.
 
         Returns the outcome; nothing is written yet.
         """
@@ -190,7 +202,16 @@ class Dispatcher:
             key_group = self._key_group
             maxp = self.max_parallelism
             kg_prefix = _KG_PREFIX
+            sends = out.sends
+            counted = send_bytes = 0
             for (typename, id), recs in groups.items():
+                if max_send_bytes is not None and counted < len(sends):
+                    for r in sends[counted:]:
+                        send_bytes += len(r[1]) + len(r[5]) + _SEND_OVERHEAD
+                    counted = len(sends)
+                    if send_bytes >= max_send_bytes:
+                        out.deferred.extend(recs)
+                        continue
                 fspec = table.get(typename)
                 if fspec is None:
                     for rec in recs:

@@ -30,7 +30,9 @@ from .errors import (
 )
 from .functions import StatefulFunctions, merge_functions
 from .logutil import ThrottledLog
+from .memory import RECORD_OVERHEAD, malloc_trim, records_bytes
 from .messages import EgressRecord, Message
+from .spill import Spill
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
 from .transport.base import Transport
@@ -102,6 +104,22 @@ class Peer:
         self._frames: list[collections.deque[tuple[int, bytes]]] = [collections.deque() for _ in range(n)]
         self._framed = [0] * n  # records in _frames[p]
         self._frame_cap = max(config.max_frame_bytes // 2, 4096)
+        # memory_budget (docs/architecture.md §5): the inbox keeps up to half in memory and
+        # spills the rest; the loop takes no batch while outgoing bytes exceed a quarter;
+        # clients are admitted while inbox plus outgoing stay under a quarter
+        budget = config.memory_budget
+        self._inbox_cap = budget // 2
+        self._out_cap = budget // 4
+        self._held_cap = budget // 4
+        self._inbox_bytes = 0  # estimated memory of the records in _inbox
+        self._framed_bytes = [0] * n  # bytes in _frames[p]
+        self._held_bytes = 0
+        self._spill: Spill | None = None
+        #: the loop waits for outgoing credit: grant credit for what arrives, spilling beyond memory
+        self._blocked = False
+        self._trimmed_at = 0
+        self.spilled_total = 0  # records ever spilled
+        self.credit_waits = 0  # times the loop waited for outgoing credit
         self._out_replies: list[list[Any]] = [[] for _ in range(n)]
         self._credit = [config.credit_window] * n
         self._owed = [0] * n
@@ -301,6 +319,9 @@ class Peer:
     async def _release_resources(self) -> None:
         if self.transport is not None:
             await self.transport.aclose()
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
         if self.backend is not None:
             self.backend.close()
             self.backend = None
@@ -344,6 +365,7 @@ class Peer:
         self.received_records = [0] * self.n_peers
         self._hold_batches = False
         self._held = [(g, src, f) for g, src, f in self._held if g >= gen]
+        self._held_bytes = sum(len(f) for _, _, f in self._held)
         self._in_batch = False
         self._fail_requests(
             BrokenTransportError("the mesh is recovering from a failure; the request may not have been applied: retry it")
@@ -361,7 +383,7 @@ class Peer:
         # What was in flight at the cut comes first, then the ingress log from the cut's
         # position; both are queued before this peer reports READY, so when the mesh
         # resumes every replayed message is already on its way, ahead of new input.
-        self._inbox.extend(self.participant.inflight_restored)
+        self._enqueue(self.participant.inflight_restored)
         self.participant.inflight_restored = []
         if self.ingress is not None:
             self._replay(self.participant.ingress_position)
@@ -376,6 +398,7 @@ class Peer:
             if p != self.peer_id:
                 self._seal(p)
                 self._frames[p].append((0, marker))
+                self._framed_bytes[p] += len(marker)
         self._flush_all()
 
     def _resume(self, gen: int) -> None:
@@ -391,6 +414,7 @@ class Peer:
         self._loop_task.add_done_callback(self._loop_ended)
         self.resumed = True
         held, self._held = self._held, []
+        self._held_bytes = 0
         for g, src, frame in held:
             if g == gen:
                 self._on_channel_frame(src, frame)
@@ -471,12 +495,14 @@ class Peer:
                 # a released barrier started the next cut, which waits for a batch to
                 # end: what came after it waits too, in order
                 self._held = keep + held[i:] + self._held
+                self._held_bytes = sum(len(f) for _, _, f in self._held)
                 return
             if g == self.generation:
                 self._on_channel_frame(src, frame)
             elif g > self.generation:
                 keep.append((g, src, frame))
         self._held = keep + self._held
+        self._held_bytes = sum(len(f) for _, _, f in self._held)
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -502,8 +528,23 @@ class Peer:
         """Messages queued here: the local inbox plus what waits to go to other peers."""
         return (
             len(self._inbox) + sum(len(e) for e in self._out) + sum(self._framed)
-            + len(self._ingress_batch) + self._ingress_writing
+            + len(self._ingress_batch) + self._ingress_writing + (self._spill.count if self._spill else 0)
         )  # fmt: skip
+
+    def queued_bytes(self) -> int:
+        """Estimated memory of the queued messages: the inbox in memory plus what waits to go out."""
+        return self._inbox_bytes + self._out_bytes()
+
+    def _out_bytes(self) -> int:
+        return sum(e.nbytes for e in self._out) + sum(self._framed_bytes)
+
+    def _full(self) -> bool:
+        """Over ``inbox_limit`` messages or a quarter of ``memory_budget``, or spilling: clients wait."""
+        return (
+            self.pressure() >= self.config.inbox_limit
+            or self.queued_bytes() >= self._out_cap
+            or (self._spill is not None and self._spill.count > 0)
+        )
 
     async def submit(self, rec: Record, *, durable: bool = True) -> None:
         """Admit one message from a client.
@@ -539,18 +580,17 @@ class Peer:
 
     def admits(self) -> bool:
         """Whether :meth:`admit` would return at once."""
-        return self.resumed and not self._closing and self.pressure() < self.config.inbox_limit
+        return self.resumed and not self._closing and not self._full()
 
     async def admit(self) -> None:
         """Wait until this peer admits client messages (running, and under ``inbox_limit``)."""
-        limit = self.config.inbox_limit
         while True:
             if self._closing:
                 raise ClosedTransportError("the peer is closing")
             if not self.resumed:
                 await self._resumed_event.wait()
                 continue
-            if self.pressure() >= limit:
+            if self._full():
                 self._space.clear()
                 await self._space.wait()
                 continue
@@ -731,7 +771,7 @@ class Peer:
     async def idle(self) -> None:
         """Wait until this peer has processed everything queued here (and every due timer)."""
         while True:
-            if self._inbox or self._timer_due(self._now_ms()):
+            if self._inbox or (self._spill and self._spill.count) or self._timer_due(self._now_ms()):
                 self._idle.clear()
                 self._wake.set()
             elif self._idle.is_set() or self._closing:
@@ -742,6 +782,7 @@ class Peer:
         """Whether nothing is queued here, nothing waits to be sent, and the loop is waiting."""
         return (
             not self._inbox
+            and not (self._spill and self._spill.count)
             and self._idle.is_set()
             and not any(len(e) for e in self._out)
             and not any(self._frames)
@@ -755,7 +796,11 @@ class Peer:
             "peer": self.peer_id,
             "peers": self.n_peers,
             "core": _speedups.IMPLEMENTATION,
-            "queued": len(self._inbox),
+            "queued": len(self._inbox) + (self._spill.count if self._spill else 0),
+            "spilled": self._spill.count if self._spill else 0,
+            "memory": {"inbox": self._inbox_bytes, "outgoing": self._out_bytes(), "held": self._held_bytes,
+                       "budget": self.config.memory_budget, "spilled_total": self.spilled_total,
+                       "credit_waits": self.credit_waits},
             "outgoing": [len(e) + f for e, f in zip(self._out, self._framed)],
             "credit": list(self._credit),
             "batches": self.batches,
@@ -788,14 +833,14 @@ class Peer:
 
     def _route(self, records: list[Record], from_client: bool = False) -> None:
         if self.n_peers == 1:
-            self._inbox.extend(records)
+            self._enqueue(records)
         else:
             me = self.peer_id
             for p, part in enumerate(_speedups.partition(records, self.config.max_parallelism, self.n_peers)):
                 if not part:
                     continue
                 if p == me:
-                    self._inbox.extend(part)
+                    self._enqueue(part)
                     continue
                 enc = self._out[p]
                 step = 64 if len(part) > 64 else len(part)
@@ -809,6 +854,48 @@ class Peer:
                 self._schedule_flush()
         self._idle.clear()
         self._wake.set()
+
+    def _enqueue(self, records: list[Record]) -> None:
+        """Queue ``records`` for processing here: in memory up to half of ``memory_budget``,
+        the rest (and everything while anything is spilled, to keep the order) to the spill."""
+        if not records:
+            return
+        size = records_bytes(records)
+        spill = self._spill
+        if (spill is None or not spill.count) and self._inbox_bytes + size <= self._inbox_cap:
+            self._inbox.extend(records)
+            self._inbox_bytes += size
+            return
+        i = 0
+        if spill is None or not spill.count:
+            room = self._inbox_cap - self._inbox_bytes
+            while i < len(records) and room > 0:
+                room -= len(records[i][1]) + len(records[i][5]) + RECORD_OVERHEAD
+                i += 1
+            head = records[:i]
+            self._inbox.extend(head)
+            self._inbox_bytes += records_bytes(head)
+        try:
+            if spill is None:
+                spill = self._spill = Spill(self.state_path + ".spill")
+            for j in range(i, len(records), 1000):
+                spill.push(records[j : j + 1000])
+                self.spilled_total += len(records[j : j + 1000])
+        except StatefunMeshError as exc:
+            # a full disk: keep them in memory (never drop what was received)
+            self._tlog.error("failed spills", "peer %d: cannot spill messages to disk: %s; keeping them in memory",
+                             self.peer_id, exc)  # fmt: skip
+            rest = records[i:] if spill is None else records[j:]
+            self._inbox.extend(rest)
+            self._inbox_bytes += records_bytes(rest)
+
+    def _refill(self) -> None:
+        """Read spilled records back while the inbox is under a quarter of the budget."""
+        spill = self._spill
+        while spill is not None and spill.count and self._inbox_bytes < self._inbox_cap // 2:
+            records = spill.pop()
+            self._inbox.extend(records)
+            self._inbox_bytes += records_bytes(records)
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None:
@@ -842,6 +929,7 @@ class Peer:
                           self.peer_id, p, len(frame), self.config.max_frame_bytes)  # fmt: skip
             self._frames[p].append((n, frame))
             self._framed[p] += n
+            self._framed_bytes[p] += len(frame)
 
     def _flush_peer(self, p: int, force: bool = False) -> None:
         """Send peer ``p`` what waits for it, as far as its credit goes (``force``: all of it)."""
@@ -853,6 +941,7 @@ class Peer:
         while frames and (self._credit[p] > 0 or force):
             n, frame = frames.popleft()
             self._framed[p] -= n
+            self._framed_bytes[p] -= len(frame)
             self._credit[p] -= n
             self.sent_records[p] += n
             self._send(p, frame)
@@ -877,8 +966,17 @@ class Peer:
                 self._send(p, codec.encode_control(codec.REPLIES, replies))
 
     def _grant_credits(self) -> None:
-        if self.transport is None or len(self._inbox) >= self.config.inbox_limit:
+        # A peer whose loop waits for credit grants for all it receives (what does not fit
+        # in memory spills): if it did not, two peers waiting for each other's credit would
+        # wedge the mesh (docs/architecture.md §5).
+        if self.transport is None:
             return
+        if not self._blocked and (
+            len(self._inbox) >= self.config.inbox_limit
+            or self._inbox_bytes >= self._inbox_cap
+            or (self._spill is not None and self._spill.count)
+        ):
+            return  # the sender keeps the rest until this peer has room in memory
         quarter = max(self.config.credit_window // 4, 1)
         empty = not self._inbox
         for p in range(self.n_peers):
@@ -916,7 +1014,16 @@ class Peer:
         if gen > self.generation or not self.resumed or (
             self._hold_batches and (kind == codec.KIND_BATCH or kind == codec.BARRIER)
         ):
+            if gen > self.generation and self._held_bytes + len(body) > self._held_cap:
+                # a peer of this mesh sends a later generation only after a RECOVER this
+                # peer is about to get, and at most its credit window: beyond that it is no peer
+                self.bad_frames += 1
+                self._tlog.error("refused future frames", "peer %d: refused a frame of generation %d from peer %d: "
+                                 "%d bytes of frames of later generations are held already (a quarter of "
+                                 "memory_budget)", self.peer_id, gen, src, self._held_bytes)  # fmt: skip
+                return
             self._held.append((gen, src, body))
+            self._held_bytes += len(body)
             return
         self._on_channel_frame(src, body, gen)
 
@@ -929,9 +1036,11 @@ class Peer:
                 self._owed[src] += len(records)
                 if self.participant is not None and self.participant.snap is not None:
                     self.participant.on_records(src, records)
-                self._inbox.extend(records)
+                self._enqueue(records)
                 self._idle.clear()
                 self._wake.set()
+                if self._blocked:
+                    self._grant_credits()
                 return
             kind, items = codec.decode_control(frame, _PEER_KINDS)
         except FrameDecodeError as exc:
@@ -953,6 +1062,8 @@ class Peer:
             if len(self._out[src]) or self._frames[src]:
                 self._flush_peer(src)
             self._check_space()
+            if self._blocked:
+                self._wake.set()  # the loop waits for this credit
         elif kind == codec.HEARTBEAT:
             self._on_heartbeat(src, items)
         elif kind == codec.REPLIES:
@@ -1017,6 +1128,11 @@ class Peer:
 
     def _drop_queues(self) -> None:
         self._inbox.clear()
+        self._inbox_bytes = 0
+        self._framed_bytes = [0] * self.n_peers
+        self._blocked = False
+        if self._spill is not None:
+            self._spill.clear()
         self._out = [_speedups.BatchEncoder() for _ in range(self.n_peers)]
         self._frames = [collections.deque() for _ in range(self.n_peers)]
         self._framed = [0] * self.n_peers
@@ -1101,8 +1217,14 @@ class Peer:
         if tlog is not None:
             tlog.flush()
 
+    def _maybe_trim(self) -> None:
+        """After a busy spell, once idle: give the freed heap back to the system."""
+        if self.batches - self._trimmed_at >= 100 and self.is_idle():
+            self._trimmed_at = self.batches
+            malloc_trim()
+
     def _check_space(self) -> None:
-        if self.pressure() < self.config.inbox_limit:
+        if not self._full():
             self._space.set()
 
     async def _heartbeat_loop(self) -> None:
@@ -1122,6 +1244,7 @@ class Peer:
                         self.peer_id, p, now - self._last_heard[p], len(self._out[p]) + self._framed[p],
                     )  # fmt: skip
             self.flush_logs()
+            self._maybe_trim()
             await asyncio.sleep(cfg.heartbeat_interval)
 
     # -- the loop -------------------------------------------------------------------
@@ -1143,7 +1266,25 @@ class Peer:
             participant = self.participant
             if participant is not None and participant.pending is not None:
                 participant.take_snapshot()  # a barrier waited for the batch boundary
+            if self._spill is not None and self._spill.count:
+                self._refill()
             now_ms = self._now_ms()
+            out_bytes = self._out_bytes() if self.transport is not None else 0
+            if out_bytes >= self._out_cap and (inbox or self._timer_due(now_ms)):
+                # Outgoing buffers are full: wait for credit before producing more. Safe,
+                # because a peer that waits grants credit for all it receives (spilling
+                # what does not fit in memory), so credit never waits on processing.
+                if not self._blocked:
+                    self.credit_waits += 1
+                self._blocked = True
+                self._flush_all()
+                self._grant_credits()
+                if self._closing:
+                    return
+                await self.clock.wait(self._wake, None if self._next_due is None else self._next_due / 1000)
+                self._wake.clear()
+                continue
+            self._blocked = False
             if self._timers_held and not inbox and len(self._replayed_from) >= self.n_peers - 1:
                 self._timers_held = False  # every replayed message is processed: timers may fire
             if not inbox and not self._timer_due(now_ms):
@@ -1159,16 +1300,21 @@ class Peer:
             self._idle.clear()
             n = min(len(inbox), max_batch)
             batch = [inbox.popleft() for _ in range(n)]
+            batch_bytes = records_bytes(batch)
+            self._inbox_bytes = self._inbox_bytes - batch_bytes if inbox else 0
             fired: list[Any] = []
             if self._timer_due(now_ms):
                 fired = backend.due_timers(now_ms, max(max_batch - n, 1))
             self._in_batch = True
             try:
-                outcome = await dispatcher.run(batch, fired, now_ms)
+                # what the batch sends may fill the outgoing buffers' room, no more (one
+                # address's invocations may overshoot it: they are never split)
+                outcome = await dispatcher.run(batch, fired, now_ms, max(self._out_cap - out_bytes, 0))
                 backend.commit(outcome.ops)
             except StateBackendError as exc:
                 dispatcher.rollback()
                 inbox.extendleft(reversed(batch))
+                self._inbox_bytes += batch_bytes
                 self._tlog.error("failed batch writes", "peer %d could not write a batch of %d messages: %s; "
                                  "retrying in %.2f s", self.peer_id, len(batch), exc, backoff)  # fmt: skip
                 await asyncio.sleep(backoff)
@@ -1177,6 +1323,7 @@ class Peer:
             except Exception:
                 dispatcher.rollback()
                 inbox.extendleft(reversed(batch))
+                self._inbox_bytes += batch_bytes
                 self._tlog.log(logging.ERROR, "internal batch errors", "peer %d: internal error in a batch; retrying",
                                self.peer_id, exc_info=True)
                 await asyncio.sleep(backoff)
@@ -1191,6 +1338,9 @@ class Peer:
                 backend.flush()
             if fired:
                 self._next_due = backend.next_timer_due()
+            if outcome.deferred:
+                inbox.extendleft(reversed(outcome.deferred))
+                self._inbox_bytes += records_bytes(outcome.deferred)
             self._after_commit(outcome)
             if now_ms >= self._next_purge:
                 # expired idempotency keys, a slice at a time between batches
@@ -1243,6 +1393,7 @@ class Peer:
             await asyncio.sleep(self.config.sync_interval)
             if self.transport is None:
                 self.flush_logs()  # no heartbeat loop to do it
+                self._maybe_trim()
             backend = self.backend
             if self._dirty and backend is not None:
                 self._dirty = False
