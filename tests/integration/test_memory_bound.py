@@ -12,6 +12,8 @@ it must finish (no deadlock) with exact counts.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from collections.abc import Callable
 import pytest
 
 from statefun_mesh import MeshClient, message_builder
+from statefun_mesh.errors import StatefunMeshError
 from tests.integration import app
 from tests.integration.support import Cluster, eventually, gather_bounded, memory_kib
 
@@ -80,9 +83,7 @@ async def test_fan_out_keeps_every_peer_under_its_memory_budget_and_gives_memory
         started = time.monotonic()
         try:
             doc = {"depth": 1, "k": FANOUT, "pad": PAD}
-            await gather_bounded(
-                (client.send(app.json_message(app.TREE, r, dict(doc, root=r))) for r in roots), 32
-            )
+            await gather_bounded((client.send(app.json_message(app.TREE, r, dict(doc, root=r))) for r in roots), 32)
             accepted = time.monotonic() - started
 
             async def all_applied() -> bool:
@@ -148,5 +149,57 @@ async def test_messages_cycling_between_peers_with_fan_out_on_a_tiny_budget_do_n
                 statuses.append((await c.info())["status"])
     # the workload did make peers wait for credit (the case that could deadlock)
     assert sum(st["memory"]["credit_waits"] for st in statuses) > 0, statuses
-    print("spilled:", [st["memory"]["spilled_total"] for st in statuses],
-          "credit waits:", [st["memory"]["credit_waits"] for st in statuses])
+    print(
+        "spilled:",
+        [st["memory"]["spilled_total"] for st in statuses],
+        "credit waits:",
+        [st["memory"]["credit_waits"] for st in statuses],
+    )
+
+
+CRASH_ROOTS = 40
+
+
+@pytest.mark.timeout(300)
+async def test_spilled_messages_are_applied_exactly_once_across_a_peer_crash(
+    start_cluster: Callable[..., Cluster],
+) -> None:
+    """Checkpoints cut while messages are spilled, then SIGKILL: recovery restores the
+    spilled messages from the checkpoint (and nothing twice)."""
+    cluster = start_cluster("ipc", config=config(1, 0.5).replace("2000", "200") + "max_frame_records = 50\n")
+    run = uuid.uuid4().hex[:8]
+    roots = [f"{run}-x{i}" for i in range(CRASH_ROOTS)]
+    async with MeshClient(cluster.endpoint, timeout=120) as client:
+        endpoints = (await client.info())["client_endpoints"]
+
+        async def statuses() -> list[dict]:
+            out = []
+            for ep in endpoints:
+                async with MeshClient(ep, timeout=10) as c:
+                    out.append((await c.info())["status"])
+            return out
+
+        doc = {"depth": 2, "k": CYCLE_K, "pad": PAD * 5}
+        await gather_bounded((client.send(app.json_message(app.TREE, r, dict(doc, root=r))) for r in roots), 8)
+        first = (await statuses())[0]["checkpoints"]["last_complete"] or 0
+
+        async def spilled_and_cut() -> bool:
+            sts = await statuses()
+            spilling = any(st["spilled"] > 0 for st in sts)
+            return spilling and (sts[0]["checkpoints"]["last_complete"] or 0) >= first + 1
+
+        await eventually(spilled_and_cut, timeout=60, interval=0.05, what="a checkpoint while messages are spilled")
+        pids = cluster.peer_pids()
+        os.kill(pids[1], signal.SIGKILL)
+
+        async def all_applied() -> bool:
+            try:
+                counts = await gather_bounded((tree_count(client, r) for r in roots), 8)
+            except StatefunMeshError:
+                return False
+            return sum(counts) >= CRASH_ROOTS * CYCLE_K * CYCLE_K
+
+        await eventually(all_applied, timeout=180, interval=1.0, what="every message applied after the crash")
+        await asyncio.sleep(2.0)
+        counts = await gather_bounded((tree_count(client, r) for r in roots), 8)
+        assert counts == [CYCLE_K * CYCLE_K] * CRASH_ROOTS, counts
