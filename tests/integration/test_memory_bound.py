@@ -199,7 +199,14 @@ async def test_spilled_messages_are_applied_exactly_once_across_a_peer_crash(
                 return False
             return sum(counts) >= CRASH_ROOTS * CYCLE_K * CYCLE_K
 
-        await eventually(all_applied, timeout=180, interval=1.0, what="every message applied after the crash")
+        try:
+            await eventually(all_applied, timeout=180, interval=1.0, what="every message applied after the crash")
+        except AssertionError:  # what to look at when it fails: counts, statuses, the peers' log
+            print("counts:", await gather_bounded((tree_count(client, r) for r in roots), 8))
+            for st in await statuses():
+                print("status:", st)
+            print("log tail:", cluster.log()[-6000:])
+            raise
         await asyncio.sleep(2.0)
         counts = await gather_bounded((tree_count(client, r) for r in roots), 8)
         assert counts == [CYCLE_K * CYCLE_K] * CRASH_ROOTS, counts

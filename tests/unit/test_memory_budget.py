@@ -75,13 +75,15 @@ def fan_out_functions(k: int) -> StatefulFunctions:
     @functions.bind(typename="mb/root")
     def root(context, message):  # type: ignore[no-untyped-def]
         for i in range(k):
-            context.send(message_builder(target_typename="mb/leaf", target_id=f"{context.address.id}.{i}",
-                                         str_value="x" * 2000))
+            context.send(
+                message_builder(target_typename="mb/leaf", target_id=f"{context.address.id}.{i}", str_value="x" * 2000)
+            )
 
     @functions.bind(typename="mb/leaf")
     def leaf(context, message):  # type: ignore[no-untyped-def]
-        context.send(message_builder(target_typename="mb/count", target_id=context.address.id.split(".")[0],
-                                     int_value=1))
+        context.send(
+            message_builder(target_typename="mb/count", target_id=context.address.id.split(".")[0], int_value=1)
+        )
 
     @functions.bind(typename="mb/count", specs=[ValueSpec(name="n", type=IntType)])
     def count(context, message):  # type: ignore[no-untyped-def]
