@@ -22,6 +22,7 @@ from .errors import (
     TransportError,
     TypeNameError,
 )
+from .logutil import ThrottledLog
 from .peer import Peer, check_request_timeout
 from .transport import codec
 
@@ -87,6 +88,8 @@ class ClientServer:
     def refused_clients(self) -> int:
         """Client connections refused for a key not in ``client_keys`` (CURVE only)."""
         return self._zap.refused if self._zap is not None else 0
+        #: bad client frames log one line per kind and window (the peer flushes the summaries)
+        self.tlog = ThrottledLog(log)
 
     async def start(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -172,7 +175,8 @@ class ClientServer:
             if len(parts) != 2:
                 self.bad_frames += 1
                 peer.bad_frames += 1
-                log.error("peer %d: dropped a %d-part client message from %r", peer.peer_id, len(parts), ident[:64])
+                self.tlog.error("bad client frames", "peer %d: dropped a %d-part client message from %r",
+                                peer.peer_id, len(parts), ident[:64])
                 continue
             frame = parts[1]
             try:
@@ -180,7 +184,8 @@ class ClientServer:
             except FrameDecodeError as exc:
                 self.bad_frames += 1
                 peer.bad_frames += 1
-                log.error("peer %d: rejected a frame from client %r: %s", peer.peer_id, ident[:64], exc)
+                self.tlog.error("bad client frames", "peer %d: rejected a frame from client %r: %s",
+                                peer.peer_id, ident[:64], exc)
                 self._error(ident, 0, exc)
                 continue
             corr = items[0]

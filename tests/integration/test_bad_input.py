@@ -143,7 +143,8 @@ async def test_client_endpoints_reject_bad_frames_and_keep_serving(cluster: Clus
         assert status["bad_frames"] - before == len(frames), f"peer {peer} counted {status['bad_frames'] - before}"
         await asyncio.sleep(0.2)
         logged = [line for line in cluster.log().splitlines() if identity.decode() in line]
-        assert len(logged) >= len(frames), f"{len(logged)} log lines name the sender {identity!r}"
+        # the first is logged naming the sender; the rest are summarised (throttled, per kind)
+        assert 1 <= len(logged) <= 3, f"{len(logged)} log lines name the sender {identity!r}"
         assert all("ERROR" in line and f"peer-{peer} " in line for line in logged), logged[:3]
 
 
@@ -344,8 +345,8 @@ async def test_peer_endpoint_rejects_frames_from_non_peers(tmp_path: Path, caplo
         assert transport.foreign_frames == sent
         # nothing from a non-peer was applied, even the well-formed batch
         assert await count_via(mesh, 0, target) == 0
-        for ident in (b"intruder", peer_identity(0), peer_identity(3)):
-            assert any(repr(ident) in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records), ident
+        # logged naming the sender: the first of them (the rest are summarised, throttled)
+        assert any(repr(b"intruder") in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
         await mesh_works(mesh, run)
         assert mesh.peers[0].status()["bad_frames"] == sent, (
             f"peer 0 dropped {transport.foreign_frames} frames from non-peers, but status()['bad_frames'] "
@@ -382,7 +383,8 @@ async def test_peer_endpoint_rejects_bad_frames_from_a_peer_identity(
         await asyncio.sleep(0.3)
         assert mesh.peers[0].status()["bad_frames"] - before == costs
         rejected = [r for r in caplog.records if r.levelno == logging.ERROR and "from peer 1" in r.getMessage()]
-        assert len(rejected) >= costs - 3, f"{len(rejected)} errors logged naming peer 1 for {costs} rejections"
+        # logged naming peer 1, one line per kind of rejection (repeats are summarised)
+        assert 1 <= len(rejected) <= 10, f"{len(rejected)} errors logged naming peer 1 for {costs} rejections"
         assert await count_via(mesh, 0, target) == 0, "a malformed frame was partly applied"
         await mesh_works(mesh, run, NOT_1_TO_0)
     finally:
