@@ -83,13 +83,13 @@ class ClientServer:
         self._zap: Any = None
         self._unregister: Any = None
         self._watch: asyncio.Task[None] | None = None
+        #: bad client frames log one line per kind and window (the peer flushes the summaries)
+        self.tlog = ThrottledLog(log)
 
     @property
     def refused_clients(self) -> int:
         """Client connections refused for a key not in ``client_keys`` (CURVE only)."""
         return self._zap.refused if self._zap is not None else 0
-        #: bad client frames log one line per kind and window (the peer flushes the summaries)
-        self.tlog = ThrottledLog(log)
 
     async def start(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
