@@ -17,7 +17,7 @@ from typing import Final
 
 from .config import MeshConfig
 from .errors import ConfigError
-from .mesh import local_endpoints
+from .mesh import free_ports, local_endpoints
 from .security import ClientKeys, ensure_keypair, register_client_keys
 
 __all__ = ["Launcher", "write_config"]
@@ -107,14 +107,25 @@ class Launcher:
         n = peers or (config.peers if config.endpoints else max(os.cpu_count() or 1, 1))
         self.run_dir = tempfile.mkdtemp(prefix="statefun-mesh-run-")
         os.makedirs(state_dir, exist_ok=True)
+        # tcp ports for the peer links and the other peers' client endpoints, picked together
+        # and never the client endpoint's own (not bound yet: free_ports would offer it)
+        ports: list[int] = []
+        if transport == "tcp":
+            given = client_endpoint.rsplit(":", 1)[-1] if client_endpoint.startswith("tcp://") else ""
+            ports = free_ports(2 * n, exclude=[int(given)] if given.isdigit() else [])
         if config.endpoints and len(config.endpoints) == n:
             endpoints = config.endpoints
+        elif ports:
+            endpoints = tuple(f"tcp://127.0.0.1:{port}" for port in ports[:n])
         else:
             endpoints = local_endpoints(transport, n, self.run_dir)
         if config.client_endpoints and len(config.client_endpoints) == n and all(config.client_endpoints):
             clients = config.client_endpoints
         else:
-            others = local_endpoints(transport, n, os.path.join(self.run_dir, "clients"))
+            if ports:
+                others = tuple(f"tcp://127.0.0.1:{port}" for port in ports[n:])
+            else:
+                others = local_endpoints(transport, n, os.path.join(self.run_dir, "clients"))
             os.makedirs(os.path.join(self.run_dir, "clients"), exist_ok=True)
             clients = (client_endpoint, *others[1:])
         self.config = config.with_(peers=n, endpoints=tuple(endpoints), client_endpoints=tuple(clients),

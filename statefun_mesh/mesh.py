@@ -43,17 +43,25 @@ def local_endpoints(transport: str, peers: int, run_dir: str, base_port: int = 0
     raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports on 127.0.0.1 that are free right now."""
+def free_ports(n: int, exclude: Iterable[int] = ()) -> list[int]:
+    """``n`` distinct TCP ports on 127.0.0.1 that are free right now, none in ``exclude``
+    (ports already promised to something that has not bound them yet)."""
     import socket
 
+    skip = set(exclude)
     socks = []
+    ports: list[int] = []
     try:
-        for _ in range(n):
+        for _ in range(n + len(skip)):
+            if len(ports) == n:
+                break
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            socks.append(s)  # held until all are picked: the ports are distinct
+            port = s.getsockname()[1]
+            if port not in skip:
+                ports.append(port)
+        return ports
     finally:
         for s in socks:
             s.close()

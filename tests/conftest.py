@@ -34,6 +34,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("STATEFUN_MESH_NO_EXTENSIONS"):
+        # Tests of what does not depend on the hot path's implementation (network faults,
+        # CURVE, blob store faults, the CLI's messages) run once, on the C core; the twin
+        # is pinned to it by the vectors and by every other test, run on both.
+        one = pytest.mark.skip(reason="c_core_only: tests no hot-path code; runs on the C core")
+        for item in items:
+            if "c_core_only" in item.keywords:
+                item.add_marker(one)
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --run-slow")

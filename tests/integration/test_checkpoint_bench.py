@@ -18,7 +18,7 @@ import pytest
 
 from tests.integration.support import ROOT
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
 
 def test_checkpoint_perf_quick_runs_and_prints_its_figures(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from statefun_mesh.mesh import free_ports
 from tests.integration import app
 from tests.integration.support import APP, ROOT, Cluster, run_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
 
 def _env() -> dict[str, str]:

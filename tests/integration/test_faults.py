@@ -46,7 +46,7 @@ from tests.integration.test_crash_recovery import (
     wait_new_checkpoints,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
 BUCKET = "statefun-faults"
 CHECKPOINT_FAILED = r"checkpoint \d+ could not be written: [^\n]*"

@@ -27,6 +27,8 @@ import pytest
 
 from tests.integration.netns_support import Hosts, NetMesh, has_netem, has_nft, unavailable_reason
 
+pytestmark = pytest.mark.c_core_only  # network faults: no hot-path code of its own
+
 CI = os.environ.get("CI") == "true"
 
 

@@ -33,7 +33,7 @@ from tests.s3server import (  # noqa: E402
     running_s3_server,
 )
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
 if os.environ.get("CI") is None:
     boto3 = pytest.importorskip("boto3", reason="S3BlobStore needs boto3: pip install 'statefun-mesh[s3]'")

@@ -33,7 +33,7 @@ from statefun_mesh.transport.zeromq import peer_identity
 from tests.integration import app
 from tests.integration.support import Cluster, _cmdline, eventually, ids_on
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
 INT = "io.statefun.types/int"
 MODES = [pytest.param(False, id="no-keys"), pytest.param(True, id="curve")]
