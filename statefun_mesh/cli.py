@@ -1036,7 +1036,7 @@ payload: a string/int/long/float/double/bool value as text; a Kafka/Kinesis reco
 
 example:
   nats stream add OUT --subjects 'out.>' --defaults
-  statefun-mesh nats-egress --name out --route 'example/greets=out.{peer}'
+  statefun-mesh nats-egress --name greets --route 'example/greetings=out.{peer}'
 
 See docs/connectors.md.""",
     )  # fmt: skip
