@@ -410,9 +410,10 @@ class NatsEgress:
                                         "client_endpoints are not in peer order")  # fmt: skip
             if records:
                 await self._publish(nats, route, records)
+            first = isinstance(pos, str)  # "earliest"/"latest" resolved: remember where that was
             pos = nxt
             self.positions.setdefault(route.egress, {})[key] = [nxt, gen]
-            if records:
+            if records or first:
                 self._dirty.set()
 
     async def _publish(self, nats: Any, route: EgressRoute, records: list[EgressRecord]) -> None:
