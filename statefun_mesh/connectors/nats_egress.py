@@ -38,6 +38,7 @@ from ..address import parse_typename
 from ..client import MeshClient
 from ..egress_io import KAFKA_PRODUCER_RECORD_TYPENAME, KINESIS_EGRESS_RECORD_TYPENAME
 from ..errors import ConfigError, StatefunMeshError
+from ..logutil import ThrottledLog
 from ..messages import EgressRecord
 from .nats import HEADER_VALUE_TYPE, NATS_MSG_ID, _import_nats
 
@@ -241,8 +242,7 @@ class NatsEgress:
         self._js: Any = None
         self._kv: Any = None
         self._client: MeshClient | None = None
-        self._last_warning = 0.0
-        self._suppressed = 0
+        self._tlog = ThrottledLog(log)
         self._closing = False
         #: true once the bridge follows the egresses (after start-up)
         self.running = False
@@ -282,9 +282,7 @@ class NatsEgress:
                      len(endpoints), self.config.nats_url, self.config.kv_bucket, self.config.name)  # fmt: skip
             tasks = [asyncio.create_task(self._follow(nats, route, peer, ep), name=f"nats-egress {route.egress}@{peer}")
                      for route in self.config.routes for peer, ep in enumerate(endpoints)]  # fmt: skip
-            helpers = [asyncio.create_task(self._saver())]
-            if self.config.status_interval > 0:
-                helpers.append(asyncio.create_task(self._report()))
+            helpers = [asyncio.create_task(self._saver()), asyncio.create_task(self._report())]
             self.running = True
             stopper = asyncio.create_task(stop.wait())
             try:
@@ -299,6 +297,7 @@ class NatsEgress:
                 await asyncio.gather(stopper, *tasks, *helpers, return_exceptions=True)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._save(), 5.0)
+                self._tlog.flush()
                 log.info("nats-egress: stopped: %s", self.stats.line())
         finally:
             self._closing = True
@@ -315,7 +314,7 @@ class NatsEgress:
 
         async def on_error(exc: Exception) -> None:
             if connected:  # before, the connect loop below says why
-                self._warn(f"NATS connection error: {exc!r}")
+                self._warn("NATS connection errors", f"NATS connection error: {exc!r}")
 
         async def on_disconnect() -> None:
             if not self._closing:
@@ -335,7 +334,7 @@ class NatsEgress:
                     error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
                 )  # fmt: skip
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
-                self._warn(f"cannot connect to NATS at {cfg.nats_url} ({exc!r}); "
+                self._warn("NATS connect failures", f"cannot connect to NATS at {cfg.nats_url} ({exc!r}); "
                            f"retrying (every {pause:.1f} s)")  # fmt: skip
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                     await asyncio.wait_for(stop.wait(), pause)
@@ -357,7 +356,7 @@ class NatsEgress:
             except (ConfigError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                self._warn(f"cannot {what} ({exc!r}); retrying")
+                self._warn(f"failures to {what}", f"cannot {what} ({exc!r}); retrying")
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                     await asyncio.wait_for(stop.wait(), pause)
                 pause = min(pause * 2, 5.0)
@@ -400,7 +399,8 @@ class NatsEgress:
                 )
             except (StatefunMeshError, OSError) as exc:
                 self.stats.fetch_retries += 1
-                self._warn(f"reading {route.egress} from peer {peer} at {endpoint} failed ({exc!r}); retrying")
+                self._warn("egress read failures",
+                           f"reading {route.egress} from peer {peer} at {endpoint} failed ({exc!r}); retrying")
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
                 continue
@@ -441,8 +441,8 @@ class NatsEgress:
                 self.stats.publish_retries += len(failed)
                 hint = (" (no stream captures it: create one, e.g. nats stream add)"
                         if isinstance(error, nats.errors.NoRespondersError) else "")  # fmt: skip
-                self._warn(f"publishing {len(failed)} records of {route.egress} (e.g. to {msgs[failed[0]][0]}) "
-                           f"failed: {error!r}{hint}; retrying")  # fmt: skip
+                self._warn("publish failures", f"publishing {len(failed)} records of {route.egress} (e.g. to "
+                           f"{msgs[failed[0]][0]}) failed: {error!r}{hint}; retrying")  # fmt: skip
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
             pending = failed
@@ -462,26 +462,29 @@ class NatsEgress:
                 await self._save()
             except Exception as exc:
                 self._dirty.set()
-                self._warn(f"writing the position to bucket {self.config.kv_bucket} failed ({exc!r}); retrying")
+                self._warn("position write failures",
+                           f"writing the position to bucket {self.config.kv_bucket} failed ({exc!r}); retrying")
                 await asyncio.sleep(1.0)
             await asyncio.sleep(0.2)
 
     async def _report(self) -> None:
+        """Every second: summaries of throttled warnings; every ``status_interval``, a progress
+        line if a counter moved (quiet while idle)."""
         last: tuple[int, ...] = ()
+        interval = self.config.status_interval
+        due = time.monotonic() + interval
         while True:
-            await asyncio.sleep(self.config.status_interval)
+            await asyncio.sleep(1.0 if interval <= 0 else min(1.0, interval))
+            self._tlog.flush()
+            if interval <= 0 or time.monotonic() < due:
+                continue
+            due = time.monotonic() + interval
             s = self.stats
             now = (s.published, s.duplicates, s.publish_retries, s.fetch_retries)
-            if now != last:  # quiet while idle
+            if now != last:
                 last = now
                 log.info("nats-egress: %s", s.line())
 
-    def _warn(self, text: str) -> None:
-        """A warning, at most one per 5 s (the others are counted and summarised)."""
-        now = time.monotonic()
-        if now - self._last_warning < 5.0:
-            self._suppressed += 1
-            return
-        more = f" ({self._suppressed} similar warnings suppressed)" if self._suppressed else ""
-        self._last_warning, self._suppressed = now, 0
-        log.warning("nats-egress: %s%s", text, more)
+    def _warn(self, kind: str, text: str) -> None:
+        """A warning; more of the same ``kind`` within 10 s are counted and summarised."""
+        self._tlog.warning(kind, "nats-egress: %s", text)
