@@ -42,7 +42,7 @@ from ..logutil import ThrottledLog
 from ..messages import EgressRecord
 from .nats import HEADER_VALUE_TYPE, NATS_MSG_ID, _import_nats
 
-__all__ = ["EgressRoute", "EgressStats", "NatsEgress", "NatsEgressConfig", "message_id", "render"]
+__all__ = ["EgressRoute", "EgressStats", "NatsEgress", "NatsEgressConfig", "header_value", "message_id", "render"]
 
 log = logging.getLogger("statefun_mesh.nats")
 
@@ -66,9 +66,17 @@ _TEXT_TYPES: Final = frozenset({
 })  # fmt: skip
 
 
+def header_value(value: str) -> str:
+    """``value`` safe in a NATS header line: ``%`` and control characters (an instance id or
+    a Kafka key may hold a line break) percent-escaped, ``%0A``; anything else as it is."""
+    if "%" not in value and all(" " <= c != "\x7f" for c in value):
+        return value
+    return "".join(f"%{ord(c):02X}" if c == "%" or c < " " or c == "\x7f" else c for c in value)
+
+
 def message_id(record: EgressRecord) -> str:
     """The ``Nats-Msg-Id`` of a record: its ``id`` (immediate egress), else ``<egress>/<peer>/<offset>``."""
-    return record.id if record.id is not None else f"{record.typename}/{record.peer}/{record.offset}"
+    return header_value(record.id if record.id is not None else f"{record.typename}/{record.peer}/{record.offset}")
 
 
 def _token(value: str) -> str:
@@ -118,10 +126,11 @@ def render(template: str, record: EgressRecord) -> tuple[str, bytes, dict[str, s
     }  # fmt: skip
     headers = {
         NATS_MSG_ID: message_id(record), HEADER_VALUE_TYPE: record.value_typename(), HEADER_EGRESS: record.typename,
-        HEADER_PEER: str(record.peer), HEADER_OFFSET: str(record.offset), **extra,
+        HEADER_PEER: str(record.peer), HEADER_OFFSET: str(record.offset),
+        **{k: header_value(v) for k, v in extra.items()},
     }  # fmt: skip
     if record.id is not None:
-        headers[HEADER_RECORD_ID] = record.id
+        headers[HEADER_RECORD_ID] = header_value(record.id)
     return template.format_map(fields), payload, headers
 
 
