@@ -706,6 +706,50 @@ def cmd_nats_ingress(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_nats_egress(args: argparse.Namespace) -> int:
+    """Bridge mesh egresses into NATS JetStream until SIGTERM/SIGINT."""
+    from .connectors.nats_egress import EgressRoute, NatsEgress, NatsEgressConfig
+
+    _setup_logging(args.log_level, "nats-egress ", args.log_format)
+    if args.client_key:
+        from .security import ENV_CLIENT_KEY
+
+        keys = _client_keys(args)
+        if keys.server_key(args.mesh) is None:
+            raise ConfigError(f"the client key file {args.client_key} lists no public key for {args.mesh} in its "
+                              "[server_keys]", key="client_key")  # fmt: skip
+        os.environ[ENV_CLIENT_KEY] = args.client_key  # the bridge's MeshClient finds it there
+    config = NatsEgressConfig(
+        routes=tuple(EgressRoute.parse(r) for r in args.route or ()), name=args.name, nats_url=args.nats_url,
+        mesh_endpoint=args.mesh, kv_bucket=args.kv_bucket, start=args.start, batch=args.batch,
+        publish_timeout=args.publish_timeout, mesh_timeout=args.timeout, status_interval=args.status_interval,
+    )  # fmt: skip
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        bridge = NatsEgress(config)
+        main = asyncio.current_task()
+        assert main is not None
+
+        def on_signal() -> None:
+            # a second signal while stopping: stop now; whatever was acked but not recorded is
+            # published again on restart and dropped by JetStream (same Nats-Msg-Id)
+            if stop.is_set():
+                main.cancel()
+            stop.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await bridge.run(stop)
+        except asyncio.CancelledError:
+            log.warning("nats-egress: stopped by a signal before finishing: %s", bridge.stats.line())
+        return 0
+
+    return asyncio.run(run())
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """Make CURVE key pairs: one printed, or key files for every peer and some clients."""
     from .security import ClientKeys, generate_keypair, write_key_file
@@ -967,6 +1011,62 @@ See docs/connectors.md.""",
                    help="log a progress line this often while something changes; 0: never (default: %(default)s)")
     _add_log_args(p)
     p.set_defaults(func=cmd_nats_ingress)
+
+    p = sub.add_parser(
+        "nats-egress", help="publish mesh egress records to NATS JetStream, exactly once",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Follow egresses on every peer and publish each record to a JetStream subject, with a
+Nats-Msg-Id from the record's identity (<egress>/<peer>/<offset>, or the record id of an
+immediate egress), so JetStream's duplicate window drops a record published twice. The
+position (per egress and peer: the offset after the last acked record) is kept in a
+JetStream key-value bucket under --name; a restart goes on from there. Waits out NATS or
+the mesh being away. Runs until Ctrl-C or SIGTERM. Needs nats-py: pip install
+'statefun-mesh[nats]'.""",
+        epilog="""\
+subject templates (--route EGRESS=TEMPLATE):
+  {egress} namespace.name of the egress   {namespace} {name}   {peer}   {type}
+  {topic} {key}               of a kafka_egress_message record (else _)
+  {stream} {partition_key}    of a kinesis_egress_message record (else _)
+  record values become one token: '.', spaces and wildcards -> '_', empty -> '_'
+payload: a string/int/long/float/double/bool value as text; a Kafka/Kinesis record's
+  value bytes (topic, key... in Statefun-Kafka-*/Statefun-Kinesis-* headers); any other
+  value's bytes as they are. Headers: Nats-Msg-Id, Statefun-Value-Type, Statefun-Egress,
+  Statefun-Peer, Statefun-Offset (and Statefun-Record-Id for immediate egress).
+
+example:
+  nats stream add OUT --subjects 'out.>' --defaults
+  statefun-mesh nats-egress --name greets --route 'example/greetings=out.{peer}'
+
+See docs/connectors.md.""",
+    )  # fmt: skip
+    p.add_argument("--route", action="append", metavar="EGRESS=TEMPLATE",
+                   help="an egress and the subject template of its records, e.g. 'app/out=out.{topic}'; repeat "
+                   "for more egresses (at least one)")  # fmt: skip
+    p.add_argument("--name", required=True,
+                   help="the bridge's name: the key of its position in the bucket; restart with the same name to go "
+                   "on (a new mesh with fresh state needs a new name)")  # fmt: skip
+    p.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), metavar="URL",
+                   help="NATS server URL, several comma-separated (default: $NATS_URL or nats://127.0.0.1:4222)")
+    p.add_argument("--kv-bucket", default="statefun_mesh_egress", metavar="BUCKET",
+                   help="JetStream key-value bucket of positions, created if missing (default: %(default)s)")
+    p.add_argument("--start", choices=["earliest", "latest"], default="earliest",
+                   help="where an egress without a stored position starts (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=500, metavar="N",
+                   help="records read per fetch and published at once (default: %(default)s)")
+    p.add_argument("--publish-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="wait this long for JetStream's ack before publishing again (default: %(default)s)")
+    p.add_argument("--mesh", type=_endpoint, default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT),
+                   metavar="ENDPOINT",
+                   help="a peer's client endpoint (default: $STATEFUN_MESH_ENDPOINT or %(default)s); the other "
+                   "peers' endpoints are learnt from it")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="wait this long for a peer to answer a read before retrying (default: %(default)s)")
+    _add_client_key_arg(p)
+    p.add_argument("--status-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="log a progress line this often while something changes; 0: never (default: %(default)s)")
+    _add_log_args(p)
+    p.set_defaults(func=cmd_nats_egress)
 
     p = sub.add_parser(
         "keys", help="make CURVE keys for a mesh (docs/security.md)",

@@ -299,6 +299,24 @@ class MeshClient:
                     self._server_keys.setdefault(ep, key)
         return info  # type: ignore[no-any-return]
 
+    async def fetch_egress(
+        self, typename: str, endpoint: str, start: int | str = "earliest", generation: int = -1, *,
+        limit: int = 1000, wait: float = 1.0,
+    ) -> tuple[int, int, list[EgressRecord], int]:
+        """One read of an egress from the peer at ``endpoint`` (a connector's building block).
+
+        Returns ``(peer, next_offset, records, generation)``: up to ``limit`` released records
+        from ``start`` (an offset, ``"earliest"`` or ``"latest"``) on, waiting up to ``wait``
+        seconds for the first. Pass the returned offset and generation to the next call: if the
+        peer recovered since ``generation`` (``-1``: none known), it re-reads from its restored
+        position, so an immediate egress's re-produced records are not skipped.
+        """
+        _, items = await self._conn(endpoint).call(
+            codec.C_FETCH, typename, start, limit, int(wait * 1000), generation, timeout=self.timeout + wait + 2
+        )  # fmt: skip
+        _, peer, nxt, records, gen = items
+        return peer, nxt, [EgressRecord(typename, peer, *rec) for rec in records], gen
+
     async def egress(
         self, typename: str, start: str = "earliest", *, stop_when_idle: float | None = None
     ) -> AsyncIterator[EgressRecord]:

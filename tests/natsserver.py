@@ -115,19 +115,20 @@ class NatsServer:
 
 
 @contextlib.contextmanager
-def running_nats_server(*, startup_timeout: float = 20.0) -> Iterator[NatsServer]:
-    """Start ``nats-server -js`` on a free 127.0.0.1 port with a temp store dir; stop and clean up after.
+def running_nats_server(*, startup_timeout: float = 20.0, port: int | None = None) -> Iterator[NatsServer]:
+    """Start ``nats-server -js`` on a free 127.0.0.1 port (or ``port``) with a temp store dir; stop and clean up after.
 
     Raises:
         NatsServerUnavailable: nats-server is not installed.
         RuntimeError: the server did not come up in time (the message has its log).
     """
     binary = find_nats_server()
+    given = port
     root = Path(tempfile.mkdtemp(prefix="statefun-mesh-nats-"))
     server: NatsServer | None = None
     try:
         for _attempt in range(3):  # the free port may be taken again before the server binds it
-            port = free_port()
+            port = free_port() if given is None else given
             log_path = root / "server.log"
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
