@@ -93,6 +93,12 @@ class MeshConfig:
         module: a StateFun ``module.yaml`` whose HTTP endpoint components name remote
             functions the peers call over the request-reply protocol (docs/remote.md);
             ``""``: none.
+        metrics_endpoints: every peer's HTTP endpoint (``host:port`` or
+            ``http://host:port``) serving ``/metrics`` (Prometheus), ``/healthz`` and
+            ``/readyz``; ``""`` for a peer that serves none. Empty: no peer serves HTTP.
+            Needs ``aiohttp`` and ``prometheus-client`` (``pip install statefun-mesh[metrics]``).
+        dashboard: peers with a metrics endpoint also serve the web dashboard at ``/``
+            (``statefun-mesh run`` turns it on for peer 0).
     """
 
     functions: tuple[str, ...] = ()
@@ -131,6 +137,8 @@ class MeshConfig:
     park_after: float = 0.05
     block_warning: float = 1.0
     module: str = ""
+    metrics_endpoints: tuple[str, ...] = ()
+    dashboard: bool = False
     _source: str = field(default="<arguments>", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -167,7 +175,7 @@ class MeshConfig:
             raise bad("module", "the path of a StateFun module.yaml")
         if self.state_dir is not None and not isinstance(self.state_dir, str):
             raise bad("state_dir", "a directory path")
-        for name in ("functions", "endpoints", "client_endpoints", "egress_immediate"):
+        for name in ("functions", "endpoints", "client_endpoints", "egress_immediate", "metrics_endpoints"):
             value = getattr(self, name)
             if isinstance(value, list):
                 value = tuple(value)
@@ -199,6 +207,17 @@ class MeshConfig:
                     raise ConfigError(
                         f"expected a tcp://, ipc:// or inproc:// URL, got {ep!r}", source=src, key="client_endpoints"
                     )
+        if self.metrics_endpoints:
+            if len(self.metrics_endpoints) != self.peers:
+                raise bad("metrics_endpoints", f"one entry per peer ({self.peers}), '' for none")
+            for ep in self.metrics_endpoints:
+                if ep:
+                    try:
+                        parse_http_endpoint(ep)
+                    except ValueError as exc:
+                        raise ConfigError(str(exc), source=src, key="metrics_endpoints") from None
+        if not isinstance(self.dashboard, bool):
+            raise bad("dashboard", "true or false")
         if self.max_frame_bytes < MIN_FRAME_BYTES:
             raise bad("max_frame_bytes", f"at least {MIN_FRAME_BYTES} bytes")
         mm = self.max_message_bytes
@@ -223,7 +242,21 @@ class MeshConfig:
         return replace(self, **changes)
 
 
-_LIST_KEYS = {"functions", "endpoints", "client_endpoints", "egress_immediate"}
+_LIST_KEYS = {"functions", "endpoints", "client_endpoints", "egress_immediate", "metrics_endpoints"}
+
+
+def parse_http_endpoint(text: str) -> tuple[str, int]:
+    """``host:port`` or ``http://host:port`` (port 0: any free port) as (host, port).
+
+    Raises:
+        ValueError: naming what is wrong with ``text``.
+    """
+    rest = text[len("http://"):] if text.startswith("http://") else text
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if "://" in rest or not (sep and host and port.isdigit() and 0 <= int(port) < 65536):
+        raise ValueError(f"expected an HTTP endpoint HOST:PORT (e.g. 127.0.0.1:9100), got {text!r}")
+    return host, int(port)
 
 
 def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
@@ -270,12 +303,18 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
             raise ConfigError("expected [[peer]] tables", source=src, key="peer")
         eps: list[str] = []
         clients: list[str] = []
+        metrics: list[str] = []
         for i, table in enumerate(peer_tables):
             for k in table:
-                if k not in ("endpoint", "client_endpoint"):
+                if k not in ("endpoint", "client_endpoint", "metrics_endpoint"):
                     raise ConfigError(
-                        "unknown key (known: endpoint, client_endpoint)", source=src, key=f"peer[{i}].{k}"
-                    )
+                        "unknown key (known: endpoint, client_endpoint, metrics_endpoint)", source=src,
+                        key=f"peer[{i}].{k}",
+                    )  # fmt: skip
+            me = table.get("metrics_endpoint", "")
+            if not isinstance(me, str):
+                raise ConfigError("expected HOST:PORT", source=src, key=f"peer[{i}].metrics_endpoint")
+            metrics.append(me)
             if not isinstance(table.get("endpoint"), str):
                 raise ConfigError("expected an endpoint URL string", source=src, key=f"peer[{i}].endpoint")
             eps.append(table["endpoint"])
@@ -294,6 +333,11 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
         kwargs["peers"] = len(eps)
         if any(clients):
             kwargs["client_endpoints"] = tuple(clients)
+        if any(metrics):
+            if "metrics_endpoints" in kwargs:
+                raise ConfigError("give either metrics_endpoints or [[peer]] metrics_endpoint, not both", source=src,
+                                  key="metrics_endpoints")  # fmt: skip
+            kwargs["metrics_endpoints"] = tuple(metrics)
     state_dir = kwargs.get("state_dir")
     if isinstance(state_dir, str) and not os.path.isabs(state_dir):
         kwargs["state_dir"] = os.path.join(os.path.dirname(os.path.abspath(src)), state_dir)
