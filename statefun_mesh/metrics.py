@@ -216,7 +216,9 @@ def _ready(peer: Peer) -> str | None:
         return "not started"
     task = peer._loop_task
     if not peer.resumed or task is None:
-        return f"recovering (generation {peer.generation})" if peer._restored_once else "starting"
+        if not peer._resumed_once:
+            return "starting: waiting for every peer to restore the last checkpoint"
+        return f"recovering (generation {peer.generation})"
     if task.done():
         return "the dispatch loop ended"
     return None

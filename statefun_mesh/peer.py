@@ -205,6 +205,7 @@ class Peer:
         self.credit_stalls = [0] * n  #: times messages to a peer waited for credit
         self.recoveries = 0  #: recovery rounds this peer restored state in
         self._restored_once = False
+        self._resumed_once = False  # /readyz: "starting" until then, "recovering" after
         self.batch_sizes = [0] * (len(BATCH_BUCKETS) + 1)  #: batches per size bucket (last: larger)
         self.batch_records = 0  #: messages in all batches
         self.http: Any = None  #: the metrics/health/dashboard HTTP server (metrics.py), if configured
@@ -466,6 +467,7 @@ class Peer:
         self._loop_task = asyncio.create_task(self._loop(), name=f"statefun-mesh peer {self.peer_id} dispatch")
         self._loop_task.add_done_callback(self._loop_ended)
         self.resumed = True
+        self._resumed_once = True
         held, self._held = self._held, []
         for g, src, frame in held:
             if g == gen:
