@@ -23,6 +23,7 @@ from statefun_mesh import (
 )
 from statefun_mesh.config import load_config
 from statefun_mesh.peer import Peer
+from tests.unit.test_checkpoints import crash
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -173,8 +174,9 @@ async def test_readyz_is_503_until_the_mesh_has_recovered_then_200(tmp_path: Pat
             await restore(manifest)
 
         p0.participant.restore = restore_and_look  # a spy: the restore itself is the real one
-        p1._closing = True  # as in a crash: no draining
-        await p1._release_resources()
+        await crash(p1)
+        if p1._unwatch is not None:  # the process it stands for would take its watchdog along
+            p1._unwatch()
         p1 = Peer(config, functions, peer_id=1)
         await p1.start()
         for _ in range(300):
