@@ -271,3 +271,19 @@ def test_metrics_endpoints_config(tmp_path: Path) -> None:
     f.write_text('metrics_endpoints = ["127.0.0.1:9100"]\ndashboard = true\n')
     cfg = load_config(f)
     assert cfg.metrics_endpoints == ("127.0.0.1:9100",) and cfg.dashboard
+
+
+def test_cli_metrics_flags() -> None:
+    from statefun_mesh.cli import build_parser
+
+    p = build_parser()
+    args = p.parse_args(["peer", "--config", "m.toml", "--id", "0", "--metrics-endpoint", "127.0.0.1:9100",
+                         "--dashboard"])  # fmt: skip
+    assert args.metrics_endpoint == "127.0.0.1:9100" and args.dashboard
+    args = p.parse_args(["run", "app:functions", "--metrics-port", "9100", "--dashboard-peer", "1"])
+    assert (args.metrics_port, args.dashboard_peer, args.no_metrics) == (9100, 1, False)
+    for bad in (["peer", "--config", "m.toml", "--id", "0", "--metrics-endpoint", "localhost"],
+                ["run", "--metrics-port", "70000"], ["run", "--metrics-port", "-1"]):  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            p.parse_args(bad)
+        assert exc.value.code == 2
