@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOML",
         help="further mesh.toml settings (max_batch, linger, ...), passed on as `run --config`",
     )
+    g.add_argument("--no-keys", action="store_true",
+                   help="run the mesh without CURVE (default: with the keys `statefun-mesh run` makes)")
     g.add_argument("--start-timeout", type=float, default=60.0, metavar="S",
                    help="for the mesh to come up (default: 60)")  # fmt: skip
     w = p.add_argument_group("the work")
@@ -224,6 +226,8 @@ class MeshProcesses:
             cmd += ["--checkpoint-interval", str(args.checkpoint_interval)]
         if args.mesh_config:
             cmd += ["--config", os.path.abspath(args.mesh_config)]
+        if getattr(args, "no_keys", False):
+            cmd.append("--no-keys")
         self.cmd = cmd
         env = dict(os.environ)
         env.pop("STATEFUN_MESH_ENDPOINT", None)

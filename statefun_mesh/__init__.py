@@ -30,6 +30,7 @@ from .messages import message_builder as message_builder
 from .offload import in_thread as in_thread
 from .peer import Peer as Peer
 from .remote.handler import RequestReplyHandler as RequestReplyHandler
+from .security import ClientKeys as ClientKeys
 from .valuetypes import BoolType as BoolType
 from .valuetypes import DoubleType as DoubleType
 from .valuetypes import FloatType as FloatType
@@ -52,6 +53,7 @@ __all__ = [
     "IMPLEMENTATION",
     "Address",
     "BoolType",
+    "ClientKeys",
     "Clock",
     "Context",
     "DoubleType",

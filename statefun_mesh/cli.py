@@ -401,6 +401,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics_port=None if args.no_metrics else args.metrics_port,
         metrics_host=args.metrics_host,
         dashboard_peer=args.dashboard_peer,
+        keys=not args.no_keys,
     )
     return launcher.run()
 
@@ -409,12 +410,20 @@ async def _with_client(args: argparse.Namespace, fn: Any) -> int:
     from .client import MeshClient
 
     try:
-        async with MeshClient(args.endpoint, timeout=args.timeout) as client:
+        async with MeshClient(args.endpoint, timeout=args.timeout, keys=_client_keys(args)) as client:
             return await fn(client)  # type: ignore[no-any-return]
     except StatefunMeshError:
         raise
     except ValueError as exc:  # e.g. a --timeout that is NaN or over the peer's max_request_timeout
         raise StatefunMeshError(str(exc)) from None
+
+
+def _client_keys(args: argparse.Namespace) -> Any:
+    """The ``--client-key`` file's keys; ``None``: let MeshClient find them (docs/security.md)."""
+    from .security import ClientKeys
+
+    path = getattr(args, "client_key", None)
+    return ClientKeys.load(path) if path else None
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -493,7 +502,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if not ep:
                 return {"peer": i, "status": "no client endpoint"}
             try:
-                async with MeshClient(ep, timeout=args.timeout) as c:
+                async with MeshClient(ep, timeout=args.timeout, keys=client.keys) as c:
                     return (await c.info())["status"]  # type: ignore[no-any-return]
             except StatefunMeshError as exc:
                 return {"peer": i, "status": f"unreachable: {exc}"}
@@ -679,6 +688,14 @@ def cmd_nats_ingress(args: argparse.Namespace) -> int:
     from .connectors.nats import NatsIngress, NatsIngressConfig
 
     _setup_logging(args.log_level, "nats-ingress ", args.log_format)
+    if args.client_key:
+        from .security import ENV_CLIENT_KEY
+
+        keys = _client_keys(args)
+        if keys.server_key(args.mesh) is None:
+            raise ConfigError(f"the client key file {args.client_key} lists no public key for {args.mesh} in its "
+                              "[server_keys]", key="client_key")  # fmt: skip
+        os.environ[ENV_CLIENT_KEY] = args.client_key  # the bridge's MeshClients find it there
     config = NatsIngressConfig(
         stream=args.stream, durable=args.durable, nats_url=args.nats_url, mesh_endpoint=args.mesh,
         subject=args.subject, subject_prefix=args.subject_prefix, target_type=args.target_type,
@@ -713,6 +730,57 @@ def cmd_nats_ingress(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Make CURVE key pairs: one printed, or key files for every peer and some clients."""
+    from .security import ClientKeys, generate_keypair, write_key_file
+
+    if not args.dir:
+        pair = generate_keypair()
+        print(f'public_key = "{pair.public}"\nsecret_key = "{pair.secret}"  # SECRET: keep private')
+        return 0
+    config = load_config(args.config) if args.config else None
+    peers = args.peers or (config.peers if config is not None else 0)
+    if peers < 1 and args.clients < 1:
+        raise ConfigError("give --peers N (or --config mesh.toml) and/or --clients M")
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    bases = [os.path.join(args.dir, f"peer-{k}") for k in range(peers)]
+    bases += [os.path.join(args.dir, f"client-{j}") for j in range(args.clients)]
+    if not args.force:
+        existing = [b + ext for b in bases for ext in (".key", ".key_secret") if os.path.exists(b + ext)]
+        if existing:
+            raise ConfigError(f"{existing[0]} exists: keys are never overwritten unless you pass --force "
+                              "(a peer or client holding the old key would be locked out)")  # fmt: skip
+    publics = []
+    for k in range(peers):
+        pair = generate_keypair()
+        write_key_file(bases[k], pair, f"statefun-mesh peer {k}")
+        publics.append(pair.public)
+    if config is None and peers:
+        peer_publics = publics
+    else:
+        peer_publics = publics or (config.peer_public_keys() if config is not None else [])
+    endpoints = list(config.client_endpoints) if config is not None else []
+    client_files = []
+    for j in range(args.clients):
+        pair = generate_keypair()
+        base = os.path.join(args.dir, f"client-{j}")
+        write_key_file(base, pair, f"statefun-mesh client {j}")
+        servers = {ep: key for ep, key in zip(endpoints, peer_publics, strict=False) if ep}
+        ClientKeys(pair.public, pair.secret, servers).save(base + ".toml")
+        client_files.append((base, pair.public))
+    rel = args.dir
+    print("# add to mesh.toml (the same on every peer); copy keys/peer-K.key_secret to peer K only")
+    if publics:
+        print("peer_keys = [" + ", ".join(f'"{p}"' for p in publics) + "]")
+        print(f'secret_key = "{os.path.join(rel, "peer-{id}.key_secret")}"')
+    if client_files:
+        print("client_keys = [" + ", ".join(f'"{pub}"' for _, pub in client_files) + "]")
+        print("# clients: MeshClient(endpoint, keys=ClientKeys.load(path)) or statefun-mesh ... --client-key path:")
+        for base, _ in client_files:
+            print(f"#   {base}.toml" + ("" if endpoints else "  (add [server_keys] \"<endpoint>\" = \"<peer key>\")"))
+    return 0
+
+
 def _iso(ms: int) -> str:
     import datetime
 
@@ -743,6 +811,14 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--timeout", type=_positive_seconds, default=10.0,
                    help="seconds to wait for an answer (default: 10)")  # fmt: skip
+    _add_client_key_arg(p)
+
+
+def _add_client_key_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--client-key", metavar="FILE",
+                   help="client key file for a mesh with CURVE keys (default: the file $STATEFUN_MESH_CLIENT_KEY "
+                   "names, else the one `statefun-mesh run` left on this machine for the endpoint; none: "
+                   "plaintext)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -773,6 +849,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="between checkpoints (default: 5)")  # fmt: skip
     p.add_argument("--no-checkpoints", action="store_true",
                    help="take no checkpoints (faster; a crash then loses queued messages)")
+    p.add_argument("--no-keys", action="store_true",
+                   help="run the links and client endpoints without CURVE: anyone who can reach them can forge "
+                   "messages (default: keys are made in <state-dir>/keys and used; see docs/security.md)")
     p.add_argument("--restore", metavar="latest|ID",
                    help="start from this checkpoint, onto --peers peers even if it was taken on another number "
                         "(rescaling); an older ID rolls back, deleting newer checkpoints (default: the latest "
@@ -919,10 +998,26 @@ See docs/connectors.md.""",
                    "send may then overtake a later one")
     g.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="wait this long for the mesh to acknowledge a send before retrying it (default: %(default)s)")
+    _add_client_key_arg(p)
     p.add_argument("--status-interval", type=float, default=10.0, metavar="SECONDS",
                    help="log a progress line this often while something changes; 0: never (default: %(default)s)")
     _add_log_args(p)
     p.set_defaults(func=cmd_nats_ingress)
+
+    p = sub.add_parser(
+        "keys", help="make CURVE keys for a mesh (docs/security.md)",
+        description="Make CURVE key pairs. Without --dir: print one pair. With --dir: write peer-K.key (public) "
+        "and peer-K.key_secret (mode 0600) for every peer, client-J.* and a client key file client-J.toml for "
+        "--clients clients, and print the mesh.toml lines that use them.",
+    )  # fmt: skip
+    p.add_argument("action", choices=["generate"], help="generate")
+    p.add_argument("--dir", help="write key files here (made with mode 0700)")
+    p.add_argument("--peers", type=int, default=0, help="key pairs for this many peers (default: --config's peers)")
+    p.add_argument("--clients", type=int, default=0, help="client key pairs to make (default: 0)")
+    p.add_argument("--config", metavar="FILE",
+                   help="mesh.toml: the peer count, and client endpoints for the client key files' [server_keys]")
+    p.add_argument("--force", action="store_true", help="overwrite existing key files")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("status", help="print every peer's status as a table",
                        description="Print a table of every peer: alive, key groups, invocations (and per second, "
@@ -943,7 +1038,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, StatefunMeshError) as exc:
-        print(f"statefun-mesh {args.command}: error: {exc}", file=sys.stderr)
+        # one write, line and newline together: peers started by `run` share its stderr,
+        # and two separate writes of theirs may interleave
+        sys.stderr.write(f"statefun-mesh {args.command}: error: {exc}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         return 130

@@ -19,6 +19,7 @@ from .config import FRAME_HEADROOM, MIN_FRAME_BYTES
 from .errors import ClosedTransportError, FrameDecodeError, StatefunMeshError
 from .logutil import format_seconds
 from .messages import EgressRecord, Message
+from .security import ClientKeys, Keypair, curve_client, find_client_keys
 from .transport import codec
 
 __all__ = ["MeshClient"]
@@ -66,11 +67,15 @@ async def _wait(fut: asyncio.Future[Any], timeout: float | None) -> Any:
 class _Connection:
     """One DEALER socket to one peer's client endpoint, matching answers to calls by id."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, keys: ClientKeys | None = None,
+                 server_key: str | None = None) -> None:  # fmt: skip
         self.endpoint = endpoint
+        self.curve = keys is not None
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        if keys is not None and server_key is not None:
+            curve_client(self.sock, Keypair(keys.public, keys.secret), server_key)
         self.sock.connect(endpoint)
         self._calls: dict[int, asyncio.Future[tuple[int, list[Any]]]] = {}
         self._ids = itertools.count(1)
@@ -105,9 +110,11 @@ class _Connection:
             await self.sock.send(codec.encode_control(kind, corr, *items))
             rkind, ritems = await _wait(fut, timeout)
         except (asyncio.TimeoutError, TimeoutError):
+            hint = ("; or does it refuse this client's key (is its public key in the mesh's client_keys?)"
+                    if self.curve else "; or does it require CURVE keys (MeshClient(..., keys=), --client-key)?")
             raise errors.RequestTimeoutError(
                 f"no answer from the peer at {self.endpoint} within {format_seconds(said or timeout or 0)} s; "
-                "is the mesh running there?"
+                f"is the mesh running there{hint}"
             ) from None
         finally:
             self._calls.pop(corr, None)
@@ -138,12 +145,22 @@ class MeshClient:
         endpoint: a peer's client endpoint (what ``statefun-mesh run`` prints).
         timeout: seconds to wait for a peer to acknowledge a send, or answer an info
             call, before :class:`~statefun_mesh.errors.RequestTimeoutError`.
+        keys: the client's CURVE keys and the peers' public keys, for a mesh with
+            ``peer_keys`` (:meth:`ClientKeys.load <statefun_mesh.security.ClientKeys.load>`
+            reads the file ``statefun-mesh keys generate --client`` or ``statefun-mesh run``
+            writes). ``None``: the keys :func:`~statefun_mesh.security.find_client_keys`
+            finds for ``endpoint`` (the file ``$STATEFUN_MESH_CLIENT_KEY`` names, or the one
+            ``statefun-mesh run`` left for its mesh on this machine), else plaintext.
     """
 
-    def __init__(self, endpoint: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, endpoint: str, *, timeout: float = 10.0, keys: ClientKeys | None = None) -> None:
         _check_seconds("timeout", timeout)
         self.endpoint = endpoint
         self.timeout = timeout
+        if keys is None:
+            keys = find_client_keys(endpoint)
+        self._keys = keys
+        self._server_keys: dict[str, str] = dict(keys.server_keys) if keys is not None else {}
         self._ctx = zmq.asyncio.Context.instance()
         self._conns: dict[str, _Connection] = {}
         self._closed = False
@@ -154,7 +171,15 @@ class MeshClient:
         ep = endpoint or self.endpoint
         conn = self._conns.get(ep)
         if conn is None:
-            conn = self._conns[ep] = _Connection(self._ctx, ep)
+            server_key = None
+            if self._keys is not None:
+                server_key = self._server_keys.get(ep)
+                if server_key is None:
+                    raise errors.ConfigError(
+                        f"no public key known for the peer at {ep}: add it to the client key file's [server_keys] "
+                        "(or connect to a peer whose key is listed: it tells the others')", key="server_keys"
+                    )
+            conn = self._conns[ep] = _Connection(self._ctx, ep, self._keys, server_key)
         return conn
 
     async def _check_size(self, conn: _Connection, rec: tuple[Any, ...], what: str) -> None:
@@ -172,6 +197,13 @@ class MeshClient:
             conn.message_limit = limit if type(limit) is int and limit > 0 else _ALWAYS_FITS
         if size > conn.message_limit:
             raise errors.MessageTooLargeError(size, conn.message_limit, what)
+
+    @property
+    def keys(self) -> ClientKeys | None:
+        """The client's keys, with every peer's public key learnt from ``info`` so far."""
+        if self._keys is None:
+            return None
+        return ClientKeys(self._keys.public, self._keys.secret, dict(self._server_keys))
 
     async def __aenter__(self) -> MeshClient:
         return self
@@ -258,7 +290,14 @@ class MeshClient:
     async def info(self) -> dict[str, Any]:
         """The connected peer's view of the mesh: peers, client endpoints, functions, status."""
         _, items = await self._conn().call(codec.C_INFO, timeout=self.timeout)
-        return items[1]  # type: ignore[no-any-return]
+        info = items[1]
+        keys = info.get("peer_keys") if isinstance(info, dict) else None
+        if self._keys is not None and isinstance(keys, list) and len(keys) == len(info.get("client_endpoints", ())):
+            # told over a connection authenticated with a key we hold: trust it for the other peers
+            for ep, key in zip(info["client_endpoints"], keys, strict=True):
+                if ep and isinstance(key, str):
+                    self._server_keys.setdefault(ep, key)
+        return info  # type: ignore[no-any-return]
 
     async def egress(
         self, typename: str, start: str = "earliest", *, stop_when_idle: float | None = None

@@ -99,6 +99,16 @@ class MeshConfig:
             Needs ``aiohttp`` and ``prometheus-client`` (``pip install statefun-mesh[metrics]``).
         dashboard: peers with a metrics endpoint also serve the web dashboard at ``/``
             (``statefun-mesh run`` turns it on for peer 0).
+        peer_keys: every peer's CURVE public key (Z85 text or a key file path), indexed
+            by peer id. Set: every ZeroMQ link and client endpoint runs over CURVE and
+            admits only these keys (peers) and ``client_keys`` (clients); see
+            docs/security.md. Empty: no authentication (plaintext).
+        secret_key: this peer's CURVE secret key (Z85 text or a key file path);
+            ``{id}`` in it is replaced by the peer id (``keys/peer-{id}.key_secret``).
+        client_keys: the client public keys (Z85 text or key file paths) a client
+            endpoint admits.
+        any_client_key: admit clients with any key on client endpoints (traffic is still
+            encrypted; use when clients are not known in advance).
     """
 
     functions: tuple[str, ...] = ()
@@ -139,6 +149,10 @@ class MeshConfig:
     module: str = ""
     metrics_endpoints: tuple[str, ...] = ()
     dashboard: bool = False
+    peer_keys: tuple[str, ...] = ()
+    secret_key: str = ""
+    client_keys: tuple[str, ...] = ()
+    any_client_key: bool = False
     _source: str = field(default="<arguments>", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -175,7 +189,8 @@ class MeshConfig:
             raise bad("module", "the path of a StateFun module.yaml")
         if self.state_dir is not None and not isinstance(self.state_dir, str):
             raise bad("state_dir", "a directory path")
-        for name in ("functions", "endpoints", "client_endpoints", "egress_immediate", "metrics_endpoints"):
+        for name in ("functions", "endpoints", "client_endpoints", "egress_immediate", "peer_keys", "client_keys",
+                     "metrics_endpoints"):
             value = getattr(self, name)
             if isinstance(value, list):
                 value = tuple(value)
@@ -228,6 +243,73 @@ class MeshConfig:
             raise bad("max_request_timeout", "a positive number of seconds")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise bad("heartbeat_timeout", f"more than heartbeat_interval ({self.heartbeat_interval})")
+        self._check_keys()
+
+    def _check_keys(self) -> None:
+        from .security import is_key_text, read_key
+
+        src = self._source
+        if not isinstance(self.secret_key, str):
+            raise ConfigError("expected a key or key file path string", source=src, key="secret_key")
+        if not isinstance(self.any_client_key, bool):
+            raise ConfigError("expected true or false", source=src, key="any_client_key")
+        for i, k in enumerate(self.peer_keys):
+            read_key(k, secret=False, source=src, key=f"peer_keys[{i}]")
+        for i, k in enumerate(self.client_keys):
+            read_key(k, secret=False, source=src, key=f"client_keys[{i}]")
+        if not self.peer_keys:
+            for name in ("secret_key", "client_keys", "any_client_key"):
+                if getattr(self, name):
+                    raise ConfigError("needs peer_keys (every peer's public key): without them the mesh runs without "
+                                      "CURVE and this setting would be ignored", source=src, key=name)  # fmt: skip
+            return
+        if len(self.peer_keys) != self.peers:
+            raise ConfigError(f"expected one public key per peer ({self.peers}), got {len(self.peer_keys)}",
+                              source=src, key="peer_keys")  # fmt: skip
+        if not self.secret_key:
+            raise ConfigError("peer_keys are set, so each peer needs its secret key (key text or a key file path, "
+                              "{id} for the peer id)", source=src, key="secret_key")  # fmt: skip
+        if "{id}" not in self.secret_key and not is_key_text(self.secret_key) and not os.path.exists(self.secret_key):
+            read_key(self.secret_key, secret=True, source=src, key="secret_key")  # raises, naming the file
+        if self.client_keys and self.any_client_key:
+            raise ConfigError("give client_keys or any_client_key = true, not both", source=src, key="any_client_key")
+
+    @property
+    def curve(self) -> bool:
+        """Whether links and client endpoints run over CURVE (``peer_keys`` are set)."""
+        return bool(self.peer_keys)
+
+    def peer_public_keys(self) -> list[str]:
+        """Every peer's public key as Z85 text (``[]`` without CURVE)."""
+        from .security import read_key
+
+        return [read_key(k, secret=False, source=self._source, key=f"peer_keys[{i}]")
+                for i, k in enumerate(self.peer_keys)]  # fmt: skip
+
+    def client_public_keys(self) -> list[str]:
+        """The admitted client public keys as Z85 text."""
+        from .security import read_key
+
+        return [read_key(k, secret=False, source=self._source, key=f"client_keys[{i}]")
+                for i, k in enumerate(self.client_keys)]  # fmt: skip
+
+    def keypair(self, peer_id: int) -> Any:
+        """Peer ``peer_id``'s CURVE key pair (a :class:`~statefun_mesh.security.Keypair`).
+
+        Raises:
+            ConfigError: the secret key is missing or malformed, its file is missing, or it
+                does not belong to ``peer_keys[peer_id]``.
+        """
+        from .security import Keypair, public_of, read_key
+
+        value = self.secret_key.replace("{id}", str(peer_id))
+        secret = read_key(value, secret=True, source=self._source, key="secret_key")
+        public = read_key(self.peer_keys[peer_id], secret=False, source=self._source, key=f"peer_keys[{peer_id}]")
+        if public_of(secret) != public:
+            raise ConfigError(f"the secret key for peer {peer_id} ({value if secret != value else 'given inline'}) "
+                              f"does not belong to peer_keys[{peer_id}]: every peer needs its own key pair",
+                              source=self._source, key="secret_key")  # fmt: skip
+        return Keypair(public, secret)
 
     @property
     def message_limit(self) -> int:
@@ -242,7 +324,6 @@ class MeshConfig:
         return replace(self, **changes)
 
 
-_LIST_KEYS = {"functions", "endpoints", "client_endpoints", "egress_immediate", "metrics_endpoints"}
 
 
 def parse_http_endpoint(text: str) -> tuple[str, int]:
@@ -257,6 +338,20 @@ def parse_http_endpoint(text: str) -> tuple[str, int]:
     if "://" in rest or not (sep and host and port.isdigit() and 0 <= int(port) < 65536):
         raise ValueError(f"expected an HTTP endpoint HOST:PORT (e.g. 127.0.0.1:9100), got {text!r}")
     return host, int(port)
+_LIST_KEYS = {"functions", "endpoints", "client_endpoints", "egress_immediate", "peer_keys", "client_keys",
+              "metrics_endpoints"}
+
+
+def _key_path(value: Any, base: str) -> Any:
+    """A relative key file path in a mesh.toml is relative to the file (key text stays as it is)."""
+    from .security import is_key_text
+
+    if not isinstance(value, str) or not value or is_key_text(value) or os.path.isabs(value):
+        return value
+    if len(value) == 40 and os.sep not in value:  # meant as key text: keep it, so the error says so
+        return value
+    candidate = os.path.join(base, value)
+    return candidate
 
 
 def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
@@ -304,17 +399,20 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
         eps: list[str] = []
         clients: list[str] = []
         metrics: list[str] = []
+        pkeys: list[str] = []
         for i, table in enumerate(peer_tables):
             for k in table:
-                if k not in ("endpoint", "client_endpoint", "metrics_endpoint"):
-                    raise ConfigError(
-                        "unknown key (known: endpoint, client_endpoint, metrics_endpoint)", source=src,
-                        key=f"peer[{i}].{k}",
-                    )  # fmt: skip
+                if k not in ("endpoint", "client_endpoint", "public_key", "metrics_endpoint"):
+                    raise ConfigError("unknown key (known: endpoint, client_endpoint, public_key, metrics_endpoint)",
+                                      source=src, key=f"peer[{i}].{k}")  # fmt: skip
             me = table.get("metrics_endpoint", "")
             if not isinstance(me, str):
                 raise ConfigError("expected HOST:PORT", source=src, key=f"peer[{i}].metrics_endpoint")
             metrics.append(me)
+            if "public_key" in table:
+                if not isinstance(table["public_key"], str):
+                    raise ConfigError("expected a public key or key file path", source=src, key=f"peer[{i}].public_key")
+                pkeys.append(table["public_key"])
             if not isinstance(table.get("endpoint"), str):
                 raise ConfigError("expected an endpoint URL string", source=src, key=f"peer[{i}].endpoint")
             eps.append(table["endpoint"])
@@ -331,6 +429,11 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
             )  # fmt: skip
         kwargs["endpoints"] = tuple(eps)
         kwargs["peers"] = len(eps)
+        if pkeys:
+            if "peer_keys" in kwargs or len(pkeys) != len(eps):
+                raise ConfigError("give public_key in every [[peer]] table, or peer_keys, not both", source=src,
+                                  key="peer_keys")  # fmt: skip
+            kwargs["peer_keys"] = tuple(pkeys)
         if any(clients):
             kwargs["client_endpoints"] = tuple(clients)
         if any(metrics):
@@ -338,6 +441,12 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
                 raise ConfigError("give either metrics_endpoints or [[peer]] metrics_endpoint, not both", source=src,
                                   key="metrics_endpoints")  # fmt: skip
             kwargs["metrics_endpoints"] = tuple(metrics)
+    base = os.path.dirname(os.path.abspath(src))
+    if "secret_key" in kwargs:
+        kwargs["secret_key"] = _key_path(kwargs["secret_key"], base)
+    for name in ("peer_keys", "client_keys"):
+        if isinstance(kwargs.get(name), tuple):
+            kwargs[name] = tuple(_key_path(v, base) for v in kwargs[name])
     state_dir = kwargs.get("state_dir")
     if isinstance(state_dir, str) and not os.path.isabs(state_dir):
         kwargs["state_dir"] = os.path.join(os.path.dirname(os.path.abspath(src)), state_dir)

@@ -18,6 +18,7 @@ from typing import Final
 from .config import MeshConfig
 from .errors import ConfigError
 from .mesh import local_endpoints
+from .security import ClientKeys, ensure_keypair, register_client_keys
 
 __all__ = ["Launcher", "write_config"]
 
@@ -131,6 +132,7 @@ class Launcher:
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
         dashboard_peer: int = 0,
+        keys: bool = True,
     ) -> None:
         n = peers or (config.peers if config.endpoints else max(os.cpu_count() or 1, 1))
         if config.metrics_endpoints and len(config.metrics_endpoints) == n:
@@ -158,6 +160,11 @@ class Launcher:
         self.config = config.with_(peers=n, endpoints=tuple(endpoints), client_endpoints=tuple(clients),
                                    state_dir=os.path.abspath(state_dir), metrics_endpoints=metrics)  # fmt: skip
         self.config_path = os.path.join(self.run_dir, "mesh.toml")
+        self.client_keys: ClientKeys | None = None
+        self.client_key_path: str | None = None
+        self._registered: list[str] = []
+        if keys and not config.peer_keys:
+            self._make_keys(os.path.join(os.path.abspath(state_dir), "keys"))
         write_config(self.config, self.config_path)
         self.log_level = log_level
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
@@ -165,6 +172,42 @@ class Launcher:
         self._stopping = False
         #: (endpoint, its INFO) when a client endpoint was answered by a process this launcher did not start
         self.foreign: tuple[str, dict[str, object]] | None = None
+
+    def _make_keys(self, keys_dir: str) -> None:
+        """The secure default on one machine: a key pair per peer and one for clients, kept in
+        ``<state_dir>/keys`` (mode 0600) and reused by the next run over the same state."""
+        os.makedirs(keys_dir, mode=0o700, exist_ok=True)
+        os.chmod(keys_dir, 0o700)
+        n = self.config.peers
+        pairs = [ensure_keypair(os.path.join(keys_dir, f"peer-{k}"), f"statefun-mesh peer {k}") for k in range(n)]
+        client = ensure_keypair(os.path.join(keys_dir, "client"), "statefun-mesh client")
+        extra = {} if self.config.any_client_key else {"client_keys": (*self.config.client_keys, client.public)}
+        self.config = self.config.with_(peer_keys=tuple(p.public for p in pairs),
+                                        secret_key=os.path.join(keys_dir, "peer-{id}.key_secret"), **extra)  # fmt: skip
+        servers = {ep: pairs[k].public for k, ep in enumerate(self.config.client_endpoints) if ep}
+        self.client_keys = ClientKeys(client.public, client.secret, servers)
+        self.client_key_path = os.path.join(keys_dir, "client.toml")
+        self.client_keys.save(self.client_key_path)
+
+    def _register_client_keys(self) -> None:
+        # clients of this user on this machine find the key by the endpoint they are given
+        if self.client_keys is None:
+            return
+        for ep in self.config.client_endpoints:
+            if ep:
+                try:
+                    self._registered.append(register_client_keys(ep, self.client_keys))
+                except OSError as exc:
+                    log.warning("cannot leave the client key for %s where clients look for it: %s; pass "
+                                "--client-key %s to clients", ep, exc, self.client_key_path)  # fmt: skip
+
+    def _unregister_client_keys(self) -> None:
+        for path in self._registered:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self._registered = []
 
     def _spawn(self, k: int) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
@@ -186,7 +229,7 @@ class Launcher:
                     if any(p is not None and p.poll() is not None for p in self.procs):
                         return False
                     try:
-                        async with MeshClient(ep, timeout=0.5) as c:
+                        async with MeshClient(ep, timeout=0.5, keys=self.client_keys) as c:
                             info = await c.info()
                     except Exception:
                         if time.monotonic() > deadline:
@@ -214,6 +257,7 @@ class Launcher:
         try:
             for ep in self.config.client_endpoints:
                 _check_endpoint_free(ep)
+            self._register_client_keys()
             for k in range(n):
                 self.procs[k] = self._spawn(k)
             print(f"statefun-mesh: starting {n} peers ({', '.join(self.config.functions)}); "
@@ -243,6 +287,10 @@ class Launcher:
                         print(f"statefun-mesh: dashboard at {urls[self.dashboard_peer]}/", flush=True)
                 print(f"statefun-mesh: try `statefun-mesh status --endpoint {self.config.client_endpoints[0]}`; "
                       "Ctrl-C stops the mesh", file=sys.stderr, flush=True)  # fmt: skip
+                if self.client_key_path is not None:
+                    print(f"statefun-mesh: links are authenticated (CURVE); clients on this machine find the client "
+                          f"key by the endpoint; elsewhere pass --client-key {self.client_key_path} (or "
+                          "MeshClient(..., keys=ClientKeys.load(path)))", file=sys.stderr, flush=True)  # fmt: skip
             next_restart = [0.0] * n
             started_at = [time.monotonic()] * n
             while not stop_signal:
@@ -277,6 +325,7 @@ class Launcher:
             return 0
         finally:
             self._stop_all()
+            self._unregister_client_keys()
             for s, h in old.items():
                 signal.signal(s, h)
             shutil.rmtree(self.run_dir, ignore_errors=True)

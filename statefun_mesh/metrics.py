@@ -358,7 +358,14 @@ class HttpServer:
         cfg = peer.config
         endpoints = list(cfg.client_endpoints) or [""] * peer.n_peers
         if self._client is None:
-            self._client = MeshClient(endpoints[peer.peer_id] or "inproc://unused", timeout=1.0)
+            keys = None
+            if cfg.curve:  # this peer's own key pair: the other peers' client endpoints admit it
+                from .security import ClientKeys
+
+                pair = cfg.keypair(peer.peer_id)
+                servers = {ep: k for ep, k in zip(endpoints, cfg.peer_public_keys(), strict=True) if ep}
+                keys = ClientKeys(pair.public, pair.secret, servers)
+            self._client = MeshClient(endpoints[peer.peer_id] or "inproc://unused", timeout=1.0, keys=keys)
         client = self._client
 
         async def one(i: int, ep: str) -> dict[str, Any]:

@@ -64,8 +64,11 @@ def open_transport(config: MeshConfig, peer_id: int) -> Transport:
 
     # ZMTP pings drop a connection to an address nobody answers at any more (a host gone
     # without closing its connections, a peer moved elsewhere under the same name).
-    return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes,
-                        heartbeat=(config.heartbeat_interval, 3 * config.heartbeat_timeout))  # fmt: skip
+    heartbeat = (config.heartbeat_interval, 3 * config.heartbeat_timeout)
+    if config.curve:
+        return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes, heartbeat=heartbeat,
+                            keys=config.keypair(peer_id), peer_keys=config.peer_public_keys())  # fmt: skip
+    return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes, heartbeat=heartbeat)
 
 
 class Peer:
@@ -209,6 +212,11 @@ class Peer:
         self.batch_sizes = [0] * (len(BATCH_BUCKETS) + 1)  #: batches per size bucket (last: larger)
         self.batch_records = 0  #: messages in all batches
         self.http: Any = None  #: the metrics/health/dashboard HTTP server (metrics.py), if configured
+        #: frames refused for what their link may not send (docs/security.md): control
+        #: frames off the coordinator's link, generations far ahead of the mesh's
+        self.refused_frames = 0
+        self._coordinator_generation = -1  # newest generation seen on peer 0's link
+        self._guard_log = ThrottledLog(log)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -859,6 +867,8 @@ class Peer:
             "duplicates": d.duplicates if d else 0,
             "parked": d.parked if d else 0,
             "bad_frames": self.bad_frames + getattr(self.transport, "foreign_frames", 0),
+            "refused_connections": getattr(self.transport, "refused_connections", 0),
+            "refused_frames": self.refused_frames,
             "unavailable_peers": [p for p in range(self.n_peers) if not self._alive[p]],
             "next_timer_ms": self._next_due,
             "oversized_dropped": self.oversized_dropped,
@@ -1073,12 +1083,18 @@ class Peer:
                       self.peer_id, src, _speedups.FRAME_VERSION)  # fmt: skip
             return
         kind = body[1]
+        if src == 0:
+            self._coordinator_generation = max(self._coordinator_generation, gen)
         self._last_heard[src] = self.clock.now()
         if kind in (codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME, codec.RESTORE_FAILED):
             self._on_channel_frame(src, body, gen)
             return
         if gen < self.generation:
             return  # from before a recovery: its effects were rolled back
+        if gen > self.generation and src != 0 and not self._generation_plausible(gen):
+            self._refuse_frame(src, "far-ahead generation", f"generation {gen}, more than {GENERATION_WINDOW} above "
+                               f"the newest this peer knows ({max(self.generation, self._coordinator_generation)})")
+            return
         # While a cut waits for the batch in progress, batch frames wait, and so do
         # barriers: a barrier must not overtake the frames its sender sent before it
         # (they are in flight across the cut and must be logged as such).
@@ -1088,6 +1104,23 @@ class Peer:
             self._held.append((gen, src, body))
             return
         self._on_channel_frame(src, body, gen)
+
+    def _generation_plausible(self, gen: int) -> bool:
+        """Whether a frame stamped ``gen`` may be held for later: generations only come from
+        the coordinator (peer 0), so none is more than a few rounds ahead of what it last said."""
+        if not self.checkpointing:
+            known = self.generation
+        elif self.coordinator is not None:
+            # -1 until its first round: a restarted coordinator has not read the generation yet
+            known = self.coordinator.generation if self.generation > 0 else -1
+        else:
+            known = self._coordinator_generation  # -1: not heard from peer 0 yet (just started): hold
+        return known < 0 or gen <= max(known, self.generation) + GENERATION_WINDOW
+
+    def _refuse_frame(self, src: int, kind: str, why: str) -> None:
+        self.refused_frames += 1
+        self._guard_log.error(f"refused frames ({kind})", "peer %d: refused a frame from peer %d: %s (refused so "
+                              "far: %d)", self.peer_id, src, why, self.refused_frames)  # fmt: skip
 
     def _on_channel_frame(self, src: int, frame: bytes, gen: int | None = None) -> None:
         try:
@@ -1137,6 +1170,9 @@ class Peer:
                     log.error("peer %d: malformed reply from peer %d", self.peer_id, src)
                     continue
                 self._resolve(*item)
+        elif kind in _COORDINATOR_KINDS and src != 0:
+            self._refuse_frame(src, "control frames off the coordinator's link",
+                               f"control frame 0x{kind:02x} can only come from the coordinator (peer 0)")
         elif self.participant is None:
             self.bad_frames += 1
             log.error("peer %d: checkpoint frame 0x%02x from peer %d, but this peer takes no checkpoints; "
@@ -1294,6 +1330,9 @@ class Peer:
         cfg = self.config
         last = self.clock.now()
         while True:
+            self._guard_log.flush()
+            if hasattr(self.transport, "flush_logs"):
+                self.transport.flush_logs()
             frame = codec.encode_control(codec.HEARTBEAT, self.peer_id, self.incarnation)
             now = self.clock.now()
             # after this peer's own loop was held (a blocking function), the silence is
@@ -1511,3 +1550,9 @@ def _replies_frame(head: bytes, parts: list[bytes]) -> bytes:
     else:
         count = b"\xdd" + n.to_bytes(4, "big")  # array32
     return b"".join((head, count, *parts))
+
+
+#: frames only the coordinator (peer 0) sends
+_COORDINATOR_KINDS = frozenset({codec.CK_DONE, codec.CK_ABORT, codec.RECOVER, codec.RESUME})
+#: a frame whose generation is more than this above the newest the peer knows is refused
+GENERATION_WINDOW = 16

@@ -89,21 +89,57 @@ class ClientServer:
         self.errors = 0
         #: (client routing id, egress) -> (next offset it asked for, when): the newest readers
         self.readers: dict[tuple[bytes, str], tuple[int, float]] = {}
+        self._zap: Any = None
+        self._unregister: Any = None
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def refused_clients(self) -> int:
+        """Client connections refused for a key not in ``client_keys`` (CURVE only)."""
+        return self._zap.refused if self._zap is not None else 0
 
     async def start(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.MAXMSGSIZE, self.peer.config.max_frame_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        config = self.peer.config
+        if config.curve:
+            from .security import CLIENT_USER, ZapPolicy, curve_server, register_zap
+
+            keys = config.keypair(self.peer.peer_id)
+            users = dict.fromkeys(config.client_public_keys(), CLIENT_USER)
+            # the mesh's own peers may ask each other for status as clients (the dashboard's
+            # /api/mesh, metrics.py); a peer's key already lets it do anything in the mesh
+            users.update(dict.fromkeys(config.peer_public_keys(), CLIENT_USER))
+            self._zap = ZapPolicy(
+                f"peer {self.peer.peer_id}'s client endpoint {self.endpoint}",
+                users,
+                config.any_client_key,
+            )
+            domain = f"statefun-mesh-clients-{self.peer.peer_id}-{id(self):x}"
+            self._unregister = await register_zap(self._ctx, domain, self._zap)
+            curve_server(sock, keys.secret, domain)
+        elif not self.endpoint.startswith("inproc://"):
+            log.warning("peer %d: the client endpoint %s is NOT authenticated: anyone who can reach it can send "
+                        "messages and read egress; set peer_keys, secret_key and client_keys (docs/security.md)",
+                        self.peer.peer_id, self.endpoint)  # fmt: skip
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
             sock.close(0)
+            if self._unregister is not None:
+                self._unregister()
+                self._unregister = None
             raise TransportError(
                 f"peer {self.peer.peer_id} cannot bind its client endpoint {self.endpoint}: {exc}; "
                 "is another mesh or program using it?"
             ) from exc
         self._sock = sock
+        if self._zap is not None:
+            from .security import watch_handshakes
+
+            self._watch = watch_handshakes(sock, self._zap)
         self._task = asyncio.create_task(self._serve(), name=f"statefun-mesh peer {self.peer.peer_id} clients")
 
     async def aclose(self) -> None:
@@ -119,8 +155,14 @@ class ClientServer:
             job.cancel()
         if self._jobs:
             await asyncio.gather(*self._jobs, return_exceptions=True)
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         if self._sock is not None:
             self._sock.close()
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
 
     def _reply(self, ident: bytes, kind: int, *items: Any) -> None:
         assert self._sock is not None
@@ -280,7 +322,10 @@ class ClientServer:
     def info(self) -> dict[str, Any]:
         """What a client learns on connecting: the mesh's shape and every peer's client endpoint."""
         peer = self.peer
-        return {
+        status: dict[str, Any] = {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy,
+                                  "client_requests": sum(self.requests.values()), "client_errors": self.errors,
+                                  "egress_readers": [list(r) for r in self.reader_lags()]}  # fmt: skip
+        info: dict[str, Any] = {
             "peer": peer.peer_id,
             "peers": peer.n_peers,
             "max_parallelism": peer.config.max_parallelism,
@@ -292,10 +337,13 @@ class ClientServer:
             "checkpoint_interval": peer.config.checkpoint_interval if peer.checkpointing else None,
             "egress_immediate": list(peer.config.egress_immediate),
             "pid": os.getpid(),
-            "status": {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy,
-                       "client_requests": sum(self.requests.values()), "client_errors": self.errors,
-                       "egress_readers": [list(r) for r in self.reader_lags()]},
+            "status": status,
         }
+        if self._zap is not None:
+            # public keys: a client that authenticated with this peer learns the others' (egress, status)
+            info["peer_keys"] = peer.config.peer_public_keys()
+            status["refused_clients"] = self._zap.refused
+        return info
 
     def _accept(self, ident: bytes, corr: int, rec: Any) -> None:
         # Taken in at once (so it counts against the inbox limit before the next frame

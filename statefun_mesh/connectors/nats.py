@@ -473,7 +473,7 @@ class NatsIngress:
                         "retrying until it does", cfg.mesh_endpoint, exc)  # fmt: skip
             return
         # the other peers' endpoints: a send that times out is retried through the next one
-        self._clients += [MeshClient(ep, timeout=cfg.mesh_timeout) for ep in others]
+        self._clients += [MeshClient(ep, timeout=cfg.mesh_timeout, keys=first.keys) for ep in others]
 
     # -- consuming ---------------------------------------------------------------------------
 

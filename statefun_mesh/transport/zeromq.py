@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import zmq
 import zmq.asyncio
 
 from ..errors import ClosedTransportError, TransportError
+from ..logutil import ThrottledLog
+from ..security import Keypair, ZapPolicy, curve_client, curve_server, register_zap, watch_handshakes
 from .base import FrameHandler, Transport
 
 __all__ = ["DEFAULT_MAX_FRAME", "ZmqTransport", "peer_identity"]
@@ -46,8 +48,16 @@ class ZmqTransport(Transport):
         heartbeat: ``(interval, timeout)`` in seconds for ZMTP heartbeats on the links to
             the other peers: a connection that answers no ping within ``timeout`` is
             dropped and made again, resolving the peer's host name anew (a peer that
-            vanished without closing its connections, or moved to another address).
+            vanished without closing its connections, or moved to another address); a
+            connection attempt is given up after a third of ``timeout`` and tried again.
             ``None``: none; a dead connection then lasts until TCP gives up on it.
+        keys: this peer's CURVE key pair; with ``peer_keys``, every link runs over
+            CURVE: the ROUTER admits only the other peers' keys (through the ZAP
+            handler, see :mod:`statefun_mesh.security`) and takes a frame's sender from
+            the key its connection authenticated with, never from the routing id the
+            connection announces (so no routing id can be claimed, and
+            ``ROUTER_HANDOVER`` is off: a restarted peer simply makes a new connection).
+        peer_keys: every peer's public key, indexed by peer id.
 
     A connection to another peer that was lost (and is made again by ZeroMQ) is
     reported to ``on_link_lost(peer)``, if set: frames in flight on it may be lost.
@@ -61,7 +71,18 @@ class ZmqTransport(Transport):
         max_frame: int = DEFAULT_MAX_FRAME,
         context: zmq.asyncio.Context | None = None,
         heartbeat: tuple[float, float] | None = None,
+        keys: Keypair | None = None,
+        peer_keys: list[str] | None = None,
     ) -> None:
+        if (keys is None) != (not peer_keys):
+            raise ValueError("give both keys and peer_keys (CURVE) or neither")
+        if all(ep.startswith("inproc://") for ep in endpoints):
+            # inproc never leaves the process and ZeroMQ runs no security handshake on it
+            keys, peer_keys = None, None
+        if peer_keys and len(peer_keys) != len(endpoints):
+            raise ValueError(f"expected one public key per endpoint ({len(endpoints)}), got {len(peer_keys)}")
+        self.keys = keys
+        self.peer_keys = list(peer_keys or ())
         self.peer_id = peer_id
         self.endpoints = list(endpoints)
         self.max_frame = max_frame
@@ -75,27 +96,57 @@ class ZmqTransport(Transport):
         #: called with a peer id when the connection to it was lost (see the class docstring)
         self.on_link_lost: Callable[[int], None] | None = None
         self._monitors: list[tuple[zmq.asyncio.Socket, zmq.asyncio.Socket, asyncio.Task[None]]] = []
+        self._zap: ZapPolicy | None = None
+        self._unregister: Any = None
+        self._handshakes: asyncio.Task[None] | None = None
+        self._tlog = ThrottledLog(log)
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections to this peer's endpoint refused for an unknown key (CURVE only)."""
+        return self._zap.refused if self._zap is not None else 0
 
     async def start(self, on_frame: FrameHandler) -> None:
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.RCVHWM, 0)
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         router.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
         endpoint = self.endpoints[self.peer_id]
+        if self.keys is not None:
+            self._zap = ZapPolicy(
+                f"peer {self.peer_id}'s peer endpoint {endpoint}",
+                {k: f"peer:{p}" for p, k in enumerate(self.peer_keys) if p != self.peer_id},
+            )
+            domain = f"statefun-mesh-peer-{self.peer_id}-{id(self):x}"
+            self._unregister = await register_zap(self._ctx, domain, self._zap)
+            curve_server(router, self.keys.secret, domain)
+        else:
+            router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            if not endpoint.startswith("inproc://"):
+                log.warning("peer %d: the peer links (%s) are NOT authenticated: anyone who can reach them can "
+                            "forge messages and control frames; set peer_keys and secret_key (docs/security.md)",
+                            self.peer_id, endpoint)  # fmt: skip
         try:
             router.bind(endpoint)
         except zmq.ZMQError as exc:
             router.close(0)
+            if self._unregister is not None:
+                self._unregister()
+                self._unregister = None
             raise TransportError(
                 f"peer {self.peer_id} cannot bind {endpoint}: {exc}; is another peer or program using it?"
             ) from exc
         self._router = router
+        if self._zap is not None:
+            self._handshakes = watch_handshakes(router, self._zap)
         for p, ep in enumerate(self.endpoints):
             if p == self.peer_id:
                 continue
             dealer = self._ctx.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.IDENTITY, peer_identity(self.peer_id))
+            if self.keys is not None:
+                curve_client(dealer, self.keys, self.peer_keys[p])
+            else:
+                dealer.setsockopt(zmq.IDENTITY, peer_identity(self.peer_id))
             dealer.setsockopt(zmq.SNDHWM, 0)
             dealer.setsockopt(zmq.LINGER, 1000)
             dealer.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -103,14 +154,51 @@ class ZmqTransport(Transport):
             if self.heartbeat is not None:
                 dealer.setsockopt(zmq.HEARTBEAT_IVL, max(int(self.heartbeat[0] * 1000), 1))
                 dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(int(self.heartbeat[1] * 1000), 1))
+                # A connect attempt made while the peer is cut off would otherwise wait out the
+                # kernel's SYN retries (seconds apart, up to two minutes) after the link is back.
+                dealer.setsockopt(zmq.CONNECT_TIMEOUT, max(int(self.heartbeat[1] * 1000 / 3), 100))
             monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            task = asyncio.create_task(self._watch(p, monitor), name=f"statefun-mesh peer {self.peer_id} link {p}")
+            task = asyncio.create_task(self._watch_link(p, monitor), name=f"statefun-mesh peer {self.peer_id} link {p}")
             self._monitors.append((dealer, monitor, task))
             dealer.connect(ep)
             self._dealers[p] = dealer
-        self._task = asyncio.create_task(self._receive(on_frame), name=f"statefun-mesh peer {self.peer_id} zmq rx")
+        rx = self._receive_curve(on_frame) if self.keys is not None else self._receive(on_frame)
+        self._task = asyncio.create_task(rx, name=f"statefun-mesh peer {self.peer_id} zmq rx")
 
-    async def _watch(self, peer: int, monitor: zmq.asyncio.Socket) -> None:
+    async def _receive_curve(self, on_frame: FrameHandler) -> None:
+        # The sender is the peer whose key the connection authenticated with (the ZAP
+        # handler's user id, carried by every message), whatever routing id it announced.
+        assert self._router is not None
+        router = self._router
+        n = len(self.endpoints)
+        while True:
+            try:
+                parts = await router.recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                if self._closed:
+                    return
+                log.error("peer %d: receive failed: %s", self.peer_id, exc)
+                await asyncio.sleep(0.1)
+                continue
+            src = -1
+            try:
+                user = parts[-1].get("User-Id")
+            except zmq.ZMQError:
+                user = ""
+            if isinstance(user, str) and user.startswith("peer:") and user[5:].isdigit():
+                src = int(user[5:])
+            if not 0 <= src < n or src == self.peer_id or len(parts) != 2:
+                self.foreign_frames += 1
+                self._tlog.error("foreign frames", "peer %d: dropped a frame from a connection that did not "
+                                 "authenticate as another peer of this mesh (user %r, %d parts)", self.peer_id,
+                                 user, len(parts))  # fmt: skip
+                continue
+            try:
+                on_frame(src, parts[1].bytes)
+            except Exception:  # the handler logs bad frames itself; never let one kill the loop
+                log.exception("peer %d: handling a frame from peer %d failed", self.peer_id, src)
+
+    async def _watch_link(self, peer: int, monitor: zmq.asyncio.Socket) -> None:
         from zmq.utils.monitor import parse_monitor_message
 
         while True:
@@ -157,6 +245,13 @@ class ZmqTransport(Transport):
             except Exception:  # the handler logs bad frames itself; never let one kill the loop
                 log.exception("peer %d: handling a frame from peer %d failed", self.peer_id, src)
 
+    def flush_logs(self) -> None:
+        """Write the summaries of throttled log lines (the peer's heartbeat loop calls it)."""
+        from ..security import flush_zap_logs
+
+        self._tlog.flush()
+        flush_zap_logs(self._ctx)
+
     def send(self, peer: int, frame: bytes) -> None:
         if self._closed:
             raise ClosedTransportError("the ZeroMQ transport is closed")
@@ -187,7 +282,13 @@ class ZmqTransport(Transport):
                 pass
             monitor.close(0)
         self._monitors.clear()
+        if self._handshakes is not None:
+            self._handshakes.cancel()
+            await asyncio.gather(self._handshakes, return_exceptions=True)
         for d in self._dealers.values():
             d.close()
         if self._router is not None:
             self._router.close(0)
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None

@@ -418,7 +418,8 @@ class NetMesh:
             fh.write(f"=== start #{self.starts[k]} on {host.ns} ({host.ip}) at {time.monotonic():.3f}\n".encode())
         self.procs[k] = self.hosts.popen(host, [
             sys.executable, "-m", "statefun_mesh", "peer", "--config", str(self.config_path), "--id", str(k),
-            "--state-dir", str(self.state_dir(k)), "--log-level", "info",
+            # debug: the tests read the recovery rounds a peer joined from its log
+            "--state-dir", str(self.state_dir(k)), "--log-level", "debug",
         ], log=self.log_path(k), env=self.env)  # fmt: skip
 
     def start(self, timeout: float = 60.0) -> None:

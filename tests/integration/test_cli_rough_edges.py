@@ -111,20 +111,28 @@ def test_client_port_in_use_is_refused_without_claiming_the_mesh_is_up(cluster: 
 
 
 def test_launcher_checks_who_answers_its_client_endpoint(
-    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Second line of defence, for a port taken between the check and the bind: the answer
-    to the start-up probe must come from the peer process the launcher started."""
+    to the start-up probe must come from the peer process the launcher started. (With
+    CURVE keys, the default, another mesh cannot even answer the probe: its peers do not
+    admit this run's client key. So both meshes here run without keys.)"""
     from statefun_mesh import launcher as launcher_mod
     from statefun_mesh.config import MeshConfig
 
-    monkeypatch.setattr(launcher_mod, "_check_endpoint_free", lambda endpoint: None)
-    monkeypatch.chdir(ROOT)
-    launcher = launcher_mod.Launcher(
-        MeshConfig(functions=(APP,), blob_store="file://" + str(tmp_path / "ck")), peers=2, transport="ipc",
-        client_endpoint=cluster.endpoint, state_dir=str(tmp_path / "state"), log_level="warning",
-    )  # fmt: skip
-    assert launcher.run() == 2
+    (tmp_path / "other").mkdir()
+    cluster = Cluster(tmp_path / "other", transport="ipc", port=free_ports(1)[0], args=("--no-keys",))
+    try:
+        cluster.wait_up()
+        monkeypatch.setattr(launcher_mod, "_check_endpoint_free", lambda endpoint: None)
+        monkeypatch.chdir(ROOT)
+        launcher = launcher_mod.Launcher(
+            MeshConfig(functions=(APP,), blob_store="file://" + str(tmp_path / "ck")), peers=2, transport="ipc",
+            client_endpoint=cluster.endpoint, state_dir=str(tmp_path / "state"), log_level="warning", keys=False,
+        )  # fmt: skip
+        assert launcher.run() == 2
+    finally:
+        cluster.stop()
     out, err = capfd.readouterr()
     assert "is up" not in out + err
     assert f"{cluster.endpoint} is already served by another mesh" in err, err

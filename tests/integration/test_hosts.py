@@ -287,3 +287,31 @@ def test_partition_longer_than_tcp_retransmission_timeout(mesh: NetMesh) -> None
     check = mesh.check("long", timeout=45)
     _measured("long_partition", mesh, load, check, fault=fault, heal=heal)
     _assert_exactly_once(check, load)
+
+
+def test_stale_namespaces_of_a_crashed_run_are_removed(tmp_path: Path) -> None:
+    """Namespaces (and /etc/netns entries) named for a test process that is gone are deleted
+    by the next run; those of live processes are left alone."""
+    reason = unavailable_reason()
+    if reason:
+        _skip_or_fail(reason)
+    import subprocess
+    import sys
+
+    from tests.integration.netns_support import NETNS_ETC, clean_stale, netns_list
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"sfmh{dead.pid}-x"
+    mine = f"sfmh{os.getpid()}-keep"
+    try:
+        for ns in (stale, mine):
+            subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+            (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
+        removed = clean_stale()
+        assert stale in removed and stale not in netns_list() and not (NETNS_ETC / stale).exists()
+        assert mine in netns_list() and mine not in removed
+    finally:
+        for ns in (stale, mine):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)

@@ -55,7 +55,19 @@ def _tcp() -> Factory:
     return make
 
 
-@pytest.fixture(params=["memory", "inproc", "ipc", "tcp"])
+def _tcp_curve() -> Factory:
+    from statefun_mesh.security import generate_keypair
+
+    def make(n: int) -> list[Transport]:
+        eps = [f"tcp://127.0.0.1:{p}" for p in free_ports(n)]
+        pairs = [generate_keypair() for _ in range(n)]
+        publics = [p.public for p in pairs]
+        return [ZmqTransport(i, eps, keys=pairs[i], peer_keys=publics) for i in range(n)]
+
+    return make
+
+
+@pytest.fixture(params=["memory", "inproc", "ipc", "tcp", "tcp-curve"])
 def transport_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
     if request.param == "memory":
         yield _memory()
@@ -67,6 +79,8 @@ def transport_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterato
         else:  # ipc:// paths are limited to ~107 bytes
             with tempfile.TemporaryDirectory(prefix="sfm-ipc-") as d:
                 yield _ipc(Path(d))
+    elif request.param == "tcp-curve":
+        yield _tcp_curve()
     else:
         yield _tcp()
 
