@@ -206,6 +206,14 @@ class PeerCollector:
         bad.add_metric(["foreign"], getattr(peer.transport, "foreign_frames", 0))
         yield bad
         yield counter("oversized_dropped", "Messages dropped because no frame can hold them", peer.oversized_dropped)
+        # CURVE (docs/security.md): what the links and client endpoints refused
+        yield counter("refused_frames", "Peer frames refused for what their link may not send",
+                      getattr(peer, "refused_frames", 0))  # fmt: skip
+        yield counter("refused_connections", "Peer-link connections refused (unknown key, no CURVE)",
+                      getattr(peer.transport, "refused_connections", 0))  # fmt: skip
+        if cs is not None:
+            yield counter("client_refused_connections", "Client connections refused for a key not admitted",
+                          getattr(cs, "refused_clients", 0))  # fmt: skip
 
 
 def _ready(peer: Peer) -> str | None:

@@ -3,6 +3,7 @@ them across a peer's restart, and `--no-metrics` serves none."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -13,7 +14,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from statefun_mesh import MeshClient, StatefunMeshError
 from statefun_mesh.mesh import free_ports
+from statefun_mesh.security import ClientKeys, generate_keypair, public_of, read_key
 from tests.integration.support import Cluster
 
 pytestmark = pytest.mark.integration
@@ -64,6 +67,20 @@ def test_run_prints_metrics_ports_and_keeps_them_across_a_restart(tmp_path_facto
             assert metric(fetch(url + "/metrics")[1], "statefun_mesh_recoveries_total") == 0
         assert fetch(urls[1] + "/")[0] == 404  # the dashboard is peer 0's only
         assert "<title>statefun-mesh</title>" in fetch(urls[0] + "/")[1]
+
+        # run's mesh uses CURVE: a client with a key the mesh does not know is refused, and counted
+        server = read_key(str(cluster.state_dir / "keys" / "peer-0.key_secret"), secret=True)
+        stranger = generate_keypair()
+        keys = ClientKeys(stranger.public, stranger.secret, {cluster.endpoint: public_of(server)})
+
+        async def intrude() -> None:
+            async with MeshClient(cluster.endpoint, timeout=1.0, keys=keys) as c:
+                await c.info()
+
+        with pytest.raises((StatefunMeshError, TimeoutError)):
+            asyncio.run(intrude())
+        eventually(lambda: metric(fetch(urls[0] + "/metrics")[1],
+                                  "statefun_mesh_client_refused_connections_total") >= 1, 10, "the refusal counted")
 
         victim = cluster.peer_pids()[1]
         os.kill(victim, signal.SIGKILL)
