@@ -278,18 +278,20 @@ class Peer:
                 if hasattr(self.transport, "on_link_lost"):
                     self.transport.on_link_lost = self._on_link_lost
                 await self.transport.start(self._on_frame)
-            endpoint = cfg.client_endpoints[self.peer_id] if cfg.client_endpoints else ""
-            if endpoint:
-                from .server import ClientServer
-
-                self.client_server = ClientServer(self, endpoint, list(cfg.client_endpoints))
-                await self.client_server.start()
+            # before the client endpoint: importing aiohttp and prometheus_client holds the
+            # loop for a moment, which a client's CURVE handshake must not wait behind
             http = cfg.metrics_endpoints[self.peer_id] if cfg.metrics_endpoints else ""
             if http:
                 from .metrics import HttpServer
 
                 self.http = HttpServer(self, http, dashboard=cfg.dashboard)
                 await self.http.start()
+            endpoint = cfg.client_endpoints[self.peer_id] if cfg.client_endpoints else ""
+            if endpoint:
+                from .server import ClientServer
+
+                self.client_server = ClientServer(self, endpoint, list(cfg.client_endpoints))
+                await self.client_server.start()
         except BaseException:
             await self._release_resources()
             raise
@@ -337,8 +339,7 @@ class Peer:
         self._wake.set()
         self._resumed_event.set()
         try:
-            if self.http is not None:
-                await self.http.aclose()
+            # the HTTP server stays up until _release_resources: /readyz says "stopping" meanwhile
             if self.client_server is not None:
                 await self.client_server.aclose()
             if self.coordinator is not None:
