@@ -96,7 +96,7 @@ class MeshConfig:
         metrics_endpoints: every peer's HTTP endpoint (``host:port`` or
             ``http://host:port``) serving ``/metrics`` (Prometheus), ``/healthz`` and
             ``/readyz``; ``""`` for a peer that serves none. Empty: no peer serves HTTP.
-            Needs ``aiohttp`` and ``prometheus-client`` (``pip install statefun-mesh[metrics]``).
+            Served with ``aiohttp`` and ``prometheus-client`` (dependencies of the package).
         dashboard: peers with a metrics endpoint also serve the web dashboard at ``/``
             (``statefun-mesh run`` turns it on for peer 0).
         peer_keys: every peer's CURVE public key (Z85 text or a key file path), indexed

@@ -46,8 +46,8 @@ def _import_deps() -> Any:
         from prometheus_client import core
     except ImportError as exc:  # pragma: no cover - both are dependencies of the package
         raise ConfigError(
-            f"serving metrics needs aiohttp and prometheus-client ({exc}); pip install aiohttp prometheus-client, "
-            "or drop metrics_endpoints from the config", key="metrics_endpoints",
+            f"serving metrics needs aiohttp and prometheus-client ({exc}), dependencies of statefun-mesh: "
+            "reinstall it, or drop metrics_endpoints from the config", key="metrics_endpoints",
         ) from None  # fmt: skip
     return web, core
 
