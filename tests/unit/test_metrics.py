@@ -287,3 +287,28 @@ def test_cli_metrics_flags() -> None:
         with pytest.raises(SystemExit) as exc:
             p.parse_args(bad)
         assert exc.value.code == 2
+
+
+async def test_api_mesh_gathers_every_peer_through_the_client_endpoints(tmp_path: Path) -> None:
+    import json
+
+    clients = (f"ipc://{tmp_path}/c0", f"ipc://{tmp_path}/c1")
+    async with LocalMesh(app(), **settings(tmp_path, 2, client_endpoints=clients, dashboard=True)) as mesh:
+        p0, p1 = mesh.peers
+        for i in range(40):
+            await p0.send(message_builder(target_typename="m/counter", target_id=f"k{i}", int_value=1))
+        await mesh.idle(timeout=30)
+        status, body = await get(p1.http.url + "/api/mesh")
+        doc = json.loads(body)
+        assert status == 200 and doc["peers"] == 2 and doc["functions"] == ["m/bad", "m/counter", "m/slow"]
+        assert [s["peer"] for s in doc["status"]] == [0, 1]
+        for s, p in zip(doc["status"], (p0, p1), strict=True):
+            assert s["invocations"] == p.status()["invocations"] and s["ready"] is True
+            assert "client_requests" in s and "egress_readers" in s  # as a client endpoint answers it
+        assert sum(s["functions"]["m/counter"]["invocations"] for s in doc["status"]) == 40
+        status, html = await get(p0.http.url + "/")
+        assert status == 200 and "/api/mesh" in html and "<script>" in html
+        # nothing in the page reaches outside the peer
+        assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html
+        status, body = await get(p0.http.url + "/api/status")
+        assert status == 200 and json.loads(body)["peer"] == 0
