@@ -1,7 +1,7 @@
 # Developer shortcuts; README.md shows the full commands.
 PY ?= python3
 
-.PHONY: build test test-c test-pure bench annotate debug lint demo
+.PHONY: build test test-c test-pure fuzz bench annotate debug lint demo
 
 build:
 	$(PY) -m pip install -e '.[dev]'
@@ -13,6 +13,13 @@ test-c:
 
 test-pure:
 	STATEFUN_MESH_NO_EXTENSIONS=1 $(PY) -m pytest
+
+# The fuzz tests at their --run-slow budget (over 1,000,000 inputs): the differential decoder
+# fuzz once (it runs both cores), the endpoint fuzz on a peer of each core.
+FUZZ_SLOW = $(PY) -m pytest -q --run-slow -o faulthandler_timeout=0
+fuzz:
+	STATEFUN_MESH_REQUIRE_EXTENSIONS=1 $(FUZZ_SLOW) tests/unit/test_fuzz_frames.py tests/integration/test_fuzz_endpoints.py
+	STATEFUN_MESH_NO_EXTENSIONS=1 $(FUZZ_SLOW) tests/integration/test_fuzz_endpoints.py
 
 bench:
 	$(PY) -m pytest bench --benchmark-only

@@ -237,7 +237,7 @@ def _setup_logging(level: str, prefix: str = "", fmt: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def _log_level(text: str) -> str:
@@ -291,12 +291,14 @@ def peer_id_from_hostname(hostname: str) -> int:
 
 def cmd_peer(args: argparse.Namespace) -> int:
     """Run one peer of a cluster until SIGTERM/SIGINT."""
+    from .memory import limit_arenas
     from .peer import Peer
 
     if args.id is None:
         import socket
 
         args.id = peer_id_from_hostname(socket.gethostname())
+    limit_arenas()  # a peer process's heap returns to its baseline after a load (memory.py)
     _setup_logging(args.log_level, f"peer-{args.id} ", args.log_format)
     overrides: dict[str, Any] = {"state_dir": args.state_dir}
     if args.restore is not None:

@@ -40,6 +40,12 @@ class MeshConfig:
         inbox_limit: queued messages (local inbox plus unsent outgoing) above which
             client sends wait: the backpressure that bounds memory.
         credit_window: messages one peer may send another before the receiver grants more.
+        memory_budget: bytes a peer may hold in queued and in-flight messages (its
+            inbox, outgoing buffers, frames held at a checkpoint barrier). Half is for
+            the inbox (the rest of it spills to disk), a quarter for outgoing buffers
+            (processing waits for credit beyond it), a quarter for held frames; client
+            sends wait (and are refused with ``MeshBusyError`` when too many wait)
+            while the inbox and outgoing buffers hold more than a quarter.
         max_frame_records: outgoing messages to one peer that trigger an immediate flush.
         linger: seconds a client message may wait to be batched with others before it
             is flushed to its peer (0: at the next turn of the event loop).
@@ -120,6 +126,7 @@ class MeshConfig:
     max_batch: int = 1000
     inbox_limit: int = 100_000
     credit_window: int = 20_000
+    memory_budget: int = 256 << 20
     max_frame_records: int = 1000
     linger: float = 0.0
     max_frame_bytes: int = 64 << 20
@@ -241,6 +248,8 @@ class MeshConfig:
             raise bad("max_message_bytes", f"a positive integer at most max_frame_bytes - {FRAME_HEADROOM} ({most})")
         if self.max_request_timeout <= 0:
             raise bad("max_request_timeout", "a positive number of seconds")
+        if self.memory_budget < 1 << 20:
+            raise bad("memory_budget", "at least 1048576 bytes (1 MiB)")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise bad("heartbeat_timeout", f"more than heartbeat_interval ({self.heartbeat_interval})")
         self._check_keys()

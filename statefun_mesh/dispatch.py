@@ -27,6 +27,7 @@ from .address import Address
 from .context import DELETED, Cell, Context, Storage
 from .errors import MessageTooLargeError
 from .functions import FunctionSpec
+from .logutil import ThrottledLog
 from .messages import Message
 from .state.lmdb_backend import (
     MAX_KEY,
@@ -104,10 +105,14 @@ class TypeStats:
         self.buckets[bisect_left(LATENCY_BUCKETS, seconds / n)] += n
 
 
+#: bytes a send takes in an outgoing frame besides its id and value (type names, framing)
+_SEND_OVERHEAD: Final = 64
+
+
 class BatchOutcome:
     """What one batch produced; applied by the peer after the writes commit."""
 
-    __slots__ = ("cancels", "egress", "min_due", "ops", "replies", "requeue", "sends")
+    __slots__ = ("cancels", "deferred", "egress", "min_due", "ops", "replies", "requeue", "sends")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
@@ -122,6 +127,9 @@ class BatchOutcome:
         self.requeue: list[Record] = []
         #: whether this batch cancels timers (the earliest pending one may be among them)
         self.cancels = False
+        #: records not run because the batch's sends reached ``max_send_bytes`` (whole
+        #: addresses, in arrival order): the caller queues them again, first
+        self.deferred: list[Record] = []
 
 
 class _Running:
@@ -236,6 +244,8 @@ class Dispatcher:
         self.on_ready: Any = None
         #: the address whose sync function runs now (read by the peer's watchdog thread)
         self.current: Address | None = None
+        #: failing invocations log one line per function type and error class per window
+        self.tlog = ThrottledLog(log)
 
     def reload_counters(self) -> None:
         """Re-read what is cached from the store (after the store was restored)."""
@@ -325,8 +335,13 @@ class Dispatcher:
         records: list[Record],
         fired: list[tuple[int, int, int, list[Any]]],
         now_ms: int,
+        max_send_bytes: int | None = None,
     ) -> BatchOutcome:
         """Invoke the functions for ``records``, and release the ``fired`` timers' messages.
+
+        With ``max_send_bytes``, addresses not yet started once the batch's sends reach that
+        many bytes (estimated) are not run but returned in ``outcome.deferred``: one batch's
+        fan-out stays within the peer's memory budget, overshot by one address at most.
 
         Returns the outcome; nothing is written yet.
         """
@@ -381,6 +396,8 @@ class Dispatcher:
             kg_prefix = _KG_PREFIX
             stats, bounds, first = self.stats, LATENCY_BUCKETS, LATENCY_BUCKETS[0]
             t0 = perf_counter()  # chained: one clock read per sync address
+            sends = out.sends
+            counted = send_bytes = 0
             for (typename, id), recs in groups.items():
                 if parked or merging:
                     # per-address order: behind an invocation that has not committed yet
@@ -389,6 +406,13 @@ class Dispatcher:
                         if (typename, id) not in qlens:
                             qlens[(typename, id)] = (behind, len(behind.queue))
                         behind.queue.extend(recs)
+                        continue
+                if max_send_bytes is not None and counted < len(sends):
+                    for r in sends[counted:]:
+                        send_bytes += len(r[1]) + len(r[5]) + _SEND_OVERHEAD
+                    counted = len(sends)
+                    if send_bytes >= max_send_bytes:
+                        out.deferred.extend(recs)
                         continue
                 fspec = table.get(typename)
                 endpoint = None
@@ -765,7 +789,10 @@ class Dispatcher:
         for cell in cells.values():  # decoded values may have been mutated in place
             cell.has_decoded = False
         error = f"{type(exc).__name__}: {exc}"
-        log.error("function %s raised %s; message moved to egress %r", address, error, DEAD_LETTERS, exc_info=exc)
+        # one line per kind of failure and window (the dead letter carries the traceback)
+        self.tlog.error(f"failures of {address.typename} ({type(exc).__name__})",
+                        "function %s raised %s; message moved to egress %r (traceback in the dead letter)",
+                        address, error, DEAD_LETTERS)  # fmt: skip
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
         reason = "message too large" if isinstance(exc, MessageTooLargeError) else "function raised"
         self._dead_letter(rec, reason, error, tb, out)
@@ -777,7 +804,8 @@ class Dispatcher:
         self.unknown += 1
         known = sorted(self.table)
         error = f"no function is bound to type {rec[0]!r}"
-        log.error(
+        self.tlog.error(
+            f"messages to unknown type {rec[0][:100]!r}",
             "%s (message to %s/%s from %s); known types: %s; message moved to egress %r",
             error, rec[0], rec[1], f"{rec[2]}/{rec[3]}" if rec[2] else "a client",
             ", ".join(known[:10]) or "none", DEAD_LETTERS,

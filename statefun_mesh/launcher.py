@@ -203,10 +203,11 @@ class Launcher:
 
     def _unregister_client_keys(self) -> None:
         for path in self._registered:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            for name in (path, path + ".pid"):
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
         self._registered = []
 
     def _spawn(self, k: int) -> subprocess.Popen[bytes]:

@@ -37,7 +37,9 @@ from .errors import (
 )
 from .functions import StatefulFunctions, merge_functions
 from .logutil import ThrottledLog, format_seconds
+from .memory import RECORD_OVERHEAD, malloc_trim, records_bytes
 from .messages import EgressRecord, Message
+from .spill import Spill
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
 from .transport.base import Transport
@@ -134,7 +136,22 @@ class Peer:
         self._message_limit = config.message_limit
         #: records that fit no frame (refused at admission, so only from an older release's logs)
         self.oversized_dropped = 0
-        self._size_log = ThrottledLog(log)
+        # memory_budget (docs/architecture.md §5): the inbox keeps up to half in memory and
+        # spills the rest; the loop takes no batch while outgoing bytes exceed a quarter;
+        # clients are admitted while inbox plus outgoing stay under a quarter
+        budget = config.memory_budget
+        self._inbox_cap = budget // 2
+        self._out_cap = budget // 4
+        self._held_cap = budget // 4
+        self._inbox_bytes = 0  # estimated memory of the records in _inbox
+        self._framed_bytes = [0] * n  # bytes in _frames[p]
+        self._held_bytes = 0
+        self._spill: Spill | None = None
+        #: the loop waits for outgoing credit: grant credit for what arrives, spilling beyond memory
+        self._blocked = False
+        self._trimmed_at = 0
+        self.spilled_total = 0  # records ever spilled
+        self.credit_waits = 0  # times the loop waited for outgoing credit
         self._out_replies: list[list[Any]] = [[] for _ in range(n)]
         self._credit = [config.credit_window] * n
         self._owed = [0] * n
@@ -146,6 +163,8 @@ class Peer:
         self.sent_records = [0] * n
         self.received_records = [0] * n
         self.bad_frames = 0
+        #: repeated problems (bad frames, a failing disk) log one line per kind and window
+        self._tlog = ThrottledLog(log)
         self.incarnation = random.getrandbits(48) | 1
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
@@ -216,7 +235,6 @@ class Peer:
         #: frames off the coordinator's link, generations far ahead of the mesh's
         self.refused_frames = 0
         self._coordinator_generation = -1  # newest generation seen on peer 0's link
-        self._guard_log = ThrottledLog(log)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -382,6 +400,9 @@ class Peer:
             await self.http.aclose()
         if self.transport is not None:
             await self.transport.aclose()
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
         if self.backend is not None:
             self.backend.close()
             self.backend = None
@@ -428,6 +449,7 @@ class Peer:
         self.received_records = [0] * self.n_peers
         self._hold_batches = False
         self._held = [(g, src, f) for g, src, f in self._held if g >= gen]
+        self._held_bytes = sum(len(f) for _, _, f in self._held)
         self._in_batch = False
         self._fail_requests(
             BrokenTransportError(
@@ -447,7 +469,7 @@ class Peer:
         # What was in flight at the cut comes first, then the ingress log from the cut's
         # position; both are queued before this peer reports READY, so when the mesh
         # resumes every replayed message is already on its way, ahead of new input.
-        self._inbox.extend(self.participant.inflight_restored)
+        self._enqueue(self.participant.inflight_restored)
         self.participant.inflight_restored = []
         if self.ingress is not None:
             self._replay(self.participant.ingress_position)
@@ -462,6 +484,7 @@ class Peer:
             if p != self.peer_id:
                 self._seal(p)
                 self._frames[p].append((0, marker))
+                self._framed_bytes[p] += len(marker)
         self._flush_all()
 
     def _resume(self, gen: int) -> None:
@@ -478,6 +501,7 @@ class Peer:
         self.resumed = True
         self._resumed_once = True
         held, self._held = self._held, []
+        self._held_bytes = 0
         for g, src, frame in held:
             if g == gen:
                 self._on_channel_frame(src, frame)
@@ -558,12 +582,14 @@ class Peer:
                 # a released barrier started the next cut, which waits for a batch to
                 # end: what came after it waits too, in order
                 self._held = keep + held[i:] + self._held
+                self._held_bytes = sum(len(f) for _, _, f in self._held)
                 return
             if g == self.generation:
                 self._on_channel_frame(src, frame)
             elif g > self.generation:
                 keep.append((g, src, frame))
         self._held = keep + self._held
+        self._held_bytes = sum(len(f) for _, _, f in self._held)
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -593,9 +619,24 @@ class Peer:
         """Messages queued here: the local inbox plus what waits to go to other peers."""
         return (
             len(self._inbox) + sum(len(e) for e in self._out) + sum(self._framed)
-            + len(self._ingress_batch) + self._ingress_writing
+            + len(self._ingress_batch) + self._ingress_writing + (self._spill.count if self._spill else 0)
             + (self.dispatcher.queued if self.dispatcher is not None else 0)
         )  # fmt: skip
+
+    def queued_bytes(self) -> int:
+        """Estimated memory of the queued messages: the inbox in memory plus what waits to go out."""
+        return self._inbox_bytes + self._out_bytes()
+
+    def _out_bytes(self) -> int:
+        return sum(e.nbytes for e in self._out) + sum(self._framed_bytes)
+
+    def _full(self) -> bool:
+        """Over ``inbox_limit`` messages or a quarter of ``memory_budget``, or spilling: clients wait."""
+        return (
+            self.pressure() >= self.config.inbox_limit
+            or self.queued_bytes() >= self._out_cap
+            or (self._spill is not None and self._spill.count > 0)
+        )
 
     async def submit(self, rec: Record, *, durable: bool = True) -> None:
         """Admit one message from a client.
@@ -632,18 +673,17 @@ class Peer:
 
     def admits(self) -> bool:
         """Whether :meth:`admit` would return at once."""
-        return self.resumed and not self._closing and self.pressure() < self.config.inbox_limit
+        return self.resumed and not self._closing and not self._full()
 
     async def admit(self) -> None:
         """Wait until this peer admits client messages (running, and under ``inbox_limit``)."""
-        limit = self.config.inbox_limit
         while True:
             if self._closing:
                 raise ClosedTransportError("the peer is closing")
             if not self.resumed:
                 await self._resumed_event.wait()
                 continue
-            if self.pressure() >= limit:
+            if self._full():
                 self._space.clear()
                 await self._space.wait()
                 continue
@@ -662,7 +702,8 @@ class Peer:
             except StatefunMeshError as exc:
                 self._ingress_writing = 0
                 self._check_space()
-                log.error("peer %d: could not log %d client messages: %s", self.peer_id, len(records), exc)
+                self._tlog.error("failed ingress appends", "peer %d: could not log %d client messages: %s",
+                                 self.peer_id, len(records), exc)
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
@@ -835,7 +876,7 @@ class Peer:
     async def idle(self) -> None:
         """Wait until this peer has processed everything queued here (and every due timer)."""
         while True:
-            if self._inbox or self._timer_due(self._now_ms()):
+            if self._inbox or (self._spill and self._spill.count) or self._timer_due(self._now_ms()):
                 self._idle.clear()
                 self._wake.set()
             elif self._idle.is_set() or self._closing:
@@ -846,6 +887,7 @@ class Peer:
         """Whether nothing is queued here, nothing waits to be sent, and the loop is waiting."""
         return (
             not self._inbox
+            and not (self._spill and self._spill.count)
             and self._idle.is_set()
             and not any(len(e) for e in self._out)
             and not any(self._frames)
@@ -859,7 +901,11 @@ class Peer:
             "peer": self.peer_id,
             "peers": self.n_peers,
             "core": _speedups.IMPLEMENTATION,
-            "queued": len(self._inbox),
+            "queued": len(self._inbox) + (self._spill.count if self._spill else 0),
+            "spilled": self._spill.count if self._spill else 0,
+            "memory": {"inbox": self._inbox_bytes, "outgoing": self._out_bytes(), "held": self._held_bytes,
+                       "budget": self.config.memory_budget, "spilled_total": self.spilled_total,
+                       "credit_waits": self.credit_waits},
             "outgoing": [len(e) + f for e, f in zip(self._out, self._framed, strict=True)],
             "credit": list(self._credit),
             "batches": self.batches,
@@ -928,7 +974,7 @@ class Peer:
             self.messages_in += len(records)
         if self.n_peers == 1:
             self.routed_local += len(records)
-            self._inbox.extend(records)
+            self._enqueue(records)
         else:
             me = self.peer_id
             for p, part in enumerate(_speedups.partition(records, self.config.max_parallelism, self.n_peers)):
@@ -936,7 +982,7 @@ class Peer:
                     continue
                 if p == me:
                     self.routed_local += len(part)
-                    self._inbox.extend(part)
+                    self._enqueue(part)
                     continue
                 self.routed_remote[p] += len(part)
                 enc = self._out[p]
@@ -965,7 +1011,7 @@ class Peer:
         # peer p in no frame. Dropped and counted, never sent to be dropped silently there.
         self.oversized_dropped += 1
         size = _speedups.record_size(rec)
-        self._size_log.error(
+        self._tlog.error(
             "oversized records",
             "peer %d: dropped a message to %s/%s for peer %d: %d bytes fits no frame (max_frame_bytes %d); "
             "raise max_frame_bytes on every peer to deliver such messages",
@@ -985,6 +1031,48 @@ class Peer:
         size = _speedups.record_size(rec)
         if size > limit:
             raise MessageTooLargeError(size, limit, what)
+
+    def _enqueue(self, records: list[Record]) -> None:
+        """Queue ``records`` for processing here: in memory up to half of ``memory_budget``,
+        the rest (and everything while anything is spilled, to keep the order) to the spill."""
+        if not records:
+            return
+        size = records_bytes(records)
+        spill = self._spill
+        if (spill is None or not spill.count) and self._inbox_bytes + size <= self._inbox_cap:
+            self._inbox.extend(records)
+            self._inbox_bytes += size
+            return
+        i = 0
+        if spill is None or not spill.count:
+            room = self._inbox_cap - self._inbox_bytes
+            while i < len(records) and room > 0:
+                room -= len(records[i][1]) + len(records[i][5]) + RECORD_OVERHEAD
+                i += 1
+            head = records[:i]
+            self._inbox.extend(head)
+            self._inbox_bytes += records_bytes(head)
+        try:
+            if spill is None:
+                spill = self._spill = Spill(self.state_path + ".spill")
+            for j in range(i, len(records), 1000):
+                spill.push(records[j : j + 1000])
+                self.spilled_total += len(records[j : j + 1000])
+        except StatefunMeshError as exc:
+            # a full disk: keep them in memory (never drop what was received)
+            self._tlog.error("failed spills", "peer %d: cannot spill messages to disk: %s; keeping them in memory",
+                             self.peer_id, exc)  # fmt: skip
+            rest = records[i:] if spill is None else records[j:]
+            self._inbox.extend(rest)
+            self._inbox_bytes += records_bytes(rest)
+
+    def _refill(self) -> None:
+        """Read spilled records back while the inbox is under a quarter of the budget."""
+        spill = self._spill
+        while spill is not None and spill.count and self._inbox_bytes < self._inbox_cap // 2:
+            records = spill.pop()
+            self._inbox.extend(records)
+            self._inbox_bytes += records_bytes(records)
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None:
@@ -1019,6 +1107,7 @@ class Peer:
                           self.peer_id, p, len(frame), self.config.max_frame_bytes)  # fmt: skip
             self._frames[p].append((n, frame))
             self._framed[p] += n
+            self._framed_bytes[p] += len(frame)
 
     def _flush_peer(self, p: int, force: bool = False) -> None:
         """Send peer ``p`` what waits for it, as far as its credit goes (``force``: all of it)."""
@@ -1030,6 +1119,7 @@ class Peer:
         while frames and (self._credit[p] > 0 or force):
             n, frame = frames.popleft()
             self._framed[p] -= n
+            self._framed_bytes[p] -= len(frame)
             self._credit[p] -= n
             self.sent_records[p] += n
             self._send(p, frame)
@@ -1057,9 +1147,18 @@ class Peer:
                     self._send(p, frame)
 
     def _grant_credits(self) -> None:
-        queued = self.dispatcher.queued if self.dispatcher is not None else 0  # behind parked addresses
-        if self.transport is None or len(self._inbox) + queued >= self.config.inbox_limit:
+        # A peer whose loop waits for credit grants for all it receives (what does not fit
+        # in memory spills): if it did not, two peers waiting for each other's credit would
+        # wedge the mesh (docs/architecture.md §5).
+        if self.transport is None:
             return
+        queued = self.dispatcher.queued if self.dispatcher is not None else 0  # behind parked addresses
+        if not self._blocked and (
+            len(self._inbox) + queued >= self.config.inbox_limit
+            or self._inbox_bytes >= self._inbox_cap
+            or (self._spill is not None and self._spill.count)
+        ):
+            return  # the sender keeps the rest until this peer has room in memory
         quarter = max(self.config.credit_window // 4, 1)
         empty = not self._inbox
         for p in range(self.n_peers):
@@ -1073,15 +1172,16 @@ class Peer:
     def _on_frame(self, src: int, frame: bytes) -> None:
         if len(frame) < 6:
             self.bad_frames += 1
-            log.error("peer %d: rejected a frame from peer %d: %d bytes is too short", self.peer_id, src, len(frame))
+            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: %d bytes is too short",
+                             self.peer_id, src, len(frame))
             return
         gen = _GEN.unpack_from(frame)[0]
         body = frame[4:]
         if body[0] != _speedups.FRAME_VERSION:
             self.bad_frames += 1
-            log.error("peer %d: rejected a frame from peer %d: not a generation-prefixed frame of version %d; "
-                      "do all peers run the same statefun_mesh release?",
-                      self.peer_id, src, _speedups.FRAME_VERSION)  # fmt: skip
+            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: not a generation-prefixed frame of "
+                             "version %d; do all peers run the same statefun_mesh release?", self.peer_id, src,
+                             _speedups.FRAME_VERSION)  # fmt: skip
             return
         kind = body[1]
         if src == 0:
@@ -1102,7 +1202,16 @@ class Peer:
         if gen > self.generation or not self.resumed or (
             self._hold_batches and (kind == codec.KIND_BATCH or kind == codec.BARRIER)
         ):
+            if gen > self.generation and self._held_bytes + len(body) > self._held_cap:
+                # a peer of this mesh sends a later generation only after a RECOVER this
+                # peer is about to get, and at most its credit window: beyond that it is no peer
+                self.bad_frames += 1
+                self._tlog.error("refused future frames", "peer %d: refused a frame of generation %d from peer %d: "
+                                 "%d bytes of frames of later generations are held already (a quarter of "
+                                 "memory_budget)", self.peer_id, gen, src, self._held_bytes)  # fmt: skip
+                return
             self._held.append((gen, src, body))
+            self._held_bytes += len(body)
             return
         self._on_channel_frame(src, body, gen)
 
@@ -1120,7 +1229,7 @@ class Peer:
 
     def _refuse_frame(self, src: int, kind: str, why: str) -> None:
         self.refused_frames += 1
-        self._guard_log.error(f"refused frames ({kind})", "peer %d: refused a frame from peer %d: %s (refused so "
+        self._tlog.error(f"refused frames ({kind})", "peer %d: refused a frame from peer %d: %s (refused so "
                               "far: %d)", self.peer_id, src, why, self.refused_frames)  # fmt: skip
 
     def _on_channel_frame(self, src: int, frame: bytes, gen: int | None = None) -> None:
@@ -1133,14 +1242,16 @@ class Peer:
                 self._owed[src] += len(records)
                 if self.participant is not None and self.participant.snap is not None:
                     self.participant.on_records(src, records)
-                self._inbox.extend(records)
+                self._enqueue(records)
                 self._idle.clear()
                 self._wake.set()
+                if self._blocked:
+                    self._grant_credits()
                 return
             kind, items = codec.decode_control(frame, _PEER_KINDS)
         except FrameDecodeError as exc:
             self.bad_frames += 1
-            log.error("peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
+            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
             return
         if kind == codec.CREDIT:
             # A grant returns records this peer sent and the other has since taken in:
@@ -1149,13 +1260,16 @@ class Peer:
             outstanding = self.config.credit_window - self._credit[src]
             if not 0 < items[0] <= outstanding:
                 self.bad_frames += 1
-                log.error("peer %d: rejected a credit of %d from peer %d, which has only %d records of "
-                          "this peer's outstanding", self.peer_id, items[0], src, outstanding)  # fmt: skip
+                self._tlog.error("bad credits", "peer %d: rejected a credit of %d from peer %d, which has only "
+                                 "%d records of this peer's outstanding", self.peer_id, items[0], src,
+                                 outstanding)  # fmt: skip
                 return
             self._credit[src] += items[0]
             if len(self._out[src]) or self._frames[src]:
                 self._flush_peer(src)
             self._check_space()
+            if self._blocked:
+                self._wake.set()  # the loop waits for this credit
         elif kind == codec.HEARTBEAT:
             self._on_heartbeat(src, items)
         elif kind == codec.REPLIES:
@@ -1168,7 +1282,7 @@ class Peer:
                     and all(type(item[i]) is str for i in (2, 4, 5))
                 ):
                     self.bad_frames += 1
-                    log.error("peer %d: malformed reply from peer %d", self.peer_id, src)
+                    self._tlog.error("bad replies", "peer %d: malformed reply from peer %d", self.peer_id, src)
                     continue
                 self._resolve(*item)
         elif kind in _COORDINATOR_KINDS and src != 0:
@@ -1176,8 +1290,9 @@ class Peer:
                                f"control frame 0x{kind:02x} can only come from the coordinator (peer 0)")
         elif self.participant is None:
             self.bad_frames += 1
-            log.error("peer %d: checkpoint frame 0x%02x from peer %d, but this peer takes no checkpoints; "
-                      "do all peers have the same blob_store setting?", self.peer_id, kind, src)  # fmt: skip
+            self._tlog.error("unexpected checkpoint frames", "peer %d: checkpoint frame 0x%02x from peer %d, but this "
+                             "peer takes no checkpoints; do all peers have the same blob_store setting?",
+                             self.peer_id, kind, src)  # fmt: skip
         elif kind == codec.BARRIER:
             self.participant.on_barrier(src, items[0], items[1])
         elif kind == codec.CK_DONE:
@@ -1223,6 +1338,11 @@ class Peer:
 
     def _drop_queues(self) -> None:
         self._inbox.clear()
+        self._inbox_bytes = 0
+        self._framed_bytes = [0] * self.n_peers
+        self._blocked = False
+        if self._spill is not None:
+            self._spill.clear()
         self._out = [_speedups.BatchEncoder() for _ in range(self.n_peers)]
         self._frames = [collections.deque() for _ in range(self.n_peers)]
         self._framed = [0] * self.n_peers
@@ -1254,8 +1374,9 @@ class Peer:
                         raise
                     # the store is unreachable or failing: not the checkpoint's fault, so
                     # do not report it unrestorable; try again while this round stands
-                    log.error("peer %d: cannot read checkpoint %d from the blob store in recovery round %d: %s; "
-                              "retrying in %.1f s", self.peer_id, n, gen, exc, pause)  # fmt: skip
+                    self._tlog.error("blob store read retries", "peer %d: cannot read checkpoint %d from the blob "
+                                     "store in recovery round %d: %s; retrying in %.1f s", self.peer_id, n, gen, exc,
+                                     pause)  # fmt: skip
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 10.0)
         except asyncio.CancelledError:
@@ -1272,7 +1393,8 @@ class Peer:
     def _on_heartbeat(self, src: int, items: list[Any]) -> None:
         if items[0] != src:
             self.bad_frames += 1
-            log.error("peer %d: heartbeat on peer %d's channel claims to be from peer %s", self.peer_id, src, items[0])
+            self._tlog.error("bad heartbeats", "peer %d: heartbeat on peer %d's channel claims to be from peer %s",
+                             self.peer_id, src, items[0])
             return
         inc = items[1]
         if inc != self._incarnations[src]:
@@ -1322,8 +1444,27 @@ class Peer:
             # start a recovery round, as for a restart.
             self.incarnation = random.getrandbits(48) | 1
 
+    def flush_logs(self) -> None:
+        """Write the summaries of throttled log lines whose window closed (this peer's, its
+        dispatcher's and its client endpoint's)."""
+        self._tlog.flush()
+        if self.dispatcher is not None:
+            self.dispatcher.tlog.flush()
+        tlog = getattr(self.client_server, "tlog", None)
+        if tlog is not None:
+            tlog.flush()
+        tlog = getattr(self.transport, "tlog", None)
+        if tlog is not None:
+            tlog.flush()
+
+    def _maybe_trim(self) -> None:
+        """After a busy spell, once idle: give the freed heap back to the system."""
+        if self.batches - self._trimmed_at >= 100 and self.is_idle():
+            self._trimmed_at = self.batches
+            malloc_trim()
+
     def _check_space(self) -> None:
-        if self.pressure() < self.config.inbox_limit:
+        if not self._full():
             self._space.set()
 
     async def _heartbeat_loop(self) -> None:
@@ -1331,7 +1472,6 @@ class Peer:
         cfg = self.config
         last = self.clock.now()
         while True:
-            self._guard_log.flush()
             if hasattr(self.transport, "flush_logs"):
                 self.transport.flush_logs()
             frame = codec.encode_control(codec.HEARTBEAT, self.peer_id, self.incarnation)
@@ -1349,6 +1489,8 @@ class Peer:
                         "peer %d: no word from peer %d for %.1f s; holding its %d outgoing messages until it is back",
                         self.peer_id, p, now - self._last_heard[p], len(self._out[p]) + self._framed[p],
                     )  # fmt: skip
+            self.flush_logs()
+            self._maybe_trim()
             await asyncio.sleep(cfg.heartbeat_interval)
 
     # -- the loop -------------------------------------------------------------------
@@ -1370,7 +1512,25 @@ class Peer:
             participant = self.participant
             if participant is not None and participant.pending is not None:
                 participant.take_snapshot()  # a barrier waited for the batch boundary
+            if self._spill is not None and self._spill.count:
+                self._refill()
             now_ms = self._now_ms()
+            out_bytes = self._out_bytes() if self.transport is not None else 0
+            if out_bytes >= self._out_cap and (inbox or self._timer_due(now_ms)):
+                # Outgoing buffers are full: wait for credit before producing more. Safe,
+                # because a peer that waits grants credit for all it receives (spilling
+                # what does not fit in memory), so credit never waits on processing.
+                if not self._blocked:
+                    self.credit_waits += 1
+                self._blocked = True
+                self._flush_all()
+                self._grant_credits()
+                if self._closing:
+                    return
+                await self.clock.wait(self._wake, None if self._next_due is None else self._next_due / 1000)
+                self._wake.clear()
+                continue
+            self._blocked = False
             if (self._timers_held and not inbox and len(self._replayed_from) >= self.n_peers - 1
                     and not dispatcher.parked):  # fmt: skip
                 self._timers_held = False  # every replayed message is processed: timers may fire
@@ -1388,26 +1548,33 @@ class Peer:
             self._idle.clear()
             n = min(len(inbox), max_batch)
             batch = [inbox.popleft() for _ in range(n)]
+            batch_bytes = records_bytes(batch)
+            self._inbox_bytes = self._inbox_bytes - batch_bytes if inbox else 0
             fired: list[Any] = []
             timers_checked = self._timer_due(now_ms)
             if timers_checked:
                 fired = backend.due_timers(now_ms, max(max_batch - n, 1))
             self._in_batch = True
             try:
-                outcome = await dispatcher.run(batch, fired, now_ms)
+                # what the batch sends may fill the outgoing buffers' room, no more (one
+                # address's invocations may overshoot it: they are never split)
+                outcome = await dispatcher.run(batch, fired, now_ms, max(self._out_cap - out_bytes, 0))
                 backend.commit(outcome.ops)
             except StateBackendError as exc:
                 dispatcher.rollback()
                 inbox.extendleft(reversed(batch))
-                log.error("peer %d could not write a batch of %d messages: %s; retrying in %.2f s",
-                          self.peer_id, len(batch), exc, backoff)  # fmt: skip
+                self._inbox_bytes += batch_bytes
+                self._tlog.error("failed batch writes", "peer %d could not write a batch of %d messages: %s; "
+                                 "retrying in %.2f s", self.peer_id, len(batch), exc, backoff)  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             except Exception:
                 dispatcher.rollback()
                 inbox.extendleft(reversed(batch))
-                log.exception("peer %d: internal error in a batch; retrying", self.peer_id)
+                self._inbox_bytes += batch_bytes
+                self._tlog.log(logging.ERROR, "internal batch errors", "peer %d: internal error in a batch; retrying",
+                               self.peer_id, exc_info=True)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -1424,8 +1591,12 @@ class Peer:
                 # a fired or cancelled timer may have been the earliest: without this the
                 # loop would take a removed timer for due and spin on empty batches
                 self._next_due = backend.next_timer_due()
+            if outcome.deferred:
+                inbox.extendleft(reversed(outcome.deferred))
+                self._inbox_bytes += records_bytes(outcome.deferred)
             if outcome.requeue:  # they waited behind a parked address this batch committed
                 inbox.extendleft(reversed(outcome.requeue))
+                self._inbox_bytes += records_bytes(outcome.requeue)
             self._after_commit(outcome)
             if now_ms >= self._next_purge:
                 # expired idempotency keys, a slice at a time between batches
@@ -1433,7 +1604,8 @@ class Peer:
                 try:
                     self._purge_from = backend.purge_dedup(now_ms, self._purge_from, 5000)
                 except StateBackendError as exc:  # e.g. a full disk: purging waits, processing goes on
-                    log.warning("peer %d: could not purge expired idempotency keys: %s", self.peer_id, exc)
+                    self._tlog.warning("failed purges", "peer %d: could not purge expired idempotency keys: %s",
+                                       self.peer_id, exc)
             self._flush_all()
             self._grant_credits()
             self._check_space()
@@ -1452,8 +1624,8 @@ class Peer:
                 self._out_replies[reply[0]].append(list(reply[1:]))
             else:
                 self.bad_frames += 1
-                log.error("peer %d: dropped a reply for peer %d, which is not in this mesh of %d peers",
-                          self.peer_id, reply[0], self.n_peers)  # fmt: skip
+                self._tlog.error("bad reply addresses", "peer %d: dropped a reply for peer %d, which is not in this "
+                                 "mesh of %d peers", self.peer_id, reply[0], self.n_peers)  # fmt: skip
         for typename in out.egress:
             if not self.checkpointing or typename in self._immediate:
                 ev = self._egress_events.get(typename)
@@ -1475,6 +1647,9 @@ class Peer:
     async def _sync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.sync_interval)
+            if self.transport is None:
+                self.flush_logs()  # no heartbeat loop to do it
+                self._maybe_trim()
             backend = self.backend
             if self._dirty and backend is not None:
                 self._dirty = False
@@ -1484,8 +1659,8 @@ class Peer:
                     await asyncio.shield(self._flush)
                 except Exception as exc:  # keep syncing: one failed fsync must not end the loop
                     self._dirty = True
-                    log.error("peer %d: syncing the state store to disk failed: %s; retrying in %s s",
-                              self.peer_id, exc, self.config.sync_interval)  # fmt: skip
+                    self._tlog.error("failed syncs", "peer %d: syncing the state store to disk failed: %s; retrying "
+                                     "in %s s", self.peer_id, exc, self.config.sync_interval)  # fmt: skip
 
 
 _PEER_KINDS = frozenset(

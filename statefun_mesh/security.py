@@ -257,7 +257,33 @@ def register_client_keys(endpoint: str, keys: ClientKeys) -> str:
     path = registry_path(endpoint)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     keys.save(path)
+    # whose copy it is: a run that was killed cannot remove its copy, and a later mesh on the
+    # same endpoint (a reused port) must not be approached with a dead run's keys
+    with open(path + ".pid", "w") as fh:
+        fh.write(str(os.getpid()))
     return path
+
+
+def _stale(path: str) -> bool:
+    """Whether the run that registered ``path`` is gone (its copies are then removed)."""
+    try:
+        with open(path + ".pid") as fh:
+            pid = int(fh.read().strip())
+    except (OSError, ValueError):
+        return False  # no owner recorded: keep the copy
+    try:
+        os.kill(pid, 0)
+        return False
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return False  # alive, another user's
+    for stale in (path, path + ".pid"):
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
+    return True
 
 
 def find_client_keys(endpoint: str) -> ClientKeys | None:
@@ -274,7 +300,7 @@ def find_client_keys(endpoint: str) -> ClientKeys | None:
         if keys.server_key(endpoint) is not None:
             return keys
     path = registry_path(endpoint)
-    if not os.path.exists(path):
+    if not os.path.exists(path) or _stale(path):
         return None
     try:
         keys = ClientKeys.load(path)

@@ -23,6 +23,7 @@ from .errors import (
     TransportError,
     TypeNameError,
 )
+from .logutil import ThrottledLog
 from .peer import Peer, check_request_timeout
 from .transport import codec
 
@@ -92,6 +93,8 @@ class ClientServer:
         self._zap: Any = None
         self._unregister: Any = None
         self._watch: asyncio.Task[None] | None = None
+        #: bad client frames log one line per kind and window (the peer flushes the summaries)
+        self.tlog = ThrottledLog(log)
 
     @property
     def refused_clients(self) -> int:
@@ -187,7 +190,8 @@ class ClientServer:
             if len(parts) != 2:
                 self.bad_frames += 1
                 peer.bad_frames += 1
-                log.error("peer %d: dropped a %d-part client message from %r", peer.peer_id, len(parts), ident[:64])
+                self.tlog.error("bad client frames", "peer %d: dropped a %d-part client message from %r",
+                                peer.peer_id, len(parts), ident[:64])
                 continue
             frame = parts[1]
             try:
@@ -195,7 +199,8 @@ class ClientServer:
             except FrameDecodeError as exc:
                 self.bad_frames += 1
                 peer.bad_frames += 1
-                log.error("peer %d: rejected a frame from client %r: %s", peer.peer_id, ident[:64], exc)
+                self.tlog.error("bad client frames", "peer %d: rejected a frame from client %r: %s",
+                                peer.peer_id, ident[:64], exc)
                 self._error(ident, 0, exc)
                 continue
             corr = items[0]

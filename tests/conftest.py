@@ -1,4 +1,4 @@
-"""Shared fixtures: both hot-path implementations, async tests, opt-in slow tests."""
+"""Shared fixtures: both hot-path implementations, async tests, opt-in slow tests, fuzz budgets."""
 
 from __future__ import annotations
 
@@ -6,11 +6,27 @@ import asyncio
 import importlib
 import inspect
 import os
+import time
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis profiles of the fuzz tests (tests/unit/test_fuzz_frames.py, tests/integration/test_fuzz_endpoints.py):
+# "ci" is the default, "slow" is selected by --run-slow (the 1,000,000-input run). Both are derandomized and
+# keep no example database, so every run of the suite draws the same inputs and a failure reproduces as is.
+# A fuzz test picks its own max_examples for each (it tells them apart by max_examples).
+_FUZZ_COMMON: dict[str, Any] = {
+    "derandomize": True,
+    "database": None,
+    "deadline": None,
+    "print_blob": True,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+}
+settings.register_profile("ci", max_examples=100, **_FUZZ_COMMON)
+settings.register_profile("slow", max_examples=10_000, **_FUZZ_COMMON)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,6 +61,53 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "timeout(seconds): time limit of an async test")
+    settings.load_profile("slow" if config.getoption("--run-slow") else "ci")
+    # Hypothesis's pytest plugin, reporting a failure, imports a module that warns; with
+    # filterwarnings = error that turned the failure report into an INTERNALERROR
+    config.addinivalue_line("filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
+
+
+class FuzzCount:
+    """Inputs a fuzz test actually ran, by kind; reported in pytest's summary."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.notes: list[str] = []
+        self.started = time.monotonic()
+
+    def add(self, kind: str, n: int = 1) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + n
+
+    def note(self, text: str) -> None:
+        """A line for the summary besides the counts (e.g. a measured memory growth)."""
+        self.notes.append(text)
+
+    @property
+    def total(self) -> int:
+        """Inputs run: every kind but those named "skipped" (drawn, but not sent)."""
+        return sum(n for kind, n in self.counts.items() if "skipped" not in kind)
+
+
+_FUZZ_REPORT: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def fuzz_count(request: pytest.FixtureRequest) -> Iterator[FuzzCount]:
+    """A per-module tally of fuzz inputs; the total and the time are printed at the end of the run."""
+    count = FuzzCount()
+    yield count
+    detail = ", ".join(f"{k} {v:,}" for k, v in sorted(count.counts.items()))
+    _FUZZ_REPORT.append(
+        f"{request.module.__name__}: {count.total:,} inputs in {time.monotonic() - count.started:.1f} s ({detail})"
+    )
+    _FUZZ_REPORT.extend(f"  {line}" for line in count.notes)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _FUZZ_REPORT:
+        terminalreporter.section("fuzz inputs run")
+        for line in _FUZZ_REPORT:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(params=["python", "c"])

@@ -117,7 +117,8 @@ class Coordinator:
                 break
             except BlobStoreError as exc:
                 # generations must only grow: never guess 0 because the store failed
-                log.error("the coordinator cannot read the blob store: %s; retrying in %.1f s", exc, pause)
+                self.peer._tlog.error("blob store retries", "the coordinator cannot read the blob store: %s; "
+                                      "retrying in %.1f s", exc, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 10.0)
         self.next_id = (self.manifests[-1] + 1) if self.manifests else 1
@@ -148,8 +149,8 @@ class Coordinator:
                 except BlobStoreError as exc:
                     # the store is down or failing (not a bad checkpoint): the mesh cannot
                     # restore anything until it answers, so try the round again
-                    log.error("recovery round %d: the blob store failed: %s; retrying the round in %.1f s",
-                              self.generation, exc, pause)  # fmt: skip
+                    self.peer._tlog.error("blob store retries", "recovery round %d: the blob store failed: %s; "
+                                          "retrying the round in %.1f s", self.generation, exc, pause)  # fmt: skip
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 10.0)
                     why = f"retry after a blob store failure ({reason})"

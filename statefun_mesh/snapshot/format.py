@@ -65,15 +65,36 @@ def object_name(peer: int, checkpoint: int, kind: str) -> str:
     return f"objects/peer-{peer:04d}/{checkpoint:012d}-{kind}.bin"
 
 
+class PackedEntries:
+    """``n`` entries already msgpack-encoded one after another (e.g. a spilled chunk)."""
+
+    __slots__ = ("data", "n")
+
+    def __init__(self, n: int, data: bytes) -> None:
+        self.n = n
+        self.data = data
+
+
 def encode_object(kind: str, header: dict[str, Any], entries: Iterable[Any]) -> tuple[bytes, int]:
-    """Encode an object; return ``(bytes, number of entries)``."""
+    """Encode an object; return ``(bytes, number of entries)``.
+
+    An entry may be a :class:`PackedEntries`, copied as it is.
+    """
     packer = msgpack.Packer(use_bin_type=True)
-    parts = [MAGIC, bytes((FORMAT, KINDS[kind])), packer.pack(header)]
+    # one growing buffer, not a list of small bytes objects (one per entry): a large
+    # object then costs about its size once, and leaves no small-object fragmentation
+    buf = bytearray(MAGIC)
+    buf += bytes((FORMAT, KINDS[kind]))
+    buf += packer.pack(header)
     n = 0
     for entry in entries:
-        parts.append(packer.pack(entry))
+        if type(entry) is PackedEntries:
+            buf += entry.data
+            n += entry.n
+            continue
+        buf += packer.pack(entry)
         n += 1
-    return b"".join(parts), n
+    return bytes(buf), n
 
 
 def decode_object(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -40,8 +41,9 @@ from typing import TYPE_CHECKING, Any
 
 from .._speedups import key_group
 from ..errors import BlobNotFoundError, BlobStoreError, IncompatibleSnapshotError, SnapshotError
+from ..spill import Spill
 from ..transport import codec
-from .format import Manifest, ObjectRef, PeerPart, decode_object, encode_object, object_name
+from .format import Manifest, ObjectRef, PackedEntries, PeerPart, decode_object, encode_object, object_name
 from .rescale import inherited_peers, renumber_egress, split_entries
 
 if TYPE_CHECKING:
@@ -64,6 +66,8 @@ class _Snap:
         self.txn: lmdb.Transaction | None = txn
         self.changes = changes
         self.inbox = inbox
+        #: the inbox's spilled tail at the cut (a read transaction of the spill), after ``inbox``
+        self.spill_txn: lmdb.Transaction | None = None
         self.ingress_pos = ingress_pos
         self.waiting = waiting
         self.logs: dict[int, list[Any]] = {p: [] for p in range(peers)}
@@ -164,6 +168,7 @@ class Participant:
         # behind them. Their state in txn is from before them; their effects commit
         # after this cut and belong to the next checkpoint.
         inbox = (peer.dispatcher.parked_records() if peer.dispatcher is not None else []) + list(peer._inbox)
+        spill_txn = peer._spill.cut() if peer._spill is not None else None
         others = {p for p in range(peer.n_peers) if p != peer.peer_id}
         barrier = codec.encode_control(codec.BARRIER, n, max(self.completed, self.pending_last_complete))
         for p in others:
@@ -173,6 +178,7 @@ class Participant:
         # appended, not yet routed, is not covered: recovery replays it)
         ingress_pos = peer.ingress_routed if peer.ingress is not None else 0
         self.snap = _Snap(n, txn, changes, inbox, ingress_pos, others - self.pending_srcs, peer.n_peers)
+        self.snap.spill_txn = spill_txn
         self.pending_srcs = set()
         peer._release_held()
         self._maybe_finalize()
@@ -197,14 +203,18 @@ class Participant:
         try:
             part = await self._write_objects(snap)
         except (BlobStoreError, SnapshotError, OSError) as exc:
-            log.error("peer %d: checkpoint %d could not be written: %s; processing goes on and the "
-                      "coordinator retries with the next checkpoint", peer.peer_id, snap.n, exc)  # fmt: skip
+            peer._tlog.error("failed checkpoint uploads", "peer %d: checkpoint %d could not be written: %s; "
+                             "processing goes on and the coordinator retries with the next checkpoint",
+                             peer.peer_id, snap.n, exc)  # fmt: skip
             peer._checkpoint_ack(snap.n, None, str(exc))
             return
         finally:
             if snap.txn is not None:
                 snap.txn.abort()
                 snap.txn = None
+            if snap.spill_txn is not None:
+                snap.spill_txn.abort()
+                snap.spill_txn = None
         snap.part = part
         self.last_duration = loop.time() - started
         peer._checkpoint_ack(snap.n, part, None)
@@ -235,10 +245,15 @@ class Participant:
                 entries = ([db, k, v] for db, k, v in backend.delta(txn, snap.changes))
             state, count = encode_object(kind, header, entries)
             egress = backend.egress_heads(txn)
-            records = list(snap.inbox)
-            for p in range(peer.n_peers):
-                records.extend(snap.logs[p])
-            inflight, icount = encode_object("inflight", header, (list(r) for r in records))
+            # one record at a time: a spilled tail is read from disk, never all in memory
+            records = itertools.chain(
+                (list(r) for r in snap.inbox),
+                (PackedEntries(n, data) for n, data in Spill.packed(snap.spill_txn))
+                if snap.spill_txn is not None
+                else (),
+                *((list(r) for r in snap.logs[p]) for p in range(peer.n_peers)),
+            )
+            inflight, icount = encode_object("inflight", header, records)
             return state, count, inflight, icount, egress
 
         state, count, inflight, icount, egress = await asyncio.to_thread(build)
@@ -341,6 +356,9 @@ class Participant:
         if snap.txn is not None and not snap.finalizing:
             snap.txn.abort()
             snap.txn = None
+        if snap.spill_txn is not None and not snap.finalizing:
+            snap.spill_txn.abort()
+            snap.spill_txn = None
 
     def reset(self) -> None:
         """Forget every checkpoint in progress (recovery starts)."""
@@ -349,6 +367,8 @@ class Participant:
         snap, self.snap = self.snap, None
         if snap is not None and snap.txn is not None and not snap.finalizing:
             snap.txn.abort()
+        if snap is not None and snap.spill_txn is not None and not snap.finalizing:
+            snap.spill_txn.abort()
         self.pending = None
         self.pending_srcs = set()
         self.carry = set()

@@ -99,7 +99,8 @@ class ZmqTransport(Transport):
         self._zap: ZapPolicy | None = None
         self._unregister: Any = None
         self._handshakes: asyncio.Task[None] | None = None
-        self._tlog = ThrottledLog(log)
+        #: frames from non-peers log one line per window (the peer flushes the summaries)
+        self.tlog = ThrottledLog(log)
 
     @property
     def refused_connections(self) -> int:
@@ -189,7 +190,7 @@ class ZmqTransport(Transport):
                 src = int(user[5:])
             if not 0 <= src < n or src == self.peer_id or len(parts) != 2:
                 self.foreign_frames += 1
-                self._tlog.error("foreign frames", "peer %d: dropped a frame from a connection that did not "
+                self.tlog.error("foreign frames", "peer %d: dropped a frame from a connection that did not "
                                  "authenticate as another peer of this mesh (user %r, %d parts)", self.peer_id,
                                  user, len(parts))  # fmt: skip
                 continue
@@ -226,7 +227,7 @@ class ZmqTransport(Transport):
             except zmq.ZMQError as exc:
                 if self._closed:
                     return
-                log.error("peer %d: receive failed: %s", self.peer_id, exc)
+                self.tlog.error("receive failures", "peer %d: receive failed: %s", self.peer_id, exc)
                 await asyncio.sleep(0.1)
                 continue
             ident = parts[0]
@@ -235,7 +236,8 @@ class ZmqTransport(Transport):
                 src = int(ident[prefix_len:])
             if not 0 <= src < n or src == self.peer_id or len(parts) != 2:
                 self.foreign_frames += 1
-                log.error(
+                self.tlog.error(
+                    "frames from non-peers",
                     "peer %d: dropped a frame from a sender that is not a peer of this mesh "
                     "(routing id %r, %d parts)", self.peer_id, ident[:64], len(parts),
                 )  # fmt: skip
@@ -243,13 +245,14 @@ class ZmqTransport(Transport):
             try:
                 on_frame(src, parts[1])
             except Exception:  # the handler logs bad frames itself; never let one kill the loop
-                log.exception("peer %d: handling a frame from peer %d failed", self.peer_id, src)
+                self.tlog.log(logging.ERROR, "frame handler errors", "peer %d: handling a frame from peer %d failed",
+                              self.peer_id, src, exc_info=True)
 
     def flush_logs(self) -> None:
         """Write the summaries of throttled log lines (the peer's heartbeat loop calls it)."""
         from ..security import flush_zap_logs
 
-        self._tlog.flush()
+        self.tlog.flush()
         flush_zap_logs(self._ctx)
 
     def send(self, peer: int, frame: bytes) -> None:

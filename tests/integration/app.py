@@ -32,6 +32,7 @@ EMIT: Final = "it/emit"
 SLOW: Final = "it/slow"
 PINGPONG_EGRESS: Final = "it/pingpong-done"
 TALLY: Final = "it/tally"
+TREE: Final = "it/tree"
 
 #: the value type of every JSON message of this module
 JSON = make_json_type("it/json")
@@ -186,3 +187,17 @@ def tally(context, message):
     state["sum"] += n
     state["last"] = n
     context.storage.state = state
+
+
+@functions.bind(typename=TREE)
+def tree(context, message):
+    """``{"depth": d, "k": k, "root": r, "pad": s}``: at depth 0, +1 to ``it/counter/tree:<r>``;
+    else one message (padded with ``s``) to each of ``k`` children ``<id>.<i>`` at depth ``d - 1``.
+    Children land on every peer, so messages cross between peers both ways (a cycle with fan-out)."""
+    doc = as_json(message)
+    if doc["depth"] == 0:
+        context.send(message_builder(target_typename=COUNTER, target_id=f"tree:{doc['root']}", int_value=1))
+        return
+    child = dict(doc, depth=doc["depth"] - 1)
+    for i in range(doc["k"]):
+        context.send(json_message(TREE, f"{context.address.id}.{i}", child))

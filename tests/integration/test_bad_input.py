@@ -143,7 +143,8 @@ async def test_client_endpoints_reject_bad_frames_and_keep_serving(cluster: Clus
         assert status["bad_frames"] - before == len(frames), f"peer {peer} counted {status['bad_frames'] - before}"
         await asyncio.sleep(0.2)
         logged = [line for line in cluster.log().splitlines() if identity.decode() in line]
-        assert len(logged) >= len(frames), f"{len(logged)} log lines name the sender {identity!r}"
+        # the first is logged naming the sender; the rest are summarised (throttled, per kind)
+        assert 1 <= len(logged) <= 3, f"{len(logged)} log lines name the sender {identity!r}"
         assert all("ERROR" in line and f"peer-{peer} " in line for line in logged), logged[:3]
 
 
@@ -344,8 +345,8 @@ async def test_peer_endpoint_rejects_frames_from_non_peers(tmp_path: Path, caplo
         assert transport.foreign_frames == sent
         # nothing from a non-peer was applied, even the well-formed batch
         assert await count_via(mesh, 0, target) == 0
-        for ident in (b"intruder", peer_identity(0), peer_identity(3)):
-            assert any(repr(ident) in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records), ident
+        # logged naming the sender: the first of them (the rest are summarised, throttled)
+        assert any(repr(b"intruder") in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
         await mesh_works(mesh, run)
         assert mesh.peers[0].status()["bad_frames"] == sent, (
             f"peer 0 dropped {transport.foreign_frames} frames from non-peers, but status()['bad_frames'] "
@@ -382,7 +383,8 @@ async def test_peer_endpoint_rejects_bad_frames_from_a_peer_identity(
         await asyncio.sleep(0.3)
         assert mesh.peers[0].status()["bad_frames"] - before == costs
         rejected = [r for r in caplog.records if r.levelno == logging.ERROR and "from peer 1" in r.getMessage()]
-        assert len(rejected) >= costs - 3, f"{len(rejected)} errors logged naming peer 1 for {costs} rejections"
+        # logged naming peer 1, one line per kind of rejection (repeats are summarised)
+        assert 1 <= len(rejected) <= 10, f"{len(rejected)} errors logged naming peer 1 for {costs} rejections"
         assert await count_via(mesh, 0, target) == 0, "a malformed frame was partly applied"
         await mesh_works(mesh, run, NOT_1_TO_0)
     finally:
@@ -464,17 +466,14 @@ async def test_batch_with_a_reply_peer_outside_the_mesh_is_rejected(tmp_path: Pa
         await close_mesh(mesh)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design question: Peer._on_frame holds every frame whose generation is ahead of its own "
-    "(Peer._held), unbounded, uncounted and unlogged, even without checkpoints where the generation never "
-    "changes; how far ahead may a peer's generation legitimately be?",
-)
 @pytest.mark.timeout(30)
 async def test_frames_from_a_far_future_generation_are_refused(tmp_path: Path) -> None:
+    """Frames stamped far ahead of the mesh's generation are refused and counted, not held
+    (issue 7: 300 MiB of them were held without a bound or a log line)."""
     mesh = await start_mesh(tmp_path)
     try:
-        before = mesh.peers[0].status()["bad_frames"]
+        st = mesh.peers[0].status()
+        before = st["bad_frames"] + st["refused_frames"]
         frame = struct.pack(">I", 0xFFFFFFFF) + codec.encode_control(codec.CREDIT, 1)
         sock = dealer(mesh.config.endpoints[0], peer_identity(2))
         try:
@@ -483,6 +482,7 @@ async def test_frames_from_a_far_future_generation_are_refused(tmp_path: Path) -
             await asyncio.sleep(0.5)
         finally:
             sock.close(0)
-        assert mesh.peers[0].status()["bad_frames"] - before == 1000
+        st = mesh.peers[0].status()
+        assert st["bad_frames"] + st["refused_frames"] - before == 1000
     finally:
         await close_mesh(mesh)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
         (["run", "app:functions", "--checkpoint-interval", "0"], "must be more than 0 seconds"),
         (["run", "app:functions", "--max-parallelism", "-4"], "argument --max-parallelism: must be at least 1"),
         (["run", "app:functions", "--client-endpoint", "http://x:1"], "unknown scheme 'http'"),
-        (["run", "app:functions", "--log-level", "loud"], "expected one of debug, info, warning, error"),
+        (["run", "app:functions", "--log-level", "loud"], "expected one of debug, info, warning, error, critical"),
         (["egress", "a/b", "--idle", "-1"], "argument --idle: must be 0 or more seconds, got -1"),
         (["egress", "a/b", "--idle", "nan"], "argument --idle: must be 0 or more seconds"),
         (["egress", "a/b", "--limit", "-3"], "argument --limit: must be 0 or more, got -3"),

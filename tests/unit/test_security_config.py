@@ -205,3 +205,22 @@ def test_keys_generate_writes_files_and_prints_settings(tmp_path: Path, capsys: 
     assert main(["keys", "generate"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith('public_key = "') and "secret_key" in printed
+
+
+def test_a_dead_runs_client_key_copy_is_ignored_and_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed without cleaning up leaves its key copy; a later mesh on the same endpoint
+    (a reused port) must not be approached with those keys."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv("STATEFUN_MESH_CLIENT_KEY", raising=False)
+    pair, server = generate_keypair(), generate_keypair()
+    ep = "tcp://127.0.0.1:7713"
+    path = register_client_keys(ep, ClientKeys(pair.public, pair.secret, {ep: server.public}))
+    assert find_client_keys(ep) is not None  # this process, its owner, is alive
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()  # fmt: skip
+    Path(path + ".pid").write_text(dead)
+    assert find_client_keys(ep) is None
+    assert not os.path.exists(path) and not os.path.exists(path + ".pid")
