@@ -192,6 +192,23 @@ def _endpoint(text: str) -> str:
     return text
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a port from 0 to 65535 (0: pick free ports)")
+    return int(text)
+
+
+def _http_endpoint(text: str) -> str:
+    from .config import parse_http_endpoint
+
+    if text:
+        try:
+            parse_http_endpoint(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _check_state_dir(path: str, flag: str) -> None:
     """Create ``path`` if needed and make sure files can be written there, so that a bad
     state directory is one line naming it, not a traceback from deep inside a peer."""
@@ -286,9 +303,15 @@ def cmd_peer(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"state_dir": args.state_dir}
     if args.restore is not None:
         overrides["restore"] = args.restore
+    if args.dashboard:
+        overrides["dashboard"] = True
     config = load_config(args.config, **overrides)
     if not 0 <= args.id < config.peers:
         raise ConfigError(f"--id must be in 0..{config.peers - 1} for this config, got {args.id}", source=args.config)
+    if args.metrics_endpoint is not None:  # this peer's entry only
+        metrics = list(config.metrics_endpoints) or [""] * config.peers
+        metrics[args.id] = args.metrics_endpoint
+        config = config.with_(metrics_endpoints=tuple(metrics))
     refs = list(args.functions) or list(config.functions)
     if not refs and not config.module:
         raise ConfigError(
@@ -377,6 +400,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         client_endpoint=args.client_endpoint,
         state_dir=state_dir,
         log_level=args.log_level,
+        metrics_port=None if args.no_metrics else args.metrics_port,
+        metrics_host=args.metrics_host,
+        dashboard_peer=args.dashboard_peer,
         keys=not args.no_keys,
     )
     return launcher.run()
@@ -879,6 +905,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module", metavar="module.yaml",
                    help="a StateFun module.yaml: its HTTP endpoints are remote functions the peers call")  # fmt: skip
     p.add_argument("--config", help="mesh.toml with further settings")
+    p.add_argument("--metrics-port", type=_port, default=0, metavar="PORT",
+                   help="peer K serves /metrics, /healthz and /readyz on PORT+K (default: free ports, printed)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics servers bind (default: %(default)s; 0.0.0.0 for every interface)")
+    p.add_argument("--no-metrics", action="store_true", help="serve no metrics, health checks or dashboard")
+    p.add_argument("--dashboard-peer", type=_count, default=0, metavar="K",
+                   help="the peer whose metrics server also serves the web dashboard at / (default: 0)")
     _add_log_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -895,6 +928,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", metavar="latest|ID",
                    help="peer 0 only: start the mesh from this checkpoint, rescaling if it was taken on another "
                         "number of peers (remove it again once the mesh is up)")
+    p.add_argument("--metrics-endpoint", type=_http_endpoint, metavar="HOST:PORT",
+                   help="serve /metrics, /healthz and /readyz here (overrides the config's metrics_endpoints entry "
+                        "for this peer; '' for none)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="also serve the web dashboard at / on the metrics endpoint")
     _add_log_args(p)
     p.set_defaults(func=cmd_peer)
 

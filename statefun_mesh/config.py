@@ -99,6 +99,12 @@ class MeshConfig:
         module: a StateFun ``module.yaml`` whose HTTP endpoint components name remote
             functions the peers call over the request-reply protocol (docs/remote.md);
             ``""``: none.
+        metrics_endpoints: every peer's HTTP endpoint (``host:port`` or
+            ``http://host:port``) serving ``/metrics`` (Prometheus), ``/healthz`` and
+            ``/readyz``; ``""`` for a peer that serves none. Empty: no peer serves HTTP.
+            Served with ``aiohttp`` and ``prometheus-client`` (dependencies of the package).
+        dashboard: peers with a metrics endpoint also serve the web dashboard at ``/``
+            (``statefun-mesh run`` turns it on for peer 0).
         peer_keys: every peer's CURVE public key (Z85 text or a key file path), indexed
             by peer id. Set: every ZeroMQ link and client endpoint runs over CURVE and
             admits only these keys (peers) and ``client_keys`` (clients); see
@@ -148,6 +154,8 @@ class MeshConfig:
     park_after: float = 0.05
     block_warning: float = 1.0
     module: str = ""
+    metrics_endpoints: tuple[str, ...] = ()
+    dashboard: bool = False
     peer_keys: tuple[str, ...] = ()
     secret_key: str = ""
     client_keys: tuple[str, ...] = ()
@@ -188,7 +196,8 @@ class MeshConfig:
             raise bad("module", "the path of a StateFun module.yaml")
         if self.state_dir is not None and not isinstance(self.state_dir, str):
             raise bad("state_dir", "a directory path")
-        for name in ("functions", "endpoints", "client_endpoints", "egress_immediate", "peer_keys", "client_keys"):
+        for name in ("functions", "endpoints", "client_endpoints", "egress_immediate", "peer_keys", "client_keys",
+                     "metrics_endpoints"):
             value = getattr(self, name)
             if isinstance(value, list):
                 value = tuple(value)
@@ -220,6 +229,17 @@ class MeshConfig:
                     raise ConfigError(
                         f"expected a tcp://, ipc:// or inproc:// URL, got {ep!r}", source=src, key="client_endpoints"
                     )
+        if self.metrics_endpoints:
+            if len(self.metrics_endpoints) != self.peers:
+                raise bad("metrics_endpoints", f"one entry per peer ({self.peers}), '' for none")
+            for ep in self.metrics_endpoints:
+                if ep:
+                    try:
+                        parse_http_endpoint(ep)
+                    except ValueError as exc:
+                        raise ConfigError(str(exc), source=src, key="metrics_endpoints") from None
+        if not isinstance(self.dashboard, bool):
+            raise bad("dashboard", "true or false")
         if self.max_frame_bytes < MIN_FRAME_BYTES:
             raise bad("max_frame_bytes", f"at least {MIN_FRAME_BYTES} bytes")
         mm = self.max_message_bytes
@@ -313,7 +333,22 @@ class MeshConfig:
         return replace(self, **changes)
 
 
-_LIST_KEYS = {"functions", "endpoints", "client_endpoints", "egress_immediate", "peer_keys", "client_keys"}
+
+
+def parse_http_endpoint(text: str) -> tuple[str, int]:
+    """``host:port`` or ``http://host:port`` (port 0: any free port) as (host, port).
+
+    Raises:
+        ValueError: naming what is wrong with ``text``.
+    """
+    rest = text[len("http://"):] if text.startswith("http://") else text
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if "://" in rest or not (sep and host and port.isdigit() and 0 <= int(port) < 65536):
+        raise ValueError(f"expected an HTTP endpoint HOST:PORT (e.g. 127.0.0.1:9100), got {text!r}")
+    return host, int(port)
+_LIST_KEYS = {"functions", "endpoints", "client_endpoints", "egress_immediate", "peer_keys", "client_keys",
+              "metrics_endpoints"}
 
 
 def _key_path(value: Any, base: str) -> Any:
@@ -372,12 +407,17 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
             raise ConfigError("expected [[peer]] tables", source=src, key="peer")
         eps: list[str] = []
         clients: list[str] = []
+        metrics: list[str] = []
         pkeys: list[str] = []
         for i, table in enumerate(peer_tables):
             for k in table:
-                if k not in ("endpoint", "client_endpoint", "public_key"):
-                    raise ConfigError("unknown key (known: endpoint, client_endpoint, public_key)", source=src,
-                                      key=f"peer[{i}].{k}")  # fmt: skip
+                if k not in ("endpoint", "client_endpoint", "public_key", "metrics_endpoint"):
+                    raise ConfigError("unknown key (known: endpoint, client_endpoint, public_key, metrics_endpoint)",
+                                      source=src, key=f"peer[{i}].{k}")  # fmt: skip
+            me = table.get("metrics_endpoint", "")
+            if not isinstance(me, str):
+                raise ConfigError("expected HOST:PORT", source=src, key=f"peer[{i}].metrics_endpoint")
+            metrics.append(me)
             if "public_key" in table:
                 if not isinstance(table["public_key"], str):
                     raise ConfigError("expected a public key or key file path", source=src, key=f"peer[{i}].public_key")
@@ -405,6 +445,11 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
             kwargs["peer_keys"] = tuple(pkeys)
         if any(clients):
             kwargs["client_endpoints"] = tuple(clients)
+        if any(metrics):
+            if "metrics_endpoints" in kwargs:
+                raise ConfigError("give either metrics_endpoints or [[peer]] metrics_endpoint, not both", source=src,
+                                  key="metrics_endpoints")  # fmt: skip
+            kwargs["metrics_endpoints"] = tuple(metrics)
     base = os.path.dirname(os.path.abspath(src))
     if "secret_key" in kwargs:
         kwargs["secret_key"] = _key_path(kwargs["secret_key"], base)

@@ -15,7 +15,9 @@ import base64
 import json
 import logging
 import traceback
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import Any, Final
 
 import msgpack
@@ -72,6 +74,36 @@ _KG_PREFIX: Final = [kg.to_bytes(2, "big") for kg in range(32768)]
 #: replier typename, replier id)
 Reply = tuple[int, int, int, str, Any, str, str]
 
+#: upper bounds (seconds) of the invocation latency histogram's buckets (Prometheus ``le``)
+LATENCY_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                          1.0, 2.5, 5.0, 10.0)  # fmt: skip
+
+
+class TypeStats:
+    """Counters of one function type on one peer, for metrics (metrics.py) and status.
+
+    Updated once per address group of a batch, not per message: a group's messages are
+    invoked back to back, so each is counted with the group's mean latency.
+    """
+
+    __slots__ = ("buckets", "failures", "seconds")
+
+    def __init__(self) -> None:
+        self.failures = 0  #: invocations that raised (their message went to the dead letters)
+        self.seconds = 0.0  #: time spent in the function, summed
+        #: invocations per latency bucket (not cumulative; the last one is +Inf), failed ones included
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+
+    @property
+    def invocations(self) -> int:
+        """Invocations that returned."""
+        return sum(self.buckets) - self.failures
+
+    def observe(self, seconds: float, n: int) -> None:
+        """``n`` invocations took ``seconds`` together."""
+        self.seconds += seconds
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds / n)] += n
+
 
 #: bytes a send takes in an outgoing frame besides its id and value (type names, framing)
 _SEND_OVERHEAD: Final = 64
@@ -108,7 +140,7 @@ class _Running:
     commits is *parked*: later messages for its address wait in ``queue``.
     """
 
-    __slots__ = ("address", "cells", "done", "fspec", "key", "kg", "out", "queue", "records", "task")
+    __slots__ = ("address", "cells", "done", "elapsed", "fspec", "key", "kg", "out", "queue", "records", "task")
 
     def __init__(self, fspec: FunctionSpec, address: Address, kg: int, cells: dict[str, Cell],
                  records: list[Record], out: BatchOutcome) -> None:  # fmt: skip
@@ -118,6 +150,7 @@ class _Running:
         self.kg = kg
         self.cells = cells
         self.records = records
+        self.elapsed = 0.0  #: seconds its invocations took, task start to end (for TypeStats)
         #: this address's idempotency-key writes (they commit with its invocations)
         self.out = out
         #: (record, context, None) per invocation that returned, (record, None, exc) per one that raised
@@ -165,8 +198,16 @@ class Dispatcher:
         park_after: float = 0.05,
         remote: Any = None,
         max_message_bytes: int = 0,
+        stats: dict[str, TypeStats] | None = None,
     ) -> None:
         self.table = table
+        #: per function type: invocations, failures, latency (the peer's dict: it outlives a restore)
+        self.stats: dict[str, TypeStats] = {} if stats is None else stats
+        #: messages to unknown types (counted here, not per type: the type names come from senders)
+        self.unknown = 0
+        #: records appended to egresses (dead letters included), and dead letters alone
+        self.egress_records = 0
+        self.dead_letters = 0
         #: the peer's remote functions (remote.invoker.RemoteFunctions), or None
         self.remote = remote
         #: what a function may send, reply or emit (0: unchecked); see Context._check_size
@@ -353,6 +394,8 @@ class Dispatcher:
             key_group = self._key_group
             maxp = self.max_parallelism
             kg_prefix = _KG_PREFIX
+            stats, bounds, first = self.stats, LATENCY_BUCKETS, LATENCY_BUCKETS[0]
+            t0 = perf_counter()  # chained: one clock read per sync address
             sends = out.sends
             counted = send_bytes = 0
             for (typename, id), recs in groups.items():
@@ -424,6 +467,16 @@ class Dispatcher:
                 for rec in recs:
                     invoke(fspec, address, kg, cells, rec, now_ms, out)
                 self.current = None
+                # TypeStats.observe, inlined: this runs once per address of every batch
+                t1 = perf_counter()
+                st = stats.get(typename) or self._type_stats(typename)
+                n, dt = len(recs), t1 - t0
+                st.seconds += dt
+                if dt < n * first:  # the usual case: under the first bucket's bound
+                    st.buckets[0] += n
+                else:
+                    st.buckets[bisect_left(bounds, dt / n)] += n
+                t0 = t1
         self._txn = None  # closed: async invocations below read what they need afresh
         for pr in merging.values():
             self._finish(pr, now_ms, out)
@@ -488,6 +541,8 @@ class Dispatcher:
             else:
                 assert ctx is not None
                 self._emit(address, r.kg, ctx, out, now_ms)
+        if r.records:
+            self._type_stats(address.typename).observe(r.elapsed, len(r.records))
         ops = out.ops
         for cell in cells.values():
             if cell.dirty:
@@ -533,6 +588,13 @@ class Dispatcher:
         # interleave while this one awaits. State changes apply to the address's cells
         # at once (the next message sees them); every other effect waits in r.done
         # until a batch commits the address (_finish).
+        t0 = perf_counter()
+        try:
+            await self._run_address(r, now_ms)
+        finally:
+            r.elapsed = perf_counter() - t0
+
+    async def _run_address(self, r: _Running, now_ms: int) -> None:
         if type(r) is _RemoteRunning:
             await self.remote.run(self, r.endpoint, r.address, r.kg, r.records, r.cells, now_ms, r.effects)
             return
@@ -703,6 +765,7 @@ class Dispatcher:
             self._egress_offsets[typename] = bounds
         offset = bounds[1]
         bounds[1] = offset + 1
+        self.egress_records += 1
         fields = [vt, data] if rid is None else [vt, data, rid]
         out.ops.append(
             ("put", "egress", typename.encode() + b"\x00" + pack_u64(offset), msgpack.packb(fields, use_bin_type=True))
@@ -714,8 +777,15 @@ class Dispatcher:
 
     # -- failures -----------------------------------------------------------------------
 
+    def _type_stats(self, typename: str) -> TypeStats:
+        st = self.stats.get(typename)
+        if st is None:
+            st = self.stats[typename] = TypeStats()
+        return st
+
     def _failed(self, rec: Record, address: Address, cells: dict[str, Cell], exc: Exception, out: BatchOutcome) -> None:
         self.failures += 1
+        self._type_stats(address.typename).failures += 1
         for cell in cells.values():  # decoded values may have been mutated in place
             cell.has_decoded = False
         error = f"{type(exc).__name__}: {exc}"
@@ -731,6 +801,7 @@ class Dispatcher:
 
     def _unknown(self, rec: Record, out: BatchOutcome) -> None:
         self.failures += 1
+        self.unknown += 1
         known = sorted(self.table)
         error = f"no function is bound to type {rec[0]!r}"
         self.tlog.error(
@@ -744,6 +815,7 @@ class Dispatcher:
             out.replies.append((rec[6], rec[7], REPLY_ERROR, "FunctionNotFoundError", rec[0], rec[0], rec[1]))
 
     def _dead_letter(self, rec: Record, reason: str, error: str, tb: str, out: BatchOutcome) -> None:
+        self.dead_letters += 1
         doc = {
             "target": f"{rec[0]}/{rec[1]}",
             "target_typename": rec[0],

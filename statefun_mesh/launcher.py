@@ -85,6 +85,33 @@ def _check_endpoint_free(endpoint: str) -> None:
             # anything else (e.g. a host name of another machine): the peer reports it when it binds
 
 
+def _metrics_ports(host: str, base: int, n: int) -> list[int]:
+    """``base + k`` for each peer k, or with ``base`` 0 ports that are free now (the OS picks them).
+
+    They stay fixed for the run, so a restarted peer serves its metrics where it did before.
+    """
+    import socket
+
+    if base:
+        if base + n - 1 > 65535:
+            raise ConfigError(f"--metrics-port {base} leaves no port for peer {n - 1} (ports run to 65535)")
+        return [base + k for k in range(n)]
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            try:
+                s.bind((host, 0))
+            except OSError as exc:
+                raise ConfigError(f"cannot bind a metrics port on {host!r}: {exc.strerror or exc}; "
+                                  "check --metrics-host") from None  # fmt: skip
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 class Launcher:
     """Starts ``peers`` peer processes on this machine and keeps them running.
 
@@ -102,9 +129,22 @@ class Launcher:
         client_endpoint: str,
         state_dir: str,
         log_level: str = "info",
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+        dashboard_peer: int = 0,
         keys: bool = True,
     ) -> None:
         n = peers or (config.peers if config.endpoints else max(os.cpu_count() or 1, 1))
+        if config.metrics_endpoints and len(config.metrics_endpoints) == n:
+            metrics = config.metrics_endpoints
+        elif metrics_port is None:
+            metrics = ()
+        else:
+            metrics = tuple(f"{metrics_host}:{p}" for p in _metrics_ports(metrics_host, metrics_port, n))
+        if metrics and not 0 <= dashboard_peer < n:
+            raise ConfigError(f"--dashboard-peer must be in 0..{n - 1}, got {dashboard_peer}")
+        #: the peer that serves the dashboard (None: no metrics servers)
+        self.dashboard_peer = dashboard_peer if metrics and metrics[dashboard_peer] else None
         self.run_dir = tempfile.mkdtemp(prefix="statefun-mesh-run-")
         os.makedirs(state_dir, exist_ok=True)
         # tcp ports for the peer links and the other peers' client endpoints, picked together
@@ -129,7 +169,7 @@ class Launcher:
             os.makedirs(os.path.join(self.run_dir, "clients"), exist_ok=True)
             clients = (client_endpoint, *others[1:])
         self.config = config.with_(peers=n, endpoints=tuple(endpoints), client_endpoints=tuple(clients),
-                                   state_dir=os.path.abspath(state_dir))  # fmt: skip
+                                   state_dir=os.path.abspath(state_dir), metrics_endpoints=metrics)  # fmt: skip
         self.config_path = os.path.join(self.run_dir, "mesh.toml")
         self.client_keys: ClientKeys | None = None
         self.client_key_path: str | None = None
@@ -187,6 +227,8 @@ class Launcher:
         env["PYTHONPATH"] = os.pathsep.join(paths)
         cmd = [sys.executable, "-m", "statefun_mesh", "peer", "--config", self.config_path, "--id", str(k),
                "--log-level", self.log_level]  # fmt: skip
+        if k == self.dashboard_peer:
+            cmd.append("--dashboard")
         return subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def _wait_ready(self, timeout: float) -> bool:
@@ -250,6 +292,11 @@ class Launcher:
             if not stop_signal:
                 print(f"statefun-mesh: mesh of {n} peer{'s' if n != 1 else ''} is up; clients connect to "
                       f"{self.config.client_endpoints[0]}", flush=True)  # fmt: skip
+                if self.config.metrics_endpoints:
+                    urls = [f"http://{ep.removeprefix('http://')}" for ep in self.config.metrics_endpoints if ep]
+                    print(f"statefun-mesh: metrics at {', '.join(u + '/metrics' for u in urls)}", flush=True)
+                    if self.dashboard_peer is not None:
+                        print(f"statefun-mesh: dashboard at {urls[self.dashboard_peer]}/", flush=True)
                 print(f"statefun-mesh: try `statefun-mesh status --endpoint {self.config.client_endpoints[0]}`; "
                       "Ctrl-C stops the mesh", file=sys.stderr, flush=True)  # fmt: skip
                 if self.client_key_path is not None:

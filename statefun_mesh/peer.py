@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import itertools
 import logging
@@ -19,7 +20,7 @@ import msgpack  # type: ignore[import-untyped]
 from . import _speedups
 from .clock import Clock, SystemClock
 from .config import MeshConfig
-from .dispatch import REPLY_OK, BatchOutcome, Dispatcher, Record
+from .dispatch import REPLY_OK, BatchOutcome, Dispatcher, Record, TypeStats
 from .errors import (
     BlobNotFoundError,
     BlobStoreError,
@@ -46,6 +47,9 @@ from .transport.base import Transport
 __all__ = ["Peer", "open_transport"]
 
 log = logging.getLogger("statefun_mesh.peer")
+
+#: upper bounds of the batch size histogram's buckets (messages per batch; metrics.py)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 def open_transport(config: MeshConfig, peer_id: int) -> Transport:
@@ -212,6 +216,21 @@ class Peer:
         self._timers_held = False
         self._replayed_from: set[int] = set()
         self._unwatch: Any = None  # stops the blocked-loop watchdog (watchdog.py)
+        # Counters for metrics (metrics.py) and status. Monotonic for the process's life
+        # (a recovery does not reset them); updated per routed batch of records, not per record.
+        #: per function type: invocations, failures, latency (kept across restores)
+        self.function_stats: dict[str, TypeStats] = {}
+        self.messages_in = 0  #: messages from clients and ingresses, routed into the mesh
+        self.routed_local = 0  #: messages routed to this peer's own inbox
+        self.routed_remote = [0] * n  #: messages routed to each other peer
+        self.from_peers = 0  #: messages received from other peers
+        self.credit_stalls = [0] * n  #: times messages to a peer waited for credit
+        self.recoveries = 0  #: recovery rounds this peer restored state in
+        self._restored_once = False
+        self._resumed_once = False  # /readyz: "starting" until then, "recovering" after
+        self.batch_sizes = [0] * (len(BATCH_BUCKETS) + 1)  #: batches per size bucket (last: larger)
+        self.batch_records = 0  #: messages in all batches
+        self.http: Any = None  #: the metrics/health/dashboard HTTP server (metrics.py), if configured
         #: frames refused for what their link may not send (docs/security.md): control
         #: frames off the coordinator's link, generations far ahead of the mesh's
         self.refused_frames = 0
@@ -246,6 +265,7 @@ class Peer:
             park_after=cfg.park_after,
             remote=self.remote,
             max_message_bytes=cfg.message_limit,
+            stats=self.function_stats,
         )
         self.dispatcher.on_ready = self._wake.set  # a parked async invocation finished
         self._next_due = backend.next_timer_due()
@@ -276,6 +296,14 @@ class Peer:
                 if hasattr(self.transport, "on_link_lost"):
                     self.transport.on_link_lost = self._on_link_lost
                 await self.transport.start(self._on_frame)
+            # before the client endpoint: importing aiohttp and prometheus_client holds the
+            # loop for a moment, which a client's CURVE handshake must not wait behind
+            http = cfg.metrics_endpoints[self.peer_id] if cfg.metrics_endpoints else ""
+            if http:
+                from .metrics import HttpServer
+
+                self.http = HttpServer(self, http, dashboard=cfg.dashboard)
+                await self.http.start()
             endpoint = cfg.client_endpoints[self.peer_id] if cfg.client_endpoints else ""
             if endpoint:
                 from .server import ClientServer
@@ -329,6 +357,7 @@ class Peer:
         self._wake.set()
         self._resumed_event.set()
         try:
+            # the HTTP server stays up until _release_resources: /readyz says "stopping" meanwhile
             if self.client_server is not None:
                 await self.client_server.aclose()
             if self.coordinator is not None:
@@ -367,6 +396,8 @@ class Peer:
             log.info("peer %d stopped", self.peer_id)
 
     async def _release_resources(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
         if self.transport is not None:
             await self.transport.aclose()
         if self._spill is not None:
@@ -395,6 +426,9 @@ class Peer:
         assert self.participant is not None
         self._halt()
         self.generation = gen
+        if self._restored_once:  # the first restore is the start, not a recovery
+            self.recoveries += 1
+        self._restored_once = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:
@@ -465,6 +499,7 @@ class Peer:
         self._loop_task = asyncio.create_task(self._loop(), name=f"statefun-mesh peer {self.peer_id} dispatch")
         self._loop_task.add_done_callback(self._loop_ended)
         self.resumed = True
+        self._resumed_once = True
         held, self._held = self._held, []
         self._held_bytes = 0
         for g, src, frame in held:
@@ -887,6 +922,17 @@ class Peer:
             "checkpoints": self._checkpoint_status(),
             "key_groups": list(self.key_group_range),
             "state_bytes": self._state_bytes(),
+            # for the dashboard and scripts (metrics.py exports the same counters)
+            "ready": self.resumed,
+            "generation": self.generation,
+            "recoveries": self.recoveries,
+            "functions": {t: {"invocations": st.invocations, "failures": st.failures}
+                          for t, st in sorted(self.function_stats.items())},
+            "messages_in": self.messages_in,
+            "routed_local": self.routed_local,
+            "routed_remote": sum(self.routed_remote),
+            "egress_records": d.egress_records if d else 0,
+            "dead_letters": d.dead_letters if d else 0,
         }
 
     def _state_bytes(self) -> int | None:
@@ -917,12 +963,17 @@ class Peer:
             "failing": failing,
             "last_error": f"checkpoint {err[0]}: {err[1]}" if failing and err is not None else None,
             "last_complete_age_s": None if at is None else round(max(time.time() - at, 0.0), 3),
+            # the newest completed checkpoints: [id, completed at (Unix s), seconds to write, bytes]
+            "history": [[n, round(t, 3), round(dur, 4), size] for n, t, dur, size in participant.history[-10:]],
         }
 
     # -- routing ------------------------------------------------------------------------
 
     def _route(self, records: list[Record], from_client: bool = False) -> None:
+        if from_client:
+            self.messages_in += len(records)
         if self.n_peers == 1:
+            self.routed_local += len(records)
             self._enqueue(records)
         else:
             me = self.peer_id
@@ -930,8 +981,10 @@ class Peer:
                 if not part:
                     continue
                 if p == me:
+                    self.routed_local += len(part)
                     self._enqueue(part)
                     continue
+                self.routed_remote[p] += len(part)
                 enc = self._out[p]
                 # Frames split by count and by bytes: none exceeds max_frame_bytes, which
                 # the receiver enforces by dropping the frame (and the messages in it).
@@ -1071,6 +1124,8 @@ class Peer:
             self.sent_records[p] += n
             self._send(p, frame)
             sent = True
+        if frames and not force:
+            self.credit_stalls[p] += 1
         if sent:
             # what left frees admission: wake clients waiting in admit(), wherever this
             # flush came from (the loop, a credit, a timer, the idle path)
@@ -1183,6 +1238,7 @@ class Peer:
             if kind == codec.KIND_BATCH:
                 records = _speedups.decode_batch(frame)
                 self.received_records[src] += len(records)
+                self.from_peers += len(records)
                 self._owed[src] += len(records)
                 if self.participant is not None and self.participant.snap is not None:
                     self.participant.on_records(src, records)
@@ -1526,6 +1582,8 @@ class Peer:
                 self._in_batch = False
             backoff = 0.05
             self.batches += 1
+            self.batch_records += n
+            self.batch_sizes[bisect.bisect_left(BATCH_BUCKETS, n)] += 1
             self._dirty = True
             if self.config.sync_interval == 0:
                 backend.flush()

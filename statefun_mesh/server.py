@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from typing import Any, Final
 
@@ -32,6 +33,10 @@ log = logging.getLogger("statefun_mesh.server")
 
 _CLIENT_KINDS: Final = frozenset({codec.C_SEND, codec.C_REQUEST, codec.C_FETCH, codec.C_INFO})
 MAX_FETCH: Final = 10_000
+_KIND_NAMES: Final = {codec.C_SEND: "send", codec.C_REQUEST: "request", codec.C_FETCH: "fetch", codec.C_INFO: "info"}
+#: egress readers remembered for their lag (metrics): at most this many, forgotten after quiet seconds
+MAX_READERS: Final = 64
+READER_EXPIRY: Final = 60.0
 MAX_WAIT_MS: Final = 60_000
 #: client sends a peer holds while it admits none (beyond them: MeshBusyError, retried)
 MAX_PARKED: Final = 10_000
@@ -80,6 +85,11 @@ class ClientServer:
         # requests waiting for their reply, per client routing id
         self._pending: dict[bytes, int] = {}
         self._pending_total = 0
+        # for metrics (metrics.py): client frames by kind, errors answered, and egress readers
+        self.requests = {"send": 0, "request": 0, "fetch": 0, "info": 0}
+        self.errors = 0
+        #: (client routing id, egress) -> (next offset it asked for, when): the newest readers
+        self.readers: dict[tuple[bytes, str], tuple[int, float]] = {}
         self._zap: Any = None
         self._unregister: Any = None
         self._watch: asyncio.Task[None] | None = None
@@ -101,9 +111,13 @@ class ClientServer:
             from .security import CLIENT_USER, ZapPolicy, curve_server, register_zap
 
             keys = config.keypair(self.peer.peer_id)
+            users = dict.fromkeys(config.client_public_keys(), CLIENT_USER)
+            # the mesh's own peers may ask each other for status as clients (the dashboard's
+            # /api/mesh, metrics.py); a peer's key already lets it do anything in the mesh
+            users.update(dict.fromkeys(config.peer_public_keys(), CLIENT_USER))
             self._zap = ZapPolicy(
                 f"peer {self.peer.peer_id}'s client endpoint {self.endpoint}",
-                dict.fromkeys(config.client_public_keys(), CLIENT_USER),
+                users,
                 config.any_client_key,
             )
             domain = f"statefun-mesh-clients-{self.peer.peer_id}-{id(self):x}"
@@ -158,6 +172,7 @@ class ClientServer:
         self._sock.send_multipart([ident, codec.encode_control(kind, *items)], flags=zmq.NOBLOCK)
 
     def _error(self, ident: bytes, corr: int, exc: BaseException) -> None:
+        self.errors += 1
         self._reply(ident, codec.R_ERROR, corr, type(exc).__name__, str(exc), error_args(exc))
 
     def _spawn(self, coro: Any) -> None:
@@ -189,6 +204,7 @@ class ClientServer:
                 self._error(ident, 0, exc)
                 continue
             corr = items[0]
+            self.requests[_KIND_NAMES.get(kind, "info")] += 1
             try:
                 if kind == codec.C_SEND:
                     _, typename, id, vt, value, idem = items
@@ -227,6 +243,29 @@ class ClientServer:
                 self._error(ident, corr, exc)
             except (ValueError, TypeError) as exc:
                 self._error(ident, corr, exc)
+
+    def _track_reader(self, ident: bytes, egress: str, nxt: int) -> None:
+        """Remember where a reader is (for its lag); readers quiet for READER_EXPIRY are forgotten."""
+        readers = self.readers
+        now = time.monotonic()
+        readers[(ident, egress)] = (nxt, now)
+        if len(readers) > MAX_READERS:
+            for key, (_, seen) in list(readers.items()):
+                if now - seen > READER_EXPIRY:
+                    del readers[key]
+            while len(readers) > MAX_READERS:
+                del readers[min(readers, key=lambda k: readers[k][1])]
+
+    def reader_lags(self) -> list[tuple[str, str, int]]:
+        """(reader, egress, records behind this peer's released head) of every recent reader."""
+        now = time.monotonic()
+        out = []
+        for (ident, egress), (nxt, seen) in list(self.readers.items()):
+            if now - seen > READER_EXPIRY:
+                del self.readers[(ident, egress)]
+                continue
+            out.append((ident.hex()[:16], egress, max(self.peer._egress_head(egress) - nxt, 0)))
+        return out
 
     def _check_pending(self, ident: bytes) -> None:
         cfg = self.peer.config
@@ -288,7 +327,9 @@ class ClientServer:
     def info(self) -> dict[str, Any]:
         """What a client learns on connecting: the mesh's shape and every peer's client endpoint."""
         peer = self.peer
-        status: dict[str, Any] = {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy}
+        status: dict[str, Any] = {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy,
+                                  "client_requests": sum(self.requests.values()), "client_errors": self.errors,
+                                  "egress_readers": [list(r) for r in self.reader_lags()]}  # fmt: skip
         info: dict[str, Any] = {
             "peer": peer.peer_id,
             "peers": peer.n_peers,
@@ -365,5 +406,6 @@ class ClientServer:
                 records = records[:i]
                 break
         nxt = records[-1].offset + 1 if records else pos
+        self._track_reader(ident, egress, nxt)
         items = [[r.offset, r._vt, r._v] if r.id is None else [r.offset, r._vt, r._v, r.id] for r in records]
         self._reply(ident, codec.R_RECORDS, corr, peer.peer_id, nxt, items, peer.generation)

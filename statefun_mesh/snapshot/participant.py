@@ -108,6 +108,12 @@ class Participant:
         self.positions: list[int] = []
         self.last_duration = 0.0
         self.last_bytes = 0
+        #: the newest completed checkpoints: (id, completed at (epoch s), seconds to write, bytes written)
+        self.history: list[tuple[int, float, float, int]] = []
+        #: totals over this process's completed checkpoints (metrics.py)
+        self.written = 0
+        self.written_seconds = 0.0
+        self.written_bytes = 0
         self._upload: asyncio.Task[None] | None = None
 
     # -- barriers -------------------------------------------------------------------------
@@ -308,6 +314,11 @@ class Participant:
         self.snap = None
         self.completed = n
         self.completed_at = time.time()
+        self.written += 1
+        self.written_seconds += self.last_duration
+        self.written_bytes += self.last_bytes
+        self.history.append((n, self.completed_at, self.last_duration, self.last_bytes))
+        del self.history[:-20]
         self.chain = list(snap.part.chain)
         self.peer._release_egress(snap.part.egress)
         # Trim the ingress log only below the oldest retained checkpoint, so recovery can

@@ -180,6 +180,7 @@ class Cluster:
         port: int,
         config: str | None = None,
         env: dict[str, str] | None = None,
+        app: str = APP,
         args: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
@@ -190,7 +191,7 @@ class Cluster:
         self.out_path = workdir / "launcher.out"
         self.log_path = workdir / "launcher.log"
         cmd = [
-            sys.executable, "-m", "statefun_mesh", "run", APP,
+            sys.executable, "-m", "statefun_mesh", "run", app,
             "--peers", str(peers), "--transport", transport,
             "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir), *args,
         ]  # fmt: skip

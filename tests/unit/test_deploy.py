@@ -77,7 +77,9 @@ def test_kubernetes_manifests_agree_with_the_peer(tmp_path: Path) -> None:
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == ports
     assert all(p["targetPort"] in ports for p in svc["spec"]["ports"])
-    assert container["readinessProbe"]["tcpSocket"]["port"] == "client"
+    # ready when recovered (/readyz), alive while the loops run (/healthz), on the metrics port
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
 
     # the command line is one statefun-mesh peer accepts, and takes the id from the pod name
     args = build_parser().parse_args(container["args"])
@@ -97,6 +99,7 @@ def test_kubernetes_manifests_agree_with_the_peer(tmp_path: Path) -> None:
         assert peer_id_from_hostname(pod_name) == k
         assert _endpoint(config.endpoints[k]) == (f"{pod_name}.{svc_name}", ports["peer"])
         assert _endpoint(config.client_endpoints[k]) == (f"{pod_name}.{svc_name}", ports["client"])
+        assert config.metrics_endpoints[k] == f"0.0.0.0:{ports['metrics']}"  # probes come from the node
 
     # the state lives on the per-pod volume
     (claim,) = sts["spec"]["volumeClaimTemplates"]
