@@ -148,11 +148,11 @@ class Launcher:
         self.run_dir = tempfile.mkdtemp(prefix="statefun-mesh-run-")
         os.makedirs(state_dir, exist_ok=True)
         # tcp ports for the peer links and the other peers' client endpoints, picked together
-        # and never the client endpoint's own (not bound yet: free_ports would offer it)
+        # and never the client endpoint's or a metrics port (not bound yet: free_ports would offer them)
         ports: list[int] = []
         if transport == "tcp":
-            given = client_endpoint.rsplit(":", 1)[-1] if client_endpoint.startswith("tcp://") else ""
-            ports = free_ports(2 * n, exclude=[int(given)] if given.isdigit() else [])
+            given = [ep.rsplit(":", 1)[-1] for ep in (client_endpoint, *metrics) if ep]  # and the metrics ports
+            ports = free_ports(2 * n, exclude=[int(p) for p in given if p.isdigit()])
         if config.endpoints and len(config.endpoints) == n:
             endpoints = config.endpoints
         elif ports:

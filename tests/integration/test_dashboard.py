@@ -25,7 +25,7 @@ import pytest
 
 from tests.integration.support import ROOT, Cluster, run_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
 CHROMIUM = os.environ.get("STATEFUN_MESH_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -19,7 +19,7 @@ from statefun_mesh.mesh import free_ports
 from statefun_mesh.security import ClientKeys, generate_keypair, public_of, read_key
 from tests.integration.support import Cluster
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
 
 def fetch(url: str) -> tuple[int, str]:

@@ -41,7 +41,7 @@ from tests.integration.app import EMIT, JSON  # noqa: E402
 from tests.integration.support import ROOT, Cluster, run_cli  # noqa: E402
 from tests.natsserver import NatsServer, NatsServerUnavailable, find_nats_server, running_nats_server  # noqa: E402
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
 if os.environ.get("CI") is None:
     nats = pytest.importorskip("nats", reason="the NATS egress needs nats-py: pip install 'statefun-mesh[nats]'")
