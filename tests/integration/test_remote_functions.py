@@ -393,3 +393,57 @@ async def test_an_oversized_answer_is_refused(tmp_path: Path, monkeypatch: pytes
             errors = sorted(json.loads(r.raw_value())["error"] for r in await egress(mesh, sm.DEAD_LETTERS))
             assert "5,000 bytes, over 1,000" in errors[0] and "over 1,000 bytes" in errors[1]
             assert s1.requests == 1 and s2.requests == 1  # not retried
+
+
+async def test_a_slow_remote_address_stalls_only_itself(tmp_path: Path) -> None:
+    """One address whose endpoint does not answer for seconds is parked like an awaiting async
+    function: other remote addresses and local functions on the same peer go on, and the slow
+    address's messages still apply in order, exactly once."""
+    async with Servers() as servers:
+        remote_functions = sm.StatefulFunctions()
+        gate = asyncio.Event()
+
+        @remote_functions.bind("slow/fn", specs=[sm.ValueSpec("n", sm.IntType)])
+        def fn(context: sm.Context, message: sm.Message) -> None:
+            context.storage.n = (context.storage.n or 0) + 1
+            record = f"{context.address.id}:{message.as_string()}:{context.storage.n}"
+            context.send_egress(sm.egress_message_builder("e/slow", record, sm.StringType))
+
+        handler = sm.RequestReplyHandler(remote_functions)
+
+        async def handle(body: bytes) -> bytes:
+            from statefun_mesh.remote.protocol import ToFunction
+
+            if ToFunction.FromString(body).invocation.target.id == "stuck":
+                await gate.wait()
+            return await handler.handle_async(body)
+
+        server = await servers.serve(handle)
+        local = sm.StatefulFunctions()
+
+        @local.bind("local/echo")
+        def echo(context: sm.Context, message: sm.Message) -> None:
+            context.reply(str_value=message.as_string())
+
+        module = module_file(tmp_path, ("slow/fn", server.port, ""))
+        async with sm.LocalMesh(local, module=module, state_dir=tmp_path / "state") as mesh:
+            for i in range(3):
+                await mesh.send(sm.message_builder("slow/fn", "stuck", str_value=str(i)))
+            await asyncio.sleep(0.3)  # the stuck address is parked by now
+            loop = asyncio.get_running_loop()
+            for i in range(20):
+                t0 = loop.time()
+                reply = await mesh.request(sm.message_builder("local/echo", f"e{i}", str_value=str(i)), timeout=5)
+                assert reply.as_string() == str(i) and loop.time() - t0 < 1.0
+                await mesh.send(sm.message_builder("slow/fn", "other", str_value=str(i)))
+            for _ in range(200):  # not mesh.idle(): a parked address keeps its peer busy
+                if len(await egress(mesh, "e/slow")) >= 20:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(await egress(mesh, "e/slow")) == 20
+            assert not [r for r in await egress(mesh, "e/slow") if r.as_string().startswith("stuck")]
+            gate.set()
+            await settle(mesh)
+            values = [r.as_string() for r in await egress(mesh, "e/slow")]
+            assert [v for v in values if v.startswith("stuck")] == ["stuck:0:1", "stuck:1:2", "stuck:2:3"]
+            assert [v for v in values if v.startswith("other")] == [f"other:{i}:{i + 1}" for i in range(20)]
