@@ -685,19 +685,26 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def _export_client_key(args: argparse.Namespace) -> None:
+    """For the NATS bridges: check ``--client-key`` lists ``--mesh`` and leave it where the
+    bridge's ``MeshClient`` finds it (``$STATEFUN_MESH_CLIENT_KEY``)."""
+    if not args.client_key:
+        return
+    from .security import ENV_CLIENT_KEY
+
+    keys = _client_keys(args)
+    if keys.server_key(args.mesh) is None:
+        raise ConfigError(f"the client key file {args.client_key} lists no public key for {args.mesh} in its "
+                          "[server_keys]", key="client_key")  # fmt: skip
+    os.environ[ENV_CLIENT_KEY] = args.client_key
+
+
 def cmd_nats_ingress(args: argparse.Namespace) -> int:
     """Bridge a NATS JetStream stream into the mesh until SIGTERM/SIGINT."""
     from .connectors.nats import NatsIngress, NatsIngressConfig
 
     _setup_logging(args.log_level, "nats-ingress ", args.log_format)
-    if args.client_key:
-        from .security import ENV_CLIENT_KEY
-
-        keys = _client_keys(args)
-        if keys.server_key(args.mesh) is None:
-            raise ConfigError(f"the client key file {args.client_key} lists no public key for {args.mesh} in its "
-                              "[server_keys]", key="client_key")  # fmt: skip
-        os.environ[ENV_CLIENT_KEY] = args.client_key  # the bridge's MeshClients find it there
+    _export_client_key(args)
     config = NatsIngressConfig(
         stream=args.stream, durable=args.durable, nats_url=args.nats_url, mesh_endpoint=args.mesh,
         subject=args.subject, subject_prefix=args.subject_prefix, target_type=args.target_type,
@@ -737,14 +744,7 @@ def cmd_nats_egress(args: argparse.Namespace) -> int:
     from .connectors.nats_egress import EgressRoute, NatsEgress, NatsEgressConfig
 
     _setup_logging(args.log_level, "nats-egress ", args.log_format)
-    if args.client_key:
-        from .security import ENV_CLIENT_KEY
-
-        keys = _client_keys(args)
-        if keys.server_key(args.mesh) is None:
-            raise ConfigError(f"the client key file {args.client_key} lists no public key for {args.mesh} in its "
-                              "[server_keys]", key="client_key")  # fmt: skip
-        os.environ[ENV_CLIENT_KEY] = args.client_key  # the bridge's MeshClient finds it there
+    _export_client_key(args)
     config = NatsEgressConfig(
         routes=tuple(EgressRoute.parse(r) for r in args.route or ()), name=args.name, nats_url=args.nats_url,
         mesh_endpoint=args.mesh, kv_bucket=args.kv_bucket, start=args.start, batch=args.batch,
