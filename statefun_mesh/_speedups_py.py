@@ -188,7 +188,7 @@ def _check_record(rec: object) -> Record:
         v = rec[i]
         if type(v) is not int or v < 0 or v > _M64:
             raise TypeError(f"record field {i} must be an int in [0, 2**64), got {v!r}")
-    return rec  # type: ignore[return-value]
+    return rec
 
 
 def record_size(record: Record) -> int:

@@ -47,7 +47,7 @@ def _rebuild_error(name: str, message: str, args: list[Any]) -> Exception:
     cls = getattr(errors, name, None)
     if isinstance(cls, type) and issubclass(cls, StatefunMeshError):
         try:
-            return cls(*args)  # type: ignore[no-any-return]
+            return cls(*args)
         except TypeError:
             return StatefunMeshError(f"{name}: {message}")
     if name in _BUILTIN_ERRORS:

@@ -371,7 +371,7 @@ class Dispatcher:
                     _, token, s_type, s_id, rec = value
                     if token:
                         tok = timer_token_prefix(kg, s_type, s_id, token)
-                    out.sends.append(tuple(rec))  # type: ignore[arg-type]
+                    out.sends.append(tuple(rec))
                 out.ops.append(("fired", kg, seq, due, tok))
 
         groups: dict[tuple[str, str], list[Record]] = {}

@@ -517,7 +517,7 @@ class Peer:
             entries = self.ingress.read(position, 1000)
             if not entries:
                 break
-            self._route([tuple(rec) for _, rec in entries])  # type: ignore[misc]
+            self._route([tuple(rec) for _, rec in entries])
             replayed += len(entries)
             position = entries[-1][0] + 1
         self.ingress_routed = self.ingress.next_offset
@@ -536,7 +536,7 @@ class Peer:
                 entries = log_.read(position, 1000)
                 if not entries:
                     break
-                self._route([tuple(rec) for _, rec in entries])  # type: ignore[misc]
+                self._route([tuple(rec) for _, rec in entries])
                 replayed += len(entries)
                 position = entries[-1][0] + 1
         finally:

@@ -308,7 +308,7 @@ class Coordinator:
         self.started_at = time.monotonic()
         self.acks = {}
         last = self.last_complete.checkpoint if self.last_complete is not None else -1
-        self.peer.participant.on_barrier(None, n, last)  # type: ignore[union-attr]
+        self.peer.participant.on_barrier(None, n, last)
         return n
 
     def on_ack(self, src: int, n: int, part: dict[str, Any] | None, error: str | None) -> None:
@@ -363,7 +363,7 @@ class Coordinator:
         for p in range(peer.n_peers):
             if p != peer.peer_id:
                 peer._send(p, done)
-        peer.participant.on_done(n)  # type: ignore[union-attr]
+        peer.participant.on_done(n)
         await self._collect_garbage()
 
     def abort(self, n: int, why: str) -> None:
@@ -376,7 +376,7 @@ class Coordinator:
         for p in range(self.peer.n_peers):
             if p != self.peer.peer_id:
                 self.peer._send(p, frame)
-        self.peer.participant.abort(n)  # type: ignore[union-attr]
+        self.peer.participant.abort(n)
 
     async def _collect_garbage(self) -> None:
         """Delete manifests beyond the retention, and objects no retained manifest names."""
