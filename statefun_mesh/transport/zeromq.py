@@ -208,7 +208,9 @@ class ZmqTransport(Transport):
             except zmq.ZMQError:
                 return
             if event["event"] == zmq.EVENT_DISCONNECTED and not self._closed:
-                log.info("peer %d: the connection to peer %d at %s was lost", self.peer_id, peer,
+                # debug: a peer stopping cleanly closes its links too; the peer logs a loss
+                # that matters (a connection made again while both kept running)
+                log.debug("peer %d: the connection to peer %d at %s was lost", self.peer_id, peer,
                          self.endpoints[peer])  # fmt: skip
                 if self.on_link_lost is not None:
                     try:
