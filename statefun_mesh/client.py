@@ -14,7 +14,7 @@ from typing import Any, Final
 import zmq
 import zmq.asyncio
 
-from . import _speedups, errors
+from . import _aio, _speedups, errors
 from .config import FRAME_HEADROOM, MIN_FRAME_BYTES
 from .errors import ClosedTransportError, FrameDecodeError, StatefunMeshError
 from .logutil import format_seconds
@@ -61,7 +61,7 @@ async def _wait(fut: asyncio.Future[Any], timeout: float | None) -> Any:
     if sys.version_info >= (3, 11):
         async with asyncio.timeout(timeout):
             return await fut
-    return await asyncio.wait_for(fut, timeout)  # pragma: no cover - Python 3.10
+    return await _aio.wait_for(fut, timeout)  # pragma: no cover - Python 3.10
 
 
 class _Connection:
@@ -361,7 +361,7 @@ class MeshClient:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), stop_when_idle)
+                    item = await _aio.wait_for(queue.get(), stop_when_idle)
                 except (asyncio.TimeoutError, TimeoutError):
                     return
                 if isinstance(item, BaseException):

@@ -7,6 +7,8 @@ import heapq
 import itertools
 import time
 
+from . import _aio
+
 __all__ = ["Clock", "ManualClock", "SystemClock"]
 
 
@@ -36,7 +38,7 @@ class SystemClock(Clock):
         if delay <= 0:
             return
         try:
-            await asyncio.wait_for(event.wait(), delay)
+            await _aio.wait_for(event.wait(), delay)
         except (asyncio.TimeoutError, TimeoutError):
             pass
 

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
 
+from . import _aio
 from .clock import Clock
 from .config import MeshConfig
 from .functions import StatefulFunctions
@@ -209,7 +210,7 @@ class LocalMesh:
                 else:
                     stable = 0
 
-        await asyncio.wait_for(settle(), timeout)
+        await _aio.wait_for(settle(), timeout)
 
     def status(self) -> list[dict[str, Any]]:
         """Every peer's :meth:`Peer.status`."""

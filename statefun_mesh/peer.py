@@ -17,7 +17,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
-from . import _speedups
+from . import _aio, _speedups
 from .clock import Clock, SystemClock
 from .config import MeshConfig
 from .dispatch import REPLY_OK, BatchOutcome, Dispatcher, Record, TypeStats
@@ -205,6 +205,8 @@ class Peer:
         self._ingress_writing = 0  # messages in the ingress append under way
         self._recovery_task: asyncio.Task[None] | None = None
         self._recovery_done = False
+        #: when this peer last sent READY for its generation (it repeats it until RESUME)
+        self._ready_sent = 0.0
         self._next_purge = 0
         self._purge_from = b""
         #: ingress log offset up to which messages have been routed into the mesh
@@ -775,7 +777,7 @@ class Peer:
         try:
             await self.submit(rec, durable=False)
             try:
-                return await asyncio.wait_for(fut, timeout)
+                return await _aio.wait_for(fut, timeout)
             except (asyncio.TimeoutError, TimeoutError):
                 raise RequestTimeoutError(
                     f"no reply from {typename}/{id} within {format_seconds(timeout)} s; "
@@ -850,7 +852,7 @@ class Peer:
         if self._egress_head(typename) > pos or self._closing:
             return
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            await _aio.wait_for(event.wait(), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             pass
 
@@ -1305,6 +1307,9 @@ class Peer:
         elif kind == codec.RECOVER:
             if src == 0 and gen is not None and gen > self.generation:
                 self._start_recovery_task(gen, items[1])
+            elif src == 0 and gen == self.generation and self._recovery_done:
+                # the coordinator asks again: our READY was lost or is late; say it again
+                self._send_ready(gen)
         elif kind == codec.READY:
             if self.coordinator is not None:
                 self.coordinator.on_ready(src, items[0])
@@ -1388,7 +1393,14 @@ class Peer:
             return
         if self.generation == gen:
             self._recovery_done = True
-            self._send(0, codec.encode_control(codec.READY, gen), generation=gen)
+            self._send_ready(gen)
+
+    def _send_ready(self, gen: int) -> None:
+        """Tell the coordinator this peer restored generation ``gen``. Said again while no
+        RESUME comes (see :meth:`_heartbeat_loop`): a READY or a RESUME lost with a link that
+        dropped again during the round must not leave the round waiting for ever."""
+        self._ready_sent = self.clock.now()
+        self._send(0, codec.encode_control(codec.READY, gen), generation=gen)
 
     def _on_heartbeat(self, src: int, items: list[Any]) -> None:
         if items[0] != src:
@@ -1489,6 +1501,11 @@ class Peer:
                         "peer %d: no word from peer %d for %.1f s; holding its %d outgoing messages until it is back",
                         self.peer_id, p, now - self._last_heard[p], len(self._out[p]) + self._framed[p],
                     )  # fmt: skip
+            if (self._recovery_done and not self.resumed and self.coordinator is None and not self._closing
+                    and now - self._ready_sent >= max(cfg.heartbeat_timeout, 4 * cfg.heartbeat_interval)):
+                # restored, READY sent, and still no RESUME: the coordinator answers a repeated
+                # READY of a round it finished with the RESUME this peer missed
+                self._send_ready(self.generation)
             self.flush_logs()
             self._maybe_trim()
             await asyncio.sleep(cfg.heartbeat_interval)

@@ -67,6 +67,24 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return True
 
 
+#: per test item, its reports by phase ("setup", "call", "teardown"): fixtures read it to
+#: add diagnostics (e.g. the peers' logs) when the test failed
+REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    rep = yield
+    item.stash.setdefault(REPORTS, {})[rep.when] = rep
+    return rep
+
+
+def failed(request: pytest.FixtureRequest) -> bool:
+    """In a fixture's teardown: whether the test's setup or body failed."""
+    reports = request.node.stash.get(REPORTS, {})
+    return any(r.failed for r in reports.values())
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "timeout(seconds): time limit of an async test")
     settings.load_profile("slow" if config.getoption("--run-slow") else "ci")

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from .. import _aio
 from .. import valuetypes as vt
 from ..address import check_id, parse_typename
 from ..client import MeshClient
@@ -488,7 +489,7 @@ class NatsIngress:
             free = cfg.max_in_flight - len(self._tasks)
             if free < low_water:
                 try:
-                    await asyncio.wait_for(self._slot_free.wait(), 1.0)
+                    await _aio.wait_for(self._slot_free.wait(), 1.0)
                     continue
                 except (asyncio.TimeoutError, TimeoutError):
                     if cfg.max_in_flight - len(self._tasks) <= 0:

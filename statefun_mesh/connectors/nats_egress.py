@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from .. import _aio
 from .. import valuetypes as vt
 from ..address import parse_typename
 from ..client import MeshClient
@@ -305,7 +306,7 @@ class NatsEgress:
                     t.cancel()
                 await asyncio.gather(stopper, *tasks, *helpers, return_exceptions=True)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._save(), 5.0)
+                    await _aio.wait_for(self._save(), 5.0)
                 self._tlog.flush()
                 log.info("nats-egress: stopped: %s", self.stats.line())
         finally:
@@ -346,7 +347,7 @@ class NatsEgress:
                 self._warn("NATS connect failures", f"cannot connect to NATS at {cfg.nats_url} ({exc!r}); "
                            f"retrying (every {pause:.1f} s)")  # fmt: skip
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                    await asyncio.wait_for(stop.wait(), pause)
+                    await _aio.wait_for(stop.wait(), pause)
                 pause = min(pause * 2, 5.0)
                 continue
             connected = True
@@ -367,7 +368,7 @@ class NatsEgress:
             except Exception as exc:
                 self._warn(f"failures to {what}", f"cannot {what} ({exc!r}); retrying")
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                    await asyncio.wait_for(stop.wait(), pause)
+                    await _aio.wait_for(stop.wait(), pause)
                 pause = min(pause * 2, 5.0)
         return None
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from .. import _speedups
+from .. import _aio, _speedups
 from ..address import Address
 from ..context import Cell
 from ..errors import StatefunMeshError
@@ -304,7 +304,7 @@ class RemoteFunctions:
         """
         self.requests += 1
         try:
-            out = await asyncio.wait_for(handler.handle_async(body), endpoint.timeouts.call)
+            out = await _aio.wait_for(handler.handle_async(body), endpoint.timeouts.call)
         except asyncio.TimeoutError:
             raise RemoteFunctionError(
                 typename, url, f"no answer within the {endpoint.timeouts.call:g} s call timeout"

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import _aio
 from ..errors import (
     BlobNotFoundError,
     BlobStoreError,
@@ -201,7 +202,7 @@ class Coordinator:
                 if p != peer.peer_id and p not in self.ready:
                     peer._send(p, frame, generation=gen)
             try:
-                await asyncio.wait_for(self._ready_event.wait(), 2.0)
+                await _aio.wait_for(self._ready_event.wait(), 2.0)
             except (asyncio.TimeoutError, TimeoutError):
                 if self.generation != gen:
                     return
@@ -280,6 +281,11 @@ class Coordinator:
 
     def on_ready(self, src: int, gen: int) -> None:
         if gen != self.generation:
+            return
+        if src in self.ready and self.peer.resumed and (self._recovering is None or self._recovering.done()):
+            # the round is over, yet the peer still waits: the RESUME it was sent was lost
+            log.info("recovery round %d: peer %d did not get RESUME; sending it again", gen, src)
+            self.peer._send(src, codec.encode_control(codec.RESUME, gen), generation=gen)
             return
         self.ready.add(src)
         if len(self.ready) == self.peer.n_peers:

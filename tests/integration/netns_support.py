@@ -411,6 +411,14 @@ class NetMesh:
         except OSError:
             return ""
 
+    def digest(self, k: int, lines: int = 40) -> str:
+        """The last ``lines`` lines of peer ``k``'s own log that say what it did (no steady
+        checkpoint lines, no library debug chatter): printed when a test fails."""
+        keep = [line[:300] for line in self.log(k).splitlines()
+                if (" statefun_mesh" in line or line.startswith("===") or "Traceback" in line or "Error" in line)
+                and "botocore" not in line and not re.search(r"checkpoint \d+ complete in", line)]  # fmt: skip
+        return "\n".join(keep[-lines:])
+
     def start_peer(self, k: int, host: Host | None = None) -> None:
         host = host or self.peer_hosts[k]
         self.starts[k] += 1

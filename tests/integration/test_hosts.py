@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import failed
 from tests.integration.netns_support import Hosts, NetMesh, has_netem, has_nft, unavailable_reason
 
 pytestmark = pytest.mark.c_core_only  # network faults: no hot-path code of its own
@@ -57,13 +58,16 @@ def hosts(tmp_path: Path) -> Iterator[Hosts]:
 
 
 @pytest.fixture
-def mesh(hosts: Hosts, tmp_path: Path) -> Iterator[NetMesh]:
+def mesh(hosts: Hosts, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NetMesh]:
     m = NetMesh(hosts, tmp_path)
     try:
         m.start()
         yield m
     finally:
         m.stop()
+        if failed(request):  # what each peer did, for a failure seen only in someone's CI log
+            for k in range(m.n):
+                print(f"--- peer {k}'s log (its own lines, the last 40) ---\n{m.digest(k)}")
 
 
 def _accepted_after(load: dict[str, Any], t: float) -> list[float]:

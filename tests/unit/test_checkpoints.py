@@ -305,3 +305,33 @@ async def test_a_recovery_sends_nothing_of_the_old_timeline_under_the_new_genera
             if r[1] == "old-timeline"
         ]
         assert not leaked
+
+
+@pytest.mark.parametrize("lost", ["READY", "RESUME"])
+async def test_a_recovery_round_survives_a_lost_ready_or_resume(tmp_path: Path, lost: str) -> None:
+    # Regression (a CI run of test_hosts' long partition): READY and RESUME were each sent
+    # once. A link that drops again during a round loses what was in flight on it; a lost
+    # READY left the coordinator repeating RECOVER, which the peer ignored (same generation),
+    # and a lost RESUME left the peer restored but never running: the mesh stalled for good.
+    from statefun_mesh.transport import codec
+
+    async with LocalMesh(app(), peers=3, **settings(tmp_path)) as mesh:
+        await wait_for(lambda: all(p.resumed for p in mesh.peers), 30, "start")
+        kind = codec.READY if lost == "READY" else codec.RESUME
+        sender = mesh.peers[1] if lost == "READY" else mesh.peers[0]
+        dropped: list[int] = []
+        real_send = sender._send
+
+        def lossy(p: int, frame: bytes, generation: int | None = None) -> None:
+            if frame[1] == kind and (lost == "READY" or p == 1) and not dropped:
+                dropped.append(p)  # the first one is lost on the wire
+                return
+            real_send(p, frame, generation=generation)
+
+        sender._send = lossy  # type: ignore[method-assign]
+        before = mesh.peers[0].coordinator.generation
+        mesh.peers[0].coordinator.request_recovery("a test")
+        await wait_for(lambda: all(p.resumed and p.generation > before for p in mesh.peers), 20,
+                       f"the round to finish after a lost {lost}")
+        assert dropped, f"no {lost} was sent"
+        assert await count_of(mesh, "after-the-round") == 0
