@@ -432,11 +432,7 @@ class Peer:
             self.recoveries += 1
         self._restored_once = True
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            try:
-                await self._loop_task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await self._stop_loop(self._loop_task, gen)
             self._loop_task = None
         if self._flush is not None and not self._flush.done():
             try:
@@ -488,6 +484,21 @@ class Peer:
                 self._frames[p].append((0, marker))
                 self._framed_bytes[p] += len(marker)
         self._flush_all()
+
+    async def _stop_loop(self, task: asyncio.Task[None], gen: int) -> None:
+        """Cancel the dispatch loop and wait until it has stopped. ``asyncio.wait`` neither
+        raises the loop's own error nor swallows a cancellation of this recovery (a newer
+        round cancels it: two restores must never run at once)."""
+        task.cancel()
+        waited = 0.0
+        while not task.done():
+            await asyncio.wait({task}, timeout=5.0)
+            if not task.done():
+                waited += 5.0
+                self._tlog.error("dispatch loop not stopping", "peer %d: recovery round %d: the dispatch loop has "
+                                 "not stopped %.0f s after it was cancelled; still waiting (it is at: %s)",
+                                 self.peer_id, gen, waited, " <- ".join(repr(f) for f in task.get_stack(limit=3)))
+                task.cancel()
 
     def _resume(self, gen: int) -> None:
         """Start processing in generation ``gen`` (what :meth:`_recover` queued first)."""

@@ -335,3 +335,4 @@ async def test_a_recovery_round_survives_a_lost_ready_or_resume(tmp_path: Path, 
                        f"the round to finish after a lost {lost}")
         assert dropped, f"no {lost} was sent"
         assert await count_of(mesh, "after-the-round") == 0
+
