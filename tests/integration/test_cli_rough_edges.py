@@ -224,7 +224,9 @@ def test_request_without_reply_times_out_on_time(cluster: Cluster) -> None:
 
 
 def test_an_idle_mesh_logs_a_few_lines_not_one_per_checkpoint(start_cluster) -> None:  # type: ignore[no-untyped-def]
-    c = start_cluster(config="checkpoint_interval = 0.2\n")
+    # a generous heartbeat_timeout: on a starved machine (a busy CI box) a late heartbeat is a
+    # WARNING worth logging, but this test is about a healthy idle mesh's log volume
+    c = start_cluster(config="checkpoint_interval = 0.2\nheartbeat_timeout = 30.0\n")
     time.sleep(4.0)  # ~20 checkpoints
     c.stop()
     peer_lines = [line for line in c.log().splitlines() if " peer-" in line]
