@@ -53,7 +53,8 @@ def start_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
         c.stop()
 
 
-@pytest.fixture(scope="session", params=["tcp", "ipc"])
+# ipc on the C core only: the transport is not hot-path code; the twin runs the shared cluster on tcp
+@pytest.fixture(scope="session", params=["tcp", pytest.param("ipc", marks=pytest.mark.c_core_only)])
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A 3-peer cluster shared by the tests that leave it healthy (each uses ids of its own)."""
     workdir = tmp_path_factory.mktemp(f"shared-{request.param}")

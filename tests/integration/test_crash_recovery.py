@@ -46,7 +46,9 @@ RECOVERY_BOUND = 20.0  # seconds from SIGKILL to the first answered request
 
 #: both blob stores, the S3 one marked slow (a test that lists this runs on S3 only with --run-slow)
 STORES_S3_SLOW = ["file", pytest.param("s3", marks=pytest.mark.slow)]
-STORES = ["file", "s3"]
+#: the S3 variant runs on the C core only: which blob store a checkpoint goes to is not
+#: hot-path code (the pure-Python twin runs every test on ``file``)
+STORES = ["file", pytest.param("s3", marks=pytest.mark.c_core_only)]
 
 
 @pytest.fixture
@@ -339,6 +341,20 @@ async def chains_done(clients: Clients, names: list[str], deadline: float) -> di
 # -- 3. timers pending at a crash -------------------------------------------------------------
 
 
+class SetupTooSlow(Exception):
+    """The machine was too slow to set the timers before the first could be due."""
+
+
+async def timers_across_a_crash_adaptive(meshes: Callable[..., CrashMesh], scale: float) -> dict[str, Any]:
+    """:func:`timers_across_a_crash`; on a machine too busy to set the timers in time for
+    ``scale``, once more on a fresh mesh with delays 2.5 times as long (never a weaker check)."""
+    try:
+        return await timers_across_a_crash(meshes, scale)
+    except SetupTooSlow as exc:
+        print(f"[timers] {exc}; again with delays x{scale * 2.5:g}")
+        return await timers_across_a_crash(meshes, scale * 2.5)
+
+
 async def timers_across_a_crash(meshes: Callable[..., CrashMesh], scale: float = 1.0) -> dict[str, Any]:
     """Set 120 timers (delays 1.5-3 s, times ``scale``) from 12 setter instances; cancel a
     third of them at once (checkpointed before the crash) and a third just before the crash
@@ -380,12 +396,15 @@ async def timers_across_a_crash(meshes: Callable[..., CrashMesh], scale: float =
             await clients.send(app.json_message(app.TIMER_SETTER, f"s{s}", {"cancel": toks}), f"cancel-late-{s}",
                                first=s, deadline=deadline)  # fmt: skip
         elapsed = time.monotonic() - t0
-        assert elapsed < 1.4 * scale, f"setup took {elapsed:.2f} s: timers may have fired before the crash"
+        if elapsed >= 1.4 * scale:
+            mesh.cleanup()
+            raise SetupTooSlow(f"setup took {elapsed:.2f} s (bound {1.4 * scale:.1f} s): timers may have fired "
+                               "before the crash")
         victim = 2
         secs = await kill_and_wait(mesh, victim, probes)
         print(
             f"\n[timers] killed peer {victim} {elapsed:.2f} s after setting {len(plan)} timers "
-            f"(delays 1.5-3 s); every peer answered {secs:.2f} s after the kill"
+            f"(delays {1.5 * scale:g}-{3 * scale:g} s); every peer answered {secs:.2f} s after the kill"
         )
         rounds = recovery_rounds(mesh.log())
         late_checkpointed = not rounds[-1].endswith(f"restoring checkpoint {newest} on 3 peers")
@@ -418,19 +437,19 @@ async def timers_across_a_crash(meshes: Callable[..., CrashMesh], scale: float =
         await clients.aclose()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 @pytest.mark.parametrize("store", STORES)
 async def test_timers_pending_at_a_crash_fire_exactly_once_and_checkpointed_cancellations_hold(
     meshes: Callable[..., CrashMesh], store: str
 ) -> None:
-    r = await timers_across_a_crash(meshes, 2.0 if store == "s3" else 1.0)
+    r = await timers_across_a_crash_adaptive(meshes, 2.0 if store == "s3" else 1.0)
     bad_keep = {t: n for t, n in r["keep"].items() if n != 1}
     bad_early = {t: n for t, n in r["early"].items() if n != 0}
     assert not bad_keep, f"timers not fired exactly once (target: times fired): {bad_keep}"
     assert not bad_early, f"timers cancelled (and checkpointed) before the crash fired: {bad_early}"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 @pytest.mark.parametrize("store", STORES)
 async def test_a_cancellation_acknowledged_before_a_crash_holds_after_recovery(
     meshes: Callable[..., CrashMesh], store: str
@@ -439,7 +458,7 @@ async def test_a_cancellation_acknowledged_before_a_crash_holds_after_recovery(
     crash, and before the timer was due, must win after recovery too: without the crash
     the timer never fires. Recovery replays the cancellation from the ingress log, but
     timers that came due during the outage must not fire ahead of it."""
-    r = await timers_across_a_crash(meshes, 2.0 if store == "s3" else 1.0)
+    r = await timers_across_a_crash_adaptive(meshes, 2.0 if store == "s3" else 1.0)
     bad_keep = {t: n for t, n in r["keep"].items() if n != 1}
     assert not bad_keep, f"timers not fired exactly once (target: times fired): {bad_keep}"
     bad_late = {t: (n, r["delay_ms"][t]) for t, n in r["late"].items() if n != 0}
@@ -491,6 +510,7 @@ async def first_answer_after(endpoint: str, id: str, t_kill: float, *, timeout: 
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.c_core_only  # a measurement of the recovery; the twin's recoveries are checked by the tests above
 async def test_recovery_time_after_sigkill(meshes: Callable[..., CrashMesh]) -> None:
     mesh = meshes()
     clients = await start_mesh(mesh)
@@ -641,6 +661,7 @@ async def corrupted_checkpoint_scenario(meshes: Callable[..., CrashMesh], target
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.c_core_only  # the checkpoint format and the fallback: no hot-path code
 @pytest.mark.parametrize("store", STORES_S3_SLOW)
 @pytest.mark.parametrize(
     "target",
