@@ -77,6 +77,8 @@ Reply = tuple[int, int, int, str, Any, str, str]
 #: upper bounds (seconds) of the invocation latency histogram's buckets (Prometheus ``le``)
 LATENCY_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                           1.0, 2.5, 5.0, 10.0)  # fmt: skip
+#: upper bounds of the batch size histogram's buckets (messages per batch; metrics.py)
+BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 class TypeStats:

@@ -77,8 +77,7 @@ class PeerCollector:
         )
 
         from . import _speedups
-        from .dispatch import LATENCY_BUCKETS
-        from .peer import BATCH_BUCKETS
+        from .dispatch import BATCH_BUCKETS, LATENCY_BUCKETS
 
         peer = self.peer
         d = peer.dispatcher

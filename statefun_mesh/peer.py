@@ -7,20 +7,21 @@ import bisect
 import collections
 import itertools
 import logging
-import math
 import os
 import random
+import shutil
 import struct
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 from . import _aio, _speedups
+from .client_host import check_request_timeout
 from .clock import Clock, SystemClock
 from .config import MeshConfig
-from .dispatch import REPLY_OK, BatchOutcome, Dispatcher, Record, TypeStats
+from .dispatch import BATCH_BUCKETS, REPLY_OK, BatchOutcome, Dispatcher, Record, TypeStats
 from .errors import (
     BlobNotFoundError,
     BlobStoreError,
@@ -44,12 +45,18 @@ from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
 from .transport.base import Transport
 
-__all__ = ["Peer", "open_transport"]
+if TYPE_CHECKING:
+    import lmdb
+
+    from .blobstore.base import BlobStore
+    from .ingress import IngressLog
+    from .snapshot.coordinator import Coordinator
+    from .snapshot.format import Manifest, PeerPart
+    from .snapshot.participant import Participant
+
+__all__ = ["Peer", "check_request_timeout", "open_transport"]
 
 log = logging.getLogger("statefun_mesh.peer")
-
-#: upper bounds of the batch size histogram's buckets (messages per batch; metrics.py)
-BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 def open_transport(config: MeshConfig, peer_id: int) -> Transport:
@@ -185,10 +192,10 @@ class Peer:
         self.batches = 0
         self.client_server: Any = None
         # checkpoints and recovery
-        self.blobs: Any = None
-        self.ingress: Any = None
-        self.participant: Any = None
-        self.coordinator: Any = None
+        self.blobs: BlobStore | None = None
+        self.ingress: IngressLog | None = None
+        self.participant: Participant | None = None
+        self.coordinator: Coordinator | None = None
         self.generation = 0
         self.resumed = False
         self.last_recovery_seconds = 0.0
@@ -333,13 +340,14 @@ class Peer:
             f"every {cfg.checkpoint_interval} s to {cfg.blob_store}" if self.checkpointing else "off",
         )  # fmt: skip
         if not self.checkpointing:
-            self._resume(0)
+            self.resume(0)
             return
         try:
             if self.peer_id == 0:
                 from .snapshot.coordinator import Coordinator
 
-                self.coordinator = Coordinator(self, self.blobs)
+                assert self.participant is not None and self.blobs is not None
+                self.coordinator = Coordinator(self, self.participant, self.blobs)
                 await self.coordinator.start()
             else:
                 await self._resumed_event.wait()
@@ -397,6 +405,33 @@ class Peer:
             self._closed_event.set()
             log.info("peer %d stopped", self.peer_id)
 
+    async def abort(self) -> None:
+        """Stop at once, as if the process were killed (a test hook): nothing queued is
+        processed, flushed or synced; tasks are cancelled and the state store, ingress log,
+        transport and blob store are closed as they stand. What the peer held in memory is
+        lost, as after a SIGKILL: a recovery from the last checkpoint makes it good.
+        (A later :meth:`aclose` returns at once.)"""
+        if self._closing:
+            await self._closed_event.wait()
+            return
+        self._closing = True
+        tasks = [t for t in (self._loop_task, self._ingress_task, self._recovery_task, *self._tasks) if t is not None]
+        try:
+            if self.coordinator is not None:
+                await self.coordinator.aclose()
+            if self.participant is not None:
+                self.participant.reset()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._fail_requests(ClosedTransportError("the peer was aborted before the request was answered"))
+        finally:
+            if self._unwatch is not None:
+                self._unwatch()
+                self._unwatch = None
+            await self._release_resources()
+            self._closed_event.set()
+
     async def _release_resources(self) -> None:
         if self.http is not None:
             await self.http.aclose()
@@ -423,7 +458,7 @@ class Peer:
 
     # -- recovery (driven by the coordinator, see snapshot/coordinator.py) -------------
 
-    async def _recover(self, gen: int, manifest: Any) -> None:
+    async def recover(self, gen: int, manifest: Manifest | None) -> None:
         """Drop everything in memory and restore ``manifest`` (``None``: empty state)."""
         assert self.participant is not None
         self._halt()
@@ -471,8 +506,7 @@ class Peer:
         # What was in flight at the cut comes first, then the ingress log from the cut's
         # position; both are queued before this peer reports READY, so when the mesh
         # resumes every replayed message is already on its way, ahead of new input.
-        self._enqueue(self.participant.inflight_restored)
-        self.participant.inflight_restored = []
+        self._enqueue(self.participant.take_inflight_restored())
         if self.ingress is not None:
             self._replay(self.participant.ingress_position)
             for path, position in self.participant.foreign_ingress:
@@ -489,8 +523,8 @@ class Peer:
                 self._framed_bytes[p] += len(marker)
         self._flush_all()
 
-    def _resume(self, gen: int) -> None:
-        """Start processing in generation ``gen`` (what :meth:`_recover` queued first)."""
+    def resume(self, gen: int) -> None:
+        """Start processing in generation ``gen`` (what :meth:`recover` queued first)."""
         if self.generation != gen or self._closing:
             return
         if self._loop_task is not None and not self._loop_task.done():
@@ -543,8 +577,7 @@ class Peer:
                 position = entries[-1][0] + 1
         finally:
             log_.close()
-        if path not in self.participant.replayed_foreign:
-            self.participant.replayed_foreign.append(path)
+        self.participant.note_replayed_foreign(path)
         log.warning("peer %d: replayed %d messages from the ingress log of a removed peer (%s); it is deleted "
                     "once the next checkpoint completes", self.peer_id, replayed, path)  # fmt: skip
 
@@ -553,7 +586,7 @@ class Peer:
             log.critical("peer %d: the dispatch loop died; this peer processes nothing more: restart it",
                          self.peer_id, exc_info=task.exception())  # fmt: skip
 
-    def _checkpoint_ack(self, n: int, part: Any, error: str | None) -> None:
+    def acknowledge_checkpoint(self, n: int, part: PeerPart | None, error: str | None) -> None:
         from .snapshot.participant import part_to_dict
 
         body = part_to_dict(part) if part is not None else None
@@ -566,7 +599,7 @@ class Peer:
         else:
             self._send(0, codec.encode_control(codec.CK_ACK, n, body, error))
 
-    def _release_egress(self, heads: dict[str, int]) -> None:
+    def release_egress(self, heads: dict[str, int]) -> None:
         for typename, head in heads.items():
             if head > self._released.get(typename, 0):
                 self._released[typename] = head
@@ -575,7 +608,7 @@ class Peer:
                     ev.set()
                     self._egress_events[typename] = asyncio.Event()
 
-    def _release_held(self) -> None:
+    def release_input(self) -> None:
         self._hold_batches = False
         held, self._held = self._held, []
         keep: list[tuple[int, int, bytes]] = []
@@ -592,6 +625,69 @@ class Peer:
                 keep.append((g, src, frame))
         self._held = keep + self._held
         self._held_bytes = sum(len(f) for _, _, f in self._held)
+
+    # -- the snapshot code's view of this peer (snapshot/host.py) -----------------------
+
+    @property
+    def tlog(self) -> ThrottledLog:
+        """This peer's throttled log (flushed from its heartbeat loop)."""
+        return self._tlog
+
+    def batch_running(self) -> bool:
+        """Whether a batch is being processed now."""
+        return self._in_batch
+
+    def hold_input(self) -> None:
+        """Hold batch frames and barriers until :meth:`release_input`; wake the loop for the cut."""
+        self._hold_batches = True
+        self._wake.set()
+
+    def state_store(self) -> LmdbStateBackend:
+        """The open state store."""
+        assert self.backend is not None, "the state store is not open"
+        return self.backend
+
+    def reopen_state_store(self) -> LmdbStateBackend:
+        """Close and delete the state store and open an empty one (a restore starts)."""
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        if os.path.exists(self.state_path):
+            shutil.rmtree(self.state_path)
+        return self._open_backend()
+
+    def state_restored(self, egress_heads: dict[str, int]) -> None:
+        """The state store holds a restored checkpoint whose egress logs stood at ``egress_heads``."""
+        self._released = egress_heads
+        self._restored_heads = dict(egress_heads)
+        assert self.dispatcher is not None and self.backend is not None
+        self.dispatcher.reload_counters()  # the restored timer sequence, not the empty store's
+        self._next_due = self.backend.next_timer_due()
+
+    def cut_input(self) -> tuple[list[Record], lmdb.Transaction | None]:
+        """What was received and not processed: parked invocations' records, then the
+        inbox; and a read transaction over the spilled tail (see snapshot/host.py)."""
+        parked = self.dispatcher.parked_records() if self.dispatcher is not None else []
+        return parked + list(self._inbox), (self._spill.cut() if self._spill is not None else None)
+
+    def broadcast_barrier(self, frame: bytes) -> None:
+        """Send every other peer all that waits for it (regardless of credit), then ``frame``."""
+        for p in range(self.n_peers):
+            if p != self.peer_id:
+                self._flush_peer(p, force=True)
+                self._send(p, frame)
+
+    def routed_ingress_position(self) -> int:
+        """The ingress log offset up to which client messages are routed (0: no ingress log)."""
+        return self.ingress_routed if self.ingress is not None else 0
+
+    def ingress_log(self) -> IngressLog | None:
+        """This peer's ingress log (``None`` without checkpoints, or once closed)."""
+        return self.ingress
+
+    def send_control(self, p: int, frame: bytes, generation: int | None = None) -> None:
+        """Send a control frame to peer ``p`` (stamped with ``generation``, default this peer's)."""
+        self._send(p, frame, generation)
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -794,7 +890,7 @@ class Peer:
         if start == "earliest":
             return first
         if start == "latest":
-            return self._egress_head(typename)
+            return self.egress_head(typename)
         if isinstance(start, int) and not isinstance(start, bool) and start >= 0:
             return start
         raise ValueError(f"start must be 'earliest', 'latest' or an offset >= 0, got {start!r}")
@@ -811,7 +907,7 @@ class Peer:
         """
         return self._egress_from(typename, self.egress_position(typename, start))
 
-    def _egress_head(self, typename: str) -> int:
+    def egress_head(self, typename: str) -> int:
         """The offset after the last record consumers may see: with checkpoints, the last
         record a complete checkpoint covers (transactional egress); else the last one."""
         if self.checkpointing and typename not in self._immediate:
@@ -835,7 +931,7 @@ class Peer:
         """Return up to ``limit`` released records from offset ``pos`` on, without waiting."""
         if self.backend is None:
             return []
-        head = self._egress_head(typename)
+        head = self.egress_head(typename)
         if pos >= head:
             return []
         return [
@@ -849,7 +945,7 @@ class Peer:
         event = self._egress_events.get(typename)
         if event is None:
             event = self._egress_events[typename] = asyncio.Event()
-        if self._egress_head(typename) > pos or self._closing:
+        if self.egress_head(typename) > pos or self._closing:
             return
         try:
             await _aio.wait_for(event.wait(), timeout)
@@ -1321,7 +1417,7 @@ class Peer:
             if self.coordinator is not None:
                 self.coordinator.on_restore_failed(src, items[0], items[1], items[2])
         elif kind == codec.RESUME and src == 0 and items[0] == self.generation and self._recovery_done:
-            self._resume(items[0])
+            self.resume(items[0])
 
     def _halt(self) -> None:
         """Stop the current generation at once, before the generation number changes.
@@ -1333,7 +1429,7 @@ class Peer:
         self.resumed = False
         self._resumed_event.clear()
         if self._loop_task is not None and not self._loop_task.done():
-            self._loop_task.cancel()  # it stops at its next await; _recover waits for it
+            self._loop_task.cancel()  # it stops at its next await; recover() waits for it
         if self.dispatcher is not None:
             self.dispatcher.cancel_all()  # parked async invocations: the checkpoint has their messages
         if self._flush_handle is not None:
@@ -1370,9 +1466,10 @@ class Peer:
                 try:
                     manifest = None
                     if n >= 0:
+                        assert self.blobs is not None
                         name = manifest_name(n)
                         manifest = Manifest.from_json(await self.blobs.get(name), name=name)
-                    await self._recover(gen, manifest)
+                    await self.recover(gen, manifest)
                     break
                 except BlobStoreError as exc:
                     if isinstance(exc, BlobNotFoundError) or self.generation != gen:
@@ -1697,22 +1794,6 @@ _PEER_KINDS = frozenset(
     }
 )
 _GEN = struct.Struct(">I")
-
-
-def check_request_timeout(timeout: object, maximum: float) -> float:
-    """Return ``timeout`` if it is a finite number of seconds in (0, ``maximum``].
-
-    Raises:
-        ValueError: it is not (NaN, infinite, negative, zero, too long, not a number).
-    """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise ValueError(f"a request timeout must be a number of seconds, got {type(timeout).__name__}")
-    if not (math.isfinite(timeout) and 0 < timeout <= maximum):
-        raise ValueError(
-            f"a request timeout must be a finite number of seconds > 0 and at most {maximum:g} "
-            f"(max_request_timeout), got {timeout!r}"
-        )
-    return float(timeout)
 
 
 def _reply_frames(replies: list[Any], limit: int) -> list[bytes]:
