@@ -18,7 +18,7 @@ import traceback
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from time import perf_counter
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgpack
 
@@ -391,7 +391,7 @@ class Dispatcher:
         touched: list[list[Cell]] = []
         with self.backend.read() as txn:
             self._txn = txn
-            get = txn.get
+            get = cast("Callable[..., bytes | None]", txn.get)  # the store returns bytes (no buffers=True)
             db_state = self._db_state
             key_group = self._key_group
             maxp = self.max_parallelism
@@ -496,8 +496,8 @@ class Dispatcher:
                         ops.append(("put", "state", cell.key, encode_state_value(cell.vt, cell.data, cell.expire)))  # type: ignore[arg-type]
         if self._saved[0] != self._timer_seq:
             ops.append(("put", "meta", b"timer_seq", pack_u64(self._timer_seq)))
-        for key, seq in self._egress_seq.items():
-            ops.append(("put", "state", key, encode_state_value(EGRESS_SEQ_TYPE, pack_u64(seq), 0)))
+        for seq_key, seq in self._egress_seq.items():
+            ops.append(("put", "state", seq_key, encode_state_value(EGRESS_SEQ_TYPE, pack_u64(seq), 0)))
         return out
 
     async def _start(self, starting: list[_Running], now_ms: int, out: BatchOutcome) -> None:
@@ -647,7 +647,7 @@ class Dispatcher:
         if not writes:
             return []
         cells = storage._cells
-        result = []
+        result: list[tuple[Cell, Any, bytes | None]] = []
         for name, value in writes.items():
             cell = cells[name]
             if value is DELETED:

@@ -228,6 +228,7 @@ class Coordinator:
         """The checkpoint this round restores, after checking it fits this mesh."""
         n_peers = self.peer.n_peers
         spec = self.restore
+        manifest: Manifest | None
         if spec.isdigit():
             n = int(spec)
             if n in self.unrestorable:

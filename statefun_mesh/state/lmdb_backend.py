@@ -35,7 +35,7 @@ import logging
 import os
 import struct
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import lmdb
 import msgpack
@@ -291,10 +291,10 @@ class LmdbStateBackend:
         with txn.cursor(db=self.db_egress) as cur:
             found = cur.first()
             while found:
-                key = cur.key()
+                key = cast(bytes, cur.key())  # the store returns bytes (it is not opened with buffers=True)
                 prefix = key[:-8]
                 found = cur.prev() if cur.set_range(prefix + b"\xff" * 8) else cur.last()
-                last = cur.key()
+                last = cast(bytes, cur.key())
                 heads[prefix[:-1].decode()] = _U64.unpack_from(last, len(prefix))[0] + 1
                 found = cur.set_range(prefix + b"\xff" * 8 + b"\x00")
         return heads
@@ -302,7 +302,7 @@ class LmdbStateBackend:
     def iter_state(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
         """Iterate every ``state`` entry of a transaction's view, in key order."""
         with txn.cursor(db=self.db_state) as cur:
-            yield from cur.iternext()
+            yield from cast("Iterator[tuple[bytes, bytes]]", cur.iternext())
 
     # -- writes -----------------------------------------------------------------------
 
@@ -400,9 +400,9 @@ class LmdbStateBackend:
             if name == "meta":
                 continue
             with txn.cursor(db=db) as cur:
-                for key, value in cur.iternext():
+                for key, value in cast("Iterator[tuple[bytes, bytes]]", cur.iternext()):
                     yield name, key, value
-        raw = txn.get(b"timer_seq", db=self.db_meta)
+        raw = cast("bytes | None", txn.get(b"timer_seq", db=self.db_meta))
         if raw is not None:
             yield "meta", b"timer_seq", raw
 
@@ -412,7 +412,7 @@ class LmdbStateBackend:
         """The current value (``None``: deleted) in ``txn``'s view of every changed key, in key order."""
         dbs = self._dbs
         for name, key in sorted(changed):
-            yield name, key, txn.get(key, db=dbs[name])
+            yield name, key, cast("bytes | None", txn.get(key, db=dbs[name]))
 
     def load(self, entries: Iterable[tuple[str, bytes, bytes | None]], batch: int = 10_000) -> int:
         """Apply snapshot entries (puts, and deletes for ``None``) in order; return how many."""
@@ -434,7 +434,7 @@ class LmdbStateBackend:
         seqs: list[int] = []
         with txn.cursor(db=self.db_timer_tokens) as cur:
             if cur.set_range(prefix):
-                for key in cur.iternext(keys=True, values=False):
+                for key in cast("Iterator[bytes]", cur.iternext(keys=True, values=False)):
                     if not key.startswith(prefix):
                         break
                     seqs.append(_U64.unpack_from(key, len(prefix))[0])
@@ -461,9 +461,9 @@ class LmdbStateBackend:
             if not cur.set_range(prefix):
                 return
             track = self.changed
-            while cur.key() and cur.key() < end:
+            while cur.key() and cast(bytes, cur.key()) < end:
                 if track is not None:
-                    track.add(("egress", cur.key()))
+                    track.add(("egress", cast(bytes, cur.key())))
                 if not cur.delete():
                     break
 

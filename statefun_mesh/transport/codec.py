@@ -131,7 +131,8 @@ def frame_kind(frame: bytes) -> int:
 
 def encode_control(kind: int, *items: Any) -> bytes:
     """Encode a control frame of ``kind`` with ``items`` as its body."""
-    return bytes((FRAME_VERSION, kind)) + msgpack.packb(items, use_bin_type=True)
+    body: bytes = msgpack.packb(items, use_bin_type=True)
+    return bytes((FRAME_VERSION, kind)) + body
 
 
 def decode_control(frame: bytes, expect: frozenset[int] | None = None) -> tuple[int, list[Any]]:
