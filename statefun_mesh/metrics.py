@@ -232,10 +232,8 @@ def _ready(peer: Peer) -> str | None:
 
 
 def _alive(peer: Peer) -> str | None:
-    task = peer._loop_task
-    if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-        return f"the dispatch loop died: {task.exception()!r}"
-    return None
+    failure = peer.dispatch_failure()
+    return None if failure is None else f"the dispatch loop died: {failure!r}"
 
 
 def peer_status(peer: Peer) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from .errors import (
     BlobStoreError,
     BrokenTransportError,
     ClosedTransportError,
+    ConfigError,
     FrameDecodeError,
     FunctionNotFoundError,
     InvocationError,
@@ -68,7 +69,8 @@ def open_transport(config: MeshConfig, peer_id: int) -> Transport:
         hub = eps[0][len("memory://") :].rsplit("/", 1)[0]
         return InMemoryTransport(hub, peer_id, config.peers)
     if any(ep.startswith("memory://") for ep in eps):
-        raise StatefunMeshError("memory:// endpoints cannot be mixed with ZeroMQ endpoints")
+        raise ConfigError("memory:// endpoints cannot be mixed with ZeroMQ endpoints: use one kind for every peer",
+                          key="endpoints")
     from .transport.zeromq import ZmqTransport
 
     # ZMTP pings drop a connection to an address nobody answers at any more (a host gone
@@ -108,7 +110,7 @@ class Peer:
         transport: Transport | None = None,
     ) -> None:
         if config.state_dir is None:
-            raise StatefunMeshError("Peer needs config.state_dir; LocalMesh makes a temporary one for you")
+            raise ConfigError("Peer needs config.state_dir; LocalMesh makes a temporary one for you", key="state_dir")
         if not 0 <= peer_id < config.peers:
             raise ValueError(f"peer_id must be in range({config.peers}), got {peer_id}")
         self.config = config
@@ -118,7 +120,6 @@ class Peer:
         #: remote functions (config.module), loaded here so a bad module file fails at construction
         self.remote: Any = None
         if config.module:
-            from .errors import ConfigError
             from .remote.invoker import RemoteFunctions
             from .remote.module_yaml import load_module_yaml
 
@@ -580,6 +581,13 @@ class Peer:
         self.participant.note_replayed_foreign(path)
         log.warning("peer %d: replayed %d messages from the ingress log of a removed peer (%s); it is deleted "
                     "once the next checkpoint completes", self.peer_id, replayed, path)  # fmt: skip
+
+    def dispatch_failure(self) -> BaseException | None:
+        """Why the dispatch loop died (``None``: it runs, was stopped, or has not started)."""
+        task = self._loop_task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -1622,6 +1630,7 @@ class Peer:
         dispatcher = self.dispatcher
         max_batch = self.config.max_batch
         backoff = 0.05
+        internal_failures = 0  # consecutive batches that failed with an internal error
         while True:
             participant = self.participant
             if participant is not None and participant.pending is not None:
@@ -1683,18 +1692,31 @@ class Peer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            except Exception:
+            except Exception as exc:
                 dispatcher.rollback()
                 inbox.extendleft(reversed(batch))
                 self._inbox_bytes += batch_bytes
-                self._tlog.log(logging.ERROR, "internal batch errors", "peer %d: internal error in a batch; retrying",
-                               self.peer_id, exc_info=True)
+                internal_failures += 1
+                if internal_failures >= INTERNAL_BATCH_ATTEMPTS:
+                    # a bug, not a passing fault (a failing disk is a StateBackendError, a failing
+                    # function a dead letter): stop loudly rather than spin; /healthz says why
+                    first = f"{batch[0][0]}/{batch[0][1]}" if batch else f"{len(fired)} due timers"
+                    raise StatefunMeshError(
+                        f"peer {self.peer_id}: a batch of {len(batch)} messages (the first for {first}) failed "
+                        f"{internal_failures} times in a row with an internal error: {exc!r}; the dispatch loop "
+                        "stops (nothing of the batch was applied): restart the peer, and report the traceback "
+                        "above as a bug"
+                    ) from exc
+                self._tlog.log(logging.ERROR, "internal batch errors", "peer %d: internal error in a batch of %d "
+                               "messages (attempt %d of %d); retrying in %.2f s", self.peer_id, len(batch),
+                               internal_failures, INTERNAL_BATCH_ATTEMPTS, backoff, exc_info=True)  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             finally:
                 self._in_batch = False
             backoff = 0.05
+            internal_failures = 0
             self.batches += 1
             self.batch_records += n
             self.batch_sizes[bisect.bisect_left(BATCH_BUCKETS, n)] += 1
@@ -1830,3 +1852,6 @@ def _replies_frame(head: bytes, parts: list[bytes]) -> bytes:
 _COORDINATOR_KINDS = frozenset({codec.CK_DONE, codec.CK_ABORT, codec.RECOVER, codec.RESUME})
 #: a frame whose generation is more than this above the newest the peer knows is refused
 GENERATION_WINDOW = 16
+#: a batch failing this many times in a row with an internal error (not a state store or
+#: function error) stops the dispatch loop, which /healthz reports (about 1.5 s of retries)
+INTERNAL_BATCH_ATTEMPTS = 5

@@ -221,10 +221,6 @@ class LmdbStateBackend:
         """
         return self.env.begin(buffers=False)
 
-    def db(self, name: str) -> Any:
-        """Return the handle of a named database (``state``, ``timers``, ``egress``, ...)."""
-        return self._dbs[name]
-
     def meta_int(self, key: bytes, default: int = 0) -> int:
         """Read an integer counter from ``meta``."""
         with self.env.begin() as txn:
