@@ -22,6 +22,7 @@ from .client_host import check_request_timeout
 from .clock import Clock, SystemClock
 from .config import MeshConfig
 from .dispatch import BATCH_BUCKETS, REPLY_OK, BatchOutcome, Dispatcher, Record, TypeStats
+from .egress import EgressLogs
 from .errors import (
     BlobNotFoundError,
     BlobStoreError,
@@ -183,7 +184,6 @@ class Peer:
         self._requests: dict[int, asyncio.Future[Message]] = {}
         # random start: a restarted peer never reuses an id an old request chain may carry
         self._request_ids = itertools.count(random.getrandbits(40) + 1)
-        self._egress_events: dict[str, asyncio.Event] = {}
         self._next_due: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -205,9 +205,10 @@ class Peer:
         self._in_batch = False
         self._hold_batches = False
         self._held: list[tuple[int, int, bytes]] = []
-        self._released: dict[str, int] = {}
-        self._immediate = frozenset(config.egress_immediate)
-        self._restored_heads: dict[str, int] = {}
+        #: released heads, readers and their wake-ups (egress.py)
+        self.egress_logs = EgressLogs(peer_id, bool(config.blob_store), config.egress_immediate,
+                                      store=lambda: self.backend, generation=lambda: self.generation,
+                                      closing=lambda: self._closing)  # fmt: skip
         self._ingress_batch: list[tuple[Record, asyncio.Future[None]]] = []
         self._ingress_task: asyncio.Task[None] | None = None
         self._ingress_writing = 0  # messages in the ingress append under way
@@ -395,8 +396,7 @@ class Peer:
             self._fail_requests(ClosedTransportError("the peer closed before the request was answered"))
             if self.remote is not None:
                 await self.remote.aclose()
-            for ev in self._egress_events.values():
-                ev.set()
+            self.egress_logs.wake_all()
             self._space.set()
         finally:
             if self._unwatch is not None:
@@ -501,9 +501,7 @@ class Peer:
         t0 = self.clock.now()
         await self.participant.restore(manifest)
         self.last_recovery_seconds = self.clock.now() - t0
-        for typename, ev in self._egress_events.items():
-            ev.set()
-            self._egress_events[typename] = asyncio.Event()
+        self.egress_logs.wake_all()
         # What was in flight at the cut comes first, then the ingress log from the cut's
         # position; both are queued before this peer reports READY, so when the mesh
         # resumes every replayed message is already on its way, ahead of new input.
@@ -608,13 +606,8 @@ class Peer:
             self._send(0, codec.encode_control(codec.CK_ACK, n, body, error))
 
     def release_egress(self, heads: dict[str, int]) -> None:
-        for typename, head in heads.items():
-            if head > self._released.get(typename, 0):
-                self._released[typename] = head
-                ev = self._egress_events.get(typename)
-                if ev is not None:
-                    ev.set()
-                    self._egress_events[typename] = asyncio.Event()
+        """A checkpoint completed: egress consumers may read each log up to ``heads``."""
+        self.egress_logs.release(heads)
 
     def release_input(self) -> None:
         self._hold_batches = False
@@ -666,8 +659,7 @@ class Peer:
 
     def state_restored(self, egress_heads: dict[str, int]) -> None:
         """The state store holds a restored checkpoint whose egress logs stood at ``egress_heads``."""
-        self._released = egress_heads
-        self._restored_heads = dict(egress_heads)
+        self.egress_logs.restored(egress_heads)
         assert self.dispatcher is not None and self.backend is not None
         self.dispatcher.reload_counters()  # the restored timer sequence, not the empty store's
         self._next_due = self.backend.next_timer_due()
@@ -890,18 +882,11 @@ class Peer:
         finally:
             self._requests.pop(rid, None)
 
+    # -- egress (egress.py) ---------------------------------------------------------------
+
     def egress_position(self, typename: str, start: str | int) -> int:
         """Resolve ``"earliest"``, ``"latest"`` or an offset to an offset of this peer's egress log."""
-        if self.backend is None or self._closing:
-            raise ClosedTransportError("the peer is not running")
-        first, _ = self.backend.egress_bounds(typename)
-        if start == "earliest":
-            return first
-        if start == "latest":
-            return self.egress_head(typename)
-        if isinstance(start, int) and not isinstance(start, bool) and start >= 0:
-            return start
-        raise ValueError(f"start must be 'earliest', 'latest' or an offset >= 0, got {start!r}")
+        return self.egress_logs.position(typename, start)
 
     def egress(self, typename: str, start: str | int = "earliest") -> AsyncIterator[EgressRecord]:
         """Iterate this peer's records of the egress ``typename``, waiting for new ones.
@@ -913,71 +898,29 @@ class Peer:
 
         The iteration ends when the peer closes.
         """
-        return self._egress_from(typename, self.egress_position(typename, start))
+        return self.egress_logs.iterate(typename, self.egress_logs.position(typename, start))
 
     def egress_head(self, typename: str) -> int:
         """The offset after the last record consumers may see: with checkpoints, the last
         record a complete checkpoint covers (transactional egress); else the last one."""
-        if self.checkpointing and typename not in self._immediate:
-            return self._released.get(typename, 0)
-        if self.backend is None:
-            return 0
-        return self.backend.egress_bounds(typename)[1]
+        return self.egress_logs.head(typename)
 
     def egress_restored_head(self, typename: str) -> int:
         """Where ``typename``'s log stood in the checkpoint the last recovery restored."""
-        return self._restored_heads.get(typename, 0)
+        return self.egress_logs.restored_head(typename)
 
     def egress_resume(self, typename: str, pos: int, generation: int) -> int:
         """Where a reader at ``pos``, read in ``generation`` (-1: none), continues: after a
         recovery since, offsets past the restored head are reused, so from there."""
-        if 0 <= generation != self.generation:
-            return min(pos, self.egress_restored_head(typename))
-        return pos
+        return self.egress_logs.resume(typename, pos, generation)
 
     def egress_read(self, typename: str, pos: int, limit: int) -> list[EgressRecord]:
         """Return up to ``limit`` released records from offset ``pos`` on, without waiting."""
-        if self.backend is None:
-            return []
-        head = self.egress_head(typename)
-        if pos >= head:
-            return []
-        return [
-            EgressRecord(typename, self.peer_id, off, vt, data, rid)
-            for off, vt, data, rid in self.backend.egress_range(typename, pos, min(limit, head - pos))
-            if off < head
-        ]
+        return self.egress_logs.read(typename, pos, limit)
 
     async def egress_wait(self, typename: str, pos: int, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for a record at or after ``pos`` (or the peer closing)."""
-        event = self._egress_events.get(typename)
-        if event is None:
-            event = self._egress_events[typename] = asyncio.Event()
-        if self.egress_head(typename) > pos or self._closing:
-            return
-        try:
-            await _aio.wait_for(event.wait(), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
-
-    async def _egress_from(self, typename: str, pos: int) -> AsyncIterator[EgressRecord]:
-        gen = self.generation
-        while True:
-            pos, gen = self.egress_resume(typename, pos, gen), self.generation
-            records = self.egress_read(typename, pos, 1000)
-            if records:
-                if records[0].offset > pos:
-                    log.warning(
-                        "egress %r consumer fell behind retention: records %d..%d were trimmed",
-                        typename, pos, records[0].offset - 1,
-                    )  # fmt: skip
-                for rec in records:
-                    yield rec
-                pos = records[-1].offset + 1
-                continue
-            if self._closing:
-                return
-            await self.egress_wait(typename, pos, 3600.0)
+        await self.egress_logs.wait(typename, pos, timeout)
 
     async def idle(self) -> None:
         """Wait until this peer has processed everything queued here (and every due timer)."""
@@ -1762,12 +1705,8 @@ class Peer:
                 self.bad_frames += 1
                 self._tlog.error("bad reply addresses", "peer %d: dropped a reply for peer %d, which is not in this "
                                  "mesh of %d peers", self.peer_id, reply[0], self.n_peers)  # fmt: skip
-        for typename in out.egress:
-            if not self.checkpointing or typename in self._immediate:
-                ev = self._egress_events.get(typename)
-                if ev is not None:
-                    ev.set()
-                    self._egress_events[typename] = asyncio.Event()
+        if out.egress:
+            self.egress_logs.committed(out.egress)
 
     def _resolve(self, rid: int, status: int, kind: str, value: Any, r_type: str, r_id: str) -> None:
         fut = self._requests.get(rid)
