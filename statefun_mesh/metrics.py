@@ -150,7 +150,7 @@ class PeerCollector:
                                            "Times messages to another peer waited for its credit (backpressure)",
                                            labels=["to_peer"]), peer.credit_stalls)  # fmt: skip
         yield per_peer(GaugeMetricFamily(PREFIX + "peer_up", "1 while this peer hears another peer's heartbeats",
-                                         labels=["to_peer"]), [1 if a else 0 for a in peer._alive])  # fmt: skip
+                                         labels=["to_peer"]), [1 if a else 0 for a in peer.liveness.alive])  # fmt: skip
         batches = HistogramMetricFamily(PREFIX + "batch_size_messages", "Messages per batch (one state-store commit)")
         batches.add_metric([], _cumulative(BATCH_BUCKETS, peer.batch_sizes), peer.batch_records)
         yield batches

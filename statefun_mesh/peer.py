@@ -39,6 +39,7 @@ from .errors import (
     StatefunMeshError,
 )
 from .functions import StatefulFunctions, merge_functions
+from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
 from .memory import RECORD_OVERHEAD, malloc_trim, records_bytes
 from .messages import EgressRecord, Message
@@ -164,17 +165,16 @@ class Peer:
         self._out_replies: list[list[Any]] = [[] for _ in range(n)]
         self._credit = [config.credit_window] * n
         self._owed = [0] * n
-        self._incarnations = [0] * n
-        #: per peer: (its incarnation, when) when our connection to it was lost; see _on_link_lost
-        self._link_lost: list[tuple[int, float] | None] = [None] * n
-        self._last_heard = [0.0] * n
-        self._alive = [True] * n
         self.sent_records = [0] * n
         self.received_records = [0] * n
         self.bad_frames = 0
         #: repeated problems (bad frames, a failing disk) log one line per kind and window
         self._tlog = ThrottledLog(log)
-        self.incarnation = random.getrandbits(48) | 1
+        #: heartbeats, reachability, restarts and lost links (liveness.py)
+        self.liveness = Liveness(peer_id, n, config, self.clock, send=lambda p, f: self._send(p, f),
+                                 queued_for=self._queued_for,
+                                 on_incarnation=self._on_incarnation, on_link_reset=self._link_reset,
+                                 on_tick=self._heartbeat_tick)  # fmt: skip
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -305,7 +305,7 @@ class Peer:
                 self._open_backend()
             if self.transport is not None:
                 if hasattr(self.transport, "on_link_lost"):
-                    self.transport.on_link_lost = self._on_link_lost
+                    self.transport.on_link_lost = self.liveness.on_link_lost
                 await self.transport.start(self._on_frame)
             # before the client endpoint: importing aiohttp and prometheus_client holds the
             # loop for a moment, which a client's CURVE handshake must not wait behind
@@ -324,13 +324,12 @@ class Peer:
         except BaseException:
             await self._release_resources()
             raise
-        now = self.clock.now()
-        self._last_heard = [now] * self.n_peers
+        self.liveness.started()
         if cfg.sync_interval > 0:
             self._tasks.append(asyncio.create_task(self._sync_loop(), name=f"statefun-mesh peer {self.peer_id} sync"))
         if self.transport is not None:
             self._tasks.append(
-                asyncio.create_task(self._heartbeat_loop(), name=f"statefun-mesh peer {self.peer_id} heartbeat")
+                asyncio.create_task(self.liveness.run(), name=f"statefun-mesh peer {self.peer_id} heartbeat")
             )
         if cfg.block_warning > 0:
             from .watchdog import watch
@@ -965,7 +964,7 @@ class Peer:
             "bad_frames": self.bad_frames + getattr(self.transport, "foreign_frames", 0),
             "refused_connections": getattr(self.transport, "refused_connections", 0),
             "refused_frames": self.refused_frames,
-            "unavailable_peers": [p for p in range(self.n_peers) if not self._alive[p]],
+            "unavailable_peers": self.liveness.unavailable(),
             "next_timer_ms": self._next_due,
             "oversized_dropped": self.oversized_dropped,
             "checkpoints": self._checkpoint_status(),
@@ -1235,7 +1234,7 @@ class Peer:
         kind = body[1]
         if src == 0:
             self._coordinator_generation = max(self._coordinator_generation, gen)
-        self._last_heard[src] = self.clock.now()
+        self.liveness.heard(src)
         if kind in (codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME, codec.RESTORE_FAILED):
             self._on_channel_frame(src, body, gen)
             return
@@ -1451,41 +1450,23 @@ class Peer:
         self._send(0, codec.encode_control(codec.READY, gen), generation=gen)
 
     def _on_heartbeat(self, src: int, items: list[Any]) -> None:
-        if items[0] != src:
+        if not self.liveness.on_heartbeat(src, items):
             self.bad_frames += 1
             self._tlog.error("bad heartbeats", "peer %d: heartbeat on peer %d's channel claims to be from peer %s",
                              self.peer_id, src, items[0])
-            return
-        inc = items[1]
-        if inc != self._incarnations[src]:
-            restarted = bool(self._incarnations[src])
-            self._incarnations[src] = inc
-            if restarted:
-                # what the old process had not granted back is gone with it; on first
-                # contact, by contrast, what was already sent is owed by this very process
-                self._credit[src] = self.config.credit_window
-                self._owed[src] = 0
-                log.warning("peer %d: peer %d restarted", self.peer_id, src)
-                if self.coordinator is not None:
-                    self.coordinator.request_recovery(f"peer {src} restarted")
-            if len(self._out[src]) or self._frames[src]:
-                self._flush_peer(src)
-        if not self._alive[src]:
-            self._alive[src] = True
-            log.warning("peer %d: peer %d is reachable again", self.peer_id, src)
-        lost = self._link_lost[src]
-        if lost is not None:
-            if inc != lost[0]:
-                self._link_lost[src] = None  # it restarted: that restart's recovery covers the link
-            elif self.clock.now() - lost[1] >= 2 * self.config.heartbeat_interval:
-                self._link_lost[src] = None  # (a heartbeat sent before the loss is no proof)
-                self._link_reset(src)
 
-    def _on_link_lost(self, p: int) -> None:
-        """Our connection to peer ``p`` was lost; ZeroMQ makes it again. If ``p`` did not
-        restart (it is heard again with the same incarnation), frames that were in flight
-        on the lost connection may be gone for good: see :meth:`_link_reset`."""
-        self._link_lost[p] = (self._incarnations[p], self.clock.now())
+    def _on_incarnation(self, src: int, restarted: bool) -> None:
+        """Peer ``src`` was heard with a new incarnation (``restarted``: not first contact)."""
+        if restarted:
+            # what the old process had not granted back is gone with it; on first
+            # contact, by contrast, what was already sent is owed by this very process
+            self._credit[src] = self.config.credit_window
+            self._owed[src] = 0
+            log.warning("peer %d: peer %d restarted", self.peer_id, src)
+            if self.coordinator is not None:
+                self.coordinator.request_recovery(f"peer {src} restarted")
+        if len(self._out[src]) or self._frames[src]:
+            self._flush_peer(src)
 
     def _link_reset(self, p: int) -> None:
         """The connection to peer ``p`` was lost and made again while ``p`` kept running
@@ -1502,7 +1483,7 @@ class Peer:
         else:
             # A new incarnation, announced by the next heartbeat, makes the coordinator
             # start a recovery round, as for a restart.
-            self.incarnation = random.getrandbits(48) | 1
+            self.liveness.renew()
 
     def flush_logs(self) -> None:
         """Write the summaries of throttled log lines whose window closed (this peer's, its
@@ -1523,40 +1504,26 @@ class Peer:
             self._trimmed_at = self.batches
             malloc_trim()
 
+    def _queued_for(self, p: int) -> int:
+        """Messages waiting to go to peer ``p``."""
+        return len(self._out[p]) + self._framed[p]
+
     def _check_space(self) -> None:
         if not self._full():
             self._space.set()
 
-    async def _heartbeat_loop(self) -> None:
-        assert self.transport is not None
+    def _heartbeat_tick(self, now: float) -> None:
+        """After each round of heartbeats (liveness.py): repeat READY if need be, flush logs, trim."""
         cfg = self.config
-        last = self.clock.now()
-        while True:
-            if hasattr(self.transport, "flush_logs"):
-                self.transport.flush_logs()
-            frame = codec.encode_control(codec.HEARTBEAT, self.peer_id, self.incarnation)
-            now = self.clock.now()
-            # after this peer's own loop was held (a blocking function), the silence is
-            # ours: give the frames that waited one round to be read before judging others
-            held, last = now - last > cfg.heartbeat_timeout, now
-            for p in range(self.n_peers):
-                if p == self.peer_id:
-                    continue
-                self._send(p, frame)
-                if not held and self._alive[p] and now - self._last_heard[p] > cfg.heartbeat_timeout:
-                    self._alive[p] = False
-                    log.warning(
-                        "peer %d: no word from peer %d for %.1f s; holding its %d outgoing messages until it is back",
-                        self.peer_id, p, now - self._last_heard[p], len(self._out[p]) + self._framed[p],
-                    )  # fmt: skip
-            if (self._recovery_done and not self.resumed and self.coordinator is None and not self._closing
-                    and now - self._ready_sent >= max(cfg.heartbeat_timeout, 4 * cfg.heartbeat_interval)):
-                # restored, READY sent, and still no RESUME: the coordinator answers a repeated
-                # READY of a round it finished with the RESUME this peer missed
-                self._send_ready(self.generation)
-            self.flush_logs()
-            self._maybe_trim()
-            await asyncio.sleep(cfg.heartbeat_interval)
+        if self.transport is not None and hasattr(self.transport, "flush_logs"):
+            self.transport.flush_logs()
+        if (self._recovery_done and not self.resumed and self.coordinator is None and not self._closing
+                and now - self._ready_sent >= max(cfg.heartbeat_timeout, 4 * cfg.heartbeat_interval)):
+            # restored, READY sent, and still no RESUME: the coordinator answers a repeated
+            # READY of a round it finished with the RESUME this peer missed
+            self._send_ready(self.generation)
+        self.flush_logs()
+        self._maybe_trim()
 
     # -- the loop -------------------------------------------------------------------
 
