@@ -30,6 +30,7 @@ from .functions import FunctionSpec
 from .logutil import ThrottledLog
 from .messages import Message
 from .state.lmdb_backend import (
+    KG_PREFIXES,
     MAX_KEY,
     LmdbStateBackend,
     Op,
@@ -67,9 +68,7 @@ REPLY_OK: Final = 0
 REPLY_ERROR: Final = 1
 
 Record = tuple[str, str, str, str, str, bytes, int, int]
-#: the 2-byte big-endian key-group prefix of every state key, precomputed
 _CACHEABLE: Final = frozenset({int, float, str, bool, bytes, type(None)})
-_KG_PREFIX: Final = [kg.to_bytes(2, "big") for kg in range(32768)]
 #: (reply_peer, request_id, status, value_typename or error class, value bytes or error text,
 #: replier typename, replier id)
 Reply = tuple[int, int, int, str, Any, str, str]
@@ -395,7 +394,7 @@ class Dispatcher:
             db_state = self._db_state
             key_group = self._key_group
             maxp = self.max_parallelism
-            kg_prefix = _KG_PREFIX
+            kg_prefix = KG_PREFIXES
             stats, bounds, first = self.stats, LATENCY_BUCKETS, LATENCY_BUCKETS[0]
             t0 = perf_counter()  # chained: one clock read per sync address
             sends = out.sends

@@ -34,7 +34,7 @@ import itertools
 import logging
 import os
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, cast
 
 import lmdb
@@ -51,6 +51,7 @@ __all__ = [
     "write_error",
     "encode_state_value",
     "state_key",
+    "state_key_parts",
     "timer_token_prefix",
 ]
 
@@ -72,8 +73,21 @@ _DUE_KG_SEQ: Final = struct.Struct(">QHQ")
 Op = tuple[Any, ...]
 
 
+#: the first two bytes of every ``state`` key of key group ``kg`` (``KG_PREFIXES[kg]``)
+KG_PREFIXES: Final = [kg.to_bytes(2, "big") for kg in range(32768)]
+
+
+def state_key_parts(typename: str, name: str) -> tuple[bytes, bytes]:
+    """The fixed parts of the ``state`` keys of value ``name`` of type ``typename``:
+    ``(type part, name part)``. A key is ``KG_PREFIXES[kg] + type part + id bytes +
+    name part`` (``id`` UTF-8, surrogates passed) when that is at most ``MAX_KEY``
+    bytes long, else :func:`state_key`'s hashed form; the dispatcher builds keys from
+    these parts on its hot path, :func:`state_key` everywhere else."""
+    return typename.encode() + b"\x00", b"\x00" + name.encode()
+
+
 def state_key(kg: int, typename: str, id: str, name: str) -> bytes:
-    """Return the ``state`` key of one value of one instance."""
+    """Return the ``state`` key of one value of one instance (the layout: see :func:`state_key_parts`)."""
     body = b"%s\x00%s\x00%s" % (typename.encode(), id.encode("utf-8", "surrogatepass"), name.encode())
     if len(body) + 2 <= MAX_KEY:
         return _KG.pack(kg) + body
@@ -141,6 +155,40 @@ def write_error(what: str, path: str, exc: Exception, remedy: str) -> StateBacke
             f"state_dir to a larger one; {remedy}"
         )
     return StateBackendError(f"writing to {what} at {path} failed: {text}; check the disk (dmesg); {remedy}")
+
+
+def write_growing(
+    env: lmdb.Environment,
+    write: Callable[[lmdb.Transaction], object],
+    *,
+    what: str,
+    path: str,
+    max_size: int,
+    full: str,
+    remedy: str,
+) -> None:
+    """Run ``write`` in one write transaction of ``env``, doubling the map while it does not
+    fit: the one grow-and-retry loop of every LMDB file of a peer (state store, ingress
+    log, inbox spill).
+
+    Raises:
+        StateCapacityError: the map would grow past ``max_size`` (its message: ``full``,
+            with the size reached put in for ``{mib}``), or the disk is full; nothing was written.
+        StateBackendError: any other LMDB failure (with ``remedy``); nothing was written.
+    """
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                write(txn)
+            return
+        except lmdb.MapFullError as exc:
+            size = env.info()["map_size"]
+            if size * 2 > max_size:
+                raise StateCapacityError(full.format(mib=size >> 20)) from exc
+            log.info("%s map full at %d MiB; growing to %d MiB", what, size >> 20, size >> 19)
+            env.set_mapsize(size * 2)
+        except lmdb.Error as exc:
+            raise write_error(what, path, exc, remedy) from exc
 
 
 class LmdbStateBackend:
@@ -312,25 +360,13 @@ class LmdbStateBackend:
         """
         if not ops:
             return
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    self._apply(txn, ops)
-                return
-            except lmdb.MapFullError as exc:
-                size = self.env.info()["map_size"]
-                if size * 2 > self.max_map_size:
-                    raise StateCapacityError(
-                        f"the state store at {self.path} is full at its size limit "
-                        f"({size >> 20} MiB); raise max_map_size or delete state"
-                    ) from exc
-                log.info("state store map full at %d MiB; growing to %d MiB", size >> 20, size >> 19)
-                self.env.set_mapsize(size * 2)
-            except lmdb.Error as exc:
-                raise write_error(
-                    "the state store", self.path, exc,
-                    "nothing of the batch was applied; the peer retries it with backoff and goes on by itself",
-                ) from exc  # fmt: skip
+        write_growing(
+            self.env, lambda txn: self._apply(txn, ops), what="the state store", path=self.path,
+            max_size=self.max_map_size,
+            full=f"the state store at {self.path} is full at its size limit ({{mib}} MiB); raise max_map_size or "
+            "delete state",
+            remedy="nothing of the batch was applied; the peer retries it with backoff and goes on by itself",
+        )  # fmt: skip
 
     def _apply(self, txn: lmdb.Transaction, ops: Sequence[Op]) -> None:
         dbs = self._dbs
