@@ -15,8 +15,6 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from . import _aio, _speedups
 from .client_host import check_request_timeout
 from .clock import Clock, SystemClock
@@ -47,6 +45,7 @@ from .spill import Spill
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
 from .transport.base import Transport
+from .transport.factory import open_transport
 
 if TYPE_CHECKING:
     import lmdb
@@ -60,28 +59,6 @@ if TYPE_CHECKING:
 __all__ = ["Peer", "check_request_timeout", "open_transport"]
 
 log = logging.getLogger("statefun_mesh.peer")
-
-
-def open_transport(config: MeshConfig, peer_id: int) -> Transport:
-    """Create the transport that ``config.endpoints`` name (by URL scheme)."""
-    eps = list(config.endpoints)
-    if all(ep.startswith("memory://") for ep in eps):
-        from .transport.memory import InMemoryTransport
-
-        hub = eps[0][len("memory://") :].rsplit("/", 1)[0]
-        return InMemoryTransport(hub, peer_id, config.peers)
-    if any(ep.startswith("memory://") for ep in eps):
-        raise ConfigError("memory:// endpoints cannot be mixed with ZeroMQ endpoints: use one kind for every peer",
-                          key="endpoints")
-    from .transport.zeromq import ZmqTransport
-
-    # ZMTP pings drop a connection to an address nobody answers at any more (a host gone
-    # without closing its connections, a peer moved elsewhere under the same name).
-    heartbeat = (config.heartbeat_interval, 3 * config.heartbeat_timeout)
-    if config.curve:
-        return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes, heartbeat=heartbeat,
-                            keys=config.keypair(peer_id), peer_keys=config.peer_public_keys())  # fmt: skip
-    return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes, heartbeat=heartbeat)
 
 
 class Peer:
@@ -1191,7 +1168,7 @@ class Peer:
             replies = self._out_replies[p]
             if replies:
                 self._out_replies[p] = []
-                for frame in _reply_frames(replies, self._frame_limit):
+                for frame in codec.encode_reply_frames(replies, self._frame_limit):
                     self._send(p, frame)
 
     def _grant_credits(self) -> None:
@@ -1722,36 +1699,6 @@ _PEER_KINDS = frozenset(
     }
 )
 _GEN = struct.Struct(">I")
-
-
-def _reply_frames(replies: list[Any], limit: int) -> list[bytes]:
-    """``REPLIES`` frames for ``replies``, each at most ``limit`` bytes (a reply that is
-    larger alone was refused when it was made: ``context.reply`` checks its size)."""
-    head = bytes((_speedups.FRAME_VERSION, codec.REPLIES)) + b"\x91"  # [[reply, ...]]
-    frames: list[bytes] = []
-    parts: list[bytes] = []
-    size = 0
-    for reply in replies:
-        part = msgpack.packb(reply, use_bin_type=True)
-        if parts and len(head) + 5 + size + len(part) > limit:
-            frames.append(_replies_frame(head, parts))
-            parts, size = [], 0
-        parts.append(part)
-        size += len(part)
-    if parts:
-        frames.append(_replies_frame(head, parts))
-    return frames
-
-
-def _replies_frame(head: bytes, parts: list[bytes]) -> bytes:
-    n = len(parts)
-    if n < 16:
-        count = bytes((0x90 | n,))  # fixarray
-    elif n < 0x10000:
-        count = b"\xdc" + n.to_bytes(2, "big")  # array16
-    else:
-        count = b"\xdd" + n.to_bytes(4, "big")  # array32
-    return b"".join((head, count, *parts))
 
 
 #: frames only the coordinator (peer 0) sends
