@@ -1,4 +1,14 @@
-"""Peer: wires config, transport, routing, state, dispatch, timers and egress; one loop, one core."""
+"""Peer: wires config, transport, routing, state, dispatch, timers and egress; one loop, one core.
+
+The one place that wires a peer's parts (docs/architecture.md §2a): it owns the batch
+loop, routing and credit (the inbox and spill, the outgoing encoders and frames per
+peer), admission of client messages (the ingress log writer, requests), and the
+recovery timeline (halt, restore, replay, resume); it hands the other parts only what
+they need: :class:`~statefun_mesh.egress.EgressLogs` (egress readers),
+:class:`~statefun_mesh.liveness.Liveness` (heartbeats), the dispatcher (one batch), the
+state store, and the snapshot code, which sees it through the protocols of
+``snapshot/host.py``; the client endpoint sees it through ``client_host.ClientHost``.
+"""
 
 from __future__ import annotations
 

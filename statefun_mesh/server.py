@@ -1,4 +1,9 @@
-"""The client endpoint of a peer: a ZeroMQ ROUTER serving MeshClient and the CLI."""
+"""The client endpoint of a peer: a ZeroMQ ROUTER serving MeshClient and the CLI.
+
+Owns: the client socket, decoding and answering client frames, the sends parked while the
+peer is full, and the egress readers' positions. It reaches its peer only through
+:class:`~statefun_mesh.client_host.ClientHost` (not ``Peer``: no import cycle).
+"""
 
 from __future__ import annotations
 
