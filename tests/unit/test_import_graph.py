@@ -105,3 +105,45 @@ def test_the_package_has_no_import_cycles() -> None:
     assert "statefun_mesh.dispatch" in graph["statefun_mesh.peer"]  # the walk sees imports
     assert _cycles(graph) == [], "import cycles between these modules"
 
+
+
+def _protocol_members(cls_name: str) -> set[str]:
+    tree = ast.parse((PKG / "snapshot" / "host.py").read_text(encoding="utf-8"))
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls_name]
+    return {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def _host_uses(path: Path, names: set[str]) -> tuple[set[str], list[str]]:
+    """Attributes read of the peer handle (``self.<name>`` or a local bound to it) and
+    every assignment to one of its attributes."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    locals_: set[str] = set()
+    for node in ast.walk(tree):  # `peer = self.host` and the like
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute) and node.value.attr in names
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):  # fmt: skip
+            locals_.update(t.id for t in node.targets if isinstance(t, ast.Name))
+
+    def is_handle(node: ast.expr) -> bool:
+        if isinstance(node, ast.Name):
+            return node.id in locals_
+        return (isinstance(node, ast.Attribute) and node.attr in names and isinstance(node.value, ast.Name)
+                and node.value.id == "self")  # fmt: skip
+
+    used: set[str] = set()
+    writes: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and is_handle(node.value):
+            used.add(node.attr)
+            if isinstance(node.ctx, ast.Store):
+                writes.append(f"{path.name}:{node.lineno} {node.attr}")
+    return used, writes
+
+
+def test_the_snapshot_code_reaches_the_peer_only_through_its_protocols() -> None:
+    snap = PKG / "snapshot"
+    used, writes = _host_uses(snap / "participant.py", {"host", "peer"})
+    assert used and used <= _protocol_members("CheckpointHost"), used - _protocol_members("CheckpointHost")
+    assert not writes, writes
+    used, writes = _host_uses(snap / "coordinator.py", {"peer"})
+    assert used and used <= _protocol_members("RecoveryHost"), used - _protocol_members("RecoveryHost")
+    assert not writes, writes
