@@ -15,10 +15,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import itertools
 import logging
 import os
-import random
 import shutil
 import struct
 import time
@@ -29,7 +27,7 @@ from . import _aio, _speedups
 from .client_host import check_request_timeout
 from .clock import Clock, SystemClock
 from .config import MeshConfig
-from .dispatch import BATCH_BUCKETS, REPLY_OK, BatchOutcome, Dispatcher, Record, TypeStats
+from .dispatch import BATCH_BUCKETS, BatchOutcome, Dispatcher, Record, TypeStats
 from .egress import EgressLogs
 from .errors import (
     BlobNotFoundError,
@@ -39,8 +37,6 @@ from .errors import (
     ConfigError,
     FrameDecodeError,
     FunctionNotFoundError,
-    InvocationError,
-    MeshBusyError,
     MessageTooLargeError,
     RequestTimeoutError,
     StateBackendError,
@@ -51,6 +47,7 @@ from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
 from .memory import RECORD_OVERHEAD, malloc_trim, records_bytes
 from .messages import EgressRecord, Message
+from .replies import PendingRequests
 from .spill import Spill
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
@@ -168,9 +165,8 @@ class Peer:
         self._space.set()
         self._idle = asyncio.Event()
         self._closed_event = asyncio.Event()
-        self._requests: dict[int, asyncio.Future[Message]] = {}
-        # random start: a restarted peer never reuses an id an old request chain may carry
-        self._request_ids = itertools.count(random.getrandbits(40) + 1)
+        #: requests waiting for their replies (replies.py)
+        self.requests = PendingRequests(peer_id, config.max_pending_requests, self.table)
         self._next_due: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -438,10 +434,7 @@ class Peer:
             self.blobs = None
 
     def _fail_requests(self, exc: Exception) -> None:
-        for fut in self._requests.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self._requests.clear()
+        self.requests.fail_all(exc)
 
     # -- recovery (driven by the coordinator, see snapshot/coordinator.py) -------------
 
@@ -846,16 +839,10 @@ class Peer:
         """:meth:`request` for a message given as its parts (used by the client server)."""
         self._check(typename)
         check_request_timeout(timeout, self.config.max_request_timeout)
-        rid = next(self._request_ids)
+        rid = self.requests.next_id()
         rec = (typename, id, "", "", vt, value, self.peer_id, rid)
         self.check_message(rec)
-        if len(self._requests) >= self.config.max_pending_requests:
-            raise MeshBusyError(
-                f"peer {self.peer_id} already holds {len(self._requests)} requests waiting for replies "
-                f"(max_pending_requests); retry once some are answered"
-            )
-        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._requests[rid] = fut
+        fut = self.requests.open(rid)
         try:
             await self.submit(rec, durable=False)
             try:
@@ -866,7 +853,7 @@ class Peer:
                     "does the function call context.reply()?"
                 ) from None
         finally:
-            self._requests.pop(rid, None)
+            self.requests.close(rid)
 
     # -- egress (egress.py) ---------------------------------------------------------------
 
@@ -1663,15 +1650,7 @@ class Peer:
             self.egress_logs.committed(out.egress)
 
     def _resolve(self, rid: int, status: int, kind: str, value: Any, r_type: str, r_id: str) -> None:
-        fut = self._requests.get(rid)
-        if fut is None or fut.done():
-            return  # an answer after the first, or after the requester gave up
-        if status == REPLY_OK:
-            fut.set_result(Message(r_type, r_id, kind, value))
-        elif kind == "FunctionNotFoundError":
-            fut.set_exception(FunctionNotFoundError(value, list(self.table)))
-        else:
-            fut.set_exception(InvocationError(f"{r_type}/{r_id}", value))
+        self.requests.resolve(rid, status, kind, value, r_type, r_id)
 
     async def _sync_loop(self) -> None:
         while True:
