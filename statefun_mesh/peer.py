@@ -43,6 +43,7 @@ from .errors import (
     StatefunMeshError,
 )
 from .functions import StatefulFunctions, merge_functions
+from .ingress_writer import IngressWriter
 from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
 from .memory import RECORD_OVERHEAD, malloc_trim, records_bytes
@@ -192,17 +193,16 @@ class Peer:
         self.egress_logs = EgressLogs(peer_id, bool(config.blob_store), config.egress_immediate,
                                       store=lambda: self.backend, generation=lambda: self.generation,
                                       closing=lambda: self._closing)  # fmt: skip
-        self._ingress_batch: list[tuple[Record, asyncio.Future[None]]] = []
-        self._ingress_task: asyncio.Task[None] | None = None
-        self._ingress_writing = 0  # messages in the ingress append under way
+        #: group commit of client messages into the ingress log (ingress_writer.py)
+        self.ingress_writer = IngressWriter(peer_id, lambda: self.ingress, lambda: self.generation,
+                                            lambda: self.resumed, lambda recs: self._route(recs, from_client=True),
+                                            self._check_space, self._tlog)  # fmt: skip
         self._recovery_task: asyncio.Task[None] | None = None
         self._recovery_done = False
         #: when this peer last sent READY for its generation (it repeats it until RESUME)
         self._ready_sent = 0.0
         self._next_purge = 0
         self._purge_from = b""
-        #: ingress log offset up to which messages have been routed into the mesh
-        self.ingress_routed = 0
         #: checkpoints this peer could not write (its upload failed), and the newest failure
         self.checkpoint_failures = 0
         self._checkpoint_error: tuple[int, str] | None = None
@@ -398,7 +398,8 @@ class Peer:
             await self._closed_event.wait()
             return
         self._closing = True
-        tasks = [t for t in (self._loop_task, self._ingress_task, self._recovery_task, *self._tasks) if t is not None]
+        tasks = [t for t in (self._loop_task, self.ingress_writer.task, self._recovery_task, *self._tasks)
+                 if t is not None]
         try:
             if self.coordinator is not None:
                 await self.coordinator.aclose()
@@ -473,10 +474,9 @@ class Peer:
                 "the mesh is recovering from a failure; the request may not have been applied: retry it"
             )
         )
-        if self._ingress_task is not None and not self._ingress_task.done():
-            # an append in progress ends unrouted (the generation changed); the replay
-            # below must see it in the log
-            await asyncio.wait({self._ingress_task})
+        # an append in progress ends unrouted (the generation changed); the replay
+        # below must see it in the log
+        await self.ingress_writer.settle()
         t0 = self.clock.now()
         await self.participant.restore(manifest)
         self.last_recovery_seconds = self.clock.now() - t0
@@ -534,7 +534,7 @@ class Peer:
             self._route([tuple(rec) for _, rec in entries])
             replayed += len(entries)
             position = entries[-1][0] + 1
-        self.ingress_routed = self.ingress.next_offset
+        self.ingress_writer.routed = self.ingress.next_offset
         if replayed:
             log.info("peer %d: replaying %d messages from its ingress log", self.peer_id, replayed)
 
@@ -658,7 +658,7 @@ class Peer:
 
     def routed_ingress_position(self) -> int:
         """The ingress log offset up to which client messages are routed (0: no ingress log)."""
-        return self.ingress_routed if self.ingress is not None else 0
+        return self.ingress_writer.routed if self.ingress is not None else 0
 
     def ingress_log(self) -> IngressLog | None:
         """This peer's ingress log (``None`` without checkpoints, or once closed)."""
@@ -696,7 +696,7 @@ class Peer:
         """Messages queued here: the local inbox plus what waits to go to other peers."""
         return (
             len(self._inbox) + sum(len(e) for e in self._out) + sum(self._framed)
-            + len(self._ingress_batch) + self._ingress_writing + (self._spill.count if self._spill else 0)
+            + self.ingress_writer.queued + (self._spill.count if self._spill else 0)
             + (self.dispatcher.queued if self.dispatcher is not None else 0)
         )  # fmt: skip
 
@@ -740,11 +740,7 @@ class Peer:
         """
         self.check_message(rec)
         if durable and self.ingress is not None:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._ingress_batch.append((rec, fut))
-            if self._ingress_task is None or self._ingress_task.done():
-                self._ingress_task = asyncio.create_task(self._ingress_writer())
-            return fut
+            return self.ingress_writer.add(rec)
         self._route([rec], from_client=True)
         return None
 
@@ -765,36 +761,6 @@ class Peer:
                 await self._space.wait()
                 continue
             break
-
-    async def _ingress_writer(self) -> None:
-        # Group commit: every message admitted while one append is in flight goes into
-        # the next append, so one fsync covers many acknowledgements.
-        while self._ingress_batch and self.ingress is not None:
-            batch, self._ingress_batch = self._ingress_batch, []
-            gen = self.generation
-            records = [r for r, _ in batch]
-            self._ingress_writing = len(records)
-            try:
-                await asyncio.to_thread(self.ingress.append, records)
-            except StatefunMeshError as exc:
-                self._ingress_writing = 0
-                self._check_space()
-                self._tlog.error("failed ingress appends", "peer %d: could not log %d client messages: %s",
-                                 self.peer_id, len(records), exc)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            self._ingress_writing = 0
-            if self.generation == gen and self.resumed:
-                self._route(records, from_client=True)
-                # only now are these messages in the mesh: a snapshot cut from here on covers them
-                self.ingress_routed = self.ingress.next_offset
-            else:
-                self._check_space()  # a recovery began meanwhile: its replay of the log delivers them
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
 
     async def send(self, message: Message, idempotency_key: str | None = None) -> None:
         """Send ``message`` to its target instance, on whichever peer owns it.
