@@ -32,7 +32,7 @@ debug:
 	STATEFUN_MESH_CYTHON_TRACE=1 $(PY) -m pip install -e . --no-build-isolation
 
 lint:
-	ruff check statefun_mesh tests bench examples
+	$(PY) -m ruff check statefun_mesh tests bench examples
 	$(PY) -m mypy
 
 demo:

@@ -14,8 +14,6 @@ from .context import Context as Context
 from .dispatch import DEAD_LETTERS as DEAD_LETTERS
 from .egress_io import KafkaEgressRecord as KafkaEgressRecord
 from .egress_io import KinesisEgressRecord as KinesisEgressRecord
-from .egress_io import kafka_egress_message as kafka_egress_message
-from .egress_io import kinesis_egress_message as kinesis_egress_message
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
 from .functions import StatefulFunctions as StatefulFunctions
@@ -26,6 +24,8 @@ from .messages import EgressRecord as EgressRecord
 from .messages import Message as Message
 from .messages import TypedValue as TypedValue
 from .messages import egress_message_builder as egress_message_builder
+from .messages import kafka_egress_message as kafka_egress_message
+from .messages import kinesis_egress_message as kinesis_egress_message
 from .messages import message_builder as message_builder
 from .offload import in_thread as in_thread
 from .peer import Peer as Peer

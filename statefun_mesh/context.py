@@ -121,7 +121,6 @@ class Context:
     """
 
     __slots__ = (
-        "_cancels",
         "_delayed",
         "_egress",
         "_limit",
@@ -151,7 +150,6 @@ class Context:
         self._sends: list[tuple[str, str, str, str, str, bytes, int, int]] | None = None
         #: (delay, record, cancellation token) in call order; cancellations interleave here too.
         self._delayed: list[tuple[Any, ...]] | None = None
-        self._cancels = False
         self._egress: list[tuple[str, str, bytes]] | None = None
         self._reply: tuple[str, bytes] | None = None
         #: the largest message the mesh admits (max_message_bytes; 0: unchecked)

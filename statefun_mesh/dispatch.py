@@ -18,7 +18,7 @@ import traceback
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from time import perf_counter
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgpack
 
@@ -30,6 +30,7 @@ from .functions import FunctionSpec
 from .logutil import ThrottledLog
 from .messages import Message
 from .state.lmdb_backend import (
+    KG_PREFIXES,
     MAX_KEY,
     LmdbStateBackend,
     Op,
@@ -67,9 +68,7 @@ REPLY_OK: Final = 0
 REPLY_ERROR: Final = 1
 
 Record = tuple[str, str, str, str, str, bytes, int, int]
-#: the 2-byte big-endian key-group prefix of every state key, precomputed
 _CACHEABLE: Final = frozenset({int, float, str, bool, bytes, type(None)})
-_KG_PREFIX: Final = [kg.to_bytes(2, "big") for kg in range(32768)]
 #: (reply_peer, request_id, status, value_typename or error class, value bytes or error text,
 #: replier typename, replier id)
 Reply = tuple[int, int, int, str, Any, str, str]
@@ -77,6 +76,8 @@ Reply = tuple[int, int, int, str, Any, str, str]
 #: upper bounds (seconds) of the invocation latency histogram's buckets (Prometheus ``le``)
 LATENCY_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                           1.0, 2.5, 5.0, 10.0)  # fmt: skip
+#: upper bounds of the batch size histogram's buckets (messages per batch; metrics.py)
+BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 class TypeStats:
@@ -389,11 +390,11 @@ class Dispatcher:
         touched: list[list[Cell]] = []
         with self.backend.read() as txn:
             self._txn = txn
-            get = txn.get
+            get = cast("Callable[..., bytes | None]", txn.get)  # the store returns bytes (no buffers=True)
             db_state = self._db_state
             key_group = self._key_group
             maxp = self.max_parallelism
-            kg_prefix = _KG_PREFIX
+            kg_prefix = KG_PREFIXES
             stats, bounds, first = self.stats, LATENCY_BUCKETS, LATENCY_BUCKETS[0]
             t0 = perf_counter()  # chained: one clock read per sync address
             sends = out.sends
@@ -494,8 +495,8 @@ class Dispatcher:
                         ops.append(("put", "state", cell.key, encode_state_value(cell.vt, cell.data, cell.expire)))  # type: ignore[arg-type]
         if self._saved[0] != self._timer_seq:
             ops.append(("put", "meta", b"timer_seq", pack_u64(self._timer_seq)))
-        for key, seq in self._egress_seq.items():
-            ops.append(("put", "state", key, encode_state_value(EGRESS_SEQ_TYPE, pack_u64(seq), 0)))
+        for seq_key, seq in self._egress_seq.items():
+            ops.append(("put", "state", seq_key, encode_state_value(EGRESS_SEQ_TYPE, pack_u64(seq), 0)))
         return out
 
     async def _start(self, starting: list[_Running], now_ms: int, out: BatchOutcome) -> None:
@@ -645,7 +646,7 @@ class Dispatcher:
         if not writes:
             return []
         cells = storage._cells
-        result = []
+        result: list[tuple[Cell, Any, bytes | None]] = []
         for name, value in writes.items():
             cell = cells[name]
             if value is DELETED:

@@ -1,6 +1,8 @@
-"""Kafka and Kinesis egress records: StateFun's builders and their decoded form.
+"""Kafka and Kinesis egress records: their wire format and their decoded form.
 
-``kafka_egress_message`` and ``kinesis_egress_message`` build the same bytes as the
+This module owns the record format; the builders ``kafka_egress_message`` and
+``kinesis_egress_message`` are in messages.py (with the other message builders, so
+that this module does not import messages.py, which decodes with it). They build the same bytes as the
 official SDK: an :class:`~statefun_mesh.EgressMessage` whose value is StateFun's
 ``io.statefun.sdk.egress.KafkaProducerRecord`` (``key = 1``, ``value_bytes = 2``,
 ``topic = 3``) or ``KinesisEgressRecord`` (``partition_key = 1``, ``value_bytes = 2``,
@@ -21,8 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from . import valuetypes as _vt
-from .address import parse_typename
-from .messages import EgressMessage
 
 __all__ = [
     "KAFKA_PRODUCER_RECORD_TYPENAME",
@@ -31,8 +31,6 @@ __all__ = [
     "KafkaProducerRecordType",
     "KinesisEgressRecord",
     "KinesisEgressRecordType",
-    "kafka_egress_message",
-    "kinesis_egress_message",
 ]
 
 KAFKA_PRODUCER_RECORD_TYPENAME: Final = "type.googleapis.com/io.statefun.sdk.egress.KafkaProducerRecord"
@@ -188,72 +186,3 @@ def _value_bytes(value: Any, value_type: _vt.Type | None, kafka: bool) -> bytes:
     if kafka and isinstance(value, float):
         return struct.pack(">d", value)  # Kafka's DoubleSerializer
     raise TypeError(f"Unable to convert value to bytes: {type(value).__name__}; pass value_type")
-
-
-def kafka_egress_message(
-    typename: str,
-    topic: str,
-    value: str | bytes | bytearray | int | float | Any,
-    value_type: _vt.Type | None = None,
-    key: str | None = None,
-) -> EgressMessage:
-    """Build a record for a Kafka egress (StateFun's ``kafka_egress_message``).
-
-    Args:
-        typename: the egress, ``"namespace/name"``.
-        topic: the destination topic.
-        value: the value; with ``value_type`` serialized by it, else a ``str`` (UTF-8),
-            ``bytes``/``bytearray``, ``int`` (4 bytes big-endian, Kafka's
-            ``IntegerSerializer``) or ``float`` (8 bytes big-endian, ``DoubleSerializer``).
-        value_type: the value's type, optional.
-        key: the record key, optional.
-
-    Raises:
-        ValueError: no topic, no value, or a malformed egress type name.
-        TypeError: a value of another type without ``value_type``.
-    """
-    parse_typename(typename)
-    if not topic:
-        raise ValueError("A destination Kafka topic is missing")
-    if value is None:
-        raise ValueError("Missing value")
-    record = KafkaEgressRecord(topic=topic, key=key or "", value=_value_bytes(value, value_type, kafka=True))
-    return EgressMessage(typename, KAFKA_PRODUCER_RECORD_TYPENAME, _encode_kafka(record))
-
-
-def kinesis_egress_message(
-    typename: str,
-    stream: str,
-    value: str | bytes | bytearray | Any,
-    partition_key: str,
-    value_type: _vt.Type | None = None,
-    explicit_hash_key: str | None = None,
-) -> EgressMessage:
-    """Build a record for a Kinesis egress (StateFun's ``kinesis_egress_message``).
-
-    Args:
-        typename: the egress, ``"namespace/name"``.
-        stream: the destination stream.
-        value: the value; with ``value_type`` serialized by it, else ``str`` (UTF-8) or bytes.
-        partition_key: the partition key.
-        value_type: the value's type, optional.
-        explicit_hash_key: the explicit hash key, optional.
-
-    Raises:
-        ValueError: no stream, no value, no partition key, or a malformed egress type name.
-        TypeError: a value of another type without ``value_type``.
-    """
-    parse_typename(typename)
-    if not stream:
-        raise ValueError("Missing destination Kinesis stream")
-    if value is None:
-        raise ValueError("Missing value")
-    if partition_key is None:
-        raise ValueError("Missing partition key")
-    record = KinesisEgressRecord(
-        stream=stream,
-        partition_key=partition_key,
-        explicit_hash_key=explicit_hash_key or "",
-        value=_value_bytes(value, value_type, kafka=False),
-    )
-    return EgressMessage(typename, KINESIS_EGRESS_RECORD_TYPENAME, _encode_kinesis(record))

@@ -34,6 +34,7 @@ __all__ = [
     "StatefunMeshError",
     "TransportError",
     "TypeNameError",
+    "UnmappableMessage",
 ]
 
 
@@ -142,7 +143,8 @@ class TransportError(StatefunMeshError):
 
 
 class PeerUnavailableError(TransportError):
-    """A peer is unreachable or stopped answering heartbeats.
+    """A peer is unreachable or stopped answering heartbeats (reserved: public API, not raised yet;
+    an unreachable peer's messages wait for it, see ``status()["unavailable_peers"]``).
 
     Attributes:
         peer_id: the peer's index.
@@ -174,7 +176,8 @@ class SnapshotError(StatefunMeshError):
 
 
 class SnapshotAbortedError(SnapshotError):
-    """A checkpoint was aborted before it completed."""
+    """A checkpoint was aborted before it completed (reserved: public API, not raised yet; an
+    aborted checkpoint is logged and the last complete one stays in force)."""
 
 
 class SnapshotNotFoundError(SnapshotError, LookupError):
@@ -184,6 +187,10 @@ class SnapshotNotFoundError(SnapshotError, LookupError):
 class IncompatibleSnapshotError(SnapshotError):
     """A checkpoint cannot be restored by this mesh (another ``max_parallelism``, another
     number of peers, another format): the peer refuses to start rather than fall back."""
+
+
+class UnmappableMessage(StatefunMeshError, ValueError):
+    """A connector's message (NATS, ...) that cannot become a mesh message; ``str(exc)`` says why."""
 
 
 class BlobStoreError(StatefunMeshError):

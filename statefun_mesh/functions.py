@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any, Final
 
 from .address import parse_typename
+from .state.lmdb_backend import state_key_parts
 from .valuetypes import Type
 
 __all__ = ["FunctionSpec", "StatefulFunctions", "StorageSpec", "ValueSpec", "merge_functions"]
@@ -118,9 +119,8 @@ class FunctionSpec:
         self.is_async = inspect.iscoroutinefunction(fun)
         #: (name, milliseconds, after_call) for every spec with a TTL.
         self.ttl_ms = [(s.name, s.duration, s.after_call) for s in specs if s.duration]
-        #: (name, type, typename + NUL, NUL + name): the parts of each state key (see state.lmdb_backend)
-        tprefix = typename.encode() + b"\x00"
-        self.key_parts = [(s.name, s.type, tprefix, b"\x00" + s.name.encode()) for s in specs]
+        #: (name, type, type part, name part): the parts of each state key (state_key_parts)
+        self.key_parts = [(s.name, s.type, *state_key_parts(typename, s.name)) for s in specs]
 
 
 def _check_signature(typename: str, fun: Callable[..., Any]) -> None:

@@ -18,8 +18,8 @@ from typing import Any, Final
 import lmdb
 import msgpack
 
-from .errors import StateBackendError, StateCapacityError
-from .state.lmdb_backend import write_error
+from .errors import StateBackendError
+from .state.lmdb_backend import write_error, write_growing
 
 __all__ = ["IngressLog"]
 
@@ -59,26 +59,18 @@ class IngressLog:
         """
         first = self.next_offset
         items = [(_U64.pack(first + i), msgpack.packb(list(r), use_bin_type=True)) for i, r in enumerate(records)]
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for k, v in items:
-                        txn.put(k, v, append=True)
-                break
-            except lmdb.MapFullError as exc:
-                size = self.env.info()["map_size"]
-                if size * 2 > self.max_map_size:
-                    raise StateCapacityError(
-                        f"the ingress log at {self.path} is full at its size limit ({size >> 20} MiB); "
-                        "let checkpoints complete: they trim the log"
-                    ) from exc
-                self.env.set_mapsize(size * 2)
-            except lmdb.Error as exc:
-                raise write_error(
-                    "the ingress log", self.path, exc,
-                    "client sends are refused meanwhile (nothing of them was logged; retry them with the "
-                    "same idempotency key) and accepted again once the log can be written",
-                ) from exc  # fmt: skip
+
+        def write(txn: lmdb.Transaction) -> None:
+            for k, v in items:
+                txn.put(k, v, append=True)
+
+        write_growing(
+            self.env, write, what="the ingress log", path=self.path, max_size=self.max_map_size,
+            full=f"the ingress log at {self.path} is full at its size limit ({{mib}} MiB); let checkpoints "
+            "complete: they trim the log",
+            remedy="client sends are refused meanwhile (nothing of them was logged; retry them with the "
+            "same idempotency key) and accepted again once the log can be written",
+        )  # fmt: skip
         self.next_offset = first + len(items)
         return first
 

@@ -6,6 +6,17 @@ from typing import Any
 
 from . import valuetypes as vt
 from .address import check_id, parse_typename
+from .egress_io import (
+    KAFKA_PRODUCER_RECORD_TYPENAME,
+    KINESIS_EGRESS_RECORD_TYPENAME,
+    KafkaEgressRecord,
+    KafkaProducerRecordType,
+    KinesisEgressRecord,
+    KinesisEgressRecordType,
+    _encode_kafka,
+    _encode_kinesis,
+    _value_bytes,
+)
 
 __all__ = [
     "EgressMessage",
@@ -13,6 +24,8 @@ __all__ = [
     "Message",
     "TypedValue",
     "egress_message_builder",
+    "kafka_egress_message",
+    "kinesis_egress_message",
     "message_builder",
     "typed_value_from_kwargs",
 ]
@@ -121,8 +134,6 @@ class _Accessors:
 
     def as_kafka(self) -> Any:
         """Decode a Kafka egress record: a :class:`~statefun_mesh.egress_io.KafkaEgressRecord`."""
-        from .egress_io import KafkaProducerRecordType
-
         return self.as_type(KafkaProducerRecordType)
 
     def is_kinesis(self) -> bool:
@@ -131,8 +142,6 @@ class _Accessors:
 
     def as_kinesis(self) -> Any:
         """Decode a Kinesis egress record: a :class:`~statefun_mesh.egress_io.KinesisEgressRecord`."""
-        from .egress_io import KinesisEgressRecordType
-
         return self.as_type(KinesisEgressRecordType)
 
 
@@ -300,3 +309,72 @@ def egress_message_builder(target_typename: str, value: Any, value_type: vt.Type
     if not isinstance(value_type, vt.Type):
         raise TypeError(f"value_type must be a statefun_mesh Type, got {type(value_type).__name__}")
     return EgressMessage(target_typename, value_type.typename, value_type.serializer().serialize(value))
+
+
+def kafka_egress_message(
+    typename: str,
+    topic: str,
+    value: str | bytes | bytearray | int | float | Any,
+    value_type: vt.Type | None = None,
+    key: str | None = None,
+) -> EgressMessage:
+    """Build a record for a Kafka egress (StateFun's ``kafka_egress_message``).
+
+    Args:
+        typename: the egress, ``"namespace/name"``.
+        topic: the destination topic.
+        value: the value; with ``value_type`` serialized by it, else a ``str`` (UTF-8),
+            ``bytes``/``bytearray``, ``int`` (4 bytes big-endian, Kafka's
+            ``IntegerSerializer``) or ``float`` (8 bytes big-endian, ``DoubleSerializer``).
+        value_type: the value's type, optional.
+        key: the record key, optional.
+
+    Raises:
+        ValueError: no topic, no value, or a malformed egress type name.
+        TypeError: a value of another type without ``value_type``.
+    """
+    parse_typename(typename)
+    if not topic:
+        raise ValueError("A destination Kafka topic is missing")
+    if value is None:
+        raise ValueError("Missing value")
+    record = KafkaEgressRecord(topic=topic, key=key or "", value=_value_bytes(value, value_type, kafka=True))
+    return EgressMessage(typename, KAFKA_PRODUCER_RECORD_TYPENAME, _encode_kafka(record))
+
+
+def kinesis_egress_message(
+    typename: str,
+    stream: str,
+    value: str | bytes | bytearray | Any,
+    partition_key: str,
+    value_type: vt.Type | None = None,
+    explicit_hash_key: str | None = None,
+) -> EgressMessage:
+    """Build a record for a Kinesis egress (StateFun's ``kinesis_egress_message``).
+
+    Args:
+        typename: the egress, ``"namespace/name"``.
+        stream: the destination stream.
+        value: the value; with ``value_type`` serialized by it, else ``str`` (UTF-8) or bytes.
+        partition_key: the partition key.
+        value_type: the value's type, optional.
+        explicit_hash_key: the explicit hash key, optional.
+
+    Raises:
+        ValueError: no stream, no value, no partition key, or a malformed egress type name.
+        TypeError: a value of another type without ``value_type``.
+    """
+    parse_typename(typename)
+    if not stream:
+        raise ValueError("Missing destination Kinesis stream")
+    if value is None:
+        raise ValueError("Missing value")
+    if partition_key is None:
+        raise ValueError("Missing partition key")
+    record = KinesisEgressRecord(
+        stream=stream,
+        partition_key=partition_key,
+        explicit_hash_key=explicit_hash_key or "",
+        value=_value_bytes(value, value_type, kafka=False),
+    )
+    return EgressMessage(typename, KINESIS_EGRESS_RECORD_TYPENAME, _encode_kinesis(record))

@@ -77,8 +77,7 @@ class PeerCollector:
         )
 
         from . import _speedups
-        from .dispatch import LATENCY_BUCKETS
-        from .peer import BATCH_BUCKETS
+        from .dispatch import BATCH_BUCKETS, LATENCY_BUCKETS
 
         peer = self.peer
         d = peer.dispatcher
@@ -151,7 +150,7 @@ class PeerCollector:
                                            "Times messages to another peer waited for its credit (backpressure)",
                                            labels=["to_peer"]), peer.credit_stalls)  # fmt: skip
         yield per_peer(GaugeMetricFamily(PREFIX + "peer_up", "1 while this peer hears another peer's heartbeats",
-                                         labels=["to_peer"]), [1 if a else 0 for a in peer._alive])  # fmt: skip
+                                         labels=["to_peer"]), [1 if a else 0 for a in peer.liveness.alive])  # fmt: skip
         batches = HistogramMetricFamily(PREFIX + "batch_size_messages", "Messages per batch (one state-store commit)")
         batches.add_metric([], _cumulative(BATCH_BUCKETS, peer.batch_sizes), peer.batch_records)
         yield batches
@@ -233,10 +232,8 @@ def _ready(peer: Peer) -> str | None:
 
 
 def _alive(peer: Peer) -> str | None:
-    task = peer._loop_task
-    if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-        return f"the dispatch loop died: {task.exception()!r}"
-    return None
+    failure = peer.dispatch_failure()
+    return None if failure is None else f"the dispatch loop died: {failure!r}"
 
 
 def peer_status(peer: Peer) -> dict[str, Any]:

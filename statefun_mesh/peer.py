@@ -1,76 +1,72 @@
-"""Peer: wires config, transport, routing, state, dispatch, timers and egress; one loop, one core."""
+"""Peer: wires config, transport, routing, state, dispatch, timers and egress; one loop, one core.
+
+The one place that wires a peer's parts (docs/architecture.md §2a): it owns the batch
+loop, routing and credit (the inbox and spill, the outgoing encoders and frames per
+peer), admission of client messages (the ingress log writer, requests), and the
+recovery timeline (halt, restore, replay, resume); it hands the other parts only what
+they need: :class:`~statefun_mesh.egress.EgressLogs` (egress readers),
+:class:`~statefun_mesh.liveness.Liveness` (heartbeats), the dispatcher (one batch), the
+state store, and the snapshot code, which sees it through the protocols of
+``snapshot/host.py``; the client endpoint sees it through ``client_host.ClientHost``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import bisect
 import collections
-import itertools
 import logging
-import math
 import os
-import random
+import shutil
 import struct
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
-
-import msgpack  # type: ignore[import-untyped]
+from typing import TYPE_CHECKING, Any
 
 from . import _aio, _speedups
+from .client_host import check_request_timeout
 from .clock import Clock, SystemClock
 from .config import MeshConfig
-from .dispatch import REPLY_OK, BatchOutcome, Dispatcher, Record, TypeStats
+from .dispatch import BATCH_BUCKETS, BatchOutcome, Dispatcher, Record, TypeStats
+from .egress import EgressLogs
 from .errors import (
     BlobNotFoundError,
     BlobStoreError,
     BrokenTransportError,
     ClosedTransportError,
+    ConfigError,
     FrameDecodeError,
     FunctionNotFoundError,
-    InvocationError,
-    MeshBusyError,
     MessageTooLargeError,
     RequestTimeoutError,
     StateBackendError,
     StatefunMeshError,
 )
 from .functions import StatefulFunctions, merge_functions
+from .ingress_writer import IngressWriter
+from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
 from .memory import RECORD_OVERHEAD, malloc_trim, records_bytes
 from .messages import EgressRecord, Message
+from .replies import PendingRequests
 from .spill import Spill
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
 from .transport.base import Transport
+from .transport.factory import open_transport
 
-__all__ = ["Peer", "open_transport"]
+if TYPE_CHECKING:
+    import lmdb
+
+    from .blobstore.base import BlobStore
+    from .ingress import IngressLog
+    from .snapshot.coordinator import Coordinator
+    from .snapshot.format import Manifest, PeerPart
+    from .snapshot.participant import Participant
+
+__all__ = ["Peer", "check_request_timeout", "open_transport"]
 
 log = logging.getLogger("statefun_mesh.peer")
-
-#: upper bounds of the batch size histogram's buckets (messages per batch; metrics.py)
-BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-
-
-def open_transport(config: MeshConfig, peer_id: int) -> Transport:
-    """Create the transport that ``config.endpoints`` name (by URL scheme)."""
-    eps = list(config.endpoints)
-    if all(ep.startswith("memory://") for ep in eps):
-        from .transport.memory import InMemoryTransport
-
-        hub = eps[0][len("memory://") :].rsplit("/", 1)[0]
-        return InMemoryTransport(hub, peer_id, config.peers)
-    if any(ep.startswith("memory://") for ep in eps):
-        raise StatefunMeshError("memory:// endpoints cannot be mixed with ZeroMQ endpoints")
-    from .transport.zeromq import ZmqTransport
-
-    # ZMTP pings drop a connection to an address nobody answers at any more (a host gone
-    # without closing its connections, a peer moved elsewhere under the same name).
-    heartbeat = (config.heartbeat_interval, 3 * config.heartbeat_timeout)
-    if config.curve:
-        return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes, heartbeat=heartbeat,
-                            keys=config.keypair(peer_id), peer_keys=config.peer_public_keys())  # fmt: skip
-    return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes, heartbeat=heartbeat)
 
 
 class Peer:
@@ -101,7 +97,7 @@ class Peer:
         transport: Transport | None = None,
     ) -> None:
         if config.state_dir is None:
-            raise StatefunMeshError("Peer needs config.state_dir; LocalMesh makes a temporary one for you")
+            raise ConfigError("Peer needs config.state_dir; LocalMesh makes a temporary one for you", key="state_dir")
         if not 0 <= peer_id < config.peers:
             raise ValueError(f"peer_id must be in range({config.peers}), got {peer_id}")
         self.config = config
@@ -111,7 +107,6 @@ class Peer:
         #: remote functions (config.module), loaded here so a bad module file fails at construction
         self.remote: Any = None
         if config.module:
-            from .errors import ConfigError
             from .remote.invoker import RemoteFunctions
             from .remote.module_yaml import load_module_yaml
 
@@ -155,27 +150,24 @@ class Peer:
         self._out_replies: list[list[Any]] = [[] for _ in range(n)]
         self._credit = [config.credit_window] * n
         self._owed = [0] * n
-        self._incarnations = [0] * n
-        #: per peer: (its incarnation, when) when our connection to it was lost; see _on_link_lost
-        self._link_lost: list[tuple[int, float] | None] = [None] * n
-        self._last_heard = [0.0] * n
-        self._alive = [True] * n
         self.sent_records = [0] * n
         self.received_records = [0] * n
         self.bad_frames = 0
         #: repeated problems (bad frames, a failing disk) log one line per kind and window
         self._tlog = ThrottledLog(log)
-        self.incarnation = random.getrandbits(48) | 1
+        #: heartbeats, reachability, restarts and lost links (liveness.py)
+        self.liveness = Liveness(peer_id, n, config, self.clock, send=lambda p, f: self._send(p, f),
+                                 queued_for=self._queued_for,
+                                 on_incarnation=self._on_incarnation, on_link_reset=self._link_reset,
+                                 on_tick=self._heartbeat_tick)  # fmt: skip
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
         self._idle = asyncio.Event()
         self._closed_event = asyncio.Event()
-        self._requests: dict[int, asyncio.Future[Message]] = {}
-        # random start: a restarted peer never reuses an id an old request chain may carry
-        self._request_ids = itertools.count(random.getrandbits(40) + 1)
-        self._egress_events: dict[str, asyncio.Event] = {}
+        #: requests waiting for their replies (replies.py)
+        self.requests = PendingRequests(peer_id, config.max_pending_requests, self.table)
         self._next_due: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -185,10 +177,10 @@ class Peer:
         self.batches = 0
         self.client_server: Any = None
         # checkpoints and recovery
-        self.blobs: Any = None
-        self.ingress: Any = None
-        self.participant: Any = None
-        self.coordinator: Any = None
+        self.blobs: BlobStore | None = None
+        self.ingress: IngressLog | None = None
+        self.participant: Participant | None = None
+        self.coordinator: Coordinator | None = None
         self.generation = 0
         self.resumed = False
         self.last_recovery_seconds = 0.0
@@ -197,20 +189,20 @@ class Peer:
         self._in_batch = False
         self._hold_batches = False
         self._held: list[tuple[int, int, bytes]] = []
-        self._released: dict[str, int] = {}
-        self._immediate = frozenset(config.egress_immediate)
-        self._restored_heads: dict[str, int] = {}
-        self._ingress_batch: list[tuple[Record, asyncio.Future[None]]] = []
-        self._ingress_task: asyncio.Task[None] | None = None
-        self._ingress_writing = 0  # messages in the ingress append under way
+        #: released heads, readers and their wake-ups (egress.py)
+        self.egress_logs = EgressLogs(peer_id, bool(config.blob_store), config.egress_immediate,
+                                      store=lambda: self.backend, generation=lambda: self.generation,
+                                      closing=lambda: self._closing)  # fmt: skip
+        #: group commit of client messages into the ingress log (ingress_writer.py)
+        self.ingress_writer = IngressWriter(peer_id, lambda: self.ingress, lambda: self.generation,
+                                            lambda: self.resumed, lambda recs: self._route(recs, from_client=True),
+                                            self._check_space, self._tlog)  # fmt: skip
         self._recovery_task: asyncio.Task[None] | None = None
         self._recovery_done = False
         #: when this peer last sent READY for its generation (it repeats it until RESUME)
         self._ready_sent = 0.0
         self._next_purge = 0
         self._purge_from = b""
-        #: ingress log offset up to which messages have been routed into the mesh
-        self.ingress_routed = 0
         #: checkpoints this peer could not write (its upload failed), and the newest failure
         self.checkpoint_failures = 0
         self._checkpoint_error: tuple[int, str] | None = None
@@ -296,7 +288,7 @@ class Peer:
                 self._open_backend()
             if self.transport is not None:
                 if hasattr(self.transport, "on_link_lost"):
-                    self.transport.on_link_lost = self._on_link_lost
+                    self.transport.on_link_lost = self.liveness.on_link_lost
                 await self.transport.start(self._on_frame)
             # before the client endpoint: importing aiohttp and prometheus_client holds the
             # loop for a moment, which a client's CURVE handshake must not wait behind
@@ -315,13 +307,12 @@ class Peer:
         except BaseException:
             await self._release_resources()
             raise
-        now = self.clock.now()
-        self._last_heard = [now] * self.n_peers
+        self.liveness.started()
         if cfg.sync_interval > 0:
             self._tasks.append(asyncio.create_task(self._sync_loop(), name=f"statefun-mesh peer {self.peer_id} sync"))
         if self.transport is not None:
             self._tasks.append(
-                asyncio.create_task(self._heartbeat_loop(), name=f"statefun-mesh peer {self.peer_id} heartbeat")
+                asyncio.create_task(self.liveness.run(), name=f"statefun-mesh peer {self.peer_id} heartbeat")
             )
         if cfg.block_warning > 0:
             from .watchdog import watch
@@ -333,13 +324,14 @@ class Peer:
             f"every {cfg.checkpoint_interval} s to {cfg.blob_store}" if self.checkpointing else "off",
         )  # fmt: skip
         if not self.checkpointing:
-            self._resume(0)
+            self.resume(0)
             return
         try:
             if self.peer_id == 0:
                 from .snapshot.coordinator import Coordinator
 
-                self.coordinator = Coordinator(self, self.blobs)
+                assert self.participant is not None and self.blobs is not None
+                self.coordinator = Coordinator(self, self.participant, self.blobs)
                 await self.coordinator.start()
             else:
                 await self._resumed_event.wait()
@@ -386,8 +378,7 @@ class Peer:
             self._fail_requests(ClosedTransportError("the peer closed before the request was answered"))
             if self.remote is not None:
                 await self.remote.aclose()
-            for ev in self._egress_events.values():
-                ev.set()
+            self.egress_logs.wake_all()
             self._space.set()
         finally:
             if self._unwatch is not None:
@@ -396,6 +387,34 @@ class Peer:
             await self._release_resources()
             self._closed_event.set()
             log.info("peer %d stopped", self.peer_id)
+
+    async def abort(self) -> None:
+        """Stop at once, as if the process were killed (a test hook): nothing queued is
+        processed, flushed or synced; tasks are cancelled and the state store, ingress log,
+        transport and blob store are closed as they stand. What the peer held in memory is
+        lost, as after a SIGKILL: a recovery from the last checkpoint makes it good.
+        (A later :meth:`aclose` returns at once.)"""
+        if self._closing:
+            await self._closed_event.wait()
+            return
+        self._closing = True
+        tasks = [t for t in (self._loop_task, self.ingress_writer.task, self._recovery_task, *self._tasks)
+                 if t is not None]
+        try:
+            if self.coordinator is not None:
+                await self.coordinator.aclose()
+            if self.participant is not None:
+                self.participant.reset()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._fail_requests(ClosedTransportError("the peer was aborted before the request was answered"))
+        finally:
+            if self._unwatch is not None:
+                self._unwatch()
+                self._unwatch = None
+            await self._release_resources()
+            self._closed_event.set()
 
     async def _release_resources(self) -> None:
         if self.http is not None:
@@ -416,14 +435,11 @@ class Peer:
             self.blobs = None
 
     def _fail_requests(self, exc: Exception) -> None:
-        for fut in self._requests.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self._requests.clear()
+        self.requests.fail_all(exc)
 
     # -- recovery (driven by the coordinator, see snapshot/coordinator.py) -------------
 
-    async def _recover(self, gen: int, manifest: Any) -> None:
+    async def recover(self, gen: int, manifest: Manifest | None) -> None:
         """Drop everything in memory and restore ``manifest`` (``None``: empty state)."""
         assert self.participant is not None
         self._halt()
@@ -454,21 +470,17 @@ class Peer:
                 "the mesh is recovering from a failure; the request may not have been applied: retry it"
             )
         )
-        if self._ingress_task is not None and not self._ingress_task.done():
-            # an append in progress ends unrouted (the generation changed); the replay
-            # below must see it in the log
-            await asyncio.wait({self._ingress_task})
+        # an append in progress ends unrouted (the generation changed); the replay
+        # below must see it in the log
+        await self.ingress_writer.settle()
         t0 = self.clock.now()
         await self.participant.restore(manifest)
         self.last_recovery_seconds = self.clock.now() - t0
-        for typename, ev in self._egress_events.items():
-            ev.set()
-            self._egress_events[typename] = asyncio.Event()
+        self.egress_logs.wake_all()
         # What was in flight at the cut comes first, then the ingress log from the cut's
         # position; both are queued before this peer reports READY, so when the mesh
         # resumes every replayed message is already on its way, ahead of new input.
-        self._enqueue(self.participant.inflight_restored)
-        self.participant.inflight_restored = []
+        self._enqueue(self.participant.take_inflight_restored())
         if self.ingress is not None:
             self._replay(self.participant.ingress_position)
             for path, position in self.participant.foreign_ingress:
@@ -500,8 +512,8 @@ class Peer:
                                  self.peer_id, gen, waited, " <- ".join(repr(f) for f in task.get_stack(limit=3)))
                 task.cancel()
 
-    def _resume(self, gen: int) -> None:
-        """Start processing in generation ``gen`` (what :meth:`_recover` queued first)."""
+    def resume(self, gen: int) -> None:
+        """Start processing in generation ``gen`` (what :meth:`recover` queued first)."""
         if self.generation != gen or self._closing:
             return
         if self._loop_task is not None and not self._loop_task.done():
@@ -533,7 +545,7 @@ class Peer:
             self._route([tuple(rec) for _, rec in entries])
             replayed += len(entries)
             position = entries[-1][0] + 1
-        self.ingress_routed = self.ingress.next_offset
+        self.ingress_writer.routed = self.ingress.next_offset
         if replayed:
             log.info("peer %d: replaying %d messages from its ingress log", self.peer_id, replayed)
 
@@ -554,17 +566,23 @@ class Peer:
                 position = entries[-1][0] + 1
         finally:
             log_.close()
-        if path not in self.participant.replayed_foreign:
-            self.participant.replayed_foreign.append(path)
+        self.participant.note_replayed_foreign(path)
         log.warning("peer %d: replayed %d messages from the ingress log of a removed peer (%s); it is deleted "
                     "once the next checkpoint completes", self.peer_id, replayed, path)  # fmt: skip
+
+    def dispatch_failure(self) -> BaseException | None:
+        """Why the dispatch loop died (``None``: it runs, was stopped, or has not started)."""
+        task = self._loop_task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.critical("peer %d: the dispatch loop died; this peer processes nothing more: restart it",
                          self.peer_id, exc_info=task.exception())  # fmt: skip
 
-    def _checkpoint_ack(self, n: int, part: Any, error: str | None) -> None:
+    def acknowledge_checkpoint(self, n: int, part: PeerPart | None, error: str | None) -> None:
         from .snapshot.participant import part_to_dict
 
         body = part_to_dict(part) if part is not None else None
@@ -577,16 +595,11 @@ class Peer:
         else:
             self._send(0, codec.encode_control(codec.CK_ACK, n, body, error))
 
-    def _release_egress(self, heads: dict[str, int]) -> None:
-        for typename, head in heads.items():
-            if head > self._released.get(typename, 0):
-                self._released[typename] = head
-                ev = self._egress_events.get(typename)
-                if ev is not None:
-                    ev.set()
-                    self._egress_events[typename] = asyncio.Event()
+    def release_egress(self, heads: dict[str, int]) -> None:
+        """A checkpoint completed: egress consumers may read each log up to ``heads``."""
+        self.egress_logs.release(heads)
 
-    def _release_held(self) -> None:
+    def release_input(self) -> None:
         self._hold_batches = False
         held, self._held = self._held, []
         keep: list[tuple[int, int, bytes]] = []
@@ -603,6 +616,68 @@ class Peer:
                 keep.append((g, src, frame))
         self._held = keep + self._held
         self._held_bytes = sum(len(f) for _, _, f in self._held)
+
+    # -- the snapshot code's view of this peer (snapshot/host.py) -----------------------
+
+    @property
+    def tlog(self) -> ThrottledLog:
+        """This peer's throttled log (flushed from its heartbeat loop)."""
+        return self._tlog
+
+    def batch_running(self) -> bool:
+        """Whether a batch is being processed now."""
+        return self._in_batch
+
+    def hold_input(self) -> None:
+        """Hold batch frames and barriers until :meth:`release_input`; wake the loop for the cut."""
+        self._hold_batches = True
+        self._wake.set()
+
+    def state_store(self) -> LmdbStateBackend:
+        """The open state store."""
+        assert self.backend is not None, "the state store is not open"
+        return self.backend
+
+    def reopen_state_store(self) -> LmdbStateBackend:
+        """Close and delete the state store and open an empty one (a restore starts)."""
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        if os.path.exists(self.state_path):
+            shutil.rmtree(self.state_path)
+        return self._open_backend()
+
+    def state_restored(self, egress_heads: dict[str, int]) -> None:
+        """The state store holds a restored checkpoint whose egress logs stood at ``egress_heads``."""
+        self.egress_logs.restored(egress_heads)
+        assert self.dispatcher is not None and self.backend is not None
+        self.dispatcher.reload_counters()  # the restored timer sequence, not the empty store's
+        self._next_due = self.backend.next_timer_due()
+
+    def cut_input(self) -> tuple[list[Record], lmdb.Transaction | None]:
+        """What was received and not processed: parked invocations' records, then the
+        inbox; and a read transaction over the spilled tail (see snapshot/host.py)."""
+        parked = self.dispatcher.parked_records() if self.dispatcher is not None else []
+        return parked + list(self._inbox), (self._spill.cut() if self._spill is not None else None)
+
+    def broadcast_barrier(self, frame: bytes) -> None:
+        """Send every other peer all that waits for it (regardless of credit), then ``frame``."""
+        for p in range(self.n_peers):
+            if p != self.peer_id:
+                self._flush_peer(p, force=True)
+                self._send(p, frame)
+
+    def routed_ingress_position(self) -> int:
+        """The ingress log offset up to which client messages are routed (0: no ingress log)."""
+        return self.ingress_writer.routed if self.ingress is not None else 0
+
+    def ingress_log(self) -> IngressLog | None:
+        """This peer's ingress log (``None`` without checkpoints, or once closed)."""
+        return self.ingress
+
+    def send_control(self, p: int, frame: bytes, generation: int | None = None) -> None:
+        """Send a control frame to peer ``p`` (stamped with ``generation``, default this peer's)."""
+        self._send(p, frame, generation)
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -632,7 +707,7 @@ class Peer:
         """Messages queued here: the local inbox plus what waits to go to other peers."""
         return (
             len(self._inbox) + sum(len(e) for e in self._out) + sum(self._framed)
-            + len(self._ingress_batch) + self._ingress_writing + (self._spill.count if self._spill else 0)
+            + self.ingress_writer.queued + (self._spill.count if self._spill else 0)
             + (self.dispatcher.queued if self.dispatcher is not None else 0)
         )  # fmt: skip
 
@@ -676,11 +751,7 @@ class Peer:
         """
         self.check_message(rec)
         if durable and self.ingress is not None:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._ingress_batch.append((rec, fut))
-            if self._ingress_task is None or self._ingress_task.done():
-                self._ingress_task = asyncio.create_task(self._ingress_writer())
-            return fut
+            return self.ingress_writer.add(rec)
         self._route([rec], from_client=True)
         return None
 
@@ -701,36 +772,6 @@ class Peer:
                 await self._space.wait()
                 continue
             break
-
-    async def _ingress_writer(self) -> None:
-        # Group commit: every message admitted while one append is in flight goes into
-        # the next append, so one fsync covers many acknowledgements.
-        while self._ingress_batch and self.ingress is not None:
-            batch, self._ingress_batch = self._ingress_batch, []
-            gen = self.generation
-            records = [r for r, _ in batch]
-            self._ingress_writing = len(records)
-            try:
-                await asyncio.to_thread(self.ingress.append, records)
-            except StatefunMeshError as exc:
-                self._ingress_writing = 0
-                self._check_space()
-                self._tlog.error("failed ingress appends", "peer %d: could not log %d client messages: %s",
-                                 self.peer_id, len(records), exc)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            self._ingress_writing = 0
-            if self.generation == gen and self.resumed:
-                self._route(records, from_client=True)
-                # only now are these messages in the mesh: a snapshot cut from here on covers them
-                self.ingress_routed = self.ingress.next_offset
-            else:
-                self._check_space()  # a recovery began meanwhile: its replay of the log delivers them
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
 
     async def send(self, message: Message, idempotency_key: str | None = None) -> None:
         """Send ``message`` to its target instance, on whichever peer owns it.
@@ -775,16 +816,10 @@ class Peer:
         """:meth:`request` for a message given as its parts (used by the client server)."""
         self._check(typename)
         check_request_timeout(timeout, self.config.max_request_timeout)
-        rid = next(self._request_ids)
+        rid = self.requests.next_id()
         rec = (typename, id, "", "", vt, value, self.peer_id, rid)
         self.check_message(rec)
-        if len(self._requests) >= self.config.max_pending_requests:
-            raise MeshBusyError(
-                f"peer {self.peer_id} already holds {len(self._requests)} requests waiting for replies "
-                f"(max_pending_requests); retry once some are answered"
-            )
-        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._requests[rid] = fut
+        fut = self.requests.open(rid)
         try:
             await self.submit(rec, durable=False)
             try:
@@ -795,20 +830,13 @@ class Peer:
                     "does the function call context.reply()?"
                 ) from None
         finally:
-            self._requests.pop(rid, None)
+            self.requests.close(rid)
+
+    # -- egress (egress.py) ---------------------------------------------------------------
 
     def egress_position(self, typename: str, start: str | int) -> int:
         """Resolve ``"earliest"``, ``"latest"`` or an offset to an offset of this peer's egress log."""
-        if self.backend is None or self._closing:
-            raise ClosedTransportError("the peer is not running")
-        first, _ = self.backend.egress_bounds(typename)
-        if start == "earliest":
-            return first
-        if start == "latest":
-            return self._egress_head(typename)
-        if isinstance(start, int) and not isinstance(start, bool) and start >= 0:
-            return start
-        raise ValueError(f"start must be 'earliest', 'latest' or an offset >= 0, got {start!r}")
+        return self.egress_logs.position(typename, start)
 
     def egress(self, typename: str, start: str | int = "earliest") -> AsyncIterator[EgressRecord]:
         """Iterate this peer's records of the egress ``typename``, waiting for new ones.
@@ -820,71 +848,29 @@ class Peer:
 
         The iteration ends when the peer closes.
         """
-        return self._egress_from(typename, self.egress_position(typename, start))
+        return self.egress_logs.iterate(typename, self.egress_logs.position(typename, start))
 
-    def _egress_head(self, typename: str) -> int:
+    def egress_head(self, typename: str) -> int:
         """The offset after the last record consumers may see: with checkpoints, the last
         record a complete checkpoint covers (transactional egress); else the last one."""
-        if self.checkpointing and typename not in self._immediate:
-            return self._released.get(typename, 0)
-        if self.backend is None:
-            return 0
-        return self.backend.egress_bounds(typename)[1]
+        return self.egress_logs.head(typename)
 
     def egress_restored_head(self, typename: str) -> int:
         """Where ``typename``'s log stood in the checkpoint the last recovery restored."""
-        return self._restored_heads.get(typename, 0)
+        return self.egress_logs.restored_head(typename)
 
     def egress_resume(self, typename: str, pos: int, generation: int) -> int:
         """Where a reader at ``pos``, read in ``generation`` (-1: none), continues: after a
         recovery since, offsets past the restored head are reused, so from there."""
-        if 0 <= generation != self.generation:
-            return min(pos, self.egress_restored_head(typename))
-        return pos
+        return self.egress_logs.resume(typename, pos, generation)
 
     def egress_read(self, typename: str, pos: int, limit: int) -> list[EgressRecord]:
         """Return up to ``limit`` released records from offset ``pos`` on, without waiting."""
-        if self.backend is None:
-            return []
-        head = self._egress_head(typename)
-        if pos >= head:
-            return []
-        return [
-            EgressRecord(typename, self.peer_id, off, vt, data, rid)
-            for off, vt, data, rid in self.backend.egress_range(typename, pos, min(limit, head - pos))
-            if off < head
-        ]
+        return self.egress_logs.read(typename, pos, limit)
 
     async def egress_wait(self, typename: str, pos: int, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for a record at or after ``pos`` (or the peer closing)."""
-        event = self._egress_events.get(typename)
-        if event is None:
-            event = self._egress_events[typename] = asyncio.Event()
-        if self._egress_head(typename) > pos or self._closing:
-            return
-        try:
-            await _aio.wait_for(event.wait(), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
-
-    async def _egress_from(self, typename: str, pos: int) -> AsyncIterator[EgressRecord]:
-        gen = self.generation
-        while True:
-            pos, gen = self.egress_resume(typename, pos, gen), self.generation
-            records = self.egress_read(typename, pos, 1000)
-            if records:
-                if records[0].offset > pos:
-                    log.warning(
-                        "egress %r consumer fell behind retention: records %d..%d were trimmed",
-                        typename, pos, records[0].offset - 1,
-                    )  # fmt: skip
-                for rec in records:
-                    yield rec
-                pos = records[-1].offset + 1
-                continue
-            if self._closing:
-                return
-            await self.egress_wait(typename, pos, 3600.0)
+        await self.egress_logs.wait(typename, pos, timeout)
 
     async def idle(self) -> None:
         """Wait until this peer has processed everything queued here (and every due timer)."""
@@ -929,7 +915,7 @@ class Peer:
             "bad_frames": self.bad_frames + getattr(self.transport, "foreign_frames", 0),
             "refused_connections": getattr(self.transport, "refused_connections", 0),
             "refused_frames": self.refused_frames,
-            "unavailable_peers": [p for p in range(self.n_peers) if not self._alive[p]],
+            "unavailable_peers": self.liveness.unavailable(),
             "next_timer_ms": self._next_due,
             "oversized_dropped": self.oversized_dropped,
             "checkpoints": self._checkpoint_status(),
@@ -1156,7 +1142,7 @@ class Peer:
             replies = self._out_replies[p]
             if replies:
                 self._out_replies[p] = []
-                for frame in _reply_frames(replies, self._frame_limit):
+                for frame in codec.encode_reply_frames(replies, self._frame_limit):
                     self._send(p, frame)
 
     def _grant_credits(self) -> None:
@@ -1199,7 +1185,7 @@ class Peer:
         kind = body[1]
         if src == 0:
             self._coordinator_generation = max(self._coordinator_generation, gen)
-        self._last_heard[src] = self.clock.now()
+        self.liveness.heard(src)
         if kind in (codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME, codec.RESTORE_FAILED):
             self._on_channel_frame(src, body, gen)
             return
@@ -1332,7 +1318,7 @@ class Peer:
             if self.coordinator is not None:
                 self.coordinator.on_restore_failed(src, items[0], items[1], items[2])
         elif kind == codec.RESUME and src == 0 and items[0] == self.generation and self._recovery_done:
-            self._resume(items[0])
+            self.resume(items[0])
 
     def _halt(self) -> None:
         """Stop the current generation at once, before the generation number changes.
@@ -1344,7 +1330,7 @@ class Peer:
         self.resumed = False
         self._resumed_event.clear()
         if self._loop_task is not None and not self._loop_task.done():
-            self._loop_task.cancel()  # it stops at its next await; _recover waits for it
+            self._loop_task.cancel()  # it stops at its next await; recover() waits for it
         if self.dispatcher is not None:
             self.dispatcher.cancel_all()  # parked async invocations: the checkpoint has their messages
         if self._flush_handle is not None:
@@ -1381,9 +1367,10 @@ class Peer:
                 try:
                     manifest = None
                     if n >= 0:
+                        assert self.blobs is not None
                         name = manifest_name(n)
                         manifest = Manifest.from_json(await self.blobs.get(name), name=name)
-                    await self._recover(gen, manifest)
+                    await self.recover(gen, manifest)
                     break
                 except BlobStoreError as exc:
                     if isinstance(exc, BlobNotFoundError) or self.generation != gen:
@@ -1414,41 +1401,23 @@ class Peer:
         self._send(0, codec.encode_control(codec.READY, gen), generation=gen)
 
     def _on_heartbeat(self, src: int, items: list[Any]) -> None:
-        if items[0] != src:
+        if not self.liveness.on_heartbeat(src, items):
             self.bad_frames += 1
             self._tlog.error("bad heartbeats", "peer %d: heartbeat on peer %d's channel claims to be from peer %s",
                              self.peer_id, src, items[0])
-            return
-        inc = items[1]
-        if inc != self._incarnations[src]:
-            restarted = bool(self._incarnations[src])
-            self._incarnations[src] = inc
-            if restarted:
-                # what the old process had not granted back is gone with it; on first
-                # contact, by contrast, what was already sent is owed by this very process
-                self._credit[src] = self.config.credit_window
-                self._owed[src] = 0
-                log.warning("peer %d: peer %d restarted", self.peer_id, src)
-                if self.coordinator is not None:
-                    self.coordinator.request_recovery(f"peer {src} restarted")
-            if len(self._out[src]) or self._frames[src]:
-                self._flush_peer(src)
-        if not self._alive[src]:
-            self._alive[src] = True
-            log.warning("peer %d: peer %d is reachable again", self.peer_id, src)
-        lost = self._link_lost[src]
-        if lost is not None:
-            if inc != lost[0]:
-                self._link_lost[src] = None  # it restarted: that restart's recovery covers the link
-            elif self.clock.now() - lost[1] >= 2 * self.config.heartbeat_interval:
-                self._link_lost[src] = None  # (a heartbeat sent before the loss is no proof)
-                self._link_reset(src)
 
-    def _on_link_lost(self, p: int) -> None:
-        """Our connection to peer ``p`` was lost; ZeroMQ makes it again. If ``p`` did not
-        restart (it is heard again with the same incarnation), frames that were in flight
-        on the lost connection may be gone for good: see :meth:`_link_reset`."""
-        self._link_lost[p] = (self._incarnations[p], self.clock.now())
+    def _on_incarnation(self, src: int, restarted: bool) -> None:
+        """Peer ``src`` was heard with a new incarnation (``restarted``: not first contact)."""
+        if restarted:
+            # what the old process had not granted back is gone with it; on first
+            # contact, by contrast, what was already sent is owed by this very process
+            self._credit[src] = self.config.credit_window
+            self._owed[src] = 0
+            log.warning("peer %d: peer %d restarted", self.peer_id, src)
+            if self.coordinator is not None:
+                self.coordinator.request_recovery(f"peer {src} restarted")
+        if len(self._out[src]) or self._frames[src]:
+            self._flush_peer(src)
 
     def _link_reset(self, p: int) -> None:
         """The connection to peer ``p`` was lost and made again while ``p`` kept running
@@ -1465,7 +1434,7 @@ class Peer:
         else:
             # A new incarnation, announced by the next heartbeat, makes the coordinator
             # start a recovery round, as for a restart.
-            self.incarnation = random.getrandbits(48) | 1
+            self.liveness.renew()
 
     def flush_logs(self) -> None:
         """Write the summaries of throttled log lines whose window closed (this peer's, its
@@ -1486,40 +1455,26 @@ class Peer:
             self._trimmed_at = self.batches
             malloc_trim()
 
+    def _queued_for(self, p: int) -> int:
+        """Messages waiting to go to peer ``p``."""
+        return len(self._out[p]) + self._framed[p]
+
     def _check_space(self) -> None:
         if not self._full():
             self._space.set()
 
-    async def _heartbeat_loop(self) -> None:
-        assert self.transport is not None
+    def _heartbeat_tick(self, now: float) -> None:
+        """After each round of heartbeats (liveness.py): repeat READY if need be, flush logs, trim."""
         cfg = self.config
-        last = self.clock.now()
-        while True:
-            if hasattr(self.transport, "flush_logs"):
-                self.transport.flush_logs()
-            frame = codec.encode_control(codec.HEARTBEAT, self.peer_id, self.incarnation)
-            now = self.clock.now()
-            # after this peer's own loop was held (a blocking function), the silence is
-            # ours: give the frames that waited one round to be read before judging others
-            held, last = now - last > cfg.heartbeat_timeout, now
-            for p in range(self.n_peers):
-                if p == self.peer_id:
-                    continue
-                self._send(p, frame)
-                if not held and self._alive[p] and now - self._last_heard[p] > cfg.heartbeat_timeout:
-                    self._alive[p] = False
-                    log.warning(
-                        "peer %d: no word from peer %d for %.1f s; holding its %d outgoing messages until it is back",
-                        self.peer_id, p, now - self._last_heard[p], len(self._out[p]) + self._framed[p],
-                    )  # fmt: skip
-            if (self._recovery_done and not self.resumed and self.coordinator is None and not self._closing
-                    and now - self._ready_sent >= max(cfg.heartbeat_timeout, 4 * cfg.heartbeat_interval)):
-                # restored, READY sent, and still no RESUME: the coordinator answers a repeated
-                # READY of a round it finished with the RESUME this peer missed
-                self._send_ready(self.generation)
-            self.flush_logs()
-            self._maybe_trim()
-            await asyncio.sleep(cfg.heartbeat_interval)
+        if self.transport is not None and hasattr(self.transport, "flush_logs"):
+            self.transport.flush_logs()
+        if (self._recovery_done and not self.resumed and self.coordinator is None and not self._closing
+                and now - self._ready_sent >= max(cfg.heartbeat_timeout, 4 * cfg.heartbeat_interval)):
+            # restored, READY sent, and still no RESUME: the coordinator answers a repeated
+            # READY of a round it finished with the RESUME this peer missed
+            self._send_ready(self.generation)
+        self.flush_logs()
+        self._maybe_trim()
 
     # -- the loop -------------------------------------------------------------------
 
@@ -1536,6 +1491,7 @@ class Peer:
         dispatcher = self.dispatcher
         max_batch = self.config.max_batch
         backoff = 0.05
+        internal_failures = 0  # consecutive batches that failed with an internal error
         while True:
             participant = self.participant
             if participant is not None and participant.pending is not None:
@@ -1597,18 +1553,31 @@ class Peer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            except Exception:
+            except Exception as exc:
                 dispatcher.rollback()
                 inbox.extendleft(reversed(batch))
                 self._inbox_bytes += batch_bytes
-                self._tlog.log(logging.ERROR, "internal batch errors", "peer %d: internal error in a batch; retrying",
-                               self.peer_id, exc_info=True)
+                internal_failures += 1
+                if internal_failures >= INTERNAL_BATCH_ATTEMPTS:
+                    # a bug, not a passing fault (a failing disk is a StateBackendError, a failing
+                    # function a dead letter): stop loudly rather than spin; /healthz says why
+                    first = f"{batch[0][0]}/{batch[0][1]}" if batch else f"{len(fired)} due timers"
+                    raise StatefunMeshError(
+                        f"peer {self.peer_id}: a batch of {len(batch)} messages (the first for {first}) failed "
+                        f"{internal_failures} times in a row with an internal error: {exc!r}; the dispatch loop "
+                        "stops (nothing of the batch was applied): restart the peer, and report the traceback "
+                        "above as a bug"
+                    ) from exc
+                self._tlog.log(logging.ERROR, "internal batch errors", "peer %d: internal error in a batch of %d "
+                               "messages (attempt %d of %d); retrying in %.2f s", self.peer_id, len(batch),
+                               internal_failures, INTERNAL_BATCH_ATTEMPTS, backoff, exc_info=True)  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             finally:
                 self._in_batch = False
             backoff = 0.05
+            internal_failures = 0
             self.batches += 1
             self.batch_records += n
             self.batch_sizes[bisect.bisect_left(BATCH_BUCKETS, n)] += 1
@@ -1654,23 +1623,11 @@ class Peer:
                 self.bad_frames += 1
                 self._tlog.error("bad reply addresses", "peer %d: dropped a reply for peer %d, which is not in this "
                                  "mesh of %d peers", self.peer_id, reply[0], self.n_peers)  # fmt: skip
-        for typename in out.egress:
-            if not self.checkpointing or typename in self._immediate:
-                ev = self._egress_events.get(typename)
-                if ev is not None:
-                    ev.set()
-                    self._egress_events[typename] = asyncio.Event()
+        if out.egress:
+            self.egress_logs.committed(out.egress)
 
     def _resolve(self, rid: int, status: int, kind: str, value: Any, r_type: str, r_id: str) -> None:
-        fut = self._requests.get(rid)
-        if fut is None or fut.done():
-            return  # an answer after the first, or after the requester gave up
-        if status == REPLY_OK:
-            fut.set_result(Message(r_type, r_id, kind, value))
-        elif kind == "FunctionNotFoundError":
-            fut.set_exception(FunctionNotFoundError(value, list(self.table)))
-        else:
-            fut.set_exception(InvocationError(f"{r_type}/{r_id}", value))
+        self.requests.resolve(rid, status, kind, value, r_type, r_id)
 
     async def _sync_loop(self) -> None:
         while True:
@@ -1710,53 +1667,10 @@ _PEER_KINDS = frozenset(
 _GEN = struct.Struct(">I")
 
 
-def check_request_timeout(timeout: object, maximum: float) -> float:
-    """Return ``timeout`` if it is a finite number of seconds in (0, ``maximum``].
-
-    Raises:
-        ValueError: it is not (NaN, infinite, negative, zero, too long, not a number).
-    """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise ValueError(f"a request timeout must be a number of seconds, got {type(timeout).__name__}")
-    if not (math.isfinite(timeout) and 0 < timeout <= maximum):
-        raise ValueError(
-            f"a request timeout must be a finite number of seconds > 0 and at most {maximum:g} "
-            f"(max_request_timeout), got {timeout!r}"
-        )
-    return float(timeout)
-
-
-def _reply_frames(replies: list[Any], limit: int) -> list[bytes]:
-    """``REPLIES`` frames for ``replies``, each at most ``limit`` bytes (a reply that is
-    larger alone was refused when it was made: ``context.reply`` checks its size)."""
-    head = bytes((_speedups.FRAME_VERSION, codec.REPLIES)) + b"\x91"  # [[reply, ...]]
-    frames: list[bytes] = []
-    parts: list[bytes] = []
-    size = 0
-    for reply in replies:
-        part = msgpack.packb(reply, use_bin_type=True)
-        if parts and len(head) + 5 + size + len(part) > limit:
-            frames.append(_replies_frame(head, parts))
-            parts, size = [], 0
-        parts.append(part)
-        size += len(part)
-    if parts:
-        frames.append(_replies_frame(head, parts))
-    return frames
-
-
-def _replies_frame(head: bytes, parts: list[bytes]) -> bytes:
-    n = len(parts)
-    if n < 16:
-        count = bytes((0x90 | n,))  # fixarray
-    elif n < 0x10000:
-        count = b"\xdc" + n.to_bytes(2, "big")  # array16
-    else:
-        count = b"\xdd" + n.to_bytes(4, "big")  # array32
-    return b"".join((head, count, *parts))
-
-
 #: frames only the coordinator (peer 0) sends
 _COORDINATOR_KINDS = frozenset({codec.CK_DONE, codec.CK_ABORT, codec.RECOVER, codec.RESUME})
 #: a frame whose generation is more than this above the newest the peer knows is refused
 GENERATION_WINDOW = 16
+#: a batch failing this many times in a row with an internal error (not a state store or
+#: function error) stops the dispatch loop, which /healthz reports (about 1.5 s of retries)
+INTERNAL_BATCH_ATTEMPTS = 5

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -191,7 +192,10 @@ class ClientKeys:
         Raises:
             ConfigError: the file is missing, unreadable or malformed (naming it).
         """
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # Python 3.10: the same parser as the tomli package (a dependency there)
+            import tomli as tomllib
 
         try:
             with open(path, "rb") as fh:

@@ -1,4 +1,9 @@
-"""The client endpoint of a peer: a ZeroMQ ROUTER serving MeshClient and the CLI."""
+"""The client endpoint of a peer: a ZeroMQ ROUTER serving MeshClient and the CLI.
+
+Owns: the client socket, decoding and answering client frames, the sends parked while the
+peer is full, and the egress readers' positions. It reaches its peer only through
+:class:`~statefun_mesh.client_host.ClientHost` (not ``Peer``: no import cycle).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from .address import parse_typename
+from .client_host import ClientHost, check_request_timeout
 from .errors import (
     FrameDecodeError,
     FunctionNotFoundError,
@@ -24,7 +30,6 @@ from .errors import (
     TypeNameError,
 )
 from .logutil import ThrottledLog
-from .peer import Peer, check_request_timeout
 from .transport import codec
 
 __all__ = ["ClientServer", "error_args"]
@@ -67,7 +72,7 @@ class ClientServer:
     logged with the client's routing id, and the server keeps running.
     """
 
-    def __init__(self, peer: Peer, endpoint: str, client_endpoints: list[str]) -> None:
+    def __init__(self, peer: ClientHost, endpoint: str, client_endpoints: list[str]) -> None:
         self.peer = peer
         self.endpoint = endpoint
         self.client_endpoints = client_endpoints
@@ -264,7 +269,7 @@ class ClientServer:
             if now - seen > READER_EXPIRY:
                 del self.readers[(ident, egress)]
                 continue
-            out.append((ident.hex()[:16], egress, max(self.peer._egress_head(egress) - nxt, 0)))
+            out.append((ident.hex()[:16], egress, max(self.peer.egress_head(egress) - nxt, 0)))
         return out
 
     def _check_pending(self, ident: bytes) -> None:

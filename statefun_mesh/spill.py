@@ -23,8 +23,8 @@ from typing import Any, Final
 import lmdb
 import msgpack
 
-from .errors import StateBackendError, StateCapacityError
-from .state.lmdb_backend import write_error
+from .errors import StateBackendError
+from .state.lmdb_backend import write_growing
 
 __all__ = ["Spill"]
 
@@ -62,21 +62,12 @@ class Spill:
         """
         data = msgpack.packb([list(r) for r in records], use_bin_type=True)
         key = _U64.pack(self._tail)
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    txn.put(key, data, append=True)
-                break
-            except lmdb.MapFullError as exc:
-                size = self.env.info()["map_size"]
-                if size * 2 > self.max_size:
-                    raise StateCapacityError(
-                        f"the inbox spill at {self.path} is full at {size >> 20} MiB; raise memory_budget or "
-                        "slow the input down"
-                    ) from exc
-                self.env.set_mapsize(size * 2)
-            except lmdb.Error as exc:
-                raise write_error("the inbox spill", self.path, exc, "messages stay in memory meanwhile") from exc
+        write_growing(
+            self.env, lambda txn: txn.put(key, data, append=True), what="the inbox spill", path=self.path,
+            max_size=self.max_size,
+            full=f"the inbox spill at {self.path} is full at {{mib}} MiB; raise memory_budget or slow the input down",
+            remedy="messages stay in memory meanwhile",
+        )  # fmt: skip
         self._tail += 1
         self.count += len(records)
 

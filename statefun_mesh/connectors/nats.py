@@ -31,7 +31,7 @@ from .. import _aio
 from .. import valuetypes as vt
 from ..address import check_id, parse_typename
 from ..client import MeshClient
-from ..errors import ConfigError, FunctionNotFoundError, StatefunMeshError
+from ..errors import ConfigError, FunctionNotFoundError, StatefunMeshError, UnmappableMessage
 from ..messages import Message
 
 __all__ = [
@@ -84,10 +84,6 @@ def _import_nats() -> Any:
 
 
 # -- mapping -------------------------------------------------------------------------------------
-
-
-class UnmappableMessage(ValueError):
-    """A NATS message that cannot become a mesh message; ``str(exc)`` says why."""
 
 
 def idempotency_key(headers: Mapping[str, str] | None, stream: str, seq: int, stream_created_ms: int) -> str:

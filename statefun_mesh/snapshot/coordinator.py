@@ -32,7 +32,8 @@ from .participant import part_to_dict
 
 if TYPE_CHECKING:
     from ..blobstore.base import BlobStore
-    from ..peer import Peer
+    from .host import RecoveryHost
+    from .participant import Participant
 
 __all__ = ["Coordinator", "latest_manifest", "list_checkpoints"]
 
@@ -76,10 +77,15 @@ async def latest_manifest(blobs: BlobStore, exclude: set[int] | frozenset[int] =
 
 
 class Coordinator:
-    """Runs on peer 0."""
+    """Runs on peer 0, beside that peer's own :class:`Participant`.
 
-    def __init__(self, peer: Peer, blobs: BlobStore) -> None:
-        self.peer = peer
+    It steers the peer only through ``host`` (:class:`~statefun_mesh.snapshot.host.RecoveryHost`)
+    and the local participant directly; other peers only through control frames.
+    """
+
+    def __init__(self, host: RecoveryHost, participant: Participant, blobs: BlobStore) -> None:
+        self.peer = host
+        self.participant = participant
         self.blobs = blobs
         self.generation = 0
         self.next_id = 0
@@ -97,7 +103,7 @@ class Coordinator:
         #: checkpoints a peer could not restore (a corrupted object): never tried again
         self.unrestorable: set[int] = set()
         #: the configured ``restore`` (``"latest"``, an id, or ``""``): used by the first round
-        self.restore = peer.config.restore
+        self.restore = host.config.restore
         #: for quiet logs: whether a completed checkpoint was logged at info level, and how
         #: many were aborted since the last one completed
         self.logged_complete = False
@@ -118,7 +124,7 @@ class Coordinator:
                 break
             except BlobStoreError as exc:
                 # generations must only grow: never guess 0 because the store failed
-                self.peer._tlog.error("blob store retries", "the coordinator cannot read the blob store: %s; "
+                self.peer.tlog.error("blob store retries", "the coordinator cannot read the blob store: %s; "
                                       "retrying in %.1f s", exc, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 10.0)
@@ -150,7 +156,7 @@ class Coordinator:
                 except BlobStoreError as exc:
                     # the store is down or failing (not a bad checkpoint): the mesh cannot
                     # restore anything until it answers, so try the round again
-                    self.peer._tlog.error("blob store retries", "recovery round %d: the blob store failed: %s; "
+                    self.peer.tlog.error("blob store retries", "recovery round %d: the blob store failed: %s; "
                                           "retrying the round in %.1f s", self.generation, exc, pause)  # fmt: skip
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 10.0)
@@ -181,7 +187,7 @@ class Coordinator:
         self._ready_event = asyncio.Event()
         frame = codec.encode_control(codec.RECOVER, gen, n)
         try:
-            await peer._recover(gen, manifest)
+            await peer.recover(gen, manifest)
         except IncompatibleSnapshotError:
             raise
         except SnapshotError as exc:
@@ -200,7 +206,7 @@ class Coordinator:
         while not self._ready_event.is_set():
             for p in range(peer.n_peers):
                 if p != peer.peer_id and p not in self.ready:
-                    peer._send(p, frame, generation=gen)
+                    peer.send_control(p, frame, generation=gen)
             try:
                 await _aio.wait_for(self._ready_event.wait(), 2.0)
             except (asyncio.TimeoutError, TimeoutError):
@@ -213,8 +219,8 @@ class Coordinator:
         resume = codec.encode_control(codec.RESUME, gen)
         for p in range(peer.n_peers):
             if p != peer.peer_id:
-                peer._send(p, resume, generation=gen)
-        peer._resume(gen)
+                peer.send_control(p, resume, generation=gen)
+        peer.resume(gen)
         self.restore = ""  # an explicit restore is done once; later rounds take the latest
         log.log(level, "recovery round %d done in %.2f s", gen, time.monotonic() - t0)
 
@@ -222,6 +228,7 @@ class Coordinator:
         """The checkpoint this round restores, after checking it fits this mesh."""
         n_peers = self.peer.n_peers
         spec = self.restore
+        manifest: Manifest | None
         if spec.isdigit():
             n = int(spec)
             if n in self.unrestorable:
@@ -285,7 +292,7 @@ class Coordinator:
         if src in self.ready and self.peer.resumed and (self._recovering is None or self._recovering.done()):
             # the round is over, yet the peer still waits: the RESUME it was sent was lost
             log.info("recovery round %d: peer %d did not get RESUME; sending it again", gen, src)
-            self.peer._send(src, codec.encode_control(codec.RESUME, gen), generation=gen)
+            self.peer.send_control(src, codec.encode_control(codec.RESUME, gen), generation=gen)
             return
         self.ready.add(src)
         if len(self.ready) == self.peer.n_peers:
@@ -314,7 +321,7 @@ class Coordinator:
         self.started_at = time.monotonic()
         self.acks = {}
         last = self.last_complete.checkpoint if self.last_complete is not None else -1
-        self.peer.participant.on_barrier(None, n, last)
+        self.participant.on_barrier(None, n, last)
         return n
 
     def on_ack(self, src: int, n: int, part: dict[str, Any] | None, error: str | None) -> None:
@@ -368,8 +375,8 @@ class Coordinator:
         done = codec.encode_control(codec.CK_DONE, n)
         for p in range(peer.n_peers):
             if p != peer.peer_id:
-                peer._send(p, done)
-        peer.participant.on_done(n)
+                peer.send_control(p, done)
+        self.participant.on_done(n)
         await self._collect_garbage()
 
     def abort(self, n: int, why: str) -> None:
@@ -381,8 +388,8 @@ class Coordinator:
         frame = codec.encode_control(codec.CK_ABORT, n)
         for p in range(self.peer.n_peers):
             if p != self.peer.peer_id:
-                self.peer._send(p, frame)
-        self.peer.participant.abort(n)
+                self.peer.send_control(p, frame)
+        self.participant.abort(n)
 
     async def _collect_garbage(self) -> None:
         """Delete manifests beyond the retention, and objects no retained manifest names."""

@@ -50,7 +50,8 @@ if TYPE_CHECKING:
     import lmdb
 
     from ..blobstore.base import BlobStore
-    from ..peer import Peer
+    from ..state.lmdb_backend import LmdbStateBackend
+    from .host import CheckpointHost
 
 __all__ = ["Participant"]
 
@@ -76,14 +77,17 @@ class _Snap:
 
 
 class Participant:
-    """Checkpoint and restore logic of one peer (the coordinator is peer 0's :class:`Coordinator`)."""
+    """Checkpoint and restore logic of one peer (the coordinator is peer 0's :class:`Coordinator`).
 
-    def __init__(self, peer: Peer, blobs: BlobStore) -> None:
-        self.peer = peer
+    It steers its peer only through ``host`` (:class:`~statefun_mesh.snapshot.host.CheckpointHost`).
+    """
+
+    def __init__(self, host: CheckpointHost, blobs: BlobStore) -> None:
+        self.host = host
         self.blobs = blobs
-        cfg = peer.config
+        cfg = host.config
         assert cfg.state_dir is not None
-        self.local_dir = os.path.join(cfg.state_dir, f"peer-{peer.peer_id}.checkpoints")
+        self.local_dir = os.path.join(cfg.state_dir, f"peer-{host.peer_id}.checkpoints")
         #: keep local copies of uploaded objects and restore from them (``local_recovery``)
         self.local_recovery = cfg.local_recovery
         if self.local_recovery:
@@ -97,7 +101,6 @@ class Participant:
         self.completed = -1
         #: wall-clock time (s) the last complete checkpoint was taken (for its age in ``status``)
         self.completed_at: float | None = None
-        self.restored_from: int | None = None
         self.inflight_restored: list[Any] = []
         self.ingress_position = 0
         #: (path, position) of removed peers' ingress logs to replay after a rescale
@@ -145,21 +148,18 @@ class Participant:
         self.pending = n
         self.pending_last_complete = last_complete
         self.pending_srcs = {src} if src is not None else set()
-        self.peer._hold_batches = True
-        if not self.peer._in_batch:
+        self.host.hold_input()
+        if not self.host.batch_running():
             self.take_snapshot()
-        else:
-            self.peer._wake.set()
 
     def take_snapshot(self) -> None:
         """Cut checkpoint ``self.pending`` now (called between batches)."""
-        peer = self.peer
+        host = self.host
         n = self.pending
         if n is None:
             return
         self.pending = None
-        assert peer.backend is not None
-        backend = peer.backend
+        backend = host.state_store()
         changes = self.carry | backend.take_changes()
         self.carry = set()
         txn = backend.read()
@@ -167,20 +167,17 @@ class Participant:
         # invocations (still running, or finished but not committed) and those queued
         # behind them. Their state in txn is from before them; their effects commit
         # after this cut and belong to the next checkpoint.
-        inbox = (peer.dispatcher.parked_records() if peer.dispatcher is not None else []) + list(peer._inbox)
-        spill_txn = peer._spill.cut() if peer._spill is not None else None
-        others = {p for p in range(peer.n_peers) if p != peer.peer_id}
+        inbox, spill_txn = host.cut_input()
+        others = {p for p in range(host.n_peers) if p != host.peer_id}
         barrier = codec.encode_control(codec.BARRIER, n, max(self.completed, self.pending_last_complete))
-        for p in others:
-            peer._flush_peer(p, force=True)
-            peer._send(p, barrier)
+        host.broadcast_barrier(barrier)
         # the log position of the last message routed into the mesh (one still being
         # appended, not yet routed, is not covered: recovery replays it)
-        ingress_pos = peer.ingress_routed if peer.ingress is not None else 0
-        self.snap = _Snap(n, txn, changes, inbox, ingress_pos, others - self.pending_srcs, peer.n_peers)
+        ingress_pos = host.routed_ingress_position()
+        self.snap = _Snap(n, txn, changes, inbox, ingress_pos, others - self.pending_srcs, host.n_peers)
         self.snap.spill_txn = spill_txn
         self.pending_srcs = set()
-        peer._release_held()
+        host.release_input()
         self._maybe_finalize()
 
     def on_records(self, src: int, records: list[Any]) -> None:
@@ -197,16 +194,16 @@ class Participant:
         self._upload = asyncio.create_task(self._finalize(snap), name=f"checkpoint {snap.n} upload")
 
     async def _finalize(self, snap: _Snap) -> None:
-        peer = self.peer
+        host = self.host
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
             part = await self._write_objects(snap)
         except (BlobStoreError, SnapshotError, OSError) as exc:
-            peer._tlog.error("failed checkpoint uploads", "peer %d: checkpoint %d could not be written: %s; "
-                             "processing goes on and the coordinator retries with the next checkpoint",
-                             peer.peer_id, snap.n, exc)  # fmt: skip
-            peer._checkpoint_ack(snap.n, None, str(exc))
+            host.tlog.error("failed checkpoint uploads", "peer %d: checkpoint %d could not be written: %s; "
+                            "processing goes on and the coordinator retries with the next checkpoint",
+                            host.peer_id, snap.n, exc)  # fmt: skip
+            host.acknowledge_checkpoint(snap.n, None, str(exc))
             return
         finally:
             if snap.txn is not None:
@@ -217,19 +214,18 @@ class Participant:
                 snap.spill_txn = None
         snap.part = part
         self.last_duration = loop.time() - started
-        peer._checkpoint_ack(snap.n, part, None)
+        host.acknowledge_checkpoint(snap.n, part, None)
 
     def _need_base(self) -> bool:
-        cfg = self.peer.config
+        cfg = self.host.config
         if not self.chain or len(self.chain) >= cfg.base_every:
             return True
         deltas = sum(r.size for r in self.chain[1:])
         return deltas > cfg.delta_ratio * max(self.chain[0].size, 1)
 
     async def _write_objects(self, snap: _Snap) -> PeerPart:
-        peer = self.peer
-        assert peer.backend is not None
-        backend = peer.backend
+        peer = self.host
+        backend = peer.state_store()
         kind = "base" if self._need_base() else "delta"
         n, me = snap.n, peer.peer_id
         lo, hi = peer.key_group_range
@@ -299,7 +295,7 @@ class Participant:
         except OSError:
             return None
         if hashlib.sha256(data).hexdigest() != ref.sha256:
-            log.warning("peer %d: local copy of %s does not match the manifest; downloading it", self.peer.peer_id,
+            log.warning("peer %d: local copy of %s does not match the manifest; downloading it", self.host.peer_id,
                         ref.name)  # fmt: skip
             return None
         return data
@@ -320,17 +316,18 @@ class Participant:
         self.history.append((n, self.completed_at, self.last_duration, self.last_bytes))
         del self.history[:-20]
         self.chain = list(snap.part.chain)
-        self.peer._release_egress(snap.part.egress)
+        self.host.release_egress(snap.part.egress)
         # Trim the ingress log only below the oldest retained checkpoint, so recovery can
         # still fall back to any retained checkpoint if a newer one turns out unreadable.
         self.positions.append(snap.ingress_pos)
-        del self.positions[: -self.peer.config.checkpoint_retention]
-        if self.peer.ingress is not None:
-            self.peer.ingress.trim(self.positions[0])
+        del self.positions[: -self.host.config.checkpoint_retention]
+        ingress = self.host.ingress_log()
+        if ingress is not None:
+            ingress.trim(self.positions[0])
         # removed peers' ingress logs replayed after a rescale: this checkpoint covers them
         for path in self.replayed_foreign:
             shutil.rmtree(path, ignore_errors=True)
-            log.info("peer %d: deleted %s (checkpoint %d covers its messages)", self.peer.peer_id, path, n)
+            log.info("peer %d: deleted %s (checkpoint %d covers its messages)", self.host.peer_id, path, n)
         self.replayed_foreign = []
         if not self.local_recovery:
             return
@@ -348,7 +345,7 @@ class Participant:
         if self.pending == n:
             self.pending = None
             self.pending_srcs = set()
-            self.peer._release_held()
+            self.host.release_input()
         if snap is None or snap.n != n:
             return
         self.snap = None
@@ -382,24 +379,20 @@ class Participant:
         the checkpoint objects, read from the local copies this peer kept when they are
         intact (and ``local_recovery`` is on), else from the blob store.
         """
-        peer = self.peer
+        peer = self.host
         cfg = peer.config
         if manifest is not None and manifest.max_parallelism != cfg.max_parallelism:
             raise IncompatibleSnapshotError(
                 f"checkpoint {manifest.checkpoint} was taken with max_parallelism {manifest.max_parallelism}, "
                 f"this mesh has {cfg.max_parallelism}; max_parallelism is fixed for the life of the application"
             )
-        if peer.backend is not None:
-            peer.backend.close()
-            peer.backend = None
-        if os.path.exists(peer.state_path):
-            shutil.rmtree(peer.state_path)
-        backend = peer._open_backend()
+        backend = peer.reopen_state_store()
+        ingress = peer.ingress_log()
         self.chain = []
         self.inflight_restored = []
         self.completed = -1
         released: dict[str, int] = {}
-        self.ingress_position = peer.ingress.first_offset if peer.ingress is not None else 0
+        self.ingress_position = ingress.first_offset if ingress is not None else 0
         self.foreign_ingress = []
         if manifest is not None and manifest.peers != peer.n_peers:
             released = await self._restore_rescaled(manifest, backend)
@@ -421,17 +414,12 @@ class Participant:
             released = dict(part.egress)
         backend.take_changes()
         self.carry = set()
-        self.restored_from = manifest.checkpoint if manifest is not None else None
         self.completed_at = manifest.created_ms / 1000 if manifest is not None else None
-        peer._released = released
-        peer._restored_heads = dict(released)
-        assert peer.dispatcher is not None
-        peer.dispatcher.reload_counters()  # the restored timer sequence, not the empty store's
-        peer._next_due = backend.next_timer_due()
+        peer.state_restored(released)
 
-    async def _restore_rescaled(self, manifest: Manifest, backend: Any) -> dict[str, int]:
+    async def _restore_rescaled(self, manifest: Manifest, backend: LmdbStateBackend) -> dict[str, int]:
         """Restore a checkpoint taken on another number of peers (see snapshot/rescale.py)."""
-        peer = self.peer
+        peer = self.host
         me, new_n, old_n = peer.peer_id, peer.n_peers, manifest.peers
         lo, hi = peer.key_group_range
         inherited = inherited_peers(me, old_n, new_n)
@@ -481,8 +469,8 @@ class Participant:
         self.completed = manifest.checkpoint
         if me < old_n:
             self.ingress_position = manifest.parts[me].ingress_position
-        elif peer.ingress is not None:
-            self.ingress_position = peer.ingress.next_offset  # a new peer: nothing of its own to replay
+        elif (ingress := peer.ingress_log()) is not None:
+            self.ingress_position = ingress.next_offset  # a new peer: nothing of its own to replay
         self.positions = [self.ingress_position]
         cfg = peer.config
         assert cfg.state_dir is not None
@@ -502,6 +490,16 @@ class Participant:
                     "%d messages in flight, egress of old peers %s", me, manifest.checkpoint, old_n, new_n,
                     lo, hi - 1, loaded, len(inflight), inherited)  # fmt: skip
         return released
+
+    def take_inflight_restored(self) -> list[Any]:
+        """The messages in flight at the restored cut, handed over once (the peer queues them)."""
+        records, self.inflight_restored = self.inflight_restored, []
+        return records
+
+    def note_replayed_foreign(self, path: str) -> None:
+        """The peer replayed the removed peer's ingress log at ``path``: delete it once a checkpoint covers it."""
+        if path not in self.replayed_foreign:
+            self.replayed_foreign.append(path)
 
     async def _fetch(self, ref: ObjectRef) -> bytes:
         data = await asyncio.to_thread(self._local, ref)

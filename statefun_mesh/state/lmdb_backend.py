@@ -34,8 +34,8 @@ import itertools
 import logging
 import os
 import struct
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Final, cast
 
 import lmdb
 import msgpack
@@ -51,6 +51,7 @@ __all__ = [
     "write_error",
     "encode_state_value",
     "state_key",
+    "state_key_parts",
     "timer_token_prefix",
 ]
 
@@ -72,8 +73,21 @@ _DUE_KG_SEQ: Final = struct.Struct(">QHQ")
 Op = tuple[Any, ...]
 
 
+#: the first two bytes of every ``state`` key of key group ``kg`` (``KG_PREFIXES[kg]``)
+KG_PREFIXES: Final = [kg.to_bytes(2, "big") for kg in range(32768)]
+
+
+def state_key_parts(typename: str, name: str) -> tuple[bytes, bytes]:
+    """The fixed parts of the ``state`` keys of value ``name`` of type ``typename``:
+    ``(type part, name part)``. A key is ``KG_PREFIXES[kg] + type part + id bytes +
+    name part`` (``id`` UTF-8, surrogates passed) when that is at most ``MAX_KEY``
+    bytes long, else :func:`state_key`'s hashed form; the dispatcher builds keys from
+    these parts on its hot path, :func:`state_key` everywhere else."""
+    return typename.encode() + b"\x00", b"\x00" + name.encode()
+
+
 def state_key(kg: int, typename: str, id: str, name: str) -> bytes:
-    """Return the ``state`` key of one value of one instance."""
+    """Return the ``state`` key of one value of one instance (the layout: see :func:`state_key_parts`)."""
     body = b"%s\x00%s\x00%s" % (typename.encode(), id.encode("utf-8", "surrogatepass"), name.encode())
     if len(body) + 2 <= MAX_KEY:
         return _KG.pack(kg) + body
@@ -141,6 +155,40 @@ def write_error(what: str, path: str, exc: Exception, remedy: str) -> StateBacke
             f"state_dir to a larger one; {remedy}"
         )
     return StateBackendError(f"writing to {what} at {path} failed: {text}; check the disk (dmesg); {remedy}")
+
+
+def write_growing(
+    env: lmdb.Environment,
+    write: Callable[[lmdb.Transaction], object],
+    *,
+    what: str,
+    path: str,
+    max_size: int,
+    full: str,
+    remedy: str,
+) -> None:
+    """Run ``write`` in one write transaction of ``env``, doubling the map while it does not
+    fit: the one grow-and-retry loop of every LMDB file of a peer (state store, ingress
+    log, inbox spill).
+
+    Raises:
+        StateCapacityError: the map would grow past ``max_size`` (its message: ``full``,
+            with the size reached put in for ``{mib}``), or the disk is full; nothing was written.
+        StateBackendError: any other LMDB failure (with ``remedy``); nothing was written.
+    """
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                write(txn)
+            return
+        except lmdb.MapFullError as exc:
+            size = env.info()["map_size"]
+            if size * 2 > max_size:
+                raise StateCapacityError(full.format(mib=size >> 20)) from exc
+            log.info("%s map full at %d MiB; growing to %d MiB", what, size >> 20, size >> 19)
+            env.set_mapsize(size * 2)
+        except lmdb.Error as exc:
+            raise write_error(what, path, exc, remedy) from exc
 
 
 class LmdbStateBackend:
@@ -221,10 +269,6 @@ class LmdbStateBackend:
         """
         return self.env.begin(buffers=False)
 
-    def db(self, name: str) -> Any:
-        """Return the handle of a named database (``state``, ``timers``, ``egress``, ...)."""
-        return self._dbs[name]
-
     def meta_int(self, key: bytes, default: int = 0) -> int:
         """Read an integer counter from ``meta``."""
         with self.env.begin() as txn:
@@ -291,10 +335,10 @@ class LmdbStateBackend:
         with txn.cursor(db=self.db_egress) as cur:
             found = cur.first()
             while found:
-                key = cur.key()
+                key = cast(bytes, cur.key())  # the store returns bytes (it is not opened with buffers=True)
                 prefix = key[:-8]
                 found = cur.prev() if cur.set_range(prefix + b"\xff" * 8) else cur.last()
-                last = cur.key()
+                last = cast(bytes, cur.key())
                 heads[prefix[:-1].decode()] = _U64.unpack_from(last, len(prefix))[0] + 1
                 found = cur.set_range(prefix + b"\xff" * 8 + b"\x00")
         return heads
@@ -302,7 +346,7 @@ class LmdbStateBackend:
     def iter_state(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
         """Iterate every ``state`` entry of a transaction's view, in key order."""
         with txn.cursor(db=self.db_state) as cur:
-            yield from cur.iternext()
+            yield from cast("Iterator[tuple[bytes, bytes]]", cur.iternext())
 
     # -- writes -----------------------------------------------------------------------
 
@@ -316,25 +360,13 @@ class LmdbStateBackend:
         """
         if not ops:
             return
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    self._apply(txn, ops)
-                return
-            except lmdb.MapFullError as exc:
-                size = self.env.info()["map_size"]
-                if size * 2 > self.max_map_size:
-                    raise StateCapacityError(
-                        f"the state store at {self.path} is full at its size limit "
-                        f"({size >> 20} MiB); raise max_map_size or delete state"
-                    ) from exc
-                log.info("state store map full at %d MiB; growing to %d MiB", size >> 20, size >> 19)
-                self.env.set_mapsize(size * 2)
-            except lmdb.Error as exc:
-                raise write_error(
-                    "the state store", self.path, exc,
-                    "nothing of the batch was applied; the peer retries it with backoff and goes on by itself",
-                ) from exc  # fmt: skip
+        write_growing(
+            self.env, lambda txn: self._apply(txn, ops), what="the state store", path=self.path,
+            max_size=self.max_map_size,
+            full=f"the state store at {self.path} is full at its size limit ({{mib}} MiB); raise max_map_size or "
+            "delete state",
+            remedy="nothing of the batch was applied; the peer retries it with backoff and goes on by itself",
+        )  # fmt: skip
 
     def _apply(self, txn: lmdb.Transaction, ops: Sequence[Op]) -> None:
         dbs = self._dbs
@@ -400,9 +432,9 @@ class LmdbStateBackend:
             if name == "meta":
                 continue
             with txn.cursor(db=db) as cur:
-                for key, value in cur.iternext():
+                for key, value in cast("Iterator[tuple[bytes, bytes]]", cur.iternext()):
                     yield name, key, value
-        raw = txn.get(b"timer_seq", db=self.db_meta)
+        raw = cast("bytes | None", txn.get(b"timer_seq", db=self.db_meta))
         if raw is not None:
             yield "meta", b"timer_seq", raw
 
@@ -412,7 +444,7 @@ class LmdbStateBackend:
         """The current value (``None``: deleted) in ``txn``'s view of every changed key, in key order."""
         dbs = self._dbs
         for name, key in sorted(changed):
-            yield name, key, txn.get(key, db=dbs[name])
+            yield name, key, cast("bytes | None", txn.get(key, db=dbs[name]))
 
     def load(self, entries: Iterable[tuple[str, bytes, bytes | None]], batch: int = 10_000) -> int:
         """Apply snapshot entries (puts, and deletes for ``None``) in order; return how many."""
@@ -434,7 +466,7 @@ class LmdbStateBackend:
         seqs: list[int] = []
         with txn.cursor(db=self.db_timer_tokens) as cur:
             if cur.set_range(prefix):
-                for key in cur.iternext(keys=True, values=False):
+                for key in cast("Iterator[bytes]", cur.iternext(keys=True, values=False)):
                     if not key.startswith(prefix):
                         break
                     seqs.append(_U64.unpack_from(key, len(prefix))[0])
@@ -461,9 +493,9 @@ class LmdbStateBackend:
             if not cur.set_range(prefix):
                 return
             track = self.changed
-            while cur.key() and cur.key() < end:
+            while cur.key() and cast(bytes, cur.key()) < end:
                 if track is not None:
-                    track.add(("egress", cur.key()))
+                    track.add(("egress", cast(bytes, cur.key())))
                 if not cur.delete():
                     break
 

@@ -35,6 +35,7 @@ from .._speedups import FRAME_VERSION, KIND_BATCH
 from ..errors import FrameDecodeError
 
 __all__ = [
+    "encode_reply_frames",
     "BARRIER",
     "CK_ABORT",
     "CK_ACK",
@@ -131,7 +132,8 @@ def frame_kind(frame: bytes) -> int:
 
 def encode_control(kind: int, *items: Any) -> bytes:
     """Encode a control frame of ``kind`` with ``items`` as its body."""
-    return bytes((FRAME_VERSION, kind)) + msgpack.packb(items, use_bin_type=True)
+    body: bytes = msgpack.packb(items, use_bin_type=True)
+    return bytes((FRAME_VERSION, kind)) + body
 
 
 def decode_control(frame: bytes, expect: frozenset[int] | None = None) -> tuple[int, list[Any]]:
@@ -159,3 +161,33 @@ def decode_control(frame: bytes, expect: frozenset[int] | None = None) -> tuple[
         if isinstance(item, bool) or not isinstance(item, tp):
             raise FrameDecodeError(f"{name} frame item {i} has the wrong type ({type(item).__name__})")
     return kind, items
+
+
+def encode_reply_frames(replies: list[Any], limit: int) -> list[bytes]:
+    """``REPLIES`` frames for ``replies``, each at most ``limit`` bytes (a reply that is
+    larger alone was refused when it was made: ``context.reply`` checks its size)."""
+    head = bytes((FRAME_VERSION, REPLIES)) + b"\x91"  # [[reply, ...]]
+    frames: list[bytes] = []
+    parts: list[bytes] = []
+    size = 0
+    for reply in replies:
+        part = msgpack.packb(reply, use_bin_type=True)
+        if parts and len(head) + 5 + size + len(part) > limit:
+            frames.append(_replies_frame(head, parts))
+            parts, size = [], 0
+        parts.append(part)
+        size += len(part)
+    if parts:
+        frames.append(_replies_frame(head, parts))
+    return frames
+
+
+def _replies_frame(head: bytes, parts: list[bytes]) -> bytes:
+    n = len(parts)
+    if n < 16:
+        count = bytes((0x90 | n,))  # fixarray
+    elif n < 0x10000:
+        count = b"\xdc" + n.to_bytes(2, "big")  # array16
+    else:
+        count = b"\xdd" + n.to_bytes(4, "big")  # array32
+    return b"".join((head, count, *parts))

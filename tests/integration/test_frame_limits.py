@@ -324,7 +324,7 @@ async def test_an_oversized_reply_fails_the_invocation(tmp_path: Path) -> None:
 
 def test_frames_to_the_msgpack_helper_are_consistent() -> None:
     # REPLIES frames are built by hand from packed parts: they decode as the codec's
-    from statefun_mesh.peer import _reply_frames
+    from statefun_mesh.transport.codec import encode_reply_frames as _reply_frames
 
     replies = [[i, 0, "t/v", bytes(i * 100), "a/b", str(i)] for i in range(60)]
     frames = _reply_frames(replies, 9000)

@@ -32,10 +32,9 @@ if _ROOT not in sys.path:
 
 from statefun_mesh import MeshClient, message_builder  # noqa: E402
 from statefun_mesh.connectors.nats_egress import EgressRoute, render  # noqa: E402
-from statefun_mesh.egress_io import kafka_egress_message  # noqa: E402
 from statefun_mesh.errors import ConfigError  # noqa: E402
 from statefun_mesh.mesh import free_ports  # noqa: E402
-from statefun_mesh.messages import EgressRecord  # noqa: E402
+from statefun_mesh.messages import EgressRecord, kafka_egress_message  # noqa: E402
 from tests.binaries import free_port  # noqa: E402
 from tests.integration.app import EMIT, JSON  # noqa: E402
 from tests.integration.support import ROOT, Cluster, run_cli  # noqa: E402

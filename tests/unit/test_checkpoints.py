@@ -20,6 +20,7 @@ from statefun_mesh import (
     egress_message_builder,
     message_builder,
 )
+from statefun_mesh.errors import ClosedTransportError
 from statefun_mesh.snapshot.coordinator import latest_manifest
 from statefun_mesh.snapshot.format import manifest_name
 
@@ -134,20 +135,6 @@ async def test_restore_after_restart_of_the_whole_mesh(tmp_path: Path) -> None:
         assert [await count_of(mesh, f"k{i}") for i in range(10)] == [10] * 10
 
 
-async def crash(peer: Peer) -> None:
-    """Stop a peer as abruptly as the process it stands for would die: no draining."""
-    peer._closing = True
-    tasks = [t for t in [peer._loop_task, peer._ingress_task, peer._recovery_task, *peer._tasks] if t]
-    if peer.coordinator is not None:
-        await peer.coordinator.aclose()
-    if peer.participant is not None:
-        peer.participant.reset()
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await peer._release_resources()
-
-
 async def test_a_peer_dies_and_every_message_counts_exactly_once(tmp_path: Path) -> None:
     cfg_kw = settings(tmp_path)
     functions = app()
@@ -178,7 +165,7 @@ async def test_a_peer_dies_and_every_message_counts_exactly_once(tmp_path: Path)
             await mesh.peers[0].send(message_builder(target_typename="ck/ping", target_id=f"c{c}a", int_value=200))
         await asyncio.sleep(0.3)
         victim = mesh._peers[2]
-        await crash(victim)
+        await victim.abort()  # as abruptly as the process it stands for would die: no draining
         await send_some(100)  # accepted by peers 0 and 1 while peer 2 is down
         # peer 2 comes back: the coordinator sees its new incarnation and recovers everyone
         reborn = Peer(config, functions, peer_id=2)
@@ -190,6 +177,17 @@ async def test_a_peer_dies_and_every_message_counts_exactly_once(tmp_path: Path)
         for key, n in sent.items():
             assert await count_of(mesh, key) == n, key
         assert await count_of(mesh, "chains-done") == 5
+
+
+async def test_abort_stops_a_peer_without_draining_and_aclose_then_returns(tmp_path: Path) -> None:
+    async with LocalMesh(app(), peers=2, **settings(tmp_path)) as mesh:
+        await wait_for(lambda: all(p.resumed for p in mesh.peers), 30, "start")
+        victim = mesh.peers[1]
+        await victim.abort()
+        assert not victim.running and victim.backend is None and victim.ingress is None
+        await asyncio.wait_for(victim.aclose(), 5)  # the mesh's own close of it must not hang
+        with pytest.raises(ClosedTransportError):
+            await victim.send(message_builder(target_typename="ck/counter", target_id="x", int_value=1))
 
 
 async def test_corrupted_latest_checkpoint_is_skipped(tmp_path: Path) -> None:
@@ -304,6 +302,10 @@ async def test_a_recovery_sends_nothing_of_the_old_timeline_under_the_new_genera
             for r in decode_batch(f)
             if r[1] == "old-timeline"
         ]
+        # the spy saw the recovery's own frames (READY, the REPLAYED marker) in the new
+        # generation: had it seen nothing, "nothing leaked" would prove nothing
+        new_kinds = {f[1] for _, g, f in sent if g > old_gen}
+        assert {codec.READY, codec.REPLAYED} <= new_kinds, f"the spy saw {len(sent)} frames: {sent[:5]}"
         assert not leaked
 
 

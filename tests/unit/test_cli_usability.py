@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 from statefun_mesh import LocalMesh, message_builder
 from statefun_mesh.cli import build_parser, status_table

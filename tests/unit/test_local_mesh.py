@@ -570,3 +570,38 @@ async def test_expired_idempotency_keys_are_purged(tmp_path: Path) -> None:
                         idempotency_key="key-1")
         r = await mesh.request(message_builder(target_typename="test/counter", target_id="k1", int_value=0))
         assert r.as_int() == 2
+
+
+async def test_a_batch_failing_internally_again_and_again_stops_the_loop_and_says_why(tmp_path: Path) -> None:
+    # Regression (issue 11): an internal error in a batch (a bug, not a failing disk or
+    # function) was retried for ever, every 5 s, with the peer looking healthy. Now a few
+    # attempts, then the loop stops with an error naming the batch, and /healthz says so.
+    from statefun_mesh.errors import StatefunMeshError
+    from statefun_mesh.metrics import _alive
+    from statefun_mesh.peer import INTERNAL_BATCH_ATTEMPTS
+
+    async with LocalMesh(counter_functions(), state_dir=str(tmp_path)) as mesh:
+        peer = mesh.peers[0]
+        await mesh.send(message_builder(target_typename="test/counter", target_id="ok", int_value=1))
+        await mesh.idle()
+        assert peer.dispatch_failure() is None and _alive(peer) is None
+        calls = 0
+
+        async def broken(*args: object, **kwargs: object) -> None:  # fault injection: a dispatcher bug
+            nonlocal calls
+            calls += 1
+            raise RuntimeError("a bug in the dispatcher")
+
+        assert peer.dispatcher is not None
+        peer.dispatcher.run = broken  # type: ignore[method-assign]
+        await mesh.send(message_builder(target_typename="test/counter", target_id="poison", int_value=1))
+        for _ in range(200):  # bounded: the attempts back off 0.05 + 0.1 + 0.2 + 0.4 s
+            if peer.dispatch_failure() is not None:
+                break
+            await asyncio.sleep(0.05)
+        failure = peer.dispatch_failure()
+        assert isinstance(failure, StatefunMeshError), f"the loop still retries after {calls} attempts"
+        assert calls == INTERNAL_BATCH_ATTEMPTS
+        text = str(failure)
+        assert "test/counter/poison" in text and "a bug in the dispatcher" in text and "restart the peer" in text
+        assert "the dispatch loop died" in (_alive(peer) or "")

@@ -23,7 +23,6 @@ from statefun_mesh import (
 )
 from statefun_mesh.config import load_config
 from statefun_mesh.peer import Peer
-from tests.unit.test_checkpoints import crash
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,7 +173,7 @@ async def test_readyz_is_503_until_the_mesh_has_recovered_then_200(tmp_path: Pat
             await restore(manifest)
 
         p0.participant.restore = restore_and_look  # a spy: the restore itself is the real one
-        await crash(p1)
+        await p1.abort()
         if p1._unwatch is not None:  # the process it stands for would take its watchdog along
             p1._unwatch()
         p1 = Peer(config, functions, peer_id=1)

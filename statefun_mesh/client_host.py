@@ -1,0 +1,90 @@
+"""What the client endpoint (server.py) and other front doors may ask of a peer.
+
+:class:`ClientHost` is the typed interface ``Peer`` offers to code that admits client
+messages and serves egress reads; ``server.py`` depends on it, not on ``Peer``, so the
+peer can import its front doors without an import cycle. Also here: the request-timeout
+check both sides apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .config import MeshConfig
+    from .dispatch import Record
+    from .messages import EgressRecord, Message
+
+__all__ = ["ClientHost", "check_request_timeout"]
+
+def check_request_timeout(timeout: object, maximum: float) -> float:
+    """Return ``timeout`` if it is a finite number of seconds in (0, ``maximum``].
+
+    Raises:
+        ValueError: it is not (NaN, infinite, negative, zero, too long, not a number).
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ValueError(f"a request timeout must be a number of seconds, got {type(timeout).__name__}")
+    if not (math.isfinite(timeout) and 0 < timeout <= maximum):
+        raise ValueError(
+            f"a request timeout must be a finite number of seconds > 0 and at most {maximum:g} "
+            f"(max_request_timeout), got {timeout!r}"
+        )
+    return float(timeout)
+
+
+class ClientHost(Protocol):
+    """The peer as its client endpoint sees it."""
+
+    #: frames refused as malformed (the endpoint counts its own in too)
+    bad_frames: int
+
+    @property
+    def config(self) -> MeshConfig: ...
+
+    @property
+    def peer_id(self) -> int: ...
+
+    @property
+    def n_peers(self) -> int: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def table(self) -> Mapping[str, Any]:
+        """The locally bound function types."""
+        ...
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def checkpointing(self) -> bool: ...
+
+    def is_remote(self, typename: str) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def check_message(self, rec: Record, what: str = "message") -> None: ...
+
+    def admits(self) -> bool: ...
+
+    async def admit(self) -> None: ...
+
+    def accept_nowait(self, rec: Record, *, durable: bool = True) -> asyncio.Future[None] | None: ...
+
+    async def request_raw(self, typename: str, id: str, vt: str, value: bytes, timeout: float) -> Message: ...
+
+    def egress_position(self, typename: str, start: str | int) -> int: ...
+
+    def egress_head(self, typename: str) -> int: ...
+
+    def egress_resume(self, typename: str, pos: int, generation: int) -> int: ...
+
+    def egress_read(self, typename: str, pos: int, limit: int) -> list[EgressRecord]: ...
+
+    async def egress_wait(self, typename: str, pos: int, timeout: float) -> None: ...
