@@ -447,12 +447,14 @@ async def test_soak_100_sigkills(soak_mesh: CrashMesh) -> None:
     await run_soak(soak_mesh, kills=100, budget=2900, pause=0.05)
 
 
+@pytest.mark.slow  # the deterministic regression is tests/unit/test_timers_held.py
 @pytest.mark.timeout(150)
 async def test_a_peer_killed_in_the_first_round_of_a_restarted_coordinator(soak_mesh: CrashMesh) -> None:
-    """Found by the soak (seed 102602143): peer 0 (the coordinator) is killed and restarts; in
-    the recovery round its new process starts, peer 2 is killed too. The new coordinator never
-    heard peer 2's former incarnation, so it takes the new peer 2 for a first contact, not a
-    restart, and lets it join the round under way, while peer 1 holds frames and credit from
-    the former peer 2 in that same generation. Three times in a row, under the soak's load."""
+    """Where the soak first saw the mesh stall (seed 102602143): peer 0 (the coordinator) is
+    killed and restarts, and peer 2 is killed during the recovery round the new coordinator
+    starts; three times in a row, under the soak's load. The stall was a peer whose timers
+    were held after the round, one of them overdue: its loop spun without yielding and never
+    read the REPLAYED marker that would release them (the peer's log: "task 'statefun-mesh
+    peer 2 dispatch' still holds the event loop, for 32.2 s now")."""
     script = [(0, "steady"), (2, "recovery")] * 3
     await run_soak(soak_mesh, kills=len(script), budget=130, pause=0.02, script=script)
