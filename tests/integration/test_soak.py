@@ -68,6 +68,7 @@ class Kill:
     mode: str
     note: str
     at: float  # monotonic time of the kill
+    wall: float = 0.0  # wall-clock time of the kill (the peers' log lines have wall-clock times)
     recovered_s: float | None = None  # kill -> every peer answers (None: the next kill came first)
 
 
@@ -91,6 +92,8 @@ class Load:
         self.cancelled: dict[str, bool] = {}  # timer target -> the cancellation must win
         self.latest_due = 0.0  # monotonic; no timer can be due later than this (plus processing lag)
         self.latencies: list[float] = []
+        #: idempotency key -> (wall-clock time of its acceptance, index of the peer that accepted it)
+        self.accepted: dict[str, tuple[float, int]] = {}
 
     async def _send(self, msg: Any, key: str, first: int) -> tuple[float, float, int]:
         """Send until accepted; (monotonic start, acceptance, index of the peer that accepted)."""
@@ -98,7 +101,9 @@ class Load:
         n = await self.clients.send(msg, key, first=first, deadline=self.deadline)
         t1 = time.monotonic()
         self.latencies.append(t1 - t0)
-        return t0, t1, (first + n - 1) % len(self.clients.clients)
+        via = (first + n - 1) % len(self.clients.clients)
+        self.accepted[key] = (time.time(), via)
+        return t0, t1, via
 
     async def counters(self, w: int) -> None:
         n = 0
@@ -206,7 +211,7 @@ async def _killer(mesh: CrashMesh, kills: int, rng: random.Random, probes: list[
             note = f"checkpoint {n} being written" if n is not None else "no checkpoint seen under way"
         mark = mesh.log_path.stat().st_size
         old, t_kill = mesh.kill_peer(victims[j])
-        kill = Kill(victims[j], mode, note, t_kill)
+        kill = Kill(victims[j], mode, note, t_kill, time.time())
         done.append(kill)
         await asyncio.to_thread(mesh.wait_peer_restarted, victims[j], old, 40)
         if j + 1 < kills and modes[j + 1] == "recovery":
@@ -295,7 +300,8 @@ async def _settle(clients: Clients, load: Load, deadline: float) -> dict[tuple[s
         r = await clients.request(app.query(*what), first=i, deadline=deadline)
         return what, reply_json(r)
 
-    while pending and time.monotonic() < deadline - 15:
+    settle_end = min(deadline - 15, time.monotonic() + 120)
+    while pending and time.monotonic() < settle_end:
         got = await gather_bounded((ask(i, w) for i, w in enumerate(pending)), 32)
         pending = [w for w, doc in got if not _matches(want[w], doc)]
         if pending:
@@ -305,6 +311,11 @@ async def _settle(clients: Clients, load: Load, deadline: float) -> dict[tuple[s
     await asyncio.sleep(1.0)
     got = await gather_bounded((ask(i, w) for i, w in enumerate(want)), 32)
     return {w: (want[w], doc) for w, doc in got if not _matches(want[w], doc)}
+
+
+def _hms(t: float) -> str:
+    """A wall-clock time as the peers' log lines show it (local time, milliseconds)."""
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f",{int(t * 1000) % 1000:03d}"
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -401,7 +412,17 @@ async def run_soak(mesh: CrashMesh, *, kills: int, budget: float, pause: float, 
                             f"(e.g. {sorted(missing)[:5]}), {len(extra)} unexpected; "
                             f"offsets not 0..n-1: {gaps}")  # fmt: skip
         if problems:
-            problems.append(f"seed {seed}; kills: {[(k.peer, k.mode, k.note, round(k.at - started, 2)) for k in done]}")
+            keys = {f"inc {v.split('|')[1]}": v.split("|")[1] for v in missing}
+            for (typename, id), _ in wrong.items():
+                if typename == app.DONE:
+                    keys[f"{typename} {id}"] = f"start-{id}"
+                elif typename == app.TIMER_TARGET:
+                    keys[f"{typename} {id}"] = f"set-{id[1:]}"
+            when = sorted((load.accepted[k], what) for what, k in keys.items() if k in load.accepted)
+            problems.append("accepted (wall clock, through peer) of what is missing: " + "; ".join(
+                f"{what} at {_hms(t)} via peer {via}" for (t, via), what in when[:40]))
+            problems.append(f"seed {seed}; kills (peer, kind, note, wall clock): "
+                            f"{[(k.peer, k.mode, k.note, _hms(k.wall)) for k in done]}")  # fmt: skip
             problems.append(f"launcher log: {mesh.log_path}")
         assert not problems, "\n".join(problems)
         slow = [(k.peer, k.mode, round(k.recovered_s, 1)) for k in done if (k.recovered_s or 0) > RECOVERY_BOUND]
