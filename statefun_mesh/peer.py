@@ -1484,6 +1484,13 @@ class Peer:
     def _timer_due(self, now_ms: int) -> bool:
         return self._next_due is not None and self._next_due <= now_ms and not self._timers_held
 
+    def _timer_deadline(self) -> float | None:
+        """When the loop's wait must end for the next timer: never while timers are held (after
+        a recovery, until every peer's REPLAYED marker came): an overdue timer's deadline is
+        already past, the wait would return at once and the loop spin without yielding, so
+        the marker that releases the timers could never be read (found by the soak test)."""
+        return None if self._next_due is None or self._timers_held else self._next_due / 1000
+
     async def _loop(self) -> None:
         assert self.backend is not None and self.dispatcher is not None
         inbox = self._inbox
@@ -1511,7 +1518,7 @@ class Peer:
                 self._grant_credits()
                 if self._closing:
                     return
-                await self.clock.wait(self._wake, None if self._next_due is None else self._next_due / 1000)
+                await self.clock.wait(self._wake, self._timer_deadline())
                 self._wake.clear()
                 continue
             self._blocked = False
@@ -1525,8 +1532,7 @@ class Peer:
                     if self._closing:
                         return
                     self._idle.set()
-                deadline = None if self._next_due is None else self._next_due / 1000
-                await self.clock.wait(self._wake, deadline)
+                await self.clock.wait(self._wake, self._timer_deadline())
                 self._wake.clear()
                 continue
             self._idle.clear()

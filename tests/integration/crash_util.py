@@ -109,8 +109,11 @@ class CrashMesh:
 
     def __init__(self, workdir: Path, *, peers: int = PEERS, checkpoint_interval: float = 0.5,
                  port: int | None = None, extra_config: str = "", blobs: FileBlobs | S3Blobs | None = None,
-                 state_dir: Path | None = None, checkpoints: bool = True) -> None:  # fmt: skip
+                 state_dir: Path | None = None, checkpoints: bool = True,
+                 apps: list[str] | None = None) -> None:  # fmt: skip
         self.workdir = workdir
+        #: the StatefulFunctions to run (``MODULE:ATTR``; default: crash_app's)
+        self.apps = apps or [APP]
         self.peers = peers
         self.port = port or free_ports(1)[0]
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
@@ -141,7 +144,7 @@ class CrashMesh:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.runs += 1
         cmd = [
-            sys.executable, "-m", "statefun_mesh", "run", APP,
+            sys.executable, "-m", "statefun_mesh", "run", *self.apps,
             "--peers", str(self.peers), "--transport", "ipc",
             "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir),
         ]  # fmt: skip
