@@ -35,7 +35,9 @@ FANOUT = int(os.environ.get("MEMORY_BOUND_FANOUT", "2000"))
 PAD = "p" * 1000  # bytes carried by every fanned-out message
 #: peak growth of a peer's anonymous RSS over its baseline: the budget, one address's
 #: output beyond it, the credit windows in flight, interpreter and allocator overheads
-#: (measured 43-48 MiB; before the budget 74-127 MiB, and 2.6 GB on the issue's load)
+#: (measured 43-48 MiB without checkpoints, 54-63 MiB with one every 2 s (before objects
+#: were written in bounded memory: 149-203 MiB); before the budget 74-127 MiB, and 2.6 GB
+#: on the issue's load)
 GROWTH_BOUND_MIB = 80
 #: Checkpoints every 2 s, cut while messages are spilled: their objects are written to
 #: files a chunk at a time (docs/architecture.md §5), so they stay inside the bound too.
@@ -45,7 +47,7 @@ IDLE_SLACK_MIB = 32  # measured +6..12 MiB; before: +51..125 MiB
 
 
 def config(budget_mib: int, checkpoint_interval: float = 2.0) -> str:
-    # credit_window bounds the messages in flight on each channel, outside memory_budget
+    # credit_window bounds the messages in flight on each channel (and memory_budget their bytes)
     return f"memory_budget = {budget_mib << 20}\ncredit_window = 2000\ncheckpoint_interval = {checkpoint_interval}\n"
 
 
