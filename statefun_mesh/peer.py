@@ -1157,16 +1157,20 @@ class Peer:
         self._seal(p)
         frames = self._frames[p]
         sent = False
-        # within the credit (records) and the link window (bytes; a frame larger than the
-        # window goes alone), so a receiver still in an older generation can hold it all
+        # within the credit (records) and the link window (bytes), so a receiver still in an
+        # older generation can hold it all; a frame larger than the window (one large
+        # message) goes once under a quarter of it is outstanding, and a sender stopped
+        # by the window always has a quarter outstanding, which the receiver grants back
+        window, quarter = self._link_bytes, self._link_bytes // 4
         while frames and (force or (self._credit[p] > 0 and (
-                not self._sent_bytes[p] or self._sent_bytes[p] + len(frames[0][1]) <= self._link_bytes))):  # fmt: skip
+                self._sent_bytes[p] < quarter or self._sent_bytes[p] + len(frames[0][1]) <= window))):  # fmt: skip
             n, frame = frames.popleft()
             self._framed[p] -= n
             self._framed_bytes[p] -= len(frame)
             self._credit[p] -= n
-            self._sent_bytes[p] += len(frame)
-            self._sent_frames[p].append([n, len(frame)])
+            if n:  # a batch (a marker has no records, and no grant would return its bytes)
+                self._sent_bytes[p] += len(frame)
+                self._sent_frames[p].append([n, len(frame)])
             self.sent_records[p] += n
             self._send(p, frame)
             sent = True
