@@ -28,7 +28,8 @@ class IngressWriter:
     """Args:
     peer_id: the peer's index (in log lines).
     log: the peer's ingress log (``None`` once closed).
-    generation, resumed: the peer's current generation, and whether it processes in it.
+    generation, resumed: the peer's current generation, and whether it routes client messages in it
+        (it processes, and replays no ingress log after a recovery).
     route: routes client messages into the mesh (once logged).
     check_space: wakes clients waiting for admission (what was queued here left).
     tlog: the peer's throttled log.

@@ -125,7 +125,16 @@ class Peer:
         #: sealed frames waiting for credit, per peer: (records, frame)
         self._frames: list[collections.deque[tuple[int, bytes]]] = [collections.deque() for _ in range(n)]
         self._framed = [0] * n  # records in _frames[p]
-        self._frame_cap = max(config.max_frame_bytes // 2, 4096)
+        #: bytes this peer may have in flight to each other peer (sent, not yet credited):
+        #: the receiver's quarter of memory_budget for them, shared by the peers sending to
+        #: it, so credit bounds bytes as well as records (credit_window x max_message_bytes
+        #: could be GBs); frames are at most half of it, so a window holds a few
+        self._link_bytes = max(config.memory_budget // 4 // max(n - 1, 1), 8192)
+        self._frame_cap = max(min(config.max_frame_bytes // 2, self._link_bytes // 2), 4096)
+        self._sent_bytes = [0] * n  # bytes sent to each peer and not yet credited back
+        #: per peer, the frames sent and not yet credited back: [records, bytes], oldest first
+        self._sent_frames: list[collections.deque[list[int]]] = [collections.deque() for _ in range(n)]
+        self._owed_bytes = [0] * n  # bytes received from each peer and not yet credited
         #: the largest batch frame: what the receiver admits, less the generation prefix
         self._frame_limit = config.max_frame_bytes - _GEN.size
         self._message_limit = config.message_limit
@@ -195,7 +204,8 @@ class Peer:
                                       closing=lambda: self._closing)  # fmt: skip
         #: group commit of client messages into the ingress log (ingress_writer.py)
         self.ingress_writer = IngressWriter(peer_id, lambda: self.ingress, lambda: self.generation,
-                                            lambda: self.resumed, lambda recs: self._route(recs, from_client=True),
+                                            lambda: self.resumed and self._replay_pos is None,
+                                            lambda recs: self._route(recs, from_client=True),
                                             self._check_space, self._tlog)  # fmt: skip
         self._recovery_task: asyncio.Task[None] | None = None
         self._recovery_done = False
@@ -203,6 +213,9 @@ class Peer:
         self._ready_sent = 0.0
         self._next_purge = 0
         self._purge_from = b""
+        #: the ingress log position the replay after a recovery continues from (None: not replaying)
+        self._replay_pos: int | None = None
+        self._replayed = 0
         #: checkpoints this peer could not write (its upload failed), and the newest failure
         self.checkpoint_failures = 0
         self._checkpoint_error: tuple[int, str] | None = None
@@ -459,6 +472,8 @@ class Peer:
         self._drop_queues()  # again: requests may have queued output while the loop stopped
         self._credit = [self.config.credit_window] * self.n_peers
         self._owed = [0] * self.n_peers
+        for p in range(self.n_peers):
+            self._reset_sent(p)
         self.sent_records = [0] * self.n_peers
         self.received_records = [0] * self.n_peers
         self._hold_batches = False
@@ -481,21 +496,51 @@ class Peer:
         # position; both are queued before this peer reports READY, so when the mesh
         # resumes every replayed message is already on its way, ahead of new input.
         self._enqueue(self.participant.take_inflight_restored())
+        self._replayed_from = set()
         if self.ingress is not None:
-            self._replay(self.participant.ingress_position)
-            for path, position in self.participant.foreign_ingress:
+            # The ingress log is replayed in slices while the outgoing buffers have room
+            # (the rest by the loop as credit frees them, never all at once); meanwhile
+            # clients wait (_full) and a cut records the replay position as routed.
+            self._replay_pos = self.ingress_writer.routed = self.participant.ingress_position
+            self._replayed = 0
+            self._replay_some()
+        else:
+            self._replay_done()
+
+    def _replay_some(self) -> None:
+        """Route more of the ingress log being replayed, while outgoing buffers have room."""
+        assert self.ingress is not None
+        pos = self._replay_pos
+        while pos is not None and self._out_bytes() < self._out_cap:
+            entries = self.ingress.read(pos, _REPLAY_SLICE)
+            if not entries:
+                self._replay_done()
+                return
+            self._route([tuple(rec) for _, rec in entries])
+            self._replayed += len(entries)
+            pos = self._replay_pos = self.ingress_writer.routed = entries[-1][0] + 1
+
+    def _replay_done(self) -> None:
+        """The ingress log is replayed: then removed peers' logs (after a rescale), then the markers."""
+        self._replay_pos = None
+        if self.ingress is not None:
+            self.ingress_writer.routed = self.ingress.next_offset
+            if self._replayed:
+                log.info("peer %d: replayed %d messages from its ingress log", self.peer_id, self._replayed)
+            assert self.participant is not None
+            for path, position in self.participant.take_foreign_ingress():
                 self._replay_foreign(path, position)
         # Behind the replayed messages on every channel: a marker. A peer fires no timer
         # after a recovery until it has the marker from every other peer and has processed
         # what came before it, so a replayed cancellation is never overtaken by its timer.
-        self._replayed_from = set()
-        marker = codec.encode_control(codec.REPLAYED, gen)
+        marker = codec.encode_control(codec.REPLAYED, self.generation)
         for p in range(self.n_peers):
             if p != self.peer_id:
                 self._seal(p)
                 self._frames[p].append((0, marker))
                 self._framed_bytes[p] += len(marker)
         self._flush_all()
+        self._check_space()
 
     async def _stop_loop(self, task: asyncio.Task[None], gen: int) -> None:
         """Cancel the dispatch loop and wait until it has stopped. ``asyncio.wait`` neither
@@ -534,20 +579,6 @@ class Peer:
         self._wake.set()
         self._flush_all()
         log.debug("peer %d processing (generation %d)", self.peer_id, gen)  # `ready` (or a recovery round) says it
-
-    def _replay(self, position: int) -> None:
-        assert self.ingress is not None
-        replayed = 0
-        while True:
-            entries = self.ingress.read(position, 1000)
-            if not entries:
-                break
-            self._route([tuple(rec) for _, rec in entries])
-            replayed += len(entries)
-            position = entries[-1][0] + 1
-        self.ingress_writer.routed = self.ingress.next_offset
-        if replayed:
-            log.info("peer %d: replaying %d messages from its ingress log", self.peer_id, replayed)
 
     def _replay_foreign(self, path: str, position: int) -> None:
         """After a rescale: replay a removed peer's ingress log from ``position``."""
@@ -724,6 +755,7 @@ class Peer:
             self.pressure() >= self.config.inbox_limit
             or self.queued_bytes() >= self._out_cap
             or (self._spill is not None and self._spill.count > 0)
+            or self._replay_pos is not None
         )
 
     async def submit(self, rec: Record, *, durable: bool = True) -> None:
@@ -875,7 +907,8 @@ class Peer:
     async def idle(self) -> None:
         """Wait until this peer has processed everything queued here (and every due timer)."""
         while True:
-            if self._inbox or (self._spill and self._spill.count) or self._timer_due(self._now_ms()):
+            if (self._inbox or (self._spill and self._spill.count) or self._timer_due(self._now_ms())
+                    or self._replay_pos is not None):  # fmt: skip
                 self._idle.clear()
                 self._wake.set()
             elif self._idle.is_set() or self._closing:
@@ -887,6 +920,7 @@ class Peer:
         return (
             not self._inbox
             and not (self._spill and self._spill.count)
+            and self._replay_pos is None
             and self._idle.is_set()
             and not any(len(e) for e in self._out)
             and not any(self._frames)
@@ -904,7 +938,8 @@ class Peer:
             "spilled": self._spill.count if self._spill else 0,
             "memory": {"inbox": self._inbox_bytes, "outgoing": self._out_bytes(), "held": self._held_bytes,
                        "budget": self.config.memory_budget, "spilled_total": self.spilled_total,
-                       "credit_waits": self.credit_waits},
+                       "credit_waits": self.credit_waits, "in_flight": sum(self._sent_bytes),
+                       "link_window": self._link_bytes},
             "outgoing": [len(e) + f for e, f in zip(self._out, self._framed, strict=True)],
             "credit": list(self._credit),
             "batches": self.batches,
@@ -990,10 +1025,14 @@ class Peer:
                 max_records, limit, cap = self.config.max_frame_records, self._frame_limit, self._frame_cap
                 i, n = 0, len(part)
                 while i < n:
-                    j = enc.fill(part, i, limit, max_records)
+                    j = enc.fill(part, i, min(cap, limit), max_records)
                     if j == i and not len(enc):
-                        self._drop_oversized(p, part[i])
-                        j += 1
+                        j = enc.fill(part, i, limit, 1)  # a record over the frame cap: a frame of its own
+                        if j == i:
+                            self._drop_oversized(p, part[i])
+                            j += 1
+                        else:
+                            self._seal(p)
                     elif j < n or len(enc) >= max_records or enc.nbytes >= cap:
                         self._seal(p)
                     i = j
@@ -1115,11 +1154,20 @@ class Peer:
         self._seal(p)
         frames = self._frames[p]
         sent = False
-        while frames and (self._credit[p] > 0 or force):
+        # within the credit (records) and the link window (bytes), so a receiver still in an
+        # older generation can hold it all; a frame larger than the window (one large
+        # message) goes once under a quarter of it is outstanding, and a sender stopped
+        # by the window always has a quarter outstanding, which the receiver grants back
+        window, quarter = self._link_bytes, self._link_bytes // 4
+        while frames and (force or (self._credit[p] > 0 and (
+                self._sent_bytes[p] < quarter or self._sent_bytes[p] + len(frames[0][1]) <= window))):  # fmt: skip
             n, frame = frames.popleft()
             self._framed[p] -= n
             self._framed_bytes[p] -= len(frame)
             self._credit[p] -= n
+            if n:  # a batch (a marker has no records, and no grant would return its bytes)
+                self._sent_bytes[p] += len(frame)
+                self._sent_frames[p].append([n, len(frame)])
             self.sent_records[p] += n
             self._send(p, frame)
             sent = True
@@ -1159,12 +1207,38 @@ class Peer:
         ):
             return  # the sender keeps the rest until this peer has room in memory
         quarter = max(self.config.credit_window // 4, 1)
+        quarter_bytes = self._link_bytes // 4
         empty = not self._inbox
         for p in range(self.n_peers):
             owed = self._owed[p]
-            if owed and (owed >= quarter or empty):
+            if owed and (owed >= quarter or self._owed_bytes[p] >= quarter_bytes or empty or self._blocked):
                 self._owed[p] = 0
+                self._owed_bytes[p] = 0
                 self._send(p, codec.encode_control(codec.CREDIT, owed))
+
+    def _credited(self, p: int, n: int) -> None:
+        """Peer ``p`` granted ``n`` records back: they and their bytes are no longer in flight.
+        Grants come in the order the frames were sent (one channel, one receiver)."""
+        frames = self._sent_frames[p]
+        while n > 0 and frames:
+            head = frames[0]
+            if head[0] <= n:
+                frames.popleft()
+                n -= head[0]
+                self._sent_bytes[p] -= head[1]
+            else:  # part of a frame (only after a reset of the counts): its share of the bytes
+                part = head[1] * n // head[0]
+                head[0] -= n
+                head[1] -= part
+                self._sent_bytes[p] -= part
+                n = 0
+        if not frames:
+            self._sent_bytes[p] = 0
+
+    def _reset_sent(self, p: int) -> None:
+        self._sent_bytes[p] = 0
+        self._sent_frames[p].clear()
+        self._owed_bytes[p] = 0
 
     # -- frames from other peers ---------------------------------------------------
 
@@ -1239,6 +1313,7 @@ class Peer:
                 self.received_records[src] += len(records)
                 self.from_peers += len(records)
                 self._owed[src] += len(records)
+                self._owed_bytes[src] += len(frame)
                 if self.participant is not None and self.participant.snap is not None:
                     self.participant.on_records(src, records)
                 self._enqueue(records)
@@ -1264,10 +1339,11 @@ class Peer:
                                  outstanding)  # fmt: skip
                 return
             self._credit[src] += items[0]
+            self._credited(src, items[0])
             if len(self._out[src]) or self._frames[src]:
                 self._flush_peer(src)
             self._check_space()
-            if self._blocked:
+            if self._blocked or self._replay_pos is not None:
                 self._wake.set()  # the loop waits for this credit
         elif kind == codec.HEARTBEAT:
             self._on_heartbeat(src, items)
@@ -1413,6 +1489,7 @@ class Peer:
             # contact, by contrast, what was already sent is owed by this very process
             self._credit[src] = self.config.credit_window
             self._owed[src] = 0
+            self._reset_sent(src)
             log.warning("peer %d: peer %d restarted", self.peer_id, src)
             if self.coordinator is not None:
                 self.coordinator.request_recovery(f"peer {src} restarted")
@@ -1505,6 +1582,8 @@ class Peer:
                 participant.take_snapshot()  # a barrier waited for the batch boundary
             if self._spill is not None and self._spill.count:
                 self._refill()
+            if self._replay_pos is not None and self._out_bytes() < self._out_cap:
+                self._replay_some()
             now_ms = self._now_ms()
             out_bytes = self._out_bytes() if self.transport is not None else 0
             if out_bytes >= self._out_cap and (inbox or self._timer_due(now_ms)):
@@ -1523,7 +1602,7 @@ class Peer:
                 continue
             self._blocked = False
             if (self._timers_held and not inbox and len(self._replayed_from) >= self.n_peers - 1
-                    and not dispatcher.parked):  # fmt: skip
+                    and not dispatcher.parked and self._replay_pos is None):  # fmt: skip
                 self._timers_held = False  # every replayed message is processed: timers may fire
             if not inbox and not self._timer_due(now_ms) and not dispatcher.ready:
                 self._flush_all()
@@ -1531,7 +1610,8 @@ class Peer:
                 if not dispatcher.parked:  # else a parked async invocation is still to commit
                     if self._closing:
                         return
-                    self._idle.set()
+                    if self._replay_pos is None:  # else the ingress log is still being replayed
+                        self._idle.set()
                 await self.clock.wait(self._wake, self._timer_deadline())
                 self._wake.clear()
                 continue
@@ -1671,6 +1751,8 @@ _PEER_KINDS = frozenset(
     }
 )
 _GEN = struct.Struct(">I")
+#: ingress log entries replayed at a time after a recovery (while outgoing buffers have room)
+_REPLAY_SLICE = 100
 
 
 #: frames only the coordinator (peer 0) sends

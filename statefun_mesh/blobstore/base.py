@@ -16,6 +16,7 @@ keep objects and "directories" apart, as the checkpoint layout does.
 from __future__ import annotations
 
 import abc
+import asyncio
 from types import TracebackType
 from typing import Final
 
@@ -106,8 +107,19 @@ def check_data(name: str, data: object) -> bytes:
     raise TypeError(f"blob {name!r}: data must be bytes, not {type(data).__name__}")
 
 
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
 class BlobStore(abc.ABC):
-    """An object store: whole-object put, get, exists, list and delete under relative names.
+    """An object store: whole-object put, get, exists, list and delete under relative names
+    (and put/get from/to local files, for objects too large to hold in memory).
 
     Semantics every implementation guarantees (checked by
     :func:`statefun_mesh.testing.blobstores.check_blob_store`):
@@ -150,6 +162,42 @@ class BlobStore(abc.ABC):
                 then either unchanged or fully replaced; which one is unknown, so retry
                 the put. The same holds when the awaiting task is cancelled.
         """
+
+    async def put_file(self, name: str, path: str) -> None:
+        """Store the content of the local file ``path`` under ``name``, like :meth:`put`.
+
+        The file must not change until this returns. The adapters shipped here read it
+        in pieces (never the whole object in memory): the file store copies it, the S3
+        store uploads it in parts (multipart upload above 8 MiB). This default reads the
+        whole file and calls :meth:`put`; other adapters should override it.
+
+        Raises:
+            ValueError: ``name`` is invalid.
+            BlobStoreError: the storage failed, or ``path`` cannot be read.
+        """
+        check_name(name)
+        try:
+            data = await asyncio.to_thread(_read_file, path)
+        except OSError as exc:
+            raise BlobStoreError(f"{self.url}: cannot read {path} to store it as {name!r}: {exc}") from exc
+        await self.put(name, data)
+
+    async def get_file(self, name: str, path: str) -> None:
+        """Write the content of ``name`` to the local file ``path`` (replaced), like :meth:`get`.
+
+        The shipped adapters copy it in pieces, never the whole object in memory. On an
+        error ``path`` may be left partly written.
+
+        Raises:
+            ValueError: ``name`` is invalid.
+            BlobNotFoundError: there is no object called ``name``.
+            BlobStoreError: the storage failed, or ``path`` cannot be written.
+        """
+        data = await self.get(name)
+        try:
+            await asyncio.to_thread(_write_file, path, data)
+        except OSError as exc:
+            raise BlobStoreError(f"{self.url}: cannot write {name!r} to {path}: {exc}") from exc
 
     @abc.abstractmethod
     async def get(self, name: str) -> bytes:

@@ -17,10 +17,11 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import stat
 import urllib.parse
 from collections.abc import Callable
-from typing import Final, TypeVar
+from typing import BinaryIO, Final, TypeVar
 
 from ..errors import BlobNotFoundError, BlobStoreError
 from .base import BlobStore, check_data, check_name, check_prefix
@@ -33,6 +34,7 @@ _T = TypeVar("_T")
 _PARTIAL: Final = re.compile(r"\..+\.[0-9a-f]{16}\.partial\Z", re.DOTALL)
 _DIR_FLAGS: Final = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _FILE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_COPY_CHUNK: Final = 1 << 20
 #: Errors that mean "this name does not exist as a file" when reading.
 _MISSING: Final = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
 
@@ -148,6 +150,17 @@ class FileSystemBlobStore(BlobStore):
             _fsync_dir(os.path.dirname(path))
 
     def _put_sync(self, name: str, path: str, data: bytes) -> None:
+        self._put_with(name, path, lambda f: f.write(data))
+
+    def _put_file_sync(self, name: str, path: str, src: str) -> None:
+        try:
+            source = open(src, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise BlobStoreError(f"{self.url}: cannot read {src} to store it as {name!r}: {exc}") from exc
+        with source:
+            self._put_with(name, path, lambda f: shutil.copyfileobj(source, f, _COPY_CHUNK))
+
+    def _put_with(self, name: str, path: str, write: Callable[[BinaryIO], object]) -> None:
         directory, base = os.path.split(path)
         tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.partial")
         try:
@@ -163,7 +176,7 @@ class FileSystemBlobStore(BlobStore):
                         raise
             try:
                 with open(fd, "wb", closefd=True) as f:
-                    f.write(data)
+                    write(f)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
@@ -186,6 +199,15 @@ class FileSystemBlobStore(BlobStore):
         payload = check_data(name, data)
         await self._run(self._put_sync, name, path, payload)
 
+    async def put_file(self, name: str, path: str) -> None:
+        """Copy the file ``path`` to ``name`` (1 MiB at a time), atomically and durably like :meth:`put`.
+
+        Raises:
+            BlobStoreError: ``path`` cannot be read, or writing failed as in :meth:`put`.
+        """
+        dest = self._path(name)
+        await self._run(self._put_file_sync, name, dest, path)
+
     # -- get / exists --------------------------------------------------------------------
 
     def _get_sync(self, name: str, path: str) -> bytes:
@@ -196,6 +218,30 @@ class FileSystemBlobStore(BlobStore):
             if exc.errno in _MISSING:
                 raise BlobNotFoundError(f"{self.url}: no object {name!r} ({path})") from exc
             raise self._error(exc, "read", name, path) from exc
+
+    def _get_file_sync(self, name: str, path: str, dest: str) -> None:
+        try:
+            source = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            if exc.errno in _MISSING:
+                raise BlobNotFoundError(f"{self.url}: no object {name!r} ({path})") from exc
+            raise self._error(exc, "read", name, path) from exc
+        with source:
+            try:
+                with open(dest, "wb") as out:
+                    shutil.copyfileobj(source, out, _COPY_CHUNK)
+            except OSError as exc:
+                raise BlobStoreError(f"{self.url}: cannot copy {name!r} ({path}) to {dest}: {exc}") from exc
+
+    async def get_file(self, name: str, path: str) -> None:
+        """Copy ``name`` to the local file ``path`` (1 MiB at a time).
+
+        Raises:
+            BlobNotFoundError: no such file.
+            BlobStoreError: reading or writing failed.
+        """
+        src = self._path(name)
+        await self._run(self._get_file_sync, name, src, path)
 
     async def get(self, name: str) -> bytes:
         """Return the content of ``name``.

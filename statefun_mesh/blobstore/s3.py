@@ -16,6 +16,7 @@ endpoint URL (MinIO, SeaweedFS, rclone, Ceph...) path-style addressing is used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import threading
@@ -25,11 +26,13 @@ from typing import Any, Final, TypeVar
 from ..errors import BlobNotFoundError, BlobStoreError, ConfigError
 from .base import BlobStore, check_data, check_name, check_prefix
 
-__all__ = ["INSTALL_HINT", "S3BlobStore"]
+__all__ = ["INSTALL_HINT", "PART_SIZE", "S3BlobStore"]
 
 _T = TypeVar("_T")
 
 INSTALL_HINT: Final = "pip install 'statefun-mesh[s3]'"
+#: the part size of ``put_file``'s multipart uploads (and the largest object it sends in one PutObject)
+PART_SIZE: Final = 8 << 20
 _NOT_FOUND: Final = frozenset({"NoSuchKey", "NotFound", "404"})
 _AUTH: Final = frozenset(
     {
@@ -312,6 +315,66 @@ class S3BlobStore(BlobStore):
         key = self._key_prefix + check_name(name)
         payload = check_data(name, data)
         await self._call("write", name, lambda c: c.put_object(Bucket=self._bucket, Key=key, Body=payload))
+
+    async def put_file(self, name: str, path: str) -> None:
+        """Upload the file ``path`` as ``prefix/name``, holding at most one part in memory.
+
+        Up to :data:`PART_SIZE` bytes: one PutObject streamed from the file; larger: a
+        multipart upload in parts of that size (the object appears whole at the final
+        CompleteMultipartUpload, so ``put``'s atomicity holds; a failed upload is aborted).
+
+        Raises:
+            BlobStoreError: ``path`` cannot be read, or the upload failed as in :meth:`put`.
+        """
+        key = self._key_prefix + check_name(name)
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise BlobStoreError(f"{self.url}: cannot read {path} to store it as {name!r}: {exc}") from exc
+
+        def upload(c: Any) -> None:
+            with open(path, "rb") as fh:
+                if size <= PART_SIZE:
+                    c.put_object(Bucket=self._bucket, Key=key, Body=fh)
+                    return
+                upload_id = c.create_multipart_upload(Bucket=self._bucket, Key=key)["UploadId"]
+                try:
+                    parts = []
+                    number = 1
+                    while chunk := fh.read(PART_SIZE):
+                        r = c.upload_part(Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                          Body=chunk)  # fmt: skip
+                        parts.append({"ETag": r["ETag"], "PartNumber": number})
+                        number += 1
+                        del chunk
+                    c.complete_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id,
+                                                MultipartUpload={"Parts": parts})  # fmt: skip
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        c.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
+                    raise
+
+        await self._call("write", name, upload)
+
+    async def get_file(self, name: str, path: str) -> None:
+        """GetObject ``prefix/name`` into the file ``path``, 1 MiB at a time.
+
+        Raises:
+            BlobNotFoundError: no such key.
+            BlobStoreError: any other failure (``path`` may be left partly written).
+        """
+        key = self._key_prefix + check_name(name)
+
+        def read(c: Any) -> None:
+            body = c.get_object(Bucket=self._bucket, Key=key)["Body"]
+            try:
+                with open(path, "wb") as out:
+                    for chunk in body.iter_chunks(1 << 20):
+                        out.write(chunk)
+            finally:
+                body.close()
+
+        await self._call("read", name, read)
 
     async def get(self, name: str) -> bytes:
         """GetObject ``prefix/name`` and read the whole body.

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import msgpack
 
@@ -37,15 +38,20 @@ __all__ = [
     "PeerPart",
     "decode_object",
     "encode_object",
+    "file_sha256",
     "manifest_name",
     "object_name",
+    "open_object_file",
     "parse_manifest_name",
+    "write_object",
 ]
 
 MAGIC: Final = b"SMCKPT"
 FORMAT: Final = 1
 KINDS: Final = {"base": 1, "delta": 2, "inflight": 3}
 _KIND_NAMES: Final = {v: k for k, v in KINDS.items()}
+#: bytes an object is written and read in (what a checkpoint holds of one object at a time)
+CHUNK: Final = 1 << 20
 _MANIFEST_RE: Final = re.compile(r"^checkpoints/(\d{12})/manifest\.json$")
 
 
@@ -95,6 +101,98 @@ def encode_object(kind: str, header: dict[str, Any], entries: Iterable[Any]) -> 
         buf += packer.pack(entry)
         n += 1
     return bytes(buf), n
+
+
+def write_object(fh: IO[bytes], kind: str, header: dict[str, Any], entries: Iterable[Any],
+                 chunk: int = CHUNK) -> tuple[int, int, str]:  # fmt: skip
+    """Encode an object into the binary file ``fh`` in bounded memory (``chunk`` bytes
+    buffered at a time, besides one entry); return ``(number of entries, size, SHA-256)``.
+
+    The bytes are those :func:`encode_object` returns. An entry may be a :class:`PackedEntries`.
+    """
+    packer = msgpack.Packer(use_bin_type=True)
+    digest = hashlib.sha256()
+    buf = bytearray(MAGIC)
+    buf += bytes((FORMAT, KINDS[kind]))
+    buf += packer.pack(header)
+    n = size = 0
+    for entry in entries:
+        if type(entry) is PackedEntries:
+            buf += entry.data
+            n += entry.n
+        else:
+            buf += packer.pack(entry)
+            n += 1
+        if len(buf) >= chunk:
+            digest.update(buf)
+            fh.write(buf)
+            size += len(buf)
+            buf.clear()  # keeps its allocation: no new buffer per chunk
+    digest.update(buf)
+    fh.write(buf)
+    size += len(buf)
+    return n, size, digest.hexdigest()
+
+
+def file_sha256(path: str, chunk: int = CHUNK) -> str:
+    """The SHA-256 of a file, read ``chunk`` bytes at a time."""
+    digest = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while k := fh.readinto(buf):
+            digest.update(view[:k])
+    return digest.hexdigest()
+
+
+def open_object_file(
+    path: str, *, sha256: str | None = None, name: str = "object"
+) -> tuple[str, dict[str, Any], Iterator[Any]]:
+    """Like :func:`decode_object` for an object in a file, read in bounded memory.
+
+    The checksum is checked over the whole file first (one pass, ``CHUNK`` at a
+    time), so nothing of a corrupted object is returned; then the entries are decoded
+    as the returned iterator is consumed (it closes the file when exhausted or closed).
+
+    Raises:
+        SnapshotError: wrong magic, format or checksum, or a body that does not parse.
+        OSError: the file cannot be read.
+    """
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise SnapshotError(f"{name} is corrupted: its SHA-256 does not match the manifest")
+    fh = open(path, "rb")  # noqa: SIM115 - closed by entries() or on error below
+    try:
+        head = fh.read(8)
+        if len(head) < 8 or head[:6] != MAGIC:
+            raise SnapshotError(f"{name} is not a statefun_mesh checkpoint object")
+        if head[6] != FORMAT:
+            raise SnapshotError(f"{name} has object format {head[6]}; this statefun_mesh reads format {FORMAT}")
+        kind = _KIND_NAMES.get(head[7])
+        if kind is None:
+            raise SnapshotError(f"{name} has unknown kind {head[7]}")
+        # the buffer limit only caps one entry (a message or a state value), never the object
+        size = os.fstat(fh.fileno()).st_size
+        unpacker = msgpack.Unpacker(fh, raw=False, use_list=True, read_size=CHUNK,
+                                    max_buffer_size=max(min(size, 1 << 31), CHUNK))  # fmt: skip
+        try:
+            header = next(unpacker)
+        except (StopIteration, ValueError, msgpack.UnpackException) as exc:
+            raise SnapshotError(f"{name} has no readable header: {exc}") from exc
+        if not isinstance(header, dict):
+            raise SnapshotError(f"{name} has a malformed header")
+    except BaseException:
+        fh.close()
+        raise
+
+    def entries() -> Iterator[Any]:
+        try:
+            yield from unpacker
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise SnapshotError(f"{name} is truncated or corrupted: {exc}") from exc
+        finally:
+            fh.close()
+
+    return kind, header, entries()
 
 
 def decode_object(

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import itertools
 import logging
 import os
@@ -43,7 +42,16 @@ from .._speedups import key_group
 from ..errors import BlobNotFoundError, BlobStoreError, IncompatibleSnapshotError, SnapshotError
 from ..spill import Spill
 from ..transport import codec
-from .format import Manifest, ObjectRef, PackedEntries, PeerPart, decode_object, encode_object, object_name
+from .format import (
+    Manifest,
+    ObjectRef,
+    PackedEntries,
+    PeerPart,
+    file_sha256,
+    object_name,
+    open_object_file,
+    write_object,
+)
 from .rescale import inherited_peers, renumber_egress, split_entries
 
 if TYPE_CHECKING:
@@ -92,6 +100,9 @@ class Participant:
         self.local_recovery = cfg.local_recovery
         if self.local_recovery:
             os.makedirs(self.local_dir, exist_ok=True)
+        #: checkpoint objects being written or read (a file each, never all in memory)
+        self.work_dir = os.path.join(cfg.state_dir, f"peer-{host.peer_id}.ckpt-work")
+        shutil.rmtree(self.work_dir, ignore_errors=True)  # leftovers of a crash
         self.chain: list[ObjectRef] = []
         self.carry: set[tuple[str, bytes]] = set()
         self.snap: _Snap | None = None
@@ -233,14 +244,12 @@ class Participant:
         txn = snap.txn
         assert txn is not None
 
-        def build() -> tuple[bytes, int, bytes, int, dict[str, int]]:
+        def build() -> tuple[list[tuple[str, str, int, int, str]], dict[str, int]]:
             entries: Iterator[Any]
             if kind == "base":
                 entries = ([db, k, v] for db, k, v in backend.dump(txn))
             else:
                 entries = ([db, k, v] for db, k, v in backend.delta(txn, snap.changes))
-            state, count = encode_object(kind, header, entries)
-            egress = backend.egress_heads(txn)
             # one record at a time: a spilled tail is read from disk, never all in memory
             records = itertools.chain(
                 (list(r) for r in snap.inbox),
@@ -249,56 +258,95 @@ class Participant:
                 else (),
                 *((list(r) for r in snap.logs[p]) for p in range(peer.n_peers)),
             )
-            inflight, icount = encode_object("inflight", header, records)
-            return state, count, inflight, icount, egress
+            # each object is encoded into a file a chunk at a time and uploaded from it,
+            # so a checkpoint holds about one chunk of it in memory, whatever its size
+            path = self._work_path(object_name(me, n, kind))
+            written = [(kind, path, *self._write_file(path, kind, header, entries))]
+            egress = backend.egress_heads(txn)
+            path = self._work_path(object_name(me, n, "inflight"))
+            written.append(("inflight", path, *self._write_file(path, "inflight", header, records)))
+            return written, egress
 
-        state, count, inflight, icount, egress = await asyncio.to_thread(build)
-        refs = []
-        for k, data, entries in ((kind, state, count), ("inflight", inflight, icount)):
-            name = object_name(me, n, k)
-            ref = ObjectRef(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest(), checkpoint=n, kind=k,
-                            entries=entries)  # fmt: skip
-            await self.blobs.put(name, data)
-            if self.local_recovery:
-                await asyncio.to_thread(self._keep_local, name, data)
-            refs.append(ref)
+        try:
+            written, egress = await asyncio.to_thread(build)
+            refs = []
+            for k, path, entries, size, sha256 in written:
+                name = object_name(me, n, k)
+                await self.blobs.put_file(name, path)
+                if self.local_recovery:  # the file just uploaded becomes the local copy
+                    os.replace(path, os.path.join(self.local_dir, name.replace("/", "__")))
+                refs.append(ObjectRef(name=name, size=size, sha256=sha256, checkpoint=n, kind=k, entries=entries))
+        finally:
+            for k in (kind, "inflight"):
+                try:
+                    os.remove(self._work_path(object_name(me, n, k)))
+                except OSError:
+                    pass
         self.last_bytes = refs[0].size + refs[1].size
         chain = [refs[0]] if kind == "base" else [*self.chain, refs[0]]
         return PeerPart(peer=me, key_groups=(lo, hi), chain=tuple(chain), inflight=refs[1],
                         ingress_position=snap.ingress_pos, egress=egress)  # fmt: skip
 
-    def _keep_local(self, name: str, data: bytes) -> None:
-        path = os.path.join(self.local_dir, name.replace("/", "__"))
-        tmp = path + ".tmp"
+    def _work_path(self, name: str) -> str:
+        return os.path.join(self.work_dir, name.replace("/", "__"))
+
+    def _write_file(self, path: str, kind: str, header: dict[str, Any], entries: Iterator[Any]) -> tuple[int, int, str]:
+        """Encode an object into ``path``: ``(entries, size, SHA-256)``."""
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
+            os.makedirs(self.work_dir, exist_ok=True)
+            with open(path, "wb") as fh:
+                return write_object(fh, kind, header, entries)
         except OSError as exc:
             try:
-                os.remove(tmp)  # a partial file would only take more of a full disk
+                os.remove(path)  # a partial file would only take more of a full disk
             except OSError:
                 pass
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 hint = "the disk holding state_dir is full: free space on it or move state_dir to a larger one"
             else:
                 hint = "check that state_dir is writable"
-            raise SnapshotError(f"cannot write the local copy {tmp} of {name}: {exc.strerror or exc}; {hint}") from exc
+            raise SnapshotError(f"cannot write checkpoint object {path}: {exc.strerror or exc}; {hint}") from exc
 
-    def _local(self, ref: ObjectRef) -> bytes | None:
+    def _local(self, ref: ObjectRef) -> str | None:
+        """The path of this peer's intact local copy of ``ref``, if it keeps one."""
         if not self.local_recovery:
             return None
         path = os.path.join(self.local_dir, ref.name.replace("/", "__"))
         try:
-            with open(path, "rb") as fh:
-                data = fh.read()
+            sha256 = file_sha256(path)
         except OSError:
             return None
-        if hashlib.sha256(data).hexdigest() != ref.sha256:
+        if sha256 != ref.sha256:
             log.warning("peer %d: local copy of %s does not match the manifest; downloading it", self.host.peer_id,
                         ref.name)  # fmt: skip
             return None
-        return data
+        return path
+
+    async def _open(self, ref: ObjectRef) -> tuple[str, Iterator[Any]]:
+        """``(kind, entries)`` of ``ref``, read from its local copy or downloaded to a file.
+
+        The entries are decoded from the file as they are consumed (bounded memory); a
+        downloaded file is checked against the manifest's SHA-256 first, then unlinked
+        (it stays readable while open).
+        """
+        path = await asyncio.to_thread(self._local, ref)
+        if path is not None:
+            kind, _, entries = await asyncio.to_thread(open_object_file, path, name=ref.name)
+            return kind, entries
+        path = self._work_path(ref.name)
+        try:
+            await asyncio.to_thread(os.makedirs, self.work_dir, exist_ok=True)
+            try:
+                await self.blobs.get_file(ref.name, path)
+            except BlobNotFoundError as exc:
+                raise SnapshotError(f"checkpoint object {ref.name} is missing from the blob store") from exc
+            kind, _, entries = await asyncio.to_thread(open_object_file, path, sha256=ref.sha256, name=ref.name)
+        finally:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        return kind, entries
 
     # -- completion -----------------------------------------------------------------------
 
@@ -399,14 +447,12 @@ class Participant:
         elif manifest is not None:
             part = manifest.parts[peer.peer_id]
             for ref in part.chain:
-                data = await self._fetch(ref)
-                kind, _, entries = decode_object(data, sha256=ref.sha256, name=ref.name)
+                kind, entries = await self._open(ref)
                 if kind != ref.kind:
                     raise SnapshotError(f"{ref.name} is a {kind} object, the manifest says {ref.kind}")
                 await asyncio.to_thread(backend.load, ((e[0], e[1], e[2]) for e in entries))
-            data = await self._fetch(part.inflight)
-            _, _, entries = decode_object(data, sha256=part.inflight.sha256, name=part.inflight.name)
-            self.inflight_restored = [tuple(e) for e in entries]
+            _, entries = await self._open(part.inflight)
+            self.inflight_restored = await asyncio.to_thread(lambda: [tuple(e) for e in entries])
             self.chain = list(part.chain)
             self.completed = manifest.checkpoint
             self.ingress_position = part.ingress_position
@@ -435,8 +481,7 @@ class Participant:
                 continue
             egress: dict[bytes, bytes] = {}
             for ref in part.chain:
-                data = await self._fetch(ref)
-                kind, _, entries = decode_object(data, sha256=ref.sha256, name=ref.name)
+                kind, entries = await self._open(ref)
                 if kind != ref.kind:
                     raise SnapshotError(f"{ref.name} is a {kind} object, the manifest says {ref.kind}")
                 split = split_entries(entries, lo, hi, keep_egress=keep_egress)
@@ -457,9 +502,8 @@ class Participant:
         maxp = peer.config.max_parallelism
         inflight: list[tuple[Any, ...]] = []
         for part in manifest.parts:
-            data = await self._fetch(part.inflight)
-            _, _, entries = decode_object(data, sha256=part.inflight.sha256, name=part.inflight.name)
-            for e in entries:
+            _, entries = await self._open(part.inflight)
+            for e in await asyncio.to_thread(list, entries):
                 if lo <= key_group(e[1], maxp) < hi:
                     if e[6] >= new_n:  # a request's reply address that no longer exists
                         e[6] = e[7] = 0
@@ -491,6 +535,11 @@ class Participant:
                     lo, hi - 1, loaded, len(inflight), inherited)  # fmt: skip
         return released
 
+    def take_foreign_ingress(self) -> list[tuple[str, int]]:
+        """Removed peers' ingress logs to replay after a rescale (path, position), handed over once."""
+        logs, self.foreign_ingress = self.foreign_ingress, []
+        return logs
+
     def take_inflight_restored(self) -> list[Any]:
         """The messages in flight at the restored cut, handed over once (the peer queues them)."""
         records, self.inflight_restored = self.inflight_restored, []
@@ -500,15 +549,6 @@ class Participant:
         """The peer replayed the removed peer's ingress log at ``path``: delete it once a checkpoint covers it."""
         if path not in self.replayed_foreign:
             self.replayed_foreign.append(path)
-
-    async def _fetch(self, ref: ObjectRef) -> bytes:
-        data = await asyncio.to_thread(self._local, ref)
-        if data is not None:
-            return data
-        try:
-            return await self.blobs.get(ref.name)
-        except BlobNotFoundError as exc:
-            raise SnapshotError(f"checkpoint object {ref.name} is missing from the blob store") from exc
 
 
 def part_to_dict(part: PeerPart) -> dict[str, Any]:

@@ -14,16 +14,20 @@ the store. A failed check raises :class:`AssertionError` saying what was wrong.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import tempfile
 from typing import Final
 
 from ..blobstore.base import BlobStore
-from ..errors import BlobNotFoundError
+from ..errors import BlobNotFoundError, BlobStoreError
 
-__all__ = ["BAD_NAMES", "BIG_OBJECT_SIZE", "check_blob_store"]
+__all__ = ["BAD_NAMES", "BIG_OBJECT_SIZE", "FILE_OBJECT_SIZE", "check_blob_store"]
 
 #: The large round trip: big enough to cross any single-read or single-packet shortcut.
 BIG_OBJECT_SIZE: Final = 5 * 1024 * 1024
+#: The file round trip: over S3BlobStore's part size, so it is a multipart upload there.
+FILE_OBJECT_SIZE: Final = 9 * 1024 * 1024 + 1
 #: Names every store must reject with ``ValueError`` before doing any I/O.
 BAD_NAMES: Final = (
     "",
@@ -79,6 +83,42 @@ async def _check_bad_names(store: BlobStore) -> None:
         raise AssertionError(f"get({wrong!r}) was accepted, expected TypeError")
 
 
+async def _check_files(store: BlobStore, base: str) -> None:
+    """put_file/get_file: small, empty and multi-part (over 8 MiB) objects, interchangeable with put/get."""
+    with tempfile.TemporaryDirectory(prefix="blobstore-check-") as tmp:
+        src, dest = os.path.join(tmp, "src"), os.path.join(tmp, "dest")
+        for size in (0, 10, FILE_OBJECT_SIZE):
+            data = _pattern(size, size & 0xFF)
+            with open(src, "wb") as fh:
+                fh.write(data)
+            name = f"{base}files/{size}.bin"
+            await store.put_file(name, src)
+            got = await store.get(name)
+            assert got == data, f"put_file of {size} bytes came back as {len(got)} different bytes"
+            with open(dest, "wb") as fh:
+                fh.write(b"old content, longer than some objects")
+            await store.get_file(name, dest)
+            with open(dest, "rb") as fh:
+                assert fh.read() == data, f"get_file of a {size}-byte object wrote different bytes"
+        await store.put(base + "files/put.bin", b"from put")
+        await store.get_file(base + "files/put.bin", dest)
+        with open(dest, "rb") as fh:
+            assert fh.read() == b"from put", "get_file of an object stored by put wrote different bytes"
+        try:
+            await store.get_file(base + "files/missing", dest)
+        except BlobNotFoundError:
+            pass
+        else:
+            raise AssertionError("get_file of a missing object did not raise BlobNotFoundError")
+        try:
+            await store.put_file(base + "files/nofile", os.path.join(tmp, "no-such-file"))
+        except BlobStoreError:
+            pass
+        else:
+            raise AssertionError("put_file of a missing local file did not raise BlobStoreError")
+        assert not await store.exists(base + "files/nofile"), "a failed put_file left an object"
+
+
 async def check_blob_store(store: BlobStore) -> None:
     """Run every check on ``store``; raise ``AssertionError`` on the first failure.
 
@@ -86,6 +126,7 @@ async def check_blob_store(store: BlobStore) -> None:
     type), ``bytearray``/``memoryview`` input copied, overwrite, ``exists`` for
     objects vs prefixes, sorted ``list`` with directory and partial prefixes,
     idempotent ``delete``, :class:`BlobNotFoundError` on a missing ``get``,
+    ``put_file``/``get_file`` round trips (also of a multi-part object),
     ``ValueError`` on bad names and prefixes, and concurrent puts of different names.
 
     Args:
@@ -217,6 +258,7 @@ async def check_blob_store(store: BlobStore) -> None:
         assert got_data == want_data, f"concurrent put of {name!r} came back different ({len(got_data)} bytes)"
     assert await store.list(base + "concurrent/") == names, "list after concurrent puts is wrong"
 
+    await _check_files(store, base)
     await _check_bad_names(store)
 
     # Clean up (also exercises concurrent deletes).

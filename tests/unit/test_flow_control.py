@@ -122,3 +122,84 @@ async def test_an_overloaded_peer_answers_info_and_refuses_sends_past_its_parkin
     assert final["busy_refusals"] > 0, final
     # every send was acknowledged once, refusals included, and applied exactly once
     assert counts == [n // 10] * 10
+
+
+
+def big_app() -> StatefulFunctions:
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="fc/big", specs=[ValueSpec(name="count", type=IntType)])
+    def big(context, message):
+        context.storage.count = (context.storage.count or 0) + 1
+        if context.in_request:
+            context.reply(int_value=context.storage.count)
+
+    return functions
+
+
+@pytest.mark.parametrize("transport", ["memory", "inproc"])
+async def test_bytes_in_flight_to_a_peer_are_bounded_not_only_records(tmp_path: Path, transport: str) -> None:
+    """Credit counts records, so a peer could have 20,000 records of any size in flight to
+    another (here 16 MiB, all of it); now at most its link window (a quarter of
+    memory_budget, shared by the peers sending to one) plus one frame."""
+    budget = 4 << 20  # 2 peers: a 1 MiB window per link, frames of at most 512 KiB
+    keys = ids_on(1, 2, 20, "fb")
+    n, value = 1000, "x" * (16 << 10)  # 16 MiB in all
+    async with LocalMesh(big_app(), state_dir=tmp_path, peers=2, transport=transport, memory_budget=budget,
+                         max_parallelism=MAX_PARALLELISM) as mesh:  # fmt: skip
+        sender, receiver = mesh.peers
+        # the receiver holds batch frames unread, as while a checkpoint cut waits for a
+        # batch: it grants no credit, so what it holds is all the sender has in flight
+        receiver._hold_batches = True
+        sends = [
+            asyncio.ensure_future(
+                sender.send(message_builder(target_typename="fc/big", target_id=keys[i % len(keys)], str_value=value))
+            )
+            for i in range(n)
+        ]
+        held = 0
+        for _ in range(100):  # until the sender stops sending (0.5 s at most)
+            await asyncio.sleep(0.005)
+            now = sum(len(frame) for _, _, frame in receiver._held)
+            if now == held and now:
+                break
+            held = now
+        await asyncio.sleep(0.1)
+        held = sum(len(frame) for _, _, frame in receiver._held)
+        in_flight = sender.status()["memory"]["in_flight"]
+        receiver._release_held()
+        await asyncio.wait_for(asyncio.gather(*sends), 30)
+        await asyncio.wait_for(mesh.idle(), 30)
+        counts = [
+            (await mesh.request(message_builder(target_typename="fc/big", target_id=k, str_value=""))).as_int()
+            for k in keys
+        ]
+        status = mesh.status()
+    assert held <= 1 << 20, f"the receiver holds {held >> 10} KiB from one sender"
+    assert held == in_flight, (held, in_flight)
+    # and nothing is lost or applied twice once it reads them
+    assert sum(counts) == n + len(keys), counts
+    assert [s["bad_frames"] for s in status] == [0, 0], status
+    assert status[0]["memory"]["in_flight"] == 0, status
+
+
+async def test_messages_larger_than_the_link_window_still_flow(tmp_path: Path) -> None:
+    """A 1 MiB budget on 2 peers makes a 256 KiB link window: 400 KB messages each make a
+    frame larger than it, which goes once under a quarter of the window is outstanding."""
+    keys = ids_on(1, 2, 5, "fl")
+    n, value = 30, "y" * 400_000
+    async with LocalMesh(big_app(), state_dir=tmp_path, peers=2, memory_budget=1 << 20,
+                         max_parallelism=MAX_PARALLELISM) as mesh:  # fmt: skip
+        sender = mesh.peers[0]
+        await asyncio.wait_for(asyncio.gather(*(
+            sender.send(message_builder(target_typename="fc/big", target_id=keys[i % len(keys)], str_value=value))
+            for i in range(n)
+        )), 30)  # fmt: skip
+        await asyncio.wait_for(mesh.idle(), 30)
+        counts = [
+            (await mesh.request(message_builder(target_typename="fc/big", target_id=k, str_value=""))).as_int()
+            for k in keys
+        ]
+        status = mesh.status()
+    assert counts == [n // len(keys) + 1] * len(keys), counts
+    assert status[0]["memory"]["in_flight"] == 0 and status[0]["memory"]["link_window"] == 256 << 10, status
