@@ -119,6 +119,20 @@ class Peer:
             local = [ep.pattern for ep in self.remote.module.endpoints if ep.name and ep.pattern in self.table]
             if local:
                 raise ConfigError(f"{', '.join(local)} bound both locally and in the module file", key="module")
+        #: the Kafka ingresses of the module file, read by this peer (connectors/kafka.py)
+        self.kafka: Any = None
+        if self.remote is not None and self.remote.module.kafka_egresses:
+            from .errors import ConfigError
+
+            eg = self.remote.module.kafka_egresses[0]
+            raise ConfigError(f"Kafka egress {eg.id}: statefun_mesh does not produce to Kafka yet (only Kafka "
+                              "ingresses run); remove the io.statefun.kafka.v1/egress component and read the "
+                              "kafka_egress_message records with MeshClient or `statefun-mesh egress`",
+                              source=self.remote.module.source, key="module")  # fmt: skip
+        if self.remote is not None and self.remote.module.kafka_ingresses:
+            from .connectors.kafka import KafkaIngress
+
+            self.kafka = KafkaIngress(self, self.remote.module.kafka_ingresses)
         self.clock = clock or SystemClock()
         self.state_path = os.path.join(config.state_dir, f"peer-{peer_id}")
         self.backend: LmdbStateBackend | None = None
@@ -332,6 +346,8 @@ class Peer:
             self.peer_id, self.n_peers, self.state_path, len(self.table), _speedups.IMPLEMENTATION,
             f"every {cfg.checkpoint_interval} s to {cfg.blob_store}" if self.checkpointing else "off",
         )  # fmt: skip
+        if self.kafka is not None:
+            self.kafka.start()
         if not self.checkpointing:
             self._resume(0)
             return
@@ -359,6 +375,8 @@ class Peer:
         self._wake.set()
         self._resumed_event.set()
         try:
+            if self.kafka is not None:
+                await self.kafka.aclose()
             # the HTTP server stays up until _release_resources: /readyz says "stopping" meanwhile
             if self.client_server is not None:
                 await self.client_server.aclose()
@@ -464,6 +482,8 @@ class Peer:
             await asyncio.wait({self._ingress_task})
         t0 = self.clock.now()
         await self.participant.restore(manifest)
+        if self.kafka is not None:
+            self.kafka.restore(self.participant.sources)
         self.last_recovery_seconds = self.clock.now() - t0
         for typename, ev in self._egress_events.items():
             ev.set()

@@ -69,6 +69,7 @@ class _Snap:
         #: the inbox's spilled tail at the cut (a read transaction of the spill), after ``inbox``
         self.spill_txn: lmdb.Transaction | None = None
         self.ingress_pos = ingress_pos
+        self.sources: dict[str, int] = {}
         self.waiting = waiting
         self.logs: dict[int, list[Any]] = {p: [] for p in range(peers)}
         self.finalizing = False
@@ -100,6 +101,8 @@ class Participant:
         self.restored_from: int | None = None
         self.inflight_restored: list[Any] = []
         self.ingress_position = 0
+        #: external source positions restored (every part's: partitions move on a rescale)
+        self.sources: dict[str, int] = {}
         #: (path, position) of removed peers' ingress logs to replay after a rescale
         self.foreign_ingress: list[tuple[str, int]] = []
         #: foreign ingress logs replayed since the last completed checkpoint (deleted then)
@@ -179,6 +182,8 @@ class Participant:
         ingress_pos = peer.ingress_routed if peer.ingress is not None else 0
         self.snap = _Snap(n, txn, changes, inbox, ingress_pos, others - self.pending_srcs, peer.n_peers)
         self.snap.spill_txn = spill_txn
+        # Kafka positions at the cut: the records routed so far are covered by this checkpoint
+        self.snap.sources = peer.kafka.snapshot_positions() if getattr(peer, "kafka", None) is not None else {}
         self.pending_srcs = set()
         peer._release_held()
         self._maybe_finalize()
@@ -269,7 +274,7 @@ class Participant:
         self.last_bytes = refs[0].size + refs[1].size
         chain = [refs[0]] if kind == "base" else [*self.chain, refs[0]]
         return PeerPart(peer=me, key_groups=(lo, hi), chain=tuple(chain), inflight=refs[1],
-                        ingress_position=snap.ingress_pos, egress=egress)  # fmt: skip
+                        ingress_position=snap.ingress_pos, egress=egress, sources=snap.sources)  # fmt: skip
 
     def _keep_local(self, name: str, data: bytes) -> None:
         path = os.path.join(self.local_dir, name.replace("/", "__"))
@@ -321,6 +326,8 @@ class Participant:
         del self.history[:-20]
         self.chain = list(snap.part.chain)
         self.peer._release_egress(snap.part.egress)
+        if getattr(self.peer, "kafka", None) is not None:
+            self.peer.kafka.on_checkpoint(snap.part.sources)
         # Trim the ingress log only below the oldest retained checkpoint, so recovery can
         # still fall back to any retained checkpoint if a newer one turns out unreadable.
         self.positions.append(snap.ingress_pos)
@@ -401,6 +408,7 @@ class Participant:
         released: dict[str, int] = {}
         self.ingress_position = peer.ingress.first_offset if peer.ingress is not None else 0
         self.foreign_ingress = []
+        self.sources = {k: v for p in manifest.parts for k, v in p.sources.items()} if manifest is not None else {}
         if manifest is not None and manifest.peers != peer.n_peers:
             released = await self._restore_rescaled(manifest, backend)
         elif manifest is not None:
