@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import statefun_mesh as sm  # noqa: E402
+from statefun_mesh.mesh import free_ports  # noqa: E402
 from tests.integration import crash_app as app  # noqa: E402
 from tests.kafkabroker import KafkaBroker, KafkaBrokerUnavailable, find_tansu, running_kafka_broker  # noqa: E402
 
@@ -118,3 +120,178 @@ async def test_records_reach_their_targets_by_key_on_every_peer(broker: KafkaBro
         assert sorted(len(i.assigned["kt/in"]) for i in ingresses) == [2, 2]
         assert sum(i.routed for i in ingresses) == 400
         assert all(i.dead_lettered == 0 for i in ingresses)
+
+
+@pytest.mark.timeout(90)
+async def test_bad_records_are_dead_letters_naming_topic_partition_offset(broker: KafkaBroker, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    create_topic(broker, "mixed", 1)
+    create_topic(broker, "ints", 1)
+    produce(broker, "mixed", [
+        (b"a", inc(0), 0),            # offset 0: good
+        (None, inc(1), 0),            # 1: no key
+        (b"\xff\xfeid", inc(2), 0),   # 2: a key that is not UTF-8
+        (b"a", None, 0),              # 3: a tombstone
+        (b"a", inc(4), 0),            # 4: good
+    ])  # fmt: skip
+    produce(broker, "ints", [(b"a", b"\xff\xff not an int", 0)])
+    module = module_yaml(tmp_path, broker.address, [("mixed", "cr/json", [app.COUNTER]),
+                                                    ("ints", "io.statefun.types/int", [app.COUNTER])])  # fmt: skip
+    async with sm.LocalMesh(app.functions, module=module, blob_store="file://" + str(tmp_path / "ck"),
+                            checkpoint_interval=0.5) as mesh:  # fmt: skip
+        kafka = mesh.peers[0].kafka
+        deadline = time.monotonic() + DEADLINE
+        while kafka.dead_lettered < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await wait_counts(mesh, {"a": 2}) == {"a": 2}  # the good ones, once each
+        letters = sorted(kafka.dead_letters)
+        assert [(t, p, o) for t, p, o, _ in letters] == [("ints", 0, 0), ("mixed", 0, 1), ("mixed", 0, 2),
+                                                         ("mixed", 0, 3)]  # fmt: skip
+        reasons = [r for *_, r in letters]
+        assert "not a io.statefun.types/int value" in reasons[0]
+        assert "no key" in reasons[1] and "not UTF-8" in reasons[2] and "tombstone" in reasons[3]
+        assert "dead letter mixed/0@1 skipped: the record has no key" in caplog.text  # the rest: throttled
+        # the dead letters are behind the positions: a restart does not read them again
+        assert kafka.positions == {"kafka|kt/in|mixed|0": 5, "kafka|kt/in|ints|0": 1}
+
+
+@pytest.mark.timeout(90)
+async def test_missing_topic_is_reported_and_read_once_it_exists(broker: KafkaBroker, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from statefun_mesh.connectors import kafka as kafka_mod
+
+    monkeypatch.setattr(kafka_mod, "METADATA_EVERY", 1.0)
+    create_topic(broker, "present", 1)
+    produce(broker, "present", [(b"p", inc(0), 0)])
+    module = module_yaml(tmp_path, broker.address, [("present", "cr/json", [app.COUNTER]),
+                                                    ("later", "cr/json", [app.COUNTER])])  # fmt: skip
+    async with sm.LocalMesh(app.functions, module=module, blob_store="file://" + str(tmp_path / "ck"),
+                            checkpoint_interval=0.5) as mesh:  # fmt: skip
+        assert await wait_counts(mesh, {"p": 1}) == {"p": 1}  # the other topic does not hold this one up
+        deadline = time.monotonic() + DEADLINE
+        while "topic later" not in caplog.text and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert re_search(r"kafka ingress kt/in: topic later at 127\.0\.0\.1:\d+ is not readable", caplog.text)
+        create_topic(broker, "later", 2)
+        produce(broker, "later", [(b"l", inc(i), i % 2) for i in range(6)])
+        assert await wait_counts(mesh, {"p": 1, "l": 6}) == {"p": 1, "l": 6}
+
+
+def re_search(pattern: str, text: str) -> bool:
+    import re
+
+    return re.search(pattern, text) is not None
+
+
+@pytest.mark.timeout(120)
+async def test_broker_down_at_start_is_retried_and_nothing_is_lost(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture,
+                                                                   broker: KafkaBroker) -> None:  # fmt: skip
+    from tests.kafkabroker import start_kafka_broker
+
+    port = free_ports(1)[0]
+    module = module_yaml(tmp_path, f"127.0.0.1:{port}", [("late", "cr/json", [app.COUNTER])])
+    async with sm.LocalMesh(app.functions, module=module, blob_store="file://" + str(tmp_path / "ck"),
+                            checkpoint_interval=0.5) as mesh:  # fmt: skip
+        # the peer runs (answers requests) while its ingress cannot reach the broker
+        assert await counts(mesh, ["x"]) == {"x": 0}
+        deadline = time.monotonic() + DEADLINE
+        while f"kafka ingress kt/in at 127.0.0.1:{port}" not in caplog.text and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert f"kafka ingress kt/in at 127.0.0.1:{port}" in caplog.text and "retrying in" in caplog.text
+        late = await asyncio.to_thread(start_kafka_broker, tmp_path, port=port)
+        try:
+            create_topic(late, "late", 2)
+            produce(late, "late", [(f"k{i % 3}".encode(), inc(i), i % 2) for i in range(30)])
+            assert await wait_counts(mesh, {"k0": 10, "k1": 10, "k2": 10}, timeout=60) == {"k0": 10, "k1": 10,
+                                                                                           "k2": 10}  # fmt: skip
+        finally:
+            late.stop()
+
+
+# -- exactly once across SIGKILLs of peer processes ---------------------------------------------
+
+
+@pytest.fixture
+def crash_meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
+    from tests.integration.crash_util import CrashMesh
+
+    started: list[CrashMesh] = []
+
+    def make(**kw: Any) -> CrashMesh:
+        m = CrashMesh(tmp_path_factory.mktemp("kafka-crash"), **kw)
+        started.append(m)
+        return m
+
+    yield make
+    for m in started:
+        m.cleanup()
+
+
+async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any], tmp_path: Path, *, topic: str,
+                           records: int, keys: int, kills: int, budget: float) -> None:  # fmt: skip
+    from tests.integration.crash_util import Clients, probe_ids, reply_json
+    from tests.integration.test_crash_recovery import kill_and_wait
+
+    deadline = time.monotonic() + budget
+    create_topic(broker, topic, 6)
+    names = [f"u{i}" for i in range(keys)]
+    expected = {k: 0 for k in names}
+    for i in range(records):
+        expected[names[i % keys]] += 1
+    module = module_yaml(tmp_path, broker.address, [(topic, "cr/json", [app.COUNTER])])
+    mesh = crash_meshes(checkpoint_interval=0.3)
+    mesh.extra_args = ["--module", module]
+    mesh.start()
+    await asyncio.to_thread(mesh.wait_up)
+    clients = await Clients.connect(mesh.endpoint)
+    probes = probe_ids("probe")
+    try:
+        # the records arrive while the peers are killed: produced in slices, a kill after some
+        slices = kills + 2
+        per = records // slices + 1
+        for s in range(slices):
+            chunk = [(names[i % keys].encode(), inc(i), None) for i in range(s * per, min(records, (s + 1) * per))]
+            await asyncio.to_thread(produce, broker, topic, chunk)
+            if s < kills:
+                await asyncio.sleep(0.7)  # some of the slice consumed, a checkpoint or two taken
+                victim = random.randrange(3)
+                secs = await kill_and_wait(mesh, victim, probes)
+                print(f"\n[kafka] slice {s}: peer {victim} SIGKILLed; the mesh answered {secs:.2f} s later")
+        got: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            got = {}
+            for i, k in enumerate(names):
+                reply = await clients.request(app.query(app.COUNTER, k), first=i, deadline=deadline)
+                got[k] = reply_json(reply)["count"]
+            if got == expected:
+                break
+            assert all(got[k] <= expected[k] for k in names), "a record was applied twice"
+            await asyncio.sleep(0.5)
+        assert got == expected, f"{sum(got.values())} of {records} applied: " + str(
+            {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v})
+        await asyncio.sleep(1.5)  # a duplicate replay would land now
+        again = {k: reply_json(await clients.request(app.query(app.COUNTER, k), deadline=deadline))["count"]
+                 for k in names}  # fmt: skip
+        assert again == expected
+        assert "dead letter" not in mesh.log()
+    finally:
+        await clients.aclose()
+        mesh.stop()
+
+
+@pytest.mark.timeout(150)
+async def test_each_record_counts_once_across_a_sigkill(broker: KafkaBroker, crash_meshes: Callable[..., Any],
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    await run_exactly_once(broker, crash_meshes, tmp_path, topic="eo-short", records=3000, keys=60, kills=1,
+                           budget=120)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_each_record_counts_once_across_three_sigkills_20k(broker: KafkaBroker,
+                                                                 crash_meshes: Callable[..., Any],
+                                                                 tmp_path: Path) -> None:  # fmt: skip
+    await run_exactly_once(broker, crash_meshes, tmp_path, topic="eo-long", records=20_000, keys=500, kills=3,
+                           budget=850)  # fmt: skip
