@@ -121,14 +121,12 @@ class Peer:
                 raise ConfigError(f"{', '.join(local)} bound both locally and in the module file", key="module")
         #: the Kafka ingresses of the module file, read by this peer (connectors/kafka.py)
         self.kafka: Any = None
+        #: the Kafka egresses of the module file, produced by this peer (connectors/kafka_egress.py)
+        self.kafka_egress: Any = None
         if self.remote is not None and self.remote.module.kafka_egresses:
-            from .errors import ConfigError
+            from .connectors.kafka_egress import KafkaEgress
 
-            eg = self.remote.module.kafka_egresses[0]
-            raise ConfigError(f"Kafka egress {eg.id}: statefun_mesh does not produce to Kafka yet (only Kafka "
-                              "ingresses run); remove the io.statefun.kafka.v1/egress component and read the "
-                              "kafka_egress_message records with MeshClient or `statefun-mesh egress`",
-                              source=self.remote.module.source, key="module")  # fmt: skip
+            self.kafka_egress = KafkaEgress(self, self.remote.module.kafka_egresses)
         if self.remote is not None and self.remote.module.kafka_ingresses:
             from .connectors.kafka import KafkaIngress
 
@@ -348,6 +346,8 @@ class Peer:
         )  # fmt: skip
         if self.kafka is not None:
             self.kafka.start()
+        if self.kafka_egress is not None:
+            self.kafka_egress.start()
         if not self.checkpointing:
             self._resume(0)
             return
@@ -377,6 +377,8 @@ class Peer:
         try:
             if self.kafka is not None:
                 await self.kafka.aclose()
+            if self.kafka_egress is not None:
+                await self.kafka_egress.aclose()
             # the HTTP server stays up until _release_resources: /readyz says "stopping" meanwhile
             if self.client_server is not None:
                 await self.client_server.aclose()

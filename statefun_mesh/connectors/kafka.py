@@ -74,6 +74,15 @@ def _parse_key(key: str) -> tuple[str, str, int] | None:
     return parts[1], parts[2], int(parts[3])
 
 
+def client_error(what: str, err: Any, last: list[float]) -> None:
+    """Log a client error reported by librdkafka's error_cb, at most one per 5 s (``last[0]``:
+    the time of the previous one). Called from whichever thread polls the client."""
+    now = time.monotonic()
+    if now - last[0] >= 5.0:
+        last[0] = now
+        log.warning("%s: client error: %s (retrying)", what, err)
+
+
 def _import_kafka() -> Any:
     try:
         import confluent_kafka
@@ -110,6 +119,7 @@ class KafkaIngress:
         self._consumers: dict[str, Any] = {}
         self._closing = False
         self._tlog = ThrottledLog(log)
+        self._last_client_error: list[float] = [0.0]
 
     # -- hooks the peer and its checkpoint participant call --------------------------------
 
@@ -179,12 +189,13 @@ class KafkaIngress:
             "error_cb": lambda err, spec=spec: self._on_error(spec, err),
         })  # fmt: skip
         conf.setdefault("isolation.level", "read_committed")
-        conf.setdefault("log_level", 3)
+        # librdkafka's own log lines (stderr) would repeat a refused connection every few ms:
+        # its errors come through error_cb instead, at most one line per 5 s
+        conf.setdefault("log_level", 0)
         return conf
 
     def _on_error(self, spec: KafkaIngressSpec, err: Any) -> None:
-        # librdkafka's own thread: only log (ThrottledLog is not used from threads)
-        log.debug("kafka ingress %s: client error: %s", spec.id, err)
+        client_error(f"kafka ingress {spec.id} at {spec.address}", err, self._last_client_error)
 
     async def _run(self, spec: KafkaIngressSpec) -> None:
         confluent_kafka = _import_kafka()

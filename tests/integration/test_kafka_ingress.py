@@ -29,7 +29,13 @@ if _ROOT not in sys.path:
 import statefun_mesh as sm  # noqa: E402
 from statefun_mesh.mesh import free_ports  # noqa: E402
 from tests.integration import crash_app as app  # noqa: E402
-from tests.kafkabroker import KafkaBroker, KafkaBrokerUnavailable, find_tansu, running_kafka_broker  # noqa: E402
+from tests.kafkabroker import (  # noqa: E402
+    KafkaBroker,
+    KafkaBrokerUnavailable,
+    find_tansu,
+    running_kafka_broker,
+    start_kafka_broker,
+)
 
 if os.environ.get("CI"):
     import confluent_kafka  # CI must have it: these tests may not skip there
@@ -71,12 +77,15 @@ def produce(broker: KafkaBroker, topic: str, records: list[tuple[bytes | None, b
 
 
 def module_yaml(tmp_path: Path, address: str, topics: list[tuple[str, str, list[str]]], *,
-                startup: str = "earliest", group: str = "mesh") -> str:  # fmt: skip
+                startup: str = "earliest", group: str = "mesh", egress: str | None = None) -> str:  # fmt: skip
     lines = ["kind: io.statefun.kafka.v1/ingress", "spec:", "  id: kt/in", f"  address: {address}",
              f"  consumerGroupId: {group}", "  startupPosition:", f"    type: {startup}", "  topics:"]  # fmt: skip
     for topic, value_type, targets in topics:
         lines += [f"    - topic: {topic}", f"      valueType: {value_type}", "      targets:"]
         lines += [f"        - {t}" for t in targets]
+    if egress is not None:  # kafka_app's egress kt/out with this delivery semantic
+        lines += ["---", "kind: io.statefun.kafka.v1/egress", "spec:", "  id: kt/out", f"  address: {address}",
+                  "  deliverySemantic:", f"    type: {egress}"]  # fmt: skip
     path = tmp_path / "module.yaml"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -188,8 +197,6 @@ def re_search(pattern: str, text: str) -> bool:
 async def test_broker_down_at_start_is_retried_and_nothing_is_lost(tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture,
                                                                    broker: KafkaBroker) -> None:  # fmt: skip
-    from tests.kafkabroker import start_kafka_broker
-
     port = free_ports(1)[0]
     module = module_yaml(tmp_path, f"127.0.0.1:{port}", [("late", "cr/json", [app.COUNTER])])
     async with sm.LocalMesh(app.functions, module=module, blob_store="file://" + str(tmp_path / "ck"),
@@ -230,9 +237,19 @@ def crash_meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 
 async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any], tmp_path: Path, *, topic: str,
-                           records: int, keys: int, kills: int, budget: float) -> None:  # fmt: skip
+                           records: int, keys: int, kills: int, budget: float,
+                           egress: str | None = None) -> list[tuple[bytes, bytes]]:  # fmt: skip
+    """Records -> ``cr/counter`` (or, with ``egress``, ``kt/counter`` and its Kafka egress) on 3 peer
+    processes, ``kills`` SIGKILLs; every count exact. Returns the egress topic's records."""
+    from tests.integration import crash_util, kafka_app
     from tests.integration.crash_util import Clients, probe_ids, reply_json
     from tests.integration.test_crash_recovery import kill_and_wait
+
+    counter = app.COUNTER
+    if egress is not None:
+        counter = kafka_app.KT_COUNTER
+        crash_util.APP = "tests.integration.kafka_app:functions"  # restored below
+        create_topic(broker, kafka_app.OUT_TOPIC, 3)
 
     deadline = time.monotonic() + budget
     create_topic(broker, topic, 6)
@@ -240,7 +257,7 @@ async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any]
     expected = {k: 0 for k in names}
     for i in range(records):
         expected[names[i % keys]] += 1
-    module = module_yaml(tmp_path, broker.address, [(topic, "cr/json", [app.COUNTER])])
+    module = module_yaml(tmp_path, broker.address, [(topic, "cr/json", [counter])], egress=egress)
     mesh = crash_meshes(checkpoint_interval=0.3)
     mesh.extra_args = ["--module", module]
     mesh.start()
@@ -257,13 +274,18 @@ async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any]
             if s < kills:
                 await asyncio.sleep(0.7)  # some of the slice consumed, a checkpoint or two taken
                 victim = random.randrange(3)
+                if egress is not None:  # the victim has produced to Kafka: its position there matters
+                    mark = f"kt/out/{victim}/".encode()
+                    while not any(h.startswith(mark) for _, h in await asyncio.to_thread(
+                            read_topic, broker, kafka_app.OUT_TOPIC, 1, quiet=0.3, timeout=2.0)):  # fmt: skip
+                        assert time.monotonic() < deadline, f"peer {victim} never produced to Kafka"
                 secs = await kill_and_wait(mesh, victim, probes)
                 print(f"\n[kafka] slice {s}: peer {victim} SIGKILLed; the mesh answered {secs:.2f} s later")
         got: dict[str, int] = {}
         while time.monotonic() < deadline:
             got = {}
             for i, k in enumerate(names):
-                reply = await clients.request(app.query(app.COUNTER, k), first=i, deadline=deadline)
+                reply = await clients.request(app.query(counter, k), first=i, deadline=deadline)
                 got[k] = reply_json(reply)["count"]
             if got == expected:
                 break
@@ -272,11 +294,15 @@ async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any]
         assert got == expected, f"{sum(got.values())} of {records} applied: " + str(
             {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v})
         await asyncio.sleep(1.5)  # a duplicate replay would land now
-        again = {k: reply_json(await clients.request(app.query(app.COUNTER, k), deadline=deadline))["count"]
+        again = {k: reply_json(await clients.request(app.query(counter, k), deadline=deadline))["count"]
                  for k in names}  # fmt: skip
         assert again == expected
         assert "dead letter" not in mesh.log()
+        if egress is None:
+            return []
+        return await asyncio.to_thread(read_topic, broker, kafka_app.OUT_TOPIC, records, quiet=3.0)
     finally:
+        crash_util.APP = "tests.integration.crash_app:functions"
         await clients.aclose()
         mesh.stop()
 
@@ -295,3 +321,82 @@ async def test_each_record_counts_once_across_three_sigkills_20k(broker: KafkaBr
                                                                  tmp_path: Path) -> None:  # fmt: skip
     await run_exactly_once(broker, crash_meshes, tmp_path, topic="eo-long", records=20_000, keys=500, kills=3,
                            budget=850)  # fmt: skip
+
+
+# -- the Kafka egress ----------------------------------------------------------------------------
+
+
+def read_topic(broker: KafkaBroker, topic: str, expected: int, *, quiet: float = 2.0, timeout: float = DEADLINE
+               ) -> list[tuple[bytes, bytes]]:  # fmt: skip
+    """Every record of ``topic`` (all partitions, read_committed): (value, statefun-mesh-id header);
+    reads until ``expected`` arrived and nothing more came for ``quiet`` seconds."""
+    c = confluent_kafka.Consumer({"bootstrap.servers": broker.address, "group.id": f"reader-{random.random()}",
+                                  "isolation.level": "read_committed", "enable.auto.commit": False,
+                                  "log_level": 0})  # fmt: skip
+    try:
+        md = c.list_topics(topic, timeout=10.0)
+        parts = sorted(md.topics[topic].partitions)
+        c.assign([confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING) for p in parts])
+        out: list[tuple[bytes, bytes]] = []
+        deadline = time.monotonic() + timeout
+        last = time.monotonic()
+        while time.monotonic() < deadline:
+            msgs = [m for m in c.consume(1000, 0.2) if m.error() is None]
+            if msgs:
+                last = time.monotonic()
+            out += [(m.value(), dict(m.headers() or []).get("statefun-mesh-id", b"")) for m in msgs]
+            if len(out) >= expected and time.monotonic() - last > quiet:
+                break
+        return out
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("semantic", ["exactly-once", "at-least-once"])
+async def test_egress_records_are_produced_once_each(broker: KafkaBroker, tmp_path: Path, semantic: str) -> None:
+
+    broker = await asyncio.to_thread(start_kafka_broker, tmp_path)  # its own: the egress topics are fixed
+    try:
+        await egress_once_each(broker, tmp_path, semantic)
+    finally:
+        broker.stop()
+
+
+async def egress_once_each(broker: KafkaBroker, tmp_path: Path, semantic: str) -> None:
+    from tests.integration import kafka_app
+
+    topic = "kin"
+    create_topic(broker, topic, 3)
+    create_topic(broker, kafka_app.OUT_TOPIC, 2)
+    records = [(f"e{i % 7}".encode(), inc(i), None) for i in range(300)]
+    produce(broker, topic, records)
+    module = module_yaml(tmp_path, broker.address, [(topic, "cr/json", [kafka_app.KT_COUNTER])], egress=semantic)
+    mesh = sm.LocalMesh(kafka_app.functions, peers=2, module=module, blob_store="file://" + str(tmp_path / "ck"),
+                        checkpoint_interval=0.3)  # fmt: skip
+    async with mesh:
+        got = await asyncio.to_thread(read_topic, broker, kafka_app.OUT_TOPIC, 300)
+        egresses = [p.kafka_egress for p in mesh.peers]
+        assert sum(e.records_out for e in egresses) == 300
+        if semantic == "exactly-once":
+            assert all(e.transactions > 0 for e in egresses)  # both peers produced, in transactions
+    values = sorted(v.decode() for v, _ in got)
+    assert values == sorted(f"e{i % 7}|{i}" for i in range(300))
+    ids = [h for _, h in got]
+    assert len(set(ids)) == 300 and all(h.startswith(b"kt/out/") for h in ids)
+
+
+@pytest.mark.timeout(150)
+async def test_egress_across_a_sigkill_loses_nothing(crash_meshes: Callable[..., Any], tmp_path: Path) -> None:
+    broker = await asyncio.to_thread(start_kafka_broker, tmp_path)  # its own: the egress topics are fixed
+    try:
+        got = await run_exactly_once(broker, crash_meshes, tmp_path, topic="eo-egress", records=2000, keys=40,
+                                     kills=1, budget=120, egress="exactly-once")  # fmt: skip
+    finally:
+        broker.stop()
+    values = [v.decode() for v, _ in got]
+    expected = {f"u{i % 40}|{i}" for i in range(2000)}
+    assert set(values) == expected, f"lost: {sorted(expected - set(values))[:10]}"
+    dups = len(values) - len(set(values))
+    print(f"\n[kafka egress] {len(values)} records read_committed, {dups} duplicates")
+    assert dups == 0
