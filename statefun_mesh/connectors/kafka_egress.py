@@ -56,6 +56,12 @@ class KafkaEgress:
         self.peer = peer
         self.specs = specs
         _import_kafka()
+        immediate = [s.id for s in specs if s.id in peer.config.egress_immediate]
+        if immediate:
+            raise ConfigError(f"Kafka egress {immediate[0]} is listed in egress_immediate: its offsets are reused "
+                              "after a recovery, so its produced position would skip records; remove it from "
+                              "egress_immediate (the Kafka egress produces released records)",
+                              key="egress_immediate")  # fmt: skip
         if not peer.checkpointing and any(s.semantic == "exactly-once" for s in specs):
             log.warning("peer %d: Kafka egress %s is exactly-once, but checkpoints are off: records are released "
                         "as they are written and a crash loses state anyway", peer.peer_id,

@@ -132,3 +132,23 @@ def test_bad_components_name_what_is_wrong(text: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected) as info:
         parse_module_yaml(text, source="m.yaml")
     assert "m.yaml" in str(info.value)
+
+
+def test_a_kafka_egress_cannot_be_immediate(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("confluent_kafka")
+    import statefun_mesh as sm
+
+    path = tmp_path / "module.yaml"
+    path.write_text("kind: io.statefun.kafka.v1/egress\nspec: {id: a/out, address: 'k:1'}\n")
+    with pytest.raises(ConfigError, match="egress_immediate: Kafka egress a/out is listed in egress_immediate"):
+        sm.LocalMesh(sm.StatefulFunctions(), module=str(path), egress_immediate=["a/out"])
+
+
+def test_a_kafka_ingress_target_must_exist(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("confluent_kafka")
+    import statefun_mesh as sm
+
+    path = tmp_path / "module.yaml"
+    path.write_text(INGRESS)
+    with pytest.raises(ConfigError, match=r"targets com\.example\.fns/greeter, which is neither bound locally nor"):
+        sm.LocalMesh(sm.StatefulFunctions(), module=str(path))
