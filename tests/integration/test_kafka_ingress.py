@@ -400,3 +400,63 @@ async def test_egress_across_a_sigkill_loses_nothing(crash_meshes: Callable[...,
     dups = len(values) - len(set(values))
     print(f"\n[kafka egress] {len(values)} records read_committed, {dups} duplicates")
     assert dups == 0
+
+
+@pytest.mark.timeout(150)
+async def test_rescale_3_to_2_moves_partitions_with_their_positions(broker: KafkaBroker,
+                                                                     crash_meshes: Callable[..., Any],
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    """5 partitions on 3 peers (p % 3), the whole mesh SIGKILLed past its last checkpoint, back on
+    2 peers (p % 2: partitions 2, 3 and 4 change peers) with --restore latest: every count exact."""
+    from tests.integration.crash_util import Clients, reply_json
+    from tests.integration.test_rescale_cli import crash_everything
+
+    deadline = time.monotonic() + 130
+    topic, keys = "rescale", [f"r{i}" for i in range(30)]
+    create_topic(broker, topic, 5)
+    module = module_yaml(tmp_path, broker.address, [(topic, "cr/json", [app.COUNTER])])
+    mesh = crash_meshes(peers=3, checkpoint_interval=0.3)
+    mesh.extra_args = ["--module", module]
+
+    async def read(clients: Any) -> dict[str, int]:
+        out = {}
+        for i, k in enumerate(keys):
+            reply = await clients.request(app.query(app.COUNTER, k), first=i, deadline=deadline)
+            out[k] = reply_json(reply)["count"]
+        return out
+
+    async def wait_exact(clients: Any, expected: dict[str, int]) -> dict[str, int]:
+        while True:
+            got = await read(clients)
+            assert all(got[k] <= expected[k] for k in keys), "a record was applied twice"
+            if got == expected or time.monotonic() > deadline - 10:
+                return got
+            await asyncio.sleep(0.3)
+
+    mesh.start()
+    await asyncio.to_thread(mesh.wait_up)
+    clients = await Clients.connect(mesh.endpoint)
+    try:
+        await asyncio.to_thread(produce, broker, topic, [(keys[i % 30].encode(), inc(i), i % 5) for i in range(600)])
+        assert await wait_exact(clients, dict.fromkeys(keys, 20)) == dict.fromkeys(keys, 20)
+        # more records; the mesh dies while (or right after) it reads them, past its last checkpoint
+        await asyncio.to_thread(produce, broker, topic,
+                                [(keys[i % 30].encode(), inc(i), i % 5) for i in range(600, 1200)])  # fmt: skip
+        await asyncio.sleep(0.2)
+    finally:
+        await clients.aclose()
+    crash_everything(mesh)
+
+    mesh.peers = 2
+    mesh.extra_args = ["--module", module, "--restore", "latest"]
+    mesh.start()
+    await asyncio.to_thread(mesh.wait_up)
+    clients = await Clients.connect(mesh.endpoint)
+    try:
+        await asyncio.to_thread(produce, broker, topic,
+                                [(keys[i % 30].encode(), inc(i), i % 5) for i in range(1200, 1500)])  # fmt: skip
+        assert await wait_exact(clients, dict.fromkeys(keys, 50)) == dict.fromkeys(keys, 50)
+        assert "dead letter" not in mesh.log()
+    finally:
+        await clients.aclose()
+        mesh.stop()
