@@ -77,12 +77,16 @@ def produce(broker: KafkaBroker, topic: str, records: list[tuple[bytes | None, b
 
 
 def module_yaml(tmp_path: Path, address: str, topics: list[tuple[str, str, list[str]]], *,
-                startup: str = "earliest", group: str = "mesh", egress: str | None = None) -> str:  # fmt: skip
+                startup: str = "earliest", group: str = "mesh", egress: str | None = None,
+                remote: bool = False) -> str:  # fmt: skip
     lines = ["kind: io.statefun.kafka.v1/ingress", "spec:", "  id: kt/in", f"  address: {address}",
              f"  consumerGroupId: {group}", "  startupPosition:", f"    type: {startup}", "  topics:"]  # fmt: skip
     for topic, value_type, targets in topics:
         lines += [f"    - topic: {topic}", f"      valueType: {value_type}", "      targets:"]
         lines += [f"        - {t}" for t in targets]
+    if remote:  # kr/* served in-process by tests/integration/kafka_remote.py, over the request-reply protocol
+        lines += ["---", "kind: io.statefun.endpoints.v2/http", "spec:", "  functions: kr/*",
+                  "  urlPathTemplate: python:tests.integration.kafka_remote:handler"]  # fmt: skip
     if egress is not None:  # kafka_app's egress kt/out with this delivery semantic
         lines += ["---", "kind: io.statefun.kafka.v1/egress", "spec:", "  id: kt/out", f"  address: {address}",
                   "  deliverySemantic:", f"    type: {egress}"]  # fmt: skip
@@ -238,7 +242,7 @@ def crash_meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any], tmp_path: Path, *, topic: str,
                            records: int, keys: int, kills: int, budget: float,
-                           egress: str | None = None) -> list[tuple[bytes, bytes]]:  # fmt: skip
+                           egress: str | None = None, remote: bool = False) -> list[tuple[bytes, bytes]]:  # fmt: skip
     """Records -> ``cr/counter`` (or, with ``egress``, ``kt/counter`` and its Kafka egress) on 3 peer
     processes, ``kills`` SIGKILLs; every count exact. Returns the egress topic's records."""
     from tests.integration import crash_util, kafka_app
@@ -257,7 +261,8 @@ async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any]
     expected = {k: 0 for k in names}
     for i in range(records):
         expected[names[i % keys]] += 1
-    module = module_yaml(tmp_path, broker.address, [(topic, "cr/json", [counter])], egress=egress)
+    targets = [counter, "kr/counter"] if remote else [counter]
+    module = module_yaml(tmp_path, broker.address, [(topic, "cr/json", targets)], egress=egress, remote=remote)
     mesh = crash_meshes(checkpoint_interval=0.3)
     mesh.extra_args = ["--module", module]
     mesh.start()
@@ -300,7 +305,7 @@ async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any]
         assert "dead letter" not in mesh.log()
         if egress is None:
             return []
-        return await asyncio.to_thread(read_topic, broker, kafka_app.OUT_TOPIC, records, quiet=3.0)
+        return await asyncio.to_thread(read_topic, broker, kafka_app.OUT_TOPIC, records * len(targets), quiet=3.0)
     finally:
         crash_util.APP = "tests.integration.crash_app:functions"
         await clients.aclose()
@@ -319,19 +324,16 @@ async def test_each_record_counts_once_across_a_sigkill(broker: KafkaBroker, cra
 async def test_each_record_counts_once_across_three_sigkills_20k(broker: KafkaBroker,
                                                                  crash_meshes: Callable[..., Any],
                                                                  tmp_path: Path) -> None:  # fmt: skip
-    """The issue's check: 20,000 keyed records -> kt/counter -> a Kafka egress (exactly-once), 3 SIGKILLs;
-    state exact and the egress topic, read_committed, holds exactly the expected records."""
+    """The issue's check: 20,000 keyed records -> kt/counter (local) and kr/counter (remote) -> a Kafka
+    egress (exactly-once), 3 SIGKILLs; state exact, and the egress topic, read_committed, holds
+    exactly the expected records."""
     own = await asyncio.to_thread(start_kafka_broker, tmp_path)  # its own: the egress topics are fixed
     try:
         got = await run_exactly_once(own, crash_meshes, tmp_path, topic="eo-long", records=20_000, keys=500,
-                                     kills=3, budget=850, egress="exactly-once")  # fmt: skip
+                                     kills=3, budget=850, egress="exactly-once", remote=True)  # fmt: skip
     finally:
         own.stop()
-    values = [v.decode() for v, _ in got]
-    expected = {f"u{i % 500}|{i}" for i in range(20_000)}
-    assert set(values) == expected, f"lost: {sorted(expected - set(values))[:10]}"
-    print(f"\n[kafka egress] {len(values)} records read_committed, {len(values) - len(set(values))} duplicates")
-    assert len(values) == len(set(values))
+    check_egress(got, 20_000, 500, remote=True)
 
 
 # -- the Kafka egress ----------------------------------------------------------------------------
@@ -402,15 +404,10 @@ async def test_egress_across_a_sigkill_loses_nothing(crash_meshes: Callable[...,
     broker = await asyncio.to_thread(start_kafka_broker, tmp_path)  # its own: the egress topics are fixed
     try:
         got = await run_exactly_once(broker, crash_meshes, tmp_path, topic="eo-egress", records=2000, keys=40,
-                                     kills=1, budget=120, egress="exactly-once")  # fmt: skip
+                                     kills=1, budget=120, egress="exactly-once", remote=True)  # fmt: skip
     finally:
         broker.stop()
-    values = [v.decode() for v, _ in got]
-    expected = {f"u{i % 40}|{i}" for i in range(2000)}
-    assert set(values) == expected, f"lost: {sorted(expected - set(values))[:10]}"
-    dups = len(values) - len(set(values))
-    print(f"\n[kafka egress] {len(values)} records read_committed, {dups} duplicates")
-    assert dups == 0
+    check_egress(got, 2000, 40, remote=True)
 
 
 @pytest.mark.timeout(150)
@@ -471,3 +468,25 @@ async def test_rescale_3_to_2_moves_partitions_with_their_positions(broker: Kafk
     finally:
         await clients.aclose()
         mesh.stop()
+
+
+def check_egress(got: list[tuple[bytes, bytes]], records: int, keys: int, remote: bool) -> None:
+    """The egress topic holds each local record once and, with ``remote``, each remote one once
+    with the counts 1..n per key (the remote function's state applied each record once)."""
+    values = [v.decode() for v, _ in got]
+    local = [v for v in values if not v.startswith("r:")]
+    expected = {f"u{i % keys}|{i}" for i in range(records)}
+    assert set(local) == expected, f"lost: {sorted(expected - set(local))[:10]}"
+    dups = len(values) - len(set(values))
+    print(f"\n[kafka egress] {len(values)} records read_committed, {dups} duplicates")
+    assert dups == 0
+    if not remote:
+        return
+    by_key: dict[str, list[tuple[str, int]]] = {}
+    for v in values:
+        if v.startswith("r:"):
+            k, i, c = v[2:].split("|")
+            by_key.setdefault(k, []).append((i, int(c)))
+    assert {f"u{int(i) % keys}|{i}" for got_ in by_key.values() for i, _ in got_} == expected
+    for k, entries in by_key.items():
+        assert sorted(c for _, c in entries) == list(range(1, len(entries) + 1)), f"remote counts of {k}"
