@@ -10,6 +10,12 @@ writes and the egress log. The peers share this process (one core), so the rate 
 by P is a per-peer figure only for P = 1; use P = 1 for "per peer".
 
     PYTHONPATH=. python bench/kafka_ingress_perf.py --records 50000 --peers 1
+
+With ``--egress exactly-once`` (or ``at-least-once``) the function is ``kt/counter``
+(tests/integration/kafka_app.py), which writes one Kafka egress record per message instead,
+and the clock stops when the peers' Kafka egress has produced all of them (committed
+transactions for exactly-once), so the figure is Kafka in -> function -> Kafka out, including
+the checkpoint that releases the records.
 """
 
 from __future__ import annotations
@@ -24,12 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import confluent_kafka  # noqa: E402
-from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
+import confluent_kafka
+from confluent_kafka.admin import AdminClient, NewTopic
 
-import statefun_mesh as sm  # noqa: E402
-from tests.integration import crash_app as app  # noqa: E402
-from tests.kafkabroker import running_kafka_broker  # noqa: E402
+import statefun_mesh as sm
+from tests.integration import crash_app as app
+from tests.kafkabroker import running_kafka_broker
 
 
 def produce(address: str, topic: str, n: int, keys: int) -> float:
@@ -50,19 +56,29 @@ def produce(address: str, topic: str, n: int, keys: int) -> float:
     return time.perf_counter() - t0
 
 
-async def consume(address: str, topic: str, n: int, peers: int, root: str) -> float:
+async def consume(address: str, topic: str, n: int, peers: int, root: str, egress: str | None) -> float:
+    from tests.integration import kafka_app
+
     module = Path(root) / "module.yaml"
-    module.write_text(
+    target = kafka_app.KT_COUNTER if egress else app.COUNTER
+    text = (
         f"kind: io.statefun.kafka.v1/ingress\nspec:\n  id: bench/in\n  address: {address}\n"
         f"  consumerGroupId: bench\n  startupPosition: {{type: earliest}}\n"
-        f"  topics:\n    - topic: {topic}\n      valueType: cr/json\n      targets: [{app.COUNTER}]\n"
+        f"  topics:\n    - topic: {topic}\n      valueType: cr/json\n      targets: [{target}]\n"
     )
+    if egress:
+        text += (f"---\nkind: io.statefun.kafka.v1/egress\nspec:\n  id: {kafka_app.EGRESS}\n  address: {address}\n"
+                 f"  deliverySemantic: {{type: {egress}}}\n")  # fmt: skip
+    module.write_text(text)
     mesh = sm.LocalMesh(app.functions, peers=peers, module=str(module), state_dir=root + "/state",
                         blob_store=f"file://{root}/ck", checkpoint_interval=0.5)  # fmt: skip
     async with mesh:
         t0 = time.perf_counter()
         while True:
-            done = sum(p.backend.egress_bounds(app.INCREMENTS)[1] for p in mesh.peers if p.backend is not None)
+            if egress:
+                done = sum(p.kafka_egress.records_out for p in mesh.peers)
+            else:
+                done = sum(p.backend.egress_bounds(app.INCREMENTS)[1] for p in mesh.peers if p.backend is not None)
             if done >= n:
                 break
             await asyncio.sleep(0.01)
@@ -74,13 +90,18 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=50_000)
     ap.add_argument("--keys", type=int, default=1000)
     ap.add_argument("--peers", type=int, default=1)
+    ap.add_argument("--egress", choices=["exactly-once", "at-least-once"], default=None)
     args = ap.parse_args()
     with running_kafka_broker() as broker, tempfile.TemporaryDirectory() as root:
         secs = produce(broker.address, "bench", args.records, args.keys)
         print(f"produced {args.records} records in {secs:.2f} s")
-        secs = asyncio.run(consume(broker.address, "bench", args.records, args.peers, root))
+        if args.egress:
+            admin = AdminClient({"bootstrap.servers": broker.address, "log_level": 0})
+            admin.create_topics([NewTopic("kt-out", 6, 1)])["kt-out"].result(10)
+        secs = asyncio.run(consume(broker.address, "bench", args.records, args.peers, root, args.egress))
         rate = args.records / secs
-        print(f"ingress -> cr/counter -> egress: {args.records} records, {args.peers} peer(s) in one process, "
+        what = f"Kafka egress ({args.egress})" if args.egress else "mesh egress"
+        print(f"ingress -> function -> {what}: {args.records} records, {args.peers} peer(s) in one process, "
               f"{secs:.2f} s, {rate:,.0f} records/s ({sm._speedups.IMPLEMENTATION} core)")  # fmt: skip
 
 
