@@ -957,6 +957,10 @@ class Peer:
             "routed_remote": sum(self.routed_remote),
             "egress_records": d.egress_records if d else 0,
             "dead_letters": d.dead_letters if d else 0,
+            # the Kafka ingresses and egresses of the module file (connectors/kafka*.py), else None
+            "kafka": None if self.kafka is None and self.kafka_egress is None else {
+                "ingress": self.kafka.status() if self.kafka is not None else None,
+                "egress": self.kafka_egress.status() if self.kafka_egress is not None else None},
         }
 
     def _state_bytes(self) -> int | None:

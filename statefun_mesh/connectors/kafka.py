@@ -155,6 +155,15 @@ class KafkaIngress:
                     self._tlog.warning("kafka group commits", "kafka ingress %s: committing offsets to group %s "
                                        "failed: %s", spec.id, spec.group_id, exc)  # fmt: skip
 
+    def status(self) -> dict[str, Any]:
+        """For ``Peer.status()``: records routed, dead letters, and each partition's position."""
+        return {
+            "routed": self.routed,
+            "dead_letters": self.dead_lettered,
+            "last_dead_letters": [list(x) for x in list(self.dead_letters)[-5:]],
+            "positions": dict(sorted(self.positions.items())),
+        }
+
     def start(self) -> None:
         """Start the consumers (they wait until the peer admits input)."""
         for spec in self.specs:

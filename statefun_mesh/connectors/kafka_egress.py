@@ -76,6 +76,10 @@ class KafkaEgress:
         self._tlog = ThrottledLog(log)
         self._last_client_error: list[float] = [0.0]
 
+    def status(self) -> dict[str, Any]:
+        """For ``Peer.status()``: records produced, transactions, and each egress's produced position."""
+        return {"records": self.records_out, "transactions": self.transactions, "produced": dict(self.produced)}
+
     def start(self) -> None:
         for spec in self.specs:
             self._tasks.append(asyncio.create_task(self._run(spec), name=f"kafka egress {spec.id}"))

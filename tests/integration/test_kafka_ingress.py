@@ -133,6 +133,10 @@ async def test_records_reach_their_targets_by_key_on_every_peer(broker: KafkaBro
         assert sorted(len(i.assigned["kt/in"]) for i in ingresses) == [2, 2]
         assert sum(i.routed for i in ingresses) == 400
         assert all(i.dead_lettered == 0 for i in ingresses)
+        statuses = [p.status()["kafka"] for p in mesh.peers]
+        assert sum(st["ingress"]["routed"] for st in statuses) == 400 and statuses[0]["egress"] is None
+        assert sorted(statuses[1]["ingress"]["positions"]) == ["kafka|kt/in|orders|1", "kafka|kt/in|orders|3"]
+        assert sum(v for st in statuses for v in st["ingress"]["positions"].values()) == 400  # next offsets
 
 
 @pytest.mark.timeout(90)
