@@ -70,7 +70,7 @@ async def consume(address: str, topic: str, n: int, peers: int, root: str, egres
         text += (f"---\nkind: io.statefun.kafka.v1/egress\nspec:\n  id: {kafka_app.EGRESS}\n  address: {address}\n"
                  f"  deliverySemantic: {{type: {egress}}}\n")  # fmt: skip
     module.write_text(text)
-    mesh = sm.LocalMesh(app.functions, peers=peers, module=str(module), state_dir=root + "/state",
+    mesh = sm.LocalMesh(kafka_app.functions, peers=peers, module=str(module), state_dir=root + "/state",
                         blob_store=f"file://{root}/ck", checkpoint_interval=0.5)  # fmt: skip
     async with mesh:
         t0 = time.perf_counter()

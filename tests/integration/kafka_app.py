@@ -1,4 +1,4 @@
-"""Functions of the Kafka egress tests: crash_app's functions plus ``kt/counter``.
+"""Functions of the Kafka egress tests: ``functions`` = [crash_app's functions, ``kt/counter``].
 
 ``kt/counter`` counts its messages like ``cr/counter`` (JSON ``{"inc": "<id>"}``; a
 ``{"query": true}`` request is answered with ``{"count": n}``) and writes one Kafka egress
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from statefun_mesh import IntType, ValueSpec, kafka_egress_message
-from tests.integration.crash_app import JSON, as_json, functions
+from statefun_mesh import IntType, StatefulFunctions, ValueSpec, kafka_egress_message
+from tests.integration import crash_app
+from tests.integration.crash_app import JSON, as_json
 
 __all__ = ["EGRESS", "KT_COUNTER", "OUT_TOPIC", "functions"]
 
@@ -19,8 +20,10 @@ KT_COUNTER: Final = "kt/counter"
 EGRESS: Final = "kt/out"
 OUT_TOPIC: Final = "kt-out"
 
+own = StatefulFunctions()
 
-@functions.bind(typename=KT_COUNTER, specs=[ValueSpec(name="count", type=IntType)])
+
+@own.bind(typename=KT_COUNTER, specs=[ValueSpec(name="count", type=IntType)])
 def kt_counter(context, message):  # type: ignore[no-untyped-def]
     doc = as_json(message)
     count = context.storage.count or 0
@@ -31,3 +34,7 @@ def kt_counter(context, message):  # type: ignore[no-untyped-def]
                                                  value=f"{context.address.id}|{doc['inc']}"))  # fmt: skip
     if context.in_request:
         context.reply(value={"count": count}, value_type=JSON)
+
+
+#: crash_app's functions (left unchanged: other tests use them) and kt/counter
+functions = [crash_app.functions, own]

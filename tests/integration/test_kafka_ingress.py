@@ -254,6 +254,7 @@ async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any]
     from tests.integration.test_crash_recovery import kill_and_wait
 
     counter = app.COUNTER
+    old_app = crash_util.APP
     if egress is not None:
         counter = kafka_app.KT_COUNTER
         crash_util.APP = "tests.integration.kafka_app:functions"  # restored below
@@ -311,7 +312,7 @@ async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any]
             return []
         return await asyncio.to_thread(read_topic, broker, kafka_app.OUT_TOPIC, records * len(targets), quiet=3.0)
     finally:
-        crash_util.APP = "tests.integration.crash_app:functions"
+        crash_util.APP = old_app
         await clients.aclose()
         mesh.stop()
 
