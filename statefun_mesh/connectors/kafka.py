@@ -120,6 +120,17 @@ class KafkaIngress:
         self._closing = False
         self._tlog = ThrottledLog(log)
         self._last_client_error: list[float] = [0.0]
+        #: client calls running in worker threads: a client is closed only when none runs
+        self._busy: set[asyncio.Future[Any]] = set()
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread. Cancelling the caller does not stop the thread (nothing
+        can), so the call is tracked and :meth:`aclose` waits for it before closing the client:
+        librdkafka must not destroy a handle another thread is using."""
+        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._busy.add(fut)
+        fut.add_done_callback(self._busy.discard)
+        return await asyncio.shield(fut)
 
     # -- hooks the peer and its checkpoint participant call --------------------------------
 
@@ -178,9 +189,15 @@ class KafkaIngress:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks = []
+        if self._busy:
+            await asyncio.wait(set(self._busy), timeout=30.0)
+        if self._busy:  # a client call hangs: leave its client open rather than crash the process
+            log.warning("kafka ingress: a client call did not return within 30 s; its consumer is not closed")
+            self._consumers = {}
+            return
         for consumer in self._consumers.values():
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(consumer.close)
+                await self._call(consumer.close)
         self._consumers = {}
 
     # -- consuming ---------------------------------------------------------------------------
@@ -230,7 +247,7 @@ class KafkaIngress:
                     await asyncio.sleep(min(1.0, max(0.0, next_metadata - time.monotonic())))
                     continue
                 epoch, gen = self.epoch, peer.generation
-                msgs = await asyncio.to_thread(consumer.consume, POLL_BATCH, POLL_WAIT)
+                msgs = await self._call(consumer.consume, POLL_BATCH, POLL_WAIT)
                 if epoch != self.epoch or gen != peer.generation or not peer.resumed or self._closing:
                     assigned_epoch = -1  # a recovery began or ended meanwhile: seek to the positions again
                     continue
@@ -254,7 +271,7 @@ class KafkaIngress:
         n, me = self.peer.n_peers, self.peer.peer_id
         wanted: list[tuple[str, int]] = []
         for t in spec.topics:
-            md = await asyncio.to_thread(consumer.list_topics, t.topic, 5.0)
+            md = await self._call(consumer.list_topics, t.topic, 5.0)
             tmd = md.topics.get(t.topic)
             if tmd is None or tmd.error is not None or not tmd.partitions:
                 why = tmd.error if tmd is not None and tmd.error is not None else "no such topic"
@@ -266,11 +283,11 @@ class KafkaIngress:
         starts = {}
         new = [tp for tp in wanted if position_key(spec.id, *tp) not in self.positions]
         if new:
-            starts = await asyncio.to_thread(self._resolve, spec, consumer, ck, new)
+            starts = await self._call(self._resolve, spec, consumer, ck, new)
         for tp, offset in starts.items():
             self.positions.setdefault(position_key(spec.id, *tp), offset)
         tps = [ck.TopicPartition(t, p, self.positions[position_key(spec.id, t, p)]) for t, p in wanted]
-        await asyncio.to_thread(consumer.assign, tps)
+        await self._call(consumer.assign, tps)
         if wanted != self.assigned.get(spec.id):
             log.info("kafka ingress %s: peer %d reads %s", spec.id, me,
                      ", ".join(f"{t}/{p}@{self.positions[position_key(spec.id, t, p)]}" for t, p in wanted) or

@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import ConfigError
@@ -75,6 +76,15 @@ class KafkaEgress:
         self._closing = False
         self._tlog = ThrottledLog(log)
         self._last_client_error: list[float] = [0.0]
+        #: client calls running in worker threads (see KafkaIngress._call)
+        self._busy: set[asyncio.Future[Any]] = set()
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread, tracked so :meth:`aclose` never drops a producer in use."""
+        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._busy.add(fut)
+        fut.add_done_callback(self._busy.discard)
+        return await asyncio.shield(fut)
 
     def status(self) -> dict[str, Any]:
         """For ``Peer.status()``: records produced, transactions, and each egress's produced position."""
@@ -92,9 +102,14 @@ class KafkaEgress:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks = []
+        if self._busy:
+            await asyncio.wait(set(self._busy), timeout=90.0)
+        if self._busy:  # a client call hangs: keep its producer rather than crash the process
+            log.warning("kafka egress: a client call did not return within 90 s; its producer is not closed")
+            return
         for p in self._producers.values():
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(p.flush, 5.0)
+                await self._call(p.flush, 5.0)
         self._producers = {}
 
     # -- one egress ------------------------------------------------------------------------
@@ -126,6 +141,15 @@ class KafkaEgress:
                 except ck.KafkaException as exc:
                     if exc.args[0].code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
+        # Read to a marker written now: everything an earlier incarnation of this producer wrote
+        # (fenced and its transaction finished by init_transactions) is before it in the
+        # partition, and records of other peers written meanwhile do not keep the read going.
+        # (End offsets are not used: Tansu reports them wrongly.)
+        marker = f"{self._progress_key(spec)}#{uuid.uuid4().hex}".encode()
+        plain = ck.Producer({"bootstrap.servers": spec.address, "enable.idempotence": True, "log_level": 0})
+        plain.produce(PROGRESS_TOPIC, key=marker, value=None, partition=0)  # a tombstone: compaction drops it
+        if plain.flush(30.0):
+            raise ck.KafkaException(ck.KafkaError(ck.KafkaError._TIMED_OUT, "writing the progress marker timed out"))
         consumer = ck.Consumer({"bootstrap.servers": spec.address, "group.id": f"statefun-mesh-progress-{spec.id}",
                                 "enable.auto.commit": False, "isolation.level": "read_committed",
                                 "log_level": 0})  # fmt: skip
@@ -133,19 +157,20 @@ class KafkaEgress:
         position = 0
         try:
             consumer.assign([ck.TopicPartition(PROGRESS_TOPIC, 0, ck.OFFSET_BEGINNING)])
-            # read to the end: until a poll brings nothing for a second (watermarks are not
-            # trusted: Tansu answers them wrongly)
-            quiet_until = time.monotonic() + 1.0
-            while time.monotonic() < quiet_until:
-                msgs = consumer.consume(1000, 0.2)
-                for m in msgs:
-                    if m.error() is None and m.key() == key and m.value():
+            deadline = time.monotonic() + 60.0
+            while True:
+                if time.monotonic() > deadline:
+                    raise ck.KafkaException(ck.KafkaError(ck.KafkaError._TIMED_OUT,
+                                                          f"reading {PROGRESS_TOPIC} to its end took over 60 s"))
+                for m in consumer.consume(1000, 0.2):
+                    if m.error() is not None:
+                        continue
+                    if m.key() == marker:
+                        return position
+                    if m.key() == key and m.value():
                         position = max(position, int(json.loads(m.value())["next"]))
-                if msgs:
-                    quiet_until = time.monotonic() + 1.0
         finally:
             consumer.close()
-        return position
 
     async def _run(self, spec: KafkaEgressSpec) -> None:
         ck = _import_kafka()
@@ -160,9 +185,9 @@ class KafkaEgress:
                     producer = ck.Producer(self._producer_config(spec))
                     if spec.semantic == "exactly-once":
                         # fences an earlier incarnation of this peer and aborts its open transaction
-                        await asyncio.to_thread(producer.init_transactions, 30.0)
+                        await self._call(producer.init_transactions, 30.0)
                     self._producers[spec.id] = producer
-                    self.produced[spec.id] = await asyncio.to_thread(self._read_progress, spec, ck)
+                    self.produced[spec.id] = await self._call(self._read_progress, spec, ck)
                     log.info("kafka egress %s: peer %d produces from egress offset %d (%s)", spec.id,
                              peer.peer_id, self.produced[spec.id], spec.semantic)  # fmt: skip
                 pos = self.produced[spec.id]
@@ -174,7 +199,7 @@ class KafkaEgress:
                     self._tlog.error("kafka egress trimmed", "kafka egress %s: peer %d trimmed records %d..%d "
                                      "before they were produced (egress_retention): they are lost", spec.id,
                                      peer.peer_id, pos, records[0].offset - 1)  # fmt: skip
-                await asyncio.to_thread(self._produce, spec, producer, records, ck)
+                await self._call(self._produce, spec, producer, records, ck)
                 self.produced[spec.id] = records[-1].offset + 1
                 self.records_out += len(records)
                 pause = 0.2
@@ -189,7 +214,7 @@ class KafkaEgress:
                     fatal = isinstance(exc, ck.KafkaException) and exc.args[0].fatal()
                     if not fatal:
                         with contextlib.suppress(Exception):
-                            await asyncio.to_thread(producer.abort_transaction, 10.0)
+                            await self._call(producer.abort_transaction, 10.0)
                     if fatal:  # fenced or broken: a new producer reads the progress again
                         self._producers.pop(spec.id, None)
                         producer = None
