@@ -230,7 +230,7 @@ class KafkaIngress:
         assigned_epoch = -1
         next_metadata = 0.0
         consumer = None
-        while not self._closing:
+        while not self._closing and not peer._closing:
             try:
                 await peer.admit()
                 if consumer is None:
@@ -256,7 +256,7 @@ class KafkaIngress:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if self._closing:
+                if self._closing or peer._closing:
                     return
                 self._tlog.error("kafka ingress errors", "kafka ingress %s at %s: %s; retrying in %.1f s",
                                  spec.id, spec.address, exc, pause)  # fmt: skip

@@ -179,7 +179,7 @@ class KafkaEgress:
         peer = self.peer
         pause = 0.2
         producer = None
-        while not self._closing:
+        while not self._closing and not peer._closing:
             try:
                 if producer is None:
                     producer = ck.Producer(self._producer_config(spec))
@@ -191,9 +191,13 @@ class KafkaEgress:
                     log.info("kafka egress %s: peer %d produces from egress offset %d (%s)", spec.id,
                              peer.peer_id, self.produced[spec.id], spec.semantic)  # fmt: skip
                 pos = self.produced[spec.id]
-                records = peer.egress_read(spec.id, pos, BATCH) if peer.resumed else []
+                records = peer.egress_read(spec.id, pos, BATCH) if peer.resumed and not peer._closing else []
                 if not records:
-                    await peer.egress_wait(spec.id, pos, 1.0)
+                    # egress_wait returns at once while the peer closes, or when the head is past
+                    # pos with nothing readable (recovering): never loop without suspending
+                    if peer.resumed and not peer._closing:
+                        await peer.egress_wait(spec.id, pos, 1.0)
+                    await asyncio.sleep(0.01 if peer.resumed else 0.1)
                     continue
                 if records[0].offset > pos:
                     self._tlog.error("kafka egress trimmed", "kafka egress %s: peer %d trimmed records %d..%d "
@@ -206,7 +210,7 @@ class KafkaEgress:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if self._closing:
+                if self._closing or peer._closing:
                     return
                 self._tlog.error("kafka egress errors", "kafka egress %s at %s: %s; retrying in %.1f s", spec.id,
                                  spec.address, exc, pause)  # fmt: skip
