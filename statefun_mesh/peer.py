@@ -114,6 +114,18 @@ class Peer:
             local = [ep.pattern for ep in self.remote.module.endpoints if ep.name and ep.pattern in self.table]
             if local:
                 raise ConfigError(f"{', '.join(local)} bound both locally and in the module file", key="module")
+        #: the Kafka ingresses of the module file, read by this peer (connectors/kafka.py)
+        self.kafka: Any = None
+        #: the Kafka egresses of the module file, produced by this peer (connectors/kafka_egress.py)
+        self.kafka_egress: Any = None
+        if self.remote is not None and self.remote.module.kafka_egresses:
+            from .connectors.kafka_egress import KafkaEgress
+
+            self.kafka_egress = KafkaEgress(self, self.remote.module.kafka_egresses)
+        if self.remote is not None and self.remote.module.kafka_ingresses:
+            from .connectors.kafka import KafkaIngress
+
+            self.kafka = KafkaIngress(self, self.remote.module.kafka_ingresses)
         self.clock = clock or SystemClock()
         self.state_path = os.path.join(config.state_dir, f"peer-{peer_id}")
         self.backend: LmdbStateBackend | None = None
@@ -336,6 +348,10 @@ class Peer:
             self.peer_id, self.n_peers, self.state_path, len(self.table), _speedups.IMPLEMENTATION,
             f"every {cfg.checkpoint_interval} s to {cfg.blob_store}" if self.checkpointing else "off",
         )  # fmt: skip
+        if self.kafka is not None:
+            self.kafka.start()
+        if self.kafka_egress is not None:
+            self.kafka_egress.start()
         if not self.checkpointing:
             self.resume(0)
             return
@@ -364,6 +380,10 @@ class Peer:
         self._wake.set()
         self._resumed_event.set()
         try:
+            if self.kafka is not None:
+                await self.kafka.aclose()
+            if self.kafka_egress is not None:
+                await self.kafka_egress.aclose()
             # the HTTP server stays up until _release_resources: /readyz says "stopping" meanwhile
             if self.client_server is not None:
                 await self.client_server.aclose()
@@ -490,6 +510,8 @@ class Peer:
         await self.ingress_writer.settle()
         t0 = self.clock.now()
         await self.participant.restore(manifest)
+        if self.kafka is not None:
+            self.kafka.restore(self.participant.sources)
         self.last_recovery_seconds = self.clock.now() - t0
         self.egress_logs.wake_all()
         # What was in flight at the cut comes first, then the ingress log from the cut's
@@ -630,6 +652,15 @@ class Peer:
         """A checkpoint completed: egress consumers may read each log up to ``heads``."""
         self.egress_logs.release(heads)
 
+    def source_positions(self) -> dict[str, int]:
+        """The Kafka ingresses' next offsets per partition routed so far (connectors/kafka.py)."""
+        return self.kafka.snapshot_positions() if self.kafka is not None else {}
+
+    def sources_checkpointed(self, positions: dict[str, int]) -> None:
+        """A checkpoint covering ``positions`` completed (the Kafka ingress commits them for monitoring)."""
+        if self.kafka is not None:
+            self.kafka.on_checkpoint(positions)
+
     def release_input(self) -> None:
         self._hold_batches = False
         held, self._held = self._held, []
@@ -716,6 +747,11 @@ class Peer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    @property
+    def closing(self) -> bool:
+        """Whether the peer is shutting down (connectors stop taking work)."""
+        return self._closing
 
     @property
     def running(self) -> bool:
@@ -967,6 +1003,10 @@ class Peer:
             "routed_remote": sum(self.routed_remote),
             "egress_records": d.egress_records if d else 0,
             "dead_letters": d.dead_letters if d else 0,
+            # the Kafka ingresses and egresses of the module file (connectors/kafka*.py), else None
+            "kafka": None if self.kafka is None and self.kafka_egress is None else {
+                "ingress": self.kafka.status() if self.kafka is not None else None,
+                "egress": self.kafka_egress.status() if self.kafka_egress is not None else None},
         }
 
     def _state_bytes(self) -> int | None:

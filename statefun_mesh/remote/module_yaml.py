@@ -20,9 +20,13 @@ without HTTP.
 asynchronous transport (``type: io.statefun.transports.v1/async``) puts ``call`` and
 ``connect`` directly under ``transport``; both layouts are read. Durations are written
 as Flink writes them (``1 min``, ``10s``, ``500 ms``, ``2m``; a bare number is
-milliseconds). Any other kind (Kafka or Kinesis ingress and egress, the 3.0 module
-format) is a :class:`~statefun_mesh.errors.ConfigError` naming it: nothing is skipped
-silently.
+milliseconds).
+
+Kafka ingresses and egresses (``io.statefun.kafka.v1/ingress`` and ``/egress``) are read
+by :mod:`statefun_mesh.connectors.kafka_spec` into :attr:`RemoteModule.kafka_ingresses`
+and :attr:`RemoteModule.kafka_egresses`. Any other kind (Kinesis ingress and egress, the
+3.0 module format) is a :class:`~statefun_mesh.errors.ConfigError` naming it: nothing is
+skipped silently.
 """
 
 from __future__ import annotations
@@ -58,8 +62,6 @@ _PYTHON_REF: Final = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 #: kinds StateFun knows that statefun_mesh does not read, with what to use instead
 _OTHER_KINDS: Final = {
-    "io.statefun.kafka.v1/ingress": "send input with MeshClient or a connector (docs/connectors.md)",
-    "io.statefun.kafka.v1/egress": "read egress with MeshClient (kafka_egress_message records decode with as_kafka())",
     "io.statefun.kinesis.v1/ingress": "send input with MeshClient or a connector (docs/connectors.md)",
     "io.statefun.kinesis.v1/egress": "read egress with MeshClient (records decode with as_kinesis())",
 }
@@ -155,11 +157,21 @@ class RemoteModule:
     A component for one function type wins over one for its whole namespace, as in StateFun.
     """
 
-    __slots__ = ("_by_namespace", "_by_type", "endpoints", "source")
+    __slots__ = ("_by_namespace", "_by_type", "endpoints", "kafka_egresses", "kafka_ingresses", "source")
 
-    def __init__(self, endpoints: Iterable[HttpEndpoint], source: str | None = None) -> None:
+    def __init__(self, endpoints: Iterable[HttpEndpoint], source: str | None = None, *,
+                 kafka_ingresses: Iterable[Any] = (), kafka_egresses: Iterable[Any] = ()) -> None:  # fmt: skip
         self.endpoints = list(endpoints)
         self.source = source
+        #: the ``io.statefun.kafka.v1/ingress`` components (``KafkaIngressSpec``)
+        self.kafka_ingresses: list[Any] = list(kafka_ingresses)
+        #: the ``io.statefun.kafka.v1/egress`` components (``KafkaEgressSpec``)
+        self.kafka_egresses: list[Any] = list(kafka_egresses)
+        for kind, items in (("ingress", self.kafka_ingresses), ("egress", self.kafka_egresses)):
+            ids = [c.id for c in items]
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            if dup:
+                raise ConfigError(f"two Kafka {kind} components have the id {dup[0]!r}", source=source)
         self._by_type: dict[str, HttpEndpoint] = {}
         self._by_namespace: dict[str, HttpEndpoint] = {}
         for ep in self.endpoints:
@@ -216,7 +228,10 @@ def parse_module_yaml(text: str, source: str = "module.yaml") -> RemoteModule:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", source=source) from exc
+    from ..connectors.kafka_spec import KAFKA_EGRESS, KAFKA_INGRESS, parse_kafka_egress, parse_kafka_ingress
+
     endpoints = []
+    ingresses, egresses = [], []
     for i, doc in enumerate(documents):
         at = f"{source}, document {i + 1}"
         if not isinstance(doc, dict):
@@ -230,11 +245,21 @@ def parse_module_yaml(text: str, source: str = "module.yaml") -> RemoteModule:
                 )
             raise ConfigError(f"a component needs a 'kind', e.g. kind: {KIND_V2}", source=at)
         kind = doc["kind"]
+        if kind in (KAFKA_INGRESS, KAFKA_EGRESS):
+            spec = doc.get("spec")
+            if not isinstance(spec, dict):
+                raise ConfigError("'spec' must be a mapping", source=f"{at} ({kind})", key="spec")
+            if kind == KAFKA_INGRESS:
+                ingresses.append(parse_kafka_ingress(spec, f"{at} ({kind})"))
+            else:
+                egresses.append(parse_kafka_egress(spec, f"{at} ({kind})"))
+            continue
         if kind not in (KIND_V1, KIND_V2):
             hint = _OTHER_KINDS.get(kind) if isinstance(kind, str) else None
             raise ConfigError(
                 f"component kind {kind!r} is not supported by statefun_mesh"
-                + (f"; {hint}" if hint else f"; the kinds read are {KIND_V2} and {KIND_V1}"),
+                + (f"; {hint}" if hint else f"; the kinds read are {KIND_V2}, {KIND_V1}, {KAFKA_INGRESS}, "
+                   f"{KAFKA_EGRESS}"),
                 source=at,
                 key="kind",
             )
@@ -242,7 +267,7 @@ def parse_module_yaml(text: str, source: str = "module.yaml") -> RemoteModule:
         if not isinstance(spec, dict):
             raise ConfigError("'spec' must be a mapping", source=f"{at} ({kind})", key="spec")
         endpoints.append(_endpoint(kind, spec, f"{at} ({kind})"))
-    return RemoteModule(endpoints, source=source)
+    return RemoteModule(endpoints, source=source, kafka_ingresses=ingresses, kafka_egresses=egresses)
 
 
 def _endpoint(kind: str, spec: dict[str, Any], at: str) -> HttpEndpoint:

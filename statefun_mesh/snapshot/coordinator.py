@@ -437,6 +437,7 @@ def _part_from_dict(d: dict[str, Any]) -> PeerPart:
         inflight=ObjectRef(**d["inflight"]),
         ingress_position=int(d["ingress_position"]),
         egress={str(k): int(v) for k, v in d["egress"].items()},
+        sources={str(k): int(v) for k, v in d.get("sources", {}).items()},
     )
 
 

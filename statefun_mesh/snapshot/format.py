@@ -252,6 +252,8 @@ class PeerPart:
     inflight: ObjectRef
     ingress_position: int
     egress: dict[str, int] = field(default_factory=dict)
+    #: positions in external sources at the cut (a Kafka partition's next offset: connectors/kafka.py)
+    sources: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +294,7 @@ class Manifest:
                     inflight=ObjectRef(**p["inflight"]),
                     ingress_position=int(p["ingress_position"]),
                     egress={str(k): int(v) for k, v in p["egress"].items()},
+                    sources={str(k): int(v) for k, v in p.get("sources", {}).items()},
                 )
                 for p in doc["parts"]
             )

@@ -79,6 +79,10 @@ class CheckpointHost(Protocol):
         """The ingress log offset up to which client messages are routed into the mesh (0: no log)."""
         ...
 
+    def source_positions(self) -> dict[str, int]:
+        """Positions in external sources (Kafka partitions: next offset) routed so far ({}: none)."""
+        ...
+
     def ingress_log(self) -> IngressLog | None:
         """This peer's ingress log of client messages (``None``: not open)."""
         ...
@@ -89,6 +93,10 @@ class CheckpointHost(Protocol):
 
     def release_egress(self, heads: dict[str, int]) -> None:
         """Let egress consumers read each log up to ``heads`` (a checkpoint completed)."""
+        ...
+
+    def sources_checkpointed(self, positions: dict[str, int]) -> None:
+        """A checkpoint covering ``positions`` (see :meth:`source_positions`) completed."""
         ...
 
     def reopen_state_store(self) -> LmdbStateBackend:

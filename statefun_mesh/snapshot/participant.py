@@ -78,6 +78,7 @@ class _Snap:
         #: the inbox's spilled tail at the cut (a read transaction of the spill), after ``inbox``
         self.spill_txn: lmdb.Transaction | None = None
         self.ingress_pos = ingress_pos
+        self.sources: dict[str, int] = {}
         self.waiting = waiting
         self.logs: dict[int, list[Any]] = {p: [] for p in range(peers)}
         self.finalizing = False
@@ -114,6 +115,8 @@ class Participant:
         self.completed_at: float | None = None
         self.inflight_restored: list[Any] = []
         self.ingress_position = 0
+        #: external source positions restored (every part's: partitions move on a rescale)
+        self.sources: dict[str, int] = {}
         #: (path, position) of removed peers' ingress logs to replay after a rescale
         self.foreign_ingress: list[tuple[str, int]] = []
         #: foreign ingress logs replayed since the last completed checkpoint (deleted then)
@@ -187,6 +190,8 @@ class Participant:
         ingress_pos = host.routed_ingress_position()
         self.snap = _Snap(n, txn, changes, inbox, ingress_pos, others - self.pending_srcs, host.n_peers)
         self.snap.spill_txn = spill_txn
+        # Kafka positions at the cut: the records routed so far are covered by this checkpoint
+        self.snap.sources = host.source_positions()
         self.pending_srcs = set()
         host.release_input()
         self._maybe_finalize()
@@ -285,7 +290,7 @@ class Participant:
         self.last_bytes = refs[0].size + refs[1].size
         chain = [refs[0]] if kind == "base" else [*self.chain, refs[0]]
         return PeerPart(peer=me, key_groups=(lo, hi), chain=tuple(chain), inflight=refs[1],
-                        ingress_position=snap.ingress_pos, egress=egress)  # fmt: skip
+                        ingress_position=snap.ingress_pos, egress=egress, sources=snap.sources)  # fmt: skip
 
     def _work_path(self, name: str) -> str:
         return os.path.join(self.work_dir, name.replace("/", "__"))
@@ -365,6 +370,7 @@ class Participant:
         del self.history[:-20]
         self.chain = list(snap.part.chain)
         self.host.release_egress(snap.part.egress)
+        self.host.sources_checkpointed(snap.part.sources)
         # Trim the ingress log only below the oldest retained checkpoint, so recovery can
         # still fall back to any retained checkpoint if a newer one turns out unreadable.
         self.positions.append(snap.ingress_pos)
@@ -442,6 +448,7 @@ class Participant:
         released: dict[str, int] = {}
         self.ingress_position = ingress.first_offset if ingress is not None else 0
         self.foreign_ingress = []
+        self.sources = {k: v for p in manifest.parts for k, v in p.sources.items()} if manifest is not None else {}
         if manifest is not None and manifest.peers != peer.n_peers:
             released = await self._restore_rescaled(manifest, backend)
         elif manifest is not None:

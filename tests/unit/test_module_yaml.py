@@ -106,7 +106,7 @@ OK = "{functions: 'a/*', urlPathTemplate: 'http://a/'"
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("kind: io.statefun.kafka.v1/egress\nspec: {}\n", r"'io\.statefun\.kafka\.v1/egress' is not supported.*Mesh"),
+        ("kind: io.statefun.kinesis.v1/egress\nspec: {}\n", r"kinesis\.v1/egress' is not supported.*Mesh"),
         ("kind: io.statefun.endpoints.v9/http\nspec: {}\n", r"'io\.statefun\.endpoints\.v9/http' is not supported"),
         ("kind: [1]\n", r"\[1\] is not supported"),
         ("spec: {}\n", "needs a 'kind'"),
