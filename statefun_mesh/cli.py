@@ -324,7 +324,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         raise ConfigError("a peer needs a state_dir", source=args.config, key="state_dir")
     _check_state_dir(os.path.join(config.state_dir, f"peer-{args.id}"), "--state-dir or state_dir in the config")
 
-    async def run() -> None:
+    async def run() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -337,19 +337,29 @@ def cmd_peer(args: argparse.Namespace) -> int:
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
             await peer.aclose()
-            return
+            return 0
         stopping.cancel()
         starting.result()  # a start-up error ends the peer here, with its message
         try:
             log.info("peer %d ready (client endpoint %s)", args.id,
                      config.client_endpoints[args.id] if config.client_endpoints else "none")  # fmt: skip
-            await stop.wait()
+            stopped = asyncio.ensure_future(stop.wait())
+            died = asyncio.ensure_future(peer.dispatch_died.wait())
+            await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            died.cancel()
+            if peer.dispatch_died.is_set():
+                # a process that heartbeats but processes nothing would stall the mesh: exit,
+                # so that the supervisor (run, systemd, Kubernetes) restarts it and the mesh
+                # recovers from its last checkpoint
+                log.error("peer %d exits: its dispatch loop died (%s)", args.id, peer.dispatch_failure())
+                return 1
             log.info("peer %d stopping: %s", args.id, _summary(peer.status()))
+            return 0
         finally:
             await peer.aclose()
 
-    asyncio.run(run())
-    return 0
+    return asyncio.run(run())
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -192,6 +192,9 @@ class Peer:
         self._next_due: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        #: set when the dispatch loop died (see :meth:`dispatch_failure`): ``statefun-mesh peer``
+        #: then exits with status 1, so that its supervisor restarts it and the mesh recovers
+        self.dispatch_died = asyncio.Event()
         self._started = False
         self._dirty = False
         self._flush: asyncio.Future[None] | None = None
@@ -634,6 +637,7 @@ class Peer:
         if not task.cancelled() and task.exception() is not None:
             log.critical("peer %d: the dispatch loop died; this peer processes nothing more: restart it",
                          self.peer_id, exc_info=task.exception())  # fmt: skip
+            self.dispatch_died.set()
 
     def acknowledge_checkpoint(self, n: int, part: PeerPart | None, error: str | None) -> None:
         from .snapshot.participant import part_to_dict
