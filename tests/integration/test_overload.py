@@ -179,7 +179,8 @@ def ten_x_bound_mib() -> int:
     return BUDGET_MIB + (parked + in_flight) // (1 << 20) + OVERHEAD_MIB
 
 
-async def run_ten_x(start_cluster: Callable[..., Cluster], *, total: int, slow_ms: float, drain_timeout: float) -> None:
+async def run_ten_x(start_cluster: Callable[..., Cluster], *, total: int, slow_ms: float, drain_timeout: float,
+                    client_timeout: float = 90.0) -> None:  # fmt: skip
     """Offer ``total`` client messages at 10x what peers 1 and 2 can apply at best (``it/slow``
     blocks them ``slow_ms`` per message), every 10th one fanning out; then check memory,
     backpressure and exactly-once (see the constants above)."""
@@ -208,9 +209,10 @@ async def run_ten_x(start_cluster: Callable[..., Cluster], *, total: int, slow_m
         return reply.as_int()  # type: ignore[no-any-return]
 
     # A send waits (parked) while the peer is over its limits, and MeshClient retries a
-    # MeshBusyError within its timeout: 90 s is longer than the backlog takes to drain,
-    # so a timeout here means a send was stuck, not slow.
-    async with MeshClient(cluster.endpoint, timeout=90) as client:
+    # MeshBusyError within its timeout: client_timeout is longer than the backlog takes to
+    # drain (the last sends wait that long: that is backpressure), so a timeout here means
+    # a send was stuck, not slow.
+    async with MeshClient(cluster.endpoint, timeout=client_timeout) as client:
         endpoints = (await client.info())["client_endpoints"]
         watchers = [MeshClient(ep, timeout=10) for ep in endpoints]
         for w in watchers:
@@ -330,7 +332,9 @@ async def test_ten_times_overload_with_fan_out_stays_under_the_memory_bound(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(700)
+@pytest.mark.timeout(900)
 async def test_ten_times_overload_60k_messages(start_cluster: Callable[..., Cluster]) -> None:
-    """60,000 client messages, each it/slow one blocking its peer 6 ms: some 6 minutes of backlog."""
-    await run_ten_x(start_cluster, total=60_000, slow_ms=6, drain_timeout=500)
+    """60,000 client messages, each it/slow one blocking its peer 6 ms: some 6 minutes of backlog,
+    which the last sends wait out (a client offering this much for this long needs a send
+    timeout longer than the backlog; with 90 s, 6,735 of them timed out)."""
+    await run_ten_x(start_cluster, total=60_000, slow_ms=6, drain_timeout=700, client_timeout=700)
