@@ -338,7 +338,10 @@ async def test_ten_times_overload_with_fan_out_stays_under_the_memory_bound(
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 async def test_ten_times_overload_60k_messages(start_cluster: Callable[..., Cluster]) -> None:
-    """60,000 client messages, each it/slow one blocking its peer 6 ms: some 6 minutes of backlog,
-    which the last sends wait out (a client offering this much for this long needs a send
-    timeout longer than the backlog; with 90 s, 6,735 of them timed out)."""
+    """60,000 client messages, each it/slow one blocking its peer 6 ms: some 4-6 minutes of
+    backlog, which the last sends wait out (a client offering this much for this long needs a
+    send timeout longer than the backlog; with 90 s, 6,735 of them timed out). FAILS NOW AND
+    THEN: in one run 84 sends never got an answer although the mesh was idle, nothing parked
+    (acknowledgements lost; suspected: the client endpoint's ROUTER drops replies at its send
+    high-water mark, ROUTER_MANDATORY being off)."""
     await run_ten_x(start_cluster, total=60_000, slow_ms=6, drain_timeout=700, client_timeout=700)
