@@ -1195,6 +1195,14 @@ class Peer:
         """Send peer ``p`` what waits for it, as far as its credit goes (``force``: all of it)."""
         if self.transport is None:
             return
+        if not self.resumed and self.checkpointing:
+            # A generation being restored sends nothing (replayed messages, markers) before
+            # RESUME: by then every peer has said READY, after a heartbeat naming its process,
+            # so a process that dies with frames of this generation is seen to restart by the
+            # coordinator, which starts another round. Sent earlier, they could go to a
+            # process that died before its READY, unseen by a coordinator that had just
+            # restarted itself, and be lost (found by the 100-SIGKILL soak).
+            return
         self._seal(p)
         frames = self._frames[p]
         sent = False
@@ -1516,8 +1524,14 @@ class Peer:
     def _send_ready(self, gen: int) -> None:
         """Tell the coordinator this peer restored generation ``gen``. Said again while no
         RESUME comes (see :meth:`_heartbeat_loop`): a READY or a RESUME lost with a link that
-        dropped again during the round must not leave the round waiting for ever."""
+        dropped again during the round must not leave the round waiting for ever.
+
+        A heartbeat goes just before it, on the same channel: the coordinator knows which
+        process (incarnation) is ready before it counts it, so a later restart of that
+        process is a restart to it, never a first contact (a coordinator that restarted
+        itself had heard nothing of the others yet)."""
         self._ready_sent = self.clock.now()
+        self._send(0, codec.encode_control(codec.HEARTBEAT, self.peer_id, self.liveness.incarnation))
         self._send(0, codec.encode_control(codec.READY, gen), generation=gen)
 
     def _on_heartbeat(self, src: int, items: list[Any]) -> None:

@@ -292,6 +292,10 @@ async def test_a_recovery_sends_nothing_of_the_old_timeline_under_the_new_genera
         peer._schedule_flush()
         peer._start_recovery_task(old_gen + 1, -1)
         await asyncio.sleep(0.2)
+        # nothing of the new generation goes out before RESUME (see Peer._flush_peer): resume
+        # it here, as the coordinator would, so that what is queued then is sent
+        peer.resume(old_gen + 1)
+        await asyncio.sleep(0.1)
         from statefun_mesh._speedups import decode_batch
         from statefun_mesh.transport import codec
 
