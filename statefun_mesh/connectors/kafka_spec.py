@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Any, Final
 
 from ..address import parse_typename
+from ..durations import parse_duration
 from ..errors import ConfigError
 
 __all__ = [
@@ -282,7 +283,6 @@ def _specific_offsets(node: Any, at: str, topics: list[str]) -> dict[tuple[str, 
 
 def parse_kafka_egress(spec: dict[str, Any], at: str) -> KafkaEgressSpec:
     """The :class:`KafkaEgressSpec` of an egress component's ``spec``."""
-    from ..remote.module_yaml import parse_duration
 
     _unknown(spec, _EGRESS_KEYS, at)
     egress_id = _typename(spec, "id", at, "the egress id")
