@@ -13,6 +13,7 @@ from typing import Any, Final
 from . import _aio
 from .clock import Clock
 from .config import MeshConfig
+from .errors import StatefunMeshError
 from .functions import StatefulFunctions
 from .messages import EgressRecord, Message
 from .peer import Peer
@@ -139,8 +140,8 @@ class LocalMesh:
         """Finish queued work, stop the peers, and delete temporary directories."""
         try:
             await self.idle(timeout=30.0)
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
+        except (asyncio.TimeoutError, TimeoutError, StatefunMeshError):
+            pass  # a peer whose loop died finishes nothing more; close anyway
         try:
             for p in self._peers:
                 await p.aclose()
@@ -191,13 +192,29 @@ class LocalMesh:
         return _merge([p.egress(typename, start) for p in self._peers])
 
     async def idle(self, timeout: float | None = None) -> None:
-        """Wait until every peer has processed everything and no message is in flight."""
+        """Wait until every peer has processed everything and no message is in flight.
+
+        Raises:
+            StatefunMeshError: a peer's dispatch loop died (it would never be idle).
+            TimeoutError: not idle within ``timeout`` seconds.
+        """
+
+        async def idle_or_dead(p: Peer) -> None:
+            if not p.dispatch_died.is_set():
+                waits = {asyncio.ensure_future(p.idle()), asyncio.ensure_future(p.dispatch_died.wait())}
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+            if p.dispatch_died.is_set():  # it would never be idle: say why instead of waiting
+                raise StatefunMeshError(f"peer {p.peer_id}'s dispatch loop died: {p.dispatch_failure()!r}")
 
         async def settle() -> None:
             stable = 0
             while stable < 2:
                 for p in self._peers:
-                    await p.idle()
+                    await idle_or_dead(p)
                 await asyncio.sleep(0.001 if self.transport == "memory" else 0.005)
                 in_flight = any(
                     a.sent_records[b.peer_id] != b.received_records[a.peer_id]

@@ -606,3 +606,5 @@ async def test_a_batch_failing_internally_again_and_again_stops_the_loop_and_say
         assert "test/counter/poison" in text and "a bug in the dispatcher" in text and "restart the peer" in text
         assert "the dispatch loop died" in (_alive(peer) or "")
         assert peer.dispatch_died.is_set()  # `statefun-mesh peer` exits on it, for its supervisor to restart it
+        with pytest.raises(StatefunMeshError, match="dispatch loop died"):  # not a wait that never ends
+            await mesh.idle(timeout=10)
