@@ -42,6 +42,10 @@ if os.environ.get("CI"):
 else:
     confluent_kafka = pytest.importorskip("confluent_kafka", reason="pip install confluent-kafka")
 
+# the Kafka connector is not hot-path code: its tests run once, on the C core (the twin
+# routes what it consumes in every other test)
+pytestmark = pytest.mark.c_core_only
+
 DEADLINE = 45.0
 
 
