@@ -224,8 +224,14 @@ def test_decoding_allocates_in_proportion_to_the_frame(c_core: ModuleType, fuzz_
         for frame in SAMPLE:
             for decode in (_speedups_py.decode_batch, c_core.decode_batch):
                 peak = _peak_of(decode, frame)
+                bound = 64 * len(frame) + (256 << 10)
+                if peak > bound:
+                    # tracemalloc counts every thread's allocations (a thread an earlier test
+                    # left winding down): a decode's own cost is the same every time, so
+                    # measure again and keep the least
+                    peak = min(peak, *(_peak_of(decode, frame) for _ in range(3)))
                 # decoded records cost Python objects: ~20x their 10-byte minimum on the wire
-                assert peak <= 64 * len(frame) + (256 << 10), (
+                assert peak <= bound, (
                     f"{decode.__module__} allocated {peak} bytes for a {len(frame)}-byte frame {frame[:5000].hex()}"
                 )
                 worst = max(worst, peak)
