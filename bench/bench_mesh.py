@@ -60,7 +60,7 @@ def test_counter_throughput(benchmark: Any, core: ModuleType, loop: asyncio.Abst
     loop.run_until_complete(mesh.start())
     try:
         entry = mesh.peers[0]
-        route = entry._route  # inject after admission: no client on the timed path
+        route = entry.router.route  # inject after admission: no client on the timed path
         idle = mesh.idle
 
         async def one_round() -> None:

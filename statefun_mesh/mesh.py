@@ -217,7 +217,7 @@ class LocalMesh:
                     await idle_or_dead(p)
                 await asyncio.sleep(0.001 if self.transport == "memory" else 0.005)
                 in_flight = any(
-                    a.sent_records[b.peer_id] != b.received_records[a.peer_id]
+                    a.router.sent_records[b.peer_id] != b.router.received_records[a.peer_id]
                     for a in self._peers
                     for b in self._peers
                     if a is not b

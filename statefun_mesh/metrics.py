@@ -81,6 +81,7 @@ class PeerCollector:
 
         peer = self.peer
         d = peer.dispatcher
+        router = peer.router
         me = peer.peer_id
         others = [str(p) for p in range(peer.n_peers) if p != me]
 
@@ -129,32 +130,32 @@ class PeerCollector:
 
         # messages
         yield counter("messages_in", "Messages from clients and ingresses routed into the mesh by this peer",
-                      peer.messages_in)  # fmt: skip
-        yield counter("messages_routed_local", "Messages routed to this peer's own inbox", peer.routed_local)
+                      router.messages_in)  # fmt: skip
+        yield counter("messages_routed_local", "Messages routed to this peer's own inbox", router.routed_local)
         yield per_peer(CounterMetricFamily(PREFIX + "messages_routed_remote", "Messages routed to another peer",
-                                           labels=["to_peer"]), peer.routed_remote)  # fmt: skip
-        yield counter("messages_received_from_peers", "Messages received from other peers", peer.from_peers)
+                                           labels=["to_peer"]), router.routed_remote)  # fmt: skip
+        yield counter("messages_received_from_peers", "Messages received from other peers", router.from_peers)
         yield counter("egress_records", "Records appended to egresses (dead letters included)",
                       d.egress_records if d else 0)  # fmt: skip
-        yield gauge("inbox_messages", "Messages queued in this peer's inbox", len(peer._inbox))
+        yield gauge("inbox_messages", "Messages queued in this peer's inbox", len(router.inbox))
         yield gauge("parked_addresses", "Addresses whose async invocation outlived its batch",
                     d.parked if d else 0)  # fmt: skip
         yield gauge("parked_queued_messages", "Messages waiting behind parked addresses", d.queued if d else 0)
         yield per_peer(GaugeMetricFamily(PREFIX + "outgoing_messages", "Messages waiting to be sent to another peer",
                                          labels=["to_peer"]),
-                       [len(e) + f for e, f in zip(peer._out, peer._framed, strict=True)])  # fmt: skip
+                       router.outgoing())  # fmt: skip
         yield per_peer(GaugeMetricFamily(PREFIX + "credit_messages",
                                          "Messages this peer may still send another peer before it grants more",
-                                         labels=["to_peer"]), peer._credit)  # fmt: skip
+                                         labels=["to_peer"]), router.credit)  # fmt: skip
         yield per_peer(CounterMetricFamily(PREFIX + "credit_stalls",
                                            "Times messages to another peer waited for its credit (backpressure)",
-                                           labels=["to_peer"]), peer.credit_stalls)  # fmt: skip
+                                           labels=["to_peer"]), router.credit_stalls)  # fmt: skip
         yield per_peer(GaugeMetricFamily(PREFIX + "peer_up", "1 while this peer hears another peer's heartbeats",
                                          labels=["to_peer"]), [1 if a else 0 for a in peer.liveness.alive])  # fmt: skip
         batches = HistogramMetricFamily(PREFIX + "batch_size_messages", "Messages per batch (one state-store commit)")
         batches.add_metric([], _cumulative(BATCH_BUCKETS, peer.batch_sizes), peer.batch_records)
         yield batches
-        state = peer._state_bytes()
+        state = peer.state_bytes()
         if state is not None:
             yield gauge("state_bytes", "Bytes of the state store in use", state)
 
@@ -204,7 +205,8 @@ class PeerCollector:
         bad.add_metric(["clients"], client_bad)
         bad.add_metric(["foreign"], getattr(peer.transport, "foreign_frames", 0))
         yield bad
-        yield counter("oversized_dropped", "Messages dropped because no frame can hold them", peer.oversized_dropped)
+        yield counter("oversized_dropped", "Messages dropped because no frame can hold them",
+                      router.oversized_dropped)  # fmt: skip
         # CURVE (docs/security.md): what the links and client endpoints refused
         yield counter("refused_frames", "Peer frames refused for what their link may not send",
                       getattr(peer, "refused_frames", 0))  # fmt: skip
@@ -217,13 +219,13 @@ class PeerCollector:
 
 def _ready(peer: Peer) -> str | None:
     """None when the peer is ready; else why not."""
-    if peer._closing:
+    if peer.closing:
         return "stopping"
-    if not peer._started:
+    if not peer.started:
         return "not started"
-    task = peer._loop_task
+    task = peer.dispatch_task
     if not peer.resumed or task is None:
-        if not peer._resumed_once:
+        if not peer.resumed_once:
             return "starting: waiting for every peer to restore the last checkpoint"
         return f"recovering (generation {peer.generation})"
     if task.done():

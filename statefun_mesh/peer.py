@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import collections
 import logging
 import os
 import shutil
-import struct
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
@@ -46,10 +44,10 @@ from .functions import StatefulFunctions, merge_functions
 from .ingress_writer import IngressWriter
 from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
-from .memory import RECORD_OVERHEAD, malloc_trim, records_bytes
+from .memory import malloc_trim, records_bytes
 from .messages import EgressRecord, Message
 from .replies import PendingRequests
-from .spill import Spill
+from .routing import GEN, Router
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
 from .transport.base import Transport
@@ -132,60 +130,32 @@ class Peer:
         self.dispatcher: Dispatcher | None = None
         self.transport = transport if transport is not None or config.peers == 1 else open_transport(config, peer_id)
         n = self.n_peers
-        self._inbox: collections.deque[Record] = collections.deque()
-        self._out = [_speedups.BatchEncoder() for _ in range(n)]
-        #: sealed frames waiting for credit, per peer: (records, frame)
-        self._frames: list[collections.deque[tuple[int, bytes]]] = [collections.deque() for _ in range(n)]
-        self._framed = [0] * n  # records in _frames[p]
-        #: bytes this peer may have in flight to each other peer (sent, not yet credited):
-        #: the receiver's quarter of memory_budget for them, shared by the peers sending to
-        #: it, so credit bounds bytes as well as records (credit_window x max_message_bytes
-        #: could be GBs); frames are at most half of it, so a window holds a few
-        self._link_bytes = max(config.memory_budget // 4 // max(n - 1, 1), 8192)
-        self._frame_cap = max(min(config.max_frame_bytes // 2, self._link_bytes // 2), 4096)
-        self._sent_bytes = [0] * n  # bytes sent to each peer and not yet credited back
-        #: per peer, the frames sent and not yet credited back: [records, bytes], oldest first
-        self._sent_frames: list[collections.deque[list[int]]] = [collections.deque() for _ in range(n)]
-        self._owed_bytes = [0] * n  # bytes received from each peer and not yet credited
-        #: the largest batch frame: what the receiver admits, less the generation prefix
-        self._frame_limit = config.max_frame_bytes - _GEN.size
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
         self._message_limit = config.message_limit
-        #: records that fit no frame (refused at admission, so only from an older release's logs)
-        self.oversized_dropped = 0
         # memory_budget (docs/architecture.md §5): the inbox keeps up to half in memory and
         # spills the rest; the loop takes no batch while outgoing bytes exceed a quarter;
-        # clients are admitted while inbox plus outgoing stay under a quarter
-        budget = config.memory_budget
-        self._inbox_cap = budget // 2
-        self._out_cap = budget // 4
-        self._held_cap = budget // 4
-        self._inbox_bytes = 0  # estimated memory of the records in _inbox
-        self._framed_bytes = [0] * n  # bytes in _frames[p]
+        # clients are admitted while inbox plus outgoing stay under a quarter (routing.py);
+        # frames of later generations are held up to a quarter
+        self._held_cap = config.memory_budget // 4
         self._held_bytes = 0
-        self._spill: Spill | None = None
-        #: the loop waits for outgoing credit: grant credit for what arrives, spilling beyond memory
-        self._blocked = False
         self._trimmed_at = 0
-        self.spilled_total = 0  # records ever spilled
-        self.credit_waits = 0  # times the loop waited for outgoing credit
-        self._out_replies: list[list[Any]] = [[] for _ in range(n)]
-        self._credit = [config.credit_window] * n
-        self._owed = [0] * n
-        self.sent_records = [0] * n
-        self.received_records = [0] * n
         self.bad_frames = 0
         #: repeated problems (bad frames, a failing disk) log one line per kind and window
         self._tlog = ThrottledLog(log)
+        #: the inbox and spill, outgoing frames per peer, and credit (routing.py)
+        self.router = Router(peer_id, n, config, self._tlog, self.transport, self.state_path + ".spill",
+                             wake=self._wake, idle=self._idle, generation=lambda: self.generation,
+                             output_held=lambda: not self.resumed and self.checkpointing,
+                             parked_queued=lambda: self.dispatcher.queued if self.dispatcher is not None else 0,
+                             on_sent=self._check_space)  # fmt: skip
         #: heartbeats, reachability, restarts and lost links (liveness.py)
-        self.liveness = Liveness(peer_id, n, config, self.clock, send=lambda p, f: self._send(p, f),
-                                 queued_for=self._queued_for,
+        self.liveness = Liveness(peer_id, n, config, self.clock, send=lambda p, f: self.router.send(p, f),
+                                 queued_for=self.router.queued_for,
                                  on_incarnation=self._on_incarnation, on_link_reset=self._link_reset,
                                  on_tick=self._heartbeat_tick)  # fmt: skip
-        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        self._wake = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
-        self._idle = asyncio.Event()
         self._closed_event = asyncio.Event()
         #: requests waiting for their replies (replies.py)
         self.requests = PendingRequests(peer_id, config.max_pending_requests, self.table)
@@ -220,7 +190,7 @@ class Peer:
         #: group commit of client messages into the ingress log (ingress_writer.py)
         self.ingress_writer = IngressWriter(peer_id, lambda: self.ingress, lambda: self.generation,
                                             lambda: self.resumed and self._replay_pos is None,
-                                            lambda recs: self._route(recs, from_client=True),
+                                            lambda recs: self.router.route(recs, from_client=True),
                                             self._check_space, self._tlog)  # fmt: skip
         self._recovery_task: asyncio.Task[None] | None = None
         self._recovery_done = False
@@ -242,11 +212,6 @@ class Peer:
         # (a recovery does not reset them); updated per routed batch of records, not per record.
         #: per function type: invocations, failures, latency (kept across restores)
         self.function_stats: dict[str, TypeStats] = {}
-        self.messages_in = 0  #: messages from clients and ingresses, routed into the mesh
-        self.routed_local = 0  #: messages routed to this peer's own inbox
-        self.routed_remote = [0] * n  #: messages routed to each other peer
-        self.from_peers = 0  #: messages received from other peers
-        self.credit_stalls = [0] * n  #: times messages to a peer waited for credit
         self.recoveries = 0  #: recovery rounds this peer restored state in
         self._restored_once = False
         self._resumed_once = False  # /readyz: "starting" until then, "recovering" after
@@ -394,7 +359,7 @@ class Peer:
                 await self.coordinator.aclose()
             if self._loop_task is not None:
                 await asyncio.wait({self._loop_task})
-            self._flush_all()
+            self.router.flush_all()
             if self.participant is not None:
                 self.participant.reset()
             for t in self._tasks:
@@ -457,9 +422,7 @@ class Peer:
             await self.http.aclose()
         if self.transport is not None:
             await self.transport.aclose()
-        if self._spill is not None:
-            self._spill.close()
-            self._spill = None
+        self.router.close()
         if self.backend is not None:
             self.backend.close()
             self.backend = None
@@ -492,13 +455,8 @@ class Peer:
             except Exception:
                 pass
         self.participant.reset()
-        self._drop_queues()  # again: requests may have queued output while the loop stopped
-        self._credit = [self.config.credit_window] * self.n_peers
-        self._owed = [0] * self.n_peers
-        for p in range(self.n_peers):
-            self._reset_sent(p)
-        self.sent_records = [0] * self.n_peers
-        self.received_records = [0] * self.n_peers
+        self.router.drop_queues()  # again: requests may have queued output while the loop stopped
+        self.router.reset_credit()
         self._hold_batches = False
         self._held = [(g, src, f) for g, src, f in self._held if g >= gen]
         self._held_bytes = sum(len(f) for _, _, f in self._held)
@@ -520,7 +478,7 @@ class Peer:
         # What was in flight at the cut comes first, then the ingress log from the cut's
         # position; both are queued before this peer reports READY, so when the mesh
         # resumes every replayed message is already on its way, ahead of new input.
-        self._enqueue(self.participant.take_inflight_restored())
+        self.router.enqueue(self.participant.take_inflight_restored())
         self._replayed_from = set()
         if self.ingress is not None:
             # The ingress log is replayed in slices while the outgoing buffers have room
@@ -536,12 +494,12 @@ class Peer:
         """Route more of the ingress log being replayed, while outgoing buffers have room."""
         assert self.ingress is not None
         pos = self._replay_pos
-        while pos is not None and self._out_bytes() < self._out_cap:
+        while pos is not None and self.router.out_bytes() < self.router.out_cap:
             entries = self.ingress.read(pos, _REPLAY_SLICE)
             if not entries:
                 self._replay_done()
                 return
-            self._route([tuple(rec) for _, rec in entries])
+            self.router.route([tuple(rec) for _, rec in entries])
             self._replayed += len(entries)
             pos = self._replay_pos = self.ingress_writer.routed = entries[-1][0] + 1
 
@@ -561,10 +519,8 @@ class Peer:
         marker = codec.encode_control(codec.REPLAYED, self.generation)
         for p in range(self.n_peers):
             if p != self.peer_id:
-                self._seal(p)
-                self._frames[p].append((0, marker))
-                self._framed_bytes[p] += len(marker)
-        self._flush_all()
+                self.router.queue_marker(p, marker)
+        self.router.flush_all()
         self._check_space()
 
     async def _stop_loop(self, task: asyncio.Task[None], gen: int) -> None:
@@ -602,7 +558,7 @@ class Peer:
                 self._on_channel_frame(src, frame)
         self._resumed_event.set()
         self._wake.set()
-        self._flush_all()
+        self.router.flush_all()
         log.debug("peer %d processing (generation %d)", self.peer_id, gen)  # `ready` (or a recovery round) says it
 
     def _replay_foreign(self, path: str, position: int) -> None:
@@ -617,7 +573,7 @@ class Peer:
                 entries = log_.read(position, 1000)
                 if not entries:
                     break
-                self._route([tuple(rec) for _, rec in entries])
+                self.router.route([tuple(rec) for _, rec in entries])
                 replayed += len(entries)
                 position = entries[-1][0] + 1
         finally:
@@ -650,7 +606,7 @@ class Peer:
             if self.coordinator is not None:
                 self.coordinator.on_ack(0, n, body, error)
         else:
-            self._send(0, codec.encode_control(codec.CK_ACK, n, body, error))
+            self.router.send(0, codec.encode_control(codec.CK_ACK, n, body, error))
 
     def release_egress(self, heads: dict[str, int]) -> None:
         """A checkpoint completed: egress consumers may read each log up to ``heads``."""
@@ -724,14 +680,15 @@ class Peer:
         """What was received and not processed: parked invocations' records, then the
         inbox; and a read transaction over the spilled tail (see snapshot/host.py)."""
         parked = self.dispatcher.parked_records() if self.dispatcher is not None else []
-        return parked + list(self._inbox), (self._spill.cut() if self._spill is not None else None)
+        spill = self.router.spill
+        return parked + list(self.router.inbox), (spill.cut() if spill is not None else None)
 
     def broadcast_barrier(self, frame: bytes) -> None:
         """Send every other peer all that waits for it (regardless of credit), then ``frame``."""
         for p in range(self.n_peers):
             if p != self.peer_id:
-                self._flush_peer(p, force=True)
-                self._send(p, frame)
+                self.router.flush_peer(p, force=True)
+                self.router.send(p, frame)
 
     def routed_ingress_position(self) -> int:
         """The ingress log offset up to which client messages are routed (0: no ingress log)."""
@@ -743,7 +700,7 @@ class Peer:
 
     def send_control(self, p: int, frame: bytes, generation: int | None = None) -> None:
         """Send a control frame to peer ``p`` (stamped with ``generation``, default this peer's)."""
-        self._send(p, frame, generation)
+        self.router.send(p, frame, generation)
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -762,6 +719,21 @@ class Peer:
         """Whether the peer has started and is not closing."""
         return self._started and not self._closing
 
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` was called."""
+        return self._started
+
+    @property
+    def resumed_once(self) -> bool:
+        """Whether the peer has processed in some generation (``/readyz``: "starting" until then)."""
+        return self._resumed_once
+
+    @property
+    def dispatch_task(self) -> asyncio.Task[None] | None:
+        """The running (or ended) dispatch loop of the current generation, ``None`` between them."""
+        return self._loop_task
+
     # -- client API -----------------------------------------------------------------
 
     def _check(self, typename: str) -> None:
@@ -777,24 +749,20 @@ class Peer:
     def pressure(self) -> int:
         """Messages queued here: the local inbox plus what waits to go to other peers."""
         return (
-            len(self._inbox) + sum(len(e) for e in self._out) + sum(self._framed)
-            + self.ingress_writer.queued + (self._spill.count if self._spill else 0)
+            self.router.queued() + self.ingress_writer.queued
             + (self.dispatcher.queued if self.dispatcher is not None else 0)
         )  # fmt: skip
 
     def queued_bytes(self) -> int:
         """Estimated memory of the queued messages: the inbox in memory plus what waits to go out."""
-        return self._inbox_bytes + self._out_bytes()
-
-    def _out_bytes(self) -> int:
-        return sum(e.nbytes for e in self._out) + sum(self._framed_bytes)
+        return self.router.inbox_bytes + self.router.out_bytes()
 
     def _full(self) -> bool:
         """Over ``inbox_limit`` messages or a quarter of ``memory_budget``, or spilling: clients wait."""
         return (
             self.pressure() >= self.config.inbox_limit
-            or self.queued_bytes() >= self._out_cap
-            or (self._spill is not None and self._spill.count > 0)
+            or self.queued_bytes() >= self.router.out_cap
+            or self.router.spilled() > 0
             or self._replay_pos is not None
         )
 
@@ -815,6 +783,11 @@ class Peer:
         if fut is not None:
             await fut
 
+    def route_admitted(self, records: list[Record]) -> None:
+        """Route messages an ingress admitted itself (its own backpressure through
+        :meth:`admits`, checked with :meth:`check_message`), counted as messages in."""
+        self.router.route(records, from_client=True)
+
     def accept_nowait(self, rec: Record, *, durable: bool = True) -> asyncio.Future[None] | None:
         """Take an admitted message in now (it counts in :meth:`pressure` at once).
 
@@ -824,7 +797,7 @@ class Peer:
         self.check_message(rec)
         if durable and self.ingress is not None:
             return self.ingress_writer.add(rec)
-        self._route([rec], from_client=True)
+        self.router.route([rec], from_client=True)
         return None
 
     def admits(self) -> bool:
@@ -947,7 +920,7 @@ class Peer:
     async def idle(self) -> None:
         """Wait until this peer has processed everything queued here (and every due timer)."""
         while True:
-            if (self._inbox or (self._spill and self._spill.count) or self._timer_due(self._now_ms())
+            if (self.router.inbox or self.router.spilled() or self._timer_due(self._now_ms())
                     or self._replay_pos is not None):  # fmt: skip
                 self._idle.clear()
                 self._wake.set()
@@ -958,30 +931,30 @@ class Peer:
     def is_idle(self) -> bool:
         """Whether nothing is queued here, nothing waits to be sent, and the loop is waiting."""
         return (
-            not self._inbox
-            and not (self._spill and self._spill.count)
+            not self.router.inbox
+            and not self.router.spilled()
             and self._replay_pos is None
             and self._idle.is_set()
-            and not any(len(e) for e in self._out)
-            and not any(self._frames)
+            and not self.router.has_outgoing()
             and not self._timer_due(self._now_ms())
         )
 
     def status(self) -> dict[str, Any]:
         """Counters for monitoring and the ``status`` command."""
         d = self.dispatcher
+        router = self.router
         return {
             "peer": self.peer_id,
             "peers": self.n_peers,
             "core": _speedups.IMPLEMENTATION,
-            "queued": len(self._inbox) + (self._spill.count if self._spill else 0),
-            "spilled": self._spill.count if self._spill else 0,
-            "memory": {"inbox": self._inbox_bytes, "outgoing": self._out_bytes(), "held": self._held_bytes,
-                       "budget": self.config.memory_budget, "spilled_total": self.spilled_total,
-                       "credit_waits": self.credit_waits, "in_flight": sum(self._sent_bytes),
-                       "link_window": self._link_bytes},
-            "outgoing": [len(e) + f for e, f in zip(self._out, self._framed, strict=True)],
-            "credit": list(self._credit),
+            "queued": len(router.inbox) + router.spilled(),
+            "spilled": router.spilled(),
+            "memory": {"inbox": router.inbox_bytes, "outgoing": router.out_bytes(), "held": self._held_bytes,
+                       "budget": self.config.memory_budget, "spilled_total": router.spilled_total,
+                       "credit_waits": router.credit_waits, "in_flight": router.in_flight_bytes(),
+                       "link_window": router.link_bytes},
+            "outgoing": router.outgoing(),
+            "credit": router.credit,
             "batches": self.batches,
             "invocations": d.invocations if d else 0,
             "failures": d.failures if d else 0,
@@ -992,19 +965,19 @@ class Peer:
             "refused_frames": self.refused_frames,
             "unavailable_peers": self.liveness.unavailable(),
             "next_timer_ms": self._next_due,
-            "oversized_dropped": self.oversized_dropped,
+            "oversized_dropped": router.oversized_dropped,
             "checkpoints": self._checkpoint_status(),
             "key_groups": list(self.key_group_range),
-            "state_bytes": self._state_bytes(),
+            "state_bytes": self.state_bytes(),
             # for the dashboard and scripts (metrics.py exports the same counters)
             "ready": self.resumed,
             "generation": self.generation,
             "recoveries": self.recoveries,
             "functions": {t: {"invocations": st.invocations, "failures": st.failures}
                           for t, st in sorted(self.function_stats.items())},
-            "messages_in": self.messages_in,
-            "routed_local": self.routed_local,
-            "routed_remote": sum(self.routed_remote),
+            "messages_in": router.messages_in,
+            "routed_local": router.routed_local,
+            "routed_remote": sum(router.routed_remote),
             "egress_records": d.egress_records if d else 0,
             "dead_letters": d.dead_letters if d else 0,
             # the Kafka ingresses and egresses of the module file (connectors/kafka*.py), else None
@@ -1013,7 +986,7 @@ class Peer:
                 "egress": self.kafka_egress.status() if self.kafka_egress is not None else None},
         }
 
-    def _state_bytes(self) -> int | None:
+    def state_bytes(self) -> int | None:
         """Bytes of the state store's file in use (pages up to the last one written)."""
         import lmdb
 
@@ -1047,59 +1020,6 @@ class Peer:
 
     # -- routing ------------------------------------------------------------------------
 
-    def _route(self, records: list[Record], from_client: bool = False) -> None:
-        if from_client:
-            self.messages_in += len(records)
-        if self.n_peers == 1:
-            self.routed_local += len(records)
-            self._enqueue(records)
-        else:
-            me = self.peer_id
-            for p, part in enumerate(_speedups.partition(records, self.config.max_parallelism, self.n_peers)):
-                if not part:
-                    continue
-                if p == me:
-                    self.routed_local += len(part)
-                    self._enqueue(part)
-                    continue
-                self.routed_remote[p] += len(part)
-                enc = self._out[p]
-                # Frames split by count and by bytes: none exceeds max_frame_bytes, which
-                # the receiver enforces by dropping the frame (and the messages in it).
-                max_records, limit, cap = self.config.max_frame_records, self._frame_limit, self._frame_cap
-                i, n = 0, len(part)
-                while i < n:
-                    j = enc.fill(part, i, min(cap, limit), max_records)
-                    if j == i and not len(enc):
-                        j = enc.fill(part, i, limit, 1)  # a record over the frame cap: a frame of its own
-                        if j == i:
-                            self._drop_oversized(p, part[i])
-                            j += 1
-                        else:
-                            self._seal(p)
-                    elif j < n or len(enc) >= max_records or enc.nbytes >= cap:
-                        self._seal(p)
-                    i = j
-                if self._framed[p]:
-                    self._flush_peer(p)
-            if from_client:
-                self._schedule_flush()
-        self._idle.clear()
-        self._wake.set()
-
-    def _drop_oversized(self, p: int, rec: Record) -> None:
-        # Admission refuses such records (MessageTooLargeError), so this is a record an
-        # older release accepted (an ingress log or a timer from before): it can reach
-        # peer p in no frame. Dropped and counted, never sent to be dropped silently there.
-        self.oversized_dropped += 1
-        size = _speedups.record_size(rec)
-        self._tlog.error(
-            "oversized records",
-            "peer %d: dropped a message to %s/%s for peer %d: %d bytes fits no frame (max_frame_bytes %d); "
-            "raise max_frame_bytes on every peer to deliver such messages",
-            self.peer_id, rec[0], rec[1], p, size, self.config.max_frame_bytes,
-        )  # fmt: skip
-
     def check_message(self, rec: Record, what: str = "message") -> None:
         """Refuse a record larger than the mesh admits (``max_message_bytes``).
 
@@ -1114,184 +1034,6 @@ class Peer:
         if size > limit:
             raise MessageTooLargeError(size, limit, what)
 
-    def _enqueue(self, records: list[Record]) -> None:
-        """Queue ``records`` for processing here: in memory up to half of ``memory_budget``,
-        the rest (and everything while anything is spilled, to keep the order) to the spill."""
-        if not records:
-            return
-        size = records_bytes(records)
-        spill = self._spill
-        if (spill is None or not spill.count) and self._inbox_bytes + size <= self._inbox_cap:
-            self._inbox.extend(records)
-            self._inbox_bytes += size
-            return
-        i = 0
-        if spill is None or not spill.count:
-            room = self._inbox_cap - self._inbox_bytes
-            while i < len(records) and room > 0:
-                room -= len(records[i][1]) + len(records[i][5]) + RECORD_OVERHEAD
-                i += 1
-            head = records[:i]
-            self._inbox.extend(head)
-            self._inbox_bytes += records_bytes(head)
-        try:
-            if spill is None:
-                spill = self._spill = Spill(self.state_path + ".spill")
-            for j in range(i, len(records), 1000):
-                spill.push(records[j : j + 1000])
-                self.spilled_total += len(records[j : j + 1000])
-        except StatefunMeshError as exc:
-            # a full disk: keep them in memory (never drop what was received)
-            self._tlog.error("failed spills", "peer %d: cannot spill messages to disk: %s; keeping them in memory",
-                             self.peer_id, exc)  # fmt: skip
-            rest = records[i:] if spill is None else records[j:]
-            self._inbox.extend(rest)
-            self._inbox_bytes += records_bytes(rest)
-
-    def _refill(self) -> None:
-        """Read spilled records back while the inbox is under a quarter of the budget."""
-        spill = self._spill
-        while spill is not None and spill.count and self._inbox_bytes < self._inbox_cap // 2:
-            records = spill.pop()
-            self._inbox.extend(records)
-            self._inbox_bytes += records_bytes(records)
-
-    def _schedule_flush(self) -> None:
-        if self._flush_handle is None:
-            loop = asyncio.get_running_loop()
-            linger = self.config.linger
-            if linger > 0:
-                self._flush_handle = loop.call_later(linger, self._flush_all)
-            else:
-                self._flush_handle = loop.call_soon(self._flush_all)
-
-    def _send(self, p: int, frame: bytes, generation: int | None = None) -> None:
-        """Send a frame to peer ``p``, preceded by our generation (u32 BE)."""
-        if self.transport is None:
-            return
-        gen = self.generation if generation is None else generation
-        try:
-            self.transport.send(p, _GEN.pack(gen) + frame)
-        except ClosedTransportError:
-            log.debug("peer %d: transport closed; frame for peer %d dropped", self.peer_id, p)
-
-    def _seal(self, p: int) -> None:
-        """Close the records waiting for peer ``p`` into a frame (``_route`` fills the
-        encoder only up to ``max_frame_bytes`` with the generation prefix, which the
-        receiver enforces)."""
-        enc = self._out[p]
-        n = len(enc)
-        if n:
-            frame = enc.flush()
-            if len(frame) > self._frame_limit:  # never: a bug if it shows
-                log.error("peer %d: a message to peer %d makes a %d-byte frame, over max_frame_bytes (%d); "
-                          "the receiver will refuse it: raise max_frame_bytes on every peer",
-                          self.peer_id, p, len(frame), self.config.max_frame_bytes)  # fmt: skip
-            self._frames[p].append((n, frame))
-            self._framed[p] += n
-            self._framed_bytes[p] += len(frame)
-
-    def _flush_peer(self, p: int, force: bool = False) -> None:
-        """Send peer ``p`` what waits for it, as far as its credit goes (``force``: all of it)."""
-        if self.transport is None:
-            return
-        if not self.resumed and self.checkpointing:
-            # A generation being restored sends nothing (replayed messages, markers) before
-            # RESUME: by then every peer has said READY, after a heartbeat naming its process,
-            # so a process that dies with frames of this generation is seen to restart by the
-            # coordinator, which starts another round. Sent earlier, they could go to a
-            # process that died before its READY, unseen by a coordinator that had just
-            # restarted itself, and be lost (found by the 100-SIGKILL soak).
-            return
-        self._seal(p)
-        frames = self._frames[p]
-        sent = False
-        # within the credit (records) and the link window (bytes), so a receiver still in an
-        # older generation can hold it all; a frame larger than the window (one large
-        # message) goes once under a quarter of it is outstanding, and a sender stopped
-        # by the window always has a quarter outstanding, which the receiver grants back
-        window, quarter = self._link_bytes, self._link_bytes // 4
-        while frames and (force or (self._credit[p] > 0 and (
-                self._sent_bytes[p] < quarter or self._sent_bytes[p] + len(frames[0][1]) <= window))):  # fmt: skip
-            n, frame = frames.popleft()
-            self._framed[p] -= n
-            self._framed_bytes[p] -= len(frame)
-            self._credit[p] -= n
-            if n:  # a batch (a marker has no records, and no grant would return its bytes)
-                self._sent_bytes[p] += len(frame)
-                self._sent_frames[p].append([n, len(frame)])
-            self.sent_records[p] += n
-            self._send(p, frame)
-            sent = True
-        if frames and not force:
-            self.credit_stalls[p] += 1
-        if sent:
-            # what left frees admission: wake clients waiting in admit(), wherever this
-            # flush came from (the loop, a credit, a timer, the idle path)
-            self._check_space()
-
-    def _flush_all(self) -> None:
-        self._flush_handle = None
-        if self.transport is None:
-            return
-        for p in range(self.n_peers):
-            if p == self.peer_id:
-                continue
-            if len(self._out[p]) or self._frames[p]:
-                self._flush_peer(p)
-            replies = self._out_replies[p]
-            if replies:
-                self._out_replies[p] = []
-                for frame in codec.encode_reply_frames(replies, self._frame_limit):
-                    self._send(p, frame)
-
-    def _grant_credits(self) -> None:
-        # A peer whose loop waits for credit grants for all it receives (what does not fit
-        # in memory spills): if it did not, two peers waiting for each other's credit would
-        # wedge the mesh (docs/architecture.md §5).
-        if self.transport is None:
-            return
-        queued = self.dispatcher.queued if self.dispatcher is not None else 0  # behind parked addresses
-        if not self._blocked and (
-            len(self._inbox) + queued >= self.config.inbox_limit
-            or self._inbox_bytes >= self._inbox_cap
-            or (self._spill is not None and self._spill.count)
-        ):
-            return  # the sender keeps the rest until this peer has room in memory
-        quarter = max(self.config.credit_window // 4, 1)
-        quarter_bytes = self._link_bytes // 4
-        empty = not self._inbox
-        for p in range(self.n_peers):
-            owed = self._owed[p]
-            if owed and (owed >= quarter or self._owed_bytes[p] >= quarter_bytes or empty or self._blocked):
-                self._owed[p] = 0
-                self._owed_bytes[p] = 0
-                self._send(p, codec.encode_control(codec.CREDIT, owed))
-
-    def _credited(self, p: int, n: int) -> None:
-        """Peer ``p`` granted ``n`` records back: they and their bytes are no longer in flight.
-        Grants come in the order the frames were sent (one channel, one receiver)."""
-        frames = self._sent_frames[p]
-        while n > 0 and frames:
-            head = frames[0]
-            if head[0] <= n:
-                frames.popleft()
-                n -= head[0]
-                self._sent_bytes[p] -= head[1]
-            else:  # part of a frame (only after a reset of the counts): its share of the bytes
-                part = head[1] * n // head[0]
-                head[0] -= n
-                head[1] -= part
-                self._sent_bytes[p] -= part
-                n = 0
-        if not frames:
-            self._sent_bytes[p] = 0
-
-    def _reset_sent(self, p: int) -> None:
-        self._sent_bytes[p] = 0
-        self._sent_frames[p].clear()
-        self._owed_bytes[p] = 0
-
     # -- frames from other peers ---------------------------------------------------
 
     def _on_frame(self, src: int, frame: bytes) -> None:
@@ -1300,7 +1042,7 @@ class Peer:
             self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: %d bytes is too short",
                              self.peer_id, src, len(frame))
             return
-        gen = _GEN.unpack_from(frame)[0]
+        gen = GEN.unpack_from(frame)[0]
         body = frame[4:]
         if body[0] != _speedups.FRAME_VERSION:
             self.bad_frames += 1
@@ -1362,17 +1104,9 @@ class Peer:
             kind = codec.frame_kind(frame)
             if kind == codec.KIND_BATCH:
                 records = _speedups.decode_batch(frame)
-                self.received_records[src] += len(records)
-                self.from_peers += len(records)
-                self._owed[src] += len(records)
-                self._owed_bytes[src] += len(frame)
                 if self.participant is not None and self.participant.snap is not None:
                     self.participant.on_records(src, records)
-                self._enqueue(records)
-                self._idle.clear()
-                self._wake.set()
-                if self._blocked:
-                    self._grant_credits()
+                self.router.received(src, records, len(frame))
                 return
             kind, items = codec.decode_control(frame, _PEER_KINDS)
         except FrameDecodeError as exc:
@@ -1380,22 +1114,14 @@ class Peer:
             self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
             return
         if kind == codec.CREDIT:
-            # A grant returns records this peer sent and the other has since taken in:
-            # never more than are outstanding. (That can exceed the window: whole frames
-            # go while credit > 0, and a checkpoint barrier forces out what is queued.)
-            outstanding = self.config.credit_window - self._credit[src]
-            if not 0 < items[0] <= outstanding:
+            outstanding = self.router.on_credit(src, items[0])
+            if outstanding is not None:
                 self.bad_frames += 1
                 self._tlog.error("bad credits", "peer %d: rejected a credit of %d from peer %d, which has only "
                                  "%d records of this peer's outstanding", self.peer_id, items[0], src,
                                  outstanding)  # fmt: skip
                 return
-            self._credit[src] += items[0]
-            self._credited(src, items[0])
-            if len(self._out[src]) or self._frames[src]:
-                self._flush_peer(src)
-            self._check_space()
-            if self._blocked or self._replay_pos is not None:
+            if self.router.blocked or self._replay_pos is not None:
                 self._wake.set()  # the loop waits for this credit
         elif kind == codec.HEARTBEAT:
             self._on_heartbeat(src, items)
@@ -1461,22 +1187,8 @@ class Peer:
             self._loop_task.cancel()  # it stops at its next await; recover() waits for it
         if self.dispatcher is not None:
             self.dispatcher.cancel_all()  # parked async invocations: the checkpoint has their messages
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        self._drop_queues()
-
-    def _drop_queues(self) -> None:
-        self._inbox.clear()
-        self._inbox_bytes = 0
-        self._framed_bytes = [0] * self.n_peers
-        self._blocked = False
-        if self._spill is not None:
-            self._spill.clear()
-        self._out = [_speedups.BatchEncoder() for _ in range(self.n_peers)]
-        self._frames = [collections.deque() for _ in range(self.n_peers)]
-        self._framed = [0] * self.n_peers
-        self._out_replies = [[] for _ in range(self.n_peers)]
+        self.router.cancel_flush()
+        self.router.drop_queues()
 
     def _start_recovery_task(self, gen: int, n: int) -> None:
         if self._recovery_task is not None and not self._recovery_task.done():
@@ -1515,7 +1227,7 @@ class Peer:
         except Exception as exc:
             log.error("peer %d: cannot restore checkpoint %d in recovery round %d: %s; asking the coordinator "
                       "to fall back to an earlier checkpoint", self.peer_id, n, gen, exc)  # fmt: skip
-            self._send(0, codec.encode_control(codec.RESTORE_FAILED, gen, n, str(exc)[:500]), generation=gen)
+            self.router.send(0, codec.encode_control(codec.RESTORE_FAILED, gen, n, str(exc)[:500]), generation=gen)
             return
         if self.generation == gen:
             self._recovery_done = True
@@ -1531,8 +1243,8 @@ class Peer:
         process is a restart to it, never a first contact (a coordinator that restarted
         itself had heard nothing of the others yet)."""
         self._ready_sent = self.clock.now()
-        self._send(0, codec.encode_control(codec.HEARTBEAT, self.peer_id, self.liveness.incarnation))
-        self._send(0, codec.encode_control(codec.READY, gen), generation=gen)
+        self.router.send(0, codec.encode_control(codec.HEARTBEAT, self.peer_id, self.liveness.incarnation))
+        self.router.send(0, codec.encode_control(codec.READY, gen), generation=gen)
 
     def _on_heartbeat(self, src: int, items: list[Any]) -> None:
         if not self.liveness.on_heartbeat(src, items):
@@ -1545,14 +1257,11 @@ class Peer:
         if restarted:
             # what the old process had not granted back is gone with it; on first
             # contact, by contrast, what was already sent is owed by this very process
-            self._credit[src] = self.config.credit_window
-            self._owed[src] = 0
-            self._reset_sent(src)
+            self.router.peer_restarted(src)
             log.warning("peer %d: peer %d restarted", self.peer_id, src)
             if self.coordinator is not None:
                 self.coordinator.request_recovery(f"peer {src} restarted")
-        if len(self._out[src]) or self._frames[src]:
-            self._flush_peer(src)
+        self.router.flush_if_queued(src)
 
     def _link_reset(self, p: int) -> None:
         """The connection to peer ``p`` was lost and made again while ``p`` kept running
@@ -1590,10 +1299,6 @@ class Peer:
             self._trimmed_at = self.batches
             malloc_trim()
 
-    def _queued_for(self, p: int) -> int:
-        """Messages waiting to go to peer ``p``."""
-        return len(self._out[p]) + self._framed[p]
-
     def _check_space(self) -> None:
         if not self._full():
             self._space.set()
@@ -1628,7 +1333,8 @@ class Peer:
 
     async def _loop(self) -> None:
         assert self.backend is not None and self.dispatcher is not None
-        inbox = self._inbox
+        router = self.router
+        inbox = router.inbox
         backend = self.backend
         dispatcher = self.dispatcher
         max_batch = self.config.max_batch
@@ -1638,33 +1344,33 @@ class Peer:
             participant = self.participant
             if participant is not None and participant.pending is not None:
                 participant.take_snapshot()  # a barrier waited for the batch boundary
-            if self._spill is not None and self._spill.count:
-                self._refill()
-            if self._replay_pos is not None and self._out_bytes() < self._out_cap:
+            if router.spill is not None and router.spill.count:
+                router.refill()
+            if self._replay_pos is not None and router.out_bytes() < router.out_cap:
                 self._replay_some()
             now_ms = self._now_ms()
-            out_bytes = self._out_bytes() if self.transport is not None else 0
-            if out_bytes >= self._out_cap and (inbox or self._timer_due(now_ms)):
+            out_bytes = router.out_bytes() if self.transport is not None else 0
+            if out_bytes >= router.out_cap and (inbox or self._timer_due(now_ms)):
                 # Outgoing buffers are full: wait for credit before producing more. Safe,
                 # because a peer that waits grants credit for all it receives (spilling
                 # what does not fit in memory), so credit never waits on processing.
-                if not self._blocked:
-                    self.credit_waits += 1
-                self._blocked = True
-                self._flush_all()
-                self._grant_credits()
+                if not router.blocked:
+                    router.credit_waits += 1
+                router.blocked = True
+                router.flush_all()
+                router.grant_credits()
                 if self._closing:
                     return
                 await self.clock.wait(self._wake, self._timer_deadline())
                 self._wake.clear()
                 continue
-            self._blocked = False
+            router.blocked = False
             if (self._timers_held and not inbox and len(self._replayed_from) >= self.n_peers - 1
                     and not dispatcher.parked and self._replay_pos is None):  # fmt: skip
                 self._timers_held = False  # every replayed message is processed: timers may fire
             if not inbox and not self._timer_due(now_ms) and not dispatcher.ready:
-                self._flush_all()
-                self._grant_credits()
+                router.flush_all()
+                router.grant_credits()
                 if not dispatcher.parked:  # else a parked async invocation is still to commit
                     if self._closing:
                         return
@@ -1677,7 +1383,7 @@ class Peer:
             n = min(len(inbox), max_batch)
             batch = [inbox.popleft() for _ in range(n)]
             batch_bytes = records_bytes(batch)
-            self._inbox_bytes = self._inbox_bytes - batch_bytes if inbox else 0
+            router.inbox_bytes = router.inbox_bytes - batch_bytes if inbox else 0
             fired: list[Any] = []
             timers_checked = self._timer_due(now_ms)
             if timers_checked:
@@ -1686,12 +1392,12 @@ class Peer:
             try:
                 # what the batch sends may fill the outgoing buffers' room, no more (one
                 # address's invocations may overshoot it: they are never split)
-                outcome = await dispatcher.run(batch, fired, now_ms, max(self._out_cap - out_bytes, 0))
+                outcome = await dispatcher.run(batch, fired, now_ms, max(router.out_cap - out_bytes, 0))
                 backend.commit(outcome.ops)
             except StateBackendError as exc:
                 dispatcher.rollback()
                 inbox.extendleft(reversed(batch))
-                self._inbox_bytes += batch_bytes
+                router.inbox_bytes += batch_bytes
                 self._tlog.error("failed batch writes", "peer %d could not write a batch of %d messages: %s; "
                                  "retrying in %.2f s", self.peer_id, len(batch), exc, backoff)  # fmt: skip
                 await asyncio.sleep(backoff)
@@ -1700,7 +1406,7 @@ class Peer:
             except Exception as exc:
                 dispatcher.rollback()
                 inbox.extendleft(reversed(batch))
-                self._inbox_bytes += batch_bytes
+                router.inbox_bytes += batch_bytes
                 internal_failures += 1
                 if internal_failures >= INTERNAL_BATCH_ATTEMPTS:
                     # a bug, not a passing fault (a failing disk is a StateBackendError, a failing
@@ -1734,10 +1440,10 @@ class Peer:
                 self._next_due = backend.next_timer_due()
             if outcome.deferred:
                 inbox.extendleft(reversed(outcome.deferred))
-                self._inbox_bytes += records_bytes(outcome.deferred)
+                router.inbox_bytes += records_bytes(outcome.deferred)
             if outcome.requeue:  # they waited behind a parked address this batch committed
                 inbox.extendleft(reversed(outcome.requeue))
-                self._inbox_bytes += records_bytes(outcome.requeue)
+                router.inbox_bytes += records_bytes(outcome.requeue)
             self._after_commit(outcome)
             if now_ms >= self._next_purge:
                 # expired idempotency keys, a slice at a time between batches
@@ -1747,8 +1453,8 @@ class Peer:
                 except StateBackendError as exc:  # e.g. a full disk: purging waits, processing goes on
                     self._tlog.warning("failed purges", "peer %d: could not purge expired idempotency keys: %s",
                                        self.peer_id, exc)
-            self._flush_all()
-            self._grant_credits()
+            router.flush_all()
+            router.grant_credits()
             self._check_space()
             # Let clients, receivers and other tasks run between batches.
             await asyncio.sleep(0)
@@ -1757,12 +1463,12 @@ class Peer:
         if out.min_due is not None and (self._next_due is None or out.min_due < self._next_due):
             self._next_due = out.min_due
         if out.sends:
-            self._route(out.sends)
+            self.router.route(out.sends)
         for reply in out.replies:
             if reply[0] == self.peer_id or self.n_peers == 1:
                 self._resolve(*reply[1:])
             elif 0 <= reply[0] < self.n_peers:
-                self._out_replies[reply[0]].append(list(reply[1:]))
+                self.router.out_replies[reply[0]].append(list(reply[1:]))
             else:
                 self.bad_frames += 1
                 self._tlog.error("bad reply addresses", "peer %d: dropped a reply for peer %d, which is not in this "
@@ -1808,7 +1514,6 @@ _PEER_KINDS = frozenset(
         codec.REPLAYED,
     }
 )
-_GEN = struct.Struct(">I")
 #: ingress log entries replayed at a time after a recovery (while outgoing buffers have room)
 _REPLAY_SLICE = 100
 

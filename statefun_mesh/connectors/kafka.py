@@ -368,7 +368,7 @@ class KafkaIngress:
             self._tlog.error("kafka dead letters", "kafka ingress %s: dead letter %s/%d@%d skipped: %s", spec.id,
                              topic, partition, offset, reason)  # fmt: skip
         if records:
-            peer._route(records, from_client=True)
+            peer.route_admitted(records)
             self.routed += len(records)
 
     @staticmethod

@@ -163,7 +163,7 @@ async def test_messages_for_an_unavailable_peer_are_held_and_delivered_when_it_i
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Peer._flush_peer ignores _alive: messages for an unavailable peer go into the ZeroMQ queue "
+    reason="Router.flush_peer ignores _alive: messages for an unavailable peer go into the ZeroMQ queue "
     "(credit permitting) instead of being held in status()['outgoing'] as the log line claims",
 )
 @pytest.mark.timeout(30)

@@ -99,7 +99,10 @@ def assert_channels_clean(mesh: LocalMesh) -> None:
         assert st["oversized_dropped"] == 0, st
         # every record sent was granted back: nothing dropped on the way
         assert st["credit"] == [mesh.config.credit_window] * mesh.config.peers, st
-        assert p.sent_records == [q.received_records[p.peer_id] for q in mesh.peers], (p.peer_id, p.sent_records)
+        assert p.router.sent_records == [q.router.received_records[p.peer_id] for q in mesh.peers], (
+            p.peer_id,
+            p.router.sent_records,
+        )
 
 
 async def settle(mesh: LocalMesh) -> None:

@@ -9,7 +9,7 @@ nesting, huge declared lengths, raw bytes):
 * to its **client endpoint** (ROUTER) from a DEALER of ours, in a one-peer mesh;
 * to its **peer endpoint** from a DEALER announcing the routing id of peer 1 of a
   two-peer mesh whose peer 1 is this test (a ROUTER bound at peer 1's endpoint takes
-  what peer 0 sends it); every frame is preceded by a generation, as ``Peer._send`` does.
+  what peer 0 sends it); every frame is preceded by a generation, as ``Router.send`` does.
 
 After each example a barrier proves the peer read everything sent so far and still
 serves: an ``INFO`` answered on the client endpoint, or on the peer endpoint a batch

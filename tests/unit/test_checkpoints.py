@@ -279,20 +279,20 @@ async def test_a_recovery_sends_nothing_of_the_old_timeline_under_the_new_genera
         peer = mesh.peers[1]
         old_gen = peer.generation
         sent: list[tuple[int, int, bytes]] = []
-        real_send = peer._send
+        real_send = peer.router.send
 
         def spy(p: int, frame: bytes, generation: int | None = None) -> None:
             sent.append((p, peer.generation if generation is None else generation, frame))
             real_send(p, frame, generation=generation)
 
-        peer._send = spy  # type: ignore[method-assign]
+        peer.router.send = spy  # type: ignore[method-assign]
         # an output of the old timeline, queued for peer 0 and not yet flushed
         rec = ("ck/counter", "old-timeline", "", "", "io.statefun.types/int", b"\x00\x00\x00\x01", 0, 0)
-        peer._out[0].extend([rec])
-        peer._schedule_flush()
+        peer.router._out[0].extend([rec])
+        peer.router.schedule_flush()
         peer._start_recovery_task(old_gen + 1, -1)
         await asyncio.sleep(0.2)
-        # nothing of the new generation goes out before RESUME (see Peer._flush_peer): resume
+        # nothing of the new generation goes out before RESUME (see Router.flush_peer): resume
         # it here, as the coordinator would, so that what is queued then is sent
         peer.resume(old_gen + 1)
         await asyncio.sleep(0.1)
@@ -326,7 +326,7 @@ async def test_a_recovery_round_survives_a_lost_ready_or_resume(tmp_path: Path, 
         kind = codec.READY if lost == "READY" else codec.RESUME
         sender = mesh.peers[1] if lost == "READY" else mesh.peers[0]
         dropped: list[int] = []
-        real_send = sender._send
+        real_send = sender.router.send
 
         def lossy(p: int, frame: bytes, generation: int | None = None) -> None:
             if frame[1] == kind and (lost == "READY" or p == 1) and not dropped:
@@ -334,7 +334,7 @@ async def test_a_recovery_round_survives_a_lost_ready_or_resume(tmp_path: Path, 
                 return
             real_send(p, frame, generation=generation)
 
-        sender._send = lossy  # type: ignore[method-assign]
+        sender.router.send = lossy  # type: ignore[method-assign]
         before = mesh.peers[0].coordinator.generation
         mesh.peers[0].coordinator.request_recovery("a test")
         await wait_for(lambda: all(p.resumed and p.generation > before for p in mesh.peers), 20,

@@ -428,7 +428,7 @@ async def test_state_full_fails_cleanly_and_keeps_accepted(tmp_path: Path) -> No
         with peer.backend.read() as txn:
             n = sum(1 for _ in peer.backend.iter_state(txn))
         assert n == committed
-        mesh.peers[0]._inbox.clear()  # let the mesh close without retrying forever
+        mesh.peers[0].router.inbox.clear()  # let the mesh close without retrying forever
 
 
 def _anon_kib() -> int:

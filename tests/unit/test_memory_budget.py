@@ -181,7 +181,7 @@ async def test_the_replay_after_a_recovery_routes_the_ingress_log_as_outgoing_ro
         # what peer 0 holds for peer 1 at any moment: its outgoing buffers plus frames sent
         # and not yet delivered (the in-memory transport delivers on the next loop turn)
         pending = {"sent": 0, "delivered": 0, "max": 0}
-        send, deliver, route = sender.transport.send, receiver.transport._deliver, sender._route
+        send, deliver, route = sender.transport.send, receiver.transport._deliver, sender.router.route
 
         def counted_send(p: int, frame: bytes) -> None:
             pending["sent"] += len(frame)
@@ -193,11 +193,11 @@ async def test_the_replay_after_a_recovery_routes_the_ingress_log_as_outgoing_ro
 
         def measured_route(records: list, from_client: bool = False) -> None:
             route(records, from_client)
-            held = sender._out_bytes() + pending["sent"] - pending["delivered"]
+            held = sender.router.out_bytes() + pending["sent"] - pending["delivered"]
             pending["max"] = max(pending["max"], held)
 
         sender.transport.send, receiver.transport._deliver = counted_send, counted_deliver
-        sender._route = measured_route
+        sender.router.route = measured_route  # type: ignore[method-assign]
         coord = sender.coordinator
         rounds = coord.recoveries
         coord.request_recovery("a test")
