@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _aio, _speedups
+from .admission import Admission
 from .client_host import check_request_timeout
 from .clock import Clock, SystemClock
 from .config import MeshConfig
@@ -35,7 +36,6 @@ from .errors import (
     ConfigError,
     FrameDecodeError,
     FunctionNotFoundError,
-    MessageTooLargeError,
     RequestTimeoutError,
     StateBackendError,
     StatefunMeshError,
@@ -132,7 +132,6 @@ class Peer:
         n = self.n_peers
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
-        self._message_limit = config.message_limit
         # memory_budget (docs/architecture.md §5): the inbox keeps up to half in memory and
         # spills the rest; the loop takes no batch while outgoing bytes exceed a quarter;
         # clients are admitted while inbox plus outgoing stay under a quarter (routing.py);
@@ -148,14 +147,12 @@ class Peer:
                              wake=self._wake, idle=self._idle, generation=lambda: self.generation,
                              output_held=lambda: not self.resumed and self.checkpointing,
                              parked_queued=lambda: self.dispatcher.queued if self.dispatcher is not None else 0,
-                             on_sent=self._check_space)  # fmt: skip
+                             on_sent=lambda: self.admission.check_space())  # fmt: skip
         #: heartbeats, reachability, restarts and lost links (liveness.py)
         self.liveness = Liveness(peer_id, n, config, self.clock, send=lambda p, f: self.router.send(p, f),
                                  queued_for=self.router.queued_for,
                                  on_incarnation=self._on_incarnation, on_link_reset=self._link_reset,
                                  on_tick=self._heartbeat_tick)  # fmt: skip
-        self._space = asyncio.Event()
-        self._space.set()
         self._closed_event = asyncio.Event()
         #: requests waiting for their replies (replies.py)
         self.requests = PendingRequests(peer_id, config.max_pending_requests, self.table)
@@ -191,7 +188,12 @@ class Peer:
         self.ingress_writer = IngressWriter(peer_id, lambda: self.ingress, lambda: self.generation,
                                             lambda: self.resumed and self._replay_pos is None,
                                             lambda recs: self.router.route(recs, from_client=True),
-                                            self._check_space, self._tlog)  # fmt: skip
+                                            lambda: self.admission.check_space(), self._tlog)  # fmt: skip
+        #: the gate clients wait at, and taking their messages in (admission.py)
+        self.admission = Admission(config, self.router, self.ingress_writer, pressure=self.pressure,
+                                   replaying=lambda: self._replay_pos is not None,
+                                   logged=lambda: self.ingress is not None, resumed=lambda: self.resumed,
+                                   closing=lambda: self._closing, resumed_event=self._resumed_event)  # fmt: skip
         self._recovery_task: asyncio.Task[None] | None = None
         self._recovery_done = False
         #: when this peer last sent READY for its generation (it repeats it until RESUME)
@@ -380,7 +382,7 @@ class Peer:
             if self.remote is not None:
                 await self.remote.aclose()
             self.egress_logs.wake_all()
-            self._space.set()
+            self.admission.space.set()
         finally:
             if self._unwatch is not None:
                 self._unwatch()
@@ -483,7 +485,7 @@ class Peer:
         if self.ingress is not None:
             # The ingress log is replayed in slices while the outgoing buffers have room
             # (the rest by the loop as credit frees them, never all at once); meanwhile
-            # clients wait (_full) and a cut records the replay position as routed.
+            # clients wait (Admission.full) and a cut records the replay position as routed.
             self._replay_pos = self.ingress_writer.routed = self.participant.ingress_position
             self._replayed = 0
             self._replay_some()
@@ -521,7 +523,7 @@ class Peer:
             if p != self.peer_id:
                 self.router.queue_marker(p, marker)
         self.router.flush_all()
-        self._check_space()
+        self.admission.check_space()
 
     async def _stop_loop(self, task: asyncio.Task[None], gen: int) -> None:
         """Cancel the dispatch loop and wait until it has stopped. ``asyncio.wait`` neither
@@ -757,15 +759,6 @@ class Peer:
         """Estimated memory of the queued messages: the inbox in memory plus what waits to go out."""
         return self.router.inbox_bytes + self.router.out_bytes()
 
-    def _full(self) -> bool:
-        """Over ``inbox_limit`` messages or a quarter of ``memory_budget``, or spilling: clients wait."""
-        return (
-            self.pressure() >= self.config.inbox_limit
-            or self.queued_bytes() >= self.router.out_cap
-            or self.router.spilled() > 0
-            or self._replay_pos is not None
-        )
-
     async def submit(self, rec: Record, *, durable: bool = True) -> None:
         """Admit one message from a client.
 
@@ -794,29 +787,23 @@ class Peer:
         Returns ``None`` when the message is routed already, else a future that is done
         once it is in the ingress log (and routed), or fails if it could not be logged.
         """
-        self.check_message(rec)
-        if durable and self.ingress is not None:
-            return self.ingress_writer.add(rec)
-        self.router.route([rec], from_client=True)
-        return None
+        return self.admission.accept_nowait(rec, durable=durable)
+
+    def check_message(self, rec: Record, what: str = "message") -> None:
+        """Refuse a record larger than the mesh admits (``max_message_bytes``).
+
+        Raises:
+            MessageTooLargeError: naming the record's size and the limit.
+        """
+        self.admission.check_message(rec, what)
 
     def admits(self) -> bool:
         """Whether :meth:`admit` would return at once."""
-        return self.resumed and not self._closing and not self._full()
+        return self.admission.admits()
 
     async def admit(self) -> None:
         """Wait until this peer admits client messages (running, and under ``inbox_limit``)."""
-        while True:
-            if self._closing:
-                raise ClosedTransportError("the peer is closing")
-            if not self.resumed:
-                await self._resumed_event.wait()
-                continue
-            if self._full():
-                self._space.clear()
-                await self._space.wait()
-                continue
-            break
+        await self.admission.admit()
 
     async def send(self, message: Message, idempotency_key: str | None = None) -> None:
         """Send ``message`` to its target instance, on whichever peer owns it.
@@ -1017,22 +1004,6 @@ class Peer:
             # the newest completed checkpoints: [id, completed at (Unix s), seconds to write, bytes]
             "history": [[n, round(t, 3), round(dur, 4), size] for n, t, dur, size in participant.history[-10:]],
         }
-
-    # -- routing ------------------------------------------------------------------------
-
-    def check_message(self, rec: Record, what: str = "message") -> None:
-        """Refuse a record larger than the mesh admits (``max_message_bytes``).
-
-        Raises:
-            MessageTooLargeError: naming the record's size and the limit.
-        """
-        limit = self._message_limit
-        # at most 49 bytes of msgpack headers, at most 4 UTF-8 bytes per character
-        if len(rec[5]) + 4 * (len(rec[0]) + len(rec[1]) + len(rec[2]) + len(rec[3]) + len(rec[4])) + 49 <= limit:
-            return
-        size = _speedups.record_size(rec)
-        if size > limit:
-            raise MessageTooLargeError(size, limit, what)
 
     # -- frames from other peers ---------------------------------------------------
 
@@ -1299,10 +1270,6 @@ class Peer:
             self._trimmed_at = self.batches
             malloc_trim()
 
-    def _check_space(self) -> None:
-        if not self._full():
-            self._space.set()
-
     def _heartbeat_tick(self, now: float) -> None:
         """After each round of heartbeats (liveness.py): repeat READY if need be, flush logs, trim."""
         cfg = self.config
@@ -1455,7 +1422,7 @@ class Peer:
                                        self.peer_id, exc)
             router.flush_all()
             router.grant_credits()
-            self._check_space()
+            self.admission.check_space()
             # Let clients, receivers and other tasks run between batches.
             await asyncio.sleep(0)
 
