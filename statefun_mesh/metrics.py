@@ -209,7 +209,7 @@ class PeerCollector:
                       router.oversized_dropped)  # fmt: skip
         # CURVE (docs/security.md): what the links and client endpoints refused
         yield counter("refused_frames", "Peer frames refused for what their link may not send",
-                      getattr(peer, "refused_frames", 0))  # fmt: skip
+                      peer.inbound.refused_frames)  # fmt: skip
         yield counter("refused_connections", "Peer-link connections refused (unknown key, no CURVE)",
                       getattr(peer.transport, "refused_connections", 0))  # fmt: skip
         if cs is not None:

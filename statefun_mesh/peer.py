@@ -34,20 +34,20 @@ from .errors import (
     BrokenTransportError,
     ClosedTransportError,
     ConfigError,
-    FrameDecodeError,
     FunctionNotFoundError,
     RequestTimeoutError,
     StateBackendError,
     StatefunMeshError,
 )
 from .functions import StatefulFunctions, merge_functions
+from .inbound import Inbound
 from .ingress_writer import IngressWriter
 from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
 from .memory import malloc_trim, records_bytes
 from .messages import EgressRecord, Message
 from .replies import PendingRequests
-from .routing import GEN, Router
+from .routing import Router
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
 from .transport.base import Transport
@@ -135,11 +135,8 @@ class Peer:
         # memory_budget (docs/architecture.md §5): the inbox keeps up to half in memory and
         # spills the rest; the loop takes no batch while outgoing bytes exceed a quarter;
         # clients are admitted while inbox plus outgoing stay under a quarter (routing.py);
-        # frames of later generations are held up to a quarter
-        self._held_cap = config.memory_budget // 4
-        self._held_bytes = 0
+        # frames of later generations are held up to a quarter (inbound.py)
         self._trimmed_at = 0
-        self.bad_frames = 0
         #: repeated problems (bad frames, a failing disk) log one line per kind and window
         self._tlog = ThrottledLog(log)
         #: the inbox and spill, outgoing frames per peer, and credit (routing.py)
@@ -178,8 +175,6 @@ class Peer:
         self._resumed_event = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._in_batch = False
-        self._hold_batches = False
-        self._held: list[tuple[int, int, bytes]] = []
         #: released heads, readers and their wake-ups (egress.py)
         self.egress_logs = EgressLogs(peer_id, bool(config.blob_store), config.egress_immediate,
                                       store=lambda: self.backend, generation=lambda: self.generation,
@@ -220,10 +215,13 @@ class Peer:
         self.batch_sizes = [0] * (len(BATCH_BUCKETS) + 1)  #: batches per size bucket (last: larger)
         self.batch_records = 0  #: messages in all batches
         self.http: Any = None  #: the metrics/health/dashboard HTTP server (metrics.py), if configured
-        #: frames refused for what their link may not send (docs/security.md): control
-        #: frames off the coordinator's link, generations far ahead of the mesh's
-        self.refused_frames = 0
-        self._coordinator_generation = -1  # newest generation seen on peer 0's link
+        #: frames from other peers: checked, held for later, or handed on (inbound.py)
+        self.inbound = Inbound(peer_id, self._tlog, config.memory_budget // 4, self.checkpointing, self.router,
+                               self.liveness, self.requests, wake=self._wake, generation=lambda: self.generation,
+                               resumed=lambda: self.resumed, replaying=lambda: self._replay_pos is not None,
+                               coordinator_generation=lambda: (self.coordinator.generation
+                                                               if self.coordinator is not None else None),
+                               on_records=self._cut_records, on_control=self._on_control)  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -284,7 +282,7 @@ class Peer:
             if self.transport is not None:
                 if hasattr(self.transport, "on_link_lost"):
                     self.transport.on_link_lost = self.liveness.on_link_lost
-                await self.transport.start(self._on_frame)
+                await self.transport.start(self.inbound.on_frame)
             # before the client endpoint: importing aiohttp and prometheus_client holds the
             # loop for a moment, which a client's CURVE handshake must not wait behind
             http = cfg.metrics_endpoints[self.peer_id] if cfg.metrics_endpoints else ""
@@ -459,9 +457,7 @@ class Peer:
         self.participant.reset()
         self.router.drop_queues()  # again: requests may have queued output while the loop stopped
         self.router.reset_credit()
-        self._hold_batches = False
-        self._held = [(g, src, f) for g, src, f in self._held if g >= gen]
-        self._held_bytes = sum(len(f) for _, _, f in self._held)
+        self.inbound.drop_before(gen)
         self._in_batch = False
         self._fail_requests(
             BrokenTransportError(
@@ -553,11 +549,7 @@ class Peer:
         self._loop_task.add_done_callback(self._loop_ended)
         self.resumed = True
         self._resumed_once = True
-        held, self._held = self._held, []
-        self._held_bytes = 0
-        for g, src, frame in held:
-            if g == gen:
-                self._on_channel_frame(src, frame)
+        self.inbound.resume(gen)
         self._resumed_event.set()
         self._wake.set()
         self.router.flush_all()
@@ -624,22 +616,8 @@ class Peer:
             self.kafka.on_checkpoint(positions)
 
     def release_input(self) -> None:
-        self._hold_batches = False
-        held, self._held = self._held, []
-        keep: list[tuple[int, int, bytes]] = []
-        for i, (g, src, frame) in enumerate(held):
-            if self._hold_batches:
-                # a released barrier started the next cut, which waits for a batch to
-                # end: what came after it waits too, in order
-                self._held = keep + held[i:] + self._held
-                self._held_bytes = sum(len(f) for _, _, f in self._held)
-                return
-            if g == self.generation:
-                self._on_channel_frame(src, frame)
-            elif g > self.generation:
-                keep.append((g, src, frame))
-        self._held = keep + self._held
-        self._held_bytes = sum(len(f) for _, _, f in self._held)
+        """Process what :meth:`hold_input` held, in arrival order."""
+        self.inbound.release()
 
     # -- the snapshot code's view of this peer (snapshot/host.py) -----------------------
 
@@ -654,7 +632,7 @@ class Peer:
 
     def hold_input(self) -> None:
         """Hold batch frames and barriers until :meth:`release_input`; wake the loop for the cut."""
-        self._hold_batches = True
+        self.inbound.hold_batches = True
         self._wake.set()
 
     def state_store(self) -> LmdbStateBackend:
@@ -936,7 +914,7 @@ class Peer:
             "core": _speedups.IMPLEMENTATION,
             "queued": len(router.inbox) + router.spilled(),
             "spilled": router.spilled(),
-            "memory": {"inbox": router.inbox_bytes, "outgoing": router.out_bytes(), "held": self._held_bytes,
+            "memory": {"inbox": router.inbox_bytes, "outgoing": router.out_bytes(), "held": self.inbound.held_bytes,
                        "budget": self.config.memory_budget, "spilled_total": router.spilled_total,
                        "credit_waits": router.credit_waits, "in_flight": router.in_flight_bytes(),
                        "link_window": router.link_bytes},
@@ -949,7 +927,7 @@ class Peer:
             "parked": d.parked if d else 0,
             "bad_frames": self.bad_frames + getattr(self.transport, "foreign_frames", 0),
             "refused_connections": getattr(self.transport, "refused_connections", 0),
-            "refused_frames": self.refused_frames,
+            "refused_frames": self.inbound.refused_frames,
             "unavailable_peers": self.liveness.unavailable(),
             "next_timer_ms": self._next_due,
             "oversized_dropped": router.oversized_dropped,
@@ -1005,114 +983,26 @@ class Peer:
             "history": [[n, round(t, 3), round(dur, 4), size] for n, t, dur, size in participant.history[-10:]],
         }
 
-    # -- frames from other peers ---------------------------------------------------
+    # -- frames from other peers (inbound.py checks them and hands these on) ----------
 
-    def _on_frame(self, src: int, frame: bytes) -> None:
-        if len(frame) < 6:
-            self.bad_frames += 1
-            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: %d bytes is too short",
-                             self.peer_id, src, len(frame))
-            return
-        gen = GEN.unpack_from(frame)[0]
-        body = frame[4:]
-        if body[0] != _speedups.FRAME_VERSION:
-            self.bad_frames += 1
-            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: not a generation-prefixed frame of "
-                             "version %d; do all peers run the same statefun_mesh release?", self.peer_id, src,
-                             _speedups.FRAME_VERSION)  # fmt: skip
-            return
-        kind = body[1]
-        if src == 0:
-            self._coordinator_generation = max(self._coordinator_generation, gen)
-        self.liveness.heard(src)
-        if kind in (codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME, codec.RESTORE_FAILED):
-            self._on_channel_frame(src, body, gen)
-            return
-        if gen < self.generation:
-            return  # from before a recovery: its effects were rolled back
-        if gen > self.generation and src != 0 and not self._generation_plausible(gen):
-            self._refuse_frame(src, "far-ahead generation", f"generation {gen}, more than {GENERATION_WINDOW} above "
-                               f"the newest this peer knows ({max(self.generation, self._coordinator_generation)})")
-            return
-        # While a cut waits for the batch in progress, batch frames wait, and so do
-        # barriers: a barrier must not overtake the frames its sender sent before it
-        # (they are in flight across the cut and must be logged as such).
-        if gen > self.generation or not self.resumed or (
-            self._hold_batches and (kind == codec.KIND_BATCH or kind == codec.BARRIER)
-        ):
-            if gen > self.generation and self._held_bytes + len(body) > self._held_cap:
-                # a peer of this mesh sends a later generation only after a RECOVER this
-                # peer is about to get, and at most its credit window: beyond that it is no peer
-                self.bad_frames += 1
-                self._tlog.error("refused future frames", "peer %d: refused a frame of generation %d from peer %d: "
-                                 "%d bytes of frames of later generations are held already (a quarter of "
-                                 "memory_budget)", self.peer_id, gen, src, self._held_bytes)  # fmt: skip
-                return
-            self._held.append((gen, src, body))
-            self._held_bytes += len(body)
-            return
-        self._on_channel_frame(src, body, gen)
+    @property
+    def bad_frames(self) -> int:
+        """Frames dropped as malformed: from peers, and (counted in by it) the client endpoint."""
+        return self.inbound.bad_frames
 
-    def _generation_plausible(self, gen: int) -> bool:
-        """Whether a frame stamped ``gen`` may be held for later: generations only come from
-        the coordinator (peer 0), so none is more than a few rounds ahead of what it last said."""
-        if not self.checkpointing:
-            known = self.generation
-        elif self.coordinator is not None:
-            # -1 until its first round: a restarted coordinator has not read the generation yet
-            known = self.coordinator.generation if self.generation > 0 else -1
-        else:
-            known = self._coordinator_generation  # -1: not heard from peer 0 yet (just started): hold
-        return known < 0 or gen <= max(known, self.generation) + GENERATION_WINDOW
+    @bad_frames.setter
+    def bad_frames(self, n: int) -> None:
+        self.inbound.bad_frames = n
 
-    def _refuse_frame(self, src: int, kind: str, why: str) -> None:
-        self.refused_frames += 1
-        self._tlog.error(f"refused frames ({kind})", "peer %d: refused a frame from peer %d: %s (refused so "
-                              "far: %d)", self.peer_id, src, why, self.refused_frames)  # fmt: skip
+    def _cut_records(self, src: int, records: list[Record]) -> None:
+        """Batch records arrived from ``src``: a cut under way logs those in flight across it."""
+        participant = self.participant
+        if participant is not None and participant.snap is not None:
+            participant.on_records(src, records)
 
-    def _on_channel_frame(self, src: int, frame: bytes, gen: int | None = None) -> None:
-        try:
-            kind = codec.frame_kind(frame)
-            if kind == codec.KIND_BATCH:
-                records = _speedups.decode_batch(frame)
-                if self.participant is not None and self.participant.snap is not None:
-                    self.participant.on_records(src, records)
-                self.router.received(src, records, len(frame))
-                return
-            kind, items = codec.decode_control(frame, _PEER_KINDS)
-        except FrameDecodeError as exc:
-            self.bad_frames += 1
-            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
-            return
-        if kind == codec.CREDIT:
-            outstanding = self.router.on_credit(src, items[0])
-            if outstanding is not None:
-                self.bad_frames += 1
-                self._tlog.error("bad credits", "peer %d: rejected a credit of %d from peer %d, which has only "
-                                 "%d records of this peer's outstanding", self.peer_id, items[0], src,
-                                 outstanding)  # fmt: skip
-                return
-            if self.router.blocked or self._replay_pos is not None:
-                self._wake.set()  # the loop waits for this credit
-        elif kind == codec.HEARTBEAT:
-            self._on_heartbeat(src, items)
-        elif kind == codec.REPLIES:
-            for item in items[0]:
-                if not (
-                    isinstance(item, list)
-                    and len(item) == 6
-                    and type(item[0]) is int
-                    and type(item[1]) is int
-                    and all(type(item[i]) is str for i in (2, 4, 5))
-                ):
-                    self.bad_frames += 1
-                    self._tlog.error("bad replies", "peer %d: malformed reply from peer %d", self.peer_id, src)
-                    continue
-                self._resolve(*item)
-        elif kind in _COORDINATOR_KINDS and src != 0:
-            self._refuse_frame(src, "control frames off the coordinator's link",
-                               f"control frame 0x{kind:02x} can only come from the coordinator (peer 0)")
-        elif self.participant is None:
+    def _on_control(self, src: int, kind: int, items: list[Any], gen: int | None) -> None:
+        """A checkpoint or recovery frame from peer ``src`` (``gen``: its generation, if stamped)."""
+        if self.participant is None:
             self.bad_frames += 1
             self._tlog.error("unexpected checkpoint frames", "peer %d: checkpoint frame 0x%02x from peer %d, but this "
                              "peer takes no checkpoints; do all peers have the same blob_store setting?",
@@ -1216,12 +1106,6 @@ class Peer:
         self._ready_sent = self.clock.now()
         self.router.send(0, codec.encode_control(codec.HEARTBEAT, self.peer_id, self.liveness.incarnation))
         self.router.send(0, codec.encode_control(codec.READY, gen), generation=gen)
-
-    def _on_heartbeat(self, src: int, items: list[Any]) -> None:
-        if not self.liveness.on_heartbeat(src, items):
-            self.bad_frames += 1
-            self._tlog.error("bad heartbeats", "peer %d: heartbeat on peer %d's channel claims to be from peer %s",
-                             self.peer_id, src, items[0])
 
     def _on_incarnation(self, src: int, restarted: bool) -> None:
         """Peer ``src`` was heard with a new incarnation (``restarted``: not first contact)."""
@@ -1465,30 +1349,10 @@ class Peer:
                                      "in %s s", self.peer_id, exc, self.config.sync_interval)  # fmt: skip
 
 
-_PEER_KINDS = frozenset(
-    {
-        codec.CREDIT,
-        codec.HEARTBEAT,
-        codec.REPLIES,
-        codec.BARRIER,
-        codec.CK_ACK,
-        codec.CK_DONE,
-        codec.CK_ABORT,
-        codec.RECOVER,
-        codec.READY,
-        codec.RESUME,
-        codec.RESTORE_FAILED,
-        codec.REPLAYED,
-    }
-)
 #: ingress log entries replayed at a time after a recovery (while outgoing buffers have room)
 _REPLAY_SLICE = 100
 
 
-#: frames only the coordinator (peer 0) sends
-_COORDINATOR_KINDS = frozenset({codec.CK_DONE, codec.CK_ABORT, codec.RECOVER, codec.RESUME})
-#: a frame whose generation is more than this above the newest the peer knows is refused
-GENERATION_WINDOW = 16
 #: a batch failing this many times in a row with an internal error (not a state store or
 #: function error) stops the dispatch loop, which /healthz reports (about 1.5 s of retries)
 INTERNAL_BATCH_ATTEMPTS = 5

@@ -74,7 +74,7 @@ SLOW = settings.default.max_examples >= 10_000
 INT = "io.statefun.types/int"
 KNOWN = 6  # known counters, with the values 1..KNOWN
 GEN = struct.Struct(">I")
-#: kinds a peer handles whatever the generation stamped on them (Peer._on_frame)
+#: kinds a peer handles whatever the generation stamped on them (Inbound.on_frame)
 ANY_GENERATION_KINDS = frozenset({codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME, codec.RESTORE_FAILED})
 #: growth of the peer's anonymous RSS over the fuzz that counts as unbounded
 RSS_BOUND_KIB = 32 * 1024

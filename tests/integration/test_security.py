@@ -334,20 +334,21 @@ async def test_far_ahead_generation_is_refused_not_held(tmp_path: Path) -> None:
     async with LocalMesh(app.functions, peers=3, transport="tcp", state_dir=tmp_path,
                          blob_store=f"memory://sec-{uuid.uuid4().hex}") as mesh:  # fmt: skip
         peer = mesh.peers[0]
-        await eventually(lambda: asyncio.sleep(0, peer._coordinator_generation >= 0 or peer.coordinator is not None),
+        inbound = peer.inbound
+        await eventually(lambda: asyncio.sleep(0, inbound.coordinator_generation >= 0 or peer.coordinator is not None),
                          timeout=5, what="peer 0 knows the generation")  # fmt: skip
         far = peer.generation + 1000
         near = peer.generation + 1
         batch = encode_batch([counter_record("x", 1)] * 100)
         sock = _plain_dealer(mesh.config.endpoints[0], peer_identity(1))
-        held_before = len(peer._held)
+        held_before = len(peer.inbound.held)
         try:
             for _ in range(50):
                 await sock.send(struct.pack(">I", far) + batch)
             await sock.send(struct.pack(">I", near) + batch)  # one round ahead: may be real, so held
             await eventually(lambda: asyncio.sleep(0, peer.status().get("refused_frames") == 50), timeout=5,
                              what="50 far-ahead frames refused")  # fmt: skip
-            await eventually(lambda: asyncio.sleep(0, len(peer._held) == held_before + 1), timeout=5,
+            await eventually(lambda: asyncio.sleep(0, len(peer.inbound.held) == held_before + 1), timeout=5,
                              what="the near frame held")  # fmt: skip
         finally:
             sock.close(0)

@@ -68,7 +68,7 @@ async def test_frames_larger_than_the_credit_window_keep_flowing(tmp_path: Path,
 async def test_a_grant_beyond_what_is_outstanding_is_refused(tmp_path: Path) -> None:
     async with LocalMesh(app(), state_dir=tmp_path, peers=2, credit_window=10, max_parallelism=MAX_PARALLELISM) as mesh:
         peer = mesh.peers[0]
-        peer._on_channel_frame(1, codec.encode_control(codec.CREDIT, 5))  # nothing is outstanding
+        peer.inbound.on_channel_frame(1, codec.encode_control(codec.CREDIT, 5))  # nothing is outstanding
         assert peer.status()["credit"][1] == 10
         assert peer.status()["bad_frames"] == 1
 
@@ -160,12 +160,12 @@ async def test_bytes_in_flight_to_a_peer_are_bounded_not_only_records(tmp_path: 
         held = 0
         for _ in range(100):  # until the sender stops sending (0.5 s at most)
             await asyncio.sleep(0.005)
-            now = sum(len(frame) for _, _, frame in receiver._held)
+            now = sum(len(frame) for _, _, frame in receiver.inbound.held)
             if now == held and now:
                 break
             held = now
         await asyncio.sleep(0.1)
-        held = sum(len(frame) for _, _, frame in receiver._held)
+        held = sum(len(frame) for _, _, frame in receiver.inbound.held)
         in_flight = sender.status()["memory"]["in_flight"]
         receiver.release_input()
         await asyncio.wait_for(asyncio.gather(*sends), 30)
