@@ -46,6 +46,7 @@ from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
 from .memory import malloc_trim, records_bytes
 from .messages import EgressRecord, Message
+from .replay import Replay
 from .replies import PendingRequests
 from .routing import Router
 from .state.lmdb_backend import LmdbStateBackend
@@ -181,12 +182,12 @@ class Peer:
                                       closing=lambda: self._closing)  # fmt: skip
         #: group commit of client messages into the ingress log (ingress_writer.py)
         self.ingress_writer = IngressWriter(peer_id, lambda: self.ingress, lambda: self.generation,
-                                            lambda: self.resumed and self._replay_pos is None,
+                                            lambda: self.resumed and self.replay.position is None,
                                             lambda recs: self.router.route(recs, from_client=True),
                                             lambda: self.admission.check_space(), self._tlog)  # fmt: skip
         #: the gate clients wait at, and taking their messages in (admission.py)
         self.admission = Admission(config, self.router, self.ingress_writer, pressure=self.pressure,
-                                   replaying=lambda: self._replay_pos is not None,
+                                   replaying=lambda: self.replay.position is not None,
                                    logged=lambda: self.ingress is not None, resumed=lambda: self.resumed,
                                    closing=lambda: self._closing, resumed_event=self._resumed_event)  # fmt: skip
         self._recovery_task: asyncio.Task[None] | None = None
@@ -195,15 +196,9 @@ class Peer:
         self._ready_sent = 0.0
         self._next_purge = 0
         self._purge_from = b""
-        #: the ingress log position the replay after a recovery continues from (None: not replaying)
-        self._replay_pos: int | None = None
-        self._replayed = 0
         #: checkpoints this peer could not write (its upload failed), and the newest failure
         self.checkpoint_failures = 0
         self._checkpoint_error: tuple[int, str] | None = None
-        #: after a recovery, due timers wait until the replayed messages are processed
-        self._timers_held = False
-        self._replayed_from: set[int] = set()
         self._unwatch: Any = None  # stops the blocked-loop watchdog (watchdog.py)
         # Counters for metrics (metrics.py) and status. Monotonic for the process's life
         # (a recovery does not reset them); updated per routed batch of records, not per record.
@@ -215,10 +210,15 @@ class Peer:
         self.batch_sizes = [0] * (len(BATCH_BUCKETS) + 1)  #: batches per size bucket (last: larger)
         self.batch_records = 0  #: messages in all batches
         self.http: Any = None  #: the metrics/health/dashboard HTTP server (metrics.py), if configured
+        #: the replay of the ingress log after a recovery, and the timers held meanwhile (replay.py)
+        self.replay = Replay(peer_id, n, self.router, self.ingress_writer, ingress=lambda: self.ingress,
+                             generation=lambda: self.generation, take_foreign=self._take_foreign_ingress,
+                             foreign_replayed=self._foreign_ingress_replayed,
+                             on_done=lambda: self.admission.check_space())  # fmt: skip
         #: frames from other peers: checked, held for later, or handed on (inbound.py)
         self.inbound = Inbound(peer_id, self._tlog, config.memory_budget // 4, self.checkpointing, self.router,
                                self.liveness, self.requests, wake=self._wake, generation=lambda: self.generation,
-                               resumed=lambda: self.resumed, replaying=lambda: self._replay_pos is not None,
+                               resumed=lambda: self.resumed, replaying=lambda: self.replay.position is not None,
                                coordinator_generation=lambda: (self.coordinator.generation
                                                                if self.coordinator is not None else None),
                                on_records=self._cut_records, on_control=self._on_control)  # fmt: skip
@@ -477,49 +477,16 @@ class Peer:
         # position; both are queued before this peer reports READY, so when the mesh
         # resumes every replayed message is already on its way, ahead of new input.
         self.router.enqueue(self.participant.take_inflight_restored())
-        self._replayed_from = set()
-        if self.ingress is not None:
-            # The ingress log is replayed in slices while the outgoing buffers have room
-            # (the rest by the loop as credit frees them, never all at once); meanwhile
-            # clients wait (Admission.full) and a cut records the replay position as routed.
-            self._replay_pos = self.ingress_writer.routed = self.participant.ingress_position
-            self._replayed = 0
-            self._replay_some()
-        else:
-            self._replay_done()
+        self.replay.start(self.participant.ingress_position if self.ingress is not None else None)
 
-    def _replay_some(self) -> None:
-        """Route more of the ingress log being replayed, while outgoing buffers have room."""
-        assert self.ingress is not None
-        pos = self._replay_pos
-        while pos is not None and self.router.out_bytes() < self.router.out_cap:
-            entries = self.ingress.read(pos, _REPLAY_SLICE)
-            if not entries:
-                self._replay_done()
-                return
-            self.router.route([tuple(rec) for _, rec in entries])
-            self._replayed += len(entries)
-            pos = self._replay_pos = self.ingress_writer.routed = entries[-1][0] + 1
+    def _take_foreign_ingress(self) -> list[tuple[str, int]]:
+        """After a rescale: the removed peers' ingress logs this peer replays (replay.py)."""
+        assert self.participant is not None
+        return self.participant.take_foreign_ingress()
 
-    def _replay_done(self) -> None:
-        """The ingress log is replayed: then removed peers' logs (after a rescale), then the markers."""
-        self._replay_pos = None
-        if self.ingress is not None:
-            self.ingress_writer.routed = self.ingress.next_offset
-            if self._replayed:
-                log.info("peer %d: replayed %d messages from its ingress log", self.peer_id, self._replayed)
-            assert self.participant is not None
-            for path, position in self.participant.take_foreign_ingress():
-                self._replay_foreign(path, position)
-        # Behind the replayed messages on every channel: a marker. A peer fires no timer
-        # after a recovery until it has the marker from every other peer and has processed
-        # what came before it, so a replayed cancellation is never overtaken by its timer.
-        marker = codec.encode_control(codec.REPLAYED, self.generation)
-        for p in range(self.n_peers):
-            if p != self.peer_id:
-                self.router.queue_marker(p, marker)
-        self.router.flush_all()
-        self.admission.check_space()
+    def _foreign_ingress_replayed(self, path: str) -> None:
+        assert self.participant is not None
+        self.participant.note_replayed_foreign(path)
 
     async def _stop_loop(self, task: asyncio.Task[None], gen: int) -> None:
         """Cancel the dispatch loop and wait until it has stopped. ``asyncio.wait`` neither
@@ -544,7 +511,7 @@ class Peer:
             return
         assert self.backend is not None
         self._next_due = self.backend.next_timer_due()
-        self._timers_held = self.checkpointing
+        self.replay.timers_held = self.checkpointing
         self._loop_task = asyncio.create_task(self._loop(), name=f"statefun-mesh peer {self.peer_id} dispatch")
         self._loop_task.add_done_callback(self._loop_ended)
         self.resumed = True
@@ -554,27 +521,6 @@ class Peer:
         self._wake.set()
         self.router.flush_all()
         log.debug("peer %d processing (generation %d)", self.peer_id, gen)  # `ready` (or a recovery round) says it
-
-    def _replay_foreign(self, path: str, position: int) -> None:
-        """After a rescale: replay a removed peer's ingress log from ``position``."""
-        assert self.participant is not None
-        from .ingress import IngressLog
-
-        log_ = IngressLog(path, sync=False)
-        replayed = 0
-        try:
-            while True:
-                entries = log_.read(position, 1000)
-                if not entries:
-                    break
-                self.router.route([tuple(rec) for _, rec in entries])
-                replayed += len(entries)
-                position = entries[-1][0] + 1
-        finally:
-            log_.close()
-        self.participant.note_replayed_foreign(path)
-        log.warning("peer %d: replayed %d messages from the ingress log of a removed peer (%s); it is deleted "
-                    "once the next checkpoint completes", self.peer_id, replayed, path)  # fmt: skip
 
     def dispatch_failure(self) -> BaseException | None:
         """Why the dispatch loop died (``None``: it runs, was stopped, or has not started)."""
@@ -886,7 +832,7 @@ class Peer:
         """Wait until this peer has processed everything queued here (and every due timer)."""
         while True:
             if (self.router.inbox or self.router.spilled() or self._timer_due(self._now_ms())
-                    or self._replay_pos is not None):  # fmt: skip
+                    or self.replay.position is not None):  # fmt: skip
                 self._idle.clear()
                 self._wake.set()
             elif self._idle.is_set() or self._closing:
@@ -898,7 +844,7 @@ class Peer:
         return (
             not self.router.inbox
             and not self.router.spilled()
-            and self._replay_pos is None
+            and self.replay.position is None
             and self._idle.is_set()
             and not self.router.has_outgoing()
             and not self._timer_due(self._now_ms())
@@ -1026,8 +972,7 @@ class Peer:
             if self.coordinator is not None:
                 self.coordinator.on_ready(src, items[0])
         elif kind == codec.REPLAYED:
-            if items[0] == self.generation:
-                self._replayed_from.add(src)
+            if self.replay.on_marker(src, items[0]):
                 self._wake.set()
         elif kind == codec.RESTORE_FAILED:
             if self.coordinator is not None:
@@ -1173,18 +1118,19 @@ class Peer:
         return int(self.clock.now() * 1000)
 
     def _timer_due(self, now_ms: int) -> bool:
-        return self._next_due is not None and self._next_due <= now_ms and not self._timers_held
+        return self._next_due is not None and self._next_due <= now_ms and not self.replay.timers_held
 
     def _timer_deadline(self) -> float | None:
         """When the loop's wait must end for the next timer: never while timers are held (after
         a recovery, until every peer's REPLAYED marker came): an overdue timer's deadline is
         already past, the wait would return at once and the loop spin without yielding, so
         the marker that releases the timers could never be read (found by the soak test)."""
-        return None if self._next_due is None or self._timers_held else self._next_due / 1000
+        return None if self._next_due is None or self.replay.timers_held else self._next_due / 1000
 
     async def _loop(self) -> None:
         assert self.backend is not None and self.dispatcher is not None
         router = self.router
+        replay = self.replay
         inbox = router.inbox
         backend = self.backend
         dispatcher = self.dispatcher
@@ -1197,8 +1143,8 @@ class Peer:
                 participant.take_snapshot()  # a barrier waited for the batch boundary
             if router.spill is not None and router.spill.count:
                 router.refill()
-            if self._replay_pos is not None and router.out_bytes() < router.out_cap:
-                self._replay_some()
+            if replay.position is not None and router.out_bytes() < router.out_cap:
+                replay.some()
             now_ms = self._now_ms()
             out_bytes = router.out_bytes() if self.transport is not None else 0
             if out_bytes >= router.out_cap and (inbox or self._timer_due(now_ms)):
@@ -1216,16 +1162,16 @@ class Peer:
                 self._wake.clear()
                 continue
             router.blocked = False
-            if (self._timers_held and not inbox and len(self._replayed_from) >= self.n_peers - 1
-                    and not dispatcher.parked and self._replay_pos is None):  # fmt: skip
-                self._timers_held = False  # every replayed message is processed: timers may fire
+            if (replay.timers_held and not inbox and len(replay.markers_from) >= self.n_peers - 1
+                    and not dispatcher.parked and replay.position is None):  # fmt: skip
+                replay.timers_held = False  # every replayed message is processed: timers may fire
             if not inbox and not self._timer_due(now_ms) and not dispatcher.ready:
                 router.flush_all()
                 router.grant_credits()
                 if not dispatcher.parked:  # else a parked async invocation is still to commit
                     if self._closing:
                         return
-                    if self._replay_pos is None:  # else the ingress log is still being replayed
+                    if replay.position is None:  # else the ingress log is still being replayed
                         self._idle.set()
                 await self.clock.wait(self._wake, self._timer_deadline())
                 self._wake.clear()
@@ -1347,10 +1293,6 @@ class Peer:
                     self._dirty = True
                     self._tlog.error("failed syncs", "peer %d: syncing the state store to disk failed: %s; retrying "
                                      "in %s s", self.peer_id, exc, self.config.sync_interval)  # fmt: skip
-
-
-#: ingress log entries replayed at a time after a recovery (while outgoing buffers have room)
-_REPLAY_SLICE = 100
 
 
 #: a batch failing this many times in a row with an internal error (not a state store or

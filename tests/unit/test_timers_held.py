@@ -42,8 +42,8 @@ async def test_an_overdue_timer_held_after_a_recovery_does_not_starve_the_event_
         peers = mesh.peers
         # as right after a recovery round, before any other peer's REPLAYED marker came
         for p in peers:
-            p._timers_held = True
-            p._replayed_from = set()
+            p.replay.timers_held = True
+            p.replay.markers_from = set()
         await mesh.send(message_builder(target_typename="test/setter", target_id="a", int_value=0))
         loop = asyncio.get_running_loop()
         turned = threading.Event()
@@ -55,7 +55,7 @@ async def test_an_overdue_timer_held_after_a_recovery_does_not_starve_the_event_
             starved.append(not turned.wait(2.0))
             # the markers come: this releases the timers, also from a loop that never yields
             for p in peers:
-                p._replayed_from.update(range(len(peers)))
+                p.replay.markers_from.update(range(len(peers)))
             loop.call_soon_threadsafe(lambda: [p._wake.set() for p in peers])
 
         thread = threading.Thread(target=probe, daemon=True)
