@@ -29,8 +29,6 @@ from .config import MeshConfig
 from .dispatch import BATCH_BUCKETS, BatchOutcome, Dispatcher, Record, TypeStats
 from .egress import EgressLogs
 from .errors import (
-    BlobNotFoundError,
-    BlobStoreError,
     BrokenTransportError,
     ClosedTransportError,
     ConfigError,
@@ -46,6 +44,7 @@ from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
 from .memory import malloc_trim, records_bytes
 from .messages import EgressRecord, Message
+from .recovery import Recovery
 from .replay import Replay
 from .replies import PendingRequests
 from .routing import Router
@@ -190,10 +189,6 @@ class Peer:
                                    replaying=lambda: self.replay.position is not None,
                                    logged=lambda: self.ingress is not None, resumed=lambda: self.resumed,
                                    closing=lambda: self._closing, resumed_event=self._resumed_event)  # fmt: skip
-        self._recovery_task: asyncio.Task[None] | None = None
-        self._recovery_done = False
-        #: when this peer last sent READY for its generation (it repeats it until RESUME)
-        self._ready_sent = 0.0
         self._next_purge = 0
         self._purge_from = b""
         #: checkpoints this peer could not write (its upload failed), and the newest failure
@@ -215,6 +210,12 @@ class Peer:
                              generation=lambda: self.generation, take_foreign=self._take_foreign_ingress,
                              foreign_replayed=self._foreign_ingress_replayed,
                              on_done=lambda: self.admission.check_space())  # fmt: skip
+        #: this peer's side of a recovery round: restore, READY, RESUME (recovery.py)
+        self.recovery = Recovery(peer_id, config, self.clock, self._tlog,
+                                 send=lambda p, f, g: self.router.send(p, f, g),
+                                 incarnation=lambda: self.liveness.incarnation, blobs=lambda: self.blobs,
+                                 generation=lambda: self.generation, begin=self._begin_generation,
+                                 restore=self.recover, resume=self.resume)  # fmt: skip
         #: frames from other peers: checked, held for later, or handed on (inbound.py)
         self.inbound = Inbound(peer_id, self._tlog, config.memory_budget // 4, self.checkpointing, self.router,
                                self.liveness, self.requests, wake=self._wake, generation=lambda: self.generation,
@@ -399,7 +400,7 @@ class Peer:
             await self._closed_event.wait()
             return
         self._closing = True
-        tasks = [t for t in (self._loop_task, self.ingress_writer.task, self._recovery_task, *self._tasks)
+        tasks = [t for t in (self._loop_task, self.ingress_writer.task, self.recovery.task, *self._tasks)
                  if t is not None]
         try:
             if self.coordinator is not None:
@@ -963,11 +964,8 @@ class Peer:
             if self.coordinator is not None:
                 self.coordinator.on_ack(src, items[0], items[1], items[2])
         elif kind == codec.RECOVER:
-            if src == 0 and gen is not None and gen > self.generation:
-                self._start_recovery_task(gen, items[1])
-            elif src == 0 and gen == self.generation and self._recovery_done:
-                # the coordinator asks again: our READY was lost or is late; say it again
-                self._send_ready(gen)
+            if src == 0:
+                self.recovery.on_recover(gen, items[1])
         elif kind == codec.READY:
             if self.coordinator is not None:
                 self.coordinator.on_ready(src, items[0])
@@ -977,8 +975,8 @@ class Peer:
         elif kind == codec.RESTORE_FAILED:
             if self.coordinator is not None:
                 self.coordinator.on_restore_failed(src, items[0], items[1], items[2])
-        elif kind == codec.RESUME and src == 0 and items[0] == self.generation and self._recovery_done:
-            self.resume(items[0])
+        elif kind == codec.RESUME and src == 0:
+            self.recovery.on_resume(items[0])
 
     def _halt(self) -> None:
         """Stop the current generation at once, before the generation number changes.
@@ -996,61 +994,10 @@ class Peer:
         self.router.cancel_flush()
         self.router.drop_queues()
 
-    def _start_recovery_task(self, gen: int, n: int) -> None:
-        if self._recovery_task is not None and not self._recovery_task.done():
-            self._recovery_task.cancel()
-        self._recovery_done = False
+    def _begin_generation(self, gen: int) -> None:
+        """A recovery round to generation ``gen`` starts (recovery.py): halt, then take the number."""
         self._halt()
         self.generation = gen
-        self._recovery_task = asyncio.create_task(self._recover_from(gen, n), name=f"peer {self.peer_id} recovery")
-
-    async def _recover_from(self, gen: int, n: int) -> None:
-        from .snapshot.format import Manifest, manifest_name
-
-        pause = 0.5
-        try:
-            while True:
-                try:
-                    manifest = None
-                    if n >= 0:
-                        assert self.blobs is not None
-                        name = manifest_name(n)
-                        manifest = Manifest.from_json(await self.blobs.get(name), name=name)
-                    await self.recover(gen, manifest)
-                    break
-                except BlobStoreError as exc:
-                    if isinstance(exc, BlobNotFoundError) or self.generation != gen:
-                        raise
-                    # the store is unreachable or failing: not the checkpoint's fault, so
-                    # do not report it unrestorable; try again while this round stands
-                    self._tlog.error("blob store read retries", "peer %d: cannot read checkpoint %d from the blob "
-                                     "store in recovery round %d: %s; retrying in %.1f s", self.peer_id, n, gen, exc,
-                                     pause)  # fmt: skip
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 10.0)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.error("peer %d: cannot restore checkpoint %d in recovery round %d: %s; asking the coordinator "
-                      "to fall back to an earlier checkpoint", self.peer_id, n, gen, exc)  # fmt: skip
-            self.router.send(0, codec.encode_control(codec.RESTORE_FAILED, gen, n, str(exc)[:500]), generation=gen)
-            return
-        if self.generation == gen:
-            self._recovery_done = True
-            self._send_ready(gen)
-
-    def _send_ready(self, gen: int) -> None:
-        """Tell the coordinator this peer restored generation ``gen``. Said again while no
-        RESUME comes (see :meth:`_heartbeat_loop`): a READY or a RESUME lost with a link that
-        dropped again during the round must not leave the round waiting for ever.
-
-        A heartbeat goes just before it, on the same channel: the coordinator knows which
-        process (incarnation) is ready before it counts it, so a later restart of that
-        process is a restart to it, never a first contact (a coordinator that restarted
-        itself had heard nothing of the others yet)."""
-        self._ready_sent = self.clock.now()
-        self.router.send(0, codec.encode_control(codec.HEARTBEAT, self.peer_id, self.liveness.incarnation))
-        self.router.send(0, codec.encode_control(codec.READY, gen), generation=gen)
 
     def _on_incarnation(self, src: int, restarted: bool) -> None:
         """Peer ``src`` was heard with a new incarnation (``restarted``: not first contact)."""
@@ -1101,14 +1048,9 @@ class Peer:
 
     def _heartbeat_tick(self, now: float) -> None:
         """After each round of heartbeats (liveness.py): repeat READY if need be, flush logs, trim."""
-        cfg = self.config
         if self.transport is not None and hasattr(self.transport, "flush_logs"):
             self.transport.flush_logs()
-        if (self._recovery_done and not self.resumed and self.coordinator is None and not self._closing
-                and now - self._ready_sent >= max(cfg.heartbeat_timeout, 4 * cfg.heartbeat_interval)):
-            # restored, READY sent, and still no RESUME: the coordinator answers a repeated
-            # READY of a round it finished with the RESUME this peer missed
-            self._send_ready(self.generation)
+        self.recovery.tick(now, not self.resumed and self.coordinator is None and not self._closing)
         self.flush_logs()
         self._maybe_trim()
 

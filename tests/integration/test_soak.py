@@ -494,6 +494,6 @@ async def test_a_peer_killed_in_the_first_round_of_a_restarted_coordinator(soak_
     generation is never re-sent: accepted messages were lost (10 increments, 3 chain starts,
     1 timer and some transfers in one 100-kill run). Three times in a row, under the soak's load.
     Fixed: a generation sends nothing before RESUME, and READY follows a heartbeat naming
-    the process (Router.flush_peer, Peer._send_ready)."""
+    the process (Router.flush_peer, Recovery.send_ready)."""
     script = [(0, "steady"), (2, "recovery")] * 3
     await run_soak(soak_mesh, kills=len(script), budget=130, pause=0.02, script=script)

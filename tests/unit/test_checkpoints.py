@@ -290,7 +290,7 @@ async def test_a_recovery_sends_nothing_of_the_old_timeline_under_the_new_genera
         rec = ("ck/counter", "old-timeline", "", "", "io.statefun.types/int", b"\x00\x00\x00\x01", 0, 0)
         peer.router._out[0].extend([rec])
         peer.router.schedule_flush()
-        peer._start_recovery_task(old_gen + 1, -1)
+        peer.recovery.start(old_gen + 1, -1)
         await asyncio.sleep(0.2)
         # nothing of the new generation goes out before RESUME (see Router.flush_peer): resume
         # it here, as the coordinator would, so that what is queued then is sent
