@@ -13,8 +13,9 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .peer_view import PeerView
+
 if TYPE_CHECKING:
-    from .config import MeshConfig
     from .dispatch import Record
     from .messages import EgressRecord, Message
 
@@ -36,20 +37,12 @@ def check_request_timeout(timeout: object, maximum: float) -> float:
     return float(timeout)
 
 
-class ClientHost(Protocol):
-    """The peer as its client endpoint sees it."""
+class ClientHost(PeerView, Protocol):
+    """The peer as its client endpoint sees it (and, from :class:`PeerView`, its
+    ``config``, ``peer_id`` and ``n_peers``)."""
 
     #: frames refused as malformed (the endpoint counts its own in too)
     bad_frames: int
-
-    @property
-    def config(self) -> MeshConfig: ...
-
-    @property
-    def peer_id(self) -> int: ...
-
-    @property
-    def n_peers(self) -> int: ...
 
     @property
     def generation(self) -> int: ...

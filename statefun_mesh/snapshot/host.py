@@ -8,18 +8,20 @@ on the few steps named here — hold input at a barrier, cut between batches, se
 barrier behind everything sent before it, release egress once a checkpoint completes —
 so they are kept in one short list rather than spread over the peer's fields.
 
-This module imports nothing of the package at run time: it sits below ``peer.py`` and
-the snapshot code alike, so neither imports the other to type it.
+This module imports nothing of the package at run time but the base protocol
+(``peer_view.py``): it sits below ``peer.py`` and the snapshot code alike, so neither
+imports the other to type it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..peer_view import PeerView
+
 if TYPE_CHECKING:
     import lmdb
 
-    from ..config import MeshConfig
     from ..ingress import IngressLog
     from ..logutil import ThrottledLog
     from ..state.lmdb_backend import LmdbStateBackend
@@ -28,17 +30,9 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointHost", "RecoveryHost"]
 
 
-class CheckpointHost(Protocol):
-    """The peer as a checkpoint participant sees it."""
-
-    @property
-    def config(self) -> MeshConfig: ...
-
-    @property
-    def peer_id(self) -> int: ...
-
-    @property
-    def n_peers(self) -> int: ...
+class CheckpointHost(PeerView, Protocol):
+    """The peer as a checkpoint participant sees it (and, from :class:`PeerView`, its
+    ``config``, ``peer_id`` and ``n_peers``)."""
 
     @property
     def key_group_range(self) -> tuple[int, int]: ...
@@ -108,17 +102,9 @@ class CheckpointHost(Protocol):
         ...
 
 
-class RecoveryHost(Protocol):
-    """The peer as the checkpoint coordinator (on peer 0) sees it."""
-
-    @property
-    def config(self) -> MeshConfig: ...
-
-    @property
-    def peer_id(self) -> int: ...
-
-    @property
-    def n_peers(self) -> int: ...
+class RecoveryHost(PeerView, Protocol):
+    """The peer as the checkpoint coordinator (on peer 0) sees it (and its ``config``,
+    ``peer_id`` and ``n_peers``)."""
 
     @property
     def tlog(self) -> ThrottledLog: ...

@@ -108,9 +108,19 @@ def test_the_package_has_no_import_cycles() -> None:
 
 
 def _protocol_members(cls_name: str) -> set[str]:
-    tree = ast.parse((PKG / "snapshot" / "host.py").read_text(encoding="utf-8"))
-    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls_name]
-    return {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    """The members a protocol of snapshot/host.py declares, with those of its bases (peer_view.py)."""
+    classes = {
+        n.name: n
+        for path in (PKG / "snapshot" / "host.py", PKG / "peer_view.py")
+        for n in ast.parse(path.read_text(encoding="utf-8")).body
+        if isinstance(n, ast.ClassDef)
+    }
+    cls = classes[cls_name]
+    members = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    for base in cls.bases:
+        if isinstance(base, ast.Name) and base.id in classes:
+            members |= _protocol_members(base.id)
+    return members
 
 
 def _host_uses(path: Path, names: set[str]) -> tuple[set[str], list[str]]:
