@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from . import _speedups
 from .errors import ClosedTransportError, StatefunMeshError
 from .memory import RECORD_OVERHEAD, records_bytes
+from .records import TARGET_ID, TARGET_TYPE
 from .spill import Spill
 from .transport import codec
 
@@ -220,7 +221,7 @@ class Router:
             "oversized records",
             "peer %d: dropped a message to %s/%s for peer %d: %d bytes fits no frame (max_frame_bytes %d); "
             "raise max_frame_bytes on every peer to deliver such messages",
-            self.peer_id, rec[0], rec[1], p, size, self.config.max_frame_bytes,
+            self.peer_id, rec[TARGET_TYPE], rec[TARGET_ID], p, size, self.config.max_frame_bytes,
         )  # fmt: skip
 
     def enqueue(self, records: list[Record]) -> None:

@@ -30,6 +30,7 @@ from ..context import DELETED, Cell, Context, Storage
 from ..errors import FunctionNotFoundError
 from ..functions import FunctionSpec, StatefulFunctions, ValueSpec, merge_functions
 from ..messages import Message
+from ..records import TARGET_ID, TARGET_TYPE, VALUE, VALUE_TYPE
 
 #: the protocol module, imported by the first handler (it needs protobuf; the rest of
 #: statefun_mesh does not, so ``from statefun_mesh import *`` works without it)
@@ -226,8 +227,8 @@ def _collect(ctx: Context, cells: dict[str, Cell], result: Any) -> None:
         messages = result.outgoing_messages
         for rec in ctx._sends:
             out = messages.add()
-            _set_target(out.target, rec[0], rec[1])
-            _set_value(out.argument, rec[4], rec[5])
+            _set_target(out.target, rec[TARGET_TYPE], rec[TARGET_ID])
+            _set_value(out.argument, rec[VALUE_TYPE], rec[VALUE])
     if ctx._delayed:
         delayed = result.delayed_invocations
         for item in ctx._delayed:
@@ -238,8 +239,8 @@ def _collect(ctx: Context, cells: dict[str, Cell], result: Any) -> None:
                 continue
             _, duration, rec, token = item
             out.delay_in_ms = int(duration.total_seconds() * 1000.0)
-            _set_target(out.target, rec[0], rec[1])
-            _set_value(out.argument, rec[4], rec[5])
+            _set_target(out.target, rec[TARGET_TYPE], rec[TARGET_ID])
+            _set_value(out.argument, rec[VALUE_TYPE], rec[VALUE])
             out.cancellation_token = token
     if ctx._egress:
         egresses = result.outgoing_egresses

@@ -34,6 +34,7 @@ from ..address import Address
 from ..context import Cell
 from ..errors import StatefunMeshError
 from ..logutil import ThrottledLog
+from ..records import CALLER, CALLER_ID, REPLY_PEER, REQUEST_ID, TARGET_ID, TARGET_TYPE, VALUE, VALUE_TYPE
 from ..state.lmdb_backend import decode_state_value, state_key
 from .module_yaml import HttpEndpoint, RemoteModule
 
@@ -249,11 +250,12 @@ class RemoteFunctions:
                 value.typename = spec.typename
         for rec in chunk:
             inv = batch.invocations.add()
-            if rec[2]:
-                pos = rec[2].rfind("/")
-                inv.caller.namespace, inv.caller.type, inv.caller.id = rec[2][:pos], rec[2][pos + 1 :], rec[3]
+            caller = rec[CALLER]
+            if caller:
+                pos = caller.rfind("/")
+                inv.caller.namespace, inv.caller.type, inv.caller.id = caller[:pos], caller[pos + 1 :], rec[CALLER_ID]
             arg = inv.argument
-            arg.typename, arg.has_value, arg.value = rec[4], True, rec[5]
+            arg.typename, arg.has_value, arg.value = rec[VALUE_TYPE], True, rec[VALUE]
         return to.SerializeToString()  # type: ignore[no-any-return]
 
     async def _post(self, endpoint: HttpEndpoint, typename: str, url: str, body: bytes) -> bytes:
@@ -391,7 +393,8 @@ class RemoteFunctions:
                 size = _speedups.record_size(rec)
                 if size > limit:
                     raise RemoteFunctionError(
-                        typename, url, f"sent a message of {size:,} bytes to {rec[0]}/{rec[1]}, over max_message_bytes "
+                        typename, url, f"sent a message of {size:,} bytes to {rec[TARGET_TYPE]}/{rec[TARGET_ID]}, over "
+                        "max_message_bytes "
                         f"({limit:,})"
                     )
         for m in result.state_mutations:
@@ -435,8 +438,10 @@ def _dead_letters(d: Dispatcher, chunk: list[Record], error: str) -> Callable[[B
         for rec in chunk:
             d.failures += 1
             d._dead_letter(rec, "remote function failed", error, "", out)
-            if rec[7]:
-                out.replies.append((rec[6], rec[7], 1, "InvocationError", error, rec[0], rec[1]))
+            if rec[REQUEST_ID]:
+                out.replies.append(
+                    (rec[REPLY_PEER], rec[REQUEST_ID], 1, "InvocationError", error, rec[TARGET_TYPE], rec[TARGET_ID])
+                )
 
     return effect
 

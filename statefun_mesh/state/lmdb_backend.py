@@ -41,6 +41,7 @@ import lmdb
 import msgpack
 
 from ..errors import StateBackendError, StateCapacityError
+from ..records import OP_DEL, OP_PUT
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -69,7 +70,8 @@ _KG_SEQ: Final = struct.Struct(">HQ")
 _DUE_KG_SEQ: Final = struct.Struct(">QHQ")
 
 #: One write of a batch: ``("put", db, key, value)``, ``("del", db, key)``,
-#: ``("cancel", kg, token_prefix)`` or ``("fired", kg, seq, due_ms, token_prefix_or_None)``.
+#: ``("cancel", kg, token_prefix)`` or ``("fired", kg, seq, due_ms, token_prefix_or_None)``
+#: (the tags are named in records.py: OP_PUT, OP_DEL, OP_CANCEL, OP_FIRED).
 Op = tuple[Any, ...]
 
 
@@ -415,7 +417,7 @@ class LmdbStateBackend:
                     if _U64.unpack(value)[0] <= now_ms:
                         expired.append(key)
         if expired:
-            self.commit([("del", "dedup", k) for k in expired])
+            self.commit([(OP_DEL, "dedup", k) for k in expired])
         return nxt
 
     # -- snapshots ---------------------------------------------------------------------
@@ -455,7 +457,9 @@ class LmdbStateBackend:
             chunk = list(itertools.islice(it, batch))
             if not chunk:
                 return n
-            ops: list[Op] = [("del", db, key) if value is None else ("put", db, key, value) for db, key, value in chunk]
+            ops: list[Op] = [
+                (OP_DEL, db, key) if value is None else (OP_PUT, db, key, value) for db, key, value in chunk
+            ]
             if any(db not in dbs for db, _, _ in chunk):
                 bad = next(db for db, _, _ in chunk if db not in dbs)
                 raise StateBackendError(f"snapshot entry for unknown database {bad!r}")
