@@ -1,15 +1,21 @@
 """Peer: wires config, transport, routing, state, dispatch, timers and egress; one loop, one core.
 
-The one place that wires a peer's parts (docs/architecture.md §2a): it owns the batch
-loop, routing and credit (the inbox and spill, the outgoing encoders and frames per
-peer), admission of client messages (the ingress log writer, requests), and the
-recovery timeline (halt, restore, replay, resume); it hands the other parts only what
-they need: :class:`~statefun_mesh.egress.EgressLogs` (egress readers),
-:class:`~statefun_mesh.liveness.Liveness` (heartbeats), the dispatcher (one batch), the
-state store, and the snapshot code, which sees it through the protocols of
-``snapshot/host.py``; the client endpoint sees it through ``client_host.ClientHost``.
+The one place that wires a peer's parts (docs/architecture.md §2a). It owns the peer's
+lifecycle (start, close, abort), the batch loop (take a batch, run it, commit, route
+what it produced), what a restore does to the peer (halt the generation, stop the loop,
+restore, resume), and the public API (client sends and requests, egress reads, status).
+Everything else is a part it builds and hands only what that part needs:
+:class:`~statefun_mesh.routing.Router` (the inbox and spill, outgoing frames, credit),
+:class:`~statefun_mesh.admission.Admission` (the gate clients wait at),
+:class:`~statefun_mesh.inbound.Inbound` (frames from other peers),
+:class:`~statefun_mesh.replay.Replay` (the replay after a recovery),
+:class:`~statefun_mesh.recovery.Recovery` (this peer's side of a recovery round),
+:class:`~statefun_mesh.egress.EgressLogs` (egress readers),
+:class:`~statefun_mesh.liveness.Liveness` (heartbeats), the ingress writer, the pending
+requests, the dispatcher (one batch) and the state store. The snapshot code sees the
+peer through the protocols of ``snapshot/host.py``; the client endpoint through
+``client_host.ClientHost``.
 """
-
 from __future__ import annotations
 
 import asyncio
