@@ -12,7 +12,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, Protocol, TypeVar
 
 from . import __version__
 from .config import MeshConfig, load_config
@@ -724,29 +725,11 @@ def cmd_nats_ingress(args: argparse.Namespace) -> int:
         status_interval=args.status_interval, ordered=not args.unordered,
     )  # fmt: skip
 
-    async def run() -> int:
-        stop = asyncio.Event()
-        bridge = NatsIngress(config)
-        main = asyncio.current_task()
-        assert main is not None
-
-        def on_signal() -> None:
-            # still starting (e.g. waiting for NATS), or a second signal while draining: stop now;
-            # whatever was not acked is delivered again later, and the mesh drops what it has
-            if stop.is_set() or not bridge.consuming:
-                main.cancel()
-            stop.set()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            await bridge.run(stop)
-        except asyncio.CancelledError:
-            log.warning("nats-ingress: stopped by a signal before finishing: %s", bridge.stats.line(0))
-        return 0
-
-    return asyncio.run(run())
+    # a signal while still starting (e.g. waiting for NATS) stops at once, as a second one does:
+    # whatever was not acked is delivered again later, and the mesh drops what it has
+    return _run_bridge(
+        "nats-ingress", lambda: NatsIngress(config), lambda b: b.stats.line(0), stop_now=lambda b: not b.consuming
+    )
 
 
 def cmd_nats_egress(args: argparse.Namespace) -> int:
@@ -761,16 +744,36 @@ def cmd_nats_egress(args: argparse.Namespace) -> int:
         publish_timeout=args.publish_timeout, mesh_timeout=args.timeout, status_interval=args.status_interval,
     )  # fmt: skip
 
+    # a second signal while stopping stops at once: whatever was acked but not recorded is
+    # published again on restart and dropped by JetStream (same Nats-Msg-Id)
+    return _run_bridge("nats-egress", lambda: NatsEgress(config), lambda b: b.stats.line())
+
+
+_Bridge = TypeVar("_Bridge", bound="_Runs")
+
+
+class _Runs(Protocol):
+    async def run(self, stop: asyncio.Event) -> Any: ...
+
+
+def _run_bridge(
+    what: str,
+    make: Callable[[], _Bridge],
+    status: Callable[[_Bridge], str],
+    *,
+    stop_now: Callable[[_Bridge], bool] = lambda _b: False,
+) -> int:
+    """Run the bridge ``make()`` builds (on the loop) until SIGTERM/SIGINT asks it to stop. A second
+    signal, or one while ``stop_now(bridge)``, cancels it at once; that is logged with ``status(bridge)``."""
+
     async def run() -> int:
         stop = asyncio.Event()
-        bridge = NatsEgress(config)
+        bridge = make()
         main = asyncio.current_task()
         assert main is not None
 
         def on_signal() -> None:
-            # a second signal while stopping: stop now; whatever was acked but not recorded is
-            # published again on restart and dropped by JetStream (same Nats-Msg-Id)
-            if stop.is_set():
+            if stop.is_set() or stop_now(bridge):
                 main.cancel()
             stop.set()
 
@@ -780,7 +783,7 @@ def cmd_nats_egress(args: argparse.Namespace) -> int:
         try:
             await bridge.run(stop)
         except asyncio.CancelledError:
-            log.warning("nats-egress: stopped by a signal before finishing: %s", bridge.stats.line())
+            log.warning("%s: stopped by a signal before finishing: %s", what, status(bridge))
         return 0
 
     return asyncio.run(run())
