@@ -232,22 +232,6 @@ async def test_broker_down_at_start_is_retried_and_nothing_is_lost(tmp_path: Pat
 # -- exactly once across SIGKILLs of peer processes ---------------------------------------------
 
 
-@pytest.fixture
-def crash_meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
-    from tests.integration.crash_util import CrashMesh
-
-    started: list[CrashMesh] = []
-
-    def make(**kw: Any) -> CrashMesh:
-        m = CrashMesh(tmp_path_factory.mktemp("kafka-crash"), **kw)
-        started.append(m)
-        return m
-
-    yield make
-    for m in started:
-        m.cleanup()
-
-
 async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any], tmp_path: Path, *, topic: str,
                            records: int, keys: int, kills: int, budget: float,
                            egress: str | None = None, remote: bool = False) -> list[tuple[bytes, bytes]]:  # fmt: skip
