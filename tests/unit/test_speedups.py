@@ -290,6 +290,7 @@ def test_selector() -> None:
         assert getattr(_speedups, name) is getattr(expected, name)
 
 
+@pytest.mark.integration  # a process
 @pytest.mark.parametrize(("env", "expected"), [({"STATEFUN_MESH_NO_EXTENSIONS": "1"}, "python"), ({}, None)])
 def test_selector_environment(env: dict[str, str], expected: str | None) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("STATEFUN_MESH_")}
