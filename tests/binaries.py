@@ -40,6 +40,19 @@ def find_executable(
     return None, seen
 
 
+def require_binary(find: Callable[[], str], unavailable: type[Exception], what: str) -> str:
+    """``find()`` the binary of a test server; in a pytest run, skip when it is missing (``unavailable``
+    raised), but fail when ``CI`` is set: there, the tests of ``what`` must not be skipped."""
+    import pytest
+
+    try:
+        return find()
+    except unavailable as exc:
+        if os.environ.get("CI") is not None:
+            pytest.fail(f"CI is set, so the {what} tests must not be skipped: {exc}")
+        pytest.skip(str(exc))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

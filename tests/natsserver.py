@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Final
 
 try:
-    from tests.binaries import ServerProcess, find_executable, running_in_temp_dir, start_server
+    from tests.binaries import ServerProcess, find_executable, require_binary, running_in_temp_dir, start_server
 except ImportError:  # run as a script: python tests/<this>.py --check
-    from binaries import ServerProcess, find_executable, running_in_temp_dir, start_server  # type: ignore[no-redef]
+    from binaries import ServerProcess, find_executable, require_binary, running_in_temp_dir, start_server  # type: ignore[no-redef]
 
 __all__ = ["NatsServer", "NatsServerUnavailable", "find_nats_server", "require_nats_server", "running_nats_server"]
 
@@ -126,16 +126,7 @@ def running_nats_server(*, startup_timeout: float = 20.0, port: int | None = Non
 
 def require_nats_server() -> str:
     """Return the server binary; in a pytest run, skip if it is missing, but fail when ``CI`` is set."""
-    import os
-
-    import pytest
-
-    try:
-        return find_nats_server()
-    except NatsServerUnavailable as exc:
-        if os.environ.get("CI") is not None:
-            pytest.fail(f"CI is set, so the NATS tests must not be skipped: {exc}")
-        pytest.skip(str(exc))
+    return require_binary(find_nats_server, NatsServerUnavailable, "NATS")
 
 
 def main(argv: list[str]) -> int:

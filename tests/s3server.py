@@ -28,11 +28,19 @@ from pathlib import Path
 from typing import Any, Final
 
 try:
-    from tests.binaries import ServerProcess, find_executable, running_in_temp_dir, start_server, wait_serving
+    from tests.binaries import (
+        ServerProcess,
+        find_executable,
+        require_binary,
+        running_in_temp_dir,
+        start_server,
+        wait_serving,
+    )
 except ImportError:  # run as a script: python tests/<this>.py --check
     from binaries import (  # type: ignore[no-redef]
         ServerProcess,
         find_executable,
+        require_binary,
         running_in_temp_dir,
         start_server,
         wait_serving,
@@ -220,14 +228,7 @@ def running_s3_server(
 
 def require_s3_server() -> str:
     """Return the server binary; in a pytest run, skip if it is missing, but fail when ``CI`` is set."""
-    import pytest
-
-    try:
-        return find_rclone()
-    except S3ServerUnavailable as exc:
-        if os.environ.get("CI") is not None:
-            pytest.fail(f"CI is set, so the S3 tests must not be skipped: {exc}")
-        pytest.skip(str(exc))
+    return require_binary(find_rclone, S3ServerUnavailable, "S3")
 
 
 def raw_client(server: S3Server) -> Any:

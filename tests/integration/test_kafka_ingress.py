@@ -28,6 +28,7 @@ if _ROOT not in sys.path:
 
 import statefun_mesh as sm  # noqa: E402
 from statefun_mesh.mesh import free_ports  # noqa: E402
+from tests.binaries import require_binary  # noqa: E402
 from tests.integration import crash_app as app  # noqa: E402
 from tests.kafkabroker import (  # noqa: E402
     KafkaBroker,
@@ -51,12 +52,7 @@ DEADLINE = 45.0
 
 @pytest.fixture(scope="module")
 def broker() -> Iterator[KafkaBroker]:
-    try:
-        find_tansu()
-    except KafkaBrokerUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set, so the Kafka tests must not be skipped: {exc}")
-        pytest.skip(str(exc))
+    require_binary(find_tansu, KafkaBrokerUnavailable, "Kafka")
     with running_kafka_broker() as b:
         yield b
 
