@@ -263,6 +263,19 @@ class Cluster:
                     pass
 
 
+def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Call ``check()`` every ``interval`` s until it returns something true, and return that;
+    AssertionError after ``timeout`` s (blocking: for tests that are not async)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
 @contextlib.contextmanager
 def running_cluster(workdir: Path, *, transport: str = "ipc", **kwargs: Any) -> Iterator[Cluster]:
     """A :class:`Cluster` (``statefun-mesh run``) on a free client port, up; stopped on leaving,
