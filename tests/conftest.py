@@ -40,6 +40,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 _INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
+#: fixtures that hand a test both cores (or the C one) as modules, whatever the pass
+_BOTH_CORES_FIXTURES = {"speedups", "both", "c_core"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -54,9 +56,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # CURVE, blob store faults, the CLI's messages) run once, on the C core; the twin
         # is pinned to it by the vectors and by every other test, run on both.
         one = pytest.mark.skip(reason="c_core_only: tests no hot-path code; runs on the C core")
+        # Tests that take both cores as modules (the speedups fixture, test_speedups.py's
+        # `both`, test_fuzz_frames.py's `c_core`) run both side by side whatever the pass:
+        # the C pass runs them already, so the pure pass would only repeat them.
+        both = pytest.mark.skip(reason="runs both cores side by side: the C core's pass runs it")
         for item in items:
             if "c_core_only" in item.keywords:
                 item.add_marker(one)
+            elif _BOTH_CORES_FIXTURES & set(getattr(item, "fixturenames", ())):
+                item.add_marker(both)
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --run-slow")
