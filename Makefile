@@ -1,7 +1,7 @@
 # Developer shortcuts; README.md shows the full commands.
 PY ?= python3
 
-.PHONY: build test test-c test-pure fuzz bench annotate debug lint demo
+.PHONY: build test test-c test-pure test-unit fuzz bench annotate debug lint demo
 
 build:
 	$(PY) -m pip install -e '.[dev]'
@@ -13,6 +13,10 @@ test-c:
 
 test-pure:
 	STATEFUN_MESH_NO_EXTENSIONS=1 $(PY) -m pytest
+
+# the tests that open no real socket and start no process (a quick check while editing)
+test-unit:
+	STATEFUN_MESH_REQUIRE_EXTENSIONS=1 $(PY) -m pytest -q -m "not integration"
 
 # The fuzz tests at their --run-slow budget (over 1,000,000 inputs): the differential decoder
 # fuzz once (it runs both cores), the endpoint fuzz on a peer of each core.

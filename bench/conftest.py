@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-from collections.abc import Iterator
-from types import ModuleType
+import sys
+from pathlib import Path
 
 import pytest
 
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
-@pytest.fixture(params=["python", "c"])
-def speedups(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
-    """The pure-Python twin and the Cython core, as modules (the C one skipped if not built)."""
-    if request.param == "python":
-        yield importlib.import_module("statefun_mesh._speedups_py")
-    else:
-        try:
-            mod = importlib.import_module("statefun_mesh._speedups_c")
-        except ImportError:
-            if os.environ.get("STATEFUN_MESH_REQUIRE_EXTENSIONS"):
-                raise
-            pytest.skip("the Cython core statefun_mesh._speedups_c is not built")
-        yield mod
-
+from tests.cores import speedups  # noqa: E402, F401 - the fixture, shared with tests/conftest.py
 
 N_MESSAGES = 1000
 

@@ -18,24 +18,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import nats
+from nats.js.api import StreamConfig
+from nats_bench import nats_and_mesh, time_bridge  # puts the repository root on sys.path
 
-import nats  # noqa: E402
-from nats.js.api import StreamConfig  # noqa: E402
-
-from statefun_mesh import MeshClient, message_builder  # noqa: E402
-from statefun_mesh.mesh import free_ports  # noqa: E402
-from tests.integration.app import EMIT, JSON  # noqa: E402
-from tests.integration.support import Cluster, cpu_seconds  # noqa: E402
-from tests.natsserver import running_nats_server  # noqa: E402
+from statefun_mesh import MeshClient, message_builder
+from tests.integration.app import EMIT, JSON
 
 IDS = 200
 
@@ -98,38 +91,26 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
     want = args.records // IDS * IDS
-    with running_nats_server() as server, tempfile.TemporaryDirectory(prefix="nats-egress-bench-") as tmp:
-        mesh = Cluster(Path(tmp), transport="ipc", peers=args.peers, port=free_ports(1)[0],
-                       args=("--checkpoint-interval", "1"))  # fmt: skip
-        try:
-            mesh.wait_up()
-            run = 0
-            for batch in args.batch:
-                for _ in range(args.repeat):
-                    run += 1
-                    egress, stream = f"bench/out{run}", f"EGRESS{run}"
-                    asyncio.run(produce(mesh.endpoint, egress, args.records))
-                    asyncio.run(add_stream(server.url, stream))
-                    log = Path(tmp) / f"bridge-{run}.log"
-                    cmd = [
-                        sys.executable, "-m", "statefun_mesh", "nats-egress", "--nats-url", server.url,
-                        "--mesh", mesh.endpoint, "--name", f"bench{run}", "--batch", str(batch),
-                        "--route", f"{egress}={stream.lower()}.{{peer}}", "--status-interval", "0",
-                    ]  # fmt: skip
-                    env = dict(os.environ, PYTHONPATH=str(ROOT))
-                    with open(log, "wb") as out:
-                        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-                    try:
-                        secs = asyncio.run(wait_done(server.url, stream, want, proc, log))
-                        cpu = cpu_seconds(proc.pid)
-                    finally:
-                        proc.terminate()
-                        proc.wait(30)
-                    print(f"{args.peers} peers, batch {batch:>5}: {want} records in {secs:.2f} s = "
-                          f"{want / secs:,.0f} records/s; bridge CPU {cpu:.1f} s (stream count checked)",
-                          flush=True)  # fmt: skip
-        finally:
-            mesh.stop()
+    with nats_and_mesh("nats-egress-bench-", args.peers, "--checkpoint-interval", "1") as (server, mesh, tmp):
+        run = 0
+        for batch in args.batch:
+            for _ in range(args.repeat):
+                run += 1
+                egress, stream = f"bench/out{run}", f"EGRESS{run}"
+                asyncio.run(produce(mesh.endpoint, egress, args.records))
+                asyncio.run(add_stream(server.url, stream))
+                log = tmp / f"bridge-{run}.log"
+                cmd = [
+                    sys.executable, "-m", "statefun_mesh", "nats-egress", "--nats-url", server.url,
+                    "--mesh", mesh.endpoint, "--name", f"bench{run}", "--batch", str(batch),
+                    "--route", f"{egress}={stream.lower()}.{{peer}}", "--status-interval", "0",
+                ]  # fmt: skip
+                secs, cpu = time_bridge(
+                    cmd, log, lambda proc, stream=stream, log=log: wait_done(server.url, stream, want, proc, log)
+                )
+                print(f"{args.peers} peers, batch {batch:>5}: {want} records in {secs:.2f} s = "
+                      f"{want / secs:,.0f} records/s; bridge CPU {cpu:.1f} s (stream count checked)",
+                      flush=True)  # fmt: skip
     return 0
 
 

@@ -18,23 +18,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import nats
+from nats.js.api import StreamConfig
+from nats_bench import nats_and_mesh, time_bridge  # puts the repository root on sys.path
 
-import nats  # noqa: E402
-from nats.js.api import StreamConfig  # noqa: E402
-
-from statefun_mesh import MeshClient, message_builder  # noqa: E402
-from statefun_mesh.mesh import free_ports  # noqa: E402
-from tests.integration.support import Cluster, cpu_seconds  # noqa: E402
-from tests.natsserver import running_nats_server  # noqa: E402
+from statefun_mesh import MeshClient, message_builder
 
 
 async def fill(url: str, stream: str, messages: int, keys: int) -> None:
@@ -93,39 +86,28 @@ def main() -> int:
     ap.add_argument("--max-in-flight", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
-    with running_nats_server() as server, tempfile.TemporaryDirectory(prefix="nats-bench-") as tmp:
-        mesh = Cluster(Path(tmp), transport="ipc", peers=args.peers, port=free_ports(1)[0])
-        try:
-            mesh.wait_up()
-            run = 0
-            for keys in args.keys:
-                for _ in range(args.repeat):
-                    run += 1
-                    stream = f"BENCH{run}"
-                    asyncio.run(fill(server.url, stream, args.messages, keys))
-                    log = Path(tmp) / f"bridge-{run}.log"
-                    cmd = [
-                        sys.executable, "-m", "statefun_mesh", "nats-ingress", "--nats-url", server.url,
-                        "--stream", stream, "--durable", "bench", "--mesh", mesh.endpoint,
-                        "--max-in-flight", str(args.max_in_flight), "--status-interval", "0",
-                        *(["--unordered"] if args.unordered else []),
-                    ]  # fmt: skip
-                    env = dict(os.environ, PYTHONPATH=str(ROOT))
-                    with open(log, "wb") as out:
-                        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-                    try:
-                        secs = asyncio.run(wait_done(server.url, stream, proc, log, 300))
-                        cpu = cpu_seconds(proc.pid)
-                    finally:
-                        proc.terminate()
-                        proc.wait(30)
-                    asyncio.run(check(mesh.endpoint, stream, args.messages, keys))
-                    print(f"{args.peers} peers, {keys:>5} keys, {'unordered' if args.unordered else 'ordered  '}, "
-                          f"max in flight {args.max_in_flight}: {args.messages} messages in {secs:.2f} s = "
-                          f"{args.messages / secs:,.0f} msg/s; bridge CPU {cpu:.1f} s (counts checked)",
-                          flush=True)  # fmt: skip
-        finally:
-            mesh.stop()
+    with nats_and_mesh("nats-bench-", args.peers) as (server, mesh, tmp):
+        run = 0
+        for keys in args.keys:
+            for _ in range(args.repeat):
+                run += 1
+                stream = f"BENCH{run}"
+                asyncio.run(fill(server.url, stream, args.messages, keys))
+                log = tmp / f"bridge-{run}.log"
+                cmd = [
+                    sys.executable, "-m", "statefun_mesh", "nats-ingress", "--nats-url", server.url,
+                    "--stream", stream, "--durable", "bench", "--mesh", mesh.endpoint,
+                    "--max-in-flight", str(args.max_in_flight), "--status-interval", "0",
+                    *(["--unordered"] if args.unordered else []),
+                ]  # fmt: skip
+                secs, cpu = time_bridge(
+                    cmd, log, lambda proc, stream=stream, log=log: wait_done(server.url, stream, proc, log, 300)
+                )
+                asyncio.run(check(mesh.endpoint, stream, args.messages, keys))
+                print(f"{args.peers} peers, {keys:>5} keys, {'unordered' if args.unordered else 'ordered  '}, "
+                      f"max in flight {args.max_in_flight}: {args.messages} messages in {secs:.2f} s = "
+                      f"{args.messages / secs:,.0f} msg/s; bridge CPU {cpu:.1f} s (counts checked)",
+                      flush=True)  # fmt: skip
     return 0
 
 

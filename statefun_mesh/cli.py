@@ -12,7 +12,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, Protocol, TypeVar
 
 from . import __version__
 from .config import MeshConfig, load_config
@@ -255,8 +256,12 @@ def _log_format(text: str) -> str:
 
 
 def _add_log_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", type=_log_level, default=os.environ.get("STATEFUN_MESH_LOG_LEVEL", "info"),
-                   help="debug, info, warning or error (default: $STATEFUN_MESH_LOG_LEVEL or info)")  # fmt: skip
+    p.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=os.environ.get("STATEFUN_MESH_LOG_LEVEL", "info"),
+        help="debug, info, warning or error (default: $STATEFUN_MESH_LOG_LEVEL or info)",
+    )
     p.add_argument("--log-format", type=_log_format, metavar="{text,json}",
                    default=os.environ.get("STATEFUN_MESH_LOG_FORMAT", "text") or "text",
                    help="text lines, or one JSON object per line (default: $STATEFUN_MESH_LOG_FORMAT or text)")
@@ -266,8 +271,10 @@ def _summary(status: dict[str, Any]) -> str:
     """A peer's counters as a sentence (for its last log line)."""
     ck = status.get("checkpoints")
     last = f"; last checkpoint {ck['last_complete']}" if ck and ck.get("last_complete") is not None else ""
-    return (f"{status['invocations']:,} invocations ({status['failures']:,} failed) in {status['batches']:,} "
-            f"batches, {status['queued']:,} queued{last}")  # fmt: skip
+    return (
+        f"{status['invocations']:,} invocations ({status['failures']:,} failed) in {status['batches']:,} "
+        f"batches, {status['queued']:,} queued{last}"
+    )
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -317,8 +324,9 @@ def cmd_peer(args: argparse.Namespace) -> int:
         raise ConfigError(
             "no functions given: list them in the config (functions = [...]), pass MODULE:ATTR, "
             "or name remote functions with module = 'module.yaml'",
-            source=args.config, key="functions",
-        )  # fmt: skip
+            source=args.config,
+            key="functions",
+        )
     modules = [m for ref in refs for m in import_functions(ref)] or [StatefulFunctions()]
     if config.state_dir is None:
         raise ConfigError("a peer needs a state_dir", source=args.config, key="state_dir")
@@ -341,8 +349,11 @@ def cmd_peer(args: argparse.Namespace) -> int:
         stopping.cancel()
         starting.result()  # a start-up error ends the peer here, with its message
         try:
-            log.info("peer %d ready (client endpoint %s)", args.id,
-                     config.client_endpoints[args.id] if config.client_endpoints else "none")  # fmt: skip
+            log.info(
+                "peer %d ready (client endpoint %s)",
+                args.id,
+                config.client_endpoints[args.id] if config.client_endpoints else "none",
+            )
             stopped = asyncio.ensure_future(stop.wait())
             died = asyncio.ensure_future(peer.dispatch_died.wait())
             await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
@@ -456,11 +467,16 @@ def cmd_request(args: argparse.Namespace) -> int:
 
     async def go(client: Any) -> int:
         reply = await client.request(message, timeout=args.timeout)
-        print(json.dumps({
-            "from": f"{reply.target_typename}/{reply.target_id}",
-            "type": reply.value_typename(),
-            "value": decode_for_display(reply.value_typename(), reply.raw_value()),
-        }, ensure_ascii=False))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "from": f"{reply.target_typename}/{reply.target_id}",
+                    "type": reply.value_typename(),
+                    "value": decode_for_display(reply.value_typename(), reply.raw_value()),
+                },
+                ensure_ascii=False,
+            )
+        )
         return 0
 
     return asyncio.run(_with_client(args, go))
@@ -484,9 +500,11 @@ def cmd_egress(args: argparse.Namespace) -> int:
                 idle = DEFAULT_IDLE if interval is None else interval + DEFAULT_IDLE
         async for rec in client.egress(args.typename, start=args.start, stop_when_idle=idle):
             doc = {
-                "peer": rec.peer, "offset": rec.offset, "type": rec.value_typename(),
+                "peer": rec.peer,
+                "offset": rec.offset,
+                "type": rec.value_typename(),
                 "value": decode_for_display(rec.value_typename(), rec.raw_value()),
-            }  # fmt: skip
+            }
             if rec.id is not None:
                 doc["id"] = rec.id
             print(json.dumps(doc, ensure_ascii=False), flush=True)
@@ -494,10 +512,15 @@ def cmd_egress(args: argparse.Namespace) -> int:
             if args.limit and count >= args.limit:
                 break
         if count == 0 and not args.follow:
-            hint = (f"; records appear when the checkpoint after them completes (every {format_seconds(interval)} s)"
-                    if interval else "")  # fmt: skip
-            print(f"statefun-mesh egress: no records in {args.typename} within {format_seconds(idle or 0)} s"
-                  f"{hint}", file=sys.stderr)  # fmt: skip
+            hint = (
+                f"; records appear when the checkpoint after them completes (every {format_seconds(interval)} s)"
+                if interval
+                else ""
+            )
+            print(
+                f"statefun-mesh egress: no records in {args.typename} within {format_seconds(idle or 0)} s{hint}",
+                file=sys.stderr,
+            )
         return 0
 
     return asyncio.run(_with_client(args, go))
@@ -521,8 +544,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         endpoints = info["client_endpoints"] or [args.endpoint]
         out = await asyncio.gather(*(one(i, ep) for i, ep in enumerate(endpoints)))
-        return {"peers": info["peers"], "max_parallelism": info["max_parallelism"], "functions": info["functions"],
-                "checkpoint_interval": info.get("checkpoint_interval"), "status": list(out)}  # fmt: skip
+        return {
+            "peers": info["peers"],
+            "max_parallelism": info["max_parallelism"],
+            "functions": info["functions"],
+            "checkpoint_interval": info.get("checkpoint_interval"),
+            "status": list(out),
+        }
 
     def show(doc: dict[str, Any], before: dict[str, Any] | None, seconds: float) -> None:
         if args.json:
@@ -620,10 +648,20 @@ def status_table(doc: dict[str, Any], before: dict[str, Any] | None = None, seco
             a = ck.get("last_complete_age_s")
             age = "-" if a is None else f"{format_seconds(round(a, 1))} s"
         alive = "yes" if peer not in down_seen else "yes (others lost it)"
-        rows.append((
-            str(peer), alive, f"{kg[0]}-{kg[1] - 1}" if kg else "-", f"{s['invocations']:,}", rate,
-            f"{s.get('failures', 0):,}", f"{backlog:,}", _size(s.get("state_bytes")), last, age,
-        ))  # fmt: skip
+        rows.append(
+            (
+                str(peer),
+                alive,
+                f"{kg[0]}-{kg[1] - 1}" if kg else "-",
+                f"{s['invocations']:,}",
+                rate,
+                f"{s.get('failures', 0):,}",
+                f"{backlog:,}",
+                _size(s.get("state_bytes")),
+                last,
+                age,
+            )
+        )
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for r in (header, *rows):
         cells = (c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
@@ -671,17 +709,23 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
                         print(f"{n:>8}  INVALID  {exc}")
                         continue
                     size = sum(r.size for p in m.parts for r in (*p.chain, p.inflight))
-                    print(f"{n:>8}  complete  peers={m.peers}  generation={m.generation}  "
-                          f"{size / 1e6:.2f} MB  created {_iso(m.created_ms)}")  # fmt: skip
+                    print(
+                        f"{n:>8}  complete  peers={m.peers}  generation={m.generation}  "
+                        f"{size / 1e6:.2f} MB  created {_iso(m.created_ms)}"
+                    )
                 return 0
             n = ids[-1] if args.id in (None, "latest") else int(args.id)
             name = manifest_name(n)
             m = Manifest.from_json(await blobs.get(name), name=name)
-            print(f"checkpoint {m.checkpoint}: {m.peers} peers, max_parallelism {m.max_parallelism}, "
-                  f"generation {m.generation}, created {_iso(m.created_ms)}")  # fmt: skip
+            print(
+                f"checkpoint {m.checkpoint}: {m.peers} peers, max_parallelism {m.max_parallelism}, "
+                f"generation {m.generation}, created {_iso(m.created_ms)}"
+            )
             for p in m.parts:
-                print(f"  peer {p.peer}: key groups [{p.key_groups[0]}, {p.key_groups[1]}), "
-                      f"ingress position {p.ingress_position}")  # fmt: skip
+                print(
+                    f"  peer {p.peer}: key groups [{p.key_groups[0]}, {p.key_groups[1]}), "
+                    f"ingress position {p.ingress_position}"
+                )
                 for r in p.chain:
                     print(f"    {r.kind:<8} {r.name}  {r.size:>12,} bytes  {r.entries:>9,} entries")
                 r = p.inflight
@@ -704,8 +748,10 @@ def _export_client_key(args: argparse.Namespace) -> None:
 
     keys = _client_keys(args)
     if keys.server_key(args.mesh) is None:
-        raise ConfigError(f"the client key file {args.client_key} lists no public key for {args.mesh} in its "
-                          "[server_keys]", key="client_key")  # fmt: skip
+        raise ConfigError(
+            f"the client key file {args.client_key} lists no public key for {args.mesh} in its [server_keys]",
+            key="client_key",
+        )
     os.environ[ENV_CLIENT_KEY] = args.client_key
 
 
@@ -716,37 +762,29 @@ def cmd_nats_ingress(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "nats-ingress ", args.log_format)
     _export_client_key(args)
     config = NatsIngressConfig(
-        stream=args.stream, durable=args.durable, nats_url=args.nats_url, mesh_endpoint=args.mesh,
-        subject=args.subject, subject_prefix=args.subject_prefix, target_type=args.target_type,
-        value_type=args.value_type, dead_letter_subject=args.dead_letter_subject,
-        max_in_flight=args.max_in_flight, max_ack_pending=args.max_ack_pending or max(1024, args.max_in_flight),
-        fetch_batch=args.fetch_batch, ack_wait=args.ack_wait, mesh_timeout=args.timeout,
-        status_interval=args.status_interval, ordered=not args.unordered,
-    )  # fmt: skip
+        stream=args.stream,
+        durable=args.durable,
+        nats_url=args.nats_url,
+        mesh_endpoint=args.mesh,
+        subject=args.subject,
+        subject_prefix=args.subject_prefix,
+        target_type=args.target_type,
+        value_type=args.value_type,
+        dead_letter_subject=args.dead_letter_subject,
+        max_in_flight=args.max_in_flight,
+        max_ack_pending=args.max_ack_pending or max(1024, args.max_in_flight),
+        fetch_batch=args.fetch_batch,
+        ack_wait=args.ack_wait,
+        mesh_timeout=args.timeout,
+        status_interval=args.status_interval,
+        ordered=not args.unordered,
+    )
 
-    async def run() -> int:
-        stop = asyncio.Event()
-        bridge = NatsIngress(config)
-        main = asyncio.current_task()
-        assert main is not None
-
-        def on_signal() -> None:
-            # still starting (e.g. waiting for NATS), or a second signal while draining: stop now;
-            # whatever was not acked is delivered again later, and the mesh drops what it has
-            if stop.is_set() or not bridge.consuming:
-                main.cancel()
-            stop.set()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            await bridge.run(stop)
-        except asyncio.CancelledError:
-            log.warning("nats-ingress: stopped by a signal before finishing: %s", bridge.stats.line(0))
-        return 0
-
-    return asyncio.run(run())
+    # a signal while still starting (e.g. waiting for NATS) stops at once, as a second one does:
+    # whatever was not acked is delivered again later, and the mesh drops what it has
+    return _run_bridge(
+        "nats-ingress", lambda: NatsIngress(config), lambda b: b.stats.line(0), stop_now=lambda b: not b.consuming
+    )
 
 
 def cmd_nats_egress(args: argparse.Namespace) -> int:
@@ -756,21 +794,48 @@ def cmd_nats_egress(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "nats-egress ", args.log_format)
     _export_client_key(args)
     config = NatsEgressConfig(
-        routes=tuple(EgressRoute.parse(r) for r in args.route or ()), name=args.name, nats_url=args.nats_url,
-        mesh_endpoint=args.mesh, kv_bucket=args.kv_bucket, start=args.start, batch=args.batch,
-        publish_timeout=args.publish_timeout, mesh_timeout=args.timeout, status_interval=args.status_interval,
-    )  # fmt: skip
+        routes=tuple(EgressRoute.parse(r) for r in args.route or ()),
+        name=args.name,
+        nats_url=args.nats_url,
+        mesh_endpoint=args.mesh,
+        kv_bucket=args.kv_bucket,
+        start=args.start,
+        batch=args.batch,
+        publish_timeout=args.publish_timeout,
+        mesh_timeout=args.timeout,
+        status_interval=args.status_interval,
+    )
+
+    # a second signal while stopping stops at once: whatever was acked but not recorded is
+    # published again on restart and dropped by JetStream (same Nats-Msg-Id)
+    return _run_bridge("nats-egress", lambda: NatsEgress(config), lambda b: b.stats.line())
+
+
+_Bridge = TypeVar("_Bridge", bound="_Runs")
+
+
+class _Runs(Protocol):
+    async def run(self, stop: asyncio.Event) -> Any: ...
+
+
+def _run_bridge(
+    what: str,
+    make: Callable[[], _Bridge],
+    status: Callable[[_Bridge], str],
+    *,
+    stop_now: Callable[[_Bridge], bool] = lambda _b: False,
+) -> int:
+    """Run the bridge ``make()`` builds (on the loop) until SIGTERM/SIGINT asks it to stop. A second
+    signal, or one while ``stop_now(bridge)``, cancels it at once; that is logged with ``status(bridge)``."""
 
     async def run() -> int:
         stop = asyncio.Event()
-        bridge = NatsEgress(config)
+        bridge = make()
         main = asyncio.current_task()
         assert main is not None
 
         def on_signal() -> None:
-            # a second signal while stopping: stop now; whatever was acked but not recorded is
-            # published again on restart and dropped by JetStream (same Nats-Msg-Id)
-            if stop.is_set():
+            if stop.is_set() or stop_now(bridge):
                 main.cancel()
             stop.set()
 
@@ -780,7 +845,7 @@ def cmd_nats_egress(args: argparse.Namespace) -> int:
         try:
             await bridge.run(stop)
         except asyncio.CancelledError:
-            log.warning("nats-egress: stopped by a signal before finishing: %s", bridge.stats.line())
+            log.warning("%s: stopped by a signal before finishing: %s", what, status(bridge))
         return 0
 
     return asyncio.run(run())
@@ -804,8 +869,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if not args.force:
         existing = [b + ext for b in bases for ext in (".key", ".key_secret") if os.path.exists(b + ext)]
         if existing:
-            raise ConfigError(f"{existing[0]} exists: keys are never overwritten unless you pass --force "
-                              "(a peer or client holding the old key would be locked out)")  # fmt: skip
+            raise ConfigError(
+                f"{existing[0]} exists: keys are never overwritten unless you pass --force "
+                "(a peer or client holding the old key would be locked out)"
+            )
     publics = []
     for k in range(peers):
         pair = generate_keypair()
@@ -862,19 +929,25 @@ def _add_value_args(p: argparse.ArgumentParser) -> None:
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--endpoint", type=_endpoint, default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT),
+        "--endpoint",
+        type=_endpoint,
+        default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT),
         help="a peer's client endpoint (default: $STATEFUN_MESH_ENDPOINT or %(default)s)",
-    )  # fmt: skip
-    p.add_argument("--timeout", type=_positive_seconds, default=10.0,
-                   help="seconds to wait for an answer (default: 10)")  # fmt: skip
+    )
+    p.add_argument(
+        "--timeout", type=_positive_seconds, default=10.0, help="seconds to wait for an answer (default: 10)"
+    )
     _add_client_key_arg(p)
 
 
 def _add_client_key_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--client-key", metavar="FILE",
-                   help="client key file for a mesh with CURVE keys (default: the file $STATEFUN_MESH_CLIENT_KEY "
-                   "names, else the one `statefun-mesh run` left on this machine for the endpoint; none: "
-                   "plaintext)")  # fmt: skip
+    p.add_argument(
+        "--client-key",
+        metavar="FILE",
+        help="client key file for a mesh with CURVE keys (default: the file $STATEFUN_MESH_CLIENT_KEY "
+        "names, else the one `statefun-mesh run` left on this machine for the endpoint; none: "
+        "plaintext)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -887,22 +960,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
-        "run", help="start a local mesh: N peer processes, supervised",
+        "run",
+        help="start a local mesh: N peer processes, supervised",
         description="Start N peer processes on this machine, print the client endpoint, and keep them running "
         "(a peer that dies is restarted) until Ctrl-C or SIGTERM.",
-    )  # fmt: skip
+    )
     p.add_argument("functions", nargs="*", metavar="MODULE:ATTR", help="StatefulFunctions to run, e.g. app:functions")
-    p.add_argument("--peers", type=_positive_int, default=None,
-                   help="number of peer processes (default: the number of cores)")  # fmt: skip
+    p.add_argument(
+        "--peers", type=_positive_int, default=None, help="number of peer processes (default: the number of cores)"
+    )
     p.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="between peers (default: ipc)")
-    p.add_argument("--client-endpoint", type=_endpoint, default=DEFAULT_ENDPOINT,
-                   help="endpoint peer 0 binds for clients (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--client-endpoint",
+        type=_endpoint,
+        default=DEFAULT_ENDPOINT,
+        help="endpoint peer 0 binds for clients (default: %(default)s)",
+    )
     p.add_argument("--state-dir", help="state directory (default: ./statefun-mesh-state)")
     p.add_argument("--max-parallelism", type=_positive_int, help="number of key groups (default: 1024)")
     p.add_argument("--blob-store", metavar="URL",
                    help="where checkpoints go: file:///dir, s3://bucket/prefix (default: <state-dir>/checkpoints)")
-    p.add_argument("--checkpoint-interval", type=_positive_seconds, metavar="SECONDS",
-                   help="between checkpoints (default: 5)")  # fmt: skip
+    p.add_argument(
+        "--checkpoint-interval", type=_positive_seconds, metavar="SECONDS", help="between checkpoints (default: 5)"
+    )
     p.add_argument("--no-checkpoints", action="store_true",
                    help="take no checkpoints (faster; a crash then loses queued messages)")
     p.add_argument("--no-keys", action="store_true",
@@ -912,8 +992,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this checkpoint, onto --peers peers even if it was taken on another number "
                         "(rescaling); an older ID rolls back, deleting newer checkpoints (default: the latest "
                         "checkpoint, which must have been taken on --peers peers)")
-    p.add_argument("--module", metavar="module.yaml",
-                   help="a StateFun module.yaml: its HTTP endpoints are remote functions the peers call")  # fmt: skip
+    p.add_argument(
+        "--module",
+        metavar="module.yaml",
+        help="a StateFun module.yaml: its HTTP endpoints are remote functions the peers call",
+    )
     p.add_argument("--config", help="mesh.toml with further settings")
     p.add_argument("--metrics-port", type=_port, default=0, metavar="PORT",
                    help="peer K serves /metrics, /healthz and /readyz on PORT+K (default: free ports, printed)")
@@ -925,15 +1008,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("peer", help="run one peer of a cluster described by a config file",
-                       description="Run peer --id of the cluster in --config until SIGTERM or Ctrl-C.")  # fmt: skip
+    p = sub.add_parser(
+        "peer",
+        help="run one peer of a cluster described by a config file",
+        description="Run peer --id of the cluster in --config until SIGTERM or Ctrl-C.",
+    )
     p.add_argument("functions", nargs="*", metavar="MODULE:ATTR", help="override the config's functions")
     p.add_argument("--config", required=True, help="mesh.toml naming every peer's endpoints")
     ident = p.add_mutually_exclusive_group(required=True)
     ident.add_argument("--id", type=_count, help="this peer's index in the config")
-    ident.add_argument("--id-from-hostname", action="store_true",
-                       help="take the index from the host name's last '-N' (a Kubernetes StatefulSet pod "
-                            "mesh-2 is peer 2)")  # fmt: skip
+    ident.add_argument(
+        "--id-from-hostname",
+        action="store_true",
+        help="take the index from the host name's last '-N' (a Kubernetes StatefulSet pod mesh-2 is peer 2)",
+    )
     p.add_argument("--state-dir", help="override the config's state_dir")
     p.add_argument("--restore", metavar="latest|ID",
                    help="peer 0 only: start the mesh from this checkpoint, rescaling if it was taken on another "
@@ -948,22 +1036,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("send", help="send one message", description="Send one message into the mesh.")
     _add_value_args(p)
-    p.add_argument("--idempotency-key", metavar="KEY",
-                   help="resending with the same key does not apply the message twice")  # fmt: skip
+    p.add_argument(
+        "--idempotency-key", metavar="KEY", help="resending with the same key does not apply the message twice"
+    )
     _add_client_args(p)
     p.set_defaults(func=cmd_send)
 
-    p = sub.add_parser("request", help="send a message and print the reply",
-                       description="Send a message and print the function's context.reply as JSON.")  # fmt: skip
+    p = sub.add_parser(
+        "request",
+        help="send a message and print the reply",
+        description="Send a message and print the function's context.reply as JSON.",
+    )
     _add_value_args(p)
     _add_client_args(p)
     p.set_defaults(func=cmd_request)
 
-    p = sub.add_parser("egress", help="print an egress's records as JSON lines",
-                       description="Print the records of an egress, from every peer, as JSON lines.")  # fmt: skip
+    p = sub.add_parser(
+        "egress",
+        help="print an egress's records as JSON lines",
+        description="Print the records of an egress, from every peer, as JSON lines.",
+    )
     p.add_argument("typename", help="egress name, e.g. example/greetings")
-    p.add_argument("--from", dest="start", choices=["earliest", "latest"], default="earliest",
-                   help="start at the oldest retained record or at new ones (default: earliest)")  # fmt: skip
+    p.add_argument(
+        "--from",
+        dest="start",
+        choices=["earliest", "latest"],
+        default="earliest",
+        help="start at the oldest retained record or at new ones (default: earliest)",
+    )
     p.add_argument("--follow", action="store_true", help="keep waiting for new records")
     p.add_argument("--idle", type=_non_negative_seconds, metavar="SECONDS",
                    help="without --follow, stop after this many quiet seconds (default: 2 more than the mesh's "
@@ -972,19 +1072,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_args(p)
     p.set_defaults(func=cmd_egress)
 
-    p = sub.add_parser("checkpoints", help="list checkpoints or inspect one",
-                       description="List the checkpoints in a blob store, or show one's objects per peer.")  # fmt: skip
+    p = sub.add_parser(
+        "checkpoints",
+        help="list checkpoints or inspect one",
+        description="List the checkpoints in a blob store, or show one's objects per peer.",
+    )
     p.add_argument("action", choices=["list", "inspect"])
     p.add_argument("id", nargs="?", help="checkpoint id for inspect (default: latest)")
     p.add_argument("--blob-store", metavar="URL", help="file:///dir, a path, or s3://bucket/prefix")
     p.add_argument("--config", help="mesh.toml whose blob_store to read")
-    p.add_argument("--state-dir", metavar="DIR",
-                   help="without --blob-store or --config: read <DIR>/checkpoints, where `run` keeps them "
-                   "(default: ./statefun-mesh-state, run's default)")  # fmt: skip
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="without --blob-store or --config: read <DIR>/checkpoints, where `run` keeps them "
+        "(default: ./statefun-mesh-state, run's default)",
+    )
     p.set_defaults(func=cmd_checkpoints)
 
     p = sub.add_parser(
-        "nats-ingress", help="bridge a NATS JetStream stream into the mesh, exactly once",
+        "nats-ingress",
+        help="bridge a NATS JetStream stream into the mesh, exactly once",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""\
 Read a JetStream stream through a durable pull consumer and send every message into the
@@ -1013,7 +1120,7 @@ example:
   nats pub orders.example.person.Alice Alice      # -> example/person, id Alice
 
 See docs/connectors.md.""",
-    )  # fmt: skip
+    )
     g = p.add_argument_group("source (NATS JetStream)")
     g.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), metavar="URL",
                    help="NATS server URL, several comma-separated (default: $NATS_URL or nats://127.0.0.1:4222)")
@@ -1061,7 +1168,8 @@ See docs/connectors.md.""",
     p.set_defaults(func=cmd_nats_ingress)
 
     p = sub.add_parser(
-        "nats-egress", help="publish mesh egress records to NATS JetStream, exactly once",
+        "nats-egress",
+        help="publish mesh egress records to NATS JetStream, exactly once",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""\
 Follow egresses on every peer and publish each record to a JetStream subject, with a
@@ -1087,13 +1195,20 @@ example:
   statefun-mesh nats-egress --name greets --route 'example/greetings=out.{peer}'
 
 See docs/connectors.md.""",
-    )  # fmt: skip
-    p.add_argument("--route", action="append", metavar="EGRESS=TEMPLATE",
-                   help="an egress and the subject template of its records, e.g. 'app/out=out.{topic}'; repeat "
-                   "for more egresses (at least one)")  # fmt: skip
-    p.add_argument("--name", required=True,
-                   help="the bridge's name: the key of its position in the bucket; restart with the same name to go "
-                   "on (a new mesh with fresh state needs a new name)")  # fmt: skip
+    )
+    p.add_argument(
+        "--route",
+        action="append",
+        metavar="EGRESS=TEMPLATE",
+        help="an egress and the subject template of its records, e.g. 'app/out=out.{topic}'; repeat "
+        "for more egresses (at least one)",
+    )
+    p.add_argument(
+        "--name",
+        required=True,
+        help="the bridge's name: the key of its position in the bucket; restart with the same name to go "
+        "on (a new mesh with fresh state needs a new name)",
+    )
     p.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), metavar="URL",
                    help="NATS server URL, several comma-separated (default: $NATS_URL or nats://127.0.0.1:4222)")
     p.add_argument("--kv-bucket", default="statefun_mesh_egress", metavar="BUCKET",
@@ -1104,10 +1219,14 @@ See docs/connectors.md.""",
                    help="records read per fetch and published at once (default: %(default)s)")
     p.add_argument("--publish-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="wait this long for JetStream's ack before publishing again (default: %(default)s)")
-    p.add_argument("--mesh", type=_endpoint, default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT),
-                   metavar="ENDPOINT",
-                   help="a peer's client endpoint (default: $STATEFUN_MESH_ENDPOINT or %(default)s); the other "
-                   "peers' endpoints are learnt from it")  # fmt: skip
+    p.add_argument(
+        "--mesh",
+        type=_endpoint,
+        default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT),
+        metavar="ENDPOINT",
+        help="a peer's client endpoint (default: $STATEFUN_MESH_ENDPOINT or %(default)s); the other "
+        "peers' endpoints are learnt from it",
+    )
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="wait this long for a peer to answer a read before retrying (default: %(default)s)")
     _add_client_key_arg(p)
@@ -1117,11 +1236,12 @@ See docs/connectors.md.""",
     p.set_defaults(func=cmd_nats_egress)
 
     p = sub.add_parser(
-        "keys", help="make CURVE keys for a mesh (docs/security.md)",
+        "keys",
+        help="make CURVE keys for a mesh (docs/security.md)",
         description="Make CURVE key pairs. Without --dir: print one pair. With --dir: write peer-K.key (public) "
         "and peer-K.key_secret (mode 0600) for every peer, client-J.* and a client key file client-J.toml for "
         "--clients clients, and print the mesh.toml lines that use them.",
-    )  # fmt: skip
+    )
     p.add_argument("action", choices=["generate"], help="generate")
     p.add_argument("--dir", help="write key files here (made with mode 0700)")
     p.add_argument("--peers", type=int, default=0, help="key pairs for this many peers (default: --config's peers)")
@@ -1131,14 +1251,28 @@ See docs/connectors.md.""",
     p.add_argument("--force", action="store_true", help="overwrite existing key files")
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("status", help="print every peer's status as a table",
-                       description="Print a table of every peer: alive, key groups, invocations (and per second, "
-                       "measured over 1 s), backlog, state size, last checkpoint and its age.")  # fmt: skip
+    p = sub.add_parser(
+        "status",
+        help="print every peer's status as a table",
+        description="Print a table of every peer: alive, key groups, invocations (and per second, "
+        "measured over 1 s), backlog, state size, last checkpoint and its age.",
+    )
     p.add_argument("--json", action="store_true", help="print the counters as JSON (the machine form)")
-    p.add_argument("--watch", nargs="?", type=_positive_seconds, const=2.0, metavar="SECONDS",
-                   help="refresh every SECONDS (default 2) until Ctrl-C")  # fmt: skip
-    p.add_argument("--count", type=_count, default=0, metavar="N",
-                   help="with --watch: stop after N refreshes (default: 0, until Ctrl-C)")  # fmt: skip
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=_positive_seconds,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    p.add_argument(
+        "--count",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="with --watch: stop after N refreshes (default: 0, until Ctrl-C)",
+    )
     _add_client_args(p)
     p.set_defaults(func=cmd_status)
     return parser

@@ -221,8 +221,9 @@ class MeshConfig:
             if not ep.startswith(_SCHEMES):
                 raise ConfigError(
                     f"expected an endpoint URL starting with one of {', '.join(_SCHEMES)}, got {ep!r}",
-                    source=src, key="endpoints",
-                )  # fmt: skip
+                    source=src,
+                    key="endpoints",
+                )
         if len(set(self.endpoints)) != len(self.endpoints):
             raise bad("endpoints", "a distinct endpoint for every peer")
         if self.client_endpoints:
@@ -273,15 +274,26 @@ class MeshConfig:
         if not self.peer_keys:
             for name in ("secret_key", "client_keys", "any_client_key"):
                 if getattr(self, name):
-                    raise ConfigError("needs peer_keys (every peer's public key): without them the mesh runs without "
-                                      "CURVE and this setting would be ignored", source=src, key=name)  # fmt: skip
+                    raise ConfigError(
+                        "needs peer_keys (every peer's public key): without them the mesh runs without "
+                        "CURVE and this setting would be ignored",
+                        source=src,
+                        key=name,
+                    )
             return
         if len(self.peer_keys) != self.peers:
-            raise ConfigError(f"expected one public key per peer ({self.peers}), got {len(self.peer_keys)}",
-                              source=src, key="peer_keys")  # fmt: skip
+            raise ConfigError(
+                f"expected one public key per peer ({self.peers}), got {len(self.peer_keys)}",
+                source=src,
+                key="peer_keys",
+            )
         if not self.secret_key:
-            raise ConfigError("peer_keys are set, so each peer needs its secret key (key text or a key file path, "
-                              "{id} for the peer id)", source=src, key="secret_key")  # fmt: skip
+            raise ConfigError(
+                "peer_keys are set, so each peer needs its secret key (key text or a key file path, "
+                "{id} for the peer id)",
+                source=src,
+                key="secret_key",
+            )
         if "{id}" not in self.secret_key and not is_key_text(self.secret_key) and not os.path.exists(self.secret_key):
             read_key(self.secret_key, secret=True, source=src, key="secret_key")  # raises, naming the file
         if self.client_keys and self.any_client_key:
@@ -296,15 +308,18 @@ class MeshConfig:
         """Every peer's public key as Z85 text (``[]`` without CURVE)."""
         from .security import read_key
 
-        return [read_key(k, secret=False, source=self._source, key=f"peer_keys[{i}]")
-                for i, k in enumerate(self.peer_keys)]  # fmt: skip
+        return [
+            read_key(k, secret=False, source=self._source, key=f"peer_keys[{i}]") for i, k in enumerate(self.peer_keys)
+        ]
 
     def client_public_keys(self) -> list[str]:
         """The admitted client public keys as Z85 text."""
         from .security import read_key
 
-        return [read_key(k, secret=False, source=self._source, key=f"client_keys[{i}]")
-                for i, k in enumerate(self.client_keys)]  # fmt: skip
+        return [
+            read_key(k, secret=False, source=self._source, key=f"client_keys[{i}]")
+            for i, k in enumerate(self.client_keys)
+        ]
 
     def keypair(self, peer_id: int) -> Any:
         """Peer ``peer_id``'s CURVE key pair (a :class:`~statefun_mesh.security.Keypair`).
@@ -319,9 +334,12 @@ class MeshConfig:
         secret = read_key(value, secret=True, source=self._source, key="secret_key")
         public = read_key(self.peer_keys[peer_id], secret=False, source=self._source, key=f"peer_keys[{peer_id}]")
         if public_of(secret) != public:
-            raise ConfigError(f"the secret key for peer {peer_id} ({value if secret != value else 'given inline'}) "
-                              f"does not belong to peer_keys[{peer_id}]: every peer needs its own key pair",
-                              source=self._source, key="secret_key")  # fmt: skip
+            raise ConfigError(
+                f"the secret key for peer {peer_id} ({value if secret != value else 'given inline'}) "
+                f"does not belong to peer_keys[{peer_id}]: every peer needs its own key pair",
+                source=self._source,
+                key="secret_key",
+            )
         return Keypair(public, secret)
 
     @property
@@ -416,8 +434,11 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
         for i, table in enumerate(peer_tables):
             for k in table:
                 if k not in ("endpoint", "client_endpoint", "public_key", "metrics_endpoint"):
-                    raise ConfigError("unknown key (known: endpoint, client_endpoint, public_key, metrics_endpoint)",
-                                      source=src, key=f"peer[{i}].{k}")  # fmt: skip
+                    raise ConfigError(
+                        "unknown key (known: endpoint, client_endpoint, public_key, metrics_endpoint)",
+                        source=src,
+                        key=f"peer[{i}].{k}",
+                    )
             me = table.get("metrics_endpoint", "")
             if not isinstance(me, str):
                 raise ConfigError("expected HOST:PORT", source=src, key=f"peer[{i}].metrics_endpoint")
@@ -438,21 +459,26 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> MeshConfig:
         if "peers" in kwargs and kwargs["peers"] != len(eps):
             raise ConfigError(
                 f"peers = {kwargs['peers']!r} but {len(eps)} [[peer]] tables are given; drop peers or make them agree",
-                source=src, key="peers",
-            )  # fmt: skip
+                source=src,
+                key="peers",
+            )
         kwargs["endpoints"] = tuple(eps)
         kwargs["peers"] = len(eps)
         if pkeys:
             if "peer_keys" in kwargs or len(pkeys) != len(eps):
-                raise ConfigError("give public_key in every [[peer]] table, or peer_keys, not both", source=src,
-                                  key="peer_keys")  # fmt: skip
+                raise ConfigError(
+                    "give public_key in every [[peer]] table, or peer_keys, not both", source=src, key="peer_keys"
+                )
             kwargs["peer_keys"] = tuple(pkeys)
         if any(clients):
             kwargs["client_endpoints"] = tuple(clients)
         if any(metrics):
             if "metrics_endpoints" in kwargs:
-                raise ConfigError("give either metrics_endpoints or [[peer]] metrics_endpoint, not both", source=src,
-                                  key="metrics_endpoints")  # fmt: skip
+                raise ConfigError(
+                    "give either metrics_endpoints or [[peer]] metrics_endpoint, not both",
+                    source=src,
+                    key="metrics_endpoints",
+                )
             kwargs["metrics_endpoints"] = tuple(metrics)
     base = os.path.dirname(os.path.abspath(src))
     if "secret_key" in kwargs:

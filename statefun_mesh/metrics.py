@@ -47,8 +47,9 @@ def _import_deps() -> Any:
     except ImportError as exc:  # pragma: no cover - both are dependencies of the package
         raise ConfigError(
             f"serving metrics needs aiohttp and prometheus-client ({exc}), dependencies of statefun-mesh: "
-            "reinstall it, or drop metrics_endpoints from the config", key="metrics_endpoints",
-        ) from None  # fmt: skip
+            "reinstall it, or drop metrics_endpoints from the config",
+            key="metrics_endpoints",
+        ) from None
     return web, core
 
 
@@ -96,25 +97,35 @@ class PeerCollector:
                 family.add_metric([p], values[int(p)])
             return family
 
-        yield InfoMetricFamily(PREFIX + "peer", "This peer: its id, the mesh's size, the hot-path core",
-                               value={"peer": str(me), "peers": str(peer.n_peers), "core": _speedups.IMPLEMENTATION})
-        yield gauge("ready", "1 when the peer has recovered and is processing (what /readyz reports)",
-                    1 if _ready(peer) is None else 0)  # fmt: skip
+        yield InfoMetricFamily(
+            PREFIX + "peer",
+            "This peer: its id, the mesh's size, the hot-path core",
+            value={"peer": str(me), "peers": str(peer.n_peers), "core": _speedups.IMPLEMENTATION},
+        )
+        yield gauge(
+            "ready",
+            "1 when the peer has recovered and is processing (what /readyz reports)",
+            1 if _ready(peer) is None else 0,
+        )
         yield gauge("generation", "Recovery generation the peer is in", peer.generation)
-        yield counter("recoveries", "Recoveries: restores of this peer's state after its start's own",
-                      peer.recoveries)  # fmt: skip
+        yield counter("recoveries", "Recoveries: restores of this peer's state after its start's own", peer.recoveries)
         yield gauge("last_recovery_seconds", "How long this peer's last restore took", peer.last_recovery_seconds)
 
         # invocations
-        inv = CounterMetricFamily(PREFIX + "invocations", "Invocations that returned, per function type",
-                                  labels=["function_type"])  # fmt: skip
-        fail = CounterMetricFamily(PREFIX + "invocation_failures",
-                                   "Invocations that raised (the message went to the dead letters), per function type",
-                                   labels=["function_type"])  # fmt: skip
-        lat = HistogramMetricFamily(PREFIX + "invocation_duration_seconds",
-                                    "Time in the function per invocation (a batch's invocations of one address are "
-                                    "timed together and counted with their mean)",
-                                    labels=["function_type"])  # fmt: skip
+        inv = CounterMetricFamily(
+            PREFIX + "invocations", "Invocations that returned, per function type", labels=["function_type"]
+        )
+        fail = CounterMetricFamily(
+            PREFIX + "invocation_failures",
+            "Invocations that raised (the message went to the dead letters), per function type",
+            labels=["function_type"],
+        )
+        lat = HistogramMetricFamily(
+            PREFIX + "invocation_duration_seconds",
+            "Time in the function per invocation (a batch's invocations of one address are "
+            "timed together and counted with their mean)",
+            labels=["function_type"],
+        )
         for t, st in sorted(peer.function_stats.items()):
             inv.add_metric([t], st.invocations)
             fail.add_metric([t], st.failures)
@@ -122,36 +133,60 @@ class PeerCollector:
         yield inv
         yield fail
         yield lat
-        yield counter("unknown_type_messages", "Messages to a type no function is bound to (dead-lettered)",
-                      d.unknown if d else 0)  # fmt: skip
-        yield counter("duplicates", "Client messages skipped as duplicates of an idempotency key",
-                      d.duplicates if d else 0)  # fmt: skip
+        yield counter(
+            "unknown_type_messages", "Messages to a type no function is bound to (dead-lettered)", d.unknown if d else 0
+        )
+        yield counter(
+            "duplicates", "Client messages skipped as duplicates of an idempotency key", d.duplicates if d else 0
+        )
         yield counter("dead_letters", "Messages moved to the dead-letter egress", d.dead_letters if d else 0)
 
         # messages
-        yield counter("messages_in", "Messages from clients and ingresses routed into the mesh by this peer",
-                      router.messages_in)  # fmt: skip
+        yield counter(
+            "messages_in", "Messages from clients and ingresses routed into the mesh by this peer", router.messages_in
+        )
         yield counter("messages_routed_local", "Messages routed to this peer's own inbox", router.routed_local)
-        yield per_peer(CounterMetricFamily(PREFIX + "messages_routed_remote", "Messages routed to another peer",
-                                           labels=["to_peer"]), router.routed_remote)  # fmt: skip
+        yield per_peer(
+            CounterMetricFamily(
+                PREFIX + "messages_routed_remote", "Messages routed to another peer", labels=["to_peer"]
+            ),
+            router.routed_remote,
+        )
         yield counter("messages_received_from_peers", "Messages received from other peers", router.from_peers)
-        yield counter("egress_records", "Records appended to egresses (dead letters included)",
-                      d.egress_records if d else 0)  # fmt: skip
+        yield counter(
+            "egress_records", "Records appended to egresses (dead letters included)", d.egress_records if d else 0
+        )
         yield gauge("inbox_messages", "Messages queued in this peer's inbox", len(router.inbox))
-        yield gauge("parked_addresses", "Addresses whose async invocation outlived its batch",
-                    d.parked if d else 0)  # fmt: skip
+        yield gauge("parked_addresses", "Addresses whose async invocation outlived its batch", d.parked if d else 0)
         yield gauge("parked_queued_messages", "Messages waiting behind parked addresses", d.queued if d else 0)
-        yield per_peer(GaugeMetricFamily(PREFIX + "outgoing_messages", "Messages waiting to be sent to another peer",
-                                         labels=["to_peer"]),
-                       router.outgoing())  # fmt: skip
-        yield per_peer(GaugeMetricFamily(PREFIX + "credit_messages",
-                                         "Messages this peer may still send another peer before it grants more",
-                                         labels=["to_peer"]), router.credit)  # fmt: skip
-        yield per_peer(CounterMetricFamily(PREFIX + "credit_stalls",
-                                           "Times messages to another peer waited for its credit (backpressure)",
-                                           labels=["to_peer"]), router.credit_stalls)  # fmt: skip
-        yield per_peer(GaugeMetricFamily(PREFIX + "peer_up", "1 while this peer hears another peer's heartbeats",
-                                         labels=["to_peer"]), [1 if a else 0 for a in peer.liveness.alive])  # fmt: skip
+        yield per_peer(
+            GaugeMetricFamily(
+                PREFIX + "outgoing_messages", "Messages waiting to be sent to another peer", labels=["to_peer"]
+            ),
+            router.outgoing(),
+        )
+        yield per_peer(
+            GaugeMetricFamily(
+                PREFIX + "credit_messages",
+                "Messages this peer may still send another peer before it grants more",
+                labels=["to_peer"],
+            ),
+            router.credit,
+        )
+        yield per_peer(
+            CounterMetricFamily(
+                PREFIX + "credit_stalls",
+                "Times messages to another peer waited for its credit (backpressure)",
+                labels=["to_peer"],
+            ),
+            router.credit_stalls,
+        )
+        yield per_peer(
+            GaugeMetricFamily(
+                PREFIX + "peer_up", "1 while this peer hears another peer's heartbeats", labels=["to_peer"]
+            ),
+            [1 if a else 0 for a in peer.liveness.alive],
+        )
         batches = HistogramMetricFamily(PREFIX + "batch_size_messages", "Messages per batch (one state-store commit)")
         batches.add_metric([], _cumulative(BATCH_BUCKETS, peer.batch_sizes), peer.batch_records)
         yield batches
@@ -169,16 +204,27 @@ class PeerCollector:
             if part.completed >= 0:
                 yield gauge("checkpoint_last_complete", "Id of the last complete checkpoint", part.completed)
             if part.completed_at is not None:
-                yield gauge("checkpoint_last_complete_timestamp_seconds",
-                            "When the last checkpoint completed (Unix time; alert on time() minus this)",
-                            part.completed_at)  # fmt: skip
-                yield gauge("checkpoint_age_seconds", "Seconds since the last checkpoint completed",
-                            max(time.time() - part.completed_at, 0.0))  # fmt: skip
+                yield gauge(
+                    "checkpoint_last_complete_timestamp_seconds",
+                    "When the last checkpoint completed (Unix time; alert on time() minus this)",
+                    part.completed_at,
+                )
+                yield gauge(
+                    "checkpoint_age_seconds",
+                    "Seconds since the last checkpoint completed",
+                    max(time.time() - part.completed_at, 0.0),
+                )
             if part.history:
-                yield gauge("checkpoint_last_duration_seconds", "How long this peer took to write the last checkpoint",
-                            part.history[-1][2])  # fmt: skip
-                yield gauge("checkpoint_last_size_bytes", "Bytes this peer uploaded for the last checkpoint",
-                            part.history[-1][3])  # fmt: skip
+                yield gauge(
+                    "checkpoint_last_duration_seconds",
+                    "How long this peer took to write the last checkpoint",
+                    part.history[-1][2],
+                )
+                yield gauge(
+                    "checkpoint_last_size_bytes",
+                    "Bytes this peer uploaded for the last checkpoint",
+                    part.history[-1][3],
+                )
 
         # clients, egress readers, bad input
         cs = peer.client_server
@@ -188,33 +234,41 @@ class PeerCollector:
                 req.add_metric([kind], n)
             yield req
             yield counter("client_errors", "Client frames answered with an error", cs.errors)
-            yield counter("client_busy_refusals", "Client frames refused because the peer was over its limits",
-                          cs.busy)  # fmt: skip
+            yield counter("client_busy_refusals", "Client frames refused because the peer was over its limits", cs.busy)
             yield gauge("client_pending_requests", "Client requests waiting for their reply", cs._pending_total)
             yield gauge("client_parked_sends", "Client sends waiting for admission", len(cs._parked))
-            lag = GaugeMetricFamily(PREFIX + "egress_reader_lag_records",
-                                    "Released records a recent egress reader (a client connection) has not fetched",
-                                    labels=["reader", "egress"])  # fmt: skip
+            lag = GaugeMetricFamily(
+                PREFIX + "egress_reader_lag_records",
+                "Released records a recent egress reader (a client connection) has not fetched",
+                labels=["reader", "egress"],
+            )
             for reader, egress, behind in cs.reader_lags():
                 lag.add_metric([reader, egress], behind)
             yield lag
-        bad = CounterMetricFamily(PREFIX + "bad_frames", "Frames dropped as malformed or refused, by their source",
-                                  labels=["source"])  # fmt: skip
+        bad = CounterMetricFamily(
+            PREFIX + "bad_frames", "Frames dropped as malformed or refused, by their source", labels=["source"]
+        )
         client_bad = cs.bad_frames if cs is not None else 0
         bad.add_metric(["peers"], peer.bad_frames - client_bad)
         bad.add_metric(["clients"], client_bad)
         bad.add_metric(["foreign"], getattr(peer.transport, "foreign_frames", 0))
         yield bad
-        yield counter("oversized_dropped", "Messages dropped because no frame can hold them",
-                      router.oversized_dropped)  # fmt: skip
+        yield counter("oversized_dropped", "Messages dropped because no frame can hold them", router.oversized_dropped)
         # CURVE (docs/security.md): what the links and client endpoints refused
-        yield counter("refused_frames", "Peer frames refused for what their link may not send",
-                      peer.inbound.refused_frames)  # fmt: skip
-        yield counter("refused_connections", "Peer-link connections refused (unknown key, no CURVE)",
-                      getattr(peer.transport, "refused_connections", 0))  # fmt: skip
+        yield counter(
+            "refused_frames", "Peer frames refused for what their link may not send", peer.inbound.refused_frames
+        )
+        yield counter(
+            "refused_connections",
+            "Peer-link connections refused (unknown key, no CURVE)",
+            getattr(peer.transport, "refused_connections", 0),
+        )
         if cs is not None:
-            yield counter("client_refused_connections", "Client connections refused for a key not admitted",
-                          getattr(cs, "refused_clients", 0))  # fmt: skip
+            yield counter(
+                "client_refused_connections",
+                "Client connections refused for a key not admitted",
+                getattr(cs, "refused_clients", 0),
+            )
 
 
 def _ready(peer: Peer) -> str | None:

@@ -102,8 +102,9 @@ class LoopWatchdog:
                     "%s has held the event loop for %.1f s: this peer handles no other message, client call, "
                     "heartbeat or checkpoint until it returns (other peers may report it unavailable); "
                     "make it async, or run its blocking part with asyncio.to_thread or statefun_mesh.in_thread",
-                    self._culprit, held,
-                )  # fmt: skip
+                    self._culprit,
+                    held,
+                )
             elif self._loud:
                 log.warning("%s still holds the event loop, for %.1f s now", self._culprit, held)
             self._next *= 2

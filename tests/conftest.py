@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import os
+import sys
 import time
 from collections.abc import Iterator
-from types import ModuleType
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # shared helpers import as tests.* (tests/meshes.py, tests/fuzzing.py, ...)
+    sys.path.insert(0, _ROOT)
+
+from tests.cores import speedups  # noqa: E402, F401 - the fixture, shared with bench/conftest.py
 
 # Hypothesis profiles of the fuzz tests (tests/unit/test_fuzz_frames.py, tests/integration/test_fuzz_endpoints.py):
 # "ci" is the default, "slow" is selected by --run-slow (the 1,000,000-input run). Both are derandomized and
@@ -33,15 +39,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
 
 
+_INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
+#: fixtures that hand a test both cores (or the C one) as modules, whatever the pass
+_BOTH_CORES_FIXTURES = {"speedups", "both", "c_core"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Everything under tests/integration opens real sockets or processes: marked so, as are the
+    # few such tests under tests/unit, so `-m "not integration"` runs the tests without them.
+    integration = pytest.mark.integration
+    for item in items:
+        if _INTEGRATION_DIR in item.path.parents:
+            item.add_marker(integration)
     if os.environ.get("STATEFUN_MESH_NO_EXTENSIONS"):
         # Tests of what does not depend on the hot path's implementation (network faults,
         # CURVE, blob store faults, the CLI's messages) run once, on the C core; the twin
         # is pinned to it by the vectors and by every other test, run on both.
         one = pytest.mark.skip(reason="c_core_only: tests no hot-path code; runs on the C core")
+        # Tests that take both cores as modules (the speedups fixture, test_speedups.py's
+        # `both`, test_fuzz_frames.py's `c_core`) run both side by side whatever the pass:
+        # the C pass runs them already, so the pure pass would only repeat them.
+        both = pytest.mark.skip(reason="runs both cores side by side: the C core's pass runs it")
         for item in items:
             if "c_core_only" in item.keywords:
                 item.add_marker(one)
+            elif _BOTH_CORES_FIXTURES & set(getattr(item, "fixturenames", ())):
+                item.add_marker(both)
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --run-slow")
@@ -134,18 +157,3 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("fuzz inputs run")
         for line in _FUZZ_REPORT:
             terminalreporter.write_line(line)
-
-
-@pytest.fixture(params=["python", "c"])
-def speedups(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
-    """The pure-Python twin and the Cython core, as modules (the C one skipped if not built)."""
-    if request.param == "python":
-        yield importlib.import_module("statefun_mesh._speedups_py")
-    else:
-        try:
-            mod = importlib.import_module("statefun_mesh._speedups_c")
-        except ImportError:
-            if os.environ.get("STATEFUN_MESH_REQUIRE_EXTENSIONS"):
-                raise
-            pytest.skip("the Cython core statefun_mesh._speedups_c is not built")
-        yield mod

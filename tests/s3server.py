@@ -19,21 +19,32 @@ import contextlib
 import http.client
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 try:
-    from tests.binaries import find_executable, free_port
+    from tests.binaries import (
+        ServerProcess,
+        find_executable,
+        require_binary,
+        running_in_temp_dir,
+        start_server,
+        wait_serving,
+    )
 except ImportError:  # run as a script: python tests/<this>.py --check
-    from binaries import find_executable, free_port  # type: ignore[no-redef]
+    from binaries import (  # type: ignore[no-redef]
+        ServerProcess,
+        find_executable,
+        require_binary,
+        running_in_temp_dir,
+        start_server,
+        wait_serving,
+    )
 
 __all__ = [
     "TEST_ACCESS_KEY",
@@ -91,7 +102,7 @@ def find_rclone() -> str:
 
 
 @dataclass
-class S3Server:
+class S3Server(ServerProcess):
     """One running server: where it listens, its credentials, and the process this module started."""
 
     endpoint_url: str
@@ -103,13 +114,6 @@ class S3Server:
     process: subprocess.Popen[bytes] = field(repr=False)
     binary: str = ""
     port: int = 0
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of the server's log, for failure messages."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     def pause(self) -> None:
         """SIGSTOP the server: connections are accepted by the kernel but never answered."""
@@ -126,30 +130,12 @@ class S3Server:
         self.stop()
         root = self.data_dir.parent
         self.process = _start(self.binary, root, self.port, self.access_key, self.secret_key, read_only=read_only)
-        deadline = time.monotonic() + startup_timeout
-        while not _answers(self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"rclone serve s3 did not come back on port {self.port}; log:\n{self.log_tail()}")
-            time.sleep(0.05)
+        if not wait_serving(self, "rclone serve s3", self.port, lambda: _answers(self.port), startup_timeout):
+            raise RuntimeError(f"rclone serve s3 did not come back on port {self.port}; log:\n{self.log_tail()}")
 
     @property
     def running(self) -> bool:
         return self.process.poll() is None
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Terminate the server process (kill it if it does not exit in ``timeout`` s). Idempotent."""
-        proc = self.process
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
-            proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
 
 
 def _answers(port: int) -> bool:
@@ -217,55 +203,32 @@ def running_s3_server(
         RuntimeError: the server did not come up in time (the message has its log).
     """
     binary = find_rclone()
-    root = Path(tempfile.mkdtemp(prefix="statefun-mesh-s3-"))
-    server: S3Server | None = None
-    try:
-        for _attempt in range(3):  # the free port may be taken again before rclone binds it
-            port = free_port()
-            proc = _start(binary, root, port, access_key, secret_key)
-            server = S3Server(
-                endpoint_url=f"http://127.0.0.1:{port}",
-                access_key=access_key,
-                secret_key=secret_key,
-                region=TEST_REGION,
-                data_dir=root / "data",
-                log_path=root / "server.log",
-                process=proc,
-                binary=binary,
-                port=port,
-            )
-            deadline = time.monotonic() + startup_timeout
-            while proc.poll() is None and not _answers(port):
-                if time.monotonic() > deadline:
-                    server.stop()
-                    raise RuntimeError(
-                        f"rclone serve s3 did not answer on port {port} within {startup_timeout} s; "
-                        f"log:\n{server.log_tail()}"
-                    )
-                time.sleep(0.05)
-            if proc.poll() is None:
-                break
-            server = None
-        if server is None:
-            log = (root / "server.log").read_text(errors="replace")
-            raise RuntimeError(f"rclone serve s3 exited at startup three times; log:\n{log}")
+
+    def launch(root: Path, port: int) -> S3Server:
+        return S3Server(
+            endpoint_url=f"http://127.0.0.1:{port}",
+            access_key=access_key,
+            secret_key=secret_key,
+            region=TEST_REGION,
+            data_dir=root / "data",
+            log_path=root / "server.log",
+            process=_start(binary, root, port, access_key, secret_key),
+            binary=binary,
+            port=port,
+        )
+
+    def start(root: Path) -> S3Server:
+        return start_server(
+            "rclone serve s3", lambda p: launch(root, p), lambda s: _answers(s.port), startup_timeout=startup_timeout
+        )
+
+    with running_in_temp_dir("statefun-mesh-s3-", start) as server:
         yield server
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def require_s3_server() -> str:
     """Return the server binary; in a pytest run, skip if it is missing, but fail when ``CI`` is set."""
-    import pytest
-
-    try:
-        return find_rclone()
-    except S3ServerUnavailable as exc:
-        if os.environ.get("CI") is not None:
-            pytest.fail(f"CI is set, so the S3 tests must not be skipped: {exc}")
-        pytest.skip(str(exc))
+    return require_binary(find_rclone, S3ServerUnavailable, "S3")
 
 
 def raw_client(server: S3Server) -> Any:

@@ -342,13 +342,15 @@ class S3BlobStore(BlobStore):
                     parts = []
                     number = 1
                     while chunk := fh.read(PART_SIZE):
-                        r = c.upload_part(Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                          Body=chunk)  # fmt: skip
+                        r = c.upload_part(
+                            Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
+                        )
                         parts.append({"ETag": r["ETag"], "PartNumber": number})
                         number += 1
                         del chunk
-                    c.complete_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id,
-                                                MultipartUpload={"Parts": parts})  # fmt: skip
+                    c.complete_multipart_upload(
+                        Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                    )
                 except BaseException:
                     with contextlib.suppress(Exception):
                         c.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)

@@ -42,6 +42,7 @@ from .. import valuetypes as vt
 from ..errors import ConfigError, MessageTooLargeError
 from ..logutil import ThrottledLog
 from .kafka_spec import KafkaIngressSpec
+from .workers import ClientTasks
 
 if TYPE_CHECKING:
     from ..peer import Peer
@@ -91,10 +92,11 @@ def _import_kafka() -> Any:
     return confluent_kafka
 
 
-class KafkaIngress:
+class KafkaIngress(ClientTasks):
     """The Kafka ingresses of one peer (one consumer per ingress component)."""
 
     def __init__(self, peer: Peer, specs: list[KafkaIngressSpec]) -> None:
+        super().__init__()
         self.peer = peer
         self.specs = specs
         for spec in specs:
@@ -115,22 +117,9 @@ class KafkaIngress:
         self.dead_letters: deque[tuple[str, int, int, str]] = deque(maxlen=100)
         #: partitions each ingress reads now: ingress id -> [(topic, partition)]
         self.assigned: dict[str, list[tuple[str, int]]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
         self._consumers: dict[str, Any] = {}
-        self._closing = False
         self._tlog = ThrottledLog(log)
         self._last_client_error: list[float] = [0.0]
-        #: client calls running in worker threads: a client is closed only when none runs
-        self._busy: set[asyncio.Future[Any]] = set()
-
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` in a worker thread. Cancelling the caller does not stop the thread (nothing
-        can), so the call is tracked and :meth:`aclose` waits for it before closing the client:
-        librdkafka must not destroy a handle another thread is using."""
-        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-        self._busy.add(fut)
-        fut.add_done_callback(self._busy.discard)
-        return await asyncio.shield(fut)
 
     # -- hooks the peer and its checkpoint participant call --------------------------------
 
@@ -178,20 +167,11 @@ class KafkaIngress:
     def start(self) -> None:
         """Start the consumers (they wait until the peer admits input)."""
         for spec in self.specs:
-            self._tasks.append(asyncio.create_task(self._run(spec), name=f"kafka ingress {spec.id}"))
+            self._start_task(self._run(spec), f"kafka ingress {spec.id}")
 
     async def aclose(self) -> None:
         """Stop consuming and close the consumers."""
-        self._closing = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks = []
-        if self._busy:
-            await asyncio.wait(set(self._busy), timeout=30.0)
-        if self._busy:  # a client call hangs: leave its client open rather than crash the process
+        if not await self._stop_tasks(30.0):  # a client call hangs: leave its client open rather than crash
             log.warning("kafka ingress: a client call did not return within 30 s; its consumer is not closed")
             self._consumers = {}
             return

@@ -36,6 +36,7 @@ from ..errors import ConfigError
 from ..logutil import ThrottledLog
 from .kafka import _import_kafka, client_error
 from .kafka_spec import KafkaEgressSpec
+from .workers import ClientTasks
 
 if TYPE_CHECKING:
     from ..peer import Peer
@@ -50,10 +51,11 @@ HEADER_ID: Final = "statefun-mesh-id"
 BATCH: Final = 1000
 
 
-class KafkaEgress:
+class KafkaEgress(ClientTasks):
     """The Kafka egresses of one peer (one producer per egress component)."""
 
     def __init__(self, peer: Peer, specs: list[KafkaEgressSpec]) -> None:
+        super().__init__()
         self.peer = peer
         self.specs = specs
         _import_kafka()
@@ -71,20 +73,9 @@ class KafkaEgress:
         self.produced: dict[str, int] = {}
         self.records_out = 0
         self.transactions = 0
-        self._tasks: list[asyncio.Task[None]] = []
         self._producers: dict[str, Any] = {}
-        self._closing = False
         self._tlog = ThrottledLog(log)
         self._last_client_error: list[float] = [0.0]
-        #: client calls running in worker threads (see KafkaIngress._call)
-        self._busy: set[asyncio.Future[Any]] = set()
-
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` in a worker thread, tracked so :meth:`aclose` never drops a producer in use."""
-        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-        self._busy.add(fut)
-        fut.add_done_callback(self._busy.discard)
-        return await asyncio.shield(fut)
 
     def status(self) -> dict[str, Any]:
         """For ``Peer.status()``: records produced, transactions, and each egress's produced position."""
@@ -92,19 +83,10 @@ class KafkaEgress:
 
     def start(self) -> None:
         for spec in self.specs:
-            self._tasks.append(asyncio.create_task(self._run(spec), name=f"kafka egress {spec.id}"))
+            self._start_task(self._run(spec), f"kafka egress {spec.id}")
 
     async def aclose(self) -> None:
-        self._closing = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks = []
-        if self._busy:
-            await asyncio.wait(set(self._busy), timeout=90.0)
-        if self._busy:  # a client call hangs: keep its producer rather than crash the process
+        if not await self._stop_tasks(90.0):  # a client call hangs: keep its producer rather than crash
             log.warning("kafka egress: a client call did not return within 90 s; its producer is not closed")
             return
         for p in self._producers.values():

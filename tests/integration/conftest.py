@@ -20,9 +20,10 @@ from tests.integration.support import Cluster  # noqa: E402
 
 
 @pytest.fixture
-def file_meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., CrashMesh]]:
-    """``file_meshes(**CrashMesh options)``: crash-test meshes checkpointing to their own
-    <state-dir>/checkpoints; every one is killed at teardown, with every peer it had."""
+def crash_meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., CrashMesh]]:
+    """``crash_meshes(**CrashMesh options)``: crash-test meshes (``statefun-mesh run`` of peers one
+    can SIGKILL), each in a directory of its own, checkpointing to <state-dir>/checkpoints unless
+    given ``blobs``; every one is killed at teardown, with every peer it had."""
     started: list[CrashMesh] = []
 
     def make(**kw: Any) -> CrashMesh:
@@ -84,6 +85,17 @@ def mesh_s3_server() -> Iterator[Any]:
     require_s3_server()
     with running_s3_server() as server:
         create_bucket(server, MESH_BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[Any]:
+    """A real ``nats-server -js`` on 127.0.0.1 for one test module (the NATS ingress's or egress's).
+    Skips without the binary, but fails under CI (see tests/natsserver.py)."""
+    from tests.natsserver import require_nats_server, running_nats_server
+
+    require_nats_server()
+    with running_nats_server() as server:
         yield server
 
 

@@ -397,3 +397,16 @@ def wait_log(mesh: CrashMesh, pattern: str, *, timeout: float, after: int = 0) -
         if time.monotonic() > deadline:
             raise AssertionError(f"no log line matching {pattern!r} within {timeout} s:\n{mesh.log(mesh.runs)[-3000:]}")
         time.sleep(0.05)
+
+
+class app_client:
+    """``async with app_client(mesh) as client``: a MeshClient on peer 0's endpoint."""
+
+    def __init__(self, mesh: CrashMesh) -> None:
+        self.client = MeshClient(mesh.endpoint, timeout=10.0)
+
+    async def __aenter__(self) -> Any:
+        return self.client
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()

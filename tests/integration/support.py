@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -261,6 +261,92 @@ class Cluster:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Call ``check()`` every ``interval`` s until it returns something true, and return that;
+    AssertionError after ``timeout`` s (blocking: for tests that are not async)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def running_cluster(workdir: Path, *, transport: str = "ipc", **kwargs: Any) -> Iterator[Cluster]:
+    """A :class:`Cluster` (``statefun-mesh run``) on a free client port, up; stopped on leaving,
+    also when the body failed. ``kwargs`` are Cluster's (peers, config, env, app, args)."""
+    from statefun_mesh.mesh import free_ports
+
+    cluster = Cluster(workdir, transport=transport, port=free_ports(1)[0], **kwargs)
+    try:
+        cluster.wait_up()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+class BridgeProcess:
+    """``python -m statefun_mesh <command> --nats-url URL --mesh ENDPOINT ...`` (a NATS bridge) in a
+    session of its own; each start is a run of its own, logging to ``<workdir>/bridge-<run>.log``."""
+
+    def __init__(self, command: str, workdir: Path, nats_url: str, mesh: Cluster, *args: str) -> None:
+        self.workdir = workdir
+        self.cmd = [sys.executable, "-m", "statefun_mesh", command, "--nats-url", nats_url, "--mesh", mesh.endpoint]
+        self.cmd += ["--status-interval", "1", *args]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def runs(self) -> int:
+        return len(self.procs)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.procs[-1]
+
+    def log_path(self, run: int) -> Path:
+        return self.workdir / f"bridge-{run}.log"
+
+    def start(self) -> None:
+        assert not self.procs or self.proc.poll() is not None, "already running"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        with open(self.log_path(self.runs + 1), "wb") as log:
+            out = {"stdout": log, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL}
+            proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, start_new_session=True, **out)
+        self.procs.append(proc)
+
+    def log(self, run: int | None = None) -> str:
+        """Run ``run``'s log, or every run's."""
+        runs = range(1, self.runs + 1) if run is None else [run]
+        return "".join(self.log_path(r).read_text(errors="replace") for r in runs if self.log_path(r).exists())
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM: the bridge finishes what is in flight and logs its counters."""
+        proc = self.proc
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+                raise AssertionError(f"the bridge did not stop within {timeout} s:\n{self.log()[-3000:]}") from None
+        return proc.returncode
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.poll() is None and alive(p.pid):
+                p.kill()
+                p.wait(10)
 
 
 def run_cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

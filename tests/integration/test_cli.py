@@ -13,7 +13,8 @@ from statefun_mesh.mesh import free_ports
 from tests.integration import app
 from tests.integration.support import Cluster, ids_on, read_egress, run_cli
 
-pytestmark = pytest.mark.integration
+#: the CLI client commands and their messages: no hot-path code
+pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
 
 def cli(cluster: Cluster, *args: str, timeout: float = 30.0):

@@ -19,6 +19,7 @@ import random
 import re
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,6 +33,7 @@ from tests.integration.crash_util import (
     CrashMesh,
     FileBlobs,
     S3Blobs,
+    app_client,
     probe_ids,
     reply_json,
     wait_log,
@@ -58,26 +60,20 @@ def store() -> str:
 
 
 @pytest.fixture
-def meshes(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+def meshes(crash_meshes: Callable[..., CrashMesh], request: pytest.FixtureRequest,
            store: str) -> Iterator[Callable[..., CrashMesh]]:  # fmt: skip
-    """``meshes(**CrashMesh options)``: meshes that checkpoint to the test's ``store``
-    (``file``: <state-dir>/checkpoints; ``s3``: a prefix of its own on the shared S3 server)."""
-    started: list[CrashMesh] = []
+    """``meshes(**CrashMesh options)``: the shared ``crash_meshes``, checkpointing to the test's
+    ``store`` (``file``: <state-dir>/checkpoints; ``s3``: a prefix of its own on the shared S3 server)."""
     s3: list[S3Blobs] = []
 
     def make(**kw: Any) -> CrashMesh:
-        workdir = tmp_path_factory.mktemp("crash")
         if store == "s3" and "blobs" not in kw:
             server = request.getfixturevalue("mesh_s3_server")
-            kw["blobs"] = S3Blobs(server, MESH_BUCKET, workdir.name)
+            kw["blobs"] = S3Blobs(server, MESH_BUCKET, f"crash-{uuid.uuid4().hex}")
             s3.append(kw["blobs"])
-        m = CrashMesh(workdir, **kw)
-        started.append(m)
-        return m
+        return crash_meshes(**kw)
 
     yield make
-    for m in started:
-        m.cleanup()
     for b in s3:
         b.close()
 
@@ -247,21 +243,6 @@ async def run_counter(meshes: Callable[..., CrashMesh], *, increments: int, keys
             assert s < RECOVERY_BOUND, f"recovery after killing peer {k} took {s:.1f} s"
     finally:
         await clients.aclose()
-
-
-class app_client:
-    """``async with app_client(mesh) as client``: a MeshClient on peer 0's endpoint."""
-
-    def __init__(self, mesh: CrashMesh) -> None:
-        from statefun_mesh import MeshClient
-
-        self.client = MeshClient(mesh.endpoint, timeout=10.0)
-
-    async def __aenter__(self) -> Any:
-        return self.client
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.client.aclose()
 
 
 @pytest.mark.timeout(150)

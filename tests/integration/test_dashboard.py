@@ -18,12 +18,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.integration.support import ROOT, Cluster, run_cli
+from tests.integration.support import ROOT, Cluster, run_cli, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
@@ -83,17 +83,6 @@ def page_numbers(page: Any) -> dict[str, Any]:
                 rate: document.getElementById("kpi-rate").textContent,
                 updated: document.getElementById("updated").textContent};
     }""")
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def next_poll(page: Any) -> None:

@@ -28,10 +28,10 @@ ROUNDS = 25
 
 
 async def test_immediate_egress_is_exactly_once_after_dedup_across_a_sigkill(
-    file_meshes: Callable[..., CrashMesh],
+    crash_meshes: Callable[..., CrashMesh],
 ) -> None:
     deadline = time.monotonic() + 130
-    mesh = file_meshes(checkpoint_interval=1.0, extra_config=f'egress_immediate = ["{app.INCREMENTS}"]\n')
+    mesh = crash_meshes(checkpoint_interval=1.0, extra_config=f'egress_immediate = ["{app.INCREMENTS}"]\n')
     mesh.start()
     await asyncio.to_thread(mesh.wait_up)
     clients = await Clients.connect(mesh.endpoint)

@@ -11,6 +11,7 @@ not permitted (no CAP_SYS_ADMIN) those tests skip and say so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
@@ -18,7 +19,7 @@ import stat
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -250,57 +251,77 @@ async def finish(mesh: CrashMesh, clients: Clients, work: Workload, deadline: fl
 # -- 1. the blob store down -----------------------------------------------------------------
 
 
-@pytest.mark.timeout(180)
-async def test_s3_down_then_read_only_checkpoints_fail_processing_goes_on(env: Env) -> None:
-    """The S3 server stops, then comes back read-only (refusing every write), then comes
-    back whole: checkpoints fail meanwhile (logged, in the peers' status), client sends
-    are acknowledged throughout, checkpoints complete again, and after a SIGKILL nothing
-    acknowledged is lost or doubled."""
+@contextlib.asynccontextmanager
+async def under_load(mesh: CrashMesh, *, acked: int = 0, what: str = "") -> AsyncIterator[tuple[Any, Workload, float]]:
+    """Start ``mesh`` and a workload on it, to run until the test's deadline (170 s from now);
+    yield (clients, workload, deadline) once two checkpoints completed and ``acked`` sends were
+    acknowledged (``what`` names them). The workload and the clients are stopped after."""
+    clients = await start_mesh(mesh)
+    deadline = time.monotonic() + 170
+    work = Workload(clients)
+    try:
+        work.start(deadline)
+        await wait_new_checkpoints(mesh, 2)
+        if acked:
+            await work.wait_acked(acked, 20, what)
+        yield clients, work, deadline
+    finally:
+        await work.cancel()
+        await clients.aclose()
+
+
+@contextlib.asynccontextmanager
+async def s3_mesh_under_load(env: Env, prefix: str) -> AsyncIterator[tuple[Any, CrashMesh, Any, Workload, float]]:
+    """A private S3 server (so it can be stopped), a mesh checkpointing to it under ``prefix``, and a
+    workload on the mesh: yielded once two checkpoints completed and 100 sends were acknowledged,
+    with the test's deadline (170 s). The workload, the clients and the mesh are stopped after."""
     from tests.s3server import create_bucket, require_s3_server, running_s3_server
 
     pytest.importorskip("boto3")
     require_s3_server()
     with running_s3_server() as server:
         create_bucket(server, BUCKET)
-        blobs = S3Blobs(server, BUCKET, "outage")
+        blobs = S3Blobs(server, BUCKET, prefix)
         env.closers.append(blobs.close)
         mesh = env.mesh(blobs=blobs)
-        clients = await start_mesh(mesh)
-        deadline = time.monotonic() + 170
-        work = Workload(clients)
         try:
-            work.start(deadline)
-            await wait_new_checkpoints(mesh, 2)
-            await work.wait_acked(100, 20, "sends before the outage")
-
-            mark = len(mesh.log(mesh.runs))
-            server.stop()
-            failed = await asyncio.to_thread(wait_log, mesh, CHECKPOINT_FAILED, timeout=30, after=mark)
-            aborted = await asyncio.to_thread(wait_log, mesh, ABORTED, timeout=30, after=mark)
-            print(f"\n[s3 down] {failed}\n[s3 down] {aborted}")
-            assert server.endpoint_url in failed and "check that the server is running" in failed, failed
-            status = await wait_status_failing(clients, 20)
-            print(f"[s3 down] peer status: {status}")
-            secs = await work.wait_acked(300, 30, "sends while the S3 server is down")
-            print(f"[s3 down] 300 sends acknowledged in {secs:.2f} s while S3 was down")
-
-            server.restart(read_only=True)
-            mark = len(mesh.log(mesh.runs))
-            failed = await asyncio.to_thread(wait_log, mesh, CHECKPOINT_FAILED, timeout=30, after=mark)
-            print(f"[s3 read-only] {failed}")
-            before = mesh.manifests()
-            await work.wait_acked(300, 30, "sends while the S3 server refuses writes")
-            assert mesh.manifests() == before, "a checkpoint completed on a read-only S3 server"
-
-            server.restart()
-            await finish(mesh, clients, work, deadline)
-            print(f"[s3] checkpoints list:\n{mesh.checkpoints_list()}")
-            st = await peer_checkpoint_status(clients)
-            assert not any(s.get("failing") for s in st), st
+            async with under_load(mesh, acked=100, what="sends before the outage") as (clients, work, deadline):
+                yield server, mesh, clients, work, deadline
         finally:
-            await work.cancel()
-            await clients.aclose()
-            mesh.cleanup()
+            mesh.cleanup()  # inside the server's lifetime, as the tests did
+
+
+@pytest.mark.timeout(180)
+async def test_s3_down_then_read_only_checkpoints_fail_processing_goes_on(env: Env) -> None:
+    """The S3 server stops, then comes back read-only (refusing every write), then comes
+    back whole: checkpoints fail meanwhile (logged, in the peers' status), client sends
+    are acknowledged throughout, checkpoints complete again, and after a SIGKILL nothing
+    acknowledged is lost or doubled."""
+    async with s3_mesh_under_load(env, "outage") as (server, mesh, clients, work, deadline):
+        mark = len(mesh.log(mesh.runs))
+        server.stop()
+        failed = await asyncio.to_thread(wait_log, mesh, CHECKPOINT_FAILED, timeout=30, after=mark)
+        aborted = await asyncio.to_thread(wait_log, mesh, ABORTED, timeout=30, after=mark)
+        print(f"\n[s3 down] {failed}\n[s3 down] {aborted}")
+        assert server.endpoint_url in failed and "check that the server is running" in failed, failed
+        status = await wait_status_failing(clients, 20)
+        print(f"[s3 down] peer status: {status}")
+        secs = await work.wait_acked(300, 30, "sends while the S3 server is down")
+        print(f"[s3 down] 300 sends acknowledged in {secs:.2f} s while S3 was down")
+
+        server.restart(read_only=True)
+        mark = len(mesh.log(mesh.runs))
+        failed = await asyncio.to_thread(wait_log, mesh, CHECKPOINT_FAILED, timeout=30, after=mark)
+        print(f"[s3 read-only] {failed}")
+        before = mesh.manifests()
+        await work.wait_acked(300, 30, "sends while the S3 server refuses writes")
+        assert mesh.manifests() == before, "a checkpoint completed on a read-only S3 server"
+
+        server.restart()
+        await finish(mesh, clients, work, deadline)
+        print(f"[s3] checkpoints list:\n{mesh.checkpoints_list()}")
+        st = await peer_checkpoint_status(clients)
+        assert not any(s.get("failing") for s in st), st
 
 
 @pytest.mark.timeout(180)
@@ -308,41 +329,22 @@ async def test_a_peer_restarting_while_s3_is_down_recovers_once_it_is_back(env: 
     """A SIGKILL while the S3 server is stopped: the recovery round cannot read the
     checkpoint, so it is retried (logged) rather than given up or mistaken for a bad
     checkpoint; once the server is back the mesh recovers by itself, exactly once."""
-    from tests.s3server import create_bucket, require_s3_server, running_s3_server
-
-    pytest.importorskip("boto3")
-    require_s3_server()
-    with running_s3_server() as server:
-        create_bucket(server, BUCKET)
-        blobs = S3Blobs(server, BUCKET, "restart-while-down")
-        env.closers.append(blobs.close)
-        mesh = env.mesh(blobs=blobs)
-        clients = await start_mesh(mesh)
-        deadline = time.monotonic() + 170
-        work = Workload(clients)
-        try:
-            work.start(deadline)
-            await wait_new_checkpoints(mesh, 2)
-            await work.wait_acked(100, 20, "sends before the outage")
-            mark = len(mesh.log(mesh.runs))
-            server.stop()
-            old, _ = mesh.kill_peer(1)
-            await asyncio.to_thread(mesh.wait_peer_restarted, 1, old)
-            retry = await asyncio.to_thread(
-                wait_log, mesh, r"(retrying the round|cannot read checkpoint \d+ from the blob store)", timeout=40,
-                after=mark,
-            )  # fmt: skip
-            print(f"\n[s3 down, peer restarted] {retry}")
-            assert "skipping checkpoint" not in mesh.log(mesh.runs)[mark:], (
-                "a store outage was taken as a bad checkpoint"
-            )
-            server.restart()
-            await wait_responsive(mesh.endpoint, probe_ids("probe"), counter_query, timeout=60)
-            await finish(mesh, clients, work, deadline)
-        finally:
-            await work.cancel()
-            await clients.aclose()
-            mesh.cleanup()
+    async with s3_mesh_under_load(env, "restart-while-down") as (server, mesh, clients, work, deadline):
+        mark = len(mesh.log(mesh.runs))
+        server.stop()
+        old, _ = mesh.kill_peer(1)
+        await asyncio.to_thread(mesh.wait_peer_restarted, 1, old)
+        retry = await asyncio.to_thread(
+            wait_log, mesh, r"(retrying the round|cannot read checkpoint \d+ from the blob store)", timeout=40,
+            after=mark,
+        )  # fmt: skip
+        print(f"\n[s3 down, peer restarted] {retry}")
+        assert "skipping checkpoint" not in mesh.log(mesh.runs)[mark:], (
+            "a store outage was taken as a bad checkpoint"
+        )
+        server.restart()
+        await wait_responsive(mesh.endpoint, probe_ids("probe"), counter_query, timeout=60)
+        await finish(mesh, clients, work, deadline)
 
 
 def _root_bypasses_permissions(directory: Path) -> bool:
@@ -369,9 +371,6 @@ async def test_file_blob_store_unwritable_checkpoints_fail_processing_goes_on(en
     root.mkdir()
     as_root = _root_bypasses_permissions(root)
     mesh = env.mesh(blobs=FileBlobs(root))
-    clients = await start_mesh(mesh)
-    deadline = time.monotonic() + 170
-    work = Workload(clients)
     away = workdir / "checkpoints.away"
     broken = False
 
@@ -398,9 +397,7 @@ async def test_file_blob_store_unwritable_checkpoints_fail_processing_goes_on(en
         broken = False
 
     env.closers.append(repair_store)
-    try:
-        work.start(deadline)
-        await wait_new_checkpoints(mesh, 2)
+    async with under_load(mesh) as (clients, work, deadline):
         before = mesh.manifests()
         mark = len(mesh.log(mesh.runs))
         break_store()
@@ -414,9 +411,6 @@ async def test_file_blob_store_unwritable_checkpoints_fail_processing_goes_on(en
         repair_store()
         assert mesh.manifests()[: len(before)] == before
         await finish(mesh, clients, work, deadline)
-    finally:
-        await work.cancel()
-        await clients.aclose()
 
 
 # -- 2. full disks --------------------------------------------------------------------------
@@ -429,12 +423,7 @@ async def test_blob_store_disk_full_checkpoints_fail_processing_goes_on(env: Env
     workdir = env.tmp.mktemp("blobdisk")
     root = env.tmpfs(workdir / "mnt", "16m") / "checkpoints"
     mesh = env.mesh(blobs=FileBlobs(root))
-    clients = await start_mesh(mesh)
-    deadline = time.monotonic() + 170
-    work = Workload(clients)
-    try:
-        work.start(deadline)
-        await wait_new_checkpoints(mesh, 2)
+    async with under_load(mesh) as (clients, work, deadline):
         mark = len(mesh.log(mesh.runs))
         filler = fill_disk(root.parent)
         failed = await asyncio.to_thread(wait_log, mesh, CHECKPOINT_FAILED, timeout=30, after=mark)
@@ -445,9 +434,6 @@ async def test_blob_store_disk_full_checkpoints_fail_processing_goes_on(env: Env
         print(f"[blob disk full] 300 sends acknowledged in {secs:.2f} s while the blob store's disk was full")
         filler.unlink()
         await finish(mesh, clients, work, deadline)
-    finally:
-        await work.cancel()
-        await clients.aclose()
 
 
 @pytest.mark.timeout(180)
@@ -459,13 +445,7 @@ async def test_state_disk_full_batches_fail_cleanly_and_resume(env: Env) -> None
     workdir = env.tmp.mktemp("statedisk")
     state = env.tmpfs(workdir / "state", "24m")
     mesh = env.mesh(state_dir=state, blobs=FileBlobs(workdir / "blobs"))
-    clients = await start_mesh(mesh)
-    deadline = time.monotonic() + 170
-    work = Workload(clients)
-    try:
-        work.start(deadline)
-        await wait_new_checkpoints(mesh, 2)
-        await work.wait_acked(200, 20, "sends before the disk fills")
+    async with under_load(mesh, acked=200, what="sends before the disk fills") as (clients, work, deadline):
         pids = mesh.peer_pids()
         mark = len(mesh.log(mesh.runs))
         filler = fill_disk(state)
@@ -490,9 +470,6 @@ async def test_state_disk_full_batches_fail_cleanly_and_resume(env: Env) -> None
         restarts = mesh.log().count("restarting")
         assert "dispatch loop died" not in mesh.log(), mesh.log_path
         print(f"[state disk full] launcher restarts in the log: {restarts}")
-    finally:
-        await work.cancel()
-        await clients.aclose()
 
 
 @pytest.mark.timeout(150)

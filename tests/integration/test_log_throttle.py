@@ -26,7 +26,8 @@ from statefun_mesh.transport.zeromq import peer_identity
 from tests.integration import app
 from tests.integration.support import eventually, ids_on
 
-pytestmark = pytest.mark.integration
+#: how repeated problems are logged: no hot-path code (the decoders are fuzzed on both cores)
+pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
 N = 10_000
 SUMMARY = re.compile(r"\.\.\. and ([\d,]+) more (.+) in the last \d+ s")

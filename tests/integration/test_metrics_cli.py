@@ -7,7 +7,6 @@ import asyncio
 import os
 import re
 import signal
-import time
 import urllib.error
 import urllib.request
 
@@ -17,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from statefun_mesh import MeshClient, StatefunMeshError
 from statefun_mesh.mesh import free_ports
 from statefun_mesh.security import ClientKeys, generate_keypair, public_of, read_key
-from tests.integration.support import Cluster
+from tests.integration.support import Cluster, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
@@ -40,15 +39,6 @@ def metric(text: str, name: str) -> float:
     raise KeyError(name)
 
 
-def eventually(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_run_prints_metrics_ports_and_keeps_them_across_a_restart(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -63,7 +53,7 @@ def test_run_prints_metrics_ports_and_keeps_them_across_a_restart(tmp_path_facto
         assert f"dashboard at {urls[0]}/" in cluster.output()
         for url in urls:
             assert fetch(url + "/healthz") == (200, "ok\n")
-            eventually(lambda u=url: fetch(u + "/readyz") == (200, "ready\n"), 30, "ready")
+            wait_until(lambda u=url: fetch(u + "/readyz") == (200, "ready\n"), 30, "ready")
             assert metric(fetch(url + "/metrics")[1], "statefun_mesh_recoveries_total") == 0
         assert fetch(urls[1] + "/")[0] == 404  # the dashboard is peer 0's only
         assert "<title>statefun-mesh</title>" in fetch(urls[0] + "/")[1]
@@ -79,15 +69,15 @@ def test_run_prints_metrics_ports_and_keeps_them_across_a_restart(tmp_path_facto
 
         with pytest.raises((StatefunMeshError, TimeoutError)):
             asyncio.run(intrude())
-        eventually(lambda: metric(fetch(urls[0] + "/metrics")[1],
+        wait_until(lambda: metric(fetch(urls[0] + "/metrics")[1],
                                   "statefun_mesh_client_refused_connections_total") >= 1, 10, "the refusal counted")
 
         victim = cluster.peer_pids()[1]
         os.kill(victim, signal.SIGKILL)
         # the restarted peer serves where it did, and the mesh recovered: peer 0 counts it
-        eventually(lambda: cluster.peer_pids().get(1) not in (None, victim), 30, "peer 1 restarted")
-        eventually(lambda: fetch(urls[1] + "/readyz") == (200, "ready\n"), 60, "peer 1 ready again")
-        eventually(lambda: fetch(urls[0] + "/readyz") == (200, "ready\n")
+        wait_until(lambda: cluster.peer_pids().get(1) not in (None, victim), 30, "peer 1 restarted")
+        wait_until(lambda: fetch(urls[1] + "/readyz") == (200, "ready\n"), 60, "peer 1 ready again")
+        wait_until(lambda: fetch(urls[0] + "/readyz") == (200, "ready\n")
                    and metric(fetch(urls[0] + "/metrics")[1], "statefun_mesh_recoveries_total") >= 1,
                    60, "peer 0 recovered")  # fmt: skip
     finally:

@@ -16,7 +16,6 @@ import collections
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -33,12 +32,11 @@ if _ROOT not in sys.path:
 from statefun_mesh import MeshClient, message_builder  # noqa: E402
 from statefun_mesh.connectors.nats_egress import EgressRoute, render  # noqa: E402
 from statefun_mesh.errors import ConfigError  # noqa: E402
-from statefun_mesh.mesh import free_ports  # noqa: E402
 from statefun_mesh.messages import EgressRecord, kafka_egress_message  # noqa: E402
 from tests.binaries import free_port  # noqa: E402
 from tests.integration.app import EMIT, JSON  # noqa: E402
-from tests.integration.support import ROOT, Cluster, run_cli  # noqa: E402
-from tests.natsserver import NatsServer, NatsServerUnavailable, find_nats_server, running_nats_server  # noqa: E402
+from tests.integration.support import BridgeProcess, Cluster, run_cli, running_cluster  # noqa: E402
+from tests.natsserver import NatsServer, running_nats_server  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
@@ -52,51 +50,17 @@ IMMEDIATE = "it/nimm"
 
 
 @pytest.fixture(scope="module")
-def nats_server() -> Iterator[NatsServer]:
-    try:
-        find_nats_server()
-    except NatsServerUnavailable as exc:
-        if os.environ.get("CI") is not None:
-            pytest.fail(f"CI is set, so the NATS egress tests must not be skipped: {exc}")
-        pytest.skip(str(exc))
-    with running_nats_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("nats-egress-mesh"), transport="ipc", port=free_ports(1)[0],
-                config=f'checkpoint_interval = 0.5\negress_immediate = ["{IMMEDIATE}"]\n')  # fmt: skip
-    try:
-        c.wait_up()
+    config = f'checkpoint_interval = 0.5\negress_immediate = ["{IMMEDIATE}"]\n'
+    with running_cluster(tmp_path_factory.mktemp("nats-egress-mesh"), config=config) as c:
         yield c
-    finally:
-        c.stop()
 
 
-class Bridge:
+class Bridge(BridgeProcess):
     """``python -m statefun_mesh nats-egress ...`` in a session of its own, logging to files."""
 
     def __init__(self, workdir: Path, nats_url: str, mesh: Cluster, *args: str) -> None:
-        self.workdir = workdir
-        self.cmd = [sys.executable, "-m", "statefun_mesh", "nats-egress", "--nats-url", nats_url,
-                    "--mesh", mesh.endpoint, "--status-interval", "1", *args]  # fmt: skip
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        return self.procs[-1]
-
-    def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        with open(self.workdir / f"bridge-{len(self.procs) + 1}.log", "wb") as log:
-            self.procs.append(subprocess.Popen(self.cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL, env=env, start_new_session=True))  # fmt: skip
-
-    def log(self) -> str:
-        return "".join((self.workdir / f"bridge-{i}.log").read_text(errors="replace")
-                       for i in range(1, len(self.procs) + 1))  # fmt: skip
+        super().__init__("nats-egress", workdir, nats_url, mesh, *args)
 
     def counters(self, run: int) -> dict[str, int]:
         """The last status line's counters of run ``run`` (1-based)."""
@@ -104,27 +68,6 @@ class Bridge:
         found = re.findall(r"published (\d+) .*?duplicates dropped (\d+)", text)
         assert found, text[-2000:]
         return {"published": int(found[-1][0]), "duplicates": int(found[-1][1])}
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise AssertionError(f"the bridge did not stop within {timeout} s:\n{self.log()[-3000:]}") from None
-        return self.proc.returncode
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
 
 
 @pytest.fixture

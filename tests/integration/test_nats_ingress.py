@@ -15,8 +15,6 @@ import asyncio
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -30,10 +28,9 @@ if _ROOT not in sys.path:  # tests.natsserver lives at the repository root's tes
     sys.path.insert(0, _ROOT)
 
 from statefun_mesh import MeshClient, message_builder  # noqa: E402
-from statefun_mesh.mesh import free_ports  # noqa: E402
 from tests.integration.app import JSON, TALLY  # noqa: E402
-from tests.integration.support import ROOT, Cluster, alive  # noqa: E402
-from tests.natsserver import NatsServer, NatsServerUnavailable, find_nats_server, running_nats_server  # noqa: E402
+from tests.integration.support import BridgeProcess, Cluster, running_cluster  # noqa: E402
+from tests.natsserver import NatsServer  # noqa: E402
 
 pytestmark = [pytest.mark.integration]
 
@@ -47,84 +44,17 @@ from nats.js.api import StreamConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def nats_server() -> Iterator[NatsServer]:
-    try:
-        find_nats_server()
-    except NatsServerUnavailable as exc:
-        if os.environ.get("CI") is not None:
-            pytest.fail(f"CI is set, so the NATS ingress tests must not be skipped: {exc}")
-        pytest.skip(str(exc))
-    with running_nats_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A 3-peer mesh with checkpoints (``statefun-mesh run``'s default), shared by the tests."""
-    c = Cluster(tmp_path_factory.mktemp("nats-mesh"), transport="ipc", port=free_ports(1)[0])
-    try:
-        c.wait_up()
+    with running_cluster(tmp_path_factory.mktemp("nats-mesh")) as c:
         yield c
-    finally:
-        c.stop()
 
 
-class Bridge:
+class Bridge(BridgeProcess):
     """``python -m statefun_mesh nats-ingress ...`` in a session of its own, logging to a file."""
 
     def __init__(self, workdir: Path, server: NatsServer, mesh: Cluster, *args: str) -> None:
-        self.workdir = workdir
-        self.cmd = [
-            sys.executable, "-m", "statefun_mesh", "nats-ingress", "--nats-url", server.url,
-            "--mesh", mesh.endpoint, "--status-interval", "1", *args,
-        ]  # fmt: skip
-        self.runs = 0
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        return self.procs[-1]
-
-    def log_path(self, run: int) -> Path:
-        return self.workdir / f"bridge-{run}.log"
-
-    def start(self) -> None:
-        assert not self.procs or self.proc.poll() is not None, "already running"
-        self.runs += 1
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        with open(self.log_path(self.runs), "wb") as log:
-            self.procs.append(subprocess.Popen(
-                self.cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True,
-            ))  # fmt: skip
-
-    def log(self, run: int | None = None) -> str:
-        runs = range(1, self.runs + 1) if run is None else [run]
-        return "".join(self.log_path(r).read_text(errors="replace") for r in runs if self.log_path(r).exists())
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM: the bridge finishes its messages in flight and logs its counters."""
-        proc = self.proc
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-                raise AssertionError(f"the bridge did not stop within {timeout} s:\n{self.log()[-3000:]}") from None
-        return proc.returncode
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            if p.poll() is None and alive(p.pid):
-                p.kill()
-                p.wait(10)
+        super().__init__("nats-ingress", workdir, server.url, mesh, *args)
 
     def final_counts(self, run: int) -> dict[str, int]:
         """The counters of the ``stopped:`` line of run ``run``."""

@@ -58,12 +58,12 @@ def crash_everything(mesh: CrashMesh) -> None:
 
 
 async def test_rescale_3_to_2_with_a_crash_before_the_first_new_checkpoint(
-    file_meshes: Callable[..., CrashMesh],
+    crash_meshes: Callable[..., CrashMesh],
 ) -> None:
     deadline = time.monotonic() + 150
     keys = [f"r{i}" for i in range(KEYS)]
     expected = dict.fromkeys(keys, 0)
-    mesh = file_meshes(peers=3, checkpoint_interval=0.5)
+    mesh = crash_meshes(peers=3, checkpoint_interval=0.5)
     mesh.start()
     await asyncio.to_thread(mesh.wait_up)
     clients = await Clients.connect(mesh.endpoint)

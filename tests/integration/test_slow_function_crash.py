@@ -12,8 +12,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,10 +30,8 @@ SLOW_PEER = 1
 
 
 @pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[CrashMesh]:
-    m = CrashMesh(tmp_path)
-    yield m
-    m.cleanup()
+def mesh(crash_meshes: Callable[..., CrashMesh]) -> CrashMesh:
+    return crash_meshes()
 
 
 async def wait_new_manifests(mesh: CrashMesh, base: int, count: int, timeout: float) -> list[int]:

@@ -35,16 +35,24 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration import crash_app as app
 from tests.integration import netns_app
-from tests.integration.crash_util import APP, Clients, CrashMesh, FileBlobs, probe_ids, reply_json, wait_responsive
+from tests.integration.crash_util import (
+    APP,
+    Clients,
+    CrashMesh,
+    FileBlobs,
+    app_client,
+    probe_ids,
+    reply_json,
+    wait_responsive,
+)
 from tests.integration.support import gather_bounded, read_egress
 
 pytestmark = pytest.mark.integration
@@ -366,7 +374,7 @@ async def run_soak(mesh: CrashMesh, *, kills: int, budget: float, pause: float, 
         settled = time.monotonic()
 
         await _wait_new_checkpoints(mesh, 2, timeout=max(deadline - time.monotonic(), 30))
-        async with _client(mesh) as client:
+        async with app_client(mesh) as client:
             records = await read_egress(client, app.INCREMENTS, idle=4.0, timeout=max(deadline - time.monotonic(), 60))
         seen = Counter(r.as_string() for r in records)
         expected = {f"{key}|{inc}" for inc, key in load.incs.items()}
@@ -438,28 +446,9 @@ async def run_soak(mesh: CrashMesh, *, kills: int, budget: float, pause: float, 
         await clients.aclose()
 
 
-class _client:
-    """``async with _client(mesh) as client``: a MeshClient on peer 0's endpoint."""
-
-    def __init__(self, mesh: CrashMesh) -> None:
-        from statefun_mesh import MeshClient
-
-        self.client = MeshClient(mesh.endpoint, timeout=10.0)
-
-    async def __aenter__(self) -> Any:
-        return self.client
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.client.aclose()
-
-
 @pytest.fixture
-def soak_mesh(tmp_path: Path) -> Iterator[CrashMesh]:
-    mesh = CrashMesh(tmp_path, apps=APPS, checkpoint_interval=0.5)
-    try:
-        yield mesh
-    finally:
-        mesh.cleanup()
+def soak_mesh(crash_meshes: Callable[..., CrashMesh]) -> CrashMesh:
+    return crash_meshes(apps=APPS, checkpoint_interval=0.5)
 
 
 @pytest.mark.timeout(150)

@@ -199,6 +199,7 @@ _CRASH_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.integration  # a process
 @pytest.mark.parametrize("name", ["cp/new", "cp/overwritten"])
 async def test_fs_crash_between_temp_write_and_rename(tmp_path: Path, name: str) -> None:
     proc = await asyncio.create_subprocess_exec(

@@ -23,6 +23,7 @@ from statefun_mesh import (
 from statefun_mesh.errors import ClosedTransportError
 from statefun_mesh.snapshot.coordinator import latest_manifest
 from statefun_mesh.snapshot.format import manifest_name
+from tests.meshes import mesh_settings, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,14 +54,6 @@ def app() -> StatefulFunctions:
     return functions
 
 
-async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def completed(mesh: LocalMesh) -> int:
     coord = mesh.peers[0].coordinator
     return coord.last_complete.checkpoint if coord.last_complete else -1
@@ -73,11 +66,7 @@ async def wait_checkpoint_after(mesh: LocalMesh, n: int, timeout: float = 30.0) 
     return coord.last_complete.checkpoint
 
 
-def settings(tmp_path: Path, **kw):
-    base = dict(state_dir=str(tmp_path / "state"), blob_store=f"file://{tmp_path / 'blobs'}",
-                checkpoint_interval=0.2, heartbeat_interval=0.1, heartbeat_timeout=1.0)
-    base.update(kw)
-    return base
+settings = mesh_settings
 
 
 async def count_of(mesh: LocalMesh, key: str) -> int:

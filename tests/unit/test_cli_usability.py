@@ -176,6 +176,7 @@ def test_dev_extra_brings_what_make_and_ci_use() -> None:
         assert spec is not None and names[pkg] == spec.group(1), (names[pkg], script)
 
 
+@pytest.mark.integration  # a git process
 def test_runs_default_state_dir_is_ignored_by_git() -> None:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")

@@ -207,6 +207,7 @@ def test_id_and_id_from_hostname_are_exclusive_and_one_is_required() -> None:
             parser.parse_args(argv)
 
 
+@pytest.mark.integration  # processes
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare --uts")
 @pytest.mark.parametrize(("hostname", "expect"), [
     ("mesh-5", "--id must be in 0..1 for this config, got 5"),

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from statefun_mesh import IntType, LocalMesh, StatefulFunctions, ValueSpec, egress_message_builder, message_builder
+from tests.meshes import mesh_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,12 +34,8 @@ def app() -> StatefulFunctions:
     return functions
 
 
-def settings(tmp_path: Path, **kw):
-    base = dict(state_dir=str(tmp_path / "state"), blob_store=f"file://{tmp_path / 'blobs'}",
-                egress_immediate=["ei/now"],
-                checkpoint_interval=3600.0, heartbeat_interval=0.1, heartbeat_timeout=1.0)  # fmt: skip
-    base.update(kw)
-    return base
+def settings(tmp_path: Path, **kw: Any) -> dict[str, Any]:
+    return mesh_settings(tmp_path, **{"egress_immediate": ["ei/now"], "checkpoint_interval": 3600.0, **kw})
 
 
 async def take(it, n: int, timeout: float = 10.0) -> list:

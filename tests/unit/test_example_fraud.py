@@ -98,6 +98,7 @@ async def test_load_generator_paces_and_counts(tmp_path: Path) -> None:
         assert total + chargebacks == sent  # every transaction scored once, every chargeback counted once
 
 
+@pytest.mark.integration  # a process
 def test_demo_prints_alerts() -> None:
     out = subprocess.run([sys.executable, "-m", "examples.fraud_detection", "--seconds", "0.5"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip

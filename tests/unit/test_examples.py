@@ -32,6 +32,7 @@ async def test_greeter_counts_visits_and_greets(tmp_path: Path) -> None:
         assert greetings == [compute_greeting("Ann", i) for i in range(1, 5)]
 
 
+@pytest.mark.integration  # a process
 def test_greeter_main_prints_greetings() -> None:
     out = subprocess.run([sys.executable, "-m", "examples.greeter", "Zoe", "Zoe"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=True).stdout
@@ -57,6 +58,7 @@ async def test_shopping_cart_reserves_stock_and_checks_out(tmp_path: Path) -> No
             break
 
 
+@pytest.mark.integration  # an HTTP server
 async def test_web_service_answers_from_function_state(tmp_path: Path) -> None:
     pytest.importorskip("aiohttp")
     from aiohttp.test_utils import TestClient, TestServer

@@ -86,6 +86,7 @@ def slow_app() -> StatefulFunctions:
     return functions
 
 
+@pytest.mark.integration  # a MeshClient over tcp
 async def test_an_overloaded_peer_answers_info_and_refuses_sends_past_its_parking_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

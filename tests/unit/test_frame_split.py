@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import random
 from pathlib import Path
 from types import ModuleType
@@ -14,6 +13,7 @@ import msgpack
 import pytest
 
 from statefun_mesh._speedups_py import decode_batch
+from tests.cores import c_module
 
 FRAME_VECTORS = json.loads((Path(__file__).resolve().parents[1] / "data" / "frame_vectors.json").read_text("utf-8"))
 
@@ -86,12 +86,7 @@ def test_fill_checks_its_arguments_and_records(speedups: ModuleType) -> None:
 
 
 def test_both_cores_split_alike_at_every_boundary() -> None:
-    try:
-        c = importlib.import_module("statefun_mesh._speedups_c")
-    except ImportError:
-        if os.environ.get("STATEFUN_MESH_REQUIRE_EXTENSIONS"):
-            raise
-        pytest.skip("the Cython core is not built")
+    c = c_module()
     py = importlib.import_module("statefun_mesh._speedups_py")
     rng = random.Random(7)
     lens = [0, 1, 30, 31, 32, 255, 256, 65535, 65536, 100_000]

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import array
 import gc
-import importlib
-import os
 import random
 import sys
 import tracemalloc
@@ -40,6 +38,7 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:  # the shared strategies live in tests/fuzzing.py
     sys.path.insert(0, _ROOT)
 
+from tests.cores import c_module  # noqa: E402
 from tests.fuzzing import (  # noqa: E402
     CLIENT_KINDS,
     CONTROL_ITEMS,
@@ -62,18 +61,9 @@ def budget(ci: int, slow: int) -> int:
     return slow if SLOW else ci
 
 
-def _c_module() -> ModuleType:
-    try:
-        return importlib.import_module("statefun_mesh._speedups_c")
-    except ImportError:
-        if os.environ.get("STATEFUN_MESH_REQUIRE_EXTENSIONS"):
-            raise
-        pytest.skip("the Cython core statefun_mesh._speedups_c is not built")
-
-
 @pytest.fixture(scope="module")
 def c_core() -> ModuleType:
-    return _c_module()
+    return c_module()
 
 
 #: every SAMPLE_EVERY-th input of the fuzz, kept for the memory checks at the end of this module

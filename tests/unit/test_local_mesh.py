@@ -524,6 +524,7 @@ async def test_delayed_message_reaches_a_target_on_another_peer(tmp_path: Path) 
         assert counts == [1] * 20
 
 
+@pytest.mark.integration  # peers over tcp
 async def test_outgoing_frames_stay_under_max_frame_bytes(tmp_path: Path) -> None:
     functions = StatefulFunctions()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,7 @@ from statefun_mesh import (
 )
 from statefun_mesh.snapshot.coordinator import list_checkpoints
 from statefun_mesh.snapshot.rescale import entry_key_group, inherited_peers, renumber_egress, split_entries
+from tests.meshes import mesh_settings, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,19 +70,8 @@ def app() -> StatefulFunctions:
     return functions
 
 
-def settings(tmp_path: Path, peers: int, **kw):
-    base = dict(state_dir=str(tmp_path / "state"), blob_store=f"file://{tmp_path / 'blobs'}", peers=peers,
-                checkpoint_interval=0.2, heartbeat_interval=0.1, heartbeat_timeout=1.0, max_parallelism=64)  # fmt: skip
-    base.update(kw)
-    return base
-
-
-async def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+def settings(tmp_path: Path, peers: int, **kw: Any) -> dict[str, Any]:
+    return mesh_settings(tmp_path, **{"peers": peers, "max_parallelism": 64, **kw})
 
 
 async def checkpoint_after_now(mesh: LocalMesh) -> int:

@@ -207,6 +207,7 @@ def test_keys_generate_writes_files_and_prints_settings(tmp_path: Path, capsys: 
     assert printed.startswith('public_key = "') and "secret_key" in printed
 
 
+@pytest.mark.integration  # a process
 def test_a_dead_runs_client_key_copy_is_ignored_and_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run killed without cleaning up leaves its key copy; a later mesh on the same endpoint
     (a reused port) must not be approached with those keys."""

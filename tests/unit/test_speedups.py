@@ -28,6 +28,7 @@ import pytest
 
 from statefun_mesh import _speedups_py
 from statefun_mesh.errors import FrameDecodeError
+from tests.cores import c_module
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 HASH_VECTORS = json.loads((DATA / "hash_vectors.json").read_text("utf-8"))
@@ -35,19 +36,10 @@ FRAME_VECTORS = json.loads((DATA / "frame_vectors.json").read_text("utf-8"))
 U64 = 2**64 - 1
 
 
-def _c_module() -> ModuleType:
-    try:
-        return importlib.import_module("statefun_mesh._speedups_c")
-    except ImportError:
-        if os.environ.get("STATEFUN_MESH_REQUIRE_EXTENSIONS"):
-            raise
-        pytest.skip("the Cython core statefun_mesh._speedups_c is not built")
-
-
 @pytest.fixture
 def both() -> tuple[ModuleType, ModuleType]:
     """(twin, Cython core), for tests that compare the two."""
-    return _speedups_py, _c_module()
+    return _speedups_py, c_module()
 
 
 # ---------------------------------------------------------------- vector helpers
@@ -285,11 +277,12 @@ def test_selector() -> None:
     assert _speedups.IMPLEMENTATION in ("c", "python")
     if os.environ.get("STATEFUN_MESH_NO_EXTENSIONS"):
         assert _speedups.IMPLEMENTATION == "python"
-    expected = _speedups_py if _speedups.IMPLEMENTATION == "python" else _c_module()
+    expected = _speedups_py if _speedups.IMPLEMENTATION == "python" else c_module()
     for name in ("BatchEncoder", "decode_batch", "encode_batch", "key_group", "key_groups", "partition"):
         assert getattr(_speedups, name) is getattr(expected, name)
 
 
+@pytest.mark.integration  # a process
 @pytest.mark.parametrize(("env", "expected"), [({"STATEFUN_MESH_NO_EXTENSIONS": "1"}, "python"), ({}, None)])
 def test_selector_environment(env: dict[str, str], expected: str | None) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("STATEFUN_MESH_")}

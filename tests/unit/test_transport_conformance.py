@@ -67,7 +67,13 @@ def _tcp_curve() -> Factory:
     return make
 
 
-@pytest.fixture(params=["memory", "inproc", "ipc", "tcp", "tcp-curve"])
+#: ipc and tcp open real sockets (marked integration: ``-m "not integration"`` runs memory and inproc)
+_SOCKETS = pytest.mark.integration
+
+
+@pytest.fixture(
+    params=["memory", "inproc", *(pytest.param(p, marks=_SOCKETS) for p in ("ipc", "tcp", "tcp-curve"))]
+)
 def transport_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
     if request.param == "memory":
         yield _memory()

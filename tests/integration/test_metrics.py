@@ -23,6 +23,7 @@ from statefun_mesh import (
 )
 from statefun_mesh.config import load_config
 from statefun_mesh.peer import Peer
+from tests.meshes import mesh_settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,11 +68,9 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 def settings(tmp_path: Path, peers: int, **kw: Any) -> dict[str, Any]:
-    base = dict(state_dir=str(tmp_path / "state"), blob_store=f"file://{tmp_path / 'blobs'}",
-                checkpoint_interval=0.2, heartbeat_interval=0.1, heartbeat_timeout=1.0,
-                metrics_endpoints=("127.0.0.1:0",) * peers, peers=peers, transport="ipc")  # fmt: skip
-    base.update(kw)
-    return base
+    return mesh_settings(
+        tmp_path, **{"metrics_endpoints": ("127.0.0.1:0",) * peers, "peers": peers, "transport": "ipc", **kw}
+    )
 
 
 async def test_metrics_move_with_load_and_match_status(tmp_path: Path) -> None:
