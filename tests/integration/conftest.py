@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -14,9 +15,8 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:  # the clusters import tests.integration.app from the repository root
     sys.path.insert(0, _ROOT)
 
-from statefun_mesh.mesh import free_ports  # noqa: E402
 from tests.integration.crash_util import CrashMesh  # noqa: E402
-from tests.integration.support import Cluster  # noqa: E402
+from tests.integration.support import Cluster, running_cluster  # noqa: E402
 
 
 @pytest.fixture
@@ -40,31 +40,21 @@ def crash_meshes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 def start_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Cluster]]:
     """Start clusters of one's own (``start_cluster(transport="ipc", config=..., env=...)``);
     every one is stopped at teardown, also when the test failed."""
-    started: list[Cluster] = []
+    with contextlib.ExitStack() as started:
 
-    def start(transport: str = "ipc", **kwargs: Any) -> Cluster:
-        workdir = tmp_path_factory.mktemp(f"cluster-{transport}")
-        cluster = Cluster(workdir, transport=transport, port=free_ports(1)[0], **kwargs)
-        started.append(cluster)
-        cluster.wait_up()
-        return cluster
+        def start(transport: str = "ipc", **kwargs: Any) -> Cluster:
+            workdir = tmp_path_factory.mktemp(f"cluster-{transport}")
+            return started.enter_context(running_cluster(workdir, transport=transport, **kwargs))
 
-    yield start
-    for c in started:
-        c.stop()
+        yield start
 
 
 # ipc on the C core only: the transport is not hot-path code; the twin runs the shared cluster on tcp
 @pytest.fixture(scope="session", params=["tcp", pytest.param("ipc", marks=pytest.mark.c_core_only)])
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A 3-peer cluster shared by the tests that leave it healthy (each uses ids of its own)."""
-    workdir = tmp_path_factory.mktemp(f"shared-{request.param}")
-    c = Cluster(workdir, transport=request.param, port=free_ports(1)[0])
-    try:
-        c.wait_up()
+    with running_cluster(tmp_path_factory.mktemp(f"shared-{request.param}"), transport=request.param) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture

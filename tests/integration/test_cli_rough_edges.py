@@ -19,7 +19,7 @@ import pytest
 
 from statefun_mesh.mesh import free_ports
 from tests.integration import app
-from tests.integration.support import APP, ROOT, Cluster, run_cli
+from tests.integration.support import APP, ROOT, Cluster, run_cli, running_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
@@ -121,9 +121,7 @@ def test_launcher_checks_who_answers_its_client_endpoint(
     from statefun_mesh.config import MeshConfig
 
     (tmp_path / "other").mkdir()
-    cluster = Cluster(tmp_path / "other", transport="ipc", port=free_ports(1)[0], args=("--no-keys",))
-    try:
-        cluster.wait_up()
+    with running_cluster(tmp_path / "other", args=("--no-keys",)) as cluster:
         monkeypatch.setattr(launcher_mod, "_check_endpoint_free", lambda endpoint: None)
         monkeypatch.chdir(ROOT)
         launcher = launcher_mod.Launcher(
@@ -131,8 +129,6 @@ def test_launcher_checks_who_answers_its_client_endpoint(
             client_endpoint=cluster.endpoint, state_dir=str(tmp_path / "state"), log_level="warning", keys=False,
         )  # fmt: skip
         assert launcher.run() == 2
-    finally:
-        cluster.stop()
     out, err = capfd.readouterr()
     assert "is up" not in out + err
     assert f"{cluster.endpoint} is already served by another mesh" in err, err

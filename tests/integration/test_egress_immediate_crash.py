@@ -39,7 +39,9 @@ async def test_immediate_egress_is_exactly_once_after_dedup_across_a_sigkill(
     records: list[Any] = []
 
     async def consume() -> None:
-        async with MeshClient(mesh.endpoint, timeout=30) as c:
+        # timeout 5: a fetch the killed peer took with it fails after timeout + 2 s (30 s spent 28 s of
+        # the test waiting for it); a fetch long-polls 1 s, so 5 s is ample for one that is answered
+        async with MeshClient(mesh.endpoint, timeout=5) as c:
             while True:  # a consumer reconnects when its peer goes away, as real ones do
                 try:
                     async with contextlib.aclosing(c.egress(app.INCREMENTS)) as it:

@@ -14,9 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from statefun_mesh import MeshClient, StatefunMeshError
-from statefun_mesh.mesh import free_ports
 from statefun_mesh.security import ClientKeys, generate_keypair, public_of, read_key
-from tests.integration.support import Cluster, wait_until
+from tests.integration.support import running_cluster, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
@@ -42,10 +41,7 @@ def metric(text: str, name: str) -> float:
 
 
 def test_run_prints_metrics_ports_and_keeps_them_across_a_restart(tmp_path_factory: pytest.TempPathFactory) -> None:
-    cluster = Cluster(tmp_path_factory.mktemp("metrics"), transport="ipc", peers=2, port=free_ports(1)[0],
-                      args=("--checkpoint-interval", "0.5"))  # fmt: skip
-    try:
-        cluster.wait_up()
+    with running_cluster(tmp_path_factory.mktemp("metrics"), peers=2, args=("--checkpoint-interval", "0.5")) as cluster:
         m = re.search(r"metrics at (http://127\.0\.0\.1:\d+)/metrics, (http://127\.0\.0\.1:\d+)/metrics",
                       cluster.output())  # fmt: skip
         assert m, cluster.output()
@@ -80,15 +76,8 @@ def test_run_prints_metrics_ports_and_keeps_them_across_a_restart(tmp_path_facto
         wait_until(lambda: fetch(urls[0] + "/readyz") == (200, "ready\n")
                    and metric(fetch(urls[0] + "/metrics")[1], "statefun_mesh_recoveries_total") >= 1,
                    60, "peer 0 recovered")  # fmt: skip
-    finally:
-        cluster.stop()
 
 
 def test_no_metrics(tmp_path_factory: pytest.TempPathFactory) -> None:
-    cluster = Cluster(tmp_path_factory.mktemp("nometrics"), transport="ipc", peers=1, port=free_ports(1)[0],
-                      args=("--no-metrics",))  # fmt: skip
-    try:
-        cluster.wait_up()
+    with running_cluster(tmp_path_factory.mktemp("nometrics"), peers=1, args=("--no-metrics",)) as cluster:
         assert "metrics at" not in cluster.output() and "dashboard" not in cluster.output()
-    finally:
-        cluster.stop()
