@@ -548,7 +548,8 @@ class Participant:
                 kind, entries = await self._open(ref)
                 if kind != ref.kind:
                     raise SnapshotError(f"{ref.name} is a {kind} object, the manifest says {ref.kind}")
-                self.last_restore_entries += await asyncio.to_thread(backend.load, entries)
+                # a base (written in key order) goes into the empty store by appending
+                self.last_restore_entries += await asyncio.to_thread(backend.load, entries, append=kind == "base")
             _, entries = await self._open(part.inflight)
             self.inflight_restored = await asyncio.to_thread(lambda: [tuple(e) for e in entries])
             self.chain = list(part.chain)

@@ -447,50 +447,65 @@ class LmdbStateBackend:
         for name, key in sorted(changed):
             yield name, key, cast("bytes | None", txn.get(key, db=dbs[name]))
 
-    def load(self, entries: Iterable[Sequence[Any]], batch: int = 50_000) -> int:
+    def load(self, entries: Iterable[Sequence[Any]], batch: int = 50_000, *, append: bool = False) -> int:
         """Apply snapshot entries ``(database, key, value or None)`` (puts, and deletes for
         ``None``) in order, ``batch`` to a write transaction; return how many.
 
         The restore path: runs of puts into one database go to LMDB as one
-        ``Cursor.putmulti`` (no per-entry operation tuples), and nothing is added to the
-        change set (a restore is followed by :meth:`take_changes`).
+        ``Cursor.putmulti``, and a batch is held as three flat lists (database names, keys,
+        values), never as one container object per entry, so loading millions of entries
+        does not set off the cyclic garbage collector over and over. Nothing is added to
+        the change set (a restore is followed by :meth:`take_changes`). ``append``: the
+        entries are in key order per database and after every key the store holds (a base
+        loaded into an empty store), so LMDB appends them without searching; a run that
+        is not in order is put again the ordinary way, so this is only ever a speed-up.
 
         Raises:
-            StateBackendError: an entry names an unknown database (what came before it is
-                applied), or LMDB failed.
+            StateBackendError: an entry names an unknown database (what came before its
+                batch is applied), or LMDB failed.
         """
         n = 0
         it = iter(entries)
         while True:
-            chunk = list(itertools.islice(it, batch))
-            if not chunk:
+            names: list[str] = []
+            keys: list[bytes] = []
+            values: list[bytes | None] = []
+            for e in itertools.islice(it, batch):
+                names.append(e[0])
+                keys.append(e[1])
+                values.append(e[2])
+            if not names:
                 return n
             write_growing(
-                self.env, functools.partial(self._load_chunk, chunk=chunk), what="the state store", path=self.path,
-                max_size=self.max_map_size,
+                self.env, functools.partial(self._load_chunk, names=names, keys=keys, values=values, append=append),
+                what="the state store", path=self.path, max_size=self.max_map_size,
                 full=f"the state store at {self.path} is full at its size limit ({{mib}} MiB) while restoring a "
                 "checkpoint; raise max_map_size",
                 remedy="the restore failed; the coordinator retries it",
             )  # fmt: skip
-            n += len(chunk)
+            n += len(names)
 
-    def _load_chunk(self, txn: lmdb.Transaction, chunk: list[Sequence[Any]]) -> None:
+    def _load_chunk(self, txn: lmdb.Transaction, names: list[str], keys: list[bytes],
+                    values: list[bytes | None], append: bool) -> None:  # fmt: skip
         dbs = self._dbs
-        i, end = 0, len(chunk)
+        i, end = 0, len(names)
         while i < end:
-            name = chunk[i][0]
+            name = names[i]
             db = dbs.get(name)
             if db is None:
                 raise StateBackendError(f"snapshot entry for unknown database {name!r}")
             j = i
-            while j < end and chunk[j][0] == name and chunk[j][2] is not None:
+            while j < end and names[j] == name and values[j] is not None:
                 j += 1
             if j > i:  # a run of puts into one database
+                run = cast("list[bytes]", values[i:j])  # no None in a run of puts
                 with txn.cursor(db=db) as cur:
-                    cur.putmulti([(e[1], e[2]) for e in chunk[i:j]])
+                    consumed, added = cur.putmulti(zip(keys[i:j], run, strict=True), append=append)
+                    if added != consumed:  # out of order for an append (LMDB skipped those): put them all
+                        cur.putmulti(zip(keys[i:j], run, strict=True))
                 i = j
             else:  # a delete
-                txn.delete(chunk[i][1], db=db)
+                txn.delete(keys[i], db=db)
                 i += 1
 
     def rollback(self, view: lmdb.Transaction, keys: Iterable[tuple[str, bytes]]) -> int:

@@ -26,6 +26,7 @@ from statefun_mesh import (
     egress_message_builder,
     message_builder,
 )
+from statefun_mesh.errors import StateBackendError
 from statefun_mesh.snapshot.format import Manifest, open_object_file
 from statefun_mesh.state.lmdb_backend import LmdbStateBackend
 
@@ -226,3 +227,37 @@ async def test_only_the_restarted_peer_rebuilds_and_every_count_is_exact(tmp_pat
         for k, n in sent.items():
             r = await mesh.request(message_builder(target_typename="rb/counter", target_id=f"c{k}", int_value=0))
             assert r.as_int() == n, k
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_load_applies_entries_in_order_whatever_their_key_order(tmp_path: Path, append: bool) -> None:
+    rng = random.Random(7)
+    entries: list[tuple[str, bytes, bytes | None]] = []
+    for _ in range(3000):
+        db = rng.choice(["state", "state", "dedup", "egress"])
+        key = b"k%03d" % rng.randrange(400)
+        entries.append((db, key, None if rng.random() < 0.2 else b"v%d" % rng.randrange(10**6)))
+    expected: dict[tuple[str, bytes], bytes] = {}
+    for db, key, value in entries:
+        if value is None:
+            expected.pop((db, key), None)
+        else:
+            expected[(db, key)] = value
+    backend = LmdbStateBackend(tmp_path / "s")
+    try:
+        # small batches: runs of puts, deletes and database changes cross batch boundaries;
+        # with append=True the out-of-order runs must still land (put again the ordinary way)
+        assert backend.load(iter(entries), batch=97, append=append) == len(entries)
+        with backend.read() as txn:
+            got = {(db, key): value for db, key, value in backend.dump(txn)}
+        assert got == expected
+        # an unknown database: that batch is not applied at all, what came before stays
+        with pytest.raises(StateBackendError, match="unknown database 'nope'"):
+            backend.load([("state", b"zz1", b"1"), ("nope", b"x", b"1")], batch=1)
+        with pytest.raises(StateBackendError, match="unknown database 'nope'"):
+            backend.load([("state", b"zz2", b"1"), ("nope", b"x", b"1")], batch=10)
+        with backend.read() as txn:
+            assert txn.get(b"zz1", db=backend.db_state) == b"1"
+            assert txn.get(b"zz2", db=backend.db_state) is None
+    finally:
+        backend.close()
