@@ -39,7 +39,13 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .._speedups import key_group
-from ..errors import BlobNotFoundError, BlobStoreError, IncompatibleSnapshotError, SnapshotError
+from ..errors import (
+    BlobNotFoundError,
+    BlobStoreError,
+    IncompatibleSnapshotError,
+    SnapshotError,
+    StateBackendError,
+)
 from ..spill import Spill
 from ..transport import codec
 from .format import (
@@ -474,7 +480,8 @@ class Participant:
         """The view and changed keys to roll the live store back to ``manifest`` in place,
         or ``None`` when it must be rebuilt: this process did not see that checkpoint's cut
         (a restarted peer), wrote another chain than the manifest names, the peers or key
-        groups changed, or the store does not track its changes."""
+        groups changed, the store does not track its changes, or its map grew since the
+        cut (which invalidates the read transaction)."""
         n = manifest.checkpoint if manifest is not None else -1
         point = self._points.pop(n, None)
         self._drop_points()
@@ -482,8 +489,9 @@ class Participant:
             return None
         chain, txn, extra = point
         peer = self.host
-        live = peer.state_store().changed
-        usable = live is not None and (
+        backend = peer.state_store()
+        live = backend.changed
+        usable = live is not None and backend.usable_view(txn) and (
             manifest is None
             or (
                 manifest.peers == peer.n_peers
@@ -525,9 +533,13 @@ class Participant:
                 finally:  # in the thread: a cancelled restore must not abort it under a running rollback
                     view.abort()
 
-            self.last_restore_entries = await asyncio.to_thread(roll)
-            self.last_restore = "rolled back"
-        else:
+            try:
+                self.last_restore_entries = await asyncio.to_thread(roll)
+                self.last_restore = "rolled back"
+            except StateBackendError as exc:
+                log.warning("peer %d: cannot roll the store back in place (%s); rebuilding it", peer.peer_id, exc)
+                point = None
+        if point is None:
             backend = peer.reopen_state_store()
             self.last_restore = "rebuilt"
             self.last_restore_entries = 0

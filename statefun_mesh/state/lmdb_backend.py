@@ -508,6 +508,15 @@ class LmdbStateBackend:
                 txn.delete(keys[i], db=db)
                 i += 1
 
+    def usable_view(self, view: lmdb.Transaction) -> bool:
+        """Whether read transaction ``view`` still sees its snapshot: growing the map
+        (``set_mapsize``) invalidates every open transaction of the environment."""
+        try:
+            view.stat(self.db_state)
+        except lmdb.Error:
+            return False
+        return True
+
     def rollback(self, view: lmdb.Transaction, keys: Iterable[tuple[str, bytes]]) -> int:
         """Roll the store back in place to what ``view`` sees, given ``keys``: every
         ``(database, key)`` written since ``view`` began (a superset is fine). Each of
@@ -517,9 +526,17 @@ class LmdbStateBackend:
 
         The restore path of a peer that kept running: it rewrites only what changed since
         the checkpoint instead of rebuilding the whole store from its objects.
+
+        Raises:
+            StateBackendError: ``view`` is no longer readable, or the write failed;
+                nothing was written then.
         """
         dbs = self._dbs
-        restore = [(dbs[db], key, cast("bytes | None", view.get(key, db=dbs[db]))) for db, key in sorted(keys)]
+        try:
+            restore = [(dbs[db], key, cast("bytes | None", view.get(key, db=dbs[db]))) for db, key in sorted(keys)]
+        except lmdb.Error as exc:
+            raise StateBackendError(f"cannot read the checkpoint's view of {self.path}: {exc}; rebuild the "
+                                    "store from the checkpoint instead") from exc  # fmt: skip
 
         def write(txn: lmdb.Transaction) -> None:
             for db, key, value in restore:

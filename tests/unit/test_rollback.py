@@ -176,6 +176,40 @@ async def test_a_surviving_peer_rolls_back_in_place_to_exactly_the_checkpoint(
             assert live == rebuilt_dump(tmp_path, manifest, p)
 
 
+async def test_a_store_whose_map_grew_since_the_cut_is_rebuilt_instead(tmp_path: Path) -> None:
+    """Growing the LMDB map invalidates the read transaction kept at the cut: that peer
+    must notice and rebuild (a rollback from it would fail or read nothing)."""
+    rng = random.Random(3)
+    kw = settings(tmp_path)
+    kw["map_size"] = 1 << 18  # 256 KiB: grows while the test writes
+    async with LocalMesh(app(), peers=2, **kw) as mesh:
+        await drive(mesh, rng, 200, "a")
+        await checkpoint(mesh)
+        sizes = [p.backend.env.info()["map_size"] for p in mesh.peers]
+        # long values, until both maps grew
+        for i in range(400):
+            if all(p.backend.env.info()["map_size"] > sizes[k] for k, p in enumerate(mesh.peers)):
+                break
+            await mesh.send(message_builder(target_typename="rb/cell", target_id=f"big{i}", int_value=6 * i + 1))
+            await mesh.send(message_builder(target_typename="rb/cell", target_id=f"k{i % 60}", int_value=6 * i + 95))
+        else:
+            raise AssertionError("the maps did not grow")
+        await mesh.idle()
+        seen: list[list[tuple[str, list[tuple[str, bytes, bytes]]]]] = [[] for _ in mesh.peers]
+        for p, peer in enumerate(mesh.peers):
+            watch_restores(peer, seen[p])
+        coord = mesh.peers[0].coordinator
+        rounds = coord.recoveries
+        coord.request_recovery("test")
+        await wait_for(lambda: coord.recoveries > rounds and all(seen) and all(p.resumed for p in mesh.peers),
+                       30, "the recovery round")
+        manifest = coord.last_complete
+        for p in range(2):
+            how, dump = seen[p][-1]
+            assert how == "rebuilt", p
+            assert dump == rebuilt_dump(tmp_path, manifest, p)
+
+
 async def test_only_the_restarted_peer_rebuilds_and_every_count_is_exact(tmp_path: Path) -> None:
     functions = StatefulFunctions()
 
