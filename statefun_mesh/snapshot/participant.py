@@ -516,6 +516,7 @@ class Participant:
         """
         peer = self.host
         cfg = peer.config
+        started, cpu = time.monotonic(), time.process_time()
         if manifest is not None and manifest.max_parallelism != cfg.max_parallelism:
             self._drop_points()
             raise IncompatibleSnapshotError(
@@ -577,9 +578,10 @@ class Participant:
             # the next one completes, rolls back in place
             self._set_view(manifest.checkpoint if manifest is not None else -1, backend.read())
         if manifest is not None:
-            log.info("peer %d: checkpoint %d restored (%s, %d %s)", peer.peer_id, manifest.checkpoint,
-                     self.last_restore, self.last_restore_entries,
-                     "keys rewritten" if self.last_restore == "rolled back" else "entries loaded")  # fmt: skip
+            log.info("peer %d: checkpoint %d restored (%s, %d %s) in %.3f s, %.3f CPU-s", peer.peer_id,
+                     manifest.checkpoint, self.last_restore, self.last_restore_entries,
+                     "keys rewritten" if self.last_restore == "rolled back" else "entries loaded",
+                     time.monotonic() - started, time.process_time() - cpu)  # fmt: skip
         peer.state_restored(released)
 
     async def _restore_rescaled(self, manifest: Manifest, backend: LmdbStateBackend) -> dict[str, int]:
