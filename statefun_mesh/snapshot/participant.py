@@ -394,6 +394,9 @@ class Participant:
         if snap.txn is not None:
             self._set_view(n, snap.txn)
             snap.txn = None
+        elif self.view is not None:  # no view of n: an older one would miss n's changes
+            self.view[2].abort()
+            self.view = None
         self.host.release_egress(snap.part.egress)
         self.host.sources_checkpointed(snap.part.sources)
         # Trim the ingress log only below the oldest retained checkpoint, so recovery can
