@@ -544,6 +544,9 @@ class Participant:
                 log.warning("peer %d: cannot roll the store back in place (%s); rebuilding it", peer.peer_id, exc)
                 point = None
         if point is None:
+            if self.view is not None:  # (reset() hands it over; this only guards its order)
+                self.view[2].abort()
+                self.view = None
             backend = peer.reopen_state_store()
             self.last_restore = "rebuilt"
             self.last_restore_entries = 0
