@@ -488,25 +488,35 @@ class LmdbStateBackend:
     def _load_chunk(self, txn: lmdb.Transaction, names: list[str], keys: list[bytes],
                     values: list[bytes | None], append: bool) -> None:  # fmt: skip
         dbs = self._dbs
-        i, end = 0, len(names)
+        end = len(names)
+        if names.count(names[0]) == end and None not in values:
+            # the common case (a base's batch: puts into one database), checked in C
+            self._put_run(txn, names[0], keys, cast("list[bytes]", values), append)
+            return
+        i = 0
         while i < end:
             name = names[i]
-            db = dbs.get(name)
-            if db is None:
-                raise StateBackendError(f"snapshot entry for unknown database {name!r}")
             j = i
             while j < end and names[j] == name and values[j] is not None:
                 j += 1
             if j > i:  # a run of puts into one database
-                run = cast("list[bytes]", values[i:j])  # no None in a run of puts
-                with txn.cursor(db=db) as cur:
-                    consumed, added = cur.putmulti(zip(keys[i:j], run, strict=True), append=append)
-                    if added != consumed:  # out of order for an append (LMDB skipped those): put them all
-                        cur.putmulti(zip(keys[i:j], run, strict=True))
+                self._put_run(txn, name, keys[i:j], cast("list[bytes]", values[i:j]), append)
                 i = j
             else:  # a delete
+                db = dbs.get(name)
+                if db is None:
+                    raise StateBackendError(f"snapshot entry for unknown database {name!r}")
                 txn.delete(keys[i], db=db)
                 i += 1
+
+    def _put_run(self, txn: lmdb.Transaction, name: str, keys: list[bytes], values: list[bytes], append: bool) -> None:
+        db = self._dbs.get(name)
+        if db is None:
+            raise StateBackendError(f"snapshot entry for unknown database {name!r}")
+        with txn.cursor(db=db) as cur:
+            consumed, added = cur.putmulti(zip(keys, values, strict=True), append=append)
+            if added != consumed:  # out of order for an append (LMDB skipped those): put them all
+                cur.putmulti(zip(keys, values, strict=True))
 
     def usable_view(self, view: lmdb.Transaction) -> bool:
         """Whether read transaction ``view`` still sees its snapshot: growing the map

@@ -285,6 +285,14 @@ def test_load_applies_entries_in_order_whatever_their_key_order(tmp_path: Path, 
         with backend.read() as txn:
             got = {(db, key): value for db, key, value in backend.dump(txn)}
         assert got == expected
+        # a batch of puts into one database only, out of key order (overwriting, too)
+        puts = [("state", b"k%03d" % rng.randrange(400), b"w%d" % i) for i in range(300)]
+        backend.load(puts, batch=1000, append=append)
+        for _, key, value in puts:
+            expected[("state", key)] = value
+        with backend.read() as txn:
+            got = {(db, key): value for db, key, value in backend.dump(txn)}
+        assert got == expected
         # an unknown database: that batch is not applied at all, what came before stays
         with pytest.raises(StateBackendError, match="unknown database 'nope'"):
             backend.load([("state", b"zz1", b"1"), ("nope", b"x", b"1")], batch=1)
