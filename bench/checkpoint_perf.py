@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -466,6 +467,16 @@ async def _kill_and_time(mesh: mp.MeshProcesses, client: MeshClient, probe_id: s
             "failed_requests": errors}  # fmt: skip
 
 
+_RESTORED = re.compile(r"peer (\d+): checkpoint \d+ restored \(([a-z ]+), (\d+) [a-z ]+\) in ([\d.]+) s, "
+                       r"([\d.]+) CPU-s")
+
+
+def _restores(log_text: str) -> list[dict[str, Any]]:
+    """Each peer's restores as it logged them: how ("rolled back" or "rebuilt"), entries, wall and CPU seconds."""
+    return [{"peer": int(m[1]), "how": m[2], "entries": int(m[3]), "s": float(m[4]), "cpu_s": float(m[5])}
+            for m in _RESTORED.finditer(log_text)]  # fmt: skip
+
+
 def _recovery_rounds(log_text: str) -> list[float]:
     out = []
     for line in log_text.splitlines():
@@ -501,6 +512,7 @@ async def _recovery_measure(mesh: mp.MeshProcesses, args: argparse.Namespace, lo
         kills = []
         for k in range(args.recovery_kills):
             rounds_before = len(_recovery_rounds(mesh.tail(10**9)))
+            restores_before = len(_restores(mesh.tail(10**9)))
             in_force = _manifest(mesh, max(_manifests(mesh) or [0])) or {"parts": []}
             restored = [sum(o["size"] for o in p["chain"]) + p["inflight"]["size"] for p in in_force["parts"]]
             r = await _kill_and_time(mesh, s.clients[0], probe_id, expected, args.recovery_timeout)
@@ -510,13 +522,16 @@ async def _recovery_measure(mesh: mp.MeshProcesses, args: argparse.Namespace, lo
                 await asyncio.sleep(0.05)
             rounds = _recovery_rounds(mesh.tail(10**9))[rounds_before:]
             r["recovery_rounds_s"] = rounds
+            r["restores"] = _restores(mesh.tail(10**9))[restores_before:]
             r["restored_bytes_per_peer"] = restored
             if r["kill_to_new_process_s"] is not None and rounds:
                 # python start-up, opening the stores, and the heartbeat that tells the coordinator
                 r["new_process_to_round_s"] = r["kill_to_answer_s"] - r["kill_to_new_process_s"] - sum(rounds)
             log(f"  {mode}: kill {k + 1}/{args.recovery_kills}: answered {r['kill_to_answer_s']:.2f} s after the "
                 f"SIGKILL (new process after {r['kill_to_new_process_s'] or float('nan'):.2f} s; recovery "
-                f"round(s) {', '.join(f'{x:.2f}' for x in rounds)} s)")  # fmt: skip
+                f"round(s) {', '.join(f'{x:.2f}' for x in rounds)} s; restores: "
+                + "; ".join(f"peer {x['peer']} {x['how']} {x['entries']:,} in {x['s']:.2f} s ({x['cpu_s']:.2f} CPU-s)"
+                            for x in r["restores"]) + ")")  # fmt: skip
             kills.append(r)
             if k + 1 < args.recovery_kills:  # settle: the mesh checkpoints again before the next kill
                 await _wait_manifests(mesh, max(_manifests(mesh) or [0]), 1, 10 * args.recovery_interval + 120)
@@ -551,6 +566,8 @@ def run_recovery(args: argparse.Namespace, log: Log) -> list[dict[str, Any]]:
         cfg.write_text(f"local_recovery = {'true' if mode == 'local' else 'false'}\n")
         mesh = mp.MeshProcesses(_mesh_args(args.recovery_interval, str(cfg)), args.recovery_peers, "c", log,
                                 app_ref=CKPT_APP_REF)  # fmt: skip
+        # info: each peer logs how it restored ("rolled back" in place or "rebuilt") and how long it took
+        mesh.cmd[mesh.cmd.index("--log-level") + 1] = "info"
         log(f"recovery ({mode}): starting {args.recovery_peers} peers, a checkpoint every {args.recovery_interval} s")
         try:
             mesh.start(60.0)

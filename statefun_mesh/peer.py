@@ -245,9 +245,10 @@ class Peer:
         hi = -(-(p + 1) * maxp // n)
         return lo, hi
 
-    def _open_backend(self) -> LmdbStateBackend:
+    def _open_backend(self, backend: LmdbStateBackend | None = None) -> LmdbStateBackend:
         cfg = self.config
-        backend = LmdbStateBackend(self.state_path, map_size=cfg.map_size, max_map_size=cfg.max_map_size)
+        if backend is None:
+            backend = LmdbStateBackend(self.state_path, map_size=cfg.map_size, max_map_size=cfg.max_map_size)
         self.backend = backend
         self.dispatcher = Dispatcher(
             self.table,
@@ -593,8 +594,11 @@ class Peer:
         assert self.backend is not None, "the state store is not open"
         return self.backend
 
-    def reopen_state_store(self) -> LmdbStateBackend:
-        """Close and delete the state store and open an empty one (a restore starts)."""
+    def reopen_state_store(self, *, keep: bool = False) -> LmdbStateBackend:
+        """Close and delete the state store and open an empty one (a restore starts);
+        ``keep``: keep the open store (it is rolled back in place), with a new dispatcher."""
+        if keep and self.backend is not None:
+            return self._open_backend(self.backend)
         if self.backend is not None:
             self.backend.close()
             self.backend = None

@@ -93,8 +93,10 @@ class CheckpointHost(PeerView, Protocol):
         """A checkpoint covering ``positions`` (see :meth:`source_positions`) completed."""
         ...
 
-    def reopen_state_store(self) -> LmdbStateBackend:
-        """Close the state store, delete it, and open an empty one (restoring starts)."""
+    def reopen_state_store(self, *, keep: bool = False) -> LmdbStateBackend:
+        """Close the state store, delete it, and open an empty one (restoring starts).
+        ``keep``: keep the open store as it is (it is rolled back in place); everything
+        else the peer derived from it in memory is started afresh all the same."""
         ...
 
     def state_restored(self, egress_heads: dict[str, int]) -> None:

@@ -39,7 +39,13 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .._speedups import key_group
-from ..errors import BlobNotFoundError, BlobStoreError, IncompatibleSnapshotError, SnapshotError
+from ..errors import (
+    BlobNotFoundError,
+    BlobStoreError,
+    IncompatibleSnapshotError,
+    SnapshotError,
+    StateBackendError,
+)
 from ..spill import Spill
 from ..transport import codec
 from .format import (
@@ -132,6 +138,18 @@ class Participant:
         self.written_seconds = 0.0
         self.written_bytes = 0
         self._upload: asyncio.Task[None] | None = None
+        #: the state of the last completed checkpoint as this process's store saw it at the
+        #: cut: (checkpoint, its chain's SHA-256s, a read transaction opened at the cut).
+        #: Kept open until the next checkpoint completes, so a recovery to it can roll the
+        #: live store back in place (docs/architecture.md §7 "Rolling back in place").
+        self.view: tuple[int, tuple[str, ...], lmdb.Transaction] | None = None
+        #: what reset() kept for restore(): checkpoint -> (chain SHA-256s, read transaction
+        #: at its cut, keys written since the cut besides the store's live change set)
+        self._points: dict[int, tuple[tuple[str, ...], lmdb.Transaction, set[tuple[str, bytes]]]] = {}
+        #: how the last restore() got its state: "rolled back" (in place), "rebuilt" or "rescaled"
+        self.last_restore = ""
+        #: keys rewritten (rolled back) or entries loaded (rebuilt) by the last restore()
+        self.last_restore_entries = 0
 
     # -- barriers -------------------------------------------------------------------------
 
@@ -213,8 +231,10 @@ class Participant:
         host = self.host
         loop = asyncio.get_running_loop()
         started = loop.time()
+        written = False
         try:
             part = await self._write_objects(snap)
+            written = True
         except (BlobStoreError, SnapshotError, OSError) as exc:
             host.tlog.error("failed checkpoint uploads", "peer %d: checkpoint %d could not be written: %s; "
                             "processing goes on and the coordinator retries with the next checkpoint",
@@ -222,7 +242,9 @@ class Participant:
             host.acknowledge_checkpoint(snap.n, None, str(exc))
             return
         finally:
-            if snap.txn is not None:
+            # a written snapshot keeps its cut's read transaction: it becomes the view a
+            # rollback in place returns to once the checkpoint completes (on_done)
+            if snap.txn is not None and (not written or self.snap is not snap):
                 snap.txn.abort()
                 snap.txn = None
             if snap.spill_txn is not None:
@@ -369,6 +391,12 @@ class Participant:
         self.history.append((n, self.completed_at, self.last_duration, self.last_bytes))
         del self.history[:-20]
         self.chain = list(snap.part.chain)
+        if snap.txn is not None:
+            self._set_view(n, snap.txn)
+            snap.txn = None
+        elif self.view is not None:  # no view of n: an older one would miss n's changes
+            self.view[2].abort()
+            self.view = None
         self.host.release_egress(snap.part.egress)
         self.host.sources_checkpointed(snap.part.sources)
         # Trim the ingress log only below the oldest retained checkpoint, so recovery can
@@ -404,18 +432,43 @@ class Participant:
             return
         self.snap = None
         self.carry |= snap.changes
-        if snap.txn is not None and not snap.finalizing:
+        if snap.txn is not None and (not snap.finalizing or snap.part is not None):
             snap.txn.abort()
             snap.txn = None
         if snap.spill_txn is not None and not snap.finalizing:
             snap.spill_txn.abort()
             snap.spill_txn = None
 
+    def _set_view(self, n: int, txn: lmdb.Transaction) -> None:
+        """``txn`` (opened at checkpoint ``n``'s cut, or right after restoring it) is the new view."""
+        old, self.view = self.view, (n, tuple(r.sha256 for r in self.chain), txn)
+        if old is not None:
+            old[2].abort()
+
+    def _drop_points(self) -> None:
+        for _, txn, _ in self._points.values():
+            txn.abort()
+        self._points = {}
+
     def reset(self) -> None:
-        """Forget every checkpoint in progress (recovery starts)."""
+        """Forget every checkpoint in progress (recovery starts).
+
+        What a rollback in place needs is kept for :meth:`restore`: the view of the last
+        completed checkpoint, and that of a checkpoint this peer wrote whose completion it
+        has not heard of yet (the coordinator may have published it), each with the keys
+        written since its cut that the store's live change set does not hold.
+        """
         if self._upload is not None and not self._upload.done():
             self._upload.cancel()
         snap, self.snap = self.snap, None
+        self._drop_points()
+        if self.view is not None:
+            n, chain, txn = self.view
+            self._points[n] = (chain, txn, self.carry | (snap.changes if snap is not None else set()))
+            self.view = None
+        if snap is not None and snap.part is not None and snap.txn is not None:
+            self._points[snap.n] = (tuple(r.sha256 for r in snap.part.chain), snap.txn, set(self.carry))
+            snap.txn = None
         if snap is not None and snap.txn is not None and not snap.finalizing:
             snap.txn.abort()
         if snap is not None and snap.spill_txn is not None and not snap.finalizing:
@@ -426,21 +479,77 @@ class Participant:
 
     # -- restoring ------------------------------------------------------------------------
 
-    async def restore(self, manifest: Manifest | None) -> None:
-        """Rebuild this peer's state store from ``manifest`` (``None``: empty state).
+    def _rollback_point(self, manifest: Manifest | None) -> tuple[lmdb.Transaction, set[tuple[str, bytes]]] | None:
+        """The view and changed keys to roll the live store back to ``manifest`` in place,
+        or ``None`` when it must be rebuilt: this process did not see that checkpoint's cut
+        (a restarted peer), wrote another chain than the manifest names, the peers or key
+        groups changed, the store does not track its changes, or its map grew since the
+        cut (which invalidates the read transaction)."""
+        n = manifest.checkpoint if manifest is not None else -1
+        point = self._points.pop(n, None)
+        self._drop_points()
+        if point is None:
+            return None
+        chain, txn, extra = point
+        peer = self.host
+        backend = peer.state_store()
+        live = backend.changed
+        usable = live is not None and backend.usable_view(txn) and (
+            manifest is None
+            or (
+                manifest.peers == peer.n_peers
+                and manifest.parts[peer.peer_id].key_groups == peer.key_group_range
+                and tuple(r.sha256 for r in manifest.parts[peer.peer_id].chain) == chain
+            )
+        )
+        if not usable or live is None:
+            txn.abort()
+            return None
+        return txn, extra | live
 
-        The live store is not trusted after a failure: it is deleted and rebuilt from
-        the checkpoint objects, read from the local copies this peer kept when they are
-        intact (and ``local_recovery`` is on), else from the blob store.
+    async def restore(self, manifest: Manifest | None) -> None:
+        """Restore ``manifest`` (``None``: empty state) into this peer's state store.
+
+        A peer that kept running since that checkpoint's cut rolls its live store back in
+        place: it rewrites only the keys written since the cut, with the values a read
+        transaction opened at the cut still sees (:meth:`_rollback_point`). Otherwise the
+        live store is not trusted: it is deleted and rebuilt from the checkpoint objects,
+        read from the local copies this peer kept when they are intact (and
+        ``local_recovery`` is on), else from the blob store.
         """
         peer = self.host
         cfg = peer.config
+        started, cpu = time.monotonic(), time.process_time()
         if manifest is not None and manifest.max_parallelism != cfg.max_parallelism:
+            self._drop_points()
             raise IncompatibleSnapshotError(
                 f"checkpoint {manifest.checkpoint} was taken with max_parallelism {manifest.max_parallelism}, "
                 f"this mesh has {cfg.max_parallelism}; max_parallelism is fixed for the life of the application"
             )
-        backend = peer.reopen_state_store()
+        point = self._rollback_point(manifest)
+        if point is not None:
+            view, keys = point
+            backend = peer.reopen_state_store(keep=True)
+
+            def roll() -> int:
+                try:
+                    return backend.rollback(view, keys)
+                finally:  # in the thread: a cancelled restore must not abort it under a running rollback
+                    view.abort()
+
+            try:
+                self.last_restore_entries = await asyncio.to_thread(roll)
+                self.last_restore = "rolled back"
+            except StateBackendError as exc:
+                log.warning("peer %d: cannot roll the store back in place (%s); rebuilding it", peer.peer_id, exc)
+                point = None
+        if point is None:
+            if self.view is not None:  # (reset() hands it over; this only guards its order)
+                self.view[2].abort()
+                self.view = None
+            backend = peer.reopen_state_store()
+            self.last_restore = "rebuilt"
+            self.last_restore_entries = 0
         ingress = peer.ingress_log()
         self.chain = []
         self.inflight_restored = []
@@ -451,13 +560,15 @@ class Participant:
         self.sources = {k: v for p in manifest.parts for k, v in p.sources.items()} if manifest is not None else {}
         if manifest is not None and manifest.peers != peer.n_peers:
             released = await self._restore_rescaled(manifest, backend)
+            self.last_restore = "rescaled"
         elif manifest is not None:
             part = manifest.parts[peer.peer_id]
-            for ref in part.chain:
+            for ref in part.chain if point is None else ():
                 kind, entries = await self._open(ref)
                 if kind != ref.kind:
                     raise SnapshotError(f"{ref.name} is a {kind} object, the manifest says {ref.kind}")
-                await asyncio.to_thread(backend.load, ((e[0], e[1], e[2]) for e in entries))
+                # a base (written in key order) goes into the empty store by appending
+                self.last_restore_entries += await asyncio.to_thread(backend.load, entries, append=kind == "base")
             _, entries = await self._open(part.inflight)
             self.inflight_restored = await asyncio.to_thread(lambda: [tuple(e) for e in entries])
             self.chain = list(part.chain)
@@ -468,6 +579,15 @@ class Participant:
         backend.take_changes()
         self.carry = set()
         self.completed_at = manifest.created_ms / 1000 if manifest is not None else None
+        if manifest is None or manifest.peers == peer.n_peers:
+            # the store now holds exactly this checkpoint: a later recovery to it, before
+            # the next one completes, rolls back in place
+            self._set_view(manifest.checkpoint if manifest is not None else -1, backend.read())
+        if manifest is not None:
+            log.info("peer %d: checkpoint %d restored (%s, %d %s) in %.3f s, %.3f CPU-s", peer.peer_id,
+                     manifest.checkpoint, self.last_restore, self.last_restore_entries,
+                     "keys rewritten" if self.last_restore == "rolled back" else "entries loaded",
+                     time.monotonic() - started, time.process_time() - cpu)  # fmt: skip
         peer.state_restored(released)
 
     async def _restore_rescaled(self, manifest: Manifest, backend: LmdbStateBackend) -> dict[str, int]:
@@ -516,6 +636,7 @@ class Participant:
                         e[6] = e[7] = 0
                     inflight.append(tuple(e))
         self.inflight_restored = inflight
+        self.last_restore_entries = loaded
         self.chain = []  # the next checkpoint writes a base for the new key-group range
         self.completed = manifest.checkpoint
         if me < old_n:

@@ -29,6 +29,7 @@ applied wholly or not at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -41,7 +42,7 @@ import lmdb
 import msgpack
 
 from ..errors import StateBackendError, StateCapacityError
-from ..records import OP_DEL, OP_PUT
+from ..records import OP_DEL
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -448,23 +449,122 @@ class LmdbStateBackend:
         for name, key in sorted(changed):
             yield name, key, cast("bytes | None", txn.get(key, db=dbs[name]))
 
-    def load(self, entries: Iterable[tuple[str, bytes, bytes | None]], batch: int = 10_000) -> int:
-        """Apply snapshot entries (puts, and deletes for ``None``) in order; return how many."""
-        dbs = self._dbs
+    def load(self, entries: Iterable[Sequence[Any]], batch: int = 50_000, *, append: bool = False) -> int:
+        """Apply snapshot entries ``(database, key, value or None)`` (puts, and deletes for
+        ``None``) in order, ``batch`` to a write transaction; return how many.
+
+        The restore path: runs of puts into one database go to LMDB as one
+        ``Cursor.putmulti``, and a batch is held as three flat lists (database names, keys,
+        values), never as one container object per entry, so loading millions of entries
+        does not set off the cyclic garbage collector over and over. Nothing is added to
+        the change set (a restore is followed by :meth:`take_changes`). ``append``: the
+        entries are in key order per database and after every key the store holds (a base
+        loaded into an empty store), so LMDB appends them without searching; a run that
+        is not in order is put again the ordinary way, so this is only ever a speed-up.
+
+        Raises:
+            StateBackendError: an entry names an unknown database (what came before its
+                batch is applied), or LMDB failed.
+        """
         n = 0
         it = iter(entries)
         while True:
-            chunk = list(itertools.islice(it, batch))
-            if not chunk:
+            names: list[str] = []
+            keys: list[bytes] = []
+            values: list[bytes | None] = []
+            for e in itertools.islice(it, batch):
+                names.append(e[0])
+                keys.append(e[1])
+                values.append(e[2])
+            if not names:
                 return n
-            ops: list[Op] = [
-                (OP_DEL, db, key) if value is None else (OP_PUT, db, key, value) for db, key, value in chunk
-            ]
-            if any(db not in dbs for db, _, _ in chunk):
-                bad = next(db for db, _, _ in chunk if db not in dbs)
-                raise StateBackendError(f"snapshot entry for unknown database {bad!r}")
-            self.commit(ops)
-            n += len(chunk)
+            write_growing(
+                self.env, functools.partial(self._load_chunk, names=names, keys=keys, values=values, append=append),
+                what="the state store", path=self.path, max_size=self.max_map_size,
+                full=f"the state store at {self.path} is full at its size limit ({{mib}} MiB) while restoring a "
+                "checkpoint; raise max_map_size",
+                remedy="the restore failed; the coordinator retries it",
+            )  # fmt: skip
+            n += len(names)
+
+    def _load_chunk(self, txn: lmdb.Transaction, names: list[str], keys: list[bytes],
+                    values: list[bytes | None], append: bool) -> None:  # fmt: skip
+        dbs = self._dbs
+        end = len(names)
+        if names.count(names[0]) == end and None not in values:
+            # the common case (a base's batch: puts into one database), checked in C
+            self._put_run(txn, names[0], keys, cast("list[bytes]", values), append)
+            return
+        i = 0
+        while i < end:
+            name = names[i]
+            j = i
+            while j < end and names[j] == name and values[j] is not None:
+                j += 1
+            if j > i:  # a run of puts into one database
+                self._put_run(txn, name, keys[i:j], cast("list[bytes]", values[i:j]), append)
+                i = j
+            else:  # a delete
+                db = dbs.get(name)
+                if db is None:
+                    raise StateBackendError(f"snapshot entry for unknown database {name!r}")
+                txn.delete(keys[i], db=db)
+                i += 1
+
+    def _put_run(self, txn: lmdb.Transaction, name: str, keys: list[bytes], values: list[bytes], append: bool) -> None:
+        db = self._dbs.get(name)
+        if db is None:
+            raise StateBackendError(f"snapshot entry for unknown database {name!r}")
+        with txn.cursor(db=db) as cur:
+            consumed, added = cur.putmulti(zip(keys, values, strict=True), append=append)
+            if added != consumed:  # out of order for an append (LMDB skipped those): put them all
+                cur.putmulti(zip(keys, values, strict=True))
+
+    def usable_view(self, view: lmdb.Transaction) -> bool:
+        """Whether read transaction ``view`` still sees its snapshot: growing the map
+        (``set_mapsize``) invalidates every open transaction of the environment."""
+        try:
+            view.stat(self.db_state)
+        except lmdb.Error:
+            return False
+        return True
+
+    def rollback(self, view: lmdb.Transaction, keys: Iterable[tuple[str, bytes]]) -> int:
+        """Roll the store back in place to what ``view`` sees, given ``keys``: every
+        ``(database, key)`` written since ``view`` began (a superset is fine). Each of
+        them gets ``view``'s value again, or is deleted where ``view`` has none; every
+        other entry is untouched, so it already equals ``view``'s. One write transaction;
+        the change set is emptied (the store now equals ``view``). Returns how many keys.
+
+        The restore path of a peer that kept running: it rewrites only what changed since
+        the checkpoint instead of rebuilding the whole store from its objects.
+
+        Raises:
+            StateBackendError: ``view`` is no longer readable, or the write failed;
+                nothing was written then.
+        """
+        dbs = self._dbs
+        try:
+            restore = [(dbs[db], key, cast("bytes | None", view.get(key, db=dbs[db]))) for db, key in sorted(keys)]
+        except lmdb.Error as exc:
+            raise StateBackendError(f"cannot read the checkpoint's view of {self.path}: {exc}; rebuild the "
+                                    "store from the checkpoint instead") from exc  # fmt: skip
+
+        def write(txn: lmdb.Transaction) -> None:
+            for db, key, value in restore:
+                if value is None:
+                    txn.delete(key, db=db)
+                else:
+                    txn.put(key, value, db=db)
+
+        write_growing(
+            self.env, write, what="the state store", path=self.path, max_size=self.max_map_size,
+            full=f"the state store at {self.path} is full at its size limit ({{mib}} MiB) while rolling back to a "
+            "checkpoint; raise max_map_size",
+            remedy="the rollback failed; the coordinator retries the recovery",
+        )  # fmt: skip
+        self.take_changes()
+        return len(restore)
 
     def _cancel(self, txn: lmdb.Transaction, kg: int, prefix: bytes) -> None:
         seqs: list[int] = []

@@ -1,0 +1,305 @@
+"""Rolling a surviving peer's store back to a checkpoint in place (no rebuild).
+
+After random writes of every kind a store holds (state values set and deleted, timers
+set and cancelled, egress records, idempotency keys), a recovery must leave each
+surviving peer's store byte for byte equal to a fresh rebuild from the checkpoint's
+objects, and must not have replaced the store's files. A restarted peer rebuilds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from statefun_mesh import (
+    IntType,
+    LocalMesh,
+    Peer,
+    StatefulFunctions,
+    StringType,
+    ValueSpec,
+    egress_message_builder,
+    message_builder,
+)
+from statefun_mesh.errors import StateBackendError
+from statefun_mesh.snapshot.format import Manifest, open_object_file
+from statefun_mesh.state.lmdb_backend import LmdbStateBackend
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def app() -> StatefulFunctions:
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="rb/cell", specs=[ValueSpec(name="a", type=IntType), ValueSpec(name="b", type=StringType)])
+    def cell(context, message):
+        m = message.as_int()
+        op = m % 6
+        if op == 0:
+            del context.storage.a
+        elif op in (1, 5):
+            context.storage.a = m
+            context.storage.b = "x" * (m % 97)
+        elif op == 2:
+            later = message_builder(target_typename="rb/cell", target_id=context.address.id, int_value=1)
+            context.send_after(timedelta(hours=1), later, cancellation_token=f"t{m % 3}")
+        elif op == 3:
+            context.cancel_delayed_message(f"t{m % 3}")
+        else:
+            context.send_egress(egress_message_builder(target_typename="rb/out", value=m, value_type=IntType))
+        if context.in_request:
+            context.reply(int_value=context.storage.a or 0)
+
+    return functions
+
+
+def settings(tmp_path: Path) -> dict[str, Any]:
+    # checkpoints only when the test triggers them
+    return dict(state_dir=str(tmp_path / "state"), blob_store=f"file://{tmp_path / 'blobs'}",
+                checkpoint_interval=3600, heartbeat_interval=0.1, heartbeat_timeout=1.0)
+
+
+async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def drive(mesh: LocalMesh, rng: random.Random, n: int, tag: str) -> None:
+    for i in range(n):
+        msg = message_builder(target_typename="rb/cell", target_id=f"k{rng.randrange(60)}",
+                              int_value=rng.randrange(1000))
+        # every other message with an idempotency key: those write the dedup database
+        await mesh.send(msg, idempotency_key=f"{tag}{i}" if i % 2 else None)
+    await mesh.idle()
+
+
+async def checkpoint(mesh: LocalMesh) -> int:
+    coord = mesh.peers[0].coordinator
+    n = coord.trigger()
+    await wait_for(lambda: coord.last_complete is not None and coord.last_complete.checkpoint >= n, 30,
+                   f"checkpoint {n}")
+    return n
+
+
+def rebuilt_dump(tmp_path: Path, manifest: Manifest, peer: int) -> list[tuple[str, bytes, bytes]]:
+    """The store a fresh rebuild from ``manifest``'s objects for ``peer`` holds."""
+    fresh = LmdbStateBackend(tmp_path / f"fresh-{manifest.checkpoint}-{peer}")
+    try:
+        for ref in manifest.parts[peer].chain:
+            _, _, entries = open_object_file(str(tmp_path / "blobs" / ref.name), sha256=ref.sha256)
+            fresh.load(entries)
+        with fresh.read() as txn:
+            return list(fresh.dump(txn))
+    finally:
+        fresh.close()
+
+
+def watch_restores(peer: Peer, seen: list[tuple[str, list[tuple[str, bytes, bytes]]]]) -> None:
+    """Record, for each restore of ``peer``, how it restored and its store right after
+    (before the replay of the ingress log changes it again)."""
+    participant = peer.participant
+    assert participant is not None
+    restore = participant.restore
+
+    async def observed(manifest: Manifest | None) -> None:
+        await restore(manifest)
+        backend = peer.backend
+        assert backend is not None
+        with backend.read() as txn:
+            seen.append((participant.last_restore, list(backend.dump(txn))))
+
+    participant.restore = observed  # type: ignore[method-assign]
+
+
+def store_inode(peer: Peer) -> int:
+    return os.stat(os.path.join(peer.state_path, "data.mdb")).st_ino
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("when", ["idle", "cut", "racing"])
+async def test_a_surviving_peer_rolls_back_in_place_to_exactly_the_checkpoint(
+    tmp_path: Path, seed: int, when: str
+) -> None:
+    """``cut``: the round starts right after peer 0 cut a newer checkpoint (the keys
+    written before that cut are then in the snapshot's change set, not the store's);
+    ``racing``: a newer checkpoint runs (and may complete) while more is written."""
+    rng = random.Random(seed)
+    async with LocalMesh(app(), peers=2, **settings(tmp_path)) as mesh:
+        await drive(mesh, rng, 400, "a")
+        await checkpoint(mesh)  # a base
+        await drive(mesh, rng, 200, "b")
+        await checkpoint(mesh)  # a delta on it
+        await drive(mesh, rng, 300, "c")  # past the checkpoint: to be undone
+        seen: list[list[tuple[str, list[tuple[str, bytes, bytes]]]]] = [[] for _ in mesh.peers]
+        for p, peer in enumerate(mesh.peers):
+            watch_restores(peer, seen[p])
+        inodes = [store_inode(p) for p in mesh.peers]
+        coord = mesh.peers[0].coordinator
+        rounds = coord.recoveries
+        if when == "cut":
+            n = coord.trigger()
+            assert mesh.peers[0].participant.snap.n == n  # cut at once: no batch was running
+        elif when == "racing":
+            coord.trigger()
+            await drive(mesh, rng, 50, "d")
+        coord.request_recovery("test")
+        await wait_for(lambda: coord.recoveries > rounds and all(seen) and all(p.resumed for p in mesh.peers),
+                       30, "the recovery round")
+        manifest = coord.last_complete
+        assert manifest is not None
+        for p, peer in enumerate(mesh.peers):
+            how, dump = seen[p][-1]
+            assert how == "rolled back", f"peer {p} {how} its store"
+            assert store_inode(peer) == inodes[p], f"peer {p}'s store was replaced"
+            expected = rebuilt_dump(tmp_path, manifest, p)
+            assert len(expected) > 100
+            assert dump == expected, f"peer {p}'s rolled-back store differs from a rebuild of checkpoint " \
+                                     f"{manifest.checkpoint}"
+        # the mesh goes on from there: the next checkpoint's delta on the rolled-back store
+        # rebuilds to the live store again
+        await drive(mesh, rng, 100, "e")
+        await checkpoint(mesh)
+        manifest = coord.last_complete
+        for p, peer in enumerate(mesh.peers):
+            backend = peer.backend
+            assert backend is not None
+            with backend.read() as txn:
+                live = list(backend.dump(txn))
+            assert live == rebuilt_dump(tmp_path, manifest, p)
+
+
+async def test_a_store_whose_map_grew_since_the_cut_is_rebuilt_instead(tmp_path: Path) -> None:
+    """Growing the LMDB map invalidates the read transaction kept at the cut: that peer
+    must notice and rebuild (a rollback from it would fail or read nothing)."""
+    rng = random.Random(3)
+    kw = settings(tmp_path)
+    kw["map_size"] = 1 << 18  # 256 KiB: grows while the test writes
+    async with LocalMesh(app(), peers=2, **kw) as mesh:
+        await drive(mesh, rng, 200, "a")
+        await checkpoint(mesh)
+        sizes = [p.backend.env.info()["map_size"] for p in mesh.peers]
+        # long values, until both maps grew
+        for i in range(400):
+            if all(p.backend.env.info()["map_size"] > sizes[k] for k, p in enumerate(mesh.peers)):
+                break
+            await mesh.send(message_builder(target_typename="rb/cell", target_id=f"big{i}", int_value=6 * i + 1))
+            await mesh.send(message_builder(target_typename="rb/cell", target_id=f"k{i % 60}", int_value=6 * i + 95))
+        else:
+            raise AssertionError("the maps did not grow")
+        await mesh.idle()
+        seen: list[list[tuple[str, list[tuple[str, bytes, bytes]]]]] = [[] for _ in mesh.peers]
+        for p, peer in enumerate(mesh.peers):
+            watch_restores(peer, seen[p])
+        coord = mesh.peers[0].coordinator
+        rounds = coord.recoveries
+        coord.request_recovery("test")
+        await wait_for(lambda: coord.recoveries > rounds and all(seen) and all(p.resumed for p in mesh.peers),
+                       30, "the recovery round")
+        manifest = coord.last_complete
+        for p in range(2):
+            how, dump = seen[p][-1]
+            assert how == "rebuilt", p
+            assert dump == rebuilt_dump(tmp_path, manifest, p)
+
+
+async def test_only_the_restarted_peer_rebuilds_and_every_count_is_exact(tmp_path: Path) -> None:
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="rb/counter", specs=[ValueSpec(name="n", type=IntType)])
+    def counter(context, message):
+        context.storage.n = (context.storage.n or 0) + message.as_int()
+        if context.in_request:
+            context.reply(int_value=context.storage.n)
+
+    kw = settings(tmp_path)
+    kw["checkpoint_interval"] = 0.2
+    async with LocalMesh(functions, peers=3, **kw) as mesh:
+        sent = dict.fromkeys(range(30), 0)
+        seq = 0
+
+        async def send_some(n: int) -> None:
+            nonlocal seq
+            for _ in range(n):
+                k = seq % 30
+                msg = message_builder(target_typename="rb/counter", target_id=f"c{k}", int_value=1)
+                for _attempt in range(50):  # a client retrying with its idempotency key
+                    try:
+                        await asyncio.wait_for(mesh.peers[seq % 2].send(msg, idempotency_key=f"m{seq}"), 5)
+                        break
+                    except Exception:
+                        await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("send never accepted")
+                sent[k] += 1
+                seq += 1
+
+        await send_some(300)
+        coord = mesh.peers[0].coordinator
+        await wait_for(lambda: coord.last_complete is not None, 30, "a checkpoint")
+        await send_some(100)
+        survivors = mesh.peers[:2]
+        inodes = [store_inode(p) for p in survivors]
+        victim = mesh._peers[2]
+        await victim.abort()
+        reborn = Peer(mesh.config, functions, peer_id=2)
+        mesh._peers[2] = reborn
+        await reborn.start()
+        await send_some(100)
+        await wait_for(lambda: all(p.resumed for p in mesh.peers), 30, "recovery")
+        assert reborn.participant is not None and reborn.participant.last_restore == "rebuilt"
+        for p, peer in enumerate(survivors):
+            assert peer.participant is not None and peer.participant.last_restore == "rolled back", p
+            assert store_inode(peer) == inodes[p]
+        for k, n in sent.items():
+            r = await mesh.request(message_builder(target_typename="rb/counter", target_id=f"c{k}", int_value=0))
+            assert r.as_int() == n, k
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_load_applies_entries_in_order_whatever_their_key_order(tmp_path: Path, append: bool) -> None:
+    rng = random.Random(7)
+    entries: list[tuple[str, bytes, bytes | None]] = []
+    for _ in range(3000):
+        db = rng.choice(["state", "state", "dedup", "egress"])
+        key = b"k%03d" % rng.randrange(400)
+        entries.append((db, key, None if rng.random() < 0.2 else b"v%d" % rng.randrange(10**6)))
+    expected: dict[tuple[str, bytes], bytes] = {}
+    for db, key, value in entries:
+        if value is None:
+            expected.pop((db, key), None)
+        else:
+            expected[(db, key)] = value
+    backend = LmdbStateBackend(tmp_path / "s")
+    try:
+        # small batches: runs of puts, deletes and database changes cross batch boundaries;
+        # with append=True the out-of-order runs must still land (put again the ordinary way)
+        assert backend.load(iter(entries), batch=97, append=append) == len(entries)
+        with backend.read() as txn:
+            got = {(db, key): value for db, key, value in backend.dump(txn)}
+        assert got == expected
+        # a batch of puts into one database only, out of key order (overwriting, too)
+        puts = [("state", b"k%03d" % rng.randrange(400), b"w%d" % i) for i in range(300)]
+        backend.load(puts, batch=1000, append=append)
+        for _, key, value in puts:
+            expected[("state", key)] = value
+        with backend.read() as txn:
+            got = {(db, key): value for db, key, value in backend.dump(txn)}
+        assert got == expected
+        # an unknown database: that batch is not applied at all, what came before stays
+        with pytest.raises(StateBackendError, match="unknown database 'nope'"):
+            backend.load([("state", b"zz1", b"1"), ("nope", b"x", b"1")], batch=1)
+        with pytest.raises(StateBackendError, match="unknown database 'nope'"):
+            backend.load([("state", b"zz2", b"1"), ("nope", b"x", b"1")], batch=10)
+        with backend.read() as txn:
+            assert txn.get(b"zz1", db=backend.db_state) == b"1"
+            assert txn.get(b"zz2", db=backend.db_state) is None
+    finally:
+        backend.close()
