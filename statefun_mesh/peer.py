@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import _aio, _speedups
+from . import _speedups
 from .client_host import check_request_timeout
 from .clock import Clock, SystemClock
 from .config import MeshConfig
@@ -886,23 +886,37 @@ class Peer:
 
     async def request_raw(self, typename: str, id: str, vt: str, value: bytes, timeout: float) -> Message:
         """:meth:`request` for a message given as its parts (used by the client server)."""
+        while True:
+            fut = self.request_nowait(typename, id, vt, value, timeout)
+            if fut is not None:
+                return await fut
+            await self.admit()  # raises once the peer closes
+
+    def request_nowait(
+        self, typename: str, id: str, vt: str, value: bytes, timeout: float
+    ) -> asyncio.Future[Message] | None:
+        """Start a request now, if this peer admits client messages (else ``None``: nothing
+        was started; :meth:`admit`, then call again). The future ends with the reply, or fails
+        as :meth:`request` raises; its ``timeout`` is one timer on the loop (no task)."""
         self._check(typename)
         check_request_timeout(timeout, self.config.max_request_timeout)
         rid = self.requests.next_id()
         rec = (typename, id, "", "", vt, value, self.peer_id, rid)
         self.check_message(rec)
-        fut = self.requests.open(rid)
+        if not self.admits():
+            return None
+
+        def expired() -> RequestTimeoutError:
+            return RequestTimeoutError(f"no reply from {typename}/{id} within {format_seconds(timeout)} s; "
+                                       "does the function call context.reply()?")  # fmt: skip
+
+        fut = self.requests.open(rid, timeout, expired)
         try:
-            await self.submit(rec, durable=False)
-            try:
-                return await _aio.wait_for(fut, timeout)
-            except (asyncio.TimeoutError, TimeoutError):
-                raise RequestTimeoutError(
-                    f"no reply from {typename}/{id} within {format_seconds(timeout)} s; "
-                    "does the function call context.reply()?"
-                ) from None
-        finally:
-            self.requests.close(rid)
+            self.accept_nowait(rec, durable=False)
+        except BaseException:
+            fut.cancel()  # closes rid
+            raise
+        return fut
 
     # -- egress (egress.py) ---------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .dispatch import REPLY_OK
@@ -47,8 +47,14 @@ class PendingRequests:
         """A request id not used before by this process."""
         return next(self._ids)
 
-    def open(self, rid: int) -> asyncio.Future[Message]:
+    def open(
+        self, rid: int, timeout: float | None = None, expired: Callable[[], Exception] | None = None
+    ) -> asyncio.Future[Message]:
         """Wait for the reply to request ``rid``.
+
+        With ``timeout``, the future fails with ``expired()`` after ``timeout`` seconds (one
+        timer on the loop, no task), and ``rid`` is closed when the future is done, however
+        (answered, expired, cancelled or failed).
 
         Raises:
             MeshBusyError: ``max_pending_requests`` requests already wait here.
@@ -58,9 +64,24 @@ class PendingRequests:
                 f"peer {self.peer_id} already holds {len(self._waiting)} requests waiting for replies "
                 f"(max_pending_requests); retry once some are answered"
             )
-        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Message] = loop.create_future()
         self._waiting[rid] = fut
+        if timeout is not None:
+            timer = loop.call_at(loop.time() + timeout, self._expire, rid, expired)
+            waiting = self._waiting
+
+            def done(_: asyncio.Future[Message]) -> None:
+                timer.cancel()
+                waiting.pop(rid, None)
+
+            fut.add_done_callback(done)
         return fut
+
+    def _expire(self, rid: int, expired: Callable[[], Exception] | None) -> None:
+        fut = self._waiting.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(expired() if expired is not None else TimeoutError(f"request {rid} timed out"))
 
     def close(self, rid: int) -> None:
         """The requester of ``rid`` stopped waiting (answered, timed out or cancelled)."""
