@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .config import MeshConfig
     from .dispatch import Record
     from .messages import EgressRecord, Message
+    from .replies import Answer
 
 __all__ = ["ClientHost", "check_request_timeout"]
 
@@ -80,8 +81,8 @@ class ClientHost(Protocol):
     async def request_raw(self, typename: str, id: str, vt: str, value: bytes, timeout: float) -> Message: ...
 
     def request_nowait(
-        self, typename: str, id: str, vt: str, value: bytes, timeout: float
-    ) -> asyncio.Future[Message] | None: ...
+        self, typename: str, id: str, vt: str, value: bytes, timeout: float, on_done: Answer
+    ) -> int | None: ...
 
     def egress_position(self, typename: str, start: str | int) -> int: ...
 

@@ -191,6 +191,12 @@ class PeerCollector:
                           cs.busy)  # fmt: skip
             yield gauge("client_pending_requests", "Client requests waiting for their reply", cs._pending_total)
             yield gauge("client_parked_sends", "Client sends waiting for admission", len(cs._parked))
+            yield gauge("client_replies_queued", "Answers held for clients that do not read them fast enough",
+                        cs.replies_queued)  # fmt: skip
+            yield counter("client_replies_undeliverable", "Answers dropped because their client was gone",
+                          cs.undeliverable)  # fmt: skip
+            yield counter("client_frames_refused_unread", "Client frames not acted on while their client did not "
+                          "read its answers", cs.refused_unread)  # fmt: skip
             lag = GaugeMetricFamily(PREFIX + "egress_reader_lag_records",
                                     "Released records a recent egress reader (a client connection) has not fetched",
                                     labels=["reader", "egress"])  # fmt: skip

@@ -48,7 +48,7 @@ from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
 from .memory import RECORD_OVERHEAD, malloc_trim, records_bytes
 from .messages import EgressRecord, Message
-from .replies import PendingRequests
+from .replies import Answer, PendingRequests
 from .spill import Spill
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
@@ -886,18 +886,33 @@ class Peer:
 
     async def request_raw(self, typename: str, id: str, vt: str, value: bytes, timeout: float) -> Message:
         """:meth:`request` for a message given as its parts (used by the client server)."""
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+        def answer(reply: Message | None, exc: BaseException | None) -> None:
+            if not fut.done():
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(reply)  # type: ignore[arg-type]
+
         while True:
-            fut = self.request_nowait(typename, id, vt, value, timeout)
-            if fut is not None:
-                return await fut
+            rid = self.request_nowait(typename, id, vt, value, timeout, answer)
+            if rid is not None:
+                break
             await self.admit()  # raises once the peer closes
+        try:
+            return await fut
+        finally:
+            self.requests.close(rid)  # cancelled: stop waiting (a no-op once answered)
 
     def request_nowait(
-        self, typename: str, id: str, vt: str, value: bytes, timeout: float
-    ) -> asyncio.Future[Message] | None:
-        """Start a request now, if this peer admits client messages (else ``None``: nothing
-        was started; :meth:`admit`, then call again). The future ends with the reply, or fails
-        as :meth:`request` raises; its ``timeout`` is one timer on the loop (no task)."""
+        self, typename: str, id: str, vt: str, value: bytes, timeout: float, on_done: Answer
+    ) -> int | None:
+        """Start a request now, if this peer admits client messages; else return ``None``
+        (nothing was started: :meth:`admit`, then call again). ``on_done(reply, error)`` is
+        called once, as soon as the request ends (with what :meth:`request` returns or
+        raises); its timeout is one timer on the loop, no task. Returns the request id
+        (``self.requests.close(rid)`` gives up on it)."""
         self._check(typename)
         check_request_timeout(timeout, self.config.max_request_timeout)
         rid = self.requests.next_id()
@@ -910,13 +925,13 @@ class Peer:
             return RequestTimeoutError(f"no reply from {typename}/{id} within {format_seconds(timeout)} s; "
                                        "does the function call context.reply()?")  # fmt: skip
 
-        fut = self.requests.open(rid, timeout, expired)
+        self.requests.open(rid, timeout, expired, on_done)
         try:
             self.accept_nowait(rec, durable=False)
         except BaseException:
-            fut.cancel()  # closes rid
+            self.requests.close(rid)
             raise
-        return fut
+        return rid
 
     # -- egress (egress.py) ---------------------------------------------------------------
 

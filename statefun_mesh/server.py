@@ -131,6 +131,11 @@ class ClientServer:
         self.tlog = ThrottledLog(log)
 
     @property
+    def replies_queued(self) -> int:
+        """Answers held because their client's connection had no room for them (yet)."""
+        return self._held_count
+
+    @property
     def refused_clients(self) -> int:
         """Client connections refused for a key not in ``client_keys`` (CURVE only)."""
         return self._zap.refused if self._zap is not None else 0
@@ -245,6 +250,7 @@ class ClientServer:
         if sock is None or sock.closed:
             return
         send = sock.sock.send_multipart
+        sent = 0
         for ident, held in list(self._held.items()):
             while held:
                 frame = held[0]
@@ -259,10 +265,13 @@ class ClientServer:
                     held.clear()
                     break
                 held.popleft()
+                sent += 1
                 self._held_count -= 1
                 self._held_bytes -= len(frame) + 64
             if not held:
                 del self._held[ident]
+        if sent:
+            sock.sent()
         if self._held:
             sock.want_write()
 
@@ -328,14 +337,17 @@ class ClientServer:
                 # at most 16 bytes more than with zeros (the peer checks it exactly)
                 peer.check_message((typename, id, "", "", vt, value, 0, 0), "request")
                 self._check_pending(ident)
-                fut = peer.request_nowait(typename, id, vt, value, timeout)
-                if fut is None:  # not admitted now: a task waits for admission
-                    self._spawn(self._request(ident, corr, typename, id, vt, value, timeout))
-                else:
-                    fut.add_done_callback(functools.partial(self._answered, ident, corr))
-                # counted from here, so the next frame sees it
+                # counted from here (so the next frame sees it) until it is answered
                 self._pending[ident] = self._pending.get(ident, 0) + 1
                 self._pending_total += 1
+                try:
+                    rid = peer.request_nowait(typename, id, vt, value, timeout,
+                                              functools.partial(self._answered, ident, corr))  # fmt: skip
+                except BaseException:
+                    self._done_pending(ident)
+                    raise
+                if rid is None:  # not admitted now: a task waits for admission
+                    self._spawn(self._request(ident, corr, typename, id, vt, value, timeout))
             elif kind == codec.C_FETCH:
                 _, egress, start, limit, wait_ms, gen = items
                 parse_typename(egress)
@@ -491,17 +503,13 @@ class ClientServer:
         else:
             del self._pending[ident]
 
-    def _answered(self, ident: bytes, corr: int, fut: asyncio.Future[Message]) -> None:
+    def _answered(self, ident: bytes, corr: int, reply: Message | None, exc: BaseException | None) -> None:
+        # called by the peer the moment the request ends (in the batch or frame that answers it)
         self._done_pending(ident)
-        if fut.cancelled():
-            self._error(ident, corr, TransportError("the peer closed before the request was answered"))
-            return
-        exc = fut.exception()
         if exc is not None:
             self._error(ident, corr, exc)
-            return
-        reply = fut.result()
-        self._reply(ident, codec.R_REPLY, corr, reply.target_typename, reply.target_id, reply._vt, reply._v)
+        elif reply is not None:
+            self._reply(ident, codec.R_REPLY, corr, reply.target_typename, reply.target_id, reply._vt, reply._v)
 
     async def _request(
         self, ident: bytes, corr: int, typename: str, id: str, vt: str, value: bytes, timeout: float

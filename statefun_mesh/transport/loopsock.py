@@ -68,6 +68,8 @@ class LoopSocket:
         self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._scheduled: asyncio.Handle | None = None
         self._want_write = False
+        self._draining = False
+        self._sent_in_drain = False
         self._closed = False
         self.tlog = tlog if tlog is not None else ThrottledLog(log)
         self._loop.add_reader(self._fd, self._ready)
@@ -89,9 +91,12 @@ class LoopSocket:
         self._want_write = True
 
     def sent(self) -> None:
-        """Call after sending on the socket outside ``on_message``/``on_writable``: the send may
-        have consumed the FD's signal of a message that arrived meanwhile."""
-        if self._scheduled is None and not self._closed:
+        """Call after sending on the socket: the send may have consumed the FD's signal of a
+        message that arrived meanwhile. (Inside ``on_message``/``on_writable`` it costs
+        nothing: the drain checks once at its end.)"""
+        if self._draining:
+            self._sent_in_drain = True
+        elif self._scheduled is None and not self._closed:
             events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
             if events & zmq.POLLIN:
                 self._scheduled = self._loop.call_soon(self._ready)
@@ -100,21 +105,38 @@ class LoopSocket:
         self._scheduled = None
         if self._closed:
             return
+        self._draining = True
+        try:
+            self._drain()
+        finally:
+            self._draining = False
+
+    def _drain(self) -> None:
         sock = self.sock
         recv = sock.recv_multipart
         copy = self.copy
         on_message = self.on_message
+        self._sent_in_drain = False
         for _ in range(DRAIN_BUDGET):
             try:
                 parts = recv(zmq.NOBLOCK, copy=copy)
             except zmq.Again:
-                events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
-                if self._want_write and events & zmq.POLLOUT and self.on_writable is not None:
-                    self._want_write = False
-                    self._call(self.on_writable)
-                    if self._closed:
-                        return
-                    events = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+                # The EAGAIN processed every pending command, so the FD signals the next
+                # change; only a send since then (here, or a writable callback) can have
+                # consumed such a signal: then ask EVENTS. (Each of these calls is a system
+                # call or two: skipped when it cannot matter.)
+                if self._want_write and self.on_writable is not None:
+                    events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+                    if events & zmq.POLLOUT:
+                        self._want_write = False
+                        self._call(self.on_writable)
+                        if self._closed:
+                            return
+                        self._sent_in_drain = True
+                if not self._sent_in_drain:
+                    return
+                self._sent_in_drain = False
+                events = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
                 if events & zmq.POLLIN:
                     continue  # arrived while we sent: the FD will not say so again
                 return
@@ -133,7 +155,9 @@ class LoopSocket:
                               self.name, exc_info=True)  # fmt: skip
             if self._closed:
                 return
-        self._schedule()  # more may wait: go on after the other callbacks had their turn
+        # more may wait: go on after the other callbacks had their turn (the scheduled
+        # drain ends with its own checks)
+        self._schedule()
 
     def _call(self, fn: Callable[[], None]) -> None:
         try:
