@@ -193,6 +193,8 @@ class ClientServer:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self._sock is not None:
+            self._sock.stop()  # no frame is acted on once closing starts
         for job in list(self._jobs):
             job.cancel()
         if self._jobs:
@@ -208,7 +210,7 @@ class ClientServer:
 
     def _reply(self, ident: bytes, kind: int, *items: Any) -> None:
         sock = self._sock
-        if sock is None or sock.closed:
+        if sock is None or sock.sock.closed:
             return
         frame = codec.encode_control(kind, *items)
         if self._held:
@@ -241,13 +243,13 @@ class ClientServer:
     def _retry_held(self) -> None:
         self._retry = None
         self._offer_held()
-        if self._held and self._sock is not None and not self._sock.closed:
+        if self._held and self._sock is not None and not self._sock.sock.closed:
             self._retry = asyncio.get_running_loop().call_later(ANSWER_RETRY, self._retry_held)
 
     def _offer_held(self) -> None:
         """Send held answers, oldest first, as far as each connection takes them."""
         sock = self._sock
-        if sock is None or sock.closed:
+        if sock is None or sock.sock.closed:
             return
         send = sock.sock.send_multipart
         sent = 0

@@ -166,8 +166,8 @@ class LoopSocket:
             self.tlog.log(logging.ERROR, f"handler errors on {self.name}", "%s: a writable callback failed",
                           self.name, exc_info=True)  # fmt: skip
 
-    def close(self, linger: int | None = 0) -> None:
-        """Stop reading and close the socket (idempotent)."""
+    def stop(self) -> None:
+        """Stop reading (idempotent); the socket stays open until :meth:`close`."""
         if self._closed:
             return
         self._closed = True
@@ -178,4 +178,9 @@ class LoopSocket:
             self._loop.remove_reader(self._fd)
         except (RuntimeError, ValueError):  # the loop is closed already
             pass
-        self.sock.close(linger)
+
+    def close(self, linger: int | None = 0) -> None:
+        """Stop reading and close the socket (idempotent)."""
+        self.stop()
+        if not self.sock.closed:
+            self.sock.close(linger)

@@ -295,6 +295,8 @@ class ZmqTransport(Transport):
         self._closed = True
         if self._retry is not None:
             self._retry.cancel()
+        if self._rx is not None:
+            self._rx.stop()  # no frame is delivered once closing starts
         for dealer, monitor, task in self._monitors:
             task.cancel()
             try:
