@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import math
 import random
-import sys
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -21,6 +21,7 @@ from .logutil import format_seconds
 from .messages import EgressRecord, Message
 from .security import ClientKeys, Keypair, curve_client, find_client_keys
 from .transport import codec
+from .transport.loopsock import LoopSocket
 
 __all__ = ["MeshClient"]
 
@@ -55,61 +56,92 @@ def _rebuild_error(name: str, message: str, args: list[Any]) -> Exception:
     return StatefunMeshError(f"{name}: {message}")
 
 
-async def _wait(fut: asyncio.Future[Any], timeout: float | None) -> Any:
-    # asyncio.wait_for on Python 3.11 can swallow a cancellation that races with the
-    # result; asyncio.timeout does not, so a cancelled caller really stops.
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(timeout):
-            return await fut
-    return await _aio.wait_for(fut, timeout)  # pragma: no cover - Python 3.10
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 class _Connection:
-    """One DEALER socket to one peer's client endpoint, matching answers to calls by id."""
+    """One DEALER socket to one peer's client endpoint, matching answers to calls by id.
+
+    A plain socket read from the loop's reader callback (transport/loopsock.py), and one
+    timer per call for its timeout: no task, no future per message sent.
+    """
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, keys: ClientKeys | None = None,
                  server_key: str | None = None) -> None:  # fmt: skip
         self.endpoint = endpoint
         self.curve = keys is not None
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
         if keys is not None and server_key is not None:
-            curve_client(self.sock, Keypair(keys.public, keys.secret), server_key)
-        self.sock.connect(endpoint)
+            curve_client(sock, Keypair(keys.public, keys.secret), server_key)
+        sock.connect(endpoint)
         self._calls: dict[int, asyncio.Future[tuple[int, list[Any]]]] = {}
         self._ids = itertools.count(1)
+        #: calls the socket had no room for (its SNDHWM), sent in order once it has
+        self._unsent: collections.deque[tuple[int, bytes]] = collections.deque()
         #: the peer's max_message_bytes, once asked for
         self.message_limit: int | None = None
-        self._task = asyncio.create_task(self._receive(), name=f"statefun-mesh client {endpoint}")
+        self._loop = asyncio.get_running_loop()
+        self._sock = LoopSocket(sock, self._receive, on_writable=self._send_unsent, name=f"client of {endpoint}")
 
-    async def _receive(self) -> None:
-        while True:
-            frame = await self.sock.recv()
+    def _receive(self, parts: list[bytes]) -> None:
+        try:
+            kind, items = codec.decode_control(parts[-1], _REPLY_KINDS)
+        except FrameDecodeError as exc:
+            log.error("client: rejected a frame from %s: %s", self.endpoint, exc)
+            return
+        fut = self._calls.pop(items[0], None)
+        if fut is None:
+            if items[0] == 0 and kind == codec.R_ERROR:
+                log.error("client: %s reported a malformed frame: %s", self.endpoint, items[2])
+            return
+        if not fut.done():
+            fut.set_result((kind, items))
+
+    def _send(self, corr: int, frame: bytes) -> None:
+        if not self._unsent:
             try:
-                kind, items = codec.decode_control(frame, _REPLY_KINDS)
-            except FrameDecodeError as exc:
-                log.error("client: rejected a frame from %s: %s", self.endpoint, exc)
-                continue
-            fut = self._calls.pop(items[0], None)
-            if fut is None:
-                if items[0] == 0 and kind == codec.R_ERROR:
-                    log.error("client: %s reported a malformed frame: %s", self.endpoint, items[2])
-                continue
-            if not fut.done():
-                fut.set_result((kind, items))
+                self._sock.sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            else:
+                self._sock.sent()
+                return
+        self._unsent.append((corr, frame))
+        self._sock.want_write()
+
+    def _send_unsent(self) -> None:
+        unsent = self._unsent
+        send = self._sock.sock.send
+        while unsent:
+            corr, frame = unsent[0]
+            if corr in self._calls:  # else its caller gave up: never sent, so never acted on
+                try:
+                    send(frame, zmq.NOBLOCK)
+                except zmq.Again:
+                    self._sock.want_write()
+                    return
+            unsent.popleft()
 
     async def call(
         self, kind: int, *items: Any, timeout: float | None, said: float | None = None
     ) -> tuple[int, list[Any]]:
         """Send a call and wait ``timeout`` s for its answer (``said``: the timeout to name on expiry)."""
+        if self._sock.closed:
+            raise ClosedTransportError("the client was closed")
         corr = next(self._ids)
-        fut: asyncio.Future[tuple[int, list[Any]]] = asyncio.get_running_loop().create_future()
+        frame = codec.encode_control(kind, corr, *items)
+        loop = self._loop
+        fut: asyncio.Future[tuple[int, list[Any]]] = loop.create_future()
         self._calls[corr] = fut
+        timer = loop.call_at(loop.time() + timeout, _expire, fut) if timeout is not None else None
         try:
-            await self.sock.send(codec.encode_control(kind, corr, *items))
-            rkind, ritems = await _wait(fut, timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+            self._send(corr, frame)
+            rkind, ritems = await fut
+        except TimeoutError:
             hint = ("; or does it refuse this client's key (is its public key in the mesh's client_keys?)"
                     if self.curve else "; or does it require CURVE keys (MeshClient(..., keys=), --client-key)?")
             raise errors.RequestTimeoutError(
@@ -118,20 +150,18 @@ class _Connection:
             ) from None
         finally:
             self._calls.pop(corr, None)
+            if timer is not None:
+                timer.cancel()
         if rkind == codec.R_ERROR:
             raise _rebuild_error(ritems[1], ritems[2], ritems[3])
         return rkind, ritems
 
     async def close(self) -> None:
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        self._sock.close(0)
+        self._unsent.clear()
         for fut in self._calls.values():
             if not fut.done():
                 fut.set_exception(ClosedTransportError("the client was closed"))
-        self.sock.close(0)
 
 
 class MeshClient:

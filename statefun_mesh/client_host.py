@@ -18,6 +18,7 @@ from .peer_view import PeerView
 if TYPE_CHECKING:
     from .dispatch import Record
     from .messages import EgressRecord, Message
+    from .replies import Answer
 
 __all__ = ["ClientHost", "check_request_timeout"]
 
@@ -71,6 +72,10 @@ class ClientHost(PeerView, Protocol):
     def accept_nowait(self, rec: Record, *, durable: bool = True) -> asyncio.Future[None] | None: ...
 
     async def request_raw(self, typename: str, id: str, vt: str, value: bytes, timeout: float) -> Message: ...
+
+    def request_nowait(
+        self, typename: str, id: str, vt: str, value: bytes, timeout: float, on_done: Answer
+    ) -> int | None: ...
 
     def egress_position(self, typename: str, start: str | int) -> int: ...
 

@@ -237,6 +237,17 @@ class PeerCollector:
             yield counter("client_busy_refusals", "Client frames refused because the peer was over its limits", cs.busy)
             yield gauge("client_pending_requests", "Client requests waiting for their reply", cs._pending_total)
             yield gauge("client_parked_sends", "Client sends waiting for admission", len(cs._parked))
+            yield gauge(
+                "client_replies_queued", "Answers held for clients that do not read them fast enough", cs.replies_queued
+            )
+            yield counter(
+                "client_replies_undeliverable", "Answers dropped because their client was gone", cs.undeliverable
+            )
+            yield counter(
+                "client_frames_refused_unread",
+                "Client frames not acted on while their client did not read its answers",
+                cs.refused_unread,
+            )
             lag = GaugeMetricFamily(
                 PREFIX + "egress_reader_lag_records",
                 "Released records a recent egress reader (a client connection) has not fetched",

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import _aio, _speedups
+from . import _speedups
 from .admission import Admission
 from .client_host import check_request_timeout
 from .clock import Clock, SystemClock
@@ -52,7 +52,7 @@ from .memory import malloc_trim, records_bytes
 from .messages import EgressRecord, Message
 from .recovery import Recovery
 from .replay import Replay
-from .replies import PendingRequests
+from .replies import Answer, PendingRequests
 from .routing import Router
 from .state.lmdb_backend import LmdbStateBackend
 from .transport import codec
@@ -781,23 +781,52 @@ class Peer:
 
     async def request_raw(self, typename: str, id: str, vt: str, value: bytes, timeout: float) -> Message:
         """:meth:`request` for a message given as its parts (used by the client server)."""
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+        def answer(reply: Message | None, exc: BaseException | None) -> None:
+            if not fut.done():
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(reply)  # type: ignore[arg-type]
+
+        while True:
+            rid = self.request_nowait(typename, id, vt, value, timeout, answer)
+            if rid is not None:
+                break
+            await self.admit()  # raises once the peer closes
+        try:
+            return await fut
+        finally:
+            self.requests.close(rid)  # cancelled: stop waiting (a no-op once answered)
+
+    def request_nowait(
+        self, typename: str, id: str, vt: str, value: bytes, timeout: float, on_done: Answer
+    ) -> int | None:
+        """Start a request now, if this peer admits client messages; else return ``None``
+        (nothing was started: :meth:`admit`, then call again). ``on_done(reply, error)`` is
+        called once, as soon as the request ends (with what :meth:`request` returns or
+        raises); its timeout is one timer on the loop, no task. Returns the request id
+        (``self.requests.close(rid)`` gives up on it)."""
         self._check(typename)
         check_request_timeout(timeout, self.config.max_request_timeout)
         rid = self.requests.next_id()
         rec = (typename, id, "", "", vt, value, self.peer_id, rid)
         self.check_message(rec)
-        fut = self.requests.open(rid)
+        if not self.admits():
+            return None
+
+        def expired() -> RequestTimeoutError:
+            return RequestTimeoutError(f"no reply from {typename}/{id} within {format_seconds(timeout)} s; "
+                                       "does the function call context.reply()?")  # fmt: skip
+
+        self.requests.open(rid, timeout, expired, on_done)
         try:
-            await self.submit(rec, durable=False)
-            try:
-                return await _aio.wait_for(fut, timeout)
-            except (asyncio.TimeoutError, TimeoutError):
-                raise RequestTimeoutError(
-                    f"no reply from {typename}/{id} within {format_seconds(timeout)} s; "
-                    "does the function call context.reply()?"
-                ) from None
-        finally:
+            self.accept_nowait(rec, durable=False)
+        except BaseException:
             self.requests.close(rid)
+            raise
+        return rid
 
     # -- egress (egress.py) ---------------------------------------------------------------
 

@@ -468,7 +468,7 @@ def flush_zap_logs(ctx: zmq.asyncio.Context) -> None:
 _HANDSHAKE_FAILURES: Final = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
-def watch_handshakes(sock: zmq.asyncio.Socket, policy: ZapPolicy) -> asyncio.Task[None]:
+def watch_handshakes(sock: zmq.Socket[Any], policy: ZapPolicy) -> asyncio.Task[None]:
     """Count and log connections to ``sock`` that fail the handshake before the ZAP
     handler sees them (no CURVE, another mechanism, garbage): refused too.
 
@@ -477,7 +477,8 @@ def watch_handshakes(sock: zmq.asyncio.Socket, policy: ZapPolicy) -> asyncio.Tas
     """
     from zmq.utils.monitor import parse_monitor_message
 
-    monitor = sock.get_monitor_socket(_HANDSHAKE_FAILURES)
+    # a zmq.asyncio PAIR whatever the class of ``sock``: it is made by the socket's context
+    monitor: zmq.asyncio.Socket = sock.get_monitor_socket(_HANDSHAKE_FAILURES)  # type: ignore[assignment]
     tlog = ThrottledLog(log)
 
     async def watch() -> None:

@@ -8,11 +8,12 @@ peer is full, and the egress readers' positions. It reaches its peer only throug
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
 from collections import deque
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import zmq
 import zmq.asyncio
@@ -31,6 +32,10 @@ from .errors import (
 )
 from .logutil import ThrottledLog
 from .transport import codec
+from .transport.loopsock import LoopSocket
+
+if TYPE_CHECKING:
+    from .messages import Message
 
 __all__ = ["ClientServer", "error_args"]
 
@@ -46,6 +51,13 @@ MAX_WAIT_MS: Final = 60_000
 #: client sends a peer holds while it admits none (beyond them: MeshBusyError, retried)
 MAX_PARKED: Final = 10_000
 MAX_PARKED_BYTES: Final = 64 << 20
+#: answers held for one client connection that does not read them (its socket's queue is
+#: full); while it holds this many, its new frames are not acted on (see ClientServer)
+MAX_QUEUED_ANSWERS: Final = 10_000
+#: ... and for all connections together, in bytes
+MAX_QUEUED_ANSWER_BYTES: Final = 64 << 20
+#: how often held answers are offered to their sockets again (besides every socket event)
+ANSWER_RETRY: Final = 0.05
 
 
 def _check_range(what: str, value: int, lo: int, hi: int) -> None:
@@ -70,6 +82,15 @@ class ClientServer:
     Every request is checked before it is acted on; a malformed frame is answered
     with an ``ERROR`` naming what was wrong (when it carries a correlation id) and
     logged with the client's routing id, and the server keeps running.
+
+    No answer is dropped silently. The ROUTER runs with ``ROUTER_MANDATORY``: an answer
+    its connection's queue has no room for (a client that reads slower than it sends) is
+    held here, in order, and offered again on every socket event and every
+    ``ANSWER_RETRY`` s; an answer to a connection that is gone is dropped and counted
+    (``replies_undeliverable``). Held answers are bounded: while a connection holds
+    ``MAX_QUEUED_ANSWERS`` (or all together ``MAX_QUEUED_ANSWER_BYTES``), the frames it
+    sends are not acted on (nothing is accepted, so a retry cannot apply anything twice)
+    and are counted (``frames_refused_unread``).
     """
 
     def __init__(self, peer: ClientHost, endpoint: str, client_endpoints: list[str]) -> None:
@@ -77,8 +98,7 @@ class ClientServer:
         self.endpoint = endpoint
         self.client_endpoints = client_endpoints
         self._ctx = zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._sock: LoopSocket | None = None
         self._jobs: set[asyncio.Task[None]] = set()
         # sends waiting for admission, in arrival order; the loop keeps reading meanwhile,
         # so info, fetches and requests are answered while the peer is over its limits
@@ -98,8 +118,22 @@ class ClientServer:
         self._zap: Any = None
         self._unregister: Any = None
         self._watch: asyncio.Task[None] | None = None
+        # answers the ROUTER had no room for, per client routing id, in order
+        self._held: dict[bytes, deque[bytes]] = {}
+        self._held_bytes = 0
+        self._held_count = 0
+        self._retry: asyncio.TimerHandle | None = None
+        #: answers dropped because their client was gone; frames not acted on while their
+        #: client did not read its answers
+        self.undeliverable = 0
+        self.refused_unread = 0
         #: bad client frames log one line per kind and window (the peer flushes the summaries)
         self.tlog = ThrottledLog(log)
+
+    @property
+    def replies_queued(self) -> int:
+        """Answers held because their client's connection had no room for them (yet)."""
+        return self._held_count
 
     @property
     def refused_clients(self) -> int:
@@ -107,10 +141,13 @@ class ClientServer:
         return self._zap.refused if self._zap is not None else 0
 
     async def start(self) -> None:
-        sock = self._ctx.socket(zmq.ROUTER)
+        # a plain socket read from the loop's reader callback (transport/loopsock.py)
+        sock: zmq.Socket[Any] = zmq.Socket(self._ctx, zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.MAXMSGSIZE, self.peer.config.max_frame_bytes)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # a send the connection has no room for fails (EAGAIN: held here), one to a
+        # connection that is gone fails (EHOSTUNREACH: counted); never dropped silently
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         config = self.peer.config
         if config.curve:
             from .security import CLIENT_USER, ZapPolicy, curve_server, register_zap
@@ -143,22 +180,21 @@ class ClientServer:
                 f"peer {self.peer.peer_id} cannot bind its client endpoint {self.endpoint}: {exc}; "
                 "is another mesh or program using it?"
             ) from exc
-        self._sock = sock
         if self._zap is not None:
             from .security import watch_handshakes
 
             self._watch = watch_handshakes(sock, self._zap)
-        self._task = asyncio.create_task(self._serve(), name=f"statefun-mesh peer {self.peer.peer_id} clients")
+        self._sock = LoopSocket(sock, self._frame, on_writable=self._offer_held,
+                                name=f"peer {self.peer.peer_id}'s client endpoint", tlog=self.tlog)  # fmt: skip
 
     async def aclose(self) -> None:
         if self._admitter is not None:
             self._admitter.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._sock is not None:
+            self._sock.stop()  # no frame is acted on once closing starts
         for job in list(self._jobs):
             job.cancel()
         if self._jobs:
@@ -167,14 +203,84 @@ class ClientServer:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
         if self._sock is not None:
-            self._sock.close()
+            self._sock.close(None)  # with the socket's LINGER: answers sent get a moment to leave
         if self._unregister is not None:
             self._unregister()
             self._unregister = None
 
     def _reply(self, ident: bytes, kind: int, *items: Any) -> None:
+        sock = self._sock
+        if sock is None or sock.sock.closed:
+            return
+        frame = codec.encode_control(kind, *items)
+        if self._held:
+            held = self._held.get(ident)
+            if held is not None:  # after the ones already waiting
+                self._hold(held, frame)
+                return
+        try:
+            sock.sock.send_multipart((ident, frame), zmq.NOBLOCK)
+        except zmq.Again:
+            self._hold(self._held.setdefault(ident, deque()), frame)
+        except zmq.ZMQError as exc:
+            self._undeliverable(ident, exc, 1)
+        sock.sent()
+
+    def _hold(self, held: deque[bytes], frame: bytes) -> None:
+        held.append(frame)
+        self._held_count += 1
+        self._held_bytes += len(frame) + 64
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(ANSWER_RETRY, self._retry_held)
         assert self._sock is not None
-        self._sock.send_multipart([ident, codec.encode_control(kind, *items)], flags=zmq.NOBLOCK)
+        self._sock.want_write()
+
+    def _undeliverable(self, ident: bytes, exc: zmq.ZMQError, n: int) -> None:
+        self.undeliverable += n
+        self.tlog.warning("undeliverable answers", "peer %d: dropped %d answer(s) to client %r: %s (the client is "
+                          "gone; %d so far)", self.peer.peer_id, n, ident[:64], exc, self.undeliverable)  # fmt: skip
+
+    def _retry_held(self) -> None:
+        self._retry = None
+        self._offer_held()
+        if self._held and self._sock is not None and not self._sock.sock.closed:
+            self._retry = asyncio.get_running_loop().call_later(ANSWER_RETRY, self._retry_held)
+
+    def _offer_held(self) -> None:
+        """Send held answers, oldest first, as far as each connection takes them."""
+        sock = self._sock
+        if sock is None or sock.sock.closed:
+            return
+        send = sock.sock.send_multipart
+        sent = 0
+        for ident, held in list(self._held.items()):
+            while held:
+                frame = held[0]
+                try:
+                    send((ident, frame), zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    self._undeliverable(ident, exc, len(held))
+                    self._held_count -= len(held)
+                    self._held_bytes -= sum(len(f) + 64 for f in held)
+                    held.clear()
+                    break
+                held.popleft()
+                sent += 1
+                self._held_count -= 1
+                self._held_bytes -= len(frame) + 64
+            if not held:
+                del self._held[ident]
+        if sent:
+            sock.sent()
+        if self._held:
+            sock.want_write()
+
+    def _answers_unread(self, ident: bytes) -> bool:
+        """Whether ``ident`` (or every client together) holds as many unread answers as allowed."""
+        held = self._held.get(ident)
+        return held is not None and (len(held) >= MAX_QUEUED_ANSWERS or self._held_bytes >= MAX_QUEUED_ANSWER_BYTES)
 
     def _error(self, ident: bytes, corr: int, exc: BaseException) -> None:
         self.errors += 1
@@ -185,69 +291,81 @@ class ClientServer:
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
 
-    async def _serve(self) -> None:
-        assert self._sock is not None
-        sock = self._sock
+    def _frame(self, parts: list[bytes]) -> None:
+        """One client frame, from the socket's reader callback."""
         peer = self.peer
-        while True:
-            parts = await sock.recv_multipart()
-            ident = parts[0]
-            if len(parts) != 2:
-                self.bad_frames += 1
-                peer.bad_frames += 1
-                self.tlog.error("bad client frames", "peer %d: dropped a %d-part client message from %r",
-                                peer.peer_id, len(parts), ident[:64])
-                continue
-            frame = parts[1]
-            try:
-                kind, items = codec.decode_control(frame, _CLIENT_KINDS)
-            except FrameDecodeError as exc:
-                self.bad_frames += 1
-                peer.bad_frames += 1
-                self.tlog.error("bad client frames", "peer %d: rejected a frame from client %r: %s",
-                                peer.peer_id, ident[:64], exc)
-                self._error(ident, 0, exc)
-                continue
-            corr = items[0]
-            self.requests[_KIND_NAMES.get(kind, "info")] += 1
-            try:
-                if kind == codec.C_SEND:
-                    _, typename, id, vt, value, idem = items
-                    self._check_target(typename, id, vt)
-                    rec = (typename, id, "", idem, vt, value, 0, 0)
-                    peer.check_message(rec)
-                    if not self._parked and peer.admits():
-                        self._accept(ident, corr, rec)
-                    else:
-                        self._park(ident, corr, rec, len(frame))
-                elif kind == codec.C_REQUEST:
-                    _, typename, id, vt, value, timeout = items
-                    self._check_target(typename, id, vt)
-                    timeout = check_request_timeout(timeout, peer.config.max_request_timeout)
-                    # the record as the peer frames it has a reply peer and a request id:
-                    # at most 16 bytes more than with zeros (the peer checks it exactly)
-                    peer.check_message((typename, id, "", "", vt, value, 0, 0), "request")
-                    self._check_pending(ident)
-                    # counted from here (not when the job starts), so the next frame sees it
-                    self._pending[ident] = self._pending.get(ident, 0) + 1
-                    self._pending_total += 1
+        ident = parts[0]
+        if len(parts) != 2:
+            self.bad_frames += 1
+            peer.bad_frames += 1
+            self.tlog.error("bad client frames", "peer %d: dropped a %d-part client message from %r",
+                            peer.peer_id, len(parts), ident[:64])
+            return
+        if self._held:
+            self._offer_held()  # the client reads again, maybe
+            if self._answers_unread(ident):
+                self.refused_unread += 1
+                self.tlog.warning("frames refused unread", "peer %d: client %r does not read its answers (%d held "
+                                  "for it): its frames are not acted on until it does (%d so far)", peer.peer_id,
+                                  ident[:64], len(self._held[ident]), self.refused_unread)  # fmt: skip
+                return
+        frame = parts[1]
+        try:
+            kind, items = codec.decode_control(frame, _CLIENT_KINDS)
+        except FrameDecodeError as exc:
+            self.bad_frames += 1
+            peer.bad_frames += 1
+            self.tlog.error("bad client frames", "peer %d: rejected a frame from client %r: %s",
+                            peer.peer_id, ident[:64], exc)
+            self._error(ident, 0, exc)
+            return
+        corr = items[0]
+        self.requests[_KIND_NAMES.get(kind, "info")] += 1
+        try:
+            if kind == codec.C_SEND:
+                _, typename, id, vt, value, idem = items
+                self._check_target(typename, id, vt)
+                rec = (typename, id, "", idem, vt, value, 0, 0)
+                peer.check_message(rec)
+                if not self._parked and peer.admits():
+                    self._accept(ident, corr, rec)
+                else:
+                    self._park(ident, corr, rec, len(frame))
+            elif kind == codec.C_REQUEST:
+                _, typename, id, vt, value, timeout = items
+                self._check_target(typename, id, vt)
+                timeout = check_request_timeout(timeout, peer.config.max_request_timeout)
+                # the record as the peer frames it has a reply peer and a request id:
+                # at most 16 bytes more than with zeros (the peer checks it exactly)
+                peer.check_message((typename, id, "", "", vt, value, 0, 0), "request")
+                self._check_pending(ident)
+                # counted from here (so the next frame sees it) until it is answered
+                self._pending[ident] = self._pending.get(ident, 0) + 1
+                self._pending_total += 1
+                try:
+                    rid = peer.request_nowait(typename, id, vt, value, timeout,
+                                              functools.partial(self._answered, ident, corr))  # fmt: skip
+                except BaseException:
+                    self._done_pending(ident)
+                    raise
+                if rid is None:  # not admitted now: a task waits for admission
                     self._spawn(self._request(ident, corr, typename, id, vt, value, timeout))
-                elif kind == codec.C_FETCH:
-                    _, egress, start, limit, wait_ms, gen = items
-                    parse_typename(egress)
-                    _check_range("FETCH max_records", limit, 1, MAX_FETCH)
-                    _check_range("FETCH wait_ms", wait_ms, 0, MAX_WAIT_MS)
-                    _check_range("FETCH generation", gen, -1, 2**32 - 1)
-                    if isinstance(start, int):
-                        _check_range("FETCH start offset", start, 0, 2**63 - 1)
-                    pos = peer.egress_resume(egress, peer.egress_position(egress, start), gen)
-                    self._spawn(self._fetch(ident, corr, egress, pos, limit, wait_ms))
-                else:  # C_INFO
-                    self._reply(ident, codec.R_INFO, corr, self.info())
-            except StatefunMeshError as exc:
-                self._error(ident, corr, exc)
-            except (ValueError, TypeError) as exc:
-                self._error(ident, corr, exc)
+            elif kind == codec.C_FETCH:
+                _, egress, start, limit, wait_ms, gen = items
+                parse_typename(egress)
+                _check_range("FETCH max_records", limit, 1, MAX_FETCH)
+                _check_range("FETCH wait_ms", wait_ms, 0, MAX_WAIT_MS)
+                _check_range("FETCH generation", gen, -1, 2**32 - 1)
+                if isinstance(start, int):
+                    _check_range("FETCH start offset", start, 0, 2**63 - 1)
+                pos = peer.egress_resume(egress, peer.egress_position(egress, start), gen)
+                self._spawn(self._fetch(ident, corr, egress, pos, limit, wait_ms))
+            else:  # C_INFO
+                self._reply(ident, codec.R_INFO, corr, self.info())
+        except StatefunMeshError as exc:
+            self._error(ident, corr, exc)
+        except (ValueError, TypeError) as exc:
+            self._error(ident, corr, exc)
 
     def _track_reader(self, ident: bytes, egress: str, nxt: int) -> None:
         """Remember where a reader is (for its lag); readers quiet for READER_EXPIRY are forgotten."""
@@ -334,6 +452,8 @@ class ClientServer:
         peer = self.peer
         status: dict[str, Any] = {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy,
                                   "client_requests": sum(self.requests.values()), "client_errors": self.errors,
+                                  "replies_queued": self._held_count, "replies_undeliverable": self.undeliverable,
+                                  "frames_refused_unread": self.refused_unread,
                                   "egress_readers": [list(r) for r in self.reader_lags()]}  # fmt: skip
         info: dict[str, Any] = {
             "peer": peer.peer_id,
@@ -370,14 +490,28 @@ class ClientServer:
             fut.add_done_callback(lambda f: self._logged(ident, corr, f))
 
     def _logged(self, ident: bytes, corr: int, fut: asyncio.Future[None]) -> None:
-        if self._sock is None or self._sock.closed:
-            return
         if fut.cancelled():
             self._error(ident, corr, TransportError("the peer closed before the message was logged"))
         elif fut.exception() is not None:
             self._error(ident, corr, fut.exception())  # type: ignore[arg-type]
         else:
             self._reply(ident, codec.R_ACK, corr)
+
+    def _done_pending(self, ident: bytes) -> None:
+        self._pending_total -= 1
+        left = self._pending[ident] - 1
+        if left:
+            self._pending[ident] = left
+        else:
+            del self._pending[ident]
+
+    def _answered(self, ident: bytes, corr: int, reply: Message | None, exc: BaseException | None) -> None:
+        # called by the peer the moment the request ends (in the batch or frame that answers it)
+        self._done_pending(ident)
+        if exc is not None:
+            self._error(ident, corr, exc)
+        elif reply is not None:
+            self._reply(ident, codec.R_REPLY, corr, reply.target_typename, reply.target_id, reply._vt, reply._v)
 
     async def _request(
         self, ident: bytes, corr: int, typename: str, id: str, vt: str, value: bytes, timeout: float
@@ -388,12 +522,7 @@ class ClientServer:
             self._error(ident, corr, exc)
             return
         finally:
-            self._pending_total -= 1
-            left = self._pending[ident] - 1
-            if left:
-                self._pending[ident] = left
-            else:
-                del self._pending[ident]
+            self._done_pending(ident)
         self._reply(ident, codec.R_REPLY, corr, reply.target_typename, reply.target_id, reply._vt, reply._v)
 
     async def _fetch(self, ident: bytes, corr: int, egress: str, pos: int, limit: int, wait_ms: int) -> None:

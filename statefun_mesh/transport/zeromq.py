@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
 from typing import Any, Final
@@ -14,6 +15,7 @@ from ..errors import ClosedTransportError, TransportError
 from ..logutil import ThrottledLog
 from ..security import Keypair, ZapPolicy, curve_client, curve_server, register_zap, watch_handshakes
 from .base import FrameHandler, Transport
+from .loopsock import LoopSocket
 
 __all__ = ["DEFAULT_MAX_FRAME", "ZmqTransport", "peer_identity"]
 
@@ -21,6 +23,13 @@ log = logging.getLogger("statefun_mesh.transport")
 
 DEFAULT_MAX_FRAME: Final = 64 << 20
 _IDENTITY_PREFIX: Final = b"statefun-mesh-peer:"
+_PREFIX_LEN: Final = len(_IDENTITY_PREFIX)
+#: retry a send that met EAGAIN (not expected: the links have no send high-water mark) after this
+_SEND_RETRY: Final = 0.01
+
+
+def _no_handler(src: int, frame: bytes) -> None:  # pragma: no cover - before start()
+    pass
 
 
 def peer_identity(peer_id: int) -> bytes:
@@ -87,15 +96,19 @@ class ZmqTransport(Transport):
         self.endpoints = list(endpoints)
         self.max_frame = max_frame
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._router: zmq.asyncio.Socket | None = None
-        self._dealers: dict[int, zmq.asyncio.Socket] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._router: zmq.Socket[Any] | None = None
+        self._rx: LoopSocket | None = None
+        self._on_frame: FrameHandler = _no_handler
+        self._dealers: dict[int, zmq.Socket[Any]] = {}
+        #: frames a DEALER did not take at once, per peer, sent in order before any newer one
+        self._backlog: dict[int, collections.deque[bytes]] = {}
+        self._retry: asyncio.TimerHandle | None = None
         self._closed = False
         self.foreign_frames = 0
         self.heartbeat = heartbeat
         #: called with a peer id when the connection to it was lost (see the class docstring)
         self.on_link_lost: Callable[[int], None] | None = None
-        self._monitors: list[tuple[zmq.asyncio.Socket, zmq.asyncio.Socket, asyncio.Task[None]]] = []
+        self._monitors: list[tuple[zmq.Socket[Any], zmq.asyncio.Socket, asyncio.Task[None]]] = []
         self._zap: ZapPolicy | None = None
         self._unregister: Any = None
         self._handshakes: asyncio.Task[None] | None = None
@@ -108,7 +121,9 @@ class ZmqTransport(Transport):
         return self._zap.refused if self._zap is not None else 0
 
     async def start(self, on_frame: FrameHandler) -> None:
-        router = self._ctx.socket(zmq.ROUTER)
+        # plain sockets, read from the loop's reader callback (loopsock.py): zmq.asyncio's
+        # future per message was a large part of a peer's CPU per request
+        router: zmq.Socket[Any] = zmq.Socket(self._ctx, zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.RCVHWM, 0)
         router.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
@@ -143,7 +158,7 @@ class ZmqTransport(Transport):
         for p, ep in enumerate(self.endpoints):
             if p == self.peer_id:
                 continue
-            dealer = self._ctx.socket(zmq.DEALER)
+            dealer: zmq.Socket[Any] = zmq.Socket(self._ctx, zmq.DEALER)
             if self.keys is not None:
                 curve_client(dealer, self.keys, self.peer_keys[p])
             else:
@@ -158,46 +173,39 @@ class ZmqTransport(Transport):
                 # A connect attempt made while the peer is cut off would otherwise wait out the
                 # kernel's SYN retries (seconds apart, up to two minutes) after the link is back.
                 dealer.setsockopt(zmq.CONNECT_TIMEOUT, max(int(self.heartbeat[1] * 1000 / 3), 100))
-            monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            # a zmq.asyncio PAIR: the socket's context is the asyncio one
+            monitor: zmq.asyncio.Socket = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # type: ignore[assignment]
             task = asyncio.create_task(self._watch_link(p, monitor), name=f"statefun-mesh peer {self.peer_id} link {p}")
             self._monitors.append((dealer, monitor, task))
             dealer.connect(ep)
             self._dealers[p] = dealer
-        rx = self._receive_curve(on_frame) if self.keys is not None else self._receive(on_frame)
-        self._task = asyncio.create_task(rx, name=f"statefun-mesh peer {self.peer_id} zmq rx")
+        self._on_frame = on_frame
+        if self.keys is not None:
+            self._rx = LoopSocket(router, self._receive_curve, copy=False, name=f"peer {self.peer_id}'s peer endpoint",
+                                  tlog=self.tlog)  # fmt: skip
+        else:
+            self._rx = LoopSocket(router, self._receive, name=f"peer {self.peer_id}'s peer endpoint", tlog=self.tlog)
 
-    async def _receive_curve(self, on_frame: FrameHandler) -> None:
+    def _receive_curve(self, parts: list[Any]) -> None:
         # The sender is the peer whose key the connection authenticated with (the ZAP
         # handler's user id, carried by every message), whatever routing id it announced.
-        assert self._router is not None
-        router = self._router
-        n = len(self.endpoints)
-        while True:
-            try:
-                parts = await router.recv_multipart(copy=False)
-            except zmq.ZMQError as exc:
-                if self._closed:
-                    return
-                log.error("peer %d: receive failed: %s", self.peer_id, exc)
-                await asyncio.sleep(0.1)
-                continue
-            src = -1
-            try:
-                user = parts[-1].get("User-Id")
-            except zmq.ZMQError:
-                user = ""
-            if isinstance(user, str) and user.startswith("peer:") and user[5:].isdigit():
-                src = int(user[5:])
-            if not 0 <= src < n or src == self.peer_id or len(parts) != 2:
-                self.foreign_frames += 1
-                self.tlog.error("foreign frames", "peer %d: dropped a frame from a connection that did not "
-                                 "authenticate as another peer of this mesh (user %r, %d parts)", self.peer_id,
-                                 user, len(parts))  # fmt: skip
-                continue
-            try:
-                on_frame(src, parts[1].bytes)
-            except Exception:  # the handler logs bad frames itself; never let one kill the loop
-                log.exception("peer %d: handling a frame from peer %d failed", self.peer_id, src)
+        src = -1
+        try:
+            user = parts[-1].get("User-Id")
+        except zmq.ZMQError:
+            user = ""
+        if isinstance(user, str) and user.startswith("peer:") and user[5:].isdigit():
+            src = int(user[5:])
+        if not 0 <= src < len(self.endpoints) or src == self.peer_id or len(parts) != 2:
+            self.foreign_frames += 1
+            self.tlog.error("foreign frames", "peer %d: dropped a frame from a connection that did not "
+                             "authenticate as another peer of this mesh (user %r, %d parts)", self.peer_id,
+                             user, len(parts))  # fmt: skip
+            return
+        try:
+            self._on_frame(src, parts[1].bytes)
+        except Exception:  # the handler logs bad frames itself; never let one kill the loop
+            log.exception("peer %d: handling a frame from peer %d failed", self.peer_id, src)
 
     async def _watch_link(self, peer: int, monitor: zmq.asyncio.Socket) -> None:
         from zmq.utils.monitor import parse_monitor_message
@@ -218,37 +226,24 @@ class ZmqTransport(Transport):
                     except Exception:
                         log.exception("peer %d: on_link_lost(%d) failed", self.peer_id, peer)
 
-    async def _receive(self, on_frame: FrameHandler) -> None:
-        assert self._router is not None
-        router = self._router
-        n = len(self.endpoints)
-        prefix_len = len(_IDENTITY_PREFIX)
-        while True:
-            try:
-                parts = await router.recv_multipart(copy=True)
-            except zmq.ZMQError as exc:
-                if self._closed:
-                    return
-                self.tlog.error("receive failures", "peer %d: receive failed: %s", self.peer_id, exc)
-                await asyncio.sleep(0.1)
-                continue
-            ident = parts[0]
-            src = -1
-            if ident.startswith(_IDENTITY_PREFIX) and ident[prefix_len:].isdigit():
-                src = int(ident[prefix_len:])
-            if not 0 <= src < n or src == self.peer_id or len(parts) != 2:
-                self.foreign_frames += 1
-                self.tlog.error(
-                    "frames from non-peers",
-                    "peer %d: dropped a frame from a sender that is not a peer of this mesh "
-                    "(routing id %r, %d parts)", self.peer_id, ident[:64], len(parts),
-                )  # fmt: skip
-                continue
-            try:
-                on_frame(src, parts[1])
-            except Exception:  # the handler logs bad frames itself; never let one kill the loop
-                self.tlog.log(logging.ERROR, "frame handler errors", "peer %d: handling a frame from peer %d failed",
-                              self.peer_id, src, exc_info=True)
+    def _receive(self, parts: list[Any]) -> None:
+        ident = parts[0]
+        src = -1
+        if ident.startswith(_IDENTITY_PREFIX) and ident[_PREFIX_LEN:].isdigit():
+            src = int(ident[_PREFIX_LEN:])
+        if not 0 <= src < len(self.endpoints) or src == self.peer_id or len(parts) != 2:
+            self.foreign_frames += 1
+            self.tlog.error(
+                "frames from non-peers",
+                "peer %d: dropped a frame from a sender that is not a peer of this mesh "
+                "(routing id %r, %d parts)", self.peer_id, ident[:64], len(parts),
+            )  # fmt: skip
+            return
+        try:
+            self._on_frame(src, parts[1])
+        except Exception:  # the handler logs bad frames itself; never let one kill the loop
+            self.tlog.log(logging.ERROR, "frame handler errors", "peer %d: handling a frame from peer %d failed",
+                          self.peer_id, src, exc_info=True)
 
     def flush_logs(self) -> None:
         """Write the summaries of throttled log lines (the peer's heartbeat loop calls it)."""
@@ -263,18 +258,45 @@ class ZmqTransport(Transport):
         dealer = self._dealers.get(peer)
         if dealer is None:
             raise ValueError(f"no peer {peer} to send to from peer {self.peer_id}")
-        dealer.send(frame, flags=zmq.NOBLOCK, copy=len(frame) < 65536)
+        if self._backlog:
+            backlog = self._backlog.get(peer)
+            if backlog is not None:
+                backlog.append(frame)
+                return
+        try:
+            dealer.send(frame, zmq.NOBLOCK, copy=len(frame) < 65536)
+        except zmq.Again:
+            # not expected (no send high-water mark, frames queue before a connection is
+            # made); kept in order and sent as soon as the socket takes it, never dropped
+            self._backlog[peer] = collections.deque((frame,))
+            if self._retry is None:
+                self._retry = asyncio.get_running_loop().call_later(_SEND_RETRY, self._send_backlog)
+
+    def _send_backlog(self) -> None:
+        self._retry = None
+        if self._closed:
+            return
+        for peer, backlog in list(self._backlog.items()):
+            dealer = self._dealers[peer]
+            while backlog:
+                try:
+                    dealer.send(backlog[0], zmq.NOBLOCK, copy=len(backlog[0]) < 65536)
+                except zmq.Again:
+                    break
+                backlog.popleft()
+            if not backlog:
+                del self._backlog[peer]
+        if self._backlog:
+            self._retry = asyncio.get_running_loop().call_later(_SEND_RETRY, self._send_backlog)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._rx is not None:
+            self._rx.stop()  # no frame is delivered once closing starts
         for dealer, monitor, task in self._monitors:
             task.cancel()
             try:
@@ -292,7 +314,9 @@ class ZmqTransport(Transport):
             await asyncio.gather(self._handshakes, return_exceptions=True)
         for d in self._dealers.values():
             d.close()
-        if self._router is not None:
+        if self._rx is not None:
+            self._rx.close(0)  # stops reading, then closes the ROUTER
+        elif self._router is not None:
             self._router.close(0)
         if self._unregister is not None:
             self._unregister()
