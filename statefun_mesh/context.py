@@ -240,13 +240,17 @@ class Context:
             raise TypeError(f"send() takes a Message (use message_builder), got {type(message).__name__}")
         a = self.address
         own = self._rec
-        rec = (message.target_typename, message.target_id, a[0], a[1], message._vt, message._v, own[6], own[7])
-        if self._limit:
+        t, i, vt, v = message.target_typename, message.target_id, message._vt, message._v
+        rec = (t, i, a[0], a[1], vt, v, own[6], own[7])
+        limit = self._limit
+        # _check_size's bound, inlined (a generator per send was most of a send's cost)
+        if limit and len(v) + 4 * (len(t) + len(i) + len(a[0]) + len(a[1]) + len(vt)) + 49 > limit:
             self._check_size(rec, "message")
-        if self._sends is None:
+        sends = self._sends
+        if sends is None:
             self._sends = [rec]
         else:
-            self._sends.append(rec)
+            sends.append(rec)
 
     def send_after(self, duration: timedelta, message: Message, cancellation_token: str = "") -> None:
         """Send ``message`` once ``duration`` has passed (StateFun's signature).
