@@ -1,5 +1,6 @@
 # cython: language_level=3, embedsignature=True
-"""Cython core of the hot path: XXH64 key hashing, key groups, batch frames.
+"""Cython core of the hot path: XXH64 key hashing, key groups, batch frames, the
+dispatcher's per-batch loop (grouping, state reads, invocation, write collection).
 
 The executable specification is ``statefun_mesh/_speedups_py.py``: this module
 implements exactly its API, bit for bit (the golden vectors in ``tests/data/`` pin
@@ -75,8 +76,11 @@ __all__ = [
     "KIND_BATCH",
     "BatchEncoder",
     "Record",
+    "collect_puts",
     "decode_batch",
+    "dispatch_groups",
     "encode_batch",
+    "group_records",
     "key_group",
     "key_groups",
     "partition",
@@ -93,3 +97,5 @@ Record = tuple[str, str, str, str, str, bytes, int, int]
 
 include "hashing.pxi"
 include "batching.pxi"
+# The dispatcher's per-batch loop: the twin's own source, compiled (see its docstring).
+include "../statefun_mesh/_dispatch_loop.py"

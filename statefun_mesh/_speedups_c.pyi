@@ -1,7 +1,7 @@
 """Type stub of the Cython core (csrc/_speedups_c.pyx); the spec is ``_speedups_py``."""
 
 from collections.abc import Iterable, Sequence
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from typing_extensions import Buffer, disjoint_base
 
@@ -10,8 +10,11 @@ __all__ = [
     "KIND_BATCH",
     "BatchEncoder",
     "Record",
+    "collect_puts",
     "decode_batch",
+    "dispatch_groups",
     "encode_batch",
+    "group_records",
     "key_group",
     "key_groups",
     "partition",
@@ -47,3 +50,19 @@ class BatchEncoder:
 def record_size(record: Record) -> int: ...
 def encode_batch(records: Iterable[Record]) -> bytes: ...
 def decode_batch(frame: Buffer) -> list[Record]: ...
+
+# the dispatcher's per-batch loop, compiled from statefun_mesh/_dispatch_loop.py (its spec)
+def group_records(records: list[Any]) -> dict[Any, Any]: ...
+def dispatch_groups(
+    d: Any,
+    kit: tuple[Any, ...],
+    groups: dict[Any, Any],
+    txn: Any,
+    now_ms: Any,
+    out: Any,
+    max_send_bytes: Any,
+    merging: dict[Any, Any],
+    starting: list[Any],
+    touched: list[Any],
+) -> Any: ...
+def collect_puts(touched: list[Any], ops: list[Any], encode: Any) -> None: ...

@@ -41,6 +41,7 @@ from typing import Final
 
 import msgpack
 
+from ._dispatch_loop import collect_puts, dispatch_groups, group_records
 from .errors import FrameDecodeError
 
 __all__ = [
@@ -48,8 +49,11 @@ __all__ = [
     "KIND_BATCH",
     "BatchEncoder",
     "Record",
+    "collect_puts",
     "decode_batch",
+    "dispatch_groups",
     "encode_batch",
+    "group_records",
     "key_group",
     "key_groups",
     "partition",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from operator import itemgetter as _itemgetter
+from typing import Final
 
 from .errors import TypeNameError
 
@@ -40,29 +41,52 @@ def check_id(id: object, what: str = "target_id") -> str:
     return id
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
+class Address(tuple[str, str]):
     """The address of one function instance: its type name and its id.
 
     Instances are virtual: every address exists and costs nothing until it receives
     a message.
+
+    An immutable value (``typename``, ``id``; equal and hashing alike when both are
+    equal). It is a 2-tuple underneath, so that the dispatcher can make one per
+    address group for the cost of a tuple (issue 9); only ``typename``, ``id``,
+    ``namespace``, ``name``, equality, hashing, ``str`` and ``repr`` are its API.
     """
 
-    typename: str
-    id: str
+    __slots__ = ()
+
+    def __new__(cls, typename: str, id: str) -> Address:
+        return tuple.__new__(cls, (typename, id))
+
+    def __getnewargs__(self) -> tuple[str, str]:
+        # pickle and copy call cls.__new__(cls, *these): the two fields, not one tuple
+        return (self[0], self[1])
+
+    typename = property(_itemgetter(0), doc="The type name, ``namespace/name``.")
+    id = property(_itemgetter(1), doc="The id of the instance.")
 
     @property
     def namespace(self) -> str:
         """The part of the type name before the last ``/``."""
-        return self.typename[: self.typename.rfind("/")]
+        t = self[0]
+        return t[: t.rfind("/")]
 
     @property
     def name(self) -> str:
         """The part of the type name after the last ``/``."""
-        return self.typename[self.typename.rfind("/") + 1 :]
+        t = self[0]
+        return t[t.rfind("/") + 1 :]
 
     def __str__(self) -> str:
-        return f"{self.typename}/{self.id}"
+        return f"{self[0]}/{self[1]}"
+
+    def __repr__(self) -> str:
+        return f"Address(typename={self[0]!r}, id={self[1]!r})"
+
+
+#: ``make_address(Address, (typename, id))``: an :class:`Address` from a 2-tuple without
+#: calling ``Address.__new__`` (the dispatcher's per-group fast path; no checks)
+make_address: Final = tuple.__new__
 
 
 class SdkAddress(Address):
@@ -76,7 +100,7 @@ class SdkAddress(Address):
 
     __slots__ = ()
 
-    def __init__(self, namespace: str, name: str, id: str, typename: str | None = None) -> None:
+    def __new__(cls, namespace: str, name: str, id: str, typename: str | None = None) -> SdkAddress:
         if not isinstance(namespace, str) or not isinstance(name, str):
             raise TypeError("namespace and name must be str")
         joined = f"{namespace}/{name}"
@@ -87,16 +111,10 @@ class SdkAddress(Address):
         parse_typename(typename)
         if typename.rfind("/") != len(namespace):
             raise ValueError(f"the name {name!r} of an address can not contain '/'")
-        object.__setattr__(self, "typename", typename)
-        object.__setattr__(self, "id", id)
+        return tuple.__new__(cls, (typename, id))
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Address):
-            return self.typename == other.typename and self.id == other.id
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash((self.typename, self.id))
+    def __getnewargs__(self) -> tuple[str, str, str, str]:  # type: ignore[override]
+        return (self.namespace, self.name, self[1], self[0])
 
     def __repr__(self) -> str:
         return (

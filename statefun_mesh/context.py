@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from ._speedups import record_size
-from .address import Address
+from .address import Address, make_address
 from .errors import MessageTooLargeError
 from .messages import EgressMessage, Message, typed_value_from_kwargs
 
@@ -74,27 +74,34 @@ class Storage:
     Reading gives the value (``None`` if absent or expired); assigning stores it
     (assigning ``None`` deletes it); ``del`` deletes it. Writes become visible to later
     invocations only if this invocation returns without raising.
+
+    Each function gets its own subclass at bind time (:func:`storage_class`) with a
+    property per ``ValueSpec``, so a read is one property call, not a failed attribute
+    lookup and ``__getattr__``. ``_writes`` is ``None`` until the first assignment.
     """
 
     __slots__ = ("_address", "_cells", "_writes")
 
+    _address: Address
+    _cells: dict[str, Cell]
+    _writes: dict[str, Any] | None
+
     def __init__(self, address: Address, cells: dict[str, Cell]) -> None:
-        object.__setattr__(self, "_address", address)
-        object.__setattr__(self, "_cells", cells)
-        object.__setattr__(self, "_writes", {})
+        _set_address(self, address)
+        _set_cells(self, cells)
+        _set_writes(self, None)
 
     def __getattr__(self, name: str) -> Any:
-        writes = self._writes
-        if name in writes:
-            value = writes[name]
-            return None if value is DELETED else value
+        # reached only for names without a property: the base class, or an undeclared name
+        if name in ("_address", "_cells", "_writes"):
+            raise AttributeError(name)
         cell = self._cells.get(name)
         if cell is None:
             raise AttributeError(
                 f"{self._address.typename} has no state {name!r}; declare it with "
                 f"ValueSpec(name={name!r}, type=...) in bind(specs=[...])"
             )
-        return cell.read(self._address)
+        return _read(self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in self._cells:
@@ -102,13 +109,55 @@ class Storage:
                 f"{self._address.typename} has no state {name!r}; declare it with "
                 f"ValueSpec(name={name!r}, type=...) in bind(specs=[...])"
             )
-        self._writes[name] = DELETED if value is None else value
+        writes = self._writes
+        if writes is None:
+            _set_writes(self, {name: DELETED if value is None else value})
+        else:
+            writes[name] = DELETED if value is None else value
 
     def __delattr__(self, name: str) -> None:
         self.__setattr__(name, None)
 
     def __dir__(self) -> list[str]:
         return sorted(self._cells)
+
+
+# the slots' own descriptors: Storage overrides __setattr__ for the function's writes
+_set_address: Final[Any] = Storage.__dict__["_address"].__set__
+_set_cells: Final[Any] = Storage.__dict__["_cells"].__set__
+_set_writes: Final[Any] = Storage.__dict__["_writes"].__set__
+
+
+def _read(storage: Storage, name: str) -> Any:
+    writes = storage._writes
+    if writes is not None and name in writes:
+        value = writes[name]
+        return None if value is DELETED else value
+    return storage._cells[name].read(storage._address)
+
+
+def _property(name: str) -> property:
+    def get(self: Storage) -> Any:
+        writes = self._writes
+        if writes is not None and name in writes:
+            value = writes[name]
+            return None if value is DELETED else value
+        cell = self._cells[name]
+        if cell.has_decoded:  # Cell.read's first lines
+            return cell.decoded
+        return cell.read(self._address)
+
+    get.__name__ = name
+    return property(get, doc=f"the state {name!r}")
+
+
+def storage_class(typename: str, names: list[str]) -> type[Storage]:
+    """A :class:`Storage` subclass for one function: a read-only property per declared
+    state (assignments go through ``Storage.__setattr__``)."""
+    ns: dict[str, Any] = {"__slots__": (), "__qualname__": "Storage", "__module__": __name__}
+    for name in names:
+        ns[name] = _property(name)
+    return type("Storage", (Storage,), ns)
 
 
 class Context:
@@ -124,29 +173,24 @@ class Context:
         "_delayed",
         "_egress",
         "_limit",
+        "_rec",
         "_reply",
-        "_reply_peer",
-        "_request_id",
         "_sends",
         "address",
-        "caller",
         "storage",
     )
 
     def __init__(
         self,
         address: Address,
-        caller: Address | None,
+        rec: tuple[str, str, str, str, str, bytes, int, int],
         storage: Storage,
-        reply_peer: int,
-        request_id: int,
         limit: int = 0,
     ) -> None:
         self.address = address
-        self.caller = caller
+        #: the message's record: the caller (fields 2, 3) and the request (6: reply peer, 7: request id)
+        self._rec = rec
         self.storage = storage
-        self._reply_peer = reply_peer
-        self._request_id = request_id
         self._sends: list[tuple[str, str, str, str, str, bytes, int, int]] | None = None
         #: (delay, record, cancellation token) in call order; cancellations interleave here too.
         self._delayed: list[tuple[Any, ...]] | None = None
@@ -154,6 +198,21 @@ class Context:
         self._reply: tuple[str, bytes] | None = None
         #: the largest message the mesh admits (max_message_bytes; 0: unchecked)
         self._limit = limit
+
+    @property
+    def caller(self) -> Address | None:
+        """The address of the function that sent the message; ``None`` for a message from
+        a client, an ingress or a timer the mesh itself fired."""
+        rec = self._rec
+        return make_address(Address, (rec[2], rec[3])) if rec[2] else None
+
+    @property
+    def _reply_peer(self) -> int:
+        return self._rec[6]
+
+    @property
+    def _request_id(self) -> int:
+        return self._rec[7]
 
     def _check_size(self, rec: tuple[str, str, str, str, str, bytes, int, int], kind: str) -> None:
         # Refused here, at the call, so the function may catch it; uncaught, the
@@ -169,7 +228,7 @@ class Context:
     @property
     def in_request(self) -> bool:
         """Whether the message being handled is part of a client request (see :meth:`reply`)."""
-        return self._request_id != 0
+        return self._rec[7] != 0
 
     def send(self, message: Message) -> None:
         """Send ``message`` to its target instance.
@@ -179,21 +238,19 @@ class Context:
         """
         if type(message) is not Message:
             raise TypeError(f"send() takes a Message (use message_builder), got {type(message).__name__}")
-        rec = (
-            message.target_typename,
-            message.target_id,
-            self.address.typename,
-            self.address.id,
-            message._vt,
-            message._v,
-            self._reply_peer,
-            self._request_id,
-        )
-        self._check_size(rec, "message")
-        if self._sends is None:
+        a = self.address
+        own = self._rec
+        t, i, vt, v = message.target_typename, message.target_id, message._vt, message._v
+        rec = (t, i, a[0], a[1], vt, v, own[6], own[7])
+        limit = self._limit
+        # _check_size's bound, inlined (a generator per send was most of a send's cost)
+        if limit and len(v) + 4 * (len(t) + len(i) + len(a[0]) + len(a[1]) + len(vt)) + 49 > limit:
+            self._check_size(rec, "message")
+        sends = self._sends
+        if sends is None:
             self._sends = [rec]
         else:
-            self._sends.append(rec)
+            sends.append(rec)
 
     def send_after(self, duration: timedelta, message: Message, cancellation_token: str = "") -> None:
         """Send ``message`` once ``duration`` has passed (StateFun's signature).
@@ -213,8 +270,8 @@ class Context:
         rec = (
             message.target_typename,
             message.target_id,
-            self.address.typename,
-            self.address.id,
+            self.address[0],
+            self.address[1],
             message._vt,
             message._v,
             0,
@@ -262,9 +319,10 @@ class Context:
         if value_type is not None:
             kwargs["value_type"] = value_type
         encoded = typed_value_from_kwargs(kwargs, what="reply")
-        if self._request_id:
+        own = self._rec
+        if own[7]:
             a = self.address
-            rec = (a.typename, a.id, "", "", encoded[0], encoded[1], self._reply_peer, self._request_id)
+            rec = (a[0], a[1], "", "", encoded[0], encoded[1], own[6], own[7])
             self._check_size(rec, "reply")
         if self._reply is None:
             self._reply = encoded

@@ -18,13 +18,13 @@ import traceback
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from time import perf_counter
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import msgpack
 
 from . import _speedups
 from .address import Address
-from .context import DELETED, Cell, Context, Storage
+from .context import DELETED, Cell, Context, Storage, _set_address, _set_cells, _set_writes
 from .errors import MessageTooLargeError
 from .functions import FunctionSpec
 from .logutil import ThrottledLog
@@ -352,7 +352,7 @@ class Dispatcher:
         parked = self._parked
         merging: dict[tuple[str, str], _Running] = {}
         self._merged = []
-        self._qlens = qlens = {}
+        self._qlens = {}
         self._parked_now = []
         if parked:
             # Parked addresses whose task is done commit in this batch; what queued
@@ -375,109 +375,17 @@ class Dispatcher:
                     out.sends.append(tuple(rec))
                 out.ops.append(("fired", kg, seq, due, tok))
 
-        groups: dict[tuple[str, str], list[Record]] = {}
-        for rec in records:
-            key = (rec[0], rec[1])
-            g = groups.get(key)
-            if g is None:
-                groups[key] = [rec]
-            else:
-                g.append(rec)
-
-        table = self.table
-        seen: set[bytes] = set()
+        groups = _speedups.group_records(records)
         starting: list[_Running] = []
-        touched: list[list[Cell]] = []
+        touched: list[dict[str, Cell]] = []
         with self.backend.read() as txn:
             self._txn = txn
-            get = cast("Callable[..., bytes | None]", txn.get)  # the store returns bytes (no buffers=True)
-            db_state = self._db_state
-            key_group = self._key_group
-            maxp = self.max_parallelism
-            kg_prefix = KG_PREFIXES
-            stats, bounds, first = self.stats, LATENCY_BUCKETS, LATENCY_BUCKETS[0]
-            t0 = perf_counter()  # chained: one clock read per sync address
-            sends = out.sends
-            counted = send_bytes = 0
-            for (typename, id), recs in groups.items():
-                if parked or merging:
-                    # per-address order: behind an invocation that has not committed yet
-                    behind = parked.get((typename, id)) or merging.get((typename, id))
-                    if behind is not None:
-                        if (typename, id) not in qlens:
-                            qlens[(typename, id)] = (behind, len(behind.queue))
-                        behind.queue.extend(recs)
-                        continue
-                if max_send_bytes is not None and counted < len(sends):
-                    for r in sends[counted:]:
-                        send_bytes += len(r[1]) + len(r[5]) + _SEND_OVERHEAD
-                    counted = len(sends)
-                    if send_bytes >= max_send_bytes:
-                        out.deferred.extend(recs)
-                        continue
-                fspec = table.get(typename)
-                endpoint = None
-                if fspec is None:
-                    endpoint = self.remote.endpoint_for(typename) if self.remote is not None else None
-                    if endpoint is None:
-                        for rec in recs:
-                            self._unknown(rec, out)
-                        continue
-                kg = key_group(id, maxp)
-                dedup_out = out
-                if fspec is None or fspec.is_async:
-                    # an async address's idempotency keys commit with its invocations
-                    dedup_out = BatchOutcome()
-                for r in recs:
-                    if not r[2] and r[3]:  # a client message with an idempotency key
-                        recs = self._dedup(txn, typename, id, kg, recs, seen, now_ms, dedup_out)
-                        break
-                if not recs:
-                    continue
-                if fspec is None:  # a remote function: an address task like an async one's
-                    rcells = self.remote.load(self, txn, typename, id, kg, now_ms)
-                    starting.append(_RemoteRunning(endpoint, Address(typename, id), kg, rcells, recs, dedup_out))
-                    continue
-                cells: dict[str, Cell] = {}
-                if fspec.specs:
-                    head = kg_prefix[kg]
-                    idb = id.encode("utf-8", "surrogatepass")
-                    for name, stype, tprefix, suffix in fspec.key_parts:
-                        skey = head + tprefix + idb + suffix
-                        if len(skey) > MAX_KEY:
-                            skey = state_key(kg, typename, id, name)
-                        raw = get(skey, db=db_state)
-                        if raw is None:
-                            cells[name] = Cell(name, stype, skey, None, None, 0)
-                        else:
-                            vt, data, expire = decode_state_value(raw)
-                            cell = Cell(name, stype, skey, vt, data, expire)
-                            if expire and expire <= now_ms:
-                                cell.vt = cell.data = None
-                                cell.expire = 0
-                                cell.dirty = True
-                            cells[name] = cell
-                address = Address(typename, id)
-                if fspec.is_async:
-                    starting.append(_Running(fspec, address, kg, cells, recs, dedup_out))
-                    continue
-                if cells:
-                    touched.append(list(cells.values()))
-                invoke = self._invoke_sync
-                self.current = address
-                for rec in recs:
-                    invoke(fspec, address, kg, cells, rec, now_ms, out)
+            try:
+                self.invocations += _speedups.dispatch_groups(
+                    self, _KIT, groups, txn, now_ms, out, max_send_bytes, merging, starting, touched
+                )
+            finally:
                 self.current = None
-                # TypeStats.observe, inlined: this runs once per address of every batch
-                t1 = perf_counter()
-                st = stats.get(typename) or self._type_stats(typename)
-                n, dt = len(recs), t1 - t0
-                st.seconds += dt
-                if dt < n * first:  # the usual case: under the first bucket's bound
-                    st.buckets[0] += n
-                else:
-                    st.buckets[bisect_left(bounds, dt / n)] += n
-                t0 = t1
         self._txn = None  # closed: async invocations below read what they need afresh
         for pr in merging.values():
             self._finish(pr, now_ms, out)
@@ -486,13 +394,8 @@ class Dispatcher:
             await self._start(starting, now_ms, out)
 
         ops = out.ops
-        for cells_list in touched:
-            for cell in cells_list:
-                if cell.dirty:
-                    if cell.data is None:
-                        ops.append(("del", "state", cell.key))
-                    else:
-                        ops.append(("put", "state", cell.key, encode_state_value(cell.vt, cell.data, cell.expire)))  # type: ignore[arg-type]
+        if touched:
+            _speedups.collect_puts(touched, ops, encode_state_value)
         if self._saved[0] != self._timer_seq:
             ops.append(("put", "meta", b"timer_seq", pack_u64(self._timer_seq)))
         for seq_key, seq in self._egress_seq.items():
@@ -601,8 +504,7 @@ class Dispatcher:
             return
         fspec, address, cells = r.fspec, r.address, r.cells
         for rec in r.records:
-            ctx = self._context(address, cells, rec)
-            ctx._limit = self.message_limit
+            ctx = Context(address, rec, fspec.storage_class(address, cells), self.message_limit)
             msg = Message(rec[0], rec[1], rec[4], rec[5])
             try:
                 await fspec.fun(ctx, msg)
@@ -615,34 +517,9 @@ class Dispatcher:
             self._apply(fspec, cells, writes, now_ms)
             r.done.append((rec, ctx, None))
 
-    def _invoke_sync(
-        self,
-        fspec: FunctionSpec,
-        address: Address,
-        kg: int,
-        cells: dict[str, Cell],
-        rec: Record,
-        now_ms: int,
-        out: BatchOutcome,
-    ) -> None:
-        storage = Storage(address, cells)
-        ctx = Context(address, Address(rec[2], rec[3]) if rec[2] else None, storage, rec[6], rec[7], self.message_limit)
-        try:
-            fspec.fun(ctx, Message(rec[0], rec[1], rec[4], rec[5]))
-            writes = self._serialize_writes(storage) if storage._writes else None
-        except Exception as exc:
-            self._failed(rec, address, cells, exc, out)
-            return
-        self._commit_invocation(fspec, address, kg, cells, ctx, writes, now_ms, out)
-
-    @staticmethod
-    def _context(address: Address, cells: dict[str, Cell], rec: Record) -> Context:
-        caller = Address(rec[2], rec[3]) if rec[2] else None
-        return Context(address, caller, Storage(address, cells), rec[6], rec[7])
-
     @staticmethod
     def _serialize_writes(storage: Storage) -> list[tuple[Cell, Any, bytes | None]]:
-        writes: dict[str, Any] = storage._writes
+        writes = storage._writes
         if not writes:
             return []
         cells = storage._cells
@@ -660,20 +537,6 @@ class Dispatcher:
                     )
                 result.append((cell, value, data))
         return result
-
-    def _commit_invocation(
-        self,
-        fspec: FunctionSpec,
-        address: Address,
-        kg: int,
-        cells: dict[str, Cell],
-        ctx: Context,
-        writes: list[tuple[Cell, Any, bytes | None]] | None,
-        now_ms: int,
-        out: BatchOutcome,
-    ) -> None:
-        self._apply(fspec, cells, writes, now_ms)
-        self._emit(address, kg, ctx, out, now_ms)
 
     @staticmethod
     def _apply(
@@ -710,6 +573,10 @@ class Dispatcher:
         self.invocations += 1
         if ctx._sends is not None:
             out.sends.extend(ctx._sends)
+        self._emit_other(address, kg, ctx, out, now_ms)
+
+    def _emit_other(self, address: Address, kg: int, ctx: Context, out: BatchOutcome, now_ms: int) -> None:
+        """Take a returned invocation's timers, egress records and reply into ``out``."""
         if ctx._delayed is not None:
             self._timers(address, kg, ctx._delayed, now_ms, out)
         if ctx._egress is not None:
@@ -718,9 +585,9 @@ class Dispatcher:
                     self._egress(typename, vt, data, out, self._egress_id(address, kg))
                 else:
                     self._egress(typename, vt, data, out)
-        if ctx._reply is not None and ctx._request_id:
+        if ctx._reply is not None and ctx._rec[7]:
             vt, data = ctx._reply
-            out.replies.append((ctx._reply_peer, ctx._request_id, REPLY_OK, vt, data, address.typename, address.id))
+            out.replies.append((ctx._rec[6], ctx._rec[7], REPLY_OK, vt, data, address[0], address[1]))
 
     def _timers(self, address: Address, kg: int, items: list[tuple[Any, ...]], now_ms: int, out: BatchOutcome) -> None:
         ops = out.ops
@@ -832,3 +699,9 @@ class Dispatcher:
         }
         self._egress(DEAD_LETTERS, DEAD_LETTER_TYPE, json.dumps(doc, separators=(",", ":")).encode(), out)
 
+
+
+#: what the per-batch loop (``_speedups.dispatch_groups``) uses, in ``_dispatch_loop.KIT_FIELDS`` order
+_KIT: Final = (Address, Cell, Context, Message, BatchOutcome, _Running, _RemoteRunning, decode_state_value,
+               state_key, KG_PREFIXES, MAX_KEY, LATENCY_BUCKETS, bisect_left, perf_counter, DELETED, _CACHEABLE,
+               _set_address, _set_cells, _set_writes, encode_state_value)  # fmt: skip

@@ -9,8 +9,12 @@ from datetime import timedelta
 from typing import Any, Final
 
 from .address import parse_typename
-from .state.lmdb_backend import state_key_parts
-from .valuetypes import Type
+from .context import storage_class
+from .state.lmdb_backend import state_key_parts, value_header
+from .valuetypes import BoolType, DoubleType, FloatType, IntType, LongType, StringType, Type
+
+#: value types the dispatcher decodes as it reads them: their values are immutable and cached
+_EAGER: Final = (IntType, LongType, FloatType, DoubleType, BoolType, StringType)
 
 __all__ = ["FunctionSpec", "StatefulFunctions", "StorageSpec", "ValueSpec", "merge_functions"]
 
@@ -108,7 +112,7 @@ class StorageSpec:
 class FunctionSpec:
     """A bound function: its type name, the callable, its value specs and whether it is async."""
 
-    __slots__ = ("fun", "is_async", "key_parts", "specs", "storage_spec", "ttl_ms", "typename")
+    __slots__ = ("fun", "is_async", "key_parts", "specs", "storage_class", "storage_spec", "ttl_ms", "typename")
 
     def __init__(self, typename: str, fun: Callable[..., Any], specs: list[ValueSpec]) -> None:
         self.typename = typename
@@ -119,8 +123,18 @@ class FunctionSpec:
         self.is_async = inspect.iscoroutinefunction(fun)
         #: (name, milliseconds, after_call) for every spec with a TTL.
         self.ttl_ms = [(s.name, s.duration, s.after_call) for s in specs if s.duration]
-        #: (name, type, type part, name part): the parts of each state key (state_key_parts)
-        self.key_parts = [(s.name, s.type, *state_key_parts(typename, s.name)) for s in specs]
+        #: (name, type, type part, name part, stored-value header, eager decoder): the parts of
+        #: each state key (state_key_parts); the bytes a stored value of the spec's type without
+        #: expiry starts with (value_header), so the dispatcher decodes it with a prefix check;
+        #: and for the built-in primitive types (whose values are immutable) their decoder, which
+        #: the dispatcher calls when it reads the value (else the value is decoded when first read)
+        self.key_parts = [
+            (s.name, s.type, *state_key_parts(typename, s.name), value_header(s.type.typename),
+             s.type.serializer().deserialize if s.type in _EAGER else None)
+            for s in specs
+        ]  # fmt: skip
+        #: ``context.storage``'s class for this function: a property per spec
+        self.storage_class = storage_class(typename, [s.name for s in specs if not s.name.startswith("__")])
 
 
 def _check_signature(typename: str, fun: Callable[..., Any]) -> None:

@@ -40,6 +40,14 @@ _PRIMITIVE_KWARGS: dict[str, vt.Type] = {
 }
 
 
+_INT_TN, _INT_DESERIALIZE = vt.IntType.typename, vt.IntType.serializer().deserialize
+_LONG_TN, _LONG_DESERIALIZE = vt.LongType.typename, vt.LongType.serializer().deserialize
+_FLOAT_TN, _FLOAT_DESERIALIZE = vt.FloatType.typename, vt.FloatType.serializer().deserialize
+_DOUBLE_TN, _DOUBLE_DESERIALIZE = vt.DoubleType.typename, vt.DoubleType.serializer().deserialize
+_BOOL_TN, _BOOL_DESERIALIZE = vt.BoolType.typename, vt.BoolType.serializer().deserialize
+_STRING_TN, _STRING_DESERIALIZE = vt.StringType.typename, vt.StringType.serializer().deserialize
+
+
 class TypedValue:
     """A value as the runtime sees it: its type name and its bytes (StateFun's ``TypedValue``)."""
 
@@ -96,36 +104,48 @@ class _Accessors:
         return self._vt == "io.statefun.types/int"
 
     def as_int(self) -> int:
+        if self._vt == _INT_TN:  # as_type(IntType), without its two calls
+            return _INT_DESERIALIZE(self._v)  # type: ignore[no-any-return]
         return self.as_type(vt.IntType)  # type: ignore[no-any-return]
 
     def is_long(self) -> bool:
         return self._vt == "io.statefun.types/long"
 
     def as_long(self) -> int:
+        if self._vt == _LONG_TN:  # as_type(LongType), without its two calls
+            return _LONG_DESERIALIZE(self._v)  # type: ignore[no-any-return]
         return self.as_type(vt.LongType)  # type: ignore[no-any-return]
 
     def is_float(self) -> bool:
         return self._vt == "io.statefun.types/float"
 
     def as_float(self) -> float:
+        if self._vt == _FLOAT_TN:  # as_type(FloatType), without its two calls
+            return _FLOAT_DESERIALIZE(self._v)  # type: ignore[no-any-return]
         return self.as_type(vt.FloatType)  # type: ignore[no-any-return]
 
     def is_double(self) -> bool:
         return self._vt == "io.statefun.types/double"
 
     def as_double(self) -> float:
+        if self._vt == _DOUBLE_TN:  # as_type(DoubleType), without its two calls
+            return _DOUBLE_DESERIALIZE(self._v)  # type: ignore[no-any-return]
         return self.as_type(vt.DoubleType)  # type: ignore[no-any-return]
 
     def is_bool(self) -> bool:
         return self._vt == "io.statefun.types/bool"
 
     def as_bool(self) -> bool:
+        if self._vt == _BOOL_TN:  # as_type(BoolType), without its two calls
+            return _BOOL_DESERIALIZE(self._v)  # type: ignore[no-any-return]
         return self.as_type(vt.BoolType)  # type: ignore[no-any-return]
 
     def is_string(self) -> bool:
         return self._vt == "io.statefun.types/string"
 
     def as_string(self) -> str:
+        if self._vt == _STRING_TN:  # as_type(StringType), without its two calls
+            return _STRING_DESERIALIZE(self._v)  # type: ignore[no-any-return]
         return self.as_type(vt.StringType)  # type: ignore[no-any-return]
 
     def is_kafka(self) -> bool:

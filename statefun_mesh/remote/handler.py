@@ -182,14 +182,16 @@ def _incomplete(missing: list[ValueSpec]) -> bytes:
 
 
 def _context(address: Address, cells: dict[str, Cell], invocation: Any) -> tuple[Context, Message]:
-    caller = None
+    caller_typename = caller_id = ""
     if invocation.HasField("caller"):
         c = invocation.caller
         if c.namespace or c.type or c.id:
-            caller = Address(f"{c.namespace}/{c.type}", c.id)
+            caller_typename, caller_id = f"{c.namespace}/{c.type}", c.id
     arg = invocation.argument
-    message = Message(address.typename, address.id, arg.typename, arg.value if arg.has_value else b"")
-    return Context(address, caller, Storage(address, cells), 0, 0), message
+    value = arg.value if arg.has_value else b""
+    message = Message(address.typename, address.id, arg.typename, value)
+    rec = (address.typename, address.id, caller_typename, caller_id, arg.typename, value, 0, 0)
+    return Context(address, rec, Storage(address, cells)), message
 
 
 def _set_target(target: Any, typename: str, id: str) -> None:
@@ -207,7 +209,7 @@ def _set_value(tv: Any, typename: str, data: bytes) -> None:
 
 def _collect(ctx: Context, cells: dict[str, Cell], result: Any) -> None:
     """Apply one invocation's writes to the cells and append its messages to the response."""
-    writes = ctx.storage._writes
+    writes = ctx.storage._writes or {}
     for name, value in writes.items():
         cell = cells[name]
         cell.dirty = True

@@ -55,6 +55,7 @@ __all__ = [
     "state_key",
     "state_key_parts",
     "timer_token_prefix",
+    "value_header",
 ]
 
 log = logging.getLogger("statefun_mesh.state")
@@ -70,7 +71,8 @@ FULL_DISK_SLACK: Final = 64 << 20
 _KG_SEQ: Final = struct.Struct(">HQ")
 _DUE_KG_SEQ: Final = struct.Struct(">QHQ")
 
-#: One write of a batch: ``("put", db, key, value)``, ``("del", db, key)``,
+#: One write of a batch: ``("put", db, key, value)``, ``("putmulti", db, [(key, value), ...])``
+#: (distinct keys, written with one cursor), ``("del", db, key)``,
 #: ``("cancel", kg, token_prefix)`` or ``("fired", kg, seq, due_ms, token_prefix_or_None)``
 #: (the tags are named in records.py: OP_PUT, OP_DEL, OP_CANCEL, OP_FIRED).
 Op = tuple[Any, ...]
@@ -97,8 +99,26 @@ def state_key(kg: int, typename: str, id: str, name: str) -> bytes:
     return _KG.pack(kg) + b"\x00" + hashlib.blake2b(body, digest_size=32).digest()
 
 
+def value_header(value_typename: str, expire_at_ms: int = 0) -> bytes:
+    """The bytes a stored value of type ``value_typename`` with expiry ``expire_at_ms``
+    starts with: the value is this header followed by the value's bytes."""
+    tn = value_typename.encode()
+    return _VALUE_HEAD.pack(1, expire_at_ms, len(tn)) + tn
+
+
+#: value_header(vt) of the value types seen (expiry 0), for encode_state_value
+_HEADERS: dict[str, bytes] = {}
+
+
 def encode_state_value(value_typename: str, data: bytes, expire_at_ms: int) -> bytes:
     """Encode a stored value with its type name and expiry."""
+    if not expire_at_ms:
+        head = _HEADERS.get(value_typename)
+        if head is None:
+            head = value_header(value_typename)
+            if len(_HEADERS) < 4096:  # type names come from functions, remote ones too: bounded
+                _HEADERS[value_typename] = head
+        return head + data
     tn = value_typename.encode()
     return _VALUE_HEAD.pack(1, expire_at_ms, len(tn)) + tn + data
 
@@ -382,6 +402,12 @@ class LmdbStateBackend:
                 put(op[2], op[3], db=dbs[op[1]])
                 if track is not None:
                     track.add((op[1], op[2]))
+            elif kind == "putmulti":
+                with txn.cursor(db=dbs[op[1]]) as cur:
+                    cur.putmulti(op[2])
+                if track is not None:
+                    name = op[1]
+                    track.update([(name, kv[0]) for kv in op[2]])
             elif kind == "del":
                 delete(op[2], db=dbs[op[1]])
                 if track is not None:

@@ -14,7 +14,7 @@ from statefun_mesh import IntType, StatefulFunctions, ValueSpec
 from statefun_mesh.errors import StateCapacityError
 from statefun_mesh.ingress import IngressLog
 from statefun_mesh.spill import Spill
-from statefun_mesh.state.lmdb_backend import KG_PREFIXES, MAX_KEY, LmdbStateBackend, state_key
+from statefun_mesh.state.lmdb_backend import KG_PREFIXES, MAX_KEY, LmdbStateBackend, encode_state_value, state_key
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -27,9 +27,14 @@ def test_the_dispatchers_key_parts_make_the_keys_state_key_makes() -> None:
 
     spec = functions._functions["lay/out"]  # the bound spec, as the dispatcher reads it
     for kg, id in ((0, "a"), (1023, "ünï\udcff"), (32767, "x" * 40)):
-        name, _, tpart, npart = spec.key_parts[0]
+        name, _, tpart, npart, vhead, decode = spec.key_parts[0]
         fast = KG_PREFIXES[kg] + tpart + id.encode("utf-8", "surrogatepass") + npart
         assert name == "count" and len(fast) <= MAX_KEY and fast == state_key(kg, "lay/out", id, "count")
+    # the stored-value header the dispatcher decodes by: what encode_state_value writes before the bytes
+    stored = encode_state_value(IntType.typename, b"\r\x05\x00\x00\x00", 0)
+    assert stored.startswith(vhead) and stored[len(vhead) :] == b"\r\x05\x00\x00\x00"
+    assert decode is not None and decode(stored[len(vhead) :]) == 5
+    assert not encode_state_value(IntType.typename, b"", 7).startswith(vhead)  # an expiry: decoded in full
     long_id = "y" * 600  # past MAX_KEY: the hashed form, which the dispatcher falls back to
     assert len(state_key(5, "lay/out", long_id, "count")) == 2 + 1 + 32
 

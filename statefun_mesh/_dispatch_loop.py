@@ -1,0 +1,268 @@
+"""The per-batch loop of the dispatcher: group by address, read state, invoke, collect.
+
+This file is the pure-Python twin *and* the source of the Cython core's version: the
+Cython core includes it verbatim (``csrc/_speedups_c.pyx``: ``include``), so both cores
+run the same statements, compiled to C in one and interpreted in the other, and give
+the same results by construction (``tests/unit/test_dispatch_core.py`` pins the bytes a
+batch writes against ``tests/data/dispatch_batch.json`` on both). Import it only through
+:mod:`statefun_mesh._speedups` (``group_records``, ``dispatch_groups``).
+
+Only builtin types are annotated (Cython types those); everything else is ``Any``.
+The dispatcher passes the classes and functions this loop needs in ``kit``
+(``KIT_FIELDS``): their modules import ``_speedups``, so this one imports none of them.
+
+Where each step of a message runs (docs/architecture.md, "The batch hot path"):
+``group_records`` groups a batch by address; ``dispatch_groups`` then, per address,
+builds the state keys from the function's precomputed parts, reads them in the batch's
+one read transaction, decodes values by a prefix check against the spec's stored-value
+header, and invokes the function once per message with a fresh ``Context``, storage
+(the function's generated class) and ``Message``; a returned invocation's writes go to
+the address's cells, its sends to the batch's outcome. The cells' final values are
+encoded by the dispatcher into one ``putmulti`` op after the loop.
+"""
+
+from typing import Any
+
+#: What ``kit`` holds, in order (``Dispatcher`` builds it: these modules import this one)
+KIT_FIELDS = (
+    "Address", "Cell", "Context", "Message", "BatchOutcome", "_Running", "_RemoteRunning", "decode_state_value",
+    "state_key", "KG_PREFIXES", "MAX_KEY", "LATENCY_BUCKETS", "bisect_left", "perf_counter", "DELETED", "_CACHEABLE",
+    "_set_address", "_set_cells", "_set_writes", "encode_state_value",
+)  # fmt: skip
+
+
+def group_records(records: list[Any]) -> dict[Any, Any]:
+    """``{(target_typename, target_id): [record, ...]}`` in first-arrival order, each
+    address's records in arrival order."""
+    groups: dict[Any, Any] = {}
+    for rec in records:
+        key = (rec[0], rec[1])
+        g = groups.get(key)
+        if g is None:
+            groups[key] = [rec]
+        else:
+            g.append(rec)
+    return groups
+
+
+def dispatch_groups(
+    d: Any,
+    kit: tuple[Any, ...],
+    groups: dict[Any, Any],
+    txn: Any,
+    now_ms: Any,
+    out: Any,
+    max_send_bytes: Any,
+    merging: dict[Any, Any],
+    starting: list[Any],
+    touched: list[Any],
+) -> Any:
+    """Run the batch's address groups in order against dispatcher ``d`` (see
+    ``Dispatcher.run``): queue those behind a parked address, defer those past
+    ``max_send_bytes``, dead-letter unknown types, start async and remote ones (appended
+    to ``starting``), and invoke sync ones. Appends each sync address's cells to
+    ``touched`` and returns how many sync invocations returned. ``kit``: see ``KIT_FIELDS``."""
+    (Address, Cell, Context, Message, BatchOutcome, _Running, _RemoteRunning, decode_state_value,
+     state_key, kg_prefix, max_key, bounds, bisect_left, perf_counter, DELETED, cacheable,
+     set_address, set_cells, set_writes, _) = kit  # fmt: skip
+    new = object.__new__
+    new_tuple = tuple.__new__
+    parked: dict[Any, Any] = d._parked
+    qlens: dict[Any, Any] = d._qlens
+    table: dict[Any, Any] = d.table
+    get = txn.get
+    db_state = d._db_state
+    key_group = d._key_group
+    maxp = d.max_parallelism
+    limit = d.message_limit
+    stats: dict[Any, Any] = d.stats
+    first = bounds[0]
+    sends: list[Any] = out.sends
+    seen: set[Any] = set()
+    counted = 0
+    send_bytes = 0
+    invocations = 0
+    t0 = perf_counter()  # chained: one clock read per sync address
+    for key, recs in groups.items():
+        typename, id = key
+        if parked or merging:
+            # per-address order: behind an invocation that has not committed yet
+            behind = parked.get(key) or merging.get(key)
+            if behind is not None:
+                if key not in qlens:
+                    qlens[key] = (behind, len(behind.queue))
+                behind.queue.extend(recs)
+                continue
+        if max_send_bytes is not None and counted < len(sends):
+            for r in sends[counted:]:
+                send_bytes += len(r[1]) + len(r[5]) + 64  # dispatch._SEND_OVERHEAD
+            counted = len(sends)
+            if send_bytes >= max_send_bytes:
+                out.deferred.extend(recs)
+                continue
+        fspec = table.get(typename)
+        endpoint = None
+        if fspec is None:
+            endpoint = d.remote.endpoint_for(typename) if d.remote is not None else None
+            if endpoint is None:
+                for rec in recs:
+                    d._unknown(rec, out)
+                continue
+        kg = key_group(id, maxp)
+        dedup_out = out
+        if fspec is None or fspec.is_async:
+            # an async address's idempotency keys commit with its invocations
+            dedup_out = BatchOutcome()
+        for r in recs:
+            if not r[2] and r[3]:  # a client message with an idempotency key
+                recs = d._dedup(txn, typename, id, kg, recs, seen, now_ms, dedup_out)
+                break
+        if not recs:
+            continue
+        address = new_tuple(Address, key)
+        if fspec is None:  # a remote function: an address task like an async one's
+            rcells = d.remote.load(d, txn, typename, id, kg, now_ms)
+            starting.append(_RemoteRunning(endpoint, address, kg, rcells, recs, dedup_out))
+            continue
+        cells: dict[Any, Any] = {}
+        if fspec.specs:
+            head = kg_prefix[kg]
+            idb = id.encode("utf-8", "surrogatepass")
+            for name, stype, tprefix, suffix, vhead, decode in fspec.key_parts:
+                skey = head + tprefix + idb + suffix
+                if len(skey) > max_key:
+                    skey = state_key(kg, typename, id, name)
+                raw = get(skey, db=db_state)
+                if raw is None:
+                    cells[name] = Cell(name, stype, skey, None, None, 0)
+                elif raw.startswith(vhead):  # the declared type, no expiry: the usual case
+                    data = raw[len(vhead) :]
+                    cell = new(Cell)  # Cell.__init__, inlined (test_dispatch_core checks every slot is set)
+                    cell.name = name
+                    cell.type = stype
+                    cell.key = skey
+                    cell.vt = stype.typename
+                    cell.data = data
+                    cell.expire = 0
+                    cell.decoded = None
+                    cell.has_decoded = False
+                    cell.dirty = False
+                    if decode is not None:
+                        try:
+                            cell.decoded = decode(data)
+                            cell.has_decoded = True
+                        except Exception:  # left for the read to raise, inside the invocation
+                            pass
+                    cells[name] = cell
+                else:
+                    vt, data, expire = decode_state_value(raw)
+                    cell = Cell(name, stype, skey, vt, data, expire)
+                    if expire and expire <= now_ms:
+                        cell.vt = cell.data = None
+                        cell.expire = 0
+                        cell.dirty = True
+                    cells[name] = cell
+        if fspec.is_async:
+            starting.append(_Running(fspec, address, kg, cells, recs, dedup_out))
+            continue
+        if cells:
+            touched.append(cells)
+        storage_cls = fspec.storage_class
+        fun = fspec.fun
+        ttl = fspec.ttl_ms
+        d.current = address
+        for rec in recs:
+            storage = new(storage_cls)  # Storage.__init__, inlined (its slots' own setters)
+            set_address(storage, address)
+            set_cells(storage, cells)
+            set_writes(storage, None)
+            ctx = new(Context)  # Context.__init__, inlined (test_dispatch_core checks every slot is set)
+            ctx.address = address
+            ctx._rec = rec
+            ctx.storage = storage
+            ctx._sends = None
+            ctx._delayed = None
+            ctx._egress = None
+            ctx._reply = None
+            ctx._limit = limit
+            msg = new(Message)
+            msg.target_typename = typename
+            msg.target_id = id
+            msg._vt = rec[4]
+            msg._v = rec[5]
+            try:
+                fun(ctx, msg)
+                writes = storage._writes
+                if writes is not None:
+                    # Dispatcher._serialize_writes, inlined: encode every write before any applies
+                    wl: list[Any] = []
+                    for wname, value in writes.items():
+                        cell = cells[wname]
+                        if value is DELETED:
+                            wl.append((cell, None, None))
+                        else:
+                            data = cell.type.serializer().serialize(value)
+                            if type(data) is not bytes and not isinstance(data, bytes):
+                                raise TypeError(
+                                    f"the serializer of type {cell.type.typename!r} returned "
+                                    f"{type(data).__name__}, not bytes, for state {wname!r}"
+                                )
+                            wl.append((cell, value, data))
+                    writes = wl
+            except Exception as exc:
+                d._failed(rec, address, cells, exc, out)
+                continue
+            if writes is not None:
+                # Dispatcher._apply's writes, inlined
+                for cell, value, data in writes:
+                    cell.dirty = True
+                    if data is None:
+                        cell.vt = cell.data = None
+                        cell.expire = 0
+                        cell.decoded = None
+                        cell.has_decoded = True
+                    else:
+                        cell.vt = cell.type.typename
+                        cell.data = data
+                        cell.expire = 0
+                        if type(value) in cacheable:
+                            cell.decoded = value
+                            cell.has_decoded = True
+                        else:
+                            cell.has_decoded = False
+            if ttl:
+                d._apply(fspec, cells, None, now_ms)
+            invocations += 1
+            if ctx._sends is not None:
+                sends.extend(ctx._sends)
+            if ctx._delayed is not None or ctx._egress is not None or ctx._reply is not None:
+                d._emit_other(address, kg, ctx, out, now_ms)
+        d.current = None
+        # TypeStats.observe, inlined: this runs once per address of every batch
+        t1 = perf_counter()
+        st = stats.get(typename) or d._type_stats(typename)
+        n = len(recs)
+        dt = t1 - t0
+        st.seconds += dt
+        if dt < n * first:  # the usual case: under the first bucket's bound
+            st.buckets[0] += n
+        else:
+            st.buckets[bisect_left(bounds, dt / n)] += n
+        t0 = t1
+    return invocations
+
+
+def collect_puts(touched: list[Any], ops: list[Any], encode: Any) -> None:
+    """Append the batch's state writes to ``ops``: a ``del`` op per deleted cell, then one
+    ``putmulti`` op with every other changed cell's encoded value (distinct keys: one cell
+    per key, and no other op of the batch writes a sync address's cell)."""
+    puts: list[Any] = []
+    for cells in touched:
+        for cell in cells.values():
+            if cell.dirty:
+                if cell.data is None:
+                    ops.append(("del", "state", cell.key))
+                else:
+                    puts.append((cell.key, encode(cell.vt, cell.data, cell.expire)))
+    if puts:
+        ops.append(("putmulti", "state", puts))
