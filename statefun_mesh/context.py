@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Any, Final
 from ._speedups import record_size
 from .address import Address
 from .errors import MessageTooLargeError
+from .memory import RECORD_OVERHEAD
 from .messages import EgressMessage, Message, typed_value_from_kwargs
 
 if TYPE_CHECKING:
+    from .outbox import Outbox
     from .valuetypes import Type
 
 __all__ = ["Cell", "Context", "Storage"]
@@ -124,10 +126,12 @@ class Context:
         "_delayed",
         "_egress",
         "_limit",
+        "_outbox",
         "_reply",
         "_reply_peer",
         "_request_id",
         "_sends",
+        "_sent",
         "address",
         "caller",
         "storage",
@@ -154,6 +158,9 @@ class Context:
         self._reply: tuple[str, bytes] | None = None
         #: the largest message the mesh admits (max_message_bytes; 0: unchecked)
         self._limit = limit
+        #: where sends past their share of memory_budget go (outbox.py; None: kept in memory)
+        self._outbox: Outbox | None = None
+        self._sent = 0  # estimated bytes of the sends in _sends, counted while _outbox is set
 
     def _check_size(self, rec: tuple[str, str, str, str, str, bytes, int, int], kind: str) -> None:
         # Refused here, at the call, so the function may catch it; uncaught, the
@@ -194,6 +201,11 @@ class Context:
             self._sends = [rec]
         else:
             self._sends.append(rec)
+        outbox = self._outbox
+        if outbox is not None:
+            self._sent += len(rec[1]) + len(rec[5]) + RECORD_OVERHEAD
+            if self._sent >= outbox.stage_bytes:
+                outbox.stage(self)  # to disk, part of the batch (outbox.py)
 
     def send_after(self, duration: timedelta, message: Message, cancellation_token: str = "") -> None:
         """Send ``message`` once ``duration`` has passed (StateFun's signature).

@@ -29,6 +29,7 @@ from .errors import MessageTooLargeError
 from .functions import FunctionSpec
 from .logutil import ThrottledLog
 from .messages import Message
+from .outbox import Outbox
 from .state.lmdb_backend import (
     KG_PREFIXES,
     MAX_KEY,
@@ -213,6 +214,8 @@ class Dispatcher:
         self.remote = remote
         #: what a function may send, reply or emit (0: unchecked); see Context._check_size
         self.message_limit = max_message_bytes
+        #: where a sync invocation's sends past their share of memory_budget go (set by the peer)
+        self.outbox: Outbox | None = None
         self.backend = backend
         self.max_parallelism = max_parallelism
         self.egress_retention = egress_retention
@@ -415,6 +418,9 @@ class Dispatcher:
                     if send_bytes >= max_send_bytes:
                         out.deferred.extend(recs)
                         continue
+                if max_send_bytes is not None and self.outbox is not None and self.outbox.staging:
+                    out.deferred.extend(recs)  # an invocation's sends went to the outbox: the batch is full
+                    continue
                 fspec = table.get(typename)
                 endpoint = None
                 if fspec is None:
@@ -627,6 +633,7 @@ class Dispatcher:
     ) -> None:
         storage = Storage(address, cells)
         ctx = Context(address, Address(rec[2], rec[3]) if rec[2] else None, storage, rec[6], rec[7], self.message_limit)
+        ctx._outbox = self.outbox
         try:
             fspec.fun(ctx, Message(rec[0], rec[1], rec[4], rec[5]))
             writes = self._serialize_writes(storage) if storage._writes else None
@@ -708,6 +715,8 @@ class Dispatcher:
     def _emit(self, address: Address, kg: int, ctx: Context, out: BatchOutcome, now_ms: int) -> None:
         """Take a returned invocation's sends, timers, egress records and reply into ``out``."""
         self.invocations += 1
+        if ctx._outbox is not None:
+            ctx._outbox.emitted(ctx, out.sends)
         if ctx._sends is not None:
             out.sends.extend(ctx._sends)
         if ctx._delayed is not None:

@@ -48,6 +48,7 @@ from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
 from .memory import RECORD_OVERHEAD, malloc_trim, records_bytes
 from .messages import EgressRecord, Message
+from .outbox import Outbox
 from .replies import PendingRequests
 from .spill import Spill
 from .state.lmdb_backend import LmdbStateBackend
@@ -163,6 +164,10 @@ class Peer:
         self._framed_bytes = [0] * n  # bytes in _frames[p]
         self._held_bytes = 0
         self._spill: Spill | None = None
+        #: a sync invocation's sends past a sixteenth of the budget go to disk, and so does
+        #: every batch's output while anything waits there (outbox.py); routed from it as
+        #: outgoing room and the inbox allow
+        self._outbox = Outbox(self.state_path + ".outbox", max(budget // 16, 64 << 10))
         #: the loop waits for outgoing credit: grant credit for what arrives, spilling beyond memory
         self._blocked = False
         self._trimmed_at = 0
@@ -290,6 +295,7 @@ class Peer:
             stats=self.function_stats,
         )
         self.dispatcher.on_ready = self._wake.set  # a parked async invocation finished
+        self.dispatcher.outbox = self._outbox
         self._next_due = backend.next_timer_due()
         return backend
 
@@ -460,6 +466,7 @@ class Peer:
         if self._spill is not None:
             self._spill.close()
             self._spill = None
+        self._outbox.close()
         if self.backend is not None:
             self.backend.close()
             self.backend = None
@@ -520,7 +527,8 @@ class Peer:
         # What was in flight at the cut comes first, then the ingress log from the cut's
         # position; both are queued before this peer reports READY, so when the mesh
         # resumes every replayed message is already on its way, ahead of new input.
-        self._enqueue(self.participant.take_inflight_restored())
+        # routed, not queued here: the outbox part of it is for any peer
+        self._route(self.participant.take_inflight_restored())
         self._replayed_from = set()
         if self.ingress is not None:
             # The ingress log is replayed in slices while the outgoing buffers have room
@@ -726,6 +734,10 @@ class Peer:
         parked = self.dispatcher.parked_records() if self.dispatcher is not None else []
         return parked + list(self._inbox), (self._spill.cut() if self._spill is not None else None)
 
+    def cut_outbox(self) -> lmdb.Transaction | None:
+        """A read transaction over the outbox: committed sends not yet routed (see snapshot/host.py)."""
+        return self._outbox.cut()
+
     def broadcast_barrier(self, frame: bytes) -> None:
         """Send every other peer all that waits for it (regardless of credit), then ``frame``."""
         for p in range(self.n_peers):
@@ -778,7 +790,7 @@ class Peer:
         """Messages queued here: the local inbox plus what waits to go to other peers."""
         return (
             len(self._inbox) + sum(len(e) for e in self._out) + sum(self._framed)
-            + self.ingress_writer.queued + (self._spill.count if self._spill else 0)
+            + self.ingress_writer.queued + (self._spill.count if self._spill else 0) + self._outbox.count
             + (self.dispatcher.queued if self.dispatcher is not None else 0)
         )  # fmt: skip
 
@@ -796,6 +808,7 @@ class Peer:
             or self.queued_bytes() >= self._out_cap
             or (self._spill is not None and self._spill.count > 0)
             or self._replay_pos is not None
+            or self._outbox.count > 0
         )
 
     async def submit(self, rec: Record, *, durable: bool = True) -> None:
@@ -948,7 +961,7 @@ class Peer:
         """Wait until this peer has processed everything queued here (and every due timer)."""
         while True:
             if (self._inbox or (self._spill and self._spill.count) or self._timer_due(self._now_ms())
-                    or self._replay_pos is not None):  # fmt: skip
+                    or self._replay_pos is not None or self._outbox.count):  # fmt: skip
                 self._idle.clear()
                 self._wake.set()
             elif self._idle.is_set() or self._closing:
@@ -961,6 +974,7 @@ class Peer:
             not self._inbox
             and not (self._spill and self._spill.count)
             and self._replay_pos is None
+            and not self._outbox.count
             and self._idle.is_set()
             and not any(len(e) for e in self._out)
             and not any(self._frames)
@@ -979,7 +993,8 @@ class Peer:
             "memory": {"inbox": self._inbox_bytes, "outgoing": self._out_bytes(), "held": self._held_bytes,
                        "budget": self.config.memory_budget, "spilled_total": self.spilled_total,
                        "credit_waits": self.credit_waits, "in_flight": sum(self._sent_bytes),
-                       "link_window": self._link_bytes},
+                       "link_window": self._link_bytes, "outbox": self._outbox.count,
+                       "outbox_staged_total": self._outbox.staged_total},
             "outgoing": [len(e) + f for e, f in zip(self._out, self._framed, strict=True)],
             "credit": list(self._credit),
             "batches": self.batches,
@@ -1395,7 +1410,7 @@ class Peer:
             if len(self._out[src]) or self._frames[src]:
                 self._flush_peer(src)
             self._check_space()
-            if self._blocked or self._replay_pos is not None:
+            if self._blocked or self._replay_pos is not None or self._outbox.count:
                 self._wake.set()  # the loop waits for this credit
         elif kind == codec.HEARTBEAT:
             self._on_heartbeat(src, items)
@@ -1473,6 +1488,7 @@ class Peer:
         self._blocked = False
         if self._spill is not None:
             self._spill.clear()
+        self._outbox.clear()
         self._out = [_speedups.BatchEncoder() for _ in range(self.n_peers)]
         self._frames = [collections.deque() for _ in range(self.n_peers)]
         self._framed = [0] * self.n_peers
@@ -1642,6 +1658,8 @@ class Peer:
                 self._refill()
             if self._replay_pos is not None and self._out_bytes() < self._out_cap:
                 self._replay_some()
+            if self._outbox.count:
+                self._route_outbox()
             now_ms = self._now_ms()
             out_bytes = self._out_bytes() if self.transport is not None else 0
             if out_bytes >= self._out_cap and (inbox or self._timer_due(now_ms)):
@@ -1668,7 +1686,7 @@ class Peer:
                 if not dispatcher.parked:  # else a parked async invocation is still to commit
                     if self._closing:
                         return
-                    if self._replay_pos is None:  # else the ingress log is still being replayed
+                    if self._replay_pos is None and not self._outbox.count:  # else still routing
                         self._idle.set()
                 await self.clock.wait(self._wake, self._timer_deadline())
                 self._wake.clear()
@@ -1683,6 +1701,7 @@ class Peer:
             if timers_checked:
                 fired = backend.due_timers(now_ms, max(max_batch - n, 1))
             self._in_batch = True
+            self._outbox.begin()
             try:
                 # what the batch sends may fill the outgoing buffers' room, no more (one
                 # address's invocations may overshoot it: they are never split)
@@ -1756,8 +1775,14 @@ class Peer:
     def _after_commit(self, out: BatchOutcome) -> None:
         if out.min_due is not None and (self._next_due is None or out.min_due < self._next_due):
             self._next_due = out.min_due
-        if out.sends:
+        if self._outbox.commit(out.sends):  # staged, or queued behind what waits in the outbox
+            self._route_outbox()
+        elif out.sends:
             self._route(out.sends)
+        if self._outbox.error is not None:
+            self._tlog.error("failed outbox writes", "peer %d: cannot write sends to the outbox: %s; keeping them "
+                             "in memory", self.peer_id, self._outbox.error)  # fmt: skip
+            self._outbox.error = None
         for reply in out.replies:
             if reply[0] == self.peer_id or self.n_peers == 1:
                 self._resolve(*reply[1:])
@@ -1769,6 +1794,12 @@ class Peer:
                                  "mesh of %d peers", self.peer_id, reply[0], self.n_peers)  # fmt: skip
         if out.egress:
             self.egress_logs.committed(out.egress)
+
+    def _route_outbox(self) -> None:
+        """Route committed sends from the outbox while outgoing buffers and the inbox have room."""
+        outbox = self._outbox
+        while outbox.count and self._out_bytes() < self._out_cap and self._inbox_bytes < self._inbox_cap:
+            self._route(outbox.pop())
 
     def _resolve(self, rid: int, status: int, kind: str, value: Any, r_type: str, r_id: str) -> None:
         self.requests.resolve(rid, status, kind, value, r_type, r_id)
