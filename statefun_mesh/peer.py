@@ -235,6 +235,11 @@ class Peer:
         self._purge_from = b""
         #: the ingress log position the replay after a recovery continues from (None: not replaying)
         self._replay_pos: int | None = None
+        #: after a rescale: the removed peer's ingress log being replayed (from _replay_pos),
+        #: and those still to replay (path, position)
+        self._foreign_log: IngressLog | None = None
+        self._foreign_path = ""
+        self._foreign_logs: list[tuple[str, int]] = []
         self._replayed = 0
         #: checkpoints this peer could not write (its upload failed), and the newest failure
         self.checkpoint_failures = 0
@@ -473,6 +478,8 @@ class Peer:
         if self.ingress is not None:
             self.ingress.close()
             self.ingress = None
+        if self._foreign_log is not None:
+            self._end_foreign_replay(replayed=False)
         if self.blobs is not None:
             await self.blobs.aclose()
             self.blobs = None
@@ -530,6 +537,9 @@ class Peer:
         # routed, not queued here: the outbox part of it is for any peer
         self._route(self.participant.take_inflight_restored())
         self._replayed_from = set()
+        if self._foreign_log is not None:  # a newer round: the restore hands the logs over again
+            self._end_foreign_replay(replayed=False)
+        self._foreign_logs = []
         if self.ingress is not None:
             # The ingress log is replayed in slices while the outgoing buffers have room
             # (the rest by the loop as credit frees them, never all at once); meanwhile
@@ -541,28 +551,45 @@ class Peer:
             self._replay_done()
 
     def _replay_some(self) -> None:
-        """Route more of the ingress log being replayed, while outgoing buffers have room."""
+        """Route more of the ingress log being replayed (this peer's, then removed peers'
+        after a rescale), while outgoing buffers have room."""
         assert self.ingress is not None
         pos = self._replay_pos
         while pos is not None and self._out_bytes() < self._out_cap:
-            entries = self.ingress.read(pos, _REPLAY_SLICE)
+            foreign = self._foreign_log
+            entries = (foreign or self.ingress).read(pos, _REPLAY_SLICE)
             if not entries:
-                self._replay_done()
-                return
+                self._replay_done()  # on to the next log, or done
+                pos = self._replay_pos
+                continue
             self._route([tuple(rec) for _, rec in entries])
             self._replayed += len(entries)
-            pos = self._replay_pos = self.ingress_writer.routed = entries[-1][0] + 1
+            pos = self._replay_pos = entries[-1][0] + 1
+            if foreign is None:
+                self.ingress_writer.routed = pos
 
     def _replay_done(self) -> None:
-        """The ingress log is replayed: then removed peers' logs (after a rescale), then the markers."""
+        """A log is replayed: this peer's ingress log, then each removed peer's (after a
+        rescale, in slices too: :meth:`_replay_some` goes on with the next), then the markers."""
         self._replay_pos = None
-        if self.ingress is not None:
+        if self._foreign_log is not None:
+            self._end_foreign_replay(replayed=True)
+        elif self.ingress is not None:
             self.ingress_writer.routed = self.ingress.next_offset
             if self._replayed:
                 log.info("peer %d: replayed %d messages from its ingress log", self.peer_id, self._replayed)
             assert self.participant is not None
-            for path, position in self.participant.take_foreign_ingress():
-                self._replay_foreign(path, position)
+            self._foreign_logs = self.participant.take_foreign_ingress()
+        if self._foreign_logs:
+            from .ingress import IngressLog
+
+            path, self._replay_pos = self._foreign_logs.pop(0)
+            # a checkpoint cut waits until this log is replayed (batch_running): its position
+            # is in no manifest, so a cut in the middle could neither replay the rest nor skip it
+            self._foreign_log = IngressLog(path, sync=False)
+            self._foreign_path = path
+            self._replayed = 0
+            return
         # Behind the replayed messages on every channel: a marker. A peer fires no timer
         # after a recovery until it has the marker from every other peer and has processed
         # what came before it, so a replayed cancellation is never overtaken by its timer.
@@ -613,26 +640,17 @@ class Peer:
         self._flush_all()
         log.debug("peer %d processing (generation %d)", self.peer_id, gen)  # `ready` (or a recovery round) says it
 
-    def _replay_foreign(self, path: str, position: int) -> None:
-        """After a rescale: replay a removed peer's ingress log from ``position``."""
-        assert self.participant is not None
-        from .ingress import IngressLog
-
-        log_ = IngressLog(path, sync=False)
-        replayed = 0
-        try:
-            while True:
-                entries = log_.read(position, 1000)
-                if not entries:
-                    break
-                self._route([tuple(rec) for _, rec in entries])
-                replayed += len(entries)
-                position = entries[-1][0] + 1
-        finally:
-            log_.close()
-        self.participant.note_replayed_foreign(path)
-        log.warning("peer %d: replayed %d messages from the ingress log of a removed peer (%s); it is deleted "
-                    "once the next checkpoint completes", self.peer_id, replayed, path)  # fmt: skip
+    def _end_foreign_replay(self, replayed: bool) -> None:
+        """Close the removed peer's ingress log being replayed (``replayed``: all of it)."""
+        assert self._foreign_log is not None
+        self._foreign_log.close()
+        self._foreign_log = None
+        if replayed:
+            assert self.participant is not None
+            self.participant.note_replayed_foreign(self._foreign_path)
+            log.warning("peer %d: replayed %d messages from the ingress log of a removed peer (%s); it is "
+                        "deleted once the next checkpoint completes", self.peer_id, self._replayed,
+                        self._foreign_path)  # fmt: skip
 
     def dispatch_failure(self) -> BaseException | None:
         """Why the dispatch loop died (``None``: it runs, was stopped, or has not started)."""
@@ -699,8 +717,9 @@ class Peer:
         return self._tlog
 
     def batch_running(self) -> bool:
-        """Whether a batch is being processed now."""
-        return self._in_batch
+        """Whether a batch is being processed now (or a removed peer's ingress log replayed:
+        a checkpoint cut waits for either)."""
+        return self._in_batch or self._foreign_log is not None
 
     def hold_input(self) -> None:
         """Hold batch frames and barriers until :meth:`release_input`; wake the loop for the cut."""
@@ -1652,7 +1671,7 @@ class Peer:
         internal_failures = 0  # consecutive batches that failed with an internal error
         while True:
             participant = self.participant
-            if participant is not None and participant.pending is not None:
+            if participant is not None and participant.pending is not None and self._foreign_log is None:
                 participant.take_snapshot()  # a barrier waited for the batch boundary
             if self._spill is not None and self._spill.count:
                 self._refill()
