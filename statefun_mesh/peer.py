@@ -218,6 +218,9 @@ class Peer:
         self._in_batch = False
         self._hold_batches = False
         self._held: list[tuple[int, int, bytes]] = []
+        #: bytes of batch frames of later generations held, per (sender, generation), and in all
+        self._held_from: dict[tuple[int, int], int] = {}
+        self._held_batch_bytes = 0
         #: released heads, readers and their wake-ups (egress.py)
         self.egress_logs = EgressLogs(peer_id, bool(config.blob_store), config.egress_immediate,
                                       store=lambda: self.backend, generation=lambda: self.generation,
@@ -515,7 +518,7 @@ class Peer:
         self.received_records = [0] * self.n_peers
         self._hold_batches = False
         self._held = [(g, src, f) for g, src, f in self._held if g >= gen]
-        self._held_bytes = sum(len(f) for _, _, f in self._held)
+        self._count_held()
         self._in_batch = False
         self._fail_requests(
             BrokenTransportError(
@@ -631,7 +634,7 @@ class Peer:
         self.resumed = True
         self._resumed_once = True
         held, self._held = self._held, []
-        self._held_bytes = 0
+        self._count_held()
         for g, src, frame in held:
             if g == gen:
                 self._on_channel_frame(src, frame)
@@ -700,14 +703,14 @@ class Peer:
                 # a released barrier started the next cut, which waits for a batch to
                 # end: what came after it waits too, in order
                 self._held = keep + held[i:] + self._held
-                self._held_bytes = sum(len(f) for _, _, f in self._held)
+                self._count_held()
                 return
             if g == self.generation:
                 self._on_channel_frame(src, frame)
             elif g > self.generation:
                 keep.append((g, src, frame))
         self._held = keep + self._held
-        self._held_bytes = sum(len(f) for _, _, f in self._held)
+        self._count_held()
 
     # -- the snapshot code's view of this peer (snapshot/host.py) -----------------------
 
@@ -1361,18 +1364,48 @@ class Peer:
         if gen > self.generation or not self.resumed or (
             self._hold_batches and (kind == codec.KIND_BATCH or kind == codec.BARRIER)
         ):
-            if gen > self.generation and self._held_bytes + len(body) > self._held_cap:
+            if gen > self.generation and not self._may_hold(src, gen, kind, len(body)):
                 # a peer of this mesh sends a later generation only after a RECOVER this
-                # peer is about to get, and at most its credit window: beyond that it is no peer
+                # peer is about to get, and at most its link window: beyond that it is no peer
                 self.bad_frames += 1
-                self._tlog.error("refused future frames", "peer %d: refused a frame of generation %d from peer %d: "
-                                 "%d bytes of frames of later generations are held already (a quarter of "
-                                 "memory_budget)", self.peer_id, gen, src, self._held_bytes)  # fmt: skip
+                self._tlog.error("refused future frames", "peer %d: refused a %d-byte frame of generation %d from "
+                                 "peer %d: over what this peer holds of later generations (a link window of "
+                                 "%d bytes per peer, %d bytes of other frames in all)", self.peer_id, len(body), gen,
+                                 src, self._link_bytes, self._held_cap)  # fmt: skip
                 return
             self._held.append((gen, src, body))
             self._held_bytes += len(body)
             return
         self._on_channel_frame(src, body, gen)
+
+    def _may_hold(self, src: int, gen: int, kind: int, size: int) -> bool:
+        """Whether a frame of a later generation may be held until this peer is in it.
+
+        A batch frame: within its sender's link window for that generation, by the rule
+        the sender keeps for what it has in flight (:meth:`_flush_peer`: up to the window,
+        and one frame of any size while under a quarter of it is outstanding), so what an
+        honest sender sends is always held, a message larger than the window included,
+        whatever ``memory_budget`` is. Any other frame (markers, barriers, credits,
+        replies): within a quarter of ``memory_budget`` in all.
+        """
+        if kind != codec.KIND_BATCH:
+            return self._held_bytes - self._held_batch_bytes + size <= self._held_cap
+        held = self._held_from.get((src, gen), 0)
+        if held + size > self._link_bytes and held >= self._link_bytes // 4:
+            return False
+        self._held_from[(src, gen)] = held + size
+        self._held_batch_bytes += size
+        return True
+
+    def _count_held(self) -> None:
+        """Recount what ``_held`` holds (after it was filtered or released)."""
+        self._held_bytes = sum(len(f) for _, _, f in self._held)
+        held_from: dict[tuple[int, int], int] = {}
+        for g, src, f in self._held:
+            if g > self.generation and f[1] == codec.KIND_BATCH:
+                held_from[(src, g)] = held_from.get((src, g), 0) + len(f)
+        self._held_from = held_from
+        self._held_batch_bytes = sum(held_from.values())
 
     def _generation_plausible(self, gen: int) -> bool:
         """Whether a frame stamped ``gen`` may be held for later: generations only come from
