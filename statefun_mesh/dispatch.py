@@ -715,8 +715,9 @@ class Dispatcher:
     def _emit(self, address: Address, kg: int, ctx: Context, out: BatchOutcome, now_ms: int) -> None:
         """Take a returned invocation's sends, timers, egress records and reply into ``out``."""
         self.invocations += 1
-        if ctx._outbox is not None:
-            ctx._outbox.emitted(ctx, out.sends)
+        outbox = ctx._outbox
+        if outbox is not None and outbox.current is ctx:  # some of its sends were staged
+            outbox.emitted(ctx, out.sends)
         if ctx._sends is not None:
             out.sends.extend(ctx._sends)
         if ctx._delayed is not None:

@@ -70,13 +70,16 @@ class Outbox:
         self._head = 0  # key of the oldest committed chunk
         self._tail = 0  # key after the newest committed chunk
         self._staged = 0  # key after the newest staged chunk (>= _tail)
+        #: whether the batch running now has staged sends (it then defers the addresses it
+        #: has not started); a plain attribute, read once per address by the dispatcher
+        self.staging = False
         #: records committed here and not yet routed
         self.count = 0
         self._staged_count = 0  # records staged by contexts of this batch that returned
         self._cur_count = 0  # ... and by the one running now
         #: the context whose sends are staged now, the slot reserved for the batch's sends
         #: emitted before its own, and whether it returned (None: nothing staged)
-        self._current: Context | None = None
+        self.current: Context | None = None
         self._slot = 0
         #: per context of this batch that staged and returned: (its slot, how many of the
         #: batch's in-memory sends were emitted before it)
@@ -88,11 +91,6 @@ class Outbox:
 
     # -- while a batch runs ---------------------------------------------------------------
 
-    @property
-    def staging(self) -> bool:
-        """Whether the batch running now has staged sends (it then defers its other addresses)."""
-        return self._staged != self._tail
-
     def stage(self, ctx: Context) -> None:
         """Write ``ctx``'s sends so far here and empty them (``Context.send`` calls it
         when they pass ``stage_bytes``).
@@ -103,10 +101,10 @@ class Outbox:
         ctx._sent = 0
         if not sends:
             return
-        if self._current is not ctx:
-            if self._current is not None:
+        if self.current is not ctx:
+            if self.current is not None:
                 self._truncate(self._slot)  # the previous one raised: its sends are dropped
-            self._current = ctx
+            self.current = ctx
             self._slot = self._staged
             self._staged += 1  # reserved for the batch's sends emitted before this context's
         env = self._open()
@@ -125,6 +123,7 @@ class Outbox:
             ctx._sent = self.stage_bytes // 2  # try again after half as much more
             return
         self._staged += len(keys_chunks)
+        self.staging = True
         self._cur_count += len(sends)
         self.staged_total += len(sends)
         ctx._sends = None
@@ -132,15 +131,15 @@ class Outbox:
     def emitted(self, ctx: Context, out_sends: list[Any]) -> None:
         """``ctx`` returned, and its in-memory sends are about to join ``out_sends``: its
         staged chunks go after the ``len(out_sends)`` sends emitted before it."""
-        if ctx is self._current:
+        if ctx is self.current:
             self._splits.append((self._slot, len(out_sends)))
             self._staged_count += self._cur_count
             self._cur_count = 0
-            self._current = None
+            self.current = None
 
     def begin(self) -> None:
         """A batch starts: drop whatever a batch before it staged and did not commit."""
-        if self._staged != self._tail or self._current is not None or self._splits:
+        if self._staged != self._tail or self.current is not None or self._splits:
             self._truncate(self._tail)
 
     def commit(self, sends: list[Any]) -> bool:
@@ -150,7 +149,7 @@ class Outbox:
         ``sends`` itself), else ``True``: they are queued here, in order, behind what
         waits, for the caller to route from :meth:`pop`.
         """
-        if self._current is not None:  # the last context that staged raised
+        if self.current is not None:  # the last context that staged raised
             self._truncate(self._slot)
         if not self._splits and not self.count:
             self._truncate(self._tail)
@@ -173,6 +172,7 @@ class Outbox:
         self._write(env, write)
         self.count += self._staged_count + len(sends)
         self._tail = self._staged = tail
+        self.staging = False
         self._staged_count = 0
         self._splits = []
         return True
@@ -215,8 +215,9 @@ class Outbox:
             with self._env.begin(write=True) as txn:
                 txn.drop(self._env.open_db(), delete=False)
         self._head = self._tail = self._staged = 0
+        self.staging = False
         self.count = self._staged_count = self._cur_count = 0
-        self._current = None
+        self.current = None
         self._splits = []
 
     def close(self) -> None:
@@ -253,8 +254,9 @@ class Outbox:
                 for k in range(key, self._staged):
                     txn.delete(_U64.pack(k))
         self._staged = key
+        self.staging = key != self._tail
         self._cur_count = 0
-        self._current = None
+        self.current = None
         if key == self._tail:
             self._staged_count = 0
             self._splits = []
