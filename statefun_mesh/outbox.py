@@ -30,6 +30,7 @@ inbox and its spill), and a restore routes it again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
@@ -59,11 +60,13 @@ class Outbox:
         path: directory of the LMDB environment (deleted and created afresh on first use).
         stage_bytes: estimated bytes of sends an invocation holds in memory before they
             are written here.
+        map_size: the map's initial size (bytes); it doubles as needed, up to ``max_size``.
         max_size: the largest the map grows to (bytes).
     """
 
-    def __init__(self, path: str, stage_bytes: int, *, max_size: int = 1 << 40) -> None:
+    def __init__(self, path: str, stage_bytes: int, *, map_size: int = 64 << 20, max_size: int = 1 << 40) -> None:
         self.path = path
+        self.map_size = map_size
         self.stage_bytes = stage_bytes
         self.max_size = max_size
         self._env: lmdb.Environment | None = None
@@ -177,6 +180,35 @@ class Outbox:
         self._splits = []
         return True
 
+    def abandon(self, sends: list[Any]) -> Iterator[list[Any]]:
+        """:meth:`commit` failed (a full disk): everything committed and staged here, with
+        the batch's in-memory ``sends`` in between, in order, to route at once; then the
+        outbox starts afresh (its directory deleted: nothing it held can be read twice)."""
+        if self.current is not None:  # the last context that staged raised
+            self._truncate(self._slot)
+        env = self._env
+        with env.begin() if env is not None else contextlib.nullcontext() as txn:
+
+            def chunks(lo: int, hi: int) -> Iterator[list[Any]]:
+                for k in range(lo, hi):
+                    data = txn.get(_U64.pack(k)) if txn is not None else None
+                    if data is not None:
+                        yield [tuple(r) for r in msgpack.unpackb(data, raw=False)]
+
+            yield from chunks(self._head, self._tail)
+            last = 0
+            ends = [slot for slot, _ in self._splits[1:]] + [self._staged]
+            for (slot, pos), end in zip(self._splits, ends, strict=True):
+                yield list(sends[last:pos])
+                last = pos
+                yield from chunks(slot + 1, end)
+            yield list(sends[last:])
+        self.close()
+        self._head = self._tail = self._staged = 0
+        self.count = self._staged_count = self._cur_count = 0
+        self.staging = False
+        self._splits = []
+
     # -- routing what waits ---------------------------------------------------------------
 
     def pop(self) -> list[tuple[Any, ...]]:
@@ -233,7 +265,7 @@ class Outbox:
             shutil.rmtree(self.path, ignore_errors=True)
             os.makedirs(self.path, exist_ok=True)
             try:
-                self._env = lmdb.open(self.path, map_size=64 << 20, max_dbs=1, sync=False, metasync=False,
+                self._env = lmdb.open(self.path, map_size=self.map_size, max_dbs=1, sync=False, metasync=False,
                                       readahead=False)  # fmt: skip
             except lmdb.Error as exc:
                 raise StateBackendError(f"cannot open the outbox at {self.path}: {exc}") from exc

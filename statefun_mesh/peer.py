@@ -1827,7 +1827,15 @@ class Peer:
     def _after_commit(self, out: BatchOutcome) -> None:
         if out.min_due is not None and (self._next_due is None or out.min_due < self._next_due):
             self._next_due = out.min_due
-        if self._outbox.commit(out.sends):  # staged, or queued behind what waits in the outbox
+        try:
+            queued = self._outbox.commit(out.sends)  # staged, or queued behind what waits there
+        except StatefunMeshError as exc:  # a full disk: route it all now, in order (never lost)
+            self._tlog.error("failed outbox writes", "peer %d: cannot queue a batch's sends in the outbox: %s; "
+                             "routing them at once", self.peer_id, exc)  # fmt: skip
+            for piece in self._outbox.abandon(out.sends):
+                self._route(piece)
+            queued, out.sends = False, []
+        if queued:
             self._route_outbox()
         elif out.sends:
             self._route(out.sends)

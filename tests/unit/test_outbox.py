@@ -208,3 +208,34 @@ async def test_sends_waiting_in_the_outbox_at_a_cut_are_restored_by_a_recovery(t
         assert all(p.recoveries >= 1 for p in mesh.peers), [p.recoveries for p in mesh.peers]
         await asyncio.wait_for(mesh.idle(), 120)
         assert await seq_totals(mesh) == (n, 0)
+
+
+def test_a_commit_the_disk_cannot_take_hands_everything_back_in_order(tmp_path: Path) -> None:
+    """The outbox's map cannot grow (standing in for a full disk): the commit fails, and
+    :meth:`Outbox.abandon` gives back what waited, what was staged and the batch's sends,
+    in order, to route at once; the outbox then starts afresh."""
+    from statefun_mesh.errors import StatefunMeshError
+
+    outbox = Outbox(str(tmp_path / "ob"), stage_bytes=16 << 10, map_size=256 << 10, max_size=256 << 10)
+    try:
+        outbox.begin()
+        a = ctx(outbox)
+        for i in range(50):
+            send(a, i)
+        mem: list[Any] = [("t/dst", "m0", "", "", "t/v", b"", 0, 0)]
+        outbox.emitted(a, mem)
+        mem.extend(a._sends or [])
+        mem.extend(("t/dst", f"big{i}", "", "", "t/v", b"x" * (64 << 10), 0, 0) for i in range(8))  # 512 KiB
+        with pytest.raises(StatefunMeshError):
+            outbox.commit(mem)
+        got = [r[1] for piece in outbox.abandon(mem) for r in piece]
+        assert got == ["m0", *(f"d{i}" for i in range(50)), *(f"big{i}" for i in range(8))]
+        assert outbox.count == 0 and not outbox.staging and outbox.cut() is None
+        outbox.begin()
+        b = ctx(outbox)
+        for i in range(50):
+            send(b, i)
+        outbox.emitted(b, [])
+        assert outbox.commit(list(b._sends or [])) and drain(outbox) == [f"d{i}" for i in range(50)]
+    finally:
+        outbox.close()
