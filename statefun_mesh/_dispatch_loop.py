@@ -75,6 +75,8 @@ def dispatch_groups(
     key_group = d._key_group
     maxp = d.max_parallelism
     limit = d.message_limit
+    #: where a sync invocation's sends past their share of memory_budget go (outbox.py; None: off)
+    outbox = d.outbox
     stats: dict[Any, Any] = d.stats
     first = bounds[0]
     sends: list[Any] = out.sends
@@ -100,6 +102,9 @@ def dispatch_groups(
             if send_bytes >= max_send_bytes:
                 out.deferred.extend(recs)
                 continue
+        if max_send_bytes is not None and outbox is not None and outbox.staging:
+            out.deferred.extend(recs)  # an invocation's sends went to the outbox: the batch is full
+            continue
         fspec = table.get(typename)
         endpoint = None
         if fspec is None:
@@ -185,6 +190,8 @@ def dispatch_groups(
             ctx._egress = None
             ctx._reply = None
             ctx._limit = limit
+            ctx._outbox = outbox
+            ctx._sent = 0
             msg = new(Message)
             msg.target_typename = typename
             msg.target_id = id
@@ -233,6 +240,8 @@ def dispatch_groups(
             if ttl:
                 d._apply(fspec, cells, None, now_ms)
             invocations += 1
+            if outbox is not None and outbox.current is ctx:  # some of its sends were staged
+                outbox.emitted(ctx, sends)
             if ctx._sends is not None:
                 sends.extend(ctx._sends)
             if ctx._delayed is not None or ctx._egress is not None or ctx._reply is not None:

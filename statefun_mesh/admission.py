@@ -2,7 +2,7 @@
 
 Owns: the size check every message from outside passes (``max_message_bytes``), the
 gate clients wait at (``inbox_limit`` messages, a quarter of ``memory_budget`` queued,
-anything spilled, or the ingress log still being replayed after a recovery), the event
+anything spilled or waiting in the outbox, or the ingress log still being replayed after a recovery), the event
 that wakes them when room comes back, and handing an admitted message to the ingress
 writer (logged first, with checkpoints on) or straight to the router.
 
@@ -84,12 +84,14 @@ class Admission:
             raise MessageTooLargeError(size, limit, what)
 
     def full(self) -> bool:
-        """Over ``inbox_limit`` messages or a quarter of ``memory_budget``, or spilling: clients wait."""
+        """Over ``inbox_limit`` messages or a quarter of ``memory_budget``, spilling, or sends
+        waiting in the outbox: clients wait."""
         router = self._router
         return (
             self._pressure() >= self.config.inbox_limit
             or router.inbox_bytes + router.out_bytes() >= router.out_cap
             or router.spilled() > 0
+            or router.outbox.count > 0
             or self._replaying()
         )
 

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Any, Final
 from ._speedups import record_size
 from .address import Address, make_address
 from .errors import MessageTooLargeError
+from .memory import RECORD_OVERHEAD
 from .messages import EgressMessage, Message, typed_value_from_kwargs
 
 if TYPE_CHECKING:
+    from .outbox import Outbox
     from .valuetypes import Type
 
 __all__ = ["Cell", "Context", "Storage"]
@@ -173,9 +175,11 @@ class Context:
         "_delayed",
         "_egress",
         "_limit",
+        "_outbox",
         "_rec",
         "_reply",
         "_sends",
+        "_sent",
         "address",
         "storage",
     )
@@ -198,6 +202,9 @@ class Context:
         self._reply: tuple[str, bytes] | None = None
         #: the largest message the mesh admits (max_message_bytes; 0: unchecked)
         self._limit = limit
+        #: where sends past their share of memory_budget go (outbox.py; None: kept in memory)
+        self._outbox: Outbox | None = None
+        self._sent = 0  # estimated bytes of the sends in _sends, counted while _outbox is set
 
     @property
     def caller(self) -> Address | None:
@@ -251,6 +258,11 @@ class Context:
             self._sends = [rec]
         else:
             sends.append(rec)
+        outbox = self._outbox
+        if outbox is not None:
+            self._sent += len(i) + len(v) + RECORD_OVERHEAD
+            if self._sent >= outbox.stage_bytes:
+                outbox.stage(self)  # to disk, part of the batch (outbox.py)
 
     def send_after(self, duration: timedelta, message: Message, cancellation_token: str = "") -> None:
         """Send ``message`` once ``duration`` has passed (StateFun's signature).

@@ -29,6 +29,7 @@ from .errors import MessageTooLargeError
 from .functions import FunctionSpec
 from .logutil import ThrottledLog
 from .messages import Message
+from .outbox import Outbox
 from .state.lmdb_backend import (
     KG_PREFIXES,
     MAX_KEY,
@@ -213,6 +214,8 @@ class Dispatcher:
         self.remote = remote
         #: what a function may send, reply or emit (0: unchecked); see Context._check_size
         self.message_limit = max_message_bytes
+        #: where a sync invocation's sends past their share of memory_budget go (set by the peer)
+        self.outbox: Outbox | None = None
         self.backend = backend
         self.max_parallelism = max_parallelism
         self.egress_retention = egress_retention

@@ -3,7 +3,8 @@
 Owns: the checks every frame from a peer passes (length, frame version, the generation
 prefix: older generations dropped, far-ahead ones refused), the frames held for later
 (of a later generation, before RESUME, or batch frames and barriers while a cut waits
-for the batch in progress, up to a quarter of ``memory_budget``), the newest generation
+for the batch in progress; of a later generation, batch frames within their sender's
+link window, other frames up to a quarter of ``memory_budget``), the newest generation
 heard on the coordinator's link, and the counters of bad and refused frames. It handles
 the data-path frames itself: batches and credits (to the router), heartbeats (to
 liveness), replies (to the pending requests); every checkpoint and recovery frame goes
@@ -60,7 +61,8 @@ GENERATION_WINDOW = 16
 class Inbound:
     """Args:
     peer_id, tlog: the peer's.
-    held_cap: bytes of frames of later generations held at most (a quarter of ``memory_budget``).
+    held_cap: bytes of frames of later generations other than batch frames held at most (a
+        quarter of ``memory_budget``; batch frames: within their sender's link window, see :meth:`_may_hold`).
     checkpointing: whether the mesh takes checkpoints.
     router, liveness, requests: where batches and credits, heartbeats, and replies go.
     wake: the batch loop's wake-up (a credit it waits for came).
@@ -107,6 +109,9 @@ class Inbound:
         #: frames held for later, in arrival order: (generation, source, frame)
         self.held: list[tuple[int, int, bytes]] = []
         self.held_bytes = 0
+        #: bytes of batch frames of later generations held, per (sender, generation), and in all
+        self._held_from: dict[tuple[int, int], int] = {}
+        self._held_batch_bytes = 0
         #: a cut waits for the batch in progress: batch frames and barriers are held
         self.hold_batches = False
         self.coordinator_generation = -1  # newest generation seen on peer 0's link
@@ -150,18 +155,51 @@ class Inbound:
         if gen > generation or not self._resumed() or (
             self.hold_batches and (kind == codec.KIND_BATCH or kind == codec.BARRIER)
         ):
-            if gen > generation and self.held_bytes + len(body) > self._held_cap:
+            if gen > generation and not self._may_hold(src, gen, kind, len(body)):
                 # a peer of this mesh sends a later generation only after a RECOVER this
-                # peer is about to get, and at most its credit window: beyond that it is no peer
+                # peer is about to get, and at most its link window: beyond that it is no peer
                 self.bad_frames += 1
-                self._tlog.error("refused future frames", "peer %d: refused a frame of generation %d from peer %d: "
-                                 "%d bytes of frames of later generations are held already (a quarter of "
-                                 "memory_budget)", self.peer_id, gen, src, self.held_bytes)  # fmt: skip
+                self._tlog.error("refused future frames", "peer %d: refused a %d-byte frame of generation %d from "
+                                 "peer %d: over what this peer holds of later generations (a link window of "
+                                 "%d bytes per peer, %d bytes of other frames in all)", self.peer_id, len(body), gen,
+                                 src, self._router.link_bytes, self._held_cap)  # fmt: skip
                 return
             self.held.append((gen, src, body))
             self.held_bytes += len(body)
             return
         self.on_channel_frame(src, body, gen)
+
+    def _may_hold(self, src: int, gen: int, kind: int, size: int) -> bool:
+        """Whether a frame of a later generation may be held until this peer is in it.
+
+        A batch frame: within its sender's link window for that generation, by the rule
+        the sender keeps for what it has in flight (:meth:`Router.flush_peer
+        <statefun_mesh.routing.Router.flush_peer>`: up to the window, and one frame of any
+        size while under a quarter of it is outstanding), so what an honest sender sends
+        is always held, a message larger than the window included, whatever
+        ``memory_budget`` is. Any other frame (markers, barriers, credits, replies): within
+        a quarter of ``memory_budget`` in all.
+        """
+        if kind != codec.KIND_BATCH:
+            return self.held_bytes - self._held_batch_bytes + size <= self._held_cap
+        window = self._router.link_bytes
+        held = self._held_from.get((src, gen), 0)
+        if held + size > window and held >= window // 4:
+            return False
+        self._held_from[(src, gen)] = held + size
+        self._held_batch_bytes += size
+        return True
+
+    def _count_held(self) -> None:
+        """Recount what ``held`` holds (after it was filtered or released)."""
+        self.held_bytes = sum(len(f) for _, _, f in self.held)
+        generation = self._generation()
+        held_from: dict[tuple[int, int], int] = {}
+        for g, src, f in self.held:
+            if g > generation and f[1] == codec.KIND_BATCH:
+                held_from[(src, g)] = held_from.get((src, g), 0) + len(f)
+        self._held_from = held_from
+        self._held_batch_bytes = sum(held_from.values())
 
     def _generation_plausible(self, gen: int) -> bool:
         """Whether a frame stamped ``gen`` may be held for later: generations only come from
@@ -204,7 +242,7 @@ class Inbound:
                                  "%d records of this peer's outstanding", self.peer_id, items[0], src,
                                  outstanding)  # fmt: skip
                 return
-            if self._router.blocked or self._replaying():
+            if self._router.blocked or self._replaying() or self._router.outbox.count:
                 self._wake.set()  # the loop waits for this credit
         elif kind == codec.HEARTBEAT:
             if not self._liveness.on_heartbeat(src, items):
@@ -242,7 +280,7 @@ class Inbound:
                 # a released barrier started the next cut, which waits for a batch to
                 # end: what came after it waits too, in order
                 self.held = keep + held[i:] + self.held
-                self.held_bytes = sum(len(f) for _, _, f in self.held)
+                self._count_held()
                 return
             generation = self._generation()
             if g == generation:
@@ -250,18 +288,18 @@ class Inbound:
             elif g > generation:
                 keep.append((g, src, frame))
         self.held = keep + self.held
-        self.held_bytes = sum(len(f) for _, _, f in self.held)
+        self._count_held()
 
     def drop_before(self, gen: int) -> None:
         """A recovery to generation ``gen``: no cut waits; frames of older generations go."""
         self.hold_batches = False
         self.held = [(g, src, f) for g, src, f in self.held if g >= gen]
-        self.held_bytes = sum(len(f) for _, _, f in self.held)
+        self._count_held()
 
     def resume(self, gen: int) -> None:
         """The peer resumed in generation ``gen``: handle what was held of it (the rest goes)."""
         held, self.held = self.held, []
-        self.held_bytes = 0
+        self._count_held()
         for g, src, frame in held:
             if g == gen:
                 self.on_channel_frame(src, frame)

@@ -147,6 +147,7 @@ class Peer:
         self._tlog = ThrottledLog(log)
         #: the inbox and spill, outgoing frames per peer, and credit (routing.py)
         self.router = Router(peer_id, n, config, self._tlog, self.transport, self.state_path + ".spill",
+                             self.state_path + ".outbox",
                              wake=self._wake, idle=self._idle, generation=lambda: self.generation,
                              output_held=lambda: not self.resumed and self.checkpointing,
                              parked_queued=lambda: self.dispatcher.queued if self.dispatcher is not None else 0,
@@ -263,6 +264,7 @@ class Peer:
             stats=self.function_stats,
         )
         self.dispatcher.on_ready = self._wake.set  # a parked async invocation finished
+        self.dispatcher.outbox = self.router.outbox
         self._next_due = backend.next_timer_due()
         return backend
 
@@ -431,6 +433,7 @@ class Peer:
         if self.transport is not None:
             await self.transport.aclose()
         self.router.close()
+        self.replay.close()
         if self.backend is not None:
             self.backend.close()
             self.backend = None
@@ -484,7 +487,8 @@ class Peer:
         # What was in flight at the cut comes first, then the ingress log from the cut's
         # position; both are queued before this peer reports READY, so when the mesh
         # resumes every replayed message is already on its way, ahead of new input.
-        self.router.enqueue(self.participant.take_inflight_restored())
+        # routed, not queued here: the outbox part of it is for any peer
+        self.router.route(self.participant.take_inflight_restored())
         self.replay.start(self.participant.ingress_position if self.ingress is not None else None)
 
     def _take_foreign_ingress(self) -> list[tuple[str, int]]:
@@ -581,8 +585,9 @@ class Peer:
         return self._tlog
 
     def batch_running(self) -> bool:
-        """Whether a batch is being processed now."""
-        return self._in_batch
+        """Whether a batch is being processed now (or a removed peer's ingress log replayed:
+        a checkpoint cut waits for either)."""
+        return self._in_batch or self.replay.foreign_log is not None
 
     def hold_input(self) -> None:
         """Hold batch frames and barriers until :meth:`release_input`; wake the loop for the cut."""
@@ -619,6 +624,10 @@ class Peer:
         parked = self.dispatcher.parked_records() if self.dispatcher is not None else []
         spill = self.router.spill
         return parked + list(self.router.inbox), (spill.cut() if spill is not None else None)
+
+    def cut_outbox(self) -> lmdb.Transaction | None:
+        """A read transaction over the outbox: committed sends not yet routed (see snapshot/host.py)."""
+        return self.router.outbox.cut()
 
     def broadcast_barrier(self, frame: bytes) -> None:
         """Send every other peer all that waits for it (regardless of credit), then ``frame``."""
@@ -872,7 +881,7 @@ class Peer:
         """Wait until this peer has processed everything queued here (and every due timer)."""
         while True:
             if (self.router.inbox or self.router.spilled() or self._timer_due(self._now_ms())
-                    or self.replay.position is not None):  # fmt: skip
+                    or self.replay.position is not None or self.router.outbox.count):  # fmt: skip
                 self._idle.clear()
                 self._wake.set()
             elif self._idle.is_set() or self._closing:
@@ -885,6 +894,7 @@ class Peer:
             not self.router.inbox
             and not self.router.spilled()
             and self.replay.position is None
+            and not self.router.outbox.count
             and self._idle.is_set()
             and not self.router.has_outgoing()
             and not self._timer_due(self._now_ms())
@@ -903,7 +913,8 @@ class Peer:
             "memory": {"inbox": router.inbox_bytes, "outgoing": router.out_bytes(), "held": self.inbound.held_bytes,
                        "budget": self.config.memory_budget, "spilled_total": router.spilled_total,
                        "credit_waits": router.credit_waits, "in_flight": router.in_flight_bytes(),
-                       "link_window": router.link_bytes},
+                       "link_window": router.link_bytes, "outbox": router.outbox.count,
+                       "outbox_staged_total": router.outbox.staged_total},
             "outgoing": router.outgoing(),
             "credit": router.credit,
             "batches": self.batches,
@@ -1120,12 +1131,14 @@ class Peer:
         internal_failures = 0  # consecutive batches that failed with an internal error
         while True:
             participant = self.participant
-            if participant is not None and participant.pending is not None:
+            if participant is not None and participant.pending is not None and replay.foreign_log is None:
                 participant.take_snapshot()  # a barrier waited for the batch boundary
             if router.spill is not None and router.spill.count:
                 router.refill()
             if replay.position is not None and router.out_bytes() < router.out_cap:
                 replay.some()
+            if router.outbox.count:
+                router.route_outbox()
             now_ms = self._now_ms()
             out_bytes = router.out_bytes() if self.transport is not None else 0
             if out_bytes >= router.out_cap and (inbox or self._timer_due(now_ms)):
@@ -1152,7 +1165,7 @@ class Peer:
                 if not dispatcher.parked:  # else a parked async invocation is still to commit
                     if self._closing:
                         return
-                    if replay.position is None:  # else the ingress log is still being replayed
+                    if replay.position is None and not router.outbox.count:  # else still routing
                         self._idle.set()
                 await self.clock.wait(self._wake, self._timer_deadline())
                 self._wake.clear()
@@ -1167,6 +1180,7 @@ class Peer:
             if timers_checked:
                 fired = backend.due_timers(now_ms, max(max_batch - n, 1))
             self._in_batch = True
+            router.outbox.begin()
             try:
                 # what the batch sends may fill the outgoing buffers' room, no more (one
                 # address's invocations may overshoot it: they are never split)
@@ -1240,8 +1254,24 @@ class Peer:
     def _after_commit(self, out: BatchOutcome) -> None:
         if out.min_due is not None and (self._next_due is None or out.min_due < self._next_due):
             self._next_due = out.min_due
-        if out.sends:
-            self.router.route(out.sends)
+        router = self.router
+        outbox = router.outbox
+        try:
+            queued = outbox.commit(out.sends)  # staged, or queued behind what waits there
+        except StatefunMeshError as exc:  # a full disk: route it all now, in order (never lost)
+            self._tlog.error("failed outbox writes", "peer %d: cannot queue a batch's sends in the outbox: %s; "
+                             "routing them at once", self.peer_id, exc)  # fmt: skip
+            for piece in outbox.abandon(out.sends):
+                router.route(piece)
+            queued, out.sends = False, []
+        if queued:
+            router.route_outbox()
+        elif out.sends:
+            router.route(out.sends)
+        if outbox.error is not None:
+            self._tlog.error("failed outbox writes", "peer %d: cannot write sends to the outbox: %s; keeping them "
+                             "in memory", self.peer_id, outbox.error)  # fmt: skip
+            outbox.error = None
         for reply in out.replies:
             if reply[0] == self.peer_id or self.n_peers == 1:
                 self._resolve(*reply[1:])

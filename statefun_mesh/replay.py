@@ -3,10 +3,10 @@
 Owns: the ingress log position the replay continues from (``None``: not replaying), the
 slices it routes (only while the outgoing buffers have room, never all at once, so a
 receiver still in an older generation can hold what comes), the removed peers' logs
-replayed after a rescale, the REPLAYED marker sent behind the replayed messages on
-every channel, the markers received, and holding due timers until every other peer's
-marker came and what came before it is processed (a replayed cancellation is never
-overtaken by its timer).
+replayed after a rescale (in slices too, one log after another), the REPLAYED marker
+sent behind the replayed messages on every channel, the markers received, and holding
+due timers until every other peer's marker came and what came before it is processed
+(a replayed cancellation is never overtaken by its timer).
 
 Called by: ``Peer`` (a recovery starts it once the state is restored; the batch loop
 routes more as credit frees room and releases the timers; a REPLAYED frame). Calls: the
@@ -72,6 +72,11 @@ class Replay:
         #: the ingress log position the replay after a recovery continues from (None: not replaying)
         self.position: int | None = None
         self._replayed = 0
+        #: after a rescale: the removed peer's ingress log being replayed (from ``position``),
+        #: its path, and those still to replay (path, position)
+        self.foreign_log: IngressLog | None = None
+        self._foreign_path = ""
+        self._foreign_logs: list[tuple[str, int]] = []
         #: after a recovery, due timers wait until the replayed messages are processed
         self.timers_held = False
         #: the peers whose REPLAYED marker of this generation came
@@ -81,6 +86,9 @@ class Replay:
         """The state is restored: replay the ingress log from ``position`` (``None``: no log),
         as far as the outgoing buffers have room; the loop routes the rest (:meth:`some`)."""
         self.markers_from = set()
+        if self.foreign_log is not None:  # a newer round: the restore hands the logs over again
+            self._end_foreign(replayed=False)
+        self._foreign_logs = []
         if position is not None:
             # The ingress log is replayed in slices while the outgoing buffers have room
             # (the rest by the loop as credit frees them, never all at once); meanwhile
@@ -92,30 +100,48 @@ class Replay:
             self._done()
 
     def some(self) -> None:
-        """Route more of the ingress log being replayed, while outgoing buffers have room."""
-        ingress = self._ingress()
-        assert ingress is not None
+        """Route more of the ingress log being replayed (this peer's, then removed peers'
+        after a rescale), while outgoing buffers have room."""
         router = self._router
         pos = self.position
         while pos is not None and router.out_bytes() < router.out_cap:
-            entries = ingress.read(pos, REPLAY_SLICE)
+            foreign = self.foreign_log
+            log_ = foreign if foreign is not None else self._ingress()
+            assert log_ is not None
+            entries = log_.read(pos, REPLAY_SLICE)
             if not entries:
-                self._done()
-                return
+                self._done()  # on to the next log, or done
+                pos = self.position
+                continue
             router.route([tuple(rec) for _, rec in entries])
             self._replayed += len(entries)
-            pos = self.position = self._ingress_writer.routed = entries[-1][0] + 1
+            pos = self.position = entries[-1][0] + 1
+            if foreign is None:
+                self._ingress_writer.routed = pos
 
     def _done(self) -> None:
-        """The ingress log is replayed: then removed peers' logs (after a rescale), then the markers."""
+        """A log is replayed: this peer's ingress log, then each removed peer's (after a
+        rescale, in slices too: :meth:`some` goes on with the next), then the markers."""
         self.position = None
         ingress = self._ingress()
-        if ingress is not None:
+        if self.foreign_log is not None:
+            self._end_foreign(replayed=True)
+        elif ingress is not None:
             self._ingress_writer.routed = ingress.next_offset
             if self._replayed:
                 log.info("peer %d: replayed %d messages from its ingress log", self.peer_id, self._replayed)
-            for path, position in self._take_foreign():
-                self._replay_foreign(path, position)
+            self._foreign_logs = self._take_foreign()
+        if self._foreign_logs:
+            from .ingress import IngressLog
+
+            path, self.position = self._foreign_logs.pop(0)
+            # a checkpoint cut waits until this log is replayed (the peer's loop checks
+            # foreign_log): its position is in no manifest, so a cut in the middle could
+            # neither replay the rest nor skip it
+            self.foreign_log = IngressLog(path, sync=False)
+            self._foreign_path = path
+            self._replayed = 0
+            return
         # Behind the replayed messages on every channel: a marker. A peer fires no timer
         # after a recovery until it has the marker from every other peer and has processed
         # what came before it, so a replayed cancellation is never overtaken by its timer.
@@ -126,25 +152,21 @@ class Replay:
         self._router.flush_all()
         self._on_done()
 
-    def _replay_foreign(self, path: str, position: int) -> None:
-        """After a rescale: replay a removed peer's ingress log from ``position``."""
-        from .ingress import IngressLog
+    def _end_foreign(self, replayed: bool) -> None:
+        """Close the removed peer's ingress log being replayed (``replayed``: all of it)."""
+        assert self.foreign_log is not None
+        self.foreign_log.close()
+        self.foreign_log = None
+        if replayed:
+            self._foreign_replayed(self._foreign_path)
+            log.warning("peer %d: replayed %d messages from the ingress log of a removed peer (%s); it is "
+                        "deleted once the next checkpoint completes", self.peer_id, self._replayed,
+                        self._foreign_path)  # fmt: skip
 
-        log_ = IngressLog(path, sync=False)
-        replayed = 0
-        try:
-            while True:
-                entries = log_.read(position, 1000)
-                if not entries:
-                    break
-                self._router.route([tuple(rec) for _, rec in entries])
-                replayed += len(entries)
-                position = entries[-1][0] + 1
-        finally:
-            log_.close()
-        self._foreign_replayed(path)
-        log.warning("peer %d: replayed %d messages from the ingress log of a removed peer (%s); it is deleted "
-                    "once the next checkpoint completes", self.peer_id, replayed, path)  # fmt: skip
+    def close(self) -> None:
+        """The peer closes: a removed peer's log being replayed is closed (not counted as replayed)."""
+        if self.foreign_log is not None:
+            self._end_foreign(replayed=False)
 
     def on_marker(self, src: int, gen: int) -> bool:
         """Peer ``src``'s REPLAYED marker of generation ``gen`` came; whether it counts (this generation)."""

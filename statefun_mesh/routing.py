@@ -1,7 +1,9 @@
 """Routing and credit: where a record goes, and how much may be in flight to each peer.
 
 Owns: the inbox (records to process here: in memory up to half of ``memory_budget``,
-the rest in the :class:`~statefun_mesh.spill.Spill`), the outgoing side per other peer
+the rest in the :class:`~statefun_mesh.spill.Spill`), the
+:class:`~statefun_mesh.outbox.Outbox` (a sync invocation's sends past a sixteenth of
+the budget, routed from disk after their batch commits as room allows), the outgoing side per other peer
 (its ``BatchEncoder``, the sealed frames waiting for credit, replies to send), the
 credit each peer granted this one (records, and bytes within the link window), the
 credit this peer owes the others for what it received, and the counters of all that.
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from . import _speedups
 from .errors import ClosedTransportError, StatefunMeshError
 from .memory import RECORD_OVERHEAD, records_bytes
+from .outbox import Outbox
 from .records import TARGET_ID, TARGET_TYPE
 from .spill import Spill
 from .transport import codec
@@ -51,6 +54,7 @@ class Router:
         peer_id, n_peers, config, tlog: the peer's.
         transport: frame channels to the other peers (``None``: a single peer).
         spill_path: where the inbox spills beyond its half of ``memory_budget``.
+        outbox_path: where a sync invocation's sends past their share of the budget wait (outbox.py).
         wake, idle: the batch loop's events (set / cleared when records arrive).
         generation: the peer's current generation (stamped on every frame).
         output_held: whether frames of the generation being restored must wait (before RESUME).
@@ -66,6 +70,7 @@ class Router:
         tlog: ThrottledLog,
         transport: Transport | None,
         spill_path: str,
+        outbox_path: str,
         *,
         wake: asyncio.Event,
         idle: asyncio.Event,
@@ -114,6 +119,10 @@ class Router:
         self.inbox_bytes = 0  # estimated memory of the records in inbox
         self._framed_bytes = [0] * n  # bytes in _frames[p]
         self.spill: Spill | None = None
+        #: a sync invocation's sends past a sixteenth of the budget go to disk, and so does
+        #: every batch's output while anything waits there (outbox.py); routed from it as
+        #: outgoing room and the inbox allow (:meth:`route_outbox`)
+        self.outbox = Outbox(outbox_path, max(budget // 16, 64 << 10))
         #: the loop waits for outgoing credit: grant credit for what arrives, spilling beyond memory
         self.blocked = False
         self.spilled_total = 0  # records ever spilled
@@ -152,10 +161,10 @@ class Router:
         return self.spill.count if self.spill is not None else 0
 
     def queued(self) -> int:
-        """Records queued here: the inbox, the spill and what waits to go to other peers."""
+        """Records queued here: the inbox, the spill, the outbox and what waits to go to other peers."""
         return (
             len(self.inbox) + sum(len(e) for e in self._out) + sum(self._framed)
-            + (self.spill.count if self.spill else 0)
+            + (self.spill.count if self.spill else 0) + self.outbox.count
         )  # fmt: skip
 
     def queued_for(self, p: int) -> int:
@@ -257,6 +266,12 @@ class Router:
             rest = records[i:] if spill is None else records[j:]
             self.inbox.extend(rest)
             self.inbox_bytes += records_bytes(rest)
+
+    def route_outbox(self) -> None:
+        """Route committed sends from the outbox while outgoing buffers and the inbox have room."""
+        outbox = self.outbox
+        while outbox.count and self.out_bytes() < self.out_cap and self.inbox_bytes < self.inbox_cap:
+            self.route(outbox.pop())
 
     def refill(self) -> None:
         """Read spilled records back while the inbox is under a quarter of the budget."""
@@ -473,6 +488,7 @@ class Router:
         self.blocked = False
         if self.spill is not None:
             self.spill.clear()
+        self.outbox.clear()
         self._out = [_speedups.BatchEncoder() for _ in range(self.n_peers)]
         self._frames = [collections.deque() for _ in range(self.n_peers)]
         self._framed = [0] * self.n_peers
@@ -482,3 +498,4 @@ class Router:
         if self.spill is not None:
             self.spill.close()
             self.spill = None
+        self.outbox.close()

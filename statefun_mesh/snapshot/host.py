@@ -65,6 +65,11 @@ class CheckpointHost(PeerView, Protocol):
         of the inbox behind them (``None``: nothing spilled). Called between batches."""
         ...
 
+    def cut_outbox(self) -> lmdb.Transaction | None:
+        """A read transaction over the committed sends not yet routed (the outbox, written
+        after the inbox's spill in the inflight object; ``None``: none). Called at the cut."""
+        ...
+
     def broadcast_barrier(self, frame: bytes) -> None:
         """Send every other peer all that was produced for it (credit or not), then ``frame``."""
         ...

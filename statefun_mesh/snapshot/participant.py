@@ -83,6 +83,8 @@ class _Snap:
         self.inbox = inbox
         #: the inbox's spilled tail at the cut (a read transaction of the spill), after ``inbox``
         self.spill_txn: lmdb.Transaction | None = None
+        #: committed sends not yet routed at the cut (a read transaction of the outbox), after the spill
+        self.outbox_txn: lmdb.Transaction | None = None
         self.ingress_pos = ingress_pos
         self.sources: dict[str, int] = {}
         self.waiting = waiting
@@ -208,6 +210,7 @@ class Participant:
         ingress_pos = host.routed_ingress_position()
         self.snap = _Snap(n, txn, changes, inbox, ingress_pos, others - self.pending_srcs, host.n_peers)
         self.snap.spill_txn = spill_txn
+        self.snap.outbox_txn = host.cut_outbox()
         # Kafka positions at the cut: the records routed so far are covered by this checkpoint
         self.snap.sources = host.source_positions()
         self.pending_srcs = set()
@@ -250,6 +253,9 @@ class Participant:
             if snap.spill_txn is not None:
                 snap.spill_txn.abort()
                 snap.spill_txn = None
+            if snap.outbox_txn is not None:
+                snap.outbox_txn.abort()
+                snap.outbox_txn = None
         snap.part = part
         self.last_duration = loop.time() - started
         host.acknowledge_checkpoint(snap.n, part, None)
@@ -282,6 +288,10 @@ class Participant:
                 (list(r) for r in snap.inbox),
                 (PackedEntries(n, data) for n, data in Spill.packed(snap.spill_txn))
                 if snap.spill_txn is not None
+                else (),
+                # committed sends not yet routed (for any peer: a restore routes the inflight)
+                (PackedEntries(n, data) for n, data in Spill.packed(snap.outbox_txn))
+                if snap.outbox_txn is not None
                 else (),
                 *((list(r) for r in snap.logs[p]) for p in range(peer.n_peers)),
             )
@@ -438,6 +448,9 @@ class Participant:
         if snap.spill_txn is not None and not snap.finalizing:
             snap.spill_txn.abort()
             snap.spill_txn = None
+        if snap.outbox_txn is not None and not snap.finalizing:
+            snap.outbox_txn.abort()
+            snap.outbox_txn = None
 
     def _set_view(self, n: int, txn: lmdb.Transaction) -> None:
         """``txn`` (opened at checkpoint ``n``'s cut, or right after restoring it) is the new view."""
@@ -473,6 +486,8 @@ class Participant:
             snap.txn.abort()
         if snap is not None and snap.spill_txn is not None and not snap.finalizing:
             snap.spill_txn.abort()
+        if snap is not None and snap.outbox_txn is not None and not snap.finalizing:
+            snap.outbox_txn.abort()
         self.pending = None
         self.pending_srcs = set()
         self.carry = set()

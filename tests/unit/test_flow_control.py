@@ -204,3 +204,39 @@ async def test_messages_larger_than_the_link_window_still_flow(tmp_path: Path) -
         status = mesh.status()
     assert counts == [n // len(keys) + 1] * len(keys), counts
     assert status[0]["memory"]["in_flight"] == 0 and status[0]["memory"]["link_window"] == 256 << 10, status
+
+
+async def test_a_message_larger_than_a_link_window_is_held_by_a_peer_still_in_an_older_generation(
+    tmp_path: Path,
+) -> None:
+    """A receiver still in an older generation holds what peers already in the next one send
+    it. It held a quarter of memory_budget in all, so a single message larger than a link
+    window (which a sender sends alone once under a quarter of its window is outstanding)
+    was refused, and lost, unless memory_budget >= 4 x (peers - 1) x max_message_bytes. Now
+    it holds per sender what the sender's own rule lets it have in flight: such a message
+    is held for any budget, and a sender past that rule is still refused."""
+    from statefun_mesh import _speedups
+    from statefun_mesh.routing import GEN
+
+    async with LocalMesh(app(), peers=3, state_dir=tmp_path, memory_budget=1 << 20,
+                         max_parallelism=MAX_PARALLELISM) as mesh:  # fmt: skip
+        receiver = mesh.peers[0]
+        window = receiver.router.link_bytes  # 128 KiB: a quarter of the budget, shared by 2 senders
+        keys = ids_on(0, 3, 4, "big")
+
+        def frame(key: str, size: int) -> bytes:
+            enc = _speedups.BatchEncoder()
+            rec = ("fc/counter", key, "", "", "t/v", b"x" * size, 0, 0)
+            assert enc.fill([rec], 0, 1 << 30, 1) == 1
+            return GEN.pack(receiver.generation + 1) + enc.flush()
+
+        big = 3 * window  # one message over the window and over the quarter held in all
+        refused = receiver.status()["bad_frames"]
+        for src in (1, 2):
+            receiver.inbound.on_frame(src, frame(keys[src], window // 8))  # under a quarter of the window
+            receiver.inbound.on_frame(src, frame(keys[src], big))  # then the large one, alone
+        assert receiver.status()["bad_frames"] == refused
+        assert len(receiver.inbound.held) == 4 and receiver.inbound.held_bytes > 6 * window
+        # a sender past its window with a quarter of it outstanding is no peer of this mesh
+        receiver.inbound.on_frame(1, frame(keys[1], big))
+        assert receiver.status()["bad_frames"] == refused + 1 and len(receiver.inbound.held) == 4

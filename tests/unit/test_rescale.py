@@ -196,6 +196,53 @@ async def test_removed_peers_ingress_logs_are_replayed_and_then_deleted(tmp_path
         await wait_for(lambda: not removed_log.exists(), 10, "the removed peer's ingress log to be deleted")
 
 
+async def test_a_removed_peers_ingress_log_is_replayed_in_slices_as_outgoing_room_allows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removed peer's ingress log (here 16 MiB of messages for the other peer, on a 4 MiB
+    budget) used to be routed all at once after the rescale; now in slices while the
+    outgoing buffers are under their quarter of the budget, like the peer's own log, and a
+    checkpoint cut waits until it is all routed. Every message is still applied once."""
+    from statefun_mesh._speedups import key_group
+    from statefun_mesh.routing import Router
+
+    n, value = 2000, "v" * (8 << 10)
+    functions = app()
+
+    @functions.bind(typename="rs/padded", specs=[ValueSpec(name="count", type=IntType)])
+    def padded(context, message):  # type: ignore[no-untyped-def]
+        context.storage.count = (context.storage.count or 0) + 1
+        if context.in_request:
+            context.reply(int_value=context.storage.count)
+
+    # keys that peer 1 owns on 2 peers (and peer 0 does not inherit peer 2's log for them)
+    keys = [k for k in (f"fl-{i}" for i in range(400)) if key_group(k, 64) * 2 // 64 == 1][:20]
+    async with LocalMesh(functions, **settings(tmp_path, 3)) as mesh:
+        await add(mesh, "warm")
+        await mesh.idle()
+        await checkpoint_after_now(mesh)
+        await mesh.peers[0].coordinator.aclose()
+        for i in range(n):  # logged by peer 2, which the rescale removes
+            await mesh.peers[2].send(message_builder(target_typename="rs/padded", target_id=keys[i % 20],
+                                                     str_value=value))  # fmt: skip
+        await mesh.idle()
+    held = {"max": 0}
+    route = Router.route
+
+    def measured_route(self: Router, records: list, from_client: bool = False) -> None:
+        route(self, records, from_client)
+        held["max"] = max(held["max"], self.out_bytes())
+
+    monkeypatch.setattr(Router, "route", measured_route)
+    async with LocalMesh(functions, **settings(tmp_path, 2, restore="latest", memory_budget=4 << 20)) as mesh:
+        await asyncio.wait_for(mesh.idle(), 60)
+        counts = [(await mesh.request(message_builder(target_typename="rs/padded", target_id=k, str_value=""))).as_int()
+                  for k in keys]  # fmt: skip
+    assert sum(counts) == n + len(keys), counts  # once each, plus the requests
+    # the outgoing quarter (1 MiB), one slice of 100 messages (0.8 MiB) and a frame
+    assert held["max"] < 3 << 20, f"{held['max'] >> 20} MiB waited to go out during the replay"
+
+
 async def test_restore_an_older_checkpoint_rolls_back_and_drops_newer_ones(tmp_path: Path) -> None:
     async with LocalMesh(app(), **settings(tmp_path, 2)) as mesh:
         await add(mesh, "x", 1)
