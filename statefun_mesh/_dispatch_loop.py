@@ -77,6 +77,7 @@ def dispatch_groups(
     limit = d.message_limit
     #: where a sync invocation's sends past their share of memory_budget go (outbox.py; None: off)
     outbox = d.outbox
+    stage_bytes = outbox.stage_bytes if outbox is not None else 0
     stats: dict[Any, Any] = d.stats
     first = bounds[0]
     sends: list[Any] = out.sends
@@ -191,7 +192,7 @@ def dispatch_groups(
             ctx._reply = None
             ctx._limit = limit
             ctx._outbox = outbox
-            ctx._sent = 0
+            ctx._room = stage_bytes
             msg = new(Message)
             msg.target_typename = typename
             msg.target_id = id

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any, Final
 from ._speedups import record_size
 from .address import Address, make_address
 from .errors import MessageTooLargeError
-from .memory import RECORD_OVERHEAD
 from .messages import EgressMessage, Message, typed_value_from_kwargs
 
 if TYPE_CHECKING:
@@ -178,8 +177,8 @@ class Context:
         "_outbox",
         "_rec",
         "_reply",
+        "_room",
         "_sends",
-        "_sent",
         "address",
         "storage",
     )
@@ -204,7 +203,9 @@ class Context:
         self._limit = limit
         #: where sends past their share of memory_budget go (outbox.py; None: kept in memory)
         self._outbox: Outbox | None = None
-        self._sent = 0  # estimated bytes of the sends in _sends, counted while _outbox is set
+        #: estimated bytes of sends left before those in _sends are staged (counted down while
+        #: _outbox is set; whoever sets _outbox sets it to the outbox's stage_bytes)
+        self._room = 0
 
     @property
     def caller(self) -> Address | None:
@@ -260,8 +261,11 @@ class Context:
             sends.append(rec)
         outbox = self._outbox
         if outbox is not None:
-            self._sent += len(i) + len(v) + RECORD_OVERHEAD
-            if self._sent >= outbox.stage_bytes:
+            # counted down, with memory.RECORD_OVERHEAD (400) as a literal: a global lookup
+            # and a count up against an attribute cost twice as much per send
+            room = self._room - len(i) - len(v) - 400
+            self._room = room
+            if room <= 0:
                 outbox.stage(self)  # to disk, part of the batch (outbox.py)
 
     def send_after(self, duration: timedelta, message: Message, cancellation_token: str = "") -> None:

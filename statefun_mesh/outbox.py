@@ -101,7 +101,7 @@ class Outbox:
         If the write fails (a full disk), the sends stay in memory and :attr:`error` says why.
         """
         sends = ctx._sends
-        ctx._sent = 0
+        ctx._room = self.stage_bytes
         if not sends:
             return
         if self.current is not ctx:
@@ -123,7 +123,7 @@ class Outbox:
             self._write(env, write)
         except StateBackendError as exc:  # e.g. a full disk: they stay in memory (never lost)
             self.error = exc
-            ctx._sent = self.stage_bytes // 2  # try again after half as much more
+            ctx._room = self.stage_bytes // 2  # try again after half as much more
             return
         self._staged += len(keys_chunks)
         self.staging = True

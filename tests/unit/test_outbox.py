@@ -25,6 +25,7 @@ def ctx(outbox: Outbox) -> Context:
 
     c = Context(Address("t/src", "a"), ("t/src", "a", "", "", "t/v", b"", 0, 0), Storage(Address("t/src", "a"), {}))
     c._outbox = outbox
+    c._room = outbox.stage_bytes  # as the dispatch loop sets it
     return c
 
 
