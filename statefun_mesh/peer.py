@@ -372,6 +372,7 @@ class Peer:
             self.router.flush_all()
             if self.participant is not None:
                 self.participant.reset()
+                await self.participant.settled()
             for t in self._tasks:
                 t.cancel()
             if self._flush is not None:
@@ -419,6 +420,8 @@ class Peer:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.participant is not None:
+                await self.participant.settled()
             self._fail_requests(ClosedTransportError("the peer was aborted before the request was answered"))
         finally:
             if self._unwatch is not None:

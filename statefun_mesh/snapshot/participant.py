@@ -34,9 +34,9 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._speedups import key_group
 from ..errors import (
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Participant"]
 
+_T = TypeVar("_T")
 log = logging.getLogger("statefun_mesh.snapshot")
 
 
@@ -305,7 +306,7 @@ class Participant:
             return written, egress
 
         try:
-            written, egress = await asyncio.to_thread(build)
+            written, egress = await _thread_to_its_end(build)
             refs = []
             for k, path, entries, size, sha256 in written:
                 name = object_name(me, n, k)
@@ -463,6 +464,14 @@ class Participant:
             txn.abort()
         self._points = {}
 
+    async def settled(self) -> None:
+        """Wait until an upload :meth:`reset` cancelled has ended: its build thread may still
+        read the store through the cut's transactions, so the store is rolled back, rebuilt
+        or closed only after it."""
+        upload = self._upload
+        if upload is not None and not upload.done():
+            await asyncio.wait([upload])
+
     def reset(self) -> None:
         """Forget every checkpoint in progress (recovery starts).
 
@@ -535,6 +544,7 @@ class Participant:
         peer = self.host
         cfg = peer.config
         started, cpu = time.monotonic(), time.process_time()
+        await self.settled()
         if manifest is not None and manifest.max_parallelism != cfg.max_parallelism:
             self._drop_points()
             raise IncompatibleSnapshotError(
@@ -697,3 +707,23 @@ class Participant:
 def part_to_dict(part: PeerPart) -> dict[str, Any]:
     """A :class:`PeerPart` as a msgpack/JSON-able dict."""
     return asdict(part)
+
+
+async def _thread_to_its_end(fn: Callable[[], _T]) -> _T:
+    """``await asyncio.to_thread(fn)``, except that a cancellation ends the wait only once
+    ``fn`` has returned: a thread cannot be stopped, and ``fn`` reads LMDB transactions the
+    caller aborts (and a store a recovery closes) as soon as the wait ends. Without this, a
+    recovery that cancelled an upload mid-build aborted the transaction under the thread
+    (a segmentation fault)."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                continue
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller sees
+        raise

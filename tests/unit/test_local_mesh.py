@@ -23,6 +23,7 @@ from statefun_mesh import (
     StatefulFunctions,
     StringType,
     ValueSpec,
+    _aio,
     egress_message_builder,
     make_json_type,
     message_builder,
@@ -606,6 +607,8 @@ async def test_a_batch_failing_internally_again_and_again_stops_the_loop_and_say
         text = str(failure)
         assert "test/counter/poison" in text and "a bug in the dispatcher" in text and "restart the peer" in text
         assert "the dispatch loop died" in (_alive(peer) or "")
+        # set by the loop task's done-callback, which runs a loop turn after the task ends
+        await _aio.wait_event(peer.dispatch_died, 5)
         assert peer.dispatch_died.is_set()  # `statefun-mesh peer` exits on it, for its supervisor to restart it
         with pytest.raises(StatefunMeshError, match="dispatch loop died"):  # not a wait that never ends
             await mesh.idle(timeout=10)
