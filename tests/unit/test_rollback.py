@@ -303,3 +303,49 @@ def test_load_applies_entries_in_order_whatever_their_key_order(tmp_path: Path, 
             assert txn.get(b"zz2", db=backend.db_state) is None
     finally:
         backend.close()
+
+
+async def test_a_recovery_during_a_checkpoints_build_waits_for_the_build_thread(tmp_path: Path) -> None:
+    """Regression: a recovery round cancelled a checkpoint upload whose build thread was
+    still reading the store through the cut's read transaction, and aborted that
+    transaction under the thread (a SIGSEGV in a CI run). The thread must end first."""
+    import threading
+    import time
+
+    import lmdb
+
+    rng = random.Random(5)
+    async with LocalMesh(app(), peers=2, **settings(tmp_path)) as mesh:
+        await drive(mesh, rng, 300, "a")
+        peer = mesh.peers[0]
+        backend = peer.backend
+        assert backend is not None and peer.coordinator is not None
+        dump = backend.dump
+        entered, checked = threading.Event(), threading.Event()
+        aborted_under_thread: list[str] = []
+
+        def slow_dump(txn: Any) -> Any:  # fault injection: a build slower than the recovery round
+            for i, item in enumerate(dump(txn)):
+                if i == 10:
+                    entered.set()
+                    time.sleep(1.0)  # the round resets the participant meanwhile
+                    try:
+                        txn.stat(backend.db_state)
+                    except lmdb.Error as exc:
+                        aborted_under_thread.append(str(exc))
+                        return
+                    finally:
+                        checked.set()
+                yield item
+
+        backend.dump = slow_dump  # type: ignore[method-assign]
+        coord = peer.coordinator
+        rounds = coord.recoveries
+        coord.trigger()
+        assert await asyncio.to_thread(entered.wait, 10), "the checkpoint's build did not start"
+        coord.request_recovery("test")
+        await wait_for(lambda: coord.recoveries > rounds and all(p.resumed for p in mesh.peers), 30,
+                       "the recovery round")
+        assert await asyncio.to_thread(checked.wait, 10), "the build thread did not go on"
+        assert aborted_under_thread == [], "the cut's transaction was aborted while the build thread read it"
+        await drive(mesh, rng, 50, "b")  # and the mesh goes on
