@@ -12,30 +12,12 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
-from statefun_mesh import IntType, LocalMesh, MeshClient, StatefulFunctions, ValueSpec, message_builder
+from statefun_mesh import IntType, LocalMesh, MeshClient, message_builder
 from statefun_mesh.mesh import local_endpoints
 from statefun_mesh.transport import codec
+from tests.integration.test_client_limits import app, int_bytes  # the same two functions
 
 INT = IntType.typename
-
-
-def app() -> StatefulFunctions:
-    functions = StatefulFunctions()
-
-    @functions.bind(typename="test/counter", specs=[ValueSpec(name="n", type=IntType)])
-    def counter(context, message):
-        context.storage.n = (context.storage.n or 0) + message.as_int()
-        context.reply(int_value=context.storage.n)
-
-    @functions.bind(typename="test/silent")
-    def silent(context, message):
-        pass  # never replies: a request to it ends with its timeout
-
-    return functions
-
-
-def int_bytes(n: int) -> bytes:
-    return IntType.serializer().serialize(n)
 
 
 def slow_dealer(endpoint: str) -> zmq.asyncio.Socket:
