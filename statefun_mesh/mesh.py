@@ -47,19 +47,42 @@ def local_endpoints(transport: str, peers: int, run_dir: str, base_port: int = 0
 
 def free_ports(n: int, exclude: Iterable[int] = ()) -> list[int]:
     """``n`` distinct TCP ports on 127.0.0.1 that are free right now, none in ``exclude``
-    (ports already promised to something that has not bound them yet)."""
+    (ports already promised to something that has not bound them yet).
+
+    They are picked below the kernel's ephemeral range (``ip_local_port_range``) when it
+    leaves room: a port from that range, free now, can be taken as the source port of any
+    outgoing connection on the machine before whoever it was picked for binds it (a test
+    run saw "Address already in use" that way). Ports below the range are never handed out
+    implicitly, so only another program choosing the same port explicitly can take one.
+    """
+    import random
     import socket
 
     skip = set(exclude)
-    socks = []
+    socks: list[socket.socket] = []
     ports: list[int] = []
+    low = _ephemeral_low()
     try:
-        for _ in range(n + len(skip)):
-            if len(ports) == n:
-                break
+        if low > 11_000:
+            rng = random.Random()
+            for _ in range(50 * n + 50):  # bounded: a busy range falls back to the kernel's pick
+                if len(ports) == n:
+                    break
+                port = rng.randrange(10_000, low)
+                if port in skip or port in ports:
+                    continue
+                s = socket.socket()
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    s.close()
+                    continue
+                socks.append(s)  # held until all are picked: the ports are distinct
+                ports.append(port)
+        while len(ports) < n:
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
-            socks.append(s)  # held until all are picked: the ports are distinct
+            socks.append(s)
             port = s.getsockname()[1]
             if port not in skip:
                 ports.append(port)
@@ -67,6 +90,15 @@ def free_ports(n: int, exclude: Iterable[int] = ()) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel picks for an unbound socket (0 when unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class LocalMesh:

@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sysconfig
 import tempfile
@@ -54,10 +53,11 @@ def require_binary(find: Callable[[], str], unavailable: type[Exception], what: 
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now (below the ephemeral
+    range, where no outgoing connection takes it meanwhile: statefun_mesh.mesh.free_ports)."""
+    from statefun_mesh.mesh import free_ports
+
+    return free_ports(1)[0]
 
 
 class ServerProcess:
