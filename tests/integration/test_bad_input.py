@@ -345,8 +345,12 @@ async def test_peer_endpoint_rejects_frames_from_non_peers(tmp_path: Path, caplo
         assert transport.foreign_frames == sent
         # nothing from a non-peer was applied, even the well-formed batch
         assert await count_via(mesh, 0, target) == 0
-        # logged naming the sender: the first of them (the rest are summarised, throttled)
-        assert any(repr(b"intruder") in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+        # logged naming the sender: whichever connection the peer served first (the sockets connect
+        # concurrently, so that need not be the first one opened); the rest are summarised, throttled
+        named = [repr(i) for i in identities if i is not None]
+        assert any(
+            r.levelno == logging.ERROR and any(n in r.getMessage() for n in named) for r in caplog.records
+        ), [r.getMessage() for r in caplog.records]
         await mesh_works(mesh, run)
         assert mesh.peers[0].status()["bad_frames"] == sent, (
             f"peer 0 dropped {transport.foreign_frames} frames from non-peers, but status()['bad_frames'] "
