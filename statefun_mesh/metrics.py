@@ -235,8 +235,8 @@ class PeerCollector:
             yield req
             yield counter("client_errors", "Client frames answered with an error", cs.errors)
             yield counter("client_busy_refusals", "Client frames refused because the peer was over its limits", cs.busy)
-            yield gauge("client_pending_requests", "Client requests waiting for their reply", cs._pending_total)
-            yield gauge("client_parked_sends", "Client sends waiting for admission", len(cs._parked))
+            yield gauge("client_pending_requests", "Client requests waiting for their reply", cs.pending_requests)
+            yield gauge("client_parked_sends", "Client sends waiting for admission", cs.parked_sends)
             yield gauge(
                 "client_replies_queued", "Answers held for clients that do not read them fast enough", cs.replies_queued
             )

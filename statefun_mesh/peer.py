@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
     from .blobstore.base import BlobStore
     from .ingress import IngressLog
+    from .server import ClientServer
     from .snapshot.coordinator import Coordinator
     from .snapshot.format import Manifest, PeerPart
     from .snapshot.participant import Participant
@@ -170,7 +171,7 @@ class Peer:
         self._dirty = False
         self._flush: asyncio.Future[None] | None = None
         self.batches = 0
-        self.client_server: Any = None
+        self.client_server: ClientServer | None = None
         # checkpoints and recovery
         self.blobs: BlobStore | None = None
         self.ingress: IngressLog | None = None
