@@ -19,20 +19,19 @@ peer through the protocols of ``snapshot/host.py``; the client endpoint through
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import os
 import shutil
-import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _speedups
 from .admission import Admission
+from .batchloop import BatchLoop
 from .client_host import check_request_timeout
 from .clock import Clock, SystemClock
 from .config import MeshConfig
-from .dispatch import BATCH_BUCKETS, BatchOutcome, Dispatcher, Record, TypeStats
+from .dispatch import Dispatcher, Record, TypeStats
 from .egress import EgressLogs
 from .errors import (
     BrokenTransportError,
@@ -40,16 +39,15 @@ from .errors import (
     ConfigError,
     FunctionNotFoundError,
     RequestTimeoutError,
-    StateBackendError,
-    StatefunMeshError,
 )
 from .functions import StatefulFunctions, merge_functions
 from .inbound import Inbound
 from .ingress_writer import IngressWriter
 from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
-from .memory import malloc_trim, records_bytes
+from .memory import malloc_trim
 from .messages import EgressRecord, Message
+from .peer_status import peer_status, state_bytes
 from .recovery import Recovery
 from .replay import Replay
 from .replies import Answer, PendingRequests
@@ -161,16 +159,13 @@ class Peer:
         self._closed_event = asyncio.Event()
         #: requests waiting for their replies (replies.py)
         self.requests = PendingRequests(peer_id, config.max_pending_requests, self.table)
-        self._next_due: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         #: set when the dispatch loop died (see :meth:`dispatch_failure`): ``statefun-mesh peer``
         #: then exits with status 1, so that its supervisor restarts it and the mesh recovers
         self.dispatch_died = asyncio.Event()
         self._started = False
-        self._dirty = False
         self._flush: asyncio.Future[None] | None = None
-        self.batches = 0
         self.client_server: ClientServer | None = None
         # checkpoints and recovery
         self.blobs: BlobStore | None = None
@@ -182,7 +177,6 @@ class Peer:
         self.last_recovery_seconds = 0.0
         self._resumed_event = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._in_batch = False
         #: released heads, readers and their wake-ups (egress.py)
         self.egress_logs = EgressLogs(peer_id, bool(config.blob_store), config.egress_immediate,
                                       store=lambda: self.backend, generation=lambda: self.generation,
@@ -197,11 +191,9 @@ class Peer:
                                    replaying=lambda: self.replay.position is not None,
                                    logged=lambda: self.ingress is not None, resumed=lambda: self.resumed,
                                    closing=lambda: self._closing, resumed_event=self._resumed_event)  # fmt: skip
-        self._next_purge = 0
-        self._purge_from = b""
         #: checkpoints this peer could not write (its upload failed), and the newest failure
         self.checkpoint_failures = 0
-        self._checkpoint_error: tuple[int, str] | None = None
+        self.checkpoint_error: tuple[int, str] | None = None
         self._unwatch: Any = None  # stops the blocked-loop watchdog (watchdog.py)
         # Counters for metrics (metrics.py) and status. Monotonic for the process's life
         # (a recovery does not reset them); updated per routed batch of records, not per record.
@@ -210,8 +202,6 @@ class Peer:
         self.recoveries = 0  #: recovery rounds this peer restored state in
         self._restored_once = False
         self._resumed_once = False  # /readyz: "starting" until then, "recovering" after
-        self.batch_sizes = [0] * (len(BATCH_BUCKETS) + 1)  #: batches per size bucket (last: larger)
-        self.batch_records = 0  #: messages in all batches
         self.http: Any = None  #: the metrics/health/dashboard HTTP server (metrics.py), if configured
         #: the replay of the ingress log after a recovery, and the timers held meanwhile (replay.py)
         self.replay = Replay(peer_id, n, self.router, self.ingress_writer, ingress=lambda: self.ingress,
@@ -231,6 +221,11 @@ class Peer:
                                coordinator_generation=lambda: (self.coordinator.generation
                                                                if self.coordinator is not None else None),
                                on_records=self._cut_records, on_control=self._on_control)  # fmt: skip
+        #: one batch at a time: take input, dispatch, commit, route, answer (batchloop.py)
+        self.batch_loop = BatchLoop(peer_id, n, config, self.clock, self._tlog, self.router, self.replay,
+                                    self.admission, self.requests, self.egress_logs, self.inbound,
+                                    wake=self._wake, idle=self._idle, networked=self.transport is not None,
+                                    closing=lambda: self._closing, participant=lambda: self.participant)  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -266,7 +261,7 @@ class Peer:
         )
         self.dispatcher.on_ready = self._wake.set  # a parked async invocation finished
         self.dispatcher.outbox = self.router.outbox
-        self._next_due = backend.next_timer_due()
+        self.batch_loop.next_due = backend.next_timer_due()
         return backend
 
     async def start(self) -> None:
@@ -473,7 +468,7 @@ class Peer:
         self.router.drop_queues()  # again: requests may have queued output while the loop stopped
         self.router.reset_credit()
         self.inbound.drop_before(gen)
-        self._in_batch = False
+        self.batch_loop.in_batch = False
         self._fail_requests(
             BrokenTransportError(
                 "the mesh is recovering from a failure; the request may not have been applied: retry it"
@@ -526,9 +521,11 @@ class Peer:
         if self._loop_task is not None and not self._loop_task.done():
             return
         assert self.backend is not None
-        self._next_due = self.backend.next_timer_due()
+        self.batch_loop.next_due = self.backend.next_timer_due()
         self.replay.timers_held = self.checkpointing
-        self._loop_task = asyncio.create_task(self._loop(), name=f"statefun-mesh peer {self.peer_id} dispatch")
+        self._loop_task = asyncio.create_task(
+            self.batch_loop.run(self.backend, self.dispatcher), name=f"statefun-mesh peer {self.peer_id} dispatch"
+        )
         self._loop_task.add_done_callback(self._loop_ended)
         self.resumed = True
         self._resumed_once = True
@@ -557,7 +554,7 @@ class Peer:
         body = part_to_dict(part) if part is not None else None
         if error is not None:
             self.checkpoint_failures += 1
-            self._checkpoint_error = (n, error)
+            self.checkpoint_error = (n, error)
         if self.peer_id == 0:
             if self.coordinator is not None:
                 self.coordinator.on_ack(0, n, body, error)
@@ -591,7 +588,7 @@ class Peer:
     def batch_running(self) -> bool:
         """Whether a batch is being processed now (or a removed peer's ingress log replayed:
         a checkpoint cut waits for either)."""
-        return self._in_batch or self.replay.foreign_log is not None
+        return self.batch_loop.in_batch or self.replay.foreign_log is not None
 
     def hold_input(self) -> None:
         """Hold batch frames and barriers until :meth:`release_input`; wake the loop for the cut."""
@@ -620,7 +617,7 @@ class Peer:
         self.egress_logs.restored(egress_heads)
         assert self.dispatcher is not None and self.backend is not None
         self.dispatcher.reload_counters()  # the restored timer sequence, not the empty store's
-        self._next_due = self.backend.next_timer_due()
+        self.batch_loop.next_due = self.backend.next_timer_due()
 
     def cut_input(self) -> tuple[list[Record], lmdb.Transaction | None]:
         """What was received and not processed: parked invocations' records, then the
@@ -678,6 +675,21 @@ class Peer:
     def resumed_once(self) -> bool:
         """Whether the peer has processed in some generation (``/readyz``: "starting" until then)."""
         return self._resumed_once
+
+    @property
+    def batches(self) -> int:
+        """Batches processed (for metrics and status)."""
+        return self.batch_loop.batches
+
+    @property
+    def batch_records(self) -> int:
+        """Messages in all batches."""
+        return self.batch_loop.batch_records
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Batches per size bucket (``dispatch.BATCH_BUCKETS``; the last: larger)."""
+        return self.batch_loop.batch_sizes
 
     @property
     def dispatch_task(self) -> asyncio.Task[None] | None:
@@ -884,7 +896,7 @@ class Peer:
     async def idle(self) -> None:
         """Wait until this peer has processed everything queued here (and every due timer)."""
         while True:
-            if (self.router.inbox or self.router.spilled() or self._timer_due(self._now_ms())
+            if (self.router.inbox or self.router.spilled() or self.batch_loop.timer_due(self.batch_loop.now_ms())
                     or self.replay.position is not None or self.router.outbox.count):  # fmt: skip
                 self._idle.clear()
                 self._wake.set()
@@ -901,88 +913,16 @@ class Peer:
             and not self.router.outbox.count
             and self._idle.is_set()
             and not self.router.has_outgoing()
-            and not self._timer_due(self._now_ms())
+            and not self.batch_loop.timer_due(self.batch_loop.now_ms())
         )
 
     def status(self) -> dict[str, Any]:
-        """Counters for monitoring and the ``status`` command."""
-        d = self.dispatcher
-        router = self.router
-        return {
-            "peer": self.peer_id,
-            "peers": self.n_peers,
-            "core": _speedups.IMPLEMENTATION,
-            "queued": len(router.inbox) + router.spilled(),
-            "spilled": router.spilled(),
-            "memory": {"inbox": router.inbox_bytes, "outgoing": router.out_bytes(), "held": self.inbound.held_bytes,
-                       "budget": self.config.memory_budget, "spilled_total": router.spilled_total,
-                       "credit_waits": router.credit_waits, "in_flight": router.in_flight_bytes(),
-                       "link_window": router.link_bytes, "outbox": router.outbox.count,
-                       "outbox_staged_total": router.outbox.staged_total},
-            "outgoing": router.outgoing(),
-            "credit": router.credit,
-            "batches": self.batches,
-            "invocations": d.invocations if d else 0,
-            "failures": d.failures if d else 0,
-            "duplicates": d.duplicates if d else 0,
-            "parked": d.parked if d else 0,
-            "bad_frames": self.bad_frames + getattr(self.transport, "foreign_frames", 0),
-            "refused_connections": getattr(self.transport, "refused_connections", 0),
-            "refused_frames": self.inbound.refused_frames,
-            "unavailable_peers": self.liveness.unavailable(),
-            "next_timer_ms": self._next_due,
-            "oversized_dropped": router.oversized_dropped,
-            "checkpoints": self._checkpoint_status(),
-            "key_groups": list(self.key_group_range),
-            "state_bytes": self.state_bytes(),
-            # for the dashboard and scripts (metrics.py exports the same counters)
-            "ready": self.resumed,
-            "generation": self.generation,
-            "recoveries": self.recoveries,
-            "functions": {t: {"invocations": st.invocations, "failures": st.failures}
-                          for t, st in sorted(self.function_stats.items())},
-            "messages_in": router.messages_in,
-            "routed_local": router.routed_local,
-            "routed_remote": sum(router.routed_remote),
-            "egress_records": d.egress_records if d else 0,
-            "dead_letters": d.dead_letters if d else 0,
-            # the Kafka ingresses and egresses of the module file (connectors/kafka*.py), else None
-            "kafka": None if self.kafka is None and self.kafka_egress is None else {
-                "ingress": self.kafka.status() if self.kafka is not None else None,
-                "egress": self.kafka_egress.status() if self.kafka_egress is not None else None},
-        }
+        """Counters for monitoring and the ``status`` command (peer_status.py)."""
+        return peer_status(self)
 
     def state_bytes(self) -> int | None:
         """Bytes of the state store's file in use (pages up to the last one written)."""
-        import lmdb
-
-        backend = self.backend
-        if backend is None:
-            return None
-        try:
-            return (int(backend.env.info()["last_pgno"]) + 1) * int(backend.env.stat()["psize"])
-        except lmdb.Error:  # closed meanwhile (a recovery reopens it)
-            return None
-
-    def _checkpoint_status(self) -> dict[str, Any] | None:
-        """This peer's view of the checkpoints: the last complete one, how many this peer
-        failed to write, and the newest failure if no checkpoint completed since."""
-        participant = self.participant
-        if participant is None:
-            return None
-        err = self._checkpoint_error
-        completed = participant.completed
-        at = participant.completed_at
-        failing = err is not None and err[0] > completed
-        return {
-            "last_complete": completed if completed >= 0 else None,
-            "failed": self.checkpoint_failures,
-            "failing": failing,
-            "last_error": f"checkpoint {err[0]}: {err[1]}" if failing and err is not None else None,
-            "last_complete_age_s": None if at is None else round(max(time.time() - at, 0.0), 3),
-            # the newest completed checkpoints: [id, completed at (Unix s), seconds to write, bytes]
-            "history": [[n, round(t, 3), round(dur, 4), size] for n, t, dur, size in participant.history[-10:]],
-        }
+        return state_bytes(self.backend)
 
     # -- frames from other peers (inbound.py checks them and hands these on) ----------
 
@@ -1096,8 +1036,8 @@ class Peer:
 
     def _maybe_trim(self) -> None:
         """After a busy spell, once idle: give the freed heap back to the system."""
-        if self.batches - self._trimmed_at >= 100 and self.is_idle():
-            self._trimmed_at = self.batches
+        if self.batch_loop.batches - self._trimmed_at >= 100 and self.is_idle():
+            self._trimmed_at = self.batch_loop.batches
             malloc_trim()
 
     def _heartbeat_tick(self, now: float) -> None:
@@ -1108,189 +1048,6 @@ class Peer:
         self.flush_logs()
         self._maybe_trim()
 
-    # -- the loop -------------------------------------------------------------------
-
-    def _now_ms(self) -> int:
-        return int(self.clock.now() * 1000)
-
-    def _timer_due(self, now_ms: int) -> bool:
-        return self._next_due is not None and self._next_due <= now_ms and not self.replay.timers_held
-
-    def _timer_deadline(self) -> float | None:
-        """When the loop's wait must end for the next timer: never while timers are held (after
-        a recovery, until every peer's REPLAYED marker came): an overdue timer's deadline is
-        already past, the wait would return at once and the loop spin without yielding, so
-        the marker that releases the timers could never be read (found by the soak test)."""
-        return None if self._next_due is None or self.replay.timers_held else self._next_due / 1000
-
-    async def _loop(self) -> None:
-        assert self.backend is not None and self.dispatcher is not None
-        router = self.router
-        replay = self.replay
-        inbox = router.inbox
-        backend = self.backend
-        dispatcher = self.dispatcher
-        max_batch = self.config.max_batch
-        backoff = 0.05
-        internal_failures = 0  # consecutive batches that failed with an internal error
-        while True:
-            participant = self.participant
-            if participant is not None and participant.pending is not None and replay.foreign_log is None:
-                participant.take_snapshot()  # a barrier waited for the batch boundary
-            if router.spill is not None and router.spill.count:
-                router.refill()
-            if replay.position is not None and router.out_bytes() < router.out_cap:
-                replay.some()
-            if router.outbox.count:
-                router.route_outbox()
-            now_ms = self._now_ms()
-            out_bytes = router.out_bytes() if self.transport is not None else 0
-            if out_bytes >= router.out_cap and (inbox or self._timer_due(now_ms)):
-                # Outgoing buffers are full: wait for credit before producing more. Safe,
-                # because a peer that waits grants credit for all it receives (spilling
-                # what does not fit in memory), so credit never waits on processing.
-                if not router.blocked:
-                    router.credit_waits += 1
-                router.blocked = True
-                router.flush_all()
-                router.grant_credits()
-                if self._closing:
-                    return
-                await self.clock.wait(self._wake, self._timer_deadline())
-                self._wake.clear()
-                continue
-            router.blocked = False
-            if (replay.timers_held and not inbox and len(replay.markers_from) >= self.n_peers - 1
-                    and not dispatcher.parked and replay.position is None):  # fmt: skip
-                replay.timers_held = False  # every replayed message is processed: timers may fire
-            if not inbox and not self._timer_due(now_ms) and not dispatcher.ready:
-                router.flush_all()
-                router.grant_credits()
-                if not dispatcher.parked:  # else a parked async invocation is still to commit
-                    if self._closing:
-                        return
-                    if replay.position is None and not router.outbox.count:  # else still routing
-                        self._idle.set()
-                await self.clock.wait(self._wake, self._timer_deadline())
-                self._wake.clear()
-                continue
-            self._idle.clear()
-            n = min(len(inbox), max_batch)
-            batch = [inbox.popleft() for _ in range(n)]
-            batch_bytes = records_bytes(batch)
-            router.inbox_bytes = router.inbox_bytes - batch_bytes if inbox else 0
-            fired: list[Any] = []
-            timers_checked = self._timer_due(now_ms)
-            if timers_checked:
-                fired = backend.due_timers(now_ms, max(max_batch - n, 1))
-            self._in_batch = True
-            router.outbox.begin()
-            try:
-                # what the batch sends may fill the outgoing buffers' room, no more (one
-                # address's invocations may overshoot it: they are never split)
-                outcome = await dispatcher.run(batch, fired, now_ms, max(router.out_cap - out_bytes, 0))
-                backend.commit(outcome.ops)
-            except StateBackendError as exc:
-                dispatcher.rollback()
-                inbox.extendleft(reversed(batch))
-                router.inbox_bytes += batch_bytes
-                self._tlog.error("failed batch writes", "peer %d could not write a batch of %d messages: %s; "
-                                 "retrying in %.2f s", self.peer_id, len(batch), exc, backoff)  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            except Exception as exc:
-                dispatcher.rollback()
-                inbox.extendleft(reversed(batch))
-                router.inbox_bytes += batch_bytes
-                internal_failures += 1
-                if internal_failures >= INTERNAL_BATCH_ATTEMPTS:
-                    # a bug, not a passing fault (a failing disk is a StateBackendError, a failing
-                    # function a dead letter): stop loudly rather than spin; /healthz says why
-                    first = f"{batch[0][0]}/{batch[0][1]}" if batch else f"{len(fired)} due timers"
-                    raise StatefunMeshError(
-                        f"peer {self.peer_id}: a batch of {len(batch)} messages (the first for {first}) failed "
-                        f"{internal_failures} times in a row with an internal error: {exc!r}; the dispatch loop "
-                        "stops (nothing of the batch was applied): restart the peer, and report the traceback "
-                        "above as a bug"
-                    ) from exc
-                self._tlog.log(logging.ERROR, "internal batch errors", "peer %d: internal error in a batch of %d "
-                               "messages (attempt %d of %d); retrying in %.2f s", self.peer_id, len(batch),
-                               internal_failures, INTERNAL_BATCH_ATTEMPTS, backoff, exc_info=True)  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            finally:
-                self._in_batch = False
-            backoff = 0.05
-            internal_failures = 0
-            self.batches += 1
-            self.batch_records += n
-            self.batch_sizes[bisect.bisect_left(BATCH_BUCKETS, n)] += 1
-            self._dirty = True
-            if self.config.sync_interval == 0:
-                backend.flush()
-            if timers_checked or outcome.cancels:
-                # a fired or cancelled timer may have been the earliest: without this the
-                # loop would take a removed timer for due and spin on empty batches
-                self._next_due = backend.next_timer_due()
-            if outcome.deferred:
-                inbox.extendleft(reversed(outcome.deferred))
-                router.inbox_bytes += records_bytes(outcome.deferred)
-            if outcome.requeue:  # they waited behind a parked address this batch committed
-                inbox.extendleft(reversed(outcome.requeue))
-                router.inbox_bytes += records_bytes(outcome.requeue)
-            self._after_commit(outcome)
-            if now_ms >= self._next_purge:
-                # expired idempotency keys, a slice at a time between batches
-                self._next_purge = now_ms + 1000
-                try:
-                    self._purge_from = backend.purge_dedup(now_ms, self._purge_from, 5000)
-                except StateBackendError as exc:  # e.g. a full disk: purging waits, processing goes on
-                    self._tlog.warning("failed purges", "peer %d: could not purge expired idempotency keys: %s",
-                                       self.peer_id, exc)
-            router.flush_all()
-            router.grant_credits()
-            self.admission.check_space()
-            # Let clients, receivers and other tasks run between batches.
-            await asyncio.sleep(0)
-
-    def _after_commit(self, out: BatchOutcome) -> None:
-        if out.min_due is not None and (self._next_due is None or out.min_due < self._next_due):
-            self._next_due = out.min_due
-        router = self.router
-        outbox = router.outbox
-        try:
-            queued = outbox.commit(out.sends)  # staged, or queued behind what waits there
-        except StatefunMeshError as exc:  # a full disk: route it all now, in order (never lost)
-            self._tlog.error("failed outbox writes", "peer %d: cannot queue a batch's sends in the outbox: %s; "
-                             "routing them at once", self.peer_id, exc)  # fmt: skip
-            for piece in outbox.abandon(out.sends):
-                router.route(piece)
-            queued, out.sends = False, []
-        if queued:
-            router.route_outbox()
-        elif out.sends:
-            router.route(out.sends)
-        if outbox.error is not None:
-            self._tlog.error("failed outbox writes", "peer %d: cannot write sends to the outbox: %s; keeping them "
-                             "in memory", self.peer_id, outbox.error)  # fmt: skip
-            outbox.error = None
-        for reply in out.replies:
-            if reply[0] == self.peer_id or self.n_peers == 1:
-                self._resolve(*reply[1:])
-            elif 0 <= reply[0] < self.n_peers:
-                self.router.out_replies[reply[0]].append(list(reply[1:]))
-            else:
-                self.bad_frames += 1
-                self._tlog.error("bad reply addresses", "peer %d: dropped a reply for peer %d, which is not in this "
-                                 "mesh of %d peers", self.peer_id, reply[0], self.n_peers)  # fmt: skip
-        if out.egress:
-            self.egress_logs.committed(out.egress)
-
-    def _resolve(self, rid: int, status: int, kind: str, value: Any, r_type: str, r_id: str) -> None:
-        self.requests.resolve(rid, status, kind, value, r_type, r_id)
-
     async def _sync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.sync_interval)
@@ -1298,18 +1055,14 @@ class Peer:
                 self.flush_logs()  # no heartbeat loop to do it
                 self._maybe_trim()
             backend = self.backend
-            if self._dirty and backend is not None:
-                self._dirty = False
+            if self.batch_loop.dirty and backend is not None:
+                self.batch_loop.dirty = False
                 # fsync off the loop; aclose() and recovery wait for it before closing the store.
                 self._flush = asyncio.ensure_future(asyncio.to_thread(backend.flush))
                 try:
                     await asyncio.shield(self._flush)
                 except Exception as exc:  # keep syncing: one failed fsync must not end the loop
-                    self._dirty = True
+                    self.batch_loop.dirty = True
                     self._tlog.error("failed syncs", "peer %d: syncing the state store to disk failed: %s; retrying "
                                      "in %s s", self.peer_id, exc, self.config.sync_interval)  # fmt: skip
 
-
-#: a batch failing this many times in a row with an internal error (not a state store or
-#: function error) stops the dispatch loop, which /healthz reports (about 1.5 s of retries)
-INTERNAL_BATCH_ATTEMPTS = 5
