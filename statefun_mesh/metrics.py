@@ -200,7 +200,8 @@ class PeerCollector:
             yield counter("checkpoints", "Checkpoints this peer wrote that completed", part.written)
             yield counter("checkpoint_write_seconds", "Time spent writing completed checkpoints", part.written_seconds)
             yield counter("checkpoint_written_bytes", "Bytes uploaded for completed checkpoints", part.written_bytes)
-            yield counter("checkpoint_failures", "Checkpoints this peer could not write", peer.checkpoint_failures)
+            failures = peer.checkpoint_host.checkpoint_failures
+            yield counter("checkpoint_failures", "Checkpoints this peer could not write", failures)
             if part.completed >= 0:
                 yield gauge("checkpoint_last_complete", "Id of the last complete checkpoint", part.completed)
             if part.completed_at is not None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from . import _speedups
 from .admission import Admission
 from .batchloop import BatchLoop
+from .checkpoint_host import PeerCheckpointHost
 from .client_host import check_request_timeout
 from .clock import Clock, SystemClock
 from .config import MeshConfig
@@ -58,13 +59,12 @@ from .transport.base import Transport
 from .transport.factory import open_transport
 
 if TYPE_CHECKING:
-    import lmdb
 
     from .blobstore.base import BlobStore
     from .ingress import IngressLog
     from .server import ClientServer
     from .snapshot.coordinator import Coordinator
-    from .snapshot.format import Manifest, PeerPart
+    from .snapshot.format import Manifest
     from .snapshot.participant import Participant
 
 __all__ = ["Peer", "check_request_timeout", "open_transport"]
@@ -191,9 +191,6 @@ class Peer:
                                    replaying=lambda: self.replay.position is not None,
                                    logged=lambda: self.ingress is not None, resumed=lambda: self.resumed,
                                    closing=lambda: self._closing, resumed_event=self._resumed_event)  # fmt: skip
-        #: checkpoints this peer could not write (its upload failed), and the newest failure
-        self.checkpoint_failures = 0
-        self.checkpoint_error: tuple[int, str] | None = None
         self._unwatch: Any = None  # stops the blocked-loop watchdog (watchdog.py)
         # Counters for metrics (metrics.py) and status. Monotonic for the process's life
         # (a recovery does not reset them); updated per routed batch of records, not per record.
@@ -226,6 +223,13 @@ class Peer:
                                     self.admission, self.requests, self.egress_logs, self.inbound,
                                     wake=self._wake, idle=self._idle, networked=self.transport is not None,
                                     closing=lambda: self._closing, participant=lambda: self.participant)  # fmt: skip
+        #: the peer as the snapshot participant sees it (checkpoint_host.py)
+        self.checkpoint_host = PeerCheckpointHost(
+            peer_id, n, config, self.key_group_range, self._tlog, self.router, self.inbound, self.replay,
+            self.batch_loop, self.egress_logs, self.ingress_writer, wake=self._wake, store=lambda: self.backend,
+            dispatcher=lambda: self.dispatcher, reopen_store=self._reopen_state_store,
+            coordinator=lambda: self.coordinator, ingress=lambda: self.ingress, kafka=self.kafka,
+        )  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -264,6 +268,18 @@ class Peer:
         self.batch_loop.next_due = backend.next_timer_due()
         return backend
 
+    def _reopen_state_store(self, keep: bool) -> LmdbStateBackend:
+        """Close and delete the state store and open an empty one (a restore starts);
+        ``keep``: keep the open store (it is rolled back in place), with a new dispatcher."""
+        if keep and self.backend is not None:
+            return self._open_backend(self.backend)
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        if os.path.exists(self.state_path):
+            shutil.rmtree(self.state_path)
+        return self._open_backend()
+
     async def start(self) -> None:
         """Open the state store, connect to the other peers and start processing.
 
@@ -282,7 +298,7 @@ class Peer:
 
                 self.blobs = open_blob_store(cfg.blob_store)
                 self.ingress = IngressLog(self.state_path + ".ingress", sync=cfg.ingress_sync)
-                self.participant = Participant(self, self.blobs)
+                self.participant = Participant(self.checkpoint_host, self.blobs)
             else:
                 self._open_backend()
             if self.transport is not None:
@@ -548,102 +564,12 @@ class Peer:
                          self.peer_id, exc_info=task.exception())  # fmt: skip
             self.dispatch_died.set()
 
-    def acknowledge_checkpoint(self, n: int, part: PeerPart | None, error: str | None) -> None:
-        from .snapshot.participant import part_to_dict
-
-        body = part_to_dict(part) if part is not None else None
-        if error is not None:
-            self.checkpoint_failures += 1
-            self.checkpoint_error = (n, error)
-        if self.peer_id == 0:
-            if self.coordinator is not None:
-                self.coordinator.on_ack(0, n, body, error)
-        else:
-            self.router.send(0, codec.encode_control(codec.CK_ACK, n, body, error))
-
-    def release_egress(self, heads: dict[str, int]) -> None:
-        """A checkpoint completed: egress consumers may read each log up to ``heads``."""
-        self.egress_logs.release(heads)
-
-    def source_positions(self) -> dict[str, int]:
-        """The Kafka ingresses' next offsets per partition routed so far (connectors/kafka.py)."""
-        return self.kafka.snapshot_positions() if self.kafka is not None else {}
-
-    def sources_checkpointed(self, positions: dict[str, int]) -> None:
-        """A checkpoint covering ``positions`` completed (the Kafka ingress commits them for monitoring)."""
-        if self.kafka is not None:
-            self.kafka.on_checkpoint(positions)
-
-    def release_input(self) -> None:
-        """Process what :meth:`hold_input` held, in arrival order."""
-        self.inbound.release()
-
-    # -- the snapshot code's view of this peer (snapshot/host.py) -----------------------
+    # -- the coordinator's view of this peer (snapshot/host.py RecoveryHost) --------------
 
     @property
     def tlog(self) -> ThrottledLog:
         """This peer's throttled log (flushed from its heartbeat loop)."""
         return self._tlog
-
-    def batch_running(self) -> bool:
-        """Whether a batch is being processed now (or a removed peer's ingress log replayed:
-        a checkpoint cut waits for either)."""
-        return self.batch_loop.in_batch or self.replay.foreign_log is not None
-
-    def hold_input(self) -> None:
-        """Hold batch frames and barriers until :meth:`release_input`; wake the loop for the cut."""
-        self.inbound.hold_batches = True
-        self._wake.set()
-
-    def state_store(self) -> LmdbStateBackend:
-        """The open state store."""
-        assert self.backend is not None, "the state store is not open"
-        return self.backend
-
-    def reopen_state_store(self, *, keep: bool = False) -> LmdbStateBackend:
-        """Close and delete the state store and open an empty one (a restore starts);
-        ``keep``: keep the open store (it is rolled back in place), with a new dispatcher."""
-        if keep and self.backend is not None:
-            return self._open_backend(self.backend)
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
-        if os.path.exists(self.state_path):
-            shutil.rmtree(self.state_path)
-        return self._open_backend()
-
-    def state_restored(self, egress_heads: dict[str, int]) -> None:
-        """The state store holds a restored checkpoint whose egress logs stood at ``egress_heads``."""
-        self.egress_logs.restored(egress_heads)
-        assert self.dispatcher is not None and self.backend is not None
-        self.dispatcher.reload_counters()  # the restored timer sequence, not the empty store's
-        self.batch_loop.next_due = self.backend.next_timer_due()
-
-    def cut_input(self) -> tuple[list[Record], lmdb.Transaction | None]:
-        """What was received and not processed: parked invocations' records, then the
-        inbox; and a read transaction over the spilled tail (see snapshot/host.py)."""
-        parked = self.dispatcher.parked_records() if self.dispatcher is not None else []
-        spill = self.router.spill
-        return parked + list(self.router.inbox), (spill.cut() if spill is not None else None)
-
-    def cut_outbox(self) -> lmdb.Transaction | None:
-        """A read transaction over the outbox: committed sends not yet routed (see snapshot/host.py)."""
-        return self.router.outbox.cut()
-
-    def broadcast_barrier(self, frame: bytes) -> None:
-        """Send every other peer all that waits for it (regardless of credit), then ``frame``."""
-        for p in range(self.n_peers):
-            if p != self.peer_id:
-                self.router.flush_peer(p, force=True)
-                self.router.send(p, frame)
-
-    def routed_ingress_position(self) -> int:
-        """The ingress log offset up to which client messages are routed (0: no ingress log)."""
-        return self.ingress_writer.routed if self.ingress is not None else 0
-
-    def ingress_log(self) -> IngressLog | None:
-        """This peer's ingress log (``None`` without checkpoints, or once closed)."""
-        return self.ingress
 
     def send_control(self, p: int, frame: bytes, generation: int | None = None) -> None:
         """Send a control frame to peer ``p`` (stamped with ``generation``, default this peer's)."""

@@ -19,6 +19,7 @@ from .peer_view import PeerView
 
 if TYPE_CHECKING:
     from .batchloop import BatchLoop
+    from .checkpoint_host import PeerCheckpointHost
     from .dispatch import Dispatcher, TypeStats
     from .inbound import Inbound
     from .liveness import Liveness
@@ -63,10 +64,7 @@ class StatusHost(PeerView, Protocol):
     def key_group_range(self) -> tuple[int, int]: ...
 
     @property
-    def checkpoint_failures(self) -> int: ...
-
-    @property
-    def checkpoint_error(self) -> tuple[int, str] | None: ...
+    def checkpoint_host(self) -> PeerCheckpointHost: ...
 
     @property
     def resumed(self) -> bool: ...
@@ -91,6 +89,7 @@ def peer_status(peer: StatusHost) -> dict[str, Any]:
     """A peer's counters for monitoring and the ``status`` command (``Peer.status()``)."""
     d = peer.dispatcher
     router = peer.router
+    ck = peer.checkpoint_host
     return {
         "peer": peer.peer_id,
         "peers": peer.n_peers,
@@ -115,7 +114,7 @@ def peer_status(peer: StatusHost) -> dict[str, Any]:
         "unavailable_peers": peer.liveness.unavailable(),
         "next_timer_ms": peer.batch_loop.next_due,
         "oversized_dropped": router.oversized_dropped,
-        "checkpoints": checkpoint_status(peer.participant, peer.checkpoint_failures, peer.checkpoint_error),
+        "checkpoints": checkpoint_status(peer.participant, ck.checkpoint_failures, ck.checkpoint_error),
         "key_groups": list(peer.key_group_range),
         "state_bytes": state_bytes(peer.backend),
         # for the dashboard and scripts (metrics.py exports the same counters)
