@@ -34,7 +34,7 @@ import asyncio
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _speedups
@@ -71,9 +71,12 @@ from .transport.base import Transport
 from .transport.factory import open_transport
 
 if TYPE_CHECKING:
-
     from .blobstore.base import BlobStore
+    from .connectors.kafka import KafkaIngress
+    from .connectors.kafka_egress import KafkaEgress
     from .ingress import IngressLog
+    from .metrics import HttpServer
+    from .remote.invoker import RemoteFunctions
     from .server import ClientServer
     from .snapshot.coordinator import Coordinator
     from .snapshot.format import Manifest
@@ -120,7 +123,7 @@ class Peer:
         self.n_peers = config.peers
         self.table = merge_functions(functions)
         #: remote functions (config.module), loaded here so a bad module file fails at construction
-        self.remote: Any = None
+        self.remote: RemoteFunctions | None = None
         if config.module:
             from .remote.invoker import RemoteFunctions
             from .remote.module_yaml import load_module_yaml
@@ -130,9 +133,9 @@ class Peer:
             if local:
                 raise ConfigError(f"{', '.join(local)} bound both locally and in the module file", key="module")
         #: the Kafka ingresses of the module file, read by this peer (connectors/kafka.py)
-        self.kafka: Any = None
+        self.kafka: KafkaIngress | None = None
         #: the Kafka egresses of the module file, produced by this peer (connectors/kafka_egress.py)
-        self.kafka_egress: Any = None
+        self.kafka_egress: KafkaEgress | None = None
         if self.remote is not None and self.remote.module.kafka_egresses:
             from .connectors.kafka_egress import KafkaEgress
 
@@ -203,7 +206,7 @@ class Peer:
                                    replaying=lambda: self.replay.position is not None,
                                    logged=lambda: self.ingress is not None, resumed=lambda: self.resumed,
                                    closing=lambda: self._closing, resumed_event=self._resumed_event)  # fmt: skip
-        self._unwatch: Any = None  # stops the blocked-loop watchdog (watchdog.py)
+        self._unwatch: Callable[[], None] | None = None  # stops the blocked-loop watchdog (watchdog.py)
         # Counters for metrics (metrics.py) and status. Monotonic for the process's life
         # (a recovery does not reset them); updated per routed batch of records, not per record.
         #: per function type: invocations, failures, latency (kept across restores)
@@ -211,7 +214,7 @@ class Peer:
         self.recoveries = 0  #: recovery rounds this peer restored state in
         self._restored_once = False
         self._resumed_once = False  # /readyz: "starting" until then, "recovering" after
-        self.http: Any = None  #: the metrics/health/dashboard HTTP server (metrics.py), if configured
+        self.http: HttpServer | None = None  #: the metrics/health/dashboard HTTP server (metrics.py), if configured
         #: the replay of the ingress log after a recovery, and the timers held meanwhile (replay.py)
         self.replay = Replay(peer_id, n, self.router, self.ingress_writer, ingress=lambda: self.ingress,
                              generation=lambda: self.generation, take_foreign=self._take_foreign_ingress,
