@@ -68,8 +68,9 @@ class _Connection:
     timer per call for its timeout: no task, no future per message sent.
     """
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, keys: ClientKeys | None = None,
-                 server_key: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, ctx: zmq.asyncio.Context, endpoint: str, keys: ClientKeys | None = None, server_key: str | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.curve = keys is not None
         sock: zmq.Socket[Any] = zmq.Socket(ctx, zmq.DEALER)
@@ -276,9 +277,15 @@ class MeshClient:
         while True:
             try:
                 await self._conn().call(
-                    codec.C_SEND, message.target_typename, message.target_id, message._vt, message._v,
-                    idempotency_key or "", timeout=max(deadline - loop.time(), 0.001), said=self.timeout,
-                )  # fmt: skip
+                    codec.C_SEND,
+                    message.target_typename,
+                    message.target_id,
+                    message._vt,
+                    message._v,
+                    idempotency_key or "",
+                    timeout=max(deadline - loop.time(), 0.001),
+                    said=self.timeout,
+                )
                 return
             except errors.MeshBusyError as exc:
                 # refused, not accepted: sending it again cannot apply it twice
@@ -312,9 +319,15 @@ class MeshClient:
             conn, (message.target_typename, message.target_id, "", "", message._vt, message._v, 0, 0), "request"
         )
         _, items = await conn.call(
-            codec.C_REQUEST, message.target_typename, message.target_id, message._vt, message._v, timeout,
-            timeout=timeout + REQUEST_GRACE, said=timeout,
-        )  # fmt: skip
+            codec.C_REQUEST,
+            message.target_typename,
+            message.target_id,
+            message._vt,
+            message._v,
+            timeout,
+            timeout=timeout + REQUEST_GRACE,
+            said=timeout,
+        )
         return Message(items[1], items[2], items[3], items[4])
 
     async def info(self) -> dict[str, Any]:
@@ -330,8 +343,14 @@ class MeshClient:
         return info  # type: ignore[no-any-return]
 
     async def fetch_egress(
-        self, typename: str, endpoint: str, start: int | str = "earliest", generation: int = -1, *,
-        limit: int = 1000, wait: float = 1.0,
+        self,
+        typename: str,
+        endpoint: str,
+        start: int | str = "earliest",
+        generation: int = -1,
+        *,
+        limit: int = 1000,
+        wait: float = 1.0,
     ) -> tuple[int, int, list[EgressRecord], int]:
         """One read of an egress from the peer at ``endpoint`` (a connector's building block).
 
@@ -343,7 +362,7 @@ class MeshClient:
         """
         _, items = await self._conn(endpoint).call(
             codec.C_FETCH, typename, start, limit, int(wait * 1000), generation, timeout=self.timeout + wait + 2
-        )  # fmt: skip
+        )
         _, peer, nxt, records, gen = items
         return peer, nxt, [EgressRecord(typename, peer, *rec) for rec in records], gen
 
@@ -375,9 +394,7 @@ class MeshClient:
             gen = -1
             try:
                 while True:
-                    _, items = await conn.call(
-                        codec.C_FETCH, typename, pos, 1000, 1000, gen, timeout=self.timeout + 2
-                    )  # fmt: skip
+                    _, items = await conn.call(codec.C_FETCH, typename, pos, 1000, 1000, gen, timeout=self.timeout + 2)
                     _, peer, nxt, records, gen = items
                     for rec in records:
                         await queue.put(EgressRecord(typename, peer, *rec))

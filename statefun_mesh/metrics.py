@@ -200,7 +200,8 @@ class PeerCollector:
             yield counter("checkpoints", "Checkpoints this peer wrote that completed", part.written)
             yield counter("checkpoint_write_seconds", "Time spent writing completed checkpoints", part.written_seconds)
             yield counter("checkpoint_written_bytes", "Bytes uploaded for completed checkpoints", part.written_bytes)
-            yield counter("checkpoint_failures", "Checkpoints this peer could not write", peer.checkpoint_failures)
+            failures = peer.checkpoint_host.checkpoint_failures
+            yield counter("checkpoint_failures", "Checkpoints this peer could not write", failures)
             if part.completed >= 0:
                 yield gauge("checkpoint_last_complete", "Id of the last complete checkpoint", part.completed)
             if part.completed_at is not None:
@@ -235,8 +236,8 @@ class PeerCollector:
             yield req
             yield counter("client_errors", "Client frames answered with an error", cs.errors)
             yield counter("client_busy_refusals", "Client frames refused because the peer was over its limits", cs.busy)
-            yield gauge("client_pending_requests", "Client requests waiting for their reply", cs._pending_total)
-            yield gauge("client_parked_sends", "Client sends waiting for admission", len(cs._parked))
+            yield gauge("client_pending_requests", "Client requests waiting for their reply", cs.pending_requests)
+            yield gauge("client_parked_sends", "Client sends waiting for admission", cs.parked_sends)
             yield gauge(
                 "client_replies_queued", "Answers held for clients that do not read them fast enough", cs.replies_queued
             )

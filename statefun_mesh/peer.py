@@ -1,38 +1,50 @@
 """Peer: wires config, transport, routing, state, dispatch, timers and egress; one loop, one core.
 
 The one place that wires a peer's parts (docs/architecture.md §2a). It owns the peer's
-lifecycle (start, close, abort), the batch loop (take a batch, run it, commit, route
-what it produced), what a restore does to the peer (halt the generation, stop the loop,
-restore, resume), and the public API (client sends and requests, egress reads, status).
-Everything else is a part it builds and hands only what that part needs:
+lifecycle (start, close, abort), what a restore does to the peer (halt the generation,
+stop the loop, restore, resume), the state store's opening, and the public API (client
+sends and requests, egress reads, status). Everything else is a part it builds and hands
+only what that part needs:
+:class:`~statefun_mesh.batchloop.BatchLoop` (one batch at a time: take input, dispatch,
+commit, route, answer),
 :class:`~statefun_mesh.routing.Router` (the inbox and spill, outgoing frames, credit),
 :class:`~statefun_mesh.admission.Admission` (the gate clients wait at),
 :class:`~statefun_mesh.inbound.Inbound` (frames from other peers),
 :class:`~statefun_mesh.replay.Replay` (the replay after a recovery),
 :class:`~statefun_mesh.recovery.Recovery` (this peer's side of a recovery round),
 :class:`~statefun_mesh.egress.EgressLogs` (egress readers),
-:class:`~statefun_mesh.liveness.Liveness` (heartbeats), the ingress writer, the pending
-requests, the dispatcher (one batch) and the state store. The snapshot code sees the
-peer through the protocols of ``snapshot/host.py``; the client endpoint through
-``client_host.ClientHost``.
+:class:`~statefun_mesh.liveness.Liveness` (heartbeats),
+:class:`~statefun_mesh.checkpoint_host.PeerCheckpointHost` (what the snapshot participant
+is handed), the ingress writer, the pending requests, the dispatcher and the state store.
+``peer_status.py`` builds :meth:`Peer.status`. The coordinator sees the peer through
+``snapshot/host.py``'s ``RecoveryHost``; the client endpoint through ``client_host.ClientHost``.
+
+Why this module is still above ~500 lines (about 1,000): what is left is the wiring
+(``__init__``, ~170 lines), the lifecycle (``start``/``aclose``/``abort``, ~180: they
+build the participant, coordinator and servers from the peer and close every part in
+order, so moving them out would hand a module the whole peer), restore and resume (they
+touch the loop task, the generation and every part), and the public API, whose methods
+are mostly one-line calls into a part but carry the docstrings users read. Each piece
+left is either a step only the wiring place can take or the API surface itself.
 """
+
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import os
 import shutil
-import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _speedups
 from .admission import Admission
+from .batchloop import BatchLoop
+from .checkpoint_host import PeerCheckpointHost
 from .client_host import check_request_timeout
 from .clock import Clock, SystemClock
 from .config import MeshConfig
-from .dispatch import BATCH_BUCKETS, BatchOutcome, Dispatcher, Record, TypeStats
+from .dispatch import Dispatcher, Record, TypeStats
 from .egress import EgressLogs
 from .errors import (
     BrokenTransportError,
@@ -40,16 +52,15 @@ from .errors import (
     ConfigError,
     FunctionNotFoundError,
     RequestTimeoutError,
-    StateBackendError,
-    StatefunMeshError,
 )
 from .functions import StatefulFunctions, merge_functions
 from .inbound import Inbound
 from .ingress_writer import IngressWriter
 from .liveness import Liveness
 from .logutil import ThrottledLog, format_seconds
-from .memory import malloc_trim, records_bytes
+from .memory import malloc_trim
 from .messages import EgressRecord, Message
+from .peer_status import peer_status, state_bytes
 from .recovery import Recovery
 from .replay import Replay
 from .replies import Answer, PendingRequests
@@ -60,12 +71,15 @@ from .transport.base import Transport
 from .transport.factory import open_transport
 
 if TYPE_CHECKING:
-    import lmdb
-
     from .blobstore.base import BlobStore
+    from .connectors.kafka import KafkaIngress
+    from .connectors.kafka_egress import KafkaEgress
     from .ingress import IngressLog
+    from .metrics import HttpServer
+    from .remote.invoker import RemoteFunctions
+    from .server import ClientServer
     from .snapshot.coordinator import Coordinator
-    from .snapshot.format import Manifest, PeerPart
+    from .snapshot.format import Manifest
     from .snapshot.participant import Participant
 
 __all__ = ["Peer", "check_request_timeout", "open_transport"]
@@ -109,7 +123,7 @@ class Peer:
         self.n_peers = config.peers
         self.table = merge_functions(functions)
         #: remote functions (config.module), loaded here so a bad module file fails at construction
-        self.remote: Any = None
+        self.remote: RemoteFunctions | None = None
         if config.module:
             from .remote.invoker import RemoteFunctions
             from .remote.module_yaml import load_module_yaml
@@ -119,9 +133,9 @@ class Peer:
             if local:
                 raise ConfigError(f"{', '.join(local)} bound both locally and in the module file", key="module")
         #: the Kafka ingresses of the module file, read by this peer (connectors/kafka.py)
-        self.kafka: Any = None
+        self.kafka: KafkaIngress | None = None
         #: the Kafka egresses of the module file, produced by this peer (connectors/kafka_egress.py)
-        self.kafka_egress: Any = None
+        self.kafka_egress: KafkaEgress | None = None
         if self.remote is not None and self.remote.module.kafka_egresses:
             from .connectors.kafka_egress import KafkaEgress
 
@@ -160,17 +174,14 @@ class Peer:
         self._closed_event = asyncio.Event()
         #: requests waiting for their replies (replies.py)
         self.requests = PendingRequests(peer_id, config.max_pending_requests, self.table)
-        self._next_due: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         #: set when the dispatch loop died (see :meth:`dispatch_failure`): ``statefun-mesh peer``
         #: then exits with status 1, so that its supervisor restarts it and the mesh recovers
         self.dispatch_died = asyncio.Event()
         self._started = False
-        self._dirty = False
         self._flush: asyncio.Future[None] | None = None
-        self.batches = 0
-        self.client_server: Any = None
+        self.client_server: ClientServer | None = None
         # checkpoints and recovery
         self.blobs: BlobStore | None = None
         self.ingress: IngressLog | None = None
@@ -181,7 +192,6 @@ class Peer:
         self.last_recovery_seconds = 0.0
         self._resumed_event = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._in_batch = False
         #: released heads, readers and their wake-ups (egress.py)
         self.egress_logs = EgressLogs(peer_id, bool(config.blob_store), config.egress_immediate,
                                       store=lambda: self.backend, generation=lambda: self.generation,
@@ -196,12 +206,7 @@ class Peer:
                                    replaying=lambda: self.replay.position is not None,
                                    logged=lambda: self.ingress is not None, resumed=lambda: self.resumed,
                                    closing=lambda: self._closing, resumed_event=self._resumed_event)  # fmt: skip
-        self._next_purge = 0
-        self._purge_from = b""
-        #: checkpoints this peer could not write (its upload failed), and the newest failure
-        self.checkpoint_failures = 0
-        self._checkpoint_error: tuple[int, str] | None = None
-        self._unwatch: Any = None  # stops the blocked-loop watchdog (watchdog.py)
+        self._unwatch: Callable[[], None] | None = None  # stops the blocked-loop watchdog (watchdog.py)
         # Counters for metrics (metrics.py) and status. Monotonic for the process's life
         # (a recovery does not reset them); updated per routed batch of records, not per record.
         #: per function type: invocations, failures, latency (kept across restores)
@@ -209,9 +214,7 @@ class Peer:
         self.recoveries = 0  #: recovery rounds this peer restored state in
         self._restored_once = False
         self._resumed_once = False  # /readyz: "starting" until then, "recovering" after
-        self.batch_sizes = [0] * (len(BATCH_BUCKETS) + 1)  #: batches per size bucket (last: larger)
-        self.batch_records = 0  #: messages in all batches
-        self.http: Any = None  #: the metrics/health/dashboard HTTP server (metrics.py), if configured
+        self.http: HttpServer | None = None  #: the metrics/health/dashboard HTTP server (metrics.py), if configured
         #: the replay of the ingress log after a recovery, and the timers held meanwhile (replay.py)
         self.replay = Replay(peer_id, n, self.router, self.ingress_writer, ingress=lambda: self.ingress,
                              generation=lambda: self.generation, take_foreign=self._take_foreign_ingress,
@@ -230,6 +233,18 @@ class Peer:
                                coordinator_generation=lambda: (self.coordinator.generation
                                                                if self.coordinator is not None else None),
                                on_records=self._cut_records, on_control=self._on_control)  # fmt: skip
+        #: one batch at a time: take input, dispatch, commit, route, answer (batchloop.py)
+        self.batch_loop = BatchLoop(peer_id, n, config, self.clock, self._tlog, self.router, self.replay,
+                                    self.admission, self.requests, self.egress_logs, self.inbound,
+                                    wake=self._wake, idle=self._idle, networked=self.transport is not None,
+                                    closing=lambda: self._closing, participant=lambda: self.participant)  # fmt: skip
+        #: the peer as the snapshot participant sees it (checkpoint_host.py)
+        self.checkpoint_host = PeerCheckpointHost(
+            peer_id, n, config, self.key_group_range, self._tlog, self.router, self.inbound, self.replay,
+            self.batch_loop, self.egress_logs, self.ingress_writer, wake=self._wake, store=lambda: self.backend,
+            dispatcher=lambda: self.dispatcher, reopen_store=self._reopen_state_store,
+            coordinator=lambda: self.coordinator, ingress=lambda: self.ingress, kafka=self.kafka,
+        )  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -265,8 +280,20 @@ class Peer:
         )
         self.dispatcher.on_ready = self._wake.set  # a parked async invocation finished
         self.dispatcher.outbox = self.router.outbox
-        self._next_due = backend.next_timer_due()
+        self.batch_loop.next_due = backend.next_timer_due()
         return backend
+
+    def _reopen_state_store(self, keep: bool) -> LmdbStateBackend:
+        """Close and delete the state store and open an empty one (a restore starts);
+        ``keep``: keep the open store (it is rolled back in place), with a new dispatcher."""
+        if keep and self.backend is not None:
+            return self._open_backend(self.backend)
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        if os.path.exists(self.state_path):
+            shutil.rmtree(self.state_path)
+        return self._open_backend()
 
     async def start(self) -> None:
         """Open the state store, connect to the other peers and start processing.
@@ -286,7 +313,7 @@ class Peer:
 
                 self.blobs = open_blob_store(cfg.blob_store)
                 self.ingress = IngressLog(self.state_path + ".ingress", sync=cfg.ingress_sync)
-                self.participant = Participant(self, self.blobs)
+                self.participant = Participant(self.checkpoint_host, self.blobs)
             else:
                 self._open_backend()
             if self.transport is not None:
@@ -472,7 +499,7 @@ class Peer:
         self.router.drop_queues()  # again: requests may have queued output while the loop stopped
         self.router.reset_credit()
         self.inbound.drop_before(gen)
-        self._in_batch = False
+        self.batch_loop.in_batch = False
         self._fail_requests(
             BrokenTransportError(
                 "the mesh is recovering from a failure; the request may not have been applied: retry it"
@@ -525,9 +552,11 @@ class Peer:
         if self._loop_task is not None and not self._loop_task.done():
             return
         assert self.backend is not None
-        self._next_due = self.backend.next_timer_due()
+        self.batch_loop.next_due = self.backend.next_timer_due()
         self.replay.timers_held = self.checkpointing
-        self._loop_task = asyncio.create_task(self._loop(), name=f"statefun-mesh peer {self.peer_id} dispatch")
+        self._loop_task = asyncio.create_task(
+            self.batch_loop.run(self.backend, self.dispatcher), name=f"statefun-mesh peer {self.peer_id} dispatch"
+        )
         self._loop_task.add_done_callback(self._loop_ended)
         self.resumed = True
         self._resumed_once = True
@@ -550,102 +579,12 @@ class Peer:
                          self.peer_id, exc_info=task.exception())  # fmt: skip
             self.dispatch_died.set()
 
-    def acknowledge_checkpoint(self, n: int, part: PeerPart | None, error: str | None) -> None:
-        from .snapshot.participant import part_to_dict
-
-        body = part_to_dict(part) if part is not None else None
-        if error is not None:
-            self.checkpoint_failures += 1
-            self._checkpoint_error = (n, error)
-        if self.peer_id == 0:
-            if self.coordinator is not None:
-                self.coordinator.on_ack(0, n, body, error)
-        else:
-            self.router.send(0, codec.encode_control(codec.CK_ACK, n, body, error))
-
-    def release_egress(self, heads: dict[str, int]) -> None:
-        """A checkpoint completed: egress consumers may read each log up to ``heads``."""
-        self.egress_logs.release(heads)
-
-    def source_positions(self) -> dict[str, int]:
-        """The Kafka ingresses' next offsets per partition routed so far (connectors/kafka.py)."""
-        return self.kafka.snapshot_positions() if self.kafka is not None else {}
-
-    def sources_checkpointed(self, positions: dict[str, int]) -> None:
-        """A checkpoint covering ``positions`` completed (the Kafka ingress commits them for monitoring)."""
-        if self.kafka is not None:
-            self.kafka.on_checkpoint(positions)
-
-    def release_input(self) -> None:
-        """Process what :meth:`hold_input` held, in arrival order."""
-        self.inbound.release()
-
-    # -- the snapshot code's view of this peer (snapshot/host.py) -----------------------
+    # -- the coordinator's view of this peer (snapshot/host.py RecoveryHost) --------------
 
     @property
     def tlog(self) -> ThrottledLog:
         """This peer's throttled log (flushed from its heartbeat loop)."""
         return self._tlog
-
-    def batch_running(self) -> bool:
-        """Whether a batch is being processed now (or a removed peer's ingress log replayed:
-        a checkpoint cut waits for either)."""
-        return self._in_batch or self.replay.foreign_log is not None
-
-    def hold_input(self) -> None:
-        """Hold batch frames and barriers until :meth:`release_input`; wake the loop for the cut."""
-        self.inbound.hold_batches = True
-        self._wake.set()
-
-    def state_store(self) -> LmdbStateBackend:
-        """The open state store."""
-        assert self.backend is not None, "the state store is not open"
-        return self.backend
-
-    def reopen_state_store(self, *, keep: bool = False) -> LmdbStateBackend:
-        """Close and delete the state store and open an empty one (a restore starts);
-        ``keep``: keep the open store (it is rolled back in place), with a new dispatcher."""
-        if keep and self.backend is not None:
-            return self._open_backend(self.backend)
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
-        if os.path.exists(self.state_path):
-            shutil.rmtree(self.state_path)
-        return self._open_backend()
-
-    def state_restored(self, egress_heads: dict[str, int]) -> None:
-        """The state store holds a restored checkpoint whose egress logs stood at ``egress_heads``."""
-        self.egress_logs.restored(egress_heads)
-        assert self.dispatcher is not None and self.backend is not None
-        self.dispatcher.reload_counters()  # the restored timer sequence, not the empty store's
-        self._next_due = self.backend.next_timer_due()
-
-    def cut_input(self) -> tuple[list[Record], lmdb.Transaction | None]:
-        """What was received and not processed: parked invocations' records, then the
-        inbox; and a read transaction over the spilled tail (see snapshot/host.py)."""
-        parked = self.dispatcher.parked_records() if self.dispatcher is not None else []
-        spill = self.router.spill
-        return parked + list(self.router.inbox), (spill.cut() if spill is not None else None)
-
-    def cut_outbox(self) -> lmdb.Transaction | None:
-        """A read transaction over the outbox: committed sends not yet routed (see snapshot/host.py)."""
-        return self.router.outbox.cut()
-
-    def broadcast_barrier(self, frame: bytes) -> None:
-        """Send every other peer all that waits for it (regardless of credit), then ``frame``."""
-        for p in range(self.n_peers):
-            if p != self.peer_id:
-                self.router.flush_peer(p, force=True)
-                self.router.send(p, frame)
-
-    def routed_ingress_position(self) -> int:
-        """The ingress log offset up to which client messages are routed (0: no ingress log)."""
-        return self.ingress_writer.routed if self.ingress is not None else 0
-
-    def ingress_log(self) -> IngressLog | None:
-        """This peer's ingress log (``None`` without checkpoints, or once closed)."""
-        return self.ingress
 
     def send_control(self, p: int, frame: bytes, generation: int | None = None) -> None:
         """Send a control frame to peer ``p`` (stamped with ``generation``, default this peer's)."""
@@ -677,6 +616,21 @@ class Peer:
     def resumed_once(self) -> bool:
         """Whether the peer has processed in some generation (``/readyz``: "starting" until then)."""
         return self._resumed_once
+
+    @property
+    def batches(self) -> int:
+        """Batches processed (for metrics and status)."""
+        return self.batch_loop.batches
+
+    @property
+    def batch_records(self) -> int:
+        """Messages in all batches."""
+        return self.batch_loop.batch_records
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Batches per size bucket (``dispatch.BATCH_BUCKETS``; the last: larger)."""
+        return self.batch_loop.batch_sizes
 
     @property
     def dispatch_task(self) -> asyncio.Task[None] | None:
@@ -883,7 +837,7 @@ class Peer:
     async def idle(self) -> None:
         """Wait until this peer has processed everything queued here (and every due timer)."""
         while True:
-            if (self.router.inbox or self.router.spilled() or self._timer_due(self._now_ms())
+            if (self.router.inbox or self.router.spilled() or self.batch_loop.timer_due(self.batch_loop.now_ms())
                     or self.replay.position is not None or self.router.outbox.count):  # fmt: skip
                 self._idle.clear()
                 self._wake.set()
@@ -900,88 +854,16 @@ class Peer:
             and not self.router.outbox.count
             and self._idle.is_set()
             and not self.router.has_outgoing()
-            and not self._timer_due(self._now_ms())
+            and not self.batch_loop.timer_due(self.batch_loop.now_ms())
         )
 
     def status(self) -> dict[str, Any]:
-        """Counters for monitoring and the ``status`` command."""
-        d = self.dispatcher
-        router = self.router
-        return {
-            "peer": self.peer_id,
-            "peers": self.n_peers,
-            "core": _speedups.IMPLEMENTATION,
-            "queued": len(router.inbox) + router.spilled(),
-            "spilled": router.spilled(),
-            "memory": {"inbox": router.inbox_bytes, "outgoing": router.out_bytes(), "held": self.inbound.held_bytes,
-                       "budget": self.config.memory_budget, "spilled_total": router.spilled_total,
-                       "credit_waits": router.credit_waits, "in_flight": router.in_flight_bytes(),
-                       "link_window": router.link_bytes, "outbox": router.outbox.count,
-                       "outbox_staged_total": router.outbox.staged_total},
-            "outgoing": router.outgoing(),
-            "credit": router.credit,
-            "batches": self.batches,
-            "invocations": d.invocations if d else 0,
-            "failures": d.failures if d else 0,
-            "duplicates": d.duplicates if d else 0,
-            "parked": d.parked if d else 0,
-            "bad_frames": self.bad_frames + getattr(self.transport, "foreign_frames", 0),
-            "refused_connections": getattr(self.transport, "refused_connections", 0),
-            "refused_frames": self.inbound.refused_frames,
-            "unavailable_peers": self.liveness.unavailable(),
-            "next_timer_ms": self._next_due,
-            "oversized_dropped": router.oversized_dropped,
-            "checkpoints": self._checkpoint_status(),
-            "key_groups": list(self.key_group_range),
-            "state_bytes": self.state_bytes(),
-            # for the dashboard and scripts (metrics.py exports the same counters)
-            "ready": self.resumed,
-            "generation": self.generation,
-            "recoveries": self.recoveries,
-            "functions": {t: {"invocations": st.invocations, "failures": st.failures}
-                          for t, st in sorted(self.function_stats.items())},
-            "messages_in": router.messages_in,
-            "routed_local": router.routed_local,
-            "routed_remote": sum(router.routed_remote),
-            "egress_records": d.egress_records if d else 0,
-            "dead_letters": d.dead_letters if d else 0,
-            # the Kafka ingresses and egresses of the module file (connectors/kafka*.py), else None
-            "kafka": None if self.kafka is None and self.kafka_egress is None else {
-                "ingress": self.kafka.status() if self.kafka is not None else None,
-                "egress": self.kafka_egress.status() if self.kafka_egress is not None else None},
-        }
+        """Counters for monitoring and the ``status`` command (peer_status.py)."""
+        return peer_status(self)
 
     def state_bytes(self) -> int | None:
         """Bytes of the state store's file in use (pages up to the last one written)."""
-        import lmdb
-
-        backend = self.backend
-        if backend is None:
-            return None
-        try:
-            return (int(backend.env.info()["last_pgno"]) + 1) * int(backend.env.stat()["psize"])
-        except lmdb.Error:  # closed meanwhile (a recovery reopens it)
-            return None
-
-    def _checkpoint_status(self) -> dict[str, Any] | None:
-        """This peer's view of the checkpoints: the last complete one, how many this peer
-        failed to write, and the newest failure if no checkpoint completed since."""
-        participant = self.participant
-        if participant is None:
-            return None
-        err = self._checkpoint_error
-        completed = participant.completed
-        at = participant.completed_at
-        failing = err is not None and err[0] > completed
-        return {
-            "last_complete": completed if completed >= 0 else None,
-            "failed": self.checkpoint_failures,
-            "failing": failing,
-            "last_error": f"checkpoint {err[0]}: {err[1]}" if failing and err is not None else None,
-            "last_complete_age_s": None if at is None else round(max(time.time() - at, 0.0), 3),
-            # the newest completed checkpoints: [id, completed at (Unix s), seconds to write, bytes]
-            "history": [[n, round(t, 3), round(dur, 4), size] for n, t, dur, size in participant.history[-10:]],
-        }
+        return state_bytes(self.backend)
 
     # -- frames from other peers (inbound.py checks them and hands these on) ----------
 
@@ -1095,8 +977,8 @@ class Peer:
 
     def _maybe_trim(self) -> None:
         """After a busy spell, once idle: give the freed heap back to the system."""
-        if self.batches - self._trimmed_at >= 100 and self.is_idle():
-            self._trimmed_at = self.batches
+        if self.batch_loop.batches - self._trimmed_at >= 100 and self.is_idle():
+            self._trimmed_at = self.batch_loop.batches
             malloc_trim()
 
     def _heartbeat_tick(self, now: float) -> None:
@@ -1107,189 +989,6 @@ class Peer:
         self.flush_logs()
         self._maybe_trim()
 
-    # -- the loop -------------------------------------------------------------------
-
-    def _now_ms(self) -> int:
-        return int(self.clock.now() * 1000)
-
-    def _timer_due(self, now_ms: int) -> bool:
-        return self._next_due is not None and self._next_due <= now_ms and not self.replay.timers_held
-
-    def _timer_deadline(self) -> float | None:
-        """When the loop's wait must end for the next timer: never while timers are held (after
-        a recovery, until every peer's REPLAYED marker came): an overdue timer's deadline is
-        already past, the wait would return at once and the loop spin without yielding, so
-        the marker that releases the timers could never be read (found by the soak test)."""
-        return None if self._next_due is None or self.replay.timers_held else self._next_due / 1000
-
-    async def _loop(self) -> None:
-        assert self.backend is not None and self.dispatcher is not None
-        router = self.router
-        replay = self.replay
-        inbox = router.inbox
-        backend = self.backend
-        dispatcher = self.dispatcher
-        max_batch = self.config.max_batch
-        backoff = 0.05
-        internal_failures = 0  # consecutive batches that failed with an internal error
-        while True:
-            participant = self.participant
-            if participant is not None and participant.pending is not None and replay.foreign_log is None:
-                participant.take_snapshot()  # a barrier waited for the batch boundary
-            if router.spill is not None and router.spill.count:
-                router.refill()
-            if replay.position is not None and router.out_bytes() < router.out_cap:
-                replay.some()
-            if router.outbox.count:
-                router.route_outbox()
-            now_ms = self._now_ms()
-            out_bytes = router.out_bytes() if self.transport is not None else 0
-            if out_bytes >= router.out_cap and (inbox or self._timer_due(now_ms)):
-                # Outgoing buffers are full: wait for credit before producing more. Safe,
-                # because a peer that waits grants credit for all it receives (spilling
-                # what does not fit in memory), so credit never waits on processing.
-                if not router.blocked:
-                    router.credit_waits += 1
-                router.blocked = True
-                router.flush_all()
-                router.grant_credits()
-                if self._closing:
-                    return
-                await self.clock.wait(self._wake, self._timer_deadline())
-                self._wake.clear()
-                continue
-            router.blocked = False
-            if (replay.timers_held and not inbox and len(replay.markers_from) >= self.n_peers - 1
-                    and not dispatcher.parked and replay.position is None):  # fmt: skip
-                replay.timers_held = False  # every replayed message is processed: timers may fire
-            if not inbox and not self._timer_due(now_ms) and not dispatcher.ready:
-                router.flush_all()
-                router.grant_credits()
-                if not dispatcher.parked:  # else a parked async invocation is still to commit
-                    if self._closing:
-                        return
-                    if replay.position is None and not router.outbox.count:  # else still routing
-                        self._idle.set()
-                await self.clock.wait(self._wake, self._timer_deadline())
-                self._wake.clear()
-                continue
-            self._idle.clear()
-            n = min(len(inbox), max_batch)
-            batch = [inbox.popleft() for _ in range(n)]
-            batch_bytes = records_bytes(batch)
-            router.inbox_bytes = router.inbox_bytes - batch_bytes if inbox else 0
-            fired: list[Any] = []
-            timers_checked = self._timer_due(now_ms)
-            if timers_checked:
-                fired = backend.due_timers(now_ms, max(max_batch - n, 1))
-            self._in_batch = True
-            router.outbox.begin()
-            try:
-                # what the batch sends may fill the outgoing buffers' room, no more (one
-                # address's invocations may overshoot it: they are never split)
-                outcome = await dispatcher.run(batch, fired, now_ms, max(router.out_cap - out_bytes, 0))
-                backend.commit(outcome.ops)
-            except StateBackendError as exc:
-                dispatcher.rollback()
-                inbox.extendleft(reversed(batch))
-                router.inbox_bytes += batch_bytes
-                self._tlog.error("failed batch writes", "peer %d could not write a batch of %d messages: %s; "
-                                 "retrying in %.2f s", self.peer_id, len(batch), exc, backoff)  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            except Exception as exc:
-                dispatcher.rollback()
-                inbox.extendleft(reversed(batch))
-                router.inbox_bytes += batch_bytes
-                internal_failures += 1
-                if internal_failures >= INTERNAL_BATCH_ATTEMPTS:
-                    # a bug, not a passing fault (a failing disk is a StateBackendError, a failing
-                    # function a dead letter): stop loudly rather than spin; /healthz says why
-                    first = f"{batch[0][0]}/{batch[0][1]}" if batch else f"{len(fired)} due timers"
-                    raise StatefunMeshError(
-                        f"peer {self.peer_id}: a batch of {len(batch)} messages (the first for {first}) failed "
-                        f"{internal_failures} times in a row with an internal error: {exc!r}; the dispatch loop "
-                        "stops (nothing of the batch was applied): restart the peer, and report the traceback "
-                        "above as a bug"
-                    ) from exc
-                self._tlog.log(logging.ERROR, "internal batch errors", "peer %d: internal error in a batch of %d "
-                               "messages (attempt %d of %d); retrying in %.2f s", self.peer_id, len(batch),
-                               internal_failures, INTERNAL_BATCH_ATTEMPTS, backoff, exc_info=True)  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            finally:
-                self._in_batch = False
-            backoff = 0.05
-            internal_failures = 0
-            self.batches += 1
-            self.batch_records += n
-            self.batch_sizes[bisect.bisect_left(BATCH_BUCKETS, n)] += 1
-            self._dirty = True
-            if self.config.sync_interval == 0:
-                backend.flush()
-            if timers_checked or outcome.cancels:
-                # a fired or cancelled timer may have been the earliest: without this the
-                # loop would take a removed timer for due and spin on empty batches
-                self._next_due = backend.next_timer_due()
-            if outcome.deferred:
-                inbox.extendleft(reversed(outcome.deferred))
-                router.inbox_bytes += records_bytes(outcome.deferred)
-            if outcome.requeue:  # they waited behind a parked address this batch committed
-                inbox.extendleft(reversed(outcome.requeue))
-                router.inbox_bytes += records_bytes(outcome.requeue)
-            self._after_commit(outcome)
-            if now_ms >= self._next_purge:
-                # expired idempotency keys, a slice at a time between batches
-                self._next_purge = now_ms + 1000
-                try:
-                    self._purge_from = backend.purge_dedup(now_ms, self._purge_from, 5000)
-                except StateBackendError as exc:  # e.g. a full disk: purging waits, processing goes on
-                    self._tlog.warning("failed purges", "peer %d: could not purge expired idempotency keys: %s",
-                                       self.peer_id, exc)
-            router.flush_all()
-            router.grant_credits()
-            self.admission.check_space()
-            # Let clients, receivers and other tasks run between batches.
-            await asyncio.sleep(0)
-
-    def _after_commit(self, out: BatchOutcome) -> None:
-        if out.min_due is not None and (self._next_due is None or out.min_due < self._next_due):
-            self._next_due = out.min_due
-        router = self.router
-        outbox = router.outbox
-        try:
-            queued = outbox.commit(out.sends)  # staged, or queued behind what waits there
-        except StatefunMeshError as exc:  # a full disk: route it all now, in order (never lost)
-            self._tlog.error("failed outbox writes", "peer %d: cannot queue a batch's sends in the outbox: %s; "
-                             "routing them at once", self.peer_id, exc)  # fmt: skip
-            for piece in outbox.abandon(out.sends):
-                router.route(piece)
-            queued, out.sends = False, []
-        if queued:
-            router.route_outbox()
-        elif out.sends:
-            router.route(out.sends)
-        if outbox.error is not None:
-            self._tlog.error("failed outbox writes", "peer %d: cannot write sends to the outbox: %s; keeping them "
-                             "in memory", self.peer_id, outbox.error)  # fmt: skip
-            outbox.error = None
-        for reply in out.replies:
-            if reply[0] == self.peer_id or self.n_peers == 1:
-                self._resolve(*reply[1:])
-            elif 0 <= reply[0] < self.n_peers:
-                self.router.out_replies[reply[0]].append(list(reply[1:]))
-            else:
-                self.bad_frames += 1
-                self._tlog.error("bad reply addresses", "peer %d: dropped a reply for peer %d, which is not in this "
-                                 "mesh of %d peers", self.peer_id, reply[0], self.n_peers)  # fmt: skip
-        if out.egress:
-            self.egress_logs.committed(out.egress)
-
-    def _resolve(self, rid: int, status: int, kind: str, value: Any, r_type: str, r_id: str) -> None:
-        self.requests.resolve(rid, status, kind, value, r_type, r_id)
-
     async def _sync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.sync_interval)
@@ -1297,18 +996,14 @@ class Peer:
                 self.flush_logs()  # no heartbeat loop to do it
                 self._maybe_trim()
             backend = self.backend
-            if self._dirty and backend is not None:
-                self._dirty = False
+            if self.batch_loop.dirty and backend is not None:
+                self.batch_loop.dirty = False
                 # fsync off the loop; aclose() and recovery wait for it before closing the store.
                 self._flush = asyncio.ensure_future(asyncio.to_thread(backend.flush))
                 try:
                     await asyncio.shield(self._flush)
                 except Exception as exc:  # keep syncing: one failed fsync must not end the loop
-                    self._dirty = True
+                    self.batch_loop.dirty = True
                     self._tlog.error("failed syncs", "peer %d: syncing the state store to disk failed: %s; retrying "
                                      "in %s s", self.peer_id, exc, self.config.sync_interval)  # fmt: skip
 
-
-#: a batch failing this many times in a row with an internal error (not a state store or
-#: function error) stops the dispatch loop, which /healthz reports (about 1.5 s of retries)
-INTERNAL_BATCH_ATTEMPTS = 5

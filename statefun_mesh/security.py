@@ -16,6 +16,9 @@ message carries as ``User-Id`` metadata. The transport takes the sending peer fr
 that, not from the routing id the other side announces: libzmq puts the *server*
 socket's own routing id in the ZAP request's identity frame, so the connecting
 routing id can not be checked there.
+
+Why above ~500 lines: keys, key files, the client key registry and the ZAP handler are
+one trust decision (who may connect, and as whom), kept in one place to be read as one.
 """
 
 from __future__ import annotations

@@ -140,6 +140,16 @@ class ClientServer:
         """Client connections refused for a key not in ``client_keys`` (CURVE only)."""
         return self._zap.refused if self._zap is not None else 0
 
+    @property
+    def pending_requests(self) -> int:
+        """Client requests waiting for their reply, all clients together."""
+        return self._pending_total
+
+    @property
+    def parked_sends(self) -> int:
+        """Client sends waiting for the peer to admit them."""
+        return len(self._parked)
+
     async def start(self) -> None:
         # a plain socket read from the loop's reader callback (transport/loopsock.py)
         sock: zmq.Socket[Any] = zmq.Socket(self._ctx, zmq.ROUTER)

@@ -1,4 +1,9 @@
-"""Value types: StateFun's ``Type``/``TypeSerializer``, its primitive wrapper types, JSON and msgpack."""
+"""Value types: StateFun's ``Type``/``TypeSerializer``, its primitive wrapper types, JSON and msgpack.
+
+Why above ~500 lines: one module owns every value encoding: the six primitive wrappers,
+byte-compatible with StateFun's protobuf (with the bounded protobuf reader they share),
+and the JSON and msgpack types; splitting them would scatter one wire contract.
+"""
 
 from __future__ import annotations
 

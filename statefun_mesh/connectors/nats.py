@@ -15,6 +15,9 @@ Run it with ``statefun-mesh nats-ingress`` or, inside an asyncio program::
 
 The user's guide is docs/connectors.md. The client library is nats-py
 (``pip install 'statefun-mesh[nats]'``), imported when a bridge starts.
+
+Why above ~500 lines: the mapping (:class:`NatsMapping`, its checks and key derivation),
+the config and the bridge loop are one connector that ships as one optional module.
 """
 
 from __future__ import annotations

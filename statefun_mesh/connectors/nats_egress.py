@@ -20,6 +20,9 @@ Run it with ``statefun-mesh nats-egress`` or, inside an asyncio program::
     await bridge.run(stop_event)
 
 The user's guide is docs/connectors.md.
+
+Why ~500 lines: routes, position bucket and publish loop are one connector that ships
+as one optional module.
 """
 
 from __future__ import annotations

@@ -103,8 +103,9 @@ def encode_object(kind: str, header: dict[str, Any], entries: Iterable[Any]) -> 
     return bytes(buf), n
 
 
-def write_object(fh: IO[bytes], kind: str, header: dict[str, Any], entries: Iterable[Any],
-                 chunk: int = CHUNK) -> tuple[int, int, str]:  # fmt: skip
+def write_object(
+    fh: IO[bytes], kind: str, header: dict[str, Any], entries: Iterable[Any], chunk: int = CHUNK
+) -> tuple[int, int, str]:
     """Encode an object into the binary file ``fh`` in bounded memory (``chunk`` bytes
     buffered at a time, besides one entry); return ``(number of entries, size, SHA-256)``.
 
@@ -172,8 +173,9 @@ def open_object_file(
             raise SnapshotError(f"{name} has unknown kind {head[7]}")
         # the buffer limit only caps one entry (a message or a state value), never the object
         size = os.fstat(fh.fileno()).st_size
-        unpacker = msgpack.Unpacker(fh, raw=False, use_list=True, read_size=CHUNK,
-                                    max_buffer_size=max(min(size, 1 << 31), CHUNK))  # fmt: skip
+        unpacker = msgpack.Unpacker(
+            fh, raw=False, use_list=True, read_size=CHUNK, max_buffer_size=max(min(size, 1 << 31), CHUNK)
+        )
         try:
             header = next(unpacker)
         except (StopIteration, ValueError, msgpack.UnpackException) as exc:

@@ -240,6 +240,40 @@ async def test_egress_reader_lag_and_client_counters(tmp_path: Path) -> None:
         assert value(s, "statefun_mesh_egress_records_total") == 15
 
 
+async def test_client_gauges_count_a_pending_request(tmp_path: Path) -> None:
+    # metrics read the client endpoint's public pending_requests / parked_sends (issue 11:
+    # no private fields of the endpoint); a request whose function never replies is pending
+    from statefun_mesh import MeshClient
+
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="m/mute")
+    def mute(context, message):
+        del context, message  # never replies: the request waits for its timeout
+
+    ep = f"ipc://{tmp_path}/client"
+    async with LocalMesh(functions, state_dir=str(tmp_path / "s"), metrics_endpoints=("127.0.0.1:0",),
+                         client_endpoints=(ep,)) as mesh:  # fmt: skip
+        peer = mesh.peers[0]
+        async with MeshClient(ep) as client:
+            s = await scrape(peer)
+            assert value(s, "statefun_mesh_client_pending_requests") == 0
+            waiting = asyncio.ensure_future(
+                client.request(message_builder(target_typename="m/mute", target_id="a", int_value=1), timeout=5.0)
+            )
+            try:
+                for _ in range(100):  # bounded: 5 s
+                    s = await scrape(peer)
+                    if value(s, "statefun_mesh_client_pending_requests") == 1:
+                        break
+                    await asyncio.sleep(0.05)
+                assert value(s, "statefun_mesh_client_pending_requests") == 1
+                assert value(s, "statefun_mesh_client_parked_sends") == 0
+            finally:
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+
+
 async def test_a_taken_metrics_port_is_refused_with_a_clear_error(tmp_path: Path) -> None:
     import socket
 

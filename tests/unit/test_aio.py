@@ -87,11 +87,11 @@ async def test_a_peer_halted_as_frames_wake_its_loop_stops_it(tmp_path: Path) ->
         peer = mesh.peers[0]
         await mesh.send(message_builder(target_typename="aio/t", target_id="x", int_value=1))
         for _ in range(200):
-            if peer._next_due is not None and peer.is_idle():
+            if peer.batch_loop.next_due is not None and peer.is_idle():
                 break
             await asyncio.sleep(0.01)
-        assert peer._next_due is not None, "no timer pending: the loop would not wait with a deadline"
-        loop_task = peer._loop_task
+        assert peer.batch_loop.next_due is not None, "no timer pending: the loop would not wait with a deadline"
+        loop_task = peer.dispatch_task
         assert loop_task is not None
         peer._wake.set()
         peer._halt()

@@ -151,7 +151,7 @@ async def test_bytes_in_flight_to_a_peer_are_bounded_not_only_records(tmp_path: 
         sender, receiver = mesh.peers
         # the receiver holds batch frames unread, as while a checkpoint cut waits for a
         # batch: it grants no credit, so what it holds is all the sender has in flight
-        receiver.hold_input()
+        receiver.checkpoint_host.hold_input()
         sends = [
             asyncio.ensure_future(
                 sender.send(message_builder(target_typename="fc/big", target_id=keys[i % len(keys)], str_value=value))
@@ -168,7 +168,7 @@ async def test_bytes_in_flight_to_a_peer_are_bounded_not_only_records(tmp_path: 
         await asyncio.sleep(0.1)
         held = sum(len(frame) for _, _, frame in receiver.inbound.held)
         in_flight = sender.status()["memory"]["in_flight"]
-        receiver.release_input()
+        receiver.checkpoint_host.release_input()
         await asyncio.wait_for(asyncio.gather(*sends), 30)
         await asyncio.wait_for(mesh.idle(), 30)
         counts = [

@@ -578,9 +578,9 @@ async def test_a_batch_failing_internally_again_and_again_stops_the_loop_and_say
     # Regression (issue 11): an internal error in a batch (a bug, not a failing disk or
     # function) was retried for ever, every 5 s, with the peer looking healthy. Now a few
     # attempts, then the loop stops with an error naming the batch, and /healthz says so.
+    from statefun_mesh.batchloop import INTERNAL_BATCH_ATTEMPTS
     from statefun_mesh.errors import StatefunMeshError
     from statefun_mesh.metrics import _alive
-    from statefun_mesh.peer import INTERNAL_BATCH_ATTEMPTS
 
     async with LocalMesh(counter_functions(), state_dir=str(tmp_path)) as mesh:
         peer = mesh.peers[0]
