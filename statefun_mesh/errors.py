@@ -24,9 +24,7 @@ __all__ = [
     "InvocationError",
     "MeshBusyError",
     "MessageTooLargeError",
-    "PeerUnavailableError",
     "RequestTimeoutError",
-    "SnapshotAbortedError",
     "SnapshotError",
     "SnapshotNotFoundError",
     "StateBackendError",
@@ -142,19 +140,6 @@ class TransportError(StatefunMeshError):
     """Base class of transport failures."""
 
 
-class PeerUnavailableError(TransportError):
-    """A peer is unreachable or stopped answering heartbeats (reserved: public API, not raised yet;
-    an unreachable peer's messages wait for it, see ``status()["unavailable_peers"]``).
-
-    Attributes:
-        peer_id: the peer's index.
-    """
-
-    def __init__(self, peer_id: int, message: str = "") -> None:
-        super().__init__(message or f"peer {peer_id} is unavailable")
-        self.peer_id = peer_id
-
-
 class BrokenTransportError(TransportError):
     """The other side of a channel failed."""
 
@@ -173,11 +158,6 @@ class StateCapacityError(StateBackendError):
 
 class SnapshotError(StatefunMeshError):
     """A snapshot could not be taken or restored."""
-
-
-class SnapshotAbortedError(SnapshotError):
-    """A checkpoint was aborted before it completed (reserved: public API, not raised yet; an
-    aborted checkpoint is logged and the last complete one stays in force)."""
 
 
 class SnapshotNotFoundError(SnapshotError, LookupError):
