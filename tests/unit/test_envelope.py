@@ -112,7 +112,8 @@ async def test_a_request_through_another_peer_gets_its_credit_back_on_the_reply(
         entry, owner = mesh.peers
         counts = count_frames(owner)
         for i in range(n):
-            reply = await entry.request(message_builder(target_typename="env/counter", target_id=keys[i % 5], int_value=1))
+            msg = message_builder(target_typename="env/counter", target_id=keys[i % 5], int_value=1)
+            reply = await entry.request(msg)
             assert reply.as_int() == i // 5 + 1
         await mesh.idle(10)
         assert entry.router.credit[1] == mesh.config.credit_window  # every grant arrived
@@ -138,7 +139,8 @@ async def test_credit_with_nothing_going_back_is_a_frame_of_its_own(tmp_path: Pa
         assert counts.get("credit", 0) >= 1 and owner.router.credit_frames == counts["credit"]
         total = 0
         for k in keys:
-            total += (await mesh.request(message_builder(target_typename="env/counter", target_id=k, int_value=1))).as_int()
+            msg = message_builder(target_typename="env/counter", target_id=k, int_value=1)
+            total += (await mesh.request(msg)).as_int()
         assert total == 50 + 5
 
 
