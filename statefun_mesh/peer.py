@@ -920,6 +920,7 @@ class Peer:
                        "outbox_staged_total": router.outbox.staged_total},
             "outgoing": router.outgoing(),
             "credit": router.credit,
+            "frames": router.frame_counts(),
             "batches": self.batches,
             "invocations": d.invocations if d else 0,
             "failures": d.failures if d else 0,

@@ -154,6 +154,7 @@ class Router:
         #: CREDIT frame saved), and grants sent as CREDIT frames of their own
         self.credits_piggybacked = 0
         self.credit_frames = 0
+        self.frames_sent = 0  #: frames sent to other peers, of every kind
 
     # -- read-only views (status, metrics) ------------------------------------------
 
@@ -165,6 +166,12 @@ class Router:
     def outgoing(self) -> list[int]:
         """Records waiting to be sent to each peer."""
         return [len(e) + f for e, f in zip(self._out, self._framed, strict=True)]
+
+    def frame_counts(self) -> dict[str, int]:
+        """Frames sent to other peers, CREDIT frames among them, and grants carried in the
+        envelope of another frame instead (each a CREDIT frame saved)."""
+        return {"sent": self.frames_sent, "credit_frames": self.credit_frames,
+                "credits_carried": self.credits_piggybacked}  # fmt: skip
 
     def in_flight_bytes(self) -> int:
         """Bytes sent to other peers and not yet credited back."""
@@ -341,6 +348,7 @@ class Router:
             self._owed[p] = 0
             self._owed_bytes[p] = 0
             self.credits_piggybacked += 1
+        self.frames_sent += 1
         try:
             if type(frame) is bytearray:
                 self.transport.send(p, codec.seal_envelope(frame, gen, credit))

@@ -107,3 +107,21 @@ def test_freeze_startup_objects_keeps_later_garbage_collectable() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr
+
+
+@pytest.mark.integration  # a MeshClient over tcp
+async def test_the_client_endpoint_counts_each_answered_request_by_its_service_time(tmp_path: Path) -> None:
+    """status()["request_service_us_log2"]: the time inside the peer, from the request frame's
+    arrival to its answer's send, as a log2 histogram (what a client's latency is made of,
+    without the client's own scheduling; bench/request_path.py reads it)."""
+    from statefun_mesh import MeshClient
+    from statefun_mesh.mesh import free_ports
+
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    async with LocalMesh(app(), state_dir=tmp_path, client_endpoints=[endpoint]), MeshClient(endpoint) as client:
+        for i in range(20):
+            reply = await client.request(message_builder(target_typename="rp/counter", target_id="c", int_value=1))
+            assert reply.as_int() == i + 1
+        hist = (await client.info())["status"]["request_service_us_log2"]
+    assert sum(hist) == 20 and len(hist) == 26
+    assert sum(hist[4:]) == 20  # no answer in under 8 µs: the request went through a batch
