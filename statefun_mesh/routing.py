@@ -359,7 +359,7 @@ class Router:
 
     def _seal(self, p: int) -> None:
         """Close the records waiting for peer ``p`` into a frame (``route`` fills the
-        encoder only up to ``max_frame_bytes`` with the generation prefix, which the
+        encoder only up to ``max_frame_bytes`` with the envelope's head, which the
         receiver enforces)."""
         enc = self._out[p]
         n = len(enc)

@@ -348,7 +348,7 @@ class FakePeer1:
                 raise AssertionError(f"peer 0 did not answer the barrier on peer 1's channel:\n{self.peer.log()}")
             parts = self.sink.recv_multipart()
             self.received += 1
-            body = parts[-1][4:]
+            _, _, body = codec.open_envelope(parts[-1])  # a REPLIES frame carries peer 0's credit grant
             if len(body) > 2 and body[1] == codec.REPLIES:
                 _, items = codec.decode_control(body)
                 if any(reply[0] == rid for reply in items[0]):
