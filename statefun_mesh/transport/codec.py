@@ -221,7 +221,13 @@ def _replies_frame(head: bytes, parts: list[bytes], room: bool = False) -> bytes
 
 def envelope(generation: int, credit: int = 0) -> bytes:
     """The envelope's head for a frame sent in ``generation``, carrying a grant of ``credit``
-    records (0: none; at most ``0xFFFFFFFF``)."""
+    records (0: none; at most ``0xFFFFFFFF``).
+
+    Raises:
+        ValueError: a generation over 31 bits (its top bit would read as a grant).
+    """
+    if generation > GENERATION_MASK:
+        raise ValueError(f"generation {generation} does not fit an envelope (at most {GENERATION_MASK})")
     if credit:
         return _WORDS.pack(generation | CREDIT_FOLLOWS, credit)
     return _WORD.pack(generation)
@@ -230,7 +236,9 @@ def envelope(generation: int, credit: int = 0) -> bytes:
 def seal_envelope(frame: bytearray, generation: int, credit: int = 0) -> bytearray | memoryview:
     """Write the envelope's head in place into ``frame``'s first :data:`ENVELOPE_MAX` bytes
     (left free by the encoder that built it) and return the envelope to send: no copy of
-    the frame, unlike ``head + frame``."""
+    the frame, unlike ``head + frame``. Raises ``ValueError`` as :func:`envelope` does."""
+    if generation > GENERATION_MASK:
+        raise ValueError(f"generation {generation} does not fit an envelope (at most {GENERATION_MASK})")
     if credit:
         _WORDS.pack_into(frame, 0, generation | CREDIT_FOLLOWS, credit)
         return frame

@@ -45,6 +45,13 @@ def test_an_envelope_too_short_for_its_head_and_a_frame_is_refused(data: bytes) 
         codec.open_envelope(data)
 
 
+def test_a_generation_over_31_bits_does_not_fit_an_envelope() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        codec.envelope(codec.GENERATION_MASK + 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        codec.seal_envelope(bytearray(10), codec.GENERATION_MASK + 1, 1)
+
+
 def test_a_large_frame_is_opened_without_a_copy() -> None:
     frame = bytes(1 << 16)
     _, _, body = codec.open_envelope(codec.envelope(3, 5) + frame)
