@@ -92,7 +92,8 @@ def ids_on(peer: int, peers: int, count: int) -> list[str]:
 
 
 def count_frames(peer: Any) -> dict[str, int]:
-    """Count what ``peer`` sends other peers: frames by kind, and grants in envelopes."""
+    """Count what ``peer`` sends other peers: frames by kind, grants in envelopes, and batch or
+    reply frames handed to the transport as a new ``bytes`` (head + frame: a copy of the frame)."""
     counts: dict[str, int] = {}
     send = peer.transport.send
 
@@ -102,6 +103,8 @@ def count_frames(peer: Any) -> dict[str, int]:
         counts[kind] = counts.get(kind, 0) + 1
         if credit is not None:
             counts["carried"] = counts.get("carried", 0) + credit
+        if kind in ("batch", "replies") and type(data) is bytes:
+            counts["copied"] = counts.get("copied", 0) + 1
         send(p, data)
 
     peer.transport.send = counted
@@ -117,7 +120,7 @@ async def test_a_request_through_another_peer_gets_its_credit_back_on_the_reply(
     async with LocalMesh(app(), state_dir=tmp_path, peers=2, transport=transport,
                          max_parallelism=MAX_PARALLELISM) as mesh:  # fmt: skip
         entry, owner = mesh.peers
-        counts = count_frames(owner)
+        counts, sent = count_frames(owner), count_frames(entry)
         for i in range(n):
             msg = message_builder(target_typename="env/counter", target_id=keys[i % 5], int_value=1)
             reply = await entry.request(msg)
@@ -128,6 +131,8 @@ async def test_a_request_through_another_peer_gets_its_credit_back_on_the_reply(
         assert counts.get("credit", 0) == 0, counts
         assert counts.get("carried") == n
         assert owner.router.credits_piggybacked == n and owner.router.credit_frames == 0
+        # the head written in place: the frames went out as views of the frames built, not copies
+        assert sent.get("batch") == n and "copied" not in sent and "copied" not in counts
 
 
 @pytest.mark.parametrize("transport", ["memory", "inproc"])
