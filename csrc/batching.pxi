@@ -5,6 +5,9 @@
 #   frame  = 0x01 (version) | 0x01 (KIND_BATCH) | array header | records
 #   record = [str, str, str, str, str, bin, uint, uint]
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from libc.string cimport memset
+
 cdef enum:
     _FRAME_VERSION = 1
     _KIND_BATCH = 0x01
@@ -269,10 +272,9 @@ cdef class BatchEncoder:
         """Size of the frame :meth:`flush` would return now (header included)."""
         return 2 + _array_head_size(self._count) + self._len
 
-    def flush(self):
-        """Return the frame for the pending records and start a new, empty batch."""
+    cdef Py_ssize_t _head(self, unsigned char* head) except -1:
+        """Write the frame's header (version, kind, array header) into head[0:7]; its length."""
         cdef Py_ssize_t n = self._count
-        cdef unsigned char head[7]
         cdef unsigned char* p = head
         p[0] = _FRAME_VERSION
         p[1] = _KIND_BATCH
@@ -288,18 +290,42 @@ cdef class BatchEncoder:
             p = _put_be(p + 1, <uint64_t>n, 4)
         else:
             raise OverflowError(f"a batch frame holds at most 2**32 - 1 records, got {n}")
-        cdef Py_ssize_t head_len = p - head
-        frame = PyBytes_FromStringAndSize(NULL, head_len + self._len)
-        p = <unsigned char*>PyBytes_AS_STRING(frame)
-        memcpy(p, head, <size_t>head_len)
-        if self._len:
-            memcpy(p + head_len, self._buf, <size_t>self._len)
+        return p - head
+
+    cdef void _emptied(self) noexcept:
         self._len = 0
         self._count = 0
         if self._cap > _KEEP_CAPACITY:
             PyMem_Free(self._buf)
             self._buf = NULL
             self._cap = 0
+
+    def flush(self):
+        """Return the frame for the pending records and start a new, empty batch."""
+        cdef unsigned char head[7]
+        cdef Py_ssize_t head_len = self._head(head)
+        frame = PyBytes_FromStringAndSize(NULL, head_len + self._len)
+        cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(frame)
+        memcpy(p, head, <size_t>head_len)
+        if self._len:
+            memcpy(p + head_len, self._buf, <size_t>self._len)
+        self._emptied()
+        return frame
+
+    def flush_room(self, Py_ssize_t room):
+        """:meth:`flush`'s frame as a ``bytearray`` after ``room`` zero bytes, where the
+        sender writes the frame's envelope in place (``codec.seal_envelope``)."""
+        if room < 0:
+            raise ValueError("room must be >= 0")
+        cdef unsigned char head[7]
+        cdef Py_ssize_t head_len = self._head(head)
+        frame = PyByteArray_FromStringAndSize(NULL, room + head_len + self._len)
+        cdef unsigned char* p = <unsigned char*>PyByteArray_AS_STRING(frame)
+        memset(p, 0, <size_t>room)
+        memcpy(p + room, head, <size_t>head_len)
+        if self._len:
+            memcpy(p + room + head_len, self._buf, <size_t>self._len)
+        self._emptied()
         return frame
 
 

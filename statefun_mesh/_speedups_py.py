@@ -288,6 +288,16 @@ class BatchEncoder:
         self._size = 0
         return frame
 
+    def flush_room(self, room: int) -> bytearray:
+        """:meth:`flush`'s frame as a ``bytearray`` after ``room`` zero bytes, where the
+        sender writes the frame's envelope in place (``codec.seal_envelope``)."""
+        room = operator.index(room)
+        if room < 0:
+            raise ValueError("room must be >= 0")
+        frame = bytearray(room)
+        frame += self.flush()
+        return frame
+
 
 def encode_batch(records: Iterable[Record]) -> bytes:
     """Return the batch frame for ``records``."""
@@ -296,7 +306,7 @@ def encode_batch(records: Iterable[Record]) -> bytes:
     return enc.flush()
 
 
-def decode_batch(frame: bytes) -> list[Record]:
+def decode_batch(frame: bytes | bytearray | memoryview) -> list[Record]:
     """Decode a batch frame into records.
 
     Raises:

@@ -18,7 +18,7 @@ from .errors import ConfigError
 __all__ = ["MeshConfig", "load_config"]
 
 _SCHEMES = ("tcp://", "ipc://", "inproc://", "memory://")
-#: bytes of a frame that are not the message: generation prefix, frame and array
+#: bytes of a frame that are not the message: envelope (generation, credit grant), frame and array
 #: headers between peers; the other fields of a client's SEND or REQUEST frame.
 FRAME_HEADROOM = 1024
 MIN_FRAME_BYTES = 4096

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import _speedups
 from .errors import FrameDecodeError
-from .routing import GEN
 from .transport import codec
 
 if TYPE_CHECKING:
@@ -107,7 +106,7 @@ class Inbound:
         self._on_records = on_records
         self._on_control = on_control
         #: frames held for later, in arrival order: (generation, source, frame)
-        self.held: list[tuple[int, int, bytes]] = []
+        self.held: list[tuple[int, int, bytes | memoryview]] = []
         self.held_bytes = 0
         #: bytes of batch frames of later generations held, per (sender, generation), and in all
         self._held_from: dict[tuple[int, int], int] = {}
@@ -122,13 +121,15 @@ class Inbound:
         self.refused_frames = 0
 
     def on_frame(self, src: int, frame: bytes) -> None:
-        if len(frame) < 6:
+        """Handle a frame's envelope from peer ``src``: its generation, a credit grant it
+        carries (handled first, as a ``CREDIT`` frame sent just before the frame would be),
+        then the frame."""
+        try:
+            gen, granted, body = codec.open_envelope(frame)
+        except FrameDecodeError as exc:
             self.bad_frames += 1
-            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: %d bytes is too short",
-                             self.peer_id, src, len(frame))
+            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
             return
-        gen = GEN.unpack_from(frame)[0]
-        body = frame[4:]
         if body[0] != _speedups.FRAME_VERSION:
             self.bad_frames += 1
             self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: not a generation-prefixed frame of "
@@ -139,6 +140,11 @@ class Inbound:
         if src == 0:
             self.coordinator_generation = max(self.coordinator_generation, gen)
         self._liveness.heard(src)
+        if granted is not None:
+            if gen == self._generation() and self._resumed():
+                self._credit(src, granted)  # what on_channel_frame does with a CREDIT frame
+            else:  # rare: as a CREDIT frame in its own envelope (dropped, held or refused by its generation)
+                self.on_frame(src, codec.envelope(gen) + codec.encode_control(codec.CREDIT, granted))
         if kind in (codec.HEARTBEAT, codec.RECOVER, codec.READY, codec.RESUME, codec.RESTORE_FAILED):
             self.on_channel_frame(src, body, gen)
             return
@@ -220,7 +226,7 @@ class Inbound:
         self._tlog.error(f"refused frames ({kind})", "peer %d: refused a frame from peer %d: %s (refused so "
                               "far: %d)", self.peer_id, src, why, self.refused_frames)  # fmt: skip
 
-    def on_channel_frame(self, src: int, frame: bytes, gen: int | None = None) -> None:
+    def on_channel_frame(self, src: int, frame: bytes | memoryview, gen: int | None = None) -> None:
         """Handle a frame of the current generation (its prefix already checked and removed)."""
         try:
             kind = codec.frame_kind(frame)
@@ -235,15 +241,7 @@ class Inbound:
             self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: %s", self.peer_id, src, exc)
             return
         if kind == codec.CREDIT:
-            outstanding = self._router.on_credit(src, items[0])
-            if outstanding is not None:
-                self.bad_frames += 1
-                self._tlog.error("bad credits", "peer %d: rejected a credit of %d from peer %d, which has only "
-                                 "%d records of this peer's outstanding", self.peer_id, items[0], src,
-                                 outstanding)  # fmt: skip
-                return
-            if self._router.blocked or self._replaying() or self._router.outbox.count:
-                self._wake.set()  # the loop waits for this credit
+            self._credit(src, items[0])
         elif kind == codec.HEARTBEAT:
             if not self._liveness.on_heartbeat(src, items):
                 self.bad_frames += 1
@@ -268,13 +266,24 @@ class Inbound:
         else:
             self._on_control(src, kind, items, gen)
 
+    def _credit(self, src: int, n: int) -> None:
+        """Peer ``src`` granted ``n`` records back (a CREDIT frame, or carried in an envelope)."""
+        outstanding = self._router.on_credit(src, n)
+        if outstanding is not None:
+            self.bad_frames += 1
+            self._tlog.error("bad credits", "peer %d: rejected a credit of %d from peer %d, which has only "
+                             "%d records of this peer's outstanding", self.peer_id, n, src, outstanding)  # fmt: skip
+            return
+        if self._router.blocked or self._replaying() or self._router.outbox.count:
+            self._wake.set()  # the loop waits for this credit
+
     # -- held frames ------------------------------------------------------------------------
 
     def release(self) -> None:
         """A cut is taken: handle the held frames of this generation in arrival order, keep later ones."""
         self.hold_batches = False
         held, self.held = self.held, []
-        keep: list[tuple[int, int, bytes]] = []
+        keep: list[tuple[int, int, bytes | memoryview]] = []
         for i, (g, src, frame) in enumerate(held):
             if self.hold_batches:
                 # a released barrier started the next cut, which waits for a batch to

@@ -103,6 +103,7 @@ def peer_status(peer: StatusHost) -> dict[str, Any]:
                    "outbox_staged_total": router.outbox.staged_total},
         "outgoing": router.outgoing(),
         "credit": router.credit,
+        "frames": router.frame_counts(),
         "batches": peer.batch_loop.batches,
         "invocations": d.invocations if d else 0,
         "failures": d.failures if d else 0,

@@ -43,8 +43,16 @@ __all__ = ["GEN", "Router"]
 
 log = logging.getLogger("statefun_mesh.peer")
 
-#: every frame between peers is preceded by the sender's generation (u32 BE)
+#: every frame between peers is preceded by the sender's generation (u32 BE), and possibly a
+#: piggybacked credit grant (transport/codec.py, the envelope)
 GEN = struct.Struct(">I")
+_ROOM = codec.ENVELOPE_MAX
+_MAX_GRANT = 0xFFFFFFFF  # a grant in an envelope is a u32 (larger ones: a CREDIT frame)
+
+
+def _size(frame: bytes | bytearray) -> int:
+    """A queued frame's size (a batch frame, a bytearray, starts with room for its envelope's head)."""
+    return len(frame) - _ROOM if type(frame) is bytearray else len(frame)
 
 
 class Router:
@@ -93,8 +101,9 @@ class Router:
         self._check_space = on_sent
         self.inbox: collections.deque[Record] = collections.deque()
         self._out = [_speedups.BatchEncoder() for _ in range(n)]
-        #: sealed frames waiting for credit, per peer: (records, frame)
-        self._frames: list[collections.deque[tuple[int, bytes]]] = [collections.deque() for _ in range(n)]
+        #: sealed frames waiting for credit, per peer: (records, frame); a batch frame is a
+        #: bytearray with room for its envelope's head (:meth:`send`)
+        self._frames: list[collections.deque[tuple[int, bytes | bytearray]]] = [collections.deque() for _ in range(n)]
         self._framed = [0] * n  # records in _frames[p]
         #: bytes this peer may have in flight to each other peer (sent, not yet credited):
         #: the receiver's quarter of memory_budget for them, shared by the peers sending to
@@ -106,8 +115,9 @@ class Router:
         #: per peer, the frames sent and not yet credited back: [records, bytes], oldest first
         self._sent_frames: list[collections.deque[list[int]]] = [collections.deque() for _ in range(n)]
         self._owed_bytes = [0] * n  # bytes received from each peer and not yet credited
-        #: the largest batch frame: what the receiver admits, less the generation prefix
-        self.frame_limit = config.max_frame_bytes - GEN.size
+        #: the largest batch frame: what the receiver admits, less the envelope's head
+        #: (generation and a piggybacked credit grant)
+        self.frame_limit = config.max_frame_bytes - codec.ENVELOPE_MAX
         #: records that fit no frame (refused at admission, so only from an older release's logs)
         self.oversized_dropped = 0
         # memory_budget (docs/architecture.md §5): the inbox keeps up to half in memory and
@@ -140,6 +150,11 @@ class Router:
         self.routed_remote = [0] * n  #: messages routed to each other peer
         self.from_peers = 0  #: messages received from other peers
         self.credit_stalls = [0] * n  #: times messages to a peer waited for credit
+        #: credit grants sent in the envelope of a frame going to that peer anyway (each a
+        #: CREDIT frame saved), and grants sent as CREDIT frames of their own
+        self.credits_piggybacked = 0
+        self.credit_frames = 0
+        self.frames_sent = 0  #: frames sent to other peers, of every kind
 
     # -- read-only views (status, metrics) ------------------------------------------
 
@@ -151,6 +166,12 @@ class Router:
     def outgoing(self) -> list[int]:
         """Records waiting to be sent to each peer."""
         return [len(e) + f for e, f in zip(self._out, self._framed, strict=True)]
+
+    def frame_counts(self) -> dict[str, int]:
+        """Frames sent to other peers, CREDIT frames among them, and grants carried in the
+        envelope of another frame instead (each a CREDIT frame saved)."""
+        return {"sent": self.frames_sent, "credit_frames": self.credit_frames,
+                "credits_carried": self.credits_piggybacked}  # fmt: skip
 
     def in_flight_bytes(self) -> int:
         """Bytes sent to other peers and not yet credited back."""
@@ -310,31 +331,47 @@ class Router:
             self._flush_handle.cancel()
             self._flush_handle = None
 
-    def send(self, p: int, frame: bytes, generation: int | None = None) -> None:
-        """Send a frame to peer ``p``, preceded by our generation (u32 BE)."""
+    def send(self, p: int, frame: bytes | bytearray, generation: int | None = None) -> None:
+        """Send a frame to peer ``p`` in its envelope: our generation (``generation``, default
+        the current one) and, in the current generation, the credit owed to ``p`` if this
+        peer may grant now (a CREDIT frame saved). A ``bytearray`` frame starts with
+        ``ENVELOPE_MAX`` free bytes, where the envelope's head is written in place (no copy
+        of the frame); a ``bytes`` frame (control frames, small) is copied behind it."""
         if self.transport is None:
             return
-        gen = self._generation() if generation is None else generation
+        current = self._generation()
+        gen = current if generation is None else generation
+        credit = self._owed[p]
+        if credit and (gen != current or credit > _MAX_GRANT or not self._may_grant()):
+            credit = 0
+        if credit:
+            self._owed[p] = 0
+            self._owed_bytes[p] = 0
+            self.credits_piggybacked += 1
+        self.frames_sent += 1
         try:
-            self.transport.send(p, GEN.pack(gen) + frame)
+            if type(frame) is bytearray:
+                self.transport.send(p, codec.seal_envelope(frame, gen, credit))
+            else:
+                self.transport.send(p, codec.envelope(gen, credit) + frame)
         except ClosedTransportError:
             log.debug("peer %d: transport closed; frame for peer %d dropped", self.peer_id, p)
 
     def _seal(self, p: int) -> None:
         """Close the records waiting for peer ``p`` into a frame (``route`` fills the
-        encoder only up to ``max_frame_bytes`` with the generation prefix, which the
+        encoder only up to ``max_frame_bytes`` with the envelope's head, which the
         receiver enforces)."""
         enc = self._out[p]
         n = len(enc)
         if n:
-            frame = enc.flush()
-            if len(frame) > self.frame_limit:  # never: a bug if it shows
+            frame = enc.flush_room(_ROOM)  # room for the envelope's head, written in place at send
+            if len(frame) - _ROOM > self.frame_limit:  # never: a bug if it shows
                 log.error("peer %d: a message to peer %d makes a %d-byte frame, over max_frame_bytes (%d); "
                           "the receiver will refuse it: raise max_frame_bytes on every peer",
-                          self.peer_id, p, len(frame), self.config.max_frame_bytes)  # fmt: skip
+                          self.peer_id, p, len(frame) - _ROOM, self.config.max_frame_bytes)  # fmt: skip
             self._frames[p].append((n, frame))
             self._framed[p] += n
-            self._framed_bytes[p] += len(frame)
+            self._framed_bytes[p] += len(frame) - _ROOM
 
     def queue_marker(self, p: int, frame: bytes) -> None:
         """Queue a control ``frame`` for peer ``p`` behind everything routed to it so far."""
@@ -363,14 +400,15 @@ class Router:
         # by the window always has a quarter outstanding, which the receiver grants back
         window, quarter = self.link_bytes, self.link_bytes // 4
         while frames and (force or (self._credit[p] > 0 and (
-                self._sent_bytes[p] < quarter or self._sent_bytes[p] + len(frames[0][1]) <= window))):  # fmt: skip
+                self._sent_bytes[p] < quarter or self._sent_bytes[p] + _size(frames[0][1]) <= window))):  # fmt: skip
             n, frame = frames.popleft()
+            size = _size(frame)
             self._framed[p] -= n
-            self._framed_bytes[p] -= len(frame)
+            self._framed_bytes[p] -= size
             self._credit[p] -= n
             if n:  # a batch (a marker has no records, and no grant would return its bytes)
-                self._sent_bytes[p] += len(frame)
-                self._sent_frames[p].append([n, len(frame)])
+                self._sent_bytes[p] += size
+                self._sent_frames[p].append([n, size])
             self.sent_records[p] += n
             self.send(p, frame)
             sent = True
@@ -393,7 +431,7 @@ class Router:
             replies = self.out_replies[p]
             if replies:
                 self.out_replies[p] = []
-                for frame in codec.encode_reply_frames(replies, self.frame_limit):
+                for frame in codec.encode_reply_frames(replies, self.frame_limit, room=True):
                     self.send(p, frame)
 
     def flush_if_queued(self, p: int) -> None:
@@ -403,18 +441,26 @@ class Router:
 
     # -- credit ---------------------------------------------------------------------------
 
-    def grant_credits(self) -> None:
-        # A peer whose loop waits for credit grants for all it receives (what does not fit
-        # in memory spills): if it did not, two peers waiting for each other's credit would
-        # wedge the mesh (docs/architecture.md §5).
-        if self.transport is None:
-            return
-        queued = self._parked_queued()  # behind parked addresses
-        if not self.blocked and (
-            len(self.inbox) + queued >= self.config.inbox_limit
+    def _may_grant(self) -> bool:
+        """Whether this peer grants credit now: while it has room in memory, or whenever its
+        loop waits for credit itself. A peer whose loop waits grants for all it receives
+        (what does not fit in memory spills): if it did not, two peers waiting for each
+        other's credit would wedge the mesh (docs/architecture.md §5)."""
+        return self.blocked or not (
+            len(self.inbox) + self._parked_queued() >= self.config.inbox_limit  # + behind parked addresses
             or self.inbox_bytes >= self.inbox_cap
             or (self.spill is not None and self.spill.count)
-        ):
+        )
+
+    def grant_credits(self) -> None:
+        """Send the credit owed that is due as CREDIT frames of their own: what frames sent
+        to a peer since it was owed did not carry (:meth:`send`), once it is due (a quarter
+        of the window owed, the inbox empty, or this peer's loop waiting for credit). The
+        loop calls it after flushing a batch's frames, so a grant rides a frame going that
+        way when there is one."""
+        if self.transport is None:
+            return
+        if not self._may_grant():
             return  # the sender keeps the rest until this peer has room in memory
         quarter = max(self.config.credit_window // 4, 1)
         quarter_bytes = self.link_bytes // 4
@@ -424,6 +470,7 @@ class Router:
             if owed and (owed >= quarter or self._owed_bytes[p] >= quarter_bytes or empty or self.blocked):
                 self._owed[p] = 0
                 self._owed_bytes[p] = 0
+                self.credit_frames += 1
                 self.send(p, codec.encode_control(codec.CREDIT, owed))
 
     def on_credit(self, src: int, n: int) -> int | None:

@@ -43,6 +43,8 @@ log = logging.getLogger("statefun_mesh.server")
 
 _CLIENT_KINDS: Final = frozenset({codec.C_SEND, codec.C_REQUEST, codec.C_FETCH, codec.C_INFO})
 MAX_FETCH: Final = 10_000
+#: buckets of the request service-time histogram: up to 2**24 µs (16.8 s), then one for the rest
+SERVICE_BUCKETS: Final = 26
 _KIND_NAMES: Final = {codec.C_SEND: "send", codec.C_REQUEST: "request", codec.C_FETCH: "fetch", codec.C_INFO: "info"}
 #: egress readers remembered for their lag (metrics): at most this many, forgotten after quiet seconds
 MAX_READERS: Final = 64
@@ -112,6 +114,10 @@ class ClientServer:
         self._pending_total = 0
         # for metrics (metrics.py): client frames by kind, errors answered, and egress readers
         self.requests = {"send": 0, "request": 0, "fetch": 0, "info": 0}
+        #: requests answered, by the time from their frame's arrival to their answer's send:
+        #: bucket i counts those of [2**(i-1), 2**i) µs (bucket 0: under 1 µs), the last one
+        #: also everything longer (status "request_service_us_log2", bench/request_path.py)
+        self.service_us = [0] * SERVICE_BUCKETS
         self.errors = 0
         #: (client routing id, egress) -> (next offset it asked for, when): the newest readers
         self.readers: dict[tuple[bytes, str], tuple[int, float]] = {}
@@ -320,6 +326,7 @@ class ClientServer:
                                   ident[:64], len(self._held[ident]), self.refused_unread)  # fmt: skip
                 return
         frame = parts[1]
+        arrived = time.perf_counter_ns()
         try:
             kind, items = codec.decode_control(frame, _CLIENT_KINDS)
         except FrameDecodeError as exc:
@@ -354,7 +361,7 @@ class ClientServer:
                 self._pending_total += 1
                 try:
                     rid = peer.request_nowait(typename, id, vt, value, timeout,
-                                              functools.partial(self._answered, ident, corr))  # fmt: skip
+                                              functools.partial(self._answered, ident, corr, arrived))  # fmt: skip
                 except BaseException:
                     self._done_pending(ident)
                     raise
@@ -464,6 +471,7 @@ class ClientServer:
                                   "client_requests": sum(self.requests.values()), "client_errors": self.errors,
                                   "replies_queued": self._held_count, "replies_undeliverable": self.undeliverable,
                                   "frames_refused_unread": self.refused_unread,
+                                  "request_service_us_log2": list(self.service_us),
                                   "egress_readers": [list(r) for r in self.reader_lags()]}  # fmt: skip
         info: dict[str, Any] = {
             "peer": peer.peer_id,
@@ -515,13 +523,17 @@ class ClientServer:
         else:
             del self._pending[ident]
 
-    def _answered(self, ident: bytes, corr: int, reply: Message | None, exc: BaseException | None) -> None:
+    def _answered(
+        self, ident: bytes, corr: int, arrived: int, reply: Message | None, exc: BaseException | None
+    ) -> None:
         # called by the peer the moment the request ends (in the batch or frame that answers it)
         self._done_pending(ident)
         if exc is not None:
             self._error(ident, corr, exc)
         elif reply is not None:
             self._reply(ident, codec.R_REPLY, corr, reply.target_typename, reply.target_id, reply._vt, reply._v)
+            us = (time.perf_counter_ns() - arrived) // 1000
+            self.service_us[min(us.bit_length(), SERVICE_BUCKETS - 1)] += 1
 
     async def _request(
         self, ident: bytes, corr: int, typename: str, id: str, vt: str, value: bytes, timeout: float

@@ -5,10 +5,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
-__all__ = ["FrameHandler", "Transport"]
+__all__ = ["FrameBuffer", "FrameHandler", "Transport"]
 
 #: Called with (sender peer id, frame) for every frame received, in channel order.
 FrameHandler = Callable[[int, bytes], None]
+#: what ``send`` takes: any contiguous bytes (a peer sends a view of a frame it built in place)
+FrameBuffer = bytes | bytearray | memoryview
 
 
 class Transport(abc.ABC):
@@ -30,8 +32,8 @@ class Transport(abc.ABC):
         """Bind/connect and start delivering received frames to ``on_frame``."""
 
     @abc.abstractmethod
-    def send(self, peer: int, frame: bytes) -> None:
-        """Queue ``frame`` for ``peer``.
+    def send(self, peer: int, frame: FrameBuffer) -> None:
+        """Queue ``frame`` for ``peer`` (the caller does not change it afterwards).
 
         Raises:
             ClosedTransportError: the transport was closed.

@@ -11,8 +11,11 @@ Peer ↔ peer kinds: ``BATCH``, ``CREDIT [n]``, ``HEARTBEAT [peer, incarnation]`
 checkpoints ``BARRIER [n, last_complete]``, ``CK_ACK [n, part, error]``, ``CK_DONE [n]``,
 ``CK_ABORT [n]``, ``RECOVER [generation, n]``, ``READY [generation]``,
 ``RESUME [generation]``, ``RESTORE_FAILED [generation, n, reason]``, ``REPLAYED [generation]`` (sent on
-every channel after the messages a peer replayed in a recovery round). Between peers every frame is preceded
-by the sender's generation (u32, big-endian); see ``snapshot/coordinator.py``.
+every channel after the messages a peer replayed in a recovery round). Between peers every frame travels in
+an *envelope*, one ZeroMQ message: a u32 big-endian word whose low 31 bits are the sender's generation
+(see ``snapshot/coordinator.py``) and whose top bit says that a credit grant follows (u32 big-endian,
+records: what a ``CREDIT [n]`` frame sent just before this one would say), then the frame
+(:func:`envelope`, :func:`seal_envelope`, :func:`open_envelope`; docs/architecture.md §5).
 
 Client → peer: ``C_SEND [corr, typename, id, value_typename, value, idempotency_key]``,
 ``C_REQUEST [corr, typename, id, value_typename, value, timeout_s]``,
@@ -27,6 +30,7 @@ value]``, ``R_ERROR [corr, error_class, message, args]``, ``R_RECORDS [corr, pee
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Final
 
 import msgpack
@@ -35,7 +39,13 @@ from .._speedups import FRAME_VERSION, KIND_BATCH
 from ..errors import FrameDecodeError
 
 __all__ = [
+    "CREDIT_FOLLOWS",
+    "ENVELOPE_MAX",
+    "GENERATION_MASK",
     "encode_reply_frames",
+    "envelope",
+    "open_envelope",
+    "seal_envelope",
     "BARRIER",
     "CK_ABORT",
     "CK_ACK",
@@ -85,6 +95,15 @@ R_ERROR: Final = 0x22
 R_RECORDS: Final = 0x23
 R_INFO: Final = 0x24
 
+#: the envelope's first word: bit 31 set when a credit grant follows, the generation below it
+CREDIT_FOLLOWS: Final = 0x80000000
+GENERATION_MASK: Final = 0x7FFFFFFF
+_WORD = struct.Struct(">I")
+_WORDS = struct.Struct(">II")
+#: the most bytes an envelope puts before a frame (generation and a credit grant)
+ENVELOPE_MAX: Final = _WORDS.size
+_NO_ROOM = bytes(ENVELOPE_MAX)
+
 _S = str
 _B = bytes
 _I = int
@@ -114,7 +133,7 @@ _SHAPES: Final[dict[int, tuple[str, tuple[Any, ...]]]] = {
 }
 
 
-def frame_kind(frame: bytes) -> int:
+def frame_kind(frame: bytes | memoryview) -> int:
     """Return the kind byte of a frame after checking its version.
 
     Raises:
@@ -136,7 +155,7 @@ def encode_control(kind: int, *items: Any) -> bytes:
     return bytes((FRAME_VERSION, kind)) + body
 
 
-def decode_control(frame: bytes, expect: frozenset[int] | None = None) -> tuple[int, list[Any]]:
+def decode_control(frame: bytes | memoryview, expect: frozenset[int] | None = None) -> tuple[int, list[Any]]:
     """Decode a control frame into ``(kind, items)``, checking its shape.
 
     Args:
@@ -163,26 +182,28 @@ def decode_control(frame: bytes, expect: frozenset[int] | None = None) -> tuple[
     return kind, items
 
 
-def encode_reply_frames(replies: list[Any], limit: int) -> list[bytes]:
+def encode_reply_frames(replies: list[Any], limit: int, room: bool = False) -> list[Any]:
     """``REPLIES`` frames for ``replies``, each at most ``limit`` bytes (a reply that is
-    larger alone was refused when it was made: ``context.reply`` checks its size)."""
+    larger alone was refused when it was made: ``context.reply`` checks its size).
+    ``room``: each frame a ``bytearray`` after :data:`ENVELOPE_MAX` free bytes, for
+    :func:`seal_envelope` (else ``bytes``)."""
     head = bytes((FRAME_VERSION, REPLIES)) + b"\x91"  # [[reply, ...]]
-    frames: list[bytes] = []
+    frames: list[Any] = []
     parts: list[bytes] = []
     size = 0
     for reply in replies:
         part = msgpack.packb(reply, use_bin_type=True)
         if parts and len(head) + 5 + size + len(part) > limit:
-            frames.append(_replies_frame(head, parts))
+            frames.append(_replies_frame(head, parts, room))
             parts, size = [], 0
         parts.append(part)
         size += len(part)
     if parts:
-        frames.append(_replies_frame(head, parts))
+        frames.append(_replies_frame(head, parts, room))
     return frames
 
 
-def _replies_frame(head: bytes, parts: list[bytes]) -> bytes:
+def _replies_frame(head: bytes, parts: list[bytes], room: bool = False) -> bytes | bytearray:
     n = len(parts)
     if n < 16:
         count = bytes((0x90 | n,))  # fixarray
@@ -190,4 +211,54 @@ def _replies_frame(head: bytes, parts: list[bytes]) -> bytes:
         count = b"\xdc" + n.to_bytes(2, "big")  # array16
     else:
         count = b"\xdd" + n.to_bytes(4, "big")  # array32
+    if room:
+        return bytearray().join((_NO_ROOM, head, count, *parts))
     return b"".join((head, count, *parts))
+
+
+# -- the envelope of frames between peers ------------------------------------------------
+
+
+def envelope(generation: int, credit: int = 0) -> bytes:
+    """The envelope's head for a frame sent in ``generation``, carrying a grant of ``credit``
+    records (0: none; at most ``0xFFFFFFFF``).
+
+    Raises:
+        ValueError: a generation over 31 bits (its top bit would read as a grant).
+    """
+    if generation > GENERATION_MASK:
+        raise ValueError(f"generation {generation} does not fit an envelope (at most {GENERATION_MASK})")
+    if credit:
+        return _WORDS.pack(generation | CREDIT_FOLLOWS, credit)
+    return _WORD.pack(generation)
+
+
+def seal_envelope(frame: bytearray, generation: int, credit: int = 0) -> bytearray | memoryview:
+    """Write the envelope's head in place into ``frame``'s first :data:`ENVELOPE_MAX` bytes
+    (left free by the encoder that built it) and return the envelope to send: no copy of
+    the frame, unlike ``head + frame``. Raises ``ValueError`` as :func:`envelope` does."""
+    if generation > GENERATION_MASK:
+        raise ValueError(f"generation {generation} does not fit an envelope (at most {GENERATION_MASK})")
+    if credit:
+        _WORDS.pack_into(frame, 0, generation | CREDIT_FOLLOWS, credit)
+        return frame
+    _WORD.pack_into(frame, 4, generation)
+    return memoryview(frame)[4:]
+
+
+def open_envelope(data: bytes) -> tuple[int, int | None, bytes | memoryview]:
+    """Split an envelope into ``(generation, credit granted or None, frame)``. The frame is
+    a view, not a copy, when it is large.
+
+    Raises:
+        FrameDecodeError: too short to hold its head and a frame's version and kind.
+    """
+    size = len(data)
+    if size >= 6:
+        word = _WORD.unpack_from(data)[0]
+        if not word & CREDIT_FOLLOWS:
+            return word, None, (data[4:] if size < 4096 else memoryview(data)[4:])
+        if size >= 10:
+            credit = _WORD.unpack_from(data, 4)[0]
+            return word & GENERATION_MASK, credit, (data[8:] if size < 4096 else memoryview(data)[8:])
+    raise FrameDecodeError(f"{size} bytes is too short for a frame between peers")

@@ -6,7 +6,7 @@ import asyncio
 import collections
 
 from ..errors import ClosedTransportError
-from .base import FrameHandler, Transport
+from .base import FrameBuffer, FrameHandler, Transport
 
 __all__ = ["InMemoryTransport"]
 
@@ -44,11 +44,13 @@ class InMemoryTransport(Transport):
                 for frame in queued:
                     self._loop.call_soon(self._deliver, other.peer_id, frame)
 
-    def send(self, peer: int, frame: bytes) -> None:
+    def send(self, peer: int, frame: FrameBuffer) -> None:
         if self._closed:
             raise ClosedTransportError("the in-memory transport is closed")
         if not 0 <= peer < self.n_peers or peer == self.peer_id:
             raise ValueError(f"no peer {peer} to send to from peer {self.peer_id}")
+        if type(frame) is not bytes:
+            frame = bytes(frame)  # what a socket would deliver
         target = _HUBS.get(self.hub, {}).get(peer)
         if target is None or target._loop is None:
             self._pending[peer].append(frame)

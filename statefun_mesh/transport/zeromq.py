@@ -14,7 +14,7 @@ import zmq.asyncio
 from ..errors import ClosedTransportError, TransportError
 from ..logutil import ThrottledLog
 from ..security import Keypair, ZapPolicy, curve_client, curve_server, register_zap, watch_handshakes
-from .base import FrameHandler, Transport
+from .base import FrameBuffer, FrameHandler, Transport
 from .loopsock import LoopSocket
 
 __all__ = ["DEFAULT_MAX_FRAME", "ZmqTransport", "peer_identity"]
@@ -101,7 +101,7 @@ class ZmqTransport(Transport):
         self._on_frame: FrameHandler = _no_handler
         self._dealers: dict[int, zmq.Socket[Any]] = {}
         #: frames a DEALER did not take at once, per peer, sent in order before any newer one
-        self._backlog: dict[int, collections.deque[bytes]] = {}
+        self._backlog: dict[int, collections.deque[FrameBuffer]] = {}
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
         self.foreign_frames = 0
@@ -252,7 +252,7 @@ class ZmqTransport(Transport):
         self.tlog.flush()
         flush_zap_logs(self._ctx)
 
-    def send(self, peer: int, frame: bytes) -> None:
+    def send(self, peer: int, frame: FrameBuffer) -> None:
         if self._closed:
             raise ClosedTransportError("the ZeroMQ transport is closed")
         dealer = self._dealers.get(peer)

@@ -478,7 +478,8 @@ async def test_frames_from_a_far_future_generation_are_refused(tmp_path: Path) -
     try:
         st = mesh.peers[0].status()
         before = st["bad_frames"] + st["refused_frames"]
-        frame = struct.pack(">I", 0xFFFFFFFF) + codec.encode_control(codec.CREDIT, 1)
+        # the highest generation an envelope holds (its top bit says a credit grant follows)
+        frame = struct.pack(">I", codec.GENERATION_MASK) + codec.encode_control(codec.CREDIT, 1)
         sock = dealer(mesh.config.endpoints[0], peer_identity(2))
         try:
             for _ in range(1000):

@@ -169,7 +169,7 @@ async def test_values_at_every_size_boundary_between_peers(tmp_path: Path) -> No
     async with mesh:
         limit = mesh.config.message_limit
         assert limit == 65536 - FRAME_HEADROOM
-        frame = 65536 - 4  # the generation prefix travels in the same ZeroMQ message
+        frame = 65536 - 8  # the envelope (generation, a credit grant) travels in the same ZeroMQ message
         targets = ids_on(1, 2, 4, "b")
         sizes = {limit - 1, limit, 100, 3072, 3073}
         for per_frame, head in ((2, 3), (3, 3), (16, 5)):

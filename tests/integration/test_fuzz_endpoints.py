@@ -348,7 +348,7 @@ class FakePeer1:
                 raise AssertionError(f"peer 0 did not answer the barrier on peer 1's channel:\n{self.peer.log()}")
             parts = self.sink.recv_multipart()
             self.received += 1
-            body = parts[-1][4:]
+            _, _, body = codec.open_envelope(parts[-1])  # a REPLIES frame carries peer 0's credit grant
             if len(body) > 2 and body[1] == codec.REPLIES:
                 _, items = codec.decode_control(body)
                 if any(reply[0] == rid for reply in items[0]):
@@ -368,10 +368,13 @@ def peer_fuzz_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[F
 
 def peer_skip_reason(frame: bytes, known: dict[str, int]) -> str | None:
     """Why a frame is not sent to the peer endpoint (see the module docstring), or None."""
-    if len(frame) < 6 or frame[4] != 1:
+    try:
+        gen, _, body = codec.open_envelope(frame)  # a credit grant in it: never owed, refused
+    except FrameDecodeError:
         return None  # refused before anything else is looked at
-    body = frame[4:]
-    if GEN.unpack_from(frame)[0] != 0 and body[1] not in ANY_GENERATION_KINDS:
+    if body[0] != 1:
+        return None
+    if gen != 0 and body[1] not in ANY_GENERATION_KINDS:
         return "generation ahead of the peer's"
     if body[1] != codec.KIND_BATCH:
         return None
@@ -389,10 +392,10 @@ def peer_skip_reason(frame: bytes, known: dict[str, int]) -> str | None:
 
 def peer_frame_class(frame: bytes) -> str:
     """ "well-formed" if peer 0's decoders accept the frame (its generation aside), else "malformed"."""
-    if len(frame) < 6 or frame[4] != 1:
-        return "malformed"
-    body = frame[4:]
     try:
+        _, _, body = codec.open_envelope(frame)
+        if body[0] != 1:
+            return "malformed"
         if body[1] == codec.KIND_BATCH:
             decode_batch(body)
         else:
@@ -404,8 +407,8 @@ def peer_frame_class(frame: bytes) -> str:
 
 @st.composite
 def peer_frames(draw: st.DrawFn) -> bytes:
-    """Generation-prefixed peer frames (batches, control frames of peer kinds and others), some
-    with another generation, and raw bytes."""
+    """Peer frames in their envelope (batches, control frames of peer kinds and others), some
+    with another generation, some carrying a credit grant, and raw bytes."""
     which = draw(st.integers(0, 9))
     if which == 9:
         return draw(raw_frames)
@@ -416,6 +419,8 @@ def peer_frames(draw: st.DrawFn) -> bytes:
     else:
         body = draw(control_frames())
     gen = 0 if draw(st.integers(0, 7)) else draw(st.integers(0, 2**32 - 1))
+    if not draw(st.integers(0, 4)):  # an envelope carrying a credit grant
+        return codec.envelope(gen & codec.GENERATION_MASK, draw(st.integers(1, 2**32 - 1))) + body
     return GEN.pack(gen) + body
 
 

@@ -328,3 +328,38 @@ def _has_nan(obj: Any) -> bool:
     if isinstance(obj, dict):
         return any(_has_nan(x) for x in obj.values())
     return False
+
+
+@settings(max_examples=budget(ci=100, slow=5_000))
+@given(
+    body=base_frames | control_frames() | raw_frames,
+    gen=st.integers(0, codec.GENERATION_MASK),
+    credit=st.sampled_from([0, 0, 1, 2**32 - 1]) | st.integers(0, 2**32 - 1),
+    ops=st.lists(mutations, max_size=4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_envelope_contract(fuzz_count: Any, body: bytes, gen: int, credit: int, ops: list[Any], seed: int) -> None:
+    """open_envelope, on the envelope of any frame and its mutants: (generation within 31 bits, a
+    u32 grant or None, the rest of the bytes) or FrameDecodeError, nothing else; an intact
+    envelope opens to what was put in it."""
+    env = codec.envelope(gen, credit) + body
+    if len(body) >= 2:
+        g, c, rest = codec.open_envelope(env)
+        assert (g, c, bytes(rest)) == (gen, credit or None, body)
+    rng = random.Random(seed)
+    frames = [env]
+    for op in ops:
+        frames.append(mutate(frames[-1], op))
+    for _ in range(MUTANTS // 4):
+        frames.append(mutate(env, random_mutation(rng)))
+    for frame in frames:
+        try:
+            g, c, rest = codec.open_envelope(frame)
+        except FrameDecodeError:
+            fuzz_count.add("envelopes FrameDecodeError")
+            continue
+        except Exception as exc:
+            raise AssertionError(f"open_envelope raised {type(exc).__name__}: {exc} on {frame[:64].hex()}") from exc
+        assert 0 <= g <= codec.GENERATION_MASK and (c is None or 0 <= c < 2**32) and len(rest) >= 2
+        assert bytes(rest) == frame[-len(rest) :]
+        fuzz_count.add("envelopes ok")
