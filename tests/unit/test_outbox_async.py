@@ -155,13 +155,9 @@ def test_a_full_disk_at_the_commit_reads_parked_stages_back_into_memory(tmp_path
         for i in range(50, 60):
             send(parked, f"p{i}")
         later: list[Any] = []
-        emit(parked, later)
-        assert [r[1] for r in later[:50]] == [f"dp{i}" for i in range(50)]
-        committed = outbox.commit(later)
-        rest = drain(outbox) if committed else [r[1] for r in later]
-        assert [r[1] for r in later[:50]] + rest[len(later) - 50 if committed else 50 :] == [
-            f"dp{i}" for i in range(60)
-        ] or rest == [f"dp{i}" for i in range(60)]
+        emit(parked, later)  # what it staged before the abandon comes back from memory, first
+        assert [r[1] for r in later] == [f"dp{i}" for i in range(60)]
+        assert not outbox.commit(later)  # nothing on disk: the caller routes them
     finally:
         outbox.close()
 
