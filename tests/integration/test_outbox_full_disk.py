@@ -1,4 +1,4 @@
-"""Removing a chunk from the outbox or the inbox spill on a full disk (issue 7).
+"""Full disks (issue 7): removing a chunk from the outbox or the inbox spill, and the log.
 
 Routing a chunk from the outbox (or reading one back from the spill) deletes it, and a
 delete in LMDB writes pages too. While a checkpoint's read transaction pins the pages
@@ -199,3 +199,53 @@ async def test_a_peer_whose_disk_fills_while_its_outbox_drains_resumes_with_exac
         assert await seq_totals(mesh) == (n, 0)
         lines = [r for r in caplog.records if "cannot remove a chunk" in r.getMessage()]
         assert 1 <= len(lines) <= 2 * peers, f"{len(lines)} lines logged for one full disk: not throttled"
+
+
+@pytest.mark.parametrize("disk", [24], indirect=True)
+async def test_a_full_state_disk_logs_a_few_lines_not_one_per_failure_and_loses_nothing(
+    disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 7 ("3,761 lines in 15 s on a full disk"): a peer whose state disk is full for
+    3 s while clients send logs a handful of lines (repeats summarised), and once there is
+    room again applies every acknowledged message once."""
+    from statefun_mesh import IntType, StatefulFunctions, ValueSpec
+
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="fd/count", specs=[ValueSpec(name="n", type=IntType)])
+    def count(context, message):  # type: ignore[no-untyped-def]
+        context.storage.n = (context.storage.n or 0) + 1
+        if context.in_request:
+            context.reply(int_value=context.storage.n)
+
+    caplog.set_level(logging.INFO)
+    async with LocalMesh(functions, state_dir=disk / "s", memory_budget=1 << 20) as mesh:
+        acked = 0
+
+        async def send_some(k: int) -> None:
+            nonlocal acked
+            for i in range(k):
+                await mesh.send(message_builder(target_typename="fd/count", target_id=f"k{i % 5}", int_value=1))
+                acked += 1
+
+        await send_some(50)
+        await asyncio.wait_for(mesh.idle(), 60)
+        mark = len(caplog.records)
+        filler = fill(disk)
+        senders = [asyncio.ensure_future(send_some(40)) for _ in range(4)]
+        try:
+            await asyncio.sleep(3)
+            during = [r for r in caplog.records[mark:] if r.levelno >= logging.WARNING]
+        finally:
+            filler.unlink()
+        await asyncio.wait_for(asyncio.gather(*senders), 60)
+        await asyncio.wait_for(mesh.idle(), 60)
+        total = 0
+        for i in range(5):
+            reply = await mesh.request(message_builder(target_typename="fd/count", target_id=f"k{i}", int_value=0))
+            total += reply.as_int() - 1
+        assert total == acked == 50 + 4 * 40
+    assert any("full" in r.getMessage() for r in during), [r.getMessage() for r in during][:5]
+    assert len(during) <= 12, f"{len(during)} lines in 3 s of a full disk: " + " | ".join(
+        r.getMessage()[:80] for r in during[:20]
+    )
