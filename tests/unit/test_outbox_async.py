@@ -316,3 +316,39 @@ async def test_remote_function_answers_with_many_messages_stay_inside_the_budget
         assert peak < 10 << 20, f"peak {peak / 2**20:.1f} MiB while a remote function answered {n} messages of 4 KB"
         assert all(p.status()["memory"]["outbox"] == 0 for p in mesh.peers)
         assert sum(p.status()["memory"]["outbox_staged_total"] for p in mesh.peers) >= n
+
+
+async def test_async_sends_waiting_in_the_outbox_at_a_cut_are_restored_by_a_recovery(tmp_path: Path) -> None:
+    """A checkpoint cut while four async invocations' committed stages wait in the outbox
+    writes them (read through the FIFO's references) in the inflight object; a recovery to
+    that checkpoint routes them again: every message applied once, in order."""
+    n, senders = 15_000, ["a", "b", "c", "d"]
+    async with LocalMesh(async_functions(n, "v" * 200, "async"), peers=2, state_dir=tmp_path / "s",
+                         blob_store=f"file://{tmp_path / 'b'}", checkpoint_interval=3600,
+                         memory_budget=1 << 20) as mesh:  # fmt: skip
+        coord = mesh.peers[0].coordinator
+        for j in senders:
+            await mesh.send(message_builder(target_typename="ob/fan", target_id=j, int_value=0))
+        for _ in range(3000):
+            if sum(p.router.outbox.count for p in mesh.peers) > n:
+                break
+            await asyncio.sleep(0.002)
+        else:
+            raise AssertionError("the fan-out never waited in an outbox")
+        n_ck = coord.trigger()
+        for _ in range(3000):
+            if coord.last_complete is not None and coord.last_complete.checkpoint >= n_ck:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the checkpoint did not complete")
+        inflight = sum(part.inflight.entries for part in coord.last_complete.parts)
+        assert inflight > n // 4, f"the cut held {inflight} messages in flight"
+        coord.request_recovery("a test")
+        for _ in range(600):
+            if all(p.recoveries >= 1 and p.resumed for p in mesh.peers):
+                break
+            await asyncio.sleep(0.05)
+        assert all(p.recoveries >= 1 for p in mesh.peers), [p.recoveries for p in mesh.peers]
+        await asyncio.wait_for(mesh.idle(), 120)
+        assert await totals(mesh, senders) == (n * len(senders), 0)
