@@ -11,7 +11,7 @@ from .errors import MessageTooLargeError
 from .messages import EgressMessage, Message, typed_value_from_kwargs
 
 if TYPE_CHECKING:
-    from .outbox import Outbox
+    from .outbox import Stager
     from .valuetypes import Type
 
 __all__ = ["Cell", "Context", "Storage"]
@@ -202,7 +202,7 @@ class Context:
         #: the largest message the mesh admits (max_message_bytes; 0: unchecked)
         self._limit = limit
         #: where sends past their share of memory_budget go (outbox.py; None: kept in memory)
-        self._outbox: Outbox | None = None
+        self._outbox: Stager | None = None
         #: estimated bytes of sends left before those in _sends are staged (counted down while
         #: _outbox is set; whoever sets _outbox sets it to the outbox's stage_bytes)
         self._room = 0

@@ -29,7 +29,7 @@ from .errors import MessageTooLargeError
 from .functions import FunctionSpec
 from .logutil import ThrottledLog
 from .messages import Message
-from .outbox import Outbox
+from .outbox import AsyncStage, Outbox
 from .state.lmdb_backend import (
     KG_PREFIXES,
     MAX_KEY,
@@ -214,7 +214,7 @@ class Dispatcher:
         self.remote = remote
         #: what a function may send, reply or emit (0: unchecked); see Context._check_size
         self.message_limit = max_message_bytes
-        #: where a sync invocation's sends past their share of memory_budget go (set by the peer)
+        #: where an invocation's sends past their share of memory_budget go (set by the peer)
         self.outbox: Outbox | None = None
         self.backend = backend
         self.max_parallelism = max_parallelism
@@ -508,6 +508,8 @@ class Dispatcher:
         fspec, address, cells = r.fspec, r.address, r.cells
         for rec in r.records:
             ctx = Context(address, rec, fspec.storage_class(address, cells), self.message_limit)
+            if self.outbox is not None:  # sends past their share of memory_budget go to disk (outbox.py)
+                self.outbox.attach(ctx)
             msg = Message(rec[0], rec[1], rec[4], rec[5])
             try:
                 await fspec.fun(ctx, msg)
@@ -574,6 +576,9 @@ class Dispatcher:
     def _emit(self, address: Address, kg: int, ctx: Context, out: BatchOutcome, now_ms: int) -> None:
         """Take a returned invocation's sends, timers, egress records and reply into ``out``."""
         self.invocations += 1
+        stage = ctx._outbox
+        if type(stage) is AsyncStage:  # it staged sends: they go before those it kept (outbox.py)
+            stage.emitted(out.sends)
         if ctx._sends is not None:
             out.sends.extend(ctx._sends)
         self._emit_other(address, kg, ctx, out, now_ms)

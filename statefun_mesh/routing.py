@@ -55,6 +55,11 @@ def _size(frame: bytes | bytearray) -> int:
     return len(frame) - _ROOM if type(frame) is bytearray else len(frame)
 
 
+#: seconds between tries to remove a chunk routed from the outbox or read back from the
+#: spill while the disk is full (the chunk stays on disk meanwhile)
+DISK_RETRY = 0.5
+
+
 class Router:
     """One peer's routing, inbox, outgoing frames and credit.
 
@@ -129,10 +134,12 @@ class Router:
         self.inbox_bytes = 0  # estimated memory of the records in inbox
         self._framed_bytes = [0] * n  # bytes in _frames[p]
         self.spill: Spill | None = None
-        #: a sync invocation's sends past a sixteenth of the budget go to disk, and so does
+        #: an invocation's sends past a sixteenth of the budget go to disk, and so does
         #: every batch's output while anything waits there (outbox.py); routed from it as
         #: outgoing room and the inbox allow (:meth:`route_outbox`)
         self.outbox = Outbox(outbox_path, max(budget // 16, 64 << 10))
+        #: the loop's wake-up after a chunk could not be removed from the outbox or the spill
+        self._retry_handle: asyncio.TimerHandle | None = None
         #: the loop waits for outgoing credit: grant credit for what arrives, spilling beyond memory
         self.blocked = False
         self.spilled_total = 0  # records ever spilled
@@ -292,15 +299,37 @@ class Router:
         """Route committed sends from the outbox while outgoing buffers and the inbox have room."""
         outbox = self.outbox
         while outbox.count and self.out_bytes() < self.out_cap and self.inbox_bytes < self.inbox_cap:
-            self.route(outbox.pop())
+            try:
+                records = outbox.pop()
+            except StatefunMeshError as exc:  # a full disk: the chunk stays there (nothing lost, nothing twice)
+                self._disk_retry("failed outbox reads", "the outbox", exc)
+                return
+            self.route(records)
 
     def refill(self) -> None:
         """Read spilled records back while the inbox is under a quarter of the budget."""
         spill = self.spill
         while spill is not None and spill.count and self.inbox_bytes < self.inbox_cap // 2:
-            records = spill.pop()
+            try:
+                records = spill.pop()
+            except StatefunMeshError as exc:  # a full disk: the chunk stays spilled (nothing lost, nothing twice)
+                self._disk_retry("failed spill reads", "the inbox spill", exc)
+                return
             self.inbox.extend(records)
             self.inbox_bytes += records_bytes(records)
+
+    def _disk_retry(self, kind: str, what: str, exc: Exception) -> None:
+        """A chunk could not be removed from ``what`` after it was read (a full disk): log
+        (throttled) and wake the loop again in a while to retry (it may have nothing else
+        to wake it)."""
+        self._tlog.error(kind, "peer %d: cannot remove a chunk from %s: %s; retrying every %.1f s",
+                         self.peer_id, what, exc, DISK_RETRY)  # fmt: skip
+        if self._retry_handle is None or self._retry_handle.cancelled():
+            self._retry_handle = asyncio.get_running_loop().call_later(DISK_RETRY, self._retry_wake)
+
+    def _retry_wake(self) -> None:
+        self._retry_handle = None
+        self._wake.set()
 
     def received(self, src: int, records: list[Record], nbytes: int) -> None:
         """A batch frame of ``nbytes`` from peer ``src`` was decoded into ``records``: owe
@@ -542,6 +571,9 @@ class Router:
         self.out_replies = [[] for _ in range(self.n_peers)]
 
     def close(self) -> None:
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
         if self.spill is not None:
             self.spill.close()
             self.spill = None

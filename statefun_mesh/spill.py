@@ -72,12 +72,27 @@ class Spill:
         self.count += len(records)
 
     def pop(self) -> list[tuple[Any, ...]]:
-        """Remove and return the oldest chunk (``[]`` if nothing is spilled)."""
+        """Remove and return the oldest chunk (``[]`` if nothing is spilled).
+
+        Raises:
+            StateBackendError: the removal could not be written (a full disk: deleting
+                needs free pages too): the chunk stays, to be popped again later.
+        """
         if self._head == self._tail:
             return []
         key = _U64.pack(self._head)
-        with self.env.begin(write=True) as txn:
-            data = txn.pop(key)
+        got: list[Any] = [None]
+
+        def take(txn: lmdb.Transaction) -> None:
+            got[0] = txn.pop(key)
+
+        write_growing(
+            self.env, take, what="the inbox spill", path=self.path, max_size=self.max_size,
+            full=f"the inbox spill at {self.path} is full at {{mib}} MiB and cannot even drop a chunk read back; "
+            "free disk space",
+            remedy="the chunk stays spilled and is read back once it can be removed",
+        )  # fmt: skip
+        data = got[0]
         self._head += 1
         if data is None:  # cannot happen: chunks are written before the tail moves
             return []

@@ -40,6 +40,7 @@ from .module_yaml import HttpEndpoint, RemoteModule
 
 if TYPE_CHECKING:
     from ..dispatch import BatchOutcome, Dispatcher, Record
+    from ..outbox import AsyncStage
 
 __all__ = ["RemoteFunctionError", "RemoteFunctions", "RemoteSpec"]
 
@@ -374,6 +375,7 @@ class RemoteFunctions:
             (target_typename, target_id, typename, address.id, arg.typename, bytes(arg.value), reply_peer, request_id)
             for target_typename, target_id, arg in sends
         ]
+        del sends
         items: list[tuple[Any, ...]] = []
         for item in delayed:
             if item[0] == "cancel":
@@ -393,9 +395,11 @@ class RemoteFunctions:
                 size = _speedups.record_size(rec)
                 if size > limit:
                     raise RemoteFunctionError(
-                        typename, url, f"sent a message of {size:,} bytes to {rec[TARGET_TYPE]}/{rec[TARGET_ID]}, over "
+                        typename,
+                        url,
+                        f"sent a message of {size:,} bytes to {rec[TARGET_TYPE]}/{rec[TARGET_ID]}, over "
                         "max_message_bytes "
-                        f"({limit:,})"
+                        f"({limit:,})",
                     )
         for m in result.state_mutations:
             cell = cells[m.state_name]
@@ -416,10 +420,15 @@ class RemoteFunctions:
                 cell.expire = now_ms + spec.expire_ms
                 cell.dirty = True
         n = len(chunk)
+        stage = _stage(d, records)
+        if stage is not None:
+            records = []
 
         def effect(out: BatchOutcome) -> None:
             # Applied by the batch that commits the address: the timer sequence and
             # egress offsets advance inside that batch (and roll back with it).
+            if stage is not None:
+                stage.emitted(out.sends)  # what went to disk, in its place (outbox.py)
             out.sends.extend(records)
             if items:
                 d._timers(address, kg, items, now_ms, out)
@@ -429,6 +438,24 @@ class RemoteFunctions:
             d.invocations += n
 
         return effect
+
+
+def _stage(d: Dispatcher, records: list[Record]) -> AsyncStage | None:
+    """An answer's messages past the outbox's ``stage_bytes`` go to disk until the batch that
+    commits the address (as an async function's sends do); ``None``: they stay in memory
+    (few enough, no outbox, or the disk is full)."""
+    outbox = d.outbox
+    if outbox is None or not records:
+        return None
+    room = outbox.stage_bytes
+    for rec in records:  # the estimate Context.send counts (memory.RECORD_OVERHEAD: 400)
+        room -= len(rec[TARGET_ID]) + len(rec[VALUE]) + 400
+        if room <= 0:
+            break
+    else:
+        return None
+    stage = outbox.new_stage()
+    return stage if stage.write(records) else None
 
 
 def _dead_letters(d: Dispatcher, chunk: list[Record], error: str) -> Callable[[BatchOutcome], None]:

@@ -46,6 +46,7 @@ from ..errors import (
     SnapshotError,
     StateBackendError,
 )
+from ..outbox import Outbox
 from ..spill import Spill
 from ..transport import codec
 from .format import (
@@ -291,7 +292,7 @@ class Participant:
                 if snap.spill_txn is not None
                 else (),
                 # committed sends not yet routed (for any peer: a restore routes the inflight)
-                (PackedEntries(n, data) for n, data in Spill.packed(snap.outbox_txn))
+                (PackedEntries(n, data) for n, data in Outbox.packed(snap.outbox_txn))
                 if snap.outbox_txn is not None
                 else (),
                 *((list(r) for r in snap.logs[p]) for p in range(peer.n_peers)),

@@ -21,8 +21,9 @@ What is *not* sent (counted as "skipped"): frames that would legitimately change
 known counters (a valid send, request or batch for them); requests with a finite timeout
 over 30 s (valid: each would hold its pending slot that long; non-finite ones *are* sent,
 and refused under ``max_request_timeout``); and peer frames
-stamped with a generation ahead of the peer's, which the peer holds without a bound
-(issue 7 item 5; ``test_bad_input.py`` has the strict xfail for it). Everything else
+stamped with a generation ahead of the peer's, which the peer holds (per sender, up to
+its link window) for when that generation starts, or refuses when far ahead
+(``test_bad_input.py``, ``test_security.py``): valid input, not fuzz. Everything else
 goes, including valid frames with nonsense values and messages of several parts.
 The checks stay at the transport interface, so they hold as they are once CURVE and the
 peer-identity checks land: a mesh without keys keeps accepting these connections.
