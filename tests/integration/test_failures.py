@@ -49,6 +49,7 @@ async def test_killed_peer_is_reported_restarted_and_the_mesh_serves_again(
         return lambda: asyncio.sleep(0, text in cluster.log())
 
     await eventually(logged("peer 1 was killed by signal 9"), timeout=10, what="the launcher reports the kill")
+    assert "peer 1 was killed by signal 9; restarting it now" in cluster.log(), "a first death is restarted at once"
     await eventually(logged("peer 1 restarted"), timeout=20, what="the launcher restarts peer 1")
     await eventually(lambda: asyncio.sleep(0, 1 in cluster.peer_pids()), timeout=10, what="a new peer 1 process")
     new_pids = cluster.peer_pids()
