@@ -22,7 +22,6 @@ import asyncio
 import bisect
 import logging
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
@@ -54,7 +53,7 @@ from .recovery import Recovery
 from .replay import Replay
 from .replies import Answer, PendingRequests
 from .routing import Router
-from .state.lmdb_backend import LmdbStateBackend
+from .state.lmdb_backend import LmdbStateBackend, discard_store
 from .transport import codec
 from .transport.base import Transport
 from .transport.factory import open_transport
@@ -610,8 +609,7 @@ class Peer:
         if self.backend is not None:
             self.backend.close()
             self.backend = None
-        if os.path.exists(self.state_path):
-            shutil.rmtree(self.state_path)
+        discard_store(self.state_path)  # renamed aside now, deleted in the background
         return self._open_backend()
 
     def state_restored(self, egress_heads: dict[str, int]) -> None:

@@ -545,6 +545,7 @@ class Participant:
         cfg = peer.config
         started, cpu = time.monotonic(), time.process_time()
         await self.settled()
+        phases = [("settle", time.monotonic())]
         if manifest is not None and manifest.max_parallelism != cfg.max_parallelism:
             self._drop_points()
             raise IncompatibleSnapshotError(
@@ -575,6 +576,7 @@ class Participant:
             backend = peer.reopen_state_store()
             self.last_restore = "rebuilt"
             self.last_restore_entries = 0
+        phases.append(("store", time.monotonic()))
         ingress = peer.ingress_log()
         self.chain = []
         self.inflight_restored = []
@@ -594,8 +596,10 @@ class Participant:
                     raise SnapshotError(f"{ref.name} is a {kind} object, the manifest says {ref.kind}")
                 # a base (written in key order) goes into the empty store by appending
                 self.last_restore_entries += await asyncio.to_thread(backend.load, entries, append=kind == "base")
+            phases.append(("state", time.monotonic()))
             _, entries = await self._open(part.inflight)
             self.inflight_restored = await asyncio.to_thread(lambda: [tuple(e) for e in entries])
+            phases.append(("inflight", time.monotonic()))
             self.chain = list(part.chain)
             self.completed = manifest.checkpoint
             self.ingress_position = part.ingress_position
@@ -609,10 +613,14 @@ class Participant:
             # the next one completes, rolls back in place
             self._set_view(manifest.checkpoint if manifest is not None else -1, backend.read())
         if manifest is not None:
-            log.info("peer %d: checkpoint %d restored (%s, %d %s) in %.3f s, %.3f CPU-s", peer.peer_id,
+            steps, at = [], started
+            for name, t in phases:
+                steps.append(f"{name} {t - at:.3f}")
+                at = t
+            log.info("peer %d: checkpoint %d restored (%s, %d %s) in %.3f s, %.3f CPU-s (%s s)", peer.peer_id,
                      manifest.checkpoint, self.last_restore, self.last_restore_entries,
                      "keys rewritten" if self.last_restore == "rolled back" else "entries loaded",
-                     time.monotonic() - started, time.process_time() - cpu)  # fmt: skip
+                     time.monotonic() - started, time.process_time() - cpu, ", ".join(steps))  # fmt: skip
         peer.state_restored(released)
 
     async def _restore_rescaled(self, manifest: Manifest, backend: LmdbStateBackend) -> dict[str, int]:

@@ -34,7 +34,10 @@ import hashlib
 import itertools
 import logging
 import os
+import shutil
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, cast
 
@@ -212,6 +215,40 @@ def write_growing(
             env.set_mapsize(size * 2)
         except lmdb.Error as exc:
             raise write_error(what, path, exc, remedy) from exc
+
+
+_DISCARDED = ".discarded-"
+
+
+def discard_store(path: str) -> None:
+    """Delete the LMDB environment directory ``path`` without waiting for the disk.
+
+    A restarted peer replaces its store with a rebuilt one on the recovery's critical
+    path; unlinking a file of hundreds of MB (and dropping its cached pages) took 0.1-0.2 s
+    there. The directory is renamed aside at once (``path`` is free for the new store) and
+    deleted by a background thread; what a crash leaves of such directories is deleted by
+    the next call for the same ``path``.
+    """
+    parent, base = os.path.split(os.path.abspath(path))
+    doomed = []
+    try:
+        doomed = [os.path.join(parent, f) for f in os.listdir(parent) if f.startswith(base + _DISCARDED)]
+    except OSError:
+        pass
+    if os.path.exists(path):
+        aside = f"{path}{_DISCARDED}{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(path, aside)
+            doomed.append(aside)
+        except OSError:
+            shutil.rmtree(path)  # cannot rename (it must be gone before the new store opens)
+    if doomed:
+
+        def delete() -> None:
+            for d in doomed:
+                shutil.rmtree(d, ignore_errors=True)
+
+        threading.Thread(target=delete, name="statefun-mesh discard store", daemon=True).start()
 
 
 class LmdbStateBackend:

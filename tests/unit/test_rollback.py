@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -349,3 +350,34 @@ async def test_a_recovery_during_a_checkpoints_build_waits_for_the_build_thread(
         assert await asyncio.to_thread(checked.wait, 10), "the build thread did not go on"
         assert aborted_under_thread == [], "the cut's transaction was aborted while the build thread read it"
         await drive(mesh, rng, 50, "b")  # and the mesh goes on
+
+
+def test_a_discarded_store_is_gone_at_once_and_deleted_in_the_background(tmp_path: Path) -> None:
+    """A restarted peer's rebuild replaces its store: the old one is renamed aside at once (its
+    path is free for the new store) and deleted by a thread, with what a crash left of earlier
+    discards of the same store, and nothing of another peer's."""
+    from statefun_mesh.state.lmdb_backend import discard_store
+
+    path = tmp_path / "peer-1"
+    backend = LmdbStateBackend(str(path))
+    backend.load([("state", b"k%06d" % i, b"v" * 200) for i in range(2000)], append=True)
+    backend.close()
+    crashed = tmp_path / "peer-1.discarded-123-456"  # left by a process killed before its thread ran
+    crashed.mkdir()
+    (crashed / "data.mdb").write_bytes(b"x" * 1000)
+    other = tmp_path / "peer-10.discarded-1-2"  # another peer's: not ours to delete
+    other.mkdir()
+    discard_store(str(path))
+    assert not path.exists()
+    fresh = LmdbStateBackend(str(path))
+    try:
+        txn = fresh.read()
+        assert list(fresh.iter_state(txn)) == []
+        txn.abort()
+    finally:
+        fresh.close()
+    for _ in range(500):
+        if not [f for f in os.listdir(tmp_path) if f.startswith("peer-1.discarded-")]:
+            break
+        time.sleep(0.02)
+    assert sorted(os.listdir(tmp_path)) == ["peer-1", "peer-10.discarded-1-2"]
