@@ -283,7 +283,7 @@ class Participant:
             if kind == "base":
                 entries = ([db, k, v] for db, k, v in backend.dump(txn))
             else:
-                entries = ([db, k, v] for db, k, v in backend.delta(txn, snap.changes))
+                entries = (PackedEntries(n, data) for n, data in backend.delta_packed(txn, snap.changes))
             # one record at a time: a spilled tail is read from disk, never all in memory
             records = itertools.chain(
                 (list(r) for r in snap.inbox),

@@ -512,6 +512,35 @@ class LmdbStateBackend:
         for name, key in sorted(changed):
             yield name, key, cast("bytes | None", txn.get(key, db=dbs[name]))
 
+    def delta_packed(
+        self, txn: lmdb.Transaction, changed: set[tuple[str, bytes]], chunk: int = 4096
+    ) -> Iterator[tuple[int, bytes]]:
+        """What :meth:`delta` yields, msgpack-encoded as ``[database, key, value]`` entries
+        (the checkpoint objects' encoding), ``(count, bytes)`` for up to ``chunk`` entries at
+        a time: the bytes a checkpoint's build writes for them, from C-level loops (one
+        ``getmulti`` and one comprehension per chunk) instead of a generator per entry; it
+        ran 2.6 µs per entry in the build thread, holding the GIL the loop needs."""
+        import msgpack
+
+        pack = msgpack.Packer(use_bin_type=True).pack
+        dbs = self._dbs
+        keys = sorted(changed)
+        for i in range(0, len(keys), chunk):
+            part = keys[i : i + chunk]
+            out: list[bytes] = []
+            start = 0
+            while start < len(part):  # runs of one database (sorted: each database's keys are together)
+                name = part[start][0]
+                end = start
+                while end < len(part) and part[end][0] == name:
+                    end += 1
+                run = [k for _, k in part[start:end]]
+                with txn.cursor(db=dbs[name]) as cur:
+                    found = dict(cur.getmulti(run))
+                out += [pack([name, k, found.get(k)]) for k in run]
+                start = end
+            yield len(part), b"".join(out)
+
     def load(self, entries: Iterable[Sequence[Any]], batch: int = 50_000, *, append: bool = False) -> int:
         """Apply snapshot entries ``(database, key, value or None)`` (puts, and deletes for
         ``None``) in order, ``batch`` to a write transaction; return how many.

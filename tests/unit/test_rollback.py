@@ -381,3 +381,28 @@ def test_a_discarded_store_is_gone_at_once_and_deleted_in_the_background(tmp_pat
             break
         time.sleep(0.02)
     assert sorted(os.listdir(tmp_path)) == ["peer-1", "peer-10.discarded-1-2"]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_delta_packed_encodes_exactly_the_delta_entries(tmp_path: Path, chunk: int) -> None:
+    """The build thread writes a delta from ``delta_packed``: the same bytes, in the same
+    order, as packing every ``delta`` entry one by one (deleted keys as nil, one key in
+    several databases kept apart, runs split across chunks)."""
+    import msgpack
+
+    backend = LmdbStateBackend(str(tmp_path / "s"))
+    rnd = random.Random(7)
+    keys = [b"k%04d" % i for i in range(300)]
+    backend.load([(db, k, rnd.randbytes(rnd.randrange(0, 40))) for db in ("dedup", "state") for k in keys[::2]])
+    changed = {(db, k) for db in ("dedup", "egress", "state") for k in rnd.sample(keys, 60)}
+    txn = backend.read()
+    try:
+        pack = msgpack.Packer(use_bin_type=True).pack
+        expected = b"".join(pack([db, k, v]) for db, k, v in backend.delta(txn, changed))
+        parts = list(backend.delta_packed(txn, changed, chunk=chunk))
+    finally:
+        txn.abort()
+        backend.close()
+    assert b"".join(data for _, data in parts) == expected
+    assert sum(n for n, _ in parts) == len(changed)
+    assert all(n <= chunk for n, _ in parts)
