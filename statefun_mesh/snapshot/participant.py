@@ -517,7 +517,7 @@ class Participant:
         chain, txn, extra = point
         peer = self.host
         backend = peer.state_store()
-        live = backend.changed
+        live = backend.pending_changes()
         usable = live is not None and backend.usable_view(txn) and (
             manifest is None
             or (

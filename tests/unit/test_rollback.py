@@ -406,3 +406,25 @@ def test_delta_packed_encodes_exactly_the_delta_entries(tmp_path: Path, chunk: i
     assert b"".join(data for _, data in parts) == expected
     assert sum(n for n, _ in parts) == len(changed)
     assert all(n <= chunk for n, _ in parts)
+
+
+def test_every_write_is_in_the_change_set_whatever_op_wrote_it(tmp_path: Path) -> None:
+    """Deltas and rollbacks rely on the change set naming every key written since the last
+    ``take_changes``: ``putmulti`` keys (tracked per database) and single puts and deletes
+    alike, each under its own database, and ``pending_changes`` does not start a new set."""
+    backend = LmdbStateBackend(str(tmp_path / "s"))
+    try:
+        assert backend.pending_changes() is None  # not tracking until the first take_changes
+        backend.take_changes()
+        backend.commit([("putmulti", "state", [(b"a", b"1"), (b"b", b"2")]), ("put", "dedup", b"a", b"x"),
+                        ("del", "state", b"zz")])  # fmt: skip
+        backend.commit([("putmulti", "dedup", [(b"b", b"y")]), ("putmulti", "state", [(b"a", b"3")])])
+        want = {("state", b"a"), ("state", b"b"), ("state", b"zz"), ("dedup", b"a"), ("dedup", b"b")}
+        assert backend.pending_changes() == want
+        assert backend.pending_changes() == want
+        assert backend.take_changes() == want
+        assert backend.take_changes() == set()
+        backend.commit([("putmulti", "state", [(b"c", b"4")])])
+        assert backend.take_changes() == {("state", b"c")}
+    finally:
+        backend.close()
