@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import json
 import logging
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Final
 
 from .config import MeshConfig
@@ -34,6 +36,28 @@ RAN_FINE: Final = 60.0
 #: the supervision loop's longest wait (stop signals are seen within it)
 POLL: Final = 0.1
 STOP_GRACE: Final = 15.0
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _stop_with(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the peer SIGTERM when the launcher dies
+    (Linux ``PR_SET_PDEATHSIG``; ``None`` elsewhere). Peers run in sessions of their own,
+    so a launcher killed by SIGKILL (or the OOM killer) left them running, unsupervised,
+    on the mesh's endpoints; and since a dead peer is restarted at once, a peer restarted
+    just before the launcher died would be such an orphan too."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def child() -> None:  # between fork and exec: no locks, no allocation worth the name
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return child
 
 
 def restart_delay(deaths_in_a_row: int) -> float:
@@ -282,7 +306,7 @@ class Launcher:
                "--log-level", self.log_level]  # fmt: skip
         if k == self.dashboard_peer:
             cmd.append("--dashboard")
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_stop_with(os.getpid()))
         self._exits.add(proc.pid)
         return proc
 

@@ -63,6 +63,20 @@ async def test_killed_peer_is_reported_restarted_and_the_mesh_serves_again(
     assert status["unavailable_peers"] == []
 
 
+@pytest.mark.timeout(90)
+async def test_peers_stop_when_their_launcher_is_killed(start_cluster: Callable[..., Cluster]) -> None:
+    """Peers run in sessions of their own; a launcher killed by SIGKILL (or the OOM killer)
+    used to leave them running, unsupervised, on the mesh's endpoints. They get SIGTERM
+    from the kernel now (PR_SET_PDEATHSIG) and stop."""
+    cluster = start_cluster("ipc")
+    pids = cluster.peer_pids()
+    assert sorted(pids) == [0, 1, 2]
+    os.kill(cluster.proc.pid, signal.SIGKILL)  # the launcher alone, not its process group
+    cluster.proc.wait(10)
+    await eventually(lambda: asyncio.sleep(0, not any(alive(p) for p in pids.values())), timeout=30,
+                     what="every peer process gone after its launcher was killed")  # fmt: skip
+
+
 # -- heartbeats, in-process over tcp ----------------------------------------------------------
 
 
