@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Final
 
 from .config import MeshConfig
@@ -24,8 +27,80 @@ __all__ = ["Launcher", "write_config"]
 
 log = logging.getLogger("statefun_mesh.launcher")
 
-RESTART_BACKOFF: Final = (0.5, 1.0, 2.0, 5.0)
+#: delay before restarting a peer that died, by how many times it died in a row (each within
+#: ``RAN_FINE`` s of its start): the first restart is at once (a SIGKILL or an OOM kill is one
+#: event, and every second of it is unavailability); only a peer that keeps dying waits
+RESTART_BACKOFF: Final = (0.0, 0.5, 1.0, 2.0, 5.0)
+#: a peer that ran this long before it died starts the back-off afresh
+RAN_FINE: Final = 60.0
+#: the supervision loop's longest wait (stop signals are seen within it)
+POLL: Final = 0.1
 STOP_GRACE: Final = 15.0
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _stop_with(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the peer SIGTERM when the launcher dies
+    (Linux ``PR_SET_PDEATHSIG``; ``None`` elsewhere). Peers run in sessions of their own,
+    so a launcher killed by SIGKILL (or the OOM killer) left them running, unsupervised,
+    on the mesh's endpoints; and since a dead peer is restarted at once, a peer restarted
+    just before the launcher died would be such an orphan too."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def child() -> None:  # between fork and exec: no locks, no allocation worth the name
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return child
+
+
+def restart_delay(deaths_in_a_row: int) -> float:
+    """Seconds to wait before restarting a peer that died; ``deaths_in_a_row`` counts this
+    death (1: the first since the peer last ran for ``RAN_FINE`` s)."""
+    return RESTART_BACKOFF[min(max(deaths_in_a_row, 1), len(RESTART_BACKOFF)) - 1]
+
+
+class _ExitWatch:
+    """Waits until a child process exits, or a timeout: with a pidfd per child (Linux 5.3+)
+    the launcher sees a death when it happens, not at its next poll; elsewhere it polls."""
+
+    def __init__(self) -> None:
+        self._poll = select.poll() if hasattr(os, "pidfd_open") and hasattr(select, "poll") else None
+        self._fds: dict[int, int] = {}  # pid -> pidfd
+
+    def add(self, pid: int) -> None:
+        if self._poll is None:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # too old a kernel, or the process is already gone: polling sees it
+            return
+        self._fds[pid] = fd
+        self._poll.register(fd, select.POLLIN)
+
+    def remove(self, pid: int) -> None:
+        fd = self._fds.pop(pid, None)
+        if fd is not None and self._poll is not None:
+            self._poll.unregister(fd)
+            os.close(fd)
+
+    def wait(self, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        if self._poll is None or not self._fds:
+            time.sleep(timeout)
+            return
+        self._poll.poll(timeout * 1000)  # a signal handler's flag is checked by the caller after it
+
+    def close(self) -> None:
+        for pid in list(self._fds):
+            self.remove(pid)
 
 
 def _toml_value(v: object) -> str:
@@ -117,7 +192,8 @@ class Launcher:
 
     Each peer is ``python -m statefun_mesh peer --config <run dir>/mesh.toml --id K``,
     so ``ps`` shows its id. Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL
-    after a grace period). A peer that dies is reported and restarted with backoff.
+    after a grace period). A peer that dies is reported and restarted: at once the first time, then
+    with a growing delay while it keeps dying (:data:`RESTART_BACKOFF`).
     """
 
     def __init__(
@@ -180,6 +256,7 @@ class Launcher:
         self.log_level = log_level
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
         self.restarts = [0] * n
+        self._exits = _ExitWatch()
         self._stopping = False
         #: (endpoint, its INFO) when a client endpoint was answered by a process this launcher did not start
         self.foreign: tuple[str, dict[str, object]] | None = None
@@ -229,7 +306,9 @@ class Launcher:
                "--log-level", self.log_level]  # fmt: skip
         if k == self.dashboard_peer:
             cmd.append("--dashboard")
-        return subprocess.Popen(cmd, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_stop_with(os.getpid()))
+        self._exits.add(proc.pid)
+        return proc
 
     def _wait_ready(self, timeout: float) -> bool:
         from .client import MeshClient
@@ -306,7 +385,9 @@ class Launcher:
             next_restart = [0.0] * n
             started_at = [time.monotonic()] * n
             while not stop_signal:
-                time.sleep(0.1)
+                # wake when a peer dies (or a restart is due), not at the next poll
+                now = time.monotonic()
+                self._exits.wait(min([POLL, *(next_restart[k] - now for k, p in enumerate(self.procs) if p is None)]))
                 for k, proc in enumerate(self.procs):
                     if proc is None:
                         if time.monotonic() >= next_restart[k] and not stop_signal:
@@ -322,14 +403,16 @@ class Launcher:
                         print(f"statefun-mesh: peer {k} refused to start (see its error above); stopping the mesh",
                               file=sys.stderr, flush=True)  # fmt: skip
                         return 2
+                    self._exits.remove(proc.pid)
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                    if time.monotonic() - started_at[k] > 60:
+                    if time.monotonic() - started_at[k] > RAN_FINE:
                         self.restarts[k] = 0  # it ran fine for a while: start the backoff afresh
-                    delay = RESTART_BACKOFF[min(self.restarts[k], len(RESTART_BACKOFF) - 1)]
                     self.restarts[k] += 1
+                    delay = restart_delay(self.restarts[k])
                     after = ("; the mesh then recovers from its last checkpoint" if self.config.blob_store
                              else " (checkpoints are off: messages it had queued are lost)")  # fmt: skip
-                    print(f"statefun-mesh: peer {k} {how}; restarting it in {delay} s{after}",
+                    when = f"in {delay} s" if delay > 0 else "now"
+                    print(f"statefun-mesh: peer {k} {how}; restarting it {when}{after}",
                           file=sys.stderr, flush=True)  # fmt: skip
                     self.procs[k] = None
                     next_restart[k] = time.monotonic() + delay
@@ -337,6 +420,7 @@ class Launcher:
             return 0
         finally:
             self._stop_all()
+            self._exits.close()
             self._unregister_client_keys()
             for s, h in old.items():
                 signal.signal(s, h)

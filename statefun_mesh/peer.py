@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +64,7 @@ from .recovery import Recovery
 from .replay import Replay
 from .replies import Answer, PendingRequests
 from .routing import Router
-from .state.lmdb_backend import LmdbStateBackend
+from .state.lmdb_backend import LmdbStateBackend, discard_store
 from .transport import codec
 from .transport.base import Transport
 from .transport.factory import open_transport
@@ -291,8 +290,7 @@ class Peer:
         if self.backend is not None:
             self.backend.close()
             self.backend = None
-        if os.path.exists(self.state_path):
-            shutil.rmtree(self.state_path)
+        discard_store(self.state_path)  # renamed aside now, deleted in the background
         return self._open_backend()
 
     async def start(self) -> None:

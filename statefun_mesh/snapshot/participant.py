@@ -284,7 +284,7 @@ class Participant:
             if kind == "base":
                 entries = ([db, k, v] for db, k, v in backend.dump(txn))
             else:
-                entries = ([db, k, v] for db, k, v in backend.delta(txn, snap.changes))
+                entries = (PackedEntries(n, data) for n, data in backend.delta_packed(txn, snap.changes))
             # one record at a time: a spilled tail is read from disk, never all in memory
             records = itertools.chain(
                 (list(r) for r in snap.inbox),
@@ -518,7 +518,7 @@ class Participant:
         chain, txn, extra = point
         peer = self.host
         backend = peer.state_store()
-        live = backend.changed
+        live = backend.pending_changes()
         usable = live is not None and backend.usable_view(txn) and (
             manifest is None
             or (
@@ -546,6 +546,7 @@ class Participant:
         cfg = peer.config
         started, cpu = time.monotonic(), time.process_time()
         await self.settled()
+        phases = [("settle", time.monotonic())]
         if manifest is not None and manifest.max_parallelism != cfg.max_parallelism:
             self._drop_points()
             raise IncompatibleSnapshotError(
@@ -576,6 +577,7 @@ class Participant:
             backend = peer.reopen_state_store()
             self.last_restore = "rebuilt"
             self.last_restore_entries = 0
+        phases.append(("store", time.monotonic()))
         ingress = peer.ingress_log()
         self.chain = []
         self.inflight_restored = []
@@ -595,8 +597,10 @@ class Participant:
                     raise SnapshotError(f"{ref.name} is a {kind} object, the manifest says {ref.kind}")
                 # a base (written in key order) goes into the empty store by appending
                 self.last_restore_entries += await asyncio.to_thread(backend.load, entries, append=kind == "base")
+            phases.append(("state", time.monotonic()))
             _, entries = await self._open(part.inflight)
             self.inflight_restored = await asyncio.to_thread(lambda: [tuple(e) for e in entries])
+            phases.append(("inflight", time.monotonic()))
             self.chain = list(part.chain)
             self.completed = manifest.checkpoint
             self.ingress_position = part.ingress_position
@@ -610,10 +614,14 @@ class Participant:
             # the next one completes, rolls back in place
             self._set_view(manifest.checkpoint if manifest is not None else -1, backend.read())
         if manifest is not None:
-            log.info("peer %d: checkpoint %d restored (%s, %d %s) in %.3f s, %.3f CPU-s", peer.peer_id,
+            steps, at = [], started
+            for name, t in phases:
+                steps.append(f"{name} {t - at:.3f}")
+                at = t
+            log.info("peer %d: checkpoint %d restored (%s, %d %s) in %.3f s, %.3f CPU-s (%s s)", peer.peer_id,
                      manifest.checkpoint, self.last_restore, self.last_restore_entries,
                      "keys rewritten" if self.last_restore == "rolled back" else "entries loaded",
-                     time.monotonic() - started, time.process_time() - cpu)  # fmt: skip
+                     time.monotonic() - started, time.process_time() - cpu, ", ".join(steps))  # fmt: skip
         peer.state_restored(released)
 
     async def _restore_rescaled(self, manifest: Manifest, backend: LmdbStateBackend) -> dict[str, int]:

@@ -33,8 +33,12 @@ import functools
 import hashlib
 import itertools
 import logging
+import operator
 import os
+import shutil
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, cast
 
@@ -214,6 +218,41 @@ def write_growing(
             raise write_error(what, path, exc, remedy) from exc
 
 
+_FIRST: Final = operator.itemgetter(0)
+_DISCARDED = ".discarded-"
+
+
+def discard_store(path: str) -> None:
+    """Delete the LMDB environment directory ``path`` without waiting for the disk.
+
+    A restarted peer replaces its store with a rebuilt one on the recovery's critical
+    path; unlinking a file of hundreds of MB (and dropping its cached pages) took 0.1-0.2 s
+    there. The directory is renamed aside at once (``path`` is free for the new store) and
+    deleted by a background thread; what a crash leaves of such directories is deleted by
+    the next call for the same ``path``.
+    """
+    parent, base = os.path.split(os.path.abspath(path))
+    doomed = []
+    try:
+        doomed = [os.path.join(parent, f) for f in os.listdir(parent) if f.startswith(base + _DISCARDED)]
+    except OSError:
+        pass
+    if os.path.exists(path):
+        aside = f"{path}{_DISCARDED}{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(path, aside)
+            doomed.append(aside)
+        except OSError:
+            shutil.rmtree(path)  # cannot rename (it must be gone before the new store opens)
+    if doomed:
+
+        def delete() -> None:
+            for d in doomed:
+                shutil.rmtree(d, ignore_errors=True)
+
+        threading.Thread(target=delete, name="statefun-mesh discard store", daemon=True).start()
+
+
 class LmdbStateBackend:
     """One peer's LMDB environment.
 
@@ -280,8 +319,14 @@ class LmdbStateBackend:
                 )
         self._closed = False
         #: (database name, key) of every entry written since the last take_changes(),
-        #: or None while nobody tracks changes (no checkpoints).
+        #: or None while nobody tracks changes (no checkpoints); the keys a ``putmulti`` op
+        #: writes (a batch's state values, most of all writes) are in ``_changed_keys``
+        #: instead: see :meth:`pending_changes`.
         self.changed: set[tuple[str, bytes]] | None = None
+        #: database name -> keys written by ``putmulti`` since the last take_changes(): a
+        #: write costs one set insertion of its key, where a new ``(database, key)`` tuple
+        #: cost twice that (about 2 % of a busy peer's CPU, issue 9)
+        self._changed_keys: dict[str, set[bytes]] = {}
 
     # -- reads ------------------------------------------------------------------------
 
@@ -406,8 +451,10 @@ class LmdbStateBackend:
                 with txn.cursor(db=dbs[op[1]]) as cur:
                     cur.putmulti(op[2])
                 if track is not None:
-                    name = op[1]
-                    track.update([(name, kv[0]) for kv in op[2]])
+                    written = self._changed_keys.get(op[1])
+                    if written is None:
+                        written = self._changed_keys[op[1]] = set()
+                    written.update(map(_FIRST, op[2]))
             elif kind == "del":
                 delete(op[2], db=dbs[op[1]])
                 if track is not None:
@@ -449,10 +496,21 @@ class LmdbStateBackend:
 
     # -- snapshots ---------------------------------------------------------------------
 
+    def pending_changes(self) -> set[tuple[str, bytes]] | None:
+        """``(database, key)`` of every entry written since the last :meth:`take_changes`
+        (``None``: changes are not tracked). Not a live view: later writes are not in it."""
+        if self.changed is None:
+            return None
+        out = set(self.changed)
+        for name, keys in self._changed_keys.items():
+            out.update(zip(itertools.repeat(name), keys))
+        return out
+
     def take_changes(self) -> set[tuple[str, bytes]]:
         """Return the keys written since the last call and start a new set (turns tracking on)."""
-        changed = self.changed if self.changed is not None else set()
+        changed = self.pending_changes() or set()
         self.changed = set()
+        self._changed_keys = {}
         return changed
 
     def dump(self, txn: lmdb.Transaction) -> Iterator[tuple[str, bytes, bytes]]:
@@ -474,6 +532,35 @@ class LmdbStateBackend:
         dbs = self._dbs
         for name, key in sorted(changed):
             yield name, key, cast("bytes | None", txn.get(key, db=dbs[name]))
+
+    def delta_packed(
+        self, txn: lmdb.Transaction, changed: set[tuple[str, bytes]], chunk: int = 4096
+    ) -> Iterator[tuple[int, bytes]]:
+        """What :meth:`delta` yields, msgpack-encoded as ``[database, key, value]`` entries
+        (the checkpoint objects' encoding), ``(count, bytes)`` for up to ``chunk`` entries at
+        a time: the bytes a checkpoint's build writes for them, from C-level loops (one
+        ``getmulti`` and one comprehension per chunk) instead of a generator per entry; it
+        ran 2.6 µs per entry in the build thread, holding the GIL the loop needs."""
+        import msgpack
+
+        pack = msgpack.Packer(use_bin_type=True).pack
+        dbs = self._dbs
+        keys = sorted(changed)
+        for i in range(0, len(keys), chunk):
+            part = keys[i : i + chunk]
+            out: list[bytes] = []
+            start = 0
+            while start < len(part):  # runs of one database (sorted: each database's keys are together)
+                name = part[start][0]
+                end = start
+                while end < len(part) and part[end][0] == name:
+                    end += 1
+                run = [k for _, k in part[start:end]]
+                with txn.cursor(db=dbs[name]) as cur:
+                    found = dict(cur.getmulti(run))
+                out += [pack([name, k, found.get(k)]) for k in run]
+                start = end
+            yield len(part), b"".join(out)
 
     def load(self, entries: Iterable[Sequence[Any]], batch: int = 50_000, *, append: bool = False) -> int:
         """Apply snapshot entries ``(database, key, value or None)`` (puts, and deletes for

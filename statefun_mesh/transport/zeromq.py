@@ -166,7 +166,10 @@ class ZmqTransport(Transport):
             dealer.setsockopt(zmq.SNDHWM, 0)
             dealer.setsockopt(zmq.LINGER, 1000)
             dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-            dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            # at most 0.2 s between attempts: a restarted peer binds ~0.7 s after its death, and
+            # with a 1 s cap the link to it (which carries the coordinator's RECOVER) waited up to
+            # 0.4 s more after the bind (issue 9, recovery time); an attempt costs a connect()
+            dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 200)
             if self.heartbeat is not None:
                 dealer.setsockopt(zmq.HEARTBEAT_IVL, max(int(self.heartbeat[0] * 1000), 1))
                 dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(int(self.heartbeat[1] * 1000), 1))

@@ -49,6 +49,7 @@ async def test_killed_peer_is_reported_restarted_and_the_mesh_serves_again(
         return lambda: asyncio.sleep(0, text in cluster.log())
 
     await eventually(logged("peer 1 was killed by signal 9"), timeout=10, what="the launcher reports the kill")
+    assert "peer 1 was killed by signal 9; restarting it now" in cluster.log(), "a first death is restarted at once"
     await eventually(logged("peer 1 restarted"), timeout=20, what="the launcher restarts peer 1")
     await eventually(lambda: asyncio.sleep(0, 1 in cluster.peer_pids()), timeout=10, what="a new peer 1 process")
     new_pids = cluster.peer_pids()
@@ -60,6 +61,20 @@ async def test_killed_peer_is_reported_restarted_and_the_mesh_serves_again(
     async with MeshClient(cluster.endpoint, timeout=5) as client:
         status = (await client.info())["status"]
     assert status["unavailable_peers"] == []
+
+
+@pytest.mark.timeout(90)
+async def test_peers_stop_when_their_launcher_is_killed(start_cluster: Callable[..., Cluster]) -> None:
+    """Peers run in sessions of their own; a launcher killed by SIGKILL (or the OOM killer)
+    used to leave them running, unsupervised, on the mesh's endpoints. They get SIGTERM
+    from the kernel now (PR_SET_PDEATHSIG) and stop."""
+    cluster = start_cluster("ipc")
+    pids = cluster.peer_pids()
+    assert sorted(pids) == [0, 1, 2]
+    os.kill(cluster.proc.pid, signal.SIGKILL)  # the launcher alone, not its process group
+    cluster.proc.wait(10)
+    await eventually(lambda: asyncio.sleep(0, not any(alive(p) for p in pids.values())), timeout=30,
+                     what="every peer process gone after its launcher was killed")  # fmt: skip
 
 
 # -- heartbeats, in-process over tcp ----------------------------------------------------------

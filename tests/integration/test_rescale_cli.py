@@ -11,6 +11,7 @@ A later start with another --peers and no --restore is refused with exit status 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -48,12 +49,15 @@ async def read_counts(clients: Clients, keys: list[str], deadline: float) -> dic
 
 
 def crash_everything(mesh: CrashMesh) -> None:
-    """SIGKILL every peer, then the launcher: nothing gets to stop cleanly."""
-    for pid in mesh.peer_pids().values():
-        os.kill(pid, signal.SIGKILL)
+    """SIGKILL the launcher, then every peer: nothing gets to stop cleanly. (Launcher first:
+    it restarts a dead peer at once, so a peer killed before it could come back.)"""
+    pids = mesh.peer_pids()
     assert mesh.proc is not None
     os.killpg(mesh.proc.pid, signal.SIGKILL)
     mesh.proc.wait(10)
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     mesh.cleanup()
 
 

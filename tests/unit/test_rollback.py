@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -349,3 +350,81 @@ async def test_a_recovery_during_a_checkpoints_build_waits_for_the_build_thread(
         assert await asyncio.to_thread(checked.wait, 10), "the build thread did not go on"
         assert aborted_under_thread == [], "the cut's transaction was aborted while the build thread read it"
         await drive(mesh, rng, 50, "b")  # and the mesh goes on
+
+
+def test_a_discarded_store_is_gone_at_once_and_deleted_in_the_background(tmp_path: Path) -> None:
+    """A restarted peer's rebuild replaces its store: the old one is renamed aside at once (its
+    path is free for the new store) and deleted by a thread, with what a crash left of earlier
+    discards of the same store, and nothing of another peer's."""
+    from statefun_mesh.state.lmdb_backend import discard_store
+
+    path = tmp_path / "peer-1"
+    backend = LmdbStateBackend(str(path))
+    backend.load([("state", b"k%06d" % i, b"v" * 200) for i in range(2000)], append=True)
+    backend.close()
+    crashed = tmp_path / "peer-1.discarded-123-456"  # left by a process killed before its thread ran
+    crashed.mkdir()
+    (crashed / "data.mdb").write_bytes(b"x" * 1000)
+    other = tmp_path / "peer-10.discarded-1-2"  # another peer's: not ours to delete
+    other.mkdir()
+    discard_store(str(path))
+    assert not path.exists()
+    fresh = LmdbStateBackend(str(path))
+    try:
+        txn = fresh.read()
+        assert list(fresh.iter_state(txn)) == []
+        txn.abort()
+    finally:
+        fresh.close()
+    for _ in range(500):
+        if not [f for f in os.listdir(tmp_path) if f.startswith("peer-1.discarded-")]:
+            break
+        time.sleep(0.02)
+    assert sorted(os.listdir(tmp_path)) == ["peer-1", "peer-10.discarded-1-2"]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_delta_packed_encodes_exactly_the_delta_entries(tmp_path: Path, chunk: int) -> None:
+    """The build thread writes a delta from ``delta_packed``: the same bytes, in the same
+    order, as packing every ``delta`` entry one by one (deleted keys as nil, one key in
+    several databases kept apart, runs split across chunks)."""
+    import msgpack
+
+    backend = LmdbStateBackend(str(tmp_path / "s"))
+    rnd = random.Random(7)
+    keys = [b"k%04d" % i for i in range(300)]
+    backend.load([(db, k, rnd.randbytes(rnd.randrange(0, 40))) for db in ("dedup", "state") for k in keys[::2]])
+    changed = {(db, k) for db in ("dedup", "egress", "state") for k in rnd.sample(keys, 60)}
+    txn = backend.read()
+    try:
+        pack = msgpack.Packer(use_bin_type=True).pack
+        expected = b"".join(pack([db, k, v]) for db, k, v in backend.delta(txn, changed))
+        parts = list(backend.delta_packed(txn, changed, chunk=chunk))
+    finally:
+        txn.abort()
+        backend.close()
+    assert b"".join(data for _, data in parts) == expected
+    assert sum(n for n, _ in parts) == len(changed)
+    assert all(n <= chunk for n, _ in parts)
+
+
+def test_every_write_is_in_the_change_set_whatever_op_wrote_it(tmp_path: Path) -> None:
+    """Deltas and rollbacks rely on the change set naming every key written since the last
+    ``take_changes``: ``putmulti`` keys (tracked per database) and single puts and deletes
+    alike, each under its own database, and ``pending_changes`` does not start a new set."""
+    backend = LmdbStateBackend(str(tmp_path / "s"))
+    try:
+        assert backend.pending_changes() is None  # not tracking until the first take_changes
+        backend.take_changes()
+        backend.commit([("putmulti", "state", [(b"a", b"1"), (b"b", b"2")]), ("put", "dedup", b"a", b"x"),
+                        ("del", "state", b"zz")])  # fmt: skip
+        backend.commit([("putmulti", "dedup", [(b"b", b"y")]), ("putmulti", "state", [(b"a", b"3")])])
+        want = {("state", b"a"), ("state", b"b"), ("state", b"zz"), ("dedup", b"a"), ("dedup", b"b")}
+        assert backend.pending_changes() == want
+        assert backend.pending_changes() == want
+        assert backend.take_changes() == want
+        assert backend.take_changes() == set()
+        backend.commit([("putmulti", "state", [(b"c", b"4")])])
+        assert backend.take_changes() == {("state", b"c")}
+    finally:
+        backend.close()
