@@ -114,3 +114,4 @@ _K_CACHEABLE = KIT_FIELDS.index("_CACHEABLE")
 # the twin's, compiled above, are left unused
 invoke_sync = invoke_sync_native
 load_cells = load_cells_native
+collect_puts = collect_puts_native

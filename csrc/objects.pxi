@@ -10,7 +10,6 @@
 # and the suite) and the byte vectors in tests/data/ run on both cores. Cold methods
 # (send_after, reply, as_kafka, ...) run the twin's own code on these objects' fields.
 
-from cpython.long cimport PyLong_AsLongLong
 from cpython.dict cimport PyDict_GetItem, PyDict_Next
 from cpython.object cimport PyTypeObject
 
@@ -27,6 +26,10 @@ cdef extern from *:
     }
     """
     object sfm_type_new(object t)
+
+cdef extern from "Python.h":
+    # without exception handling: the caller clears an overflow and lets the serializer raise
+    long long SFM_PyLong_AsLL "PyLong_AsLongLong" (object o) noexcept
 
 # Bound once by the twin modules (bind_messages, bind_context): they import this module,
 # so it cannot import them.
@@ -100,7 +103,7 @@ cdef inline object _encode_fixed(object value, bint wide):
     cdef int i, n
     if type(value) is not int:
         return None
-    v = PyLong_AsLongLong(value)
+    v = SFM_PyLong_AsLL(value)
     if v == -1 and PyErr_Occurred():
         PyErr_Clear()
         return None
@@ -170,6 +173,8 @@ cdef class Cell:
     cdef public object decoded
     cdef public bint has_decoded
     cdef public bint dirty
+    #: the spec's stored-value header (load_cells_native), for collect_puts_native; None: unknown
+    cdef object _head
 
     def __init__(self, name, type, key, vt, data, expire):
         self.name = name
@@ -212,6 +217,7 @@ cdef inline Cell _new_cell(name, stype, key, vt, data, expire):
     cell.decoded = None
     cell.has_decoded = False
     cell.dirty = False
+    cell._head = None
     return cell
 
 
@@ -523,23 +529,43 @@ cdef class Context:
 
 # -- the per-address steps of the batch loop (the twin: _dispatch_loop.load_cells, invoke_sync) --
 
+cdef inline bytes _concat4(bytes a, bytes b, bytes c, bytes d):
+    """``a + b + c + d`` in one allocation."""
+    cdef Py_ssize_t na = PyBytes_GET_SIZE(a), nb = PyBytes_GET_SIZE(b)
+    cdef Py_ssize_t nc = PyBytes_GET_SIZE(c), nd = PyBytes_GET_SIZE(d)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, na + nb + nc + nd)
+    cdef char* p = PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(a), na)
+    memcpy(p + na, PyBytes_AS_STRING(b), nb)
+    memcpy(p + na + nb, PyBytes_AS_STRING(c), nc)
+    memcpy(p + na + nb + nc, PyBytes_AS_STRING(d), nd)
+    return out
+
+
 def load_cells_native(fspec, str typename, str id, int kg, get, db_state, now_ms, tuple kit):
-    """``_dispatch_loop.load_cells``, compiled with this module's Cell."""
+    """``_dispatch_loop.load_cells``, compiled with this module's Cell (and the state key
+    and the stored-value header check in C)."""
     cdef dict cells = {}
     cdef Cell cell
     cdef bytes head = kit[_K_PREFIXES][kg]
     cdef Py_ssize_t max_key = kit[_K_MAX_KEY]
+    cdef bytes skey, vhead
+    cdef Py_ssize_t nh
     state_key = kit[_K_STATE_KEY]
     cdef bytes idb = id.encode("utf-8", "surrogatepass")
-    for name, stype, tprefix, suffix, vhead, decode in fspec.key_parts:
-        skey = head + tprefix + idb + suffix
-        if len(skey) > max_key:
+    for part in fspec.key_parts:
+        name, stype, tprefix, suffix, vhead, decode = part
+        skey = _concat4(head, tprefix, idb, suffix)
+        if PyBytes_GET_SIZE(skey) > max_key:
             skey = state_key(kg, typename, id, name)
-        raw = get(skey, db=db_state)
+        raw = get(skey, None, db_state)
+        nh = PyBytes_GET_SIZE(vhead)
         if raw is None:
-            cells[name] = _new_cell(name, stype, skey, None, None, 0)
-        elif raw.startswith(vhead):  # the declared type, no expiry: the usual case
-            data = raw[len(vhead):]
+            cell = _new_cell(name, stype, skey, None, None, 0)
+        elif (type(raw) is bytes and PyBytes_GET_SIZE(raw) >= nh
+              and memcmp(PyBytes_AS_STRING(raw), PyBytes_AS_STRING(vhead), nh) == 0):
+            # the declared type, no expiry: the usual case
+            data = PyBytes_FromStringAndSize(PyBytes_AS_STRING(raw) + nh, PyBytes_GET_SIZE(raw) - nh)
             cell = _new_cell(name, stype, skey, stype.typename, data, 0)
             if decode is not None:
                 try:
@@ -547,7 +573,6 @@ def load_cells_native(fspec, str typename, str id, int kg, get, db_state, now_ms
                     cell.has_decoded = True
                 except Exception:  # left for the read to raise, inside the invocation
                     pass
-            cells[name] = cell
         else:
             vt, data, expire = kit[_K_DECODE_STATE](raw)
             cell = _new_cell(name, stype, skey, vt, data, expire)
@@ -555,8 +580,40 @@ def load_cells_native(fspec, str typename, str id, int kg, get, db_state, now_ms
                 cell.vt = cell.data = None
                 cell.expire = 0
                 cell.dirty = True
-            cells[name] = cell
+        cell._head = vhead
+        cells[name] = cell
     return cells
+
+
+def collect_puts_native(list touched, list ops, encode):
+    """``_dispatch_loop.collect_puts``, with this module's Cell: a value of the declared
+    type without expiry is the spec's stored-value header (load_cells') plus its bytes,
+    which is what ``encode`` (``encode_state_value``) returns for it."""
+    cdef list puts = []
+    cdef Cell cell
+    cdef dict cells
+    for cells in touched:
+        for c in cells.values():
+            cell = <Cell>c
+            if cell.dirty:
+                if cell.data is None:
+                    ops.append(("del", "state", cell.key))
+                elif (cell._head is not None and type(cell.data) is bytes and cell.vt is cell.type.typename
+                      and type(cell.expire) is int and cell.expire == 0):
+                    puts.append((cell.key, _concat2(cell._head, cell.data)))
+                else:
+                    puts.append((cell.key, encode(cell.vt, cell.data, cell.expire)))
+    if puts:
+        ops.append(("putmulti", "state", puts))
+
+
+cdef inline bytes _concat2(bytes a, bytes b):
+    cdef Py_ssize_t na = PyBytes_GET_SIZE(a), nb = PyBytes_GET_SIZE(b)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, na + nb)
+    cdef char* p = PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(a), na)
+    memcpy(p + na, PyBytes_AS_STRING(b), nb)
+    return out
 
 
 cdef inline void _apply_write(Cell cell, object value, object data, object cacheable):

@@ -171,7 +171,7 @@ def load_cells(
         skey = head + tprefix + idb + suffix
         if len(skey) > max_key:
             skey = state_key(kg, typename, id, name)
-        raw = get(skey, db=db_state)
+        raw = get(skey, None, db_state)  # (key, default, db): no keyword dict per read
         if raw is None:
             cells[name] = cell_cls(name, stype, skey, None, None, 0)
         elif raw.startswith(vhead):  # the declared type, no expiry: the usual case
