@@ -128,9 +128,7 @@ def dispatch_groups(
             rcells = d.remote.load(d, txn, typename, id, kg, now_ms)
             starting.append(_RemoteRunning(endpoint, address, kg, rcells, recs, dedup_out))
             continue
-        cells: dict[Any, Any] = (
-            load_cells(fspec, typename, id, kg, get, db_state, now_ms, kit) if fspec.specs else {}
-        )
+        cells: dict[Any, Any] = load_cells(fspec, typename, id, kg, get, db_state, now_ms, kit) if fspec.specs else {}
         if fspec.is_async:
             starting.append(_Running(fspec, address, kg, cells, recs, dedup_out))
             continue

@@ -41,8 +41,11 @@ def test_the_objects_are_the_cores_own() -> None:
         from statefun_mesh import _speedups_c
 
         assert (Context, Message, Cell, Storage) == (
-            _speedups_c.Context, _speedups_c.Message, _speedups_c.Cell, _speedups_c.Storage
-        )  # fmt: skip
+            _speedups_c.Context,
+            _speedups_c.Message,
+            _speedups_c.Cell,
+            _speedups_c.Storage,
+        )
         assert Context is not PyContext and Message is not PyMessage and Cell is not PyCell
     else:
         assert (Context, Message, Cell, Storage) == (PyContext, PyMessage, PyCell, PyStorage)
@@ -72,8 +75,18 @@ def test_the_int_codec_writes_the_serializers_bytes(tpe: Any, value: int) -> Non
         assert m.as_type(tpe) == int(value)
 
 
-@pytest.mark.parametrize("data", [b"", b"\r", b"\r\x01\x02\x03", b"\x0d\x01\x00\x00\x00\x00", b"\x08\x05",
-                                  b"\t\x01\x00\x00\x00\x00\x00\x00\x80", b"\x0d\xff\xff\xff\xff"])  # fmt: skip
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\r",
+        b"\r\x01\x02\x03",
+        b"\x0d\x01\x00\x00\x00\x00",
+        b"\x08\x05",
+        b"\t\x01\x00\x00\x00\x00\x00\x00\x80",
+        b"\x0d\xff\xff\xff\xff",
+    ],
+)
 @pytest.mark.parametrize("tpe", [IntType, LongType])
 def test_the_int_codec_reads_what_the_serializer_reads(tpe: Any, data: bytes) -> None:
     def run(decode: Any) -> Any:
@@ -95,11 +108,31 @@ def test_message_behaves_as_the_twins() -> None:
         m = cls("t/a", "x", IntType.typename, IntType.serializer().serialize(7))
         s = cls("t/a", "y", StringType.typename, StringType.serializer().serialize("hi"))
         tv = cls("t/a", "z", TypedValue(IntType.typename, IntType.serializer().serialize(3)))
-        out: list[Any] = [repr(m), m.target_typename, m.target_id, m.value_typename(), m.raw_value(), m.is_int(),
-                          m.as_int(), m.is_long(), m.is_string(), s.as_string(), s.is_type(StringType),
-                          m.typed_value.typename, tv.as_int(), m.is_kafka(), m.is_kinesis()]  # fmt: skip
-        for bad in (lambda: m.as_string(), lambda: s.as_int(), lambda: cls("", "x", None),
-                    lambda: cls("t/a", "", None), lambda: cls("t/a", "x", None), lambda: cls("t/a", "x", 5)):  # fmt: skip
+        out: list[Any] = [
+            repr(m),
+            m.target_typename,
+            m.target_id,
+            m.value_typename(),
+            m.raw_value(),
+            m.is_int(),
+            m.as_int(),
+            m.is_long(),
+            m.is_string(),
+            s.as_string(),
+            s.is_type(StringType),
+            m.typed_value.typename,
+            tv.as_int(),
+            m.is_kafka(),
+            m.is_kinesis(),
+        ]
+        for bad in (
+            lambda: m.as_string(),
+            lambda: s.as_int(),
+            lambda: cls("", "x", None),
+            lambda: cls("t/a", "", None),
+            lambda: cls("t/a", "x", None),
+            lambda: cls("t/a", "x", 5),
+        ):
             with pytest.raises((TypeError, ValueError)) as exc:
                 bad()
             out.append((exc.type, str(exc.value)))
@@ -141,11 +174,24 @@ def test_context_behaves_as_the_twins() -> None:
         ctx.reply(int_value=2)
         ctx.reply(5, IntType)  # the first answer wins
         ctx.cancel_delayed_message("tok")
-        out: list[Any] = [ctx.address, ctx.caller, ctx.in_request, ctx._reply_peer, ctx._request_id, ctx._sends,
-                          ctx._reply, ctx._delayed, ctx._egress]  # fmt: skip
-        for bad in (lambda: ctx.send("nope"), lambda: ctx.send(message_builder("t/c", "z", str_value="v" * 300)),
-                    lambda: ctx.send_after(5, message_builder("t/c", "z", int_value=1)),
-                    lambda: ctx.reply(nope=1), lambda: ctx.send_egress("nope")):  # fmt: skip
+        out: list[Any] = [
+            ctx.address,
+            ctx.caller,
+            ctx.in_request,
+            ctx._reply_peer,
+            ctx._request_id,
+            ctx._sends,
+            ctx._reply,
+            ctx._delayed,
+            ctx._egress,
+        ]
+        for bad in (
+            lambda: ctx.send("nope"),
+            lambda: ctx.send(message_builder("t/c", "z", str_value="v" * 300)),
+            lambda: ctx.send_after(5, message_builder("t/c", "z", int_value=1)),
+            lambda: ctx.reply(nope=1),
+            lambda: ctx.send_egress("nope"),
+        ):
             with pytest.raises((TypeError, ValueError, MessageTooLargeError)) as exc:
                 bad()
             out.append((exc.type, str(exc.value)))
