@@ -666,10 +666,12 @@ def invoke_sync_native(d, fspec, address, int kg, dict cells, list recs, Py_ssiz
     ttl = fspec.ttl_ms
     typename = address[0]
     id = address[1]
+    # one storage per address group, its writes emptied before each invocation (those of one
+    # that raised are dropped with it); a fresh Context and Message per invocation
+    storage = <Storage>sfm_type_new(storage_cls)
+    storage._address = address
+    storage._cells = cells
     for rec in recs:
-        storage = <Storage>sfm_type_new(storage_cls)
-        storage._address = address
-        storage._cells = cells
         storage._writes = None
         ctx = Context.__new__(Context)
         ctx.address = address
