@@ -2,23 +2,26 @@
 
 This file is the pure-Python twin *and* the source of the Cython core's version: the
 Cython core includes it verbatim (``csrc/_speedups_c.pyx``: ``include``), so both cores
-run the same statements, compiled to C in one and interpreted in the other, and give
-the same results by construction (``tests/unit/test_dispatch_core.py`` pins the bytes a
-batch writes against ``tests/data/dispatch_batch.json`` on both). Import it only through
-:mod:`statefun_mesh._speedups` (``group_records``, ``dispatch_groups``).
+run the same statements for ``group_records`` and ``dispatch_groups``. The per-address
+steps ``load_cells``, ``invoke_sync`` and ``collect_puts`` are the specification of the
+Cython core's own versions (``csrc/objects.pxi``: ``*_native``, which build its extension
+types ``Cell``, ``Context``, ``Message`` and storage with their C fields); the dispatcher
+passes whichever core's in ``kit`` (``_speedups.load_cells``, ``invoke_sync``).
+``tests/unit/test_dispatch_core.py`` pins the bytes a batch writes against
+``tests/data/dispatch_batch.json`` on both cores. Import it only through
+:mod:`statefun_mesh._speedups`.
 
 Only builtin types are annotated (Cython types those); everything else is ``Any``.
 The dispatcher passes the classes and functions this loop needs in ``kit``
 (``KIT_FIELDS``): their modules import ``_speedups``, so this one imports none of them.
 
-Where each step of a message runs (docs/architecture.md, "The batch hot path"):
-``group_records`` groups a batch by address; ``dispatch_groups`` then, per address,
-builds the state keys from the function's precomputed parts, reads them in the batch's
-one read transaction, decodes values by a prefix check against the spec's stored-value
-header, and invokes the function once per message with a fresh ``Context``, storage
-(the function's generated class) and ``Message``; a returned invocation's writes go to
-the address's cells, its sends to the batch's outcome. The cells' final values are
-encoded by the dispatcher into one ``putmulti`` op after the loop.
+Where each step of a message runs (docs/architecture.md §4a): ``group_records`` groups
+a batch by address; ``dispatch_groups`` then, per address, calls ``load_cells`` (state
+keys from the function's precomputed parts, read in the batch's one read transaction,
+values decoded by a prefix check against the spec's stored-value header) and
+``invoke_sync`` (the function once per message with a fresh ``Context`` and ``Message``;
+a returned invocation's writes go to the address's cells, its sends to the batch's
+outcome). ``collect_puts`` encodes the cells' final values into one ``putmulti`` op.
 """
 
 from typing import Any
