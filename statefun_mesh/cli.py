@@ -348,6 +348,12 @@ def cmd_peer(args: argparse.Namespace) -> int:
             return 0
         stopping.cancel()
         starting.result()  # a start-up error ends the peer here, with its message
+        # what start-up made (modules, functions, config) lives as long as the process: out
+        # of the cyclic GC's generations, so its collections scan only the batches' objects
+        # (bench/RESULTS.md, "Session 6": 5-10 % of the batch work with a peer-sized heap)
+        import gc
+
+        gc.freeze()
         try:
             log.info(
                 "peer %d ready (client endpoint %s)",
