@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from statefun_mesh import IntType, StatefulFunctions, ValueSpec, _speedups, make_json_type, message_builder
+from statefun_mesh import IntType, LongType, StatefulFunctions, ValueSpec, _speedups, make_json_type, message_builder
 from statefun_mesh._dispatch_loop import KIT_FIELDS
 from statefun_mesh.address import Address
 from statefun_mesh.context import Cell, PyCell, PyContext
@@ -32,7 +32,9 @@ INT = IntType.typename
 def _functions(seen: list[Any]) -> StatefulFunctions:
     functions = StatefulFunctions()
 
-    @functions.bind(typename="t/count", specs=[ValueSpec("n", IntType), ValueSpec("doc", JSON)])
+    @functions.bind(
+        typename="t/count", specs=[ValueSpec("n", IntType), ValueSpec("doc", JSON), ValueSpec("big", LongType)]
+    )
     def count(context: Any, message: Any) -> None:
         v = message.as_int()
         if v < 0:
@@ -43,6 +45,8 @@ def _functions(seen: list[Any]) -> StatefulFunctions:
             context.storage.doc = None
             return
         context.storage.n = (context.storage.n or 0) + v
+        # a LongType value past int32 (the Cython core codes int/long itself)
+        context.storage.big = (context.storage.big or -(2**40)) + v * 2**33
         doc = context.storage.doc or {"seen": []}
         doc["seen"].append(v)
         context.storage.doc = doc
