@@ -245,6 +245,8 @@ class Context:
         Raises:
             MessageTooLargeError: the message is over the mesh's ``max_message_bytes``.
         """
+        # The Cython core runs its own copy of this method (csrc/objects.pxi, Context.send):
+        # a change here goes there too (tests/unit/test_native_objects.py compares the two).
         if type(message) is not Message:
             raise TypeError(f"send() takes a Message (use message_builder), got {type(message).__name__}")
         a = self.address
