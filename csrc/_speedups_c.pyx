@@ -1,6 +1,7 @@
 # cython: language_level=3, embedsignature=True
 """Cython core of the hot path: XXH64 key hashing, key groups, batch frames, the
-dispatcher's per-batch loop (grouping, state reads, invocation, write collection).
+dispatcher's per-batch loop (grouping, state reads, invocation, write collection), and
+the objects a function sees (Cell, Storage, Context, Message) as extension types.
 
 The executable specification is ``statefun_mesh/_speedups_py.py``: this module
 implements exactly its API, bit for bit (the golden vectors in ``tests/data/`` pin
@@ -28,7 +29,7 @@ from cpython.unicode cimport (
     PyUnicode_Check,
     PyUnicode_New,
 )
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
 from statefun_mesh.errors import FrameDecodeError
@@ -81,8 +82,10 @@ __all__ = [
     "dispatch_groups",
     "encode_batch",
     "group_records",
+    "invoke_sync",
     "key_group",
     "key_groups",
+    "load_cells",
     "partition",
     "record_size",
     "stable_hash",
@@ -97,5 +100,18 @@ Record = tuple[str, str, str, str, str, bytes, int, int]
 
 include "hashing.pxi"
 include "batching.pxi"
+# Cell, Storage, Context, Message and the per-address steps that use them, native.
+include "objects.pxi"
 # The dispatcher's per-batch loop: the twin's own source, compiled (see its docstring).
 include "../statefun_mesh/_dispatch_loop.py"
+
+_K_DECODE_STATE = KIT_FIELDS.index("decode_state_value")
+_K_STATE_KEY = KIT_FIELDS.index("state_key")
+_K_PREFIXES = KIT_FIELDS.index("KG_PREFIXES")
+_K_MAX_KEY = KIT_FIELDS.index("MAX_KEY")
+_K_CACHEABLE = KIT_FIELDS.index("_CACHEABLE")
+# the per-address steps under the twin's names are this core's native ones (objects.pxi);
+# the twin's, compiled above, are left unused
+invoke_sync = invoke_sync_native
+load_cells = load_cells_native
+collect_puts = collect_puts_native

@@ -2,23 +2,26 @@
 
 This file is the pure-Python twin *and* the source of the Cython core's version: the
 Cython core includes it verbatim (``csrc/_speedups_c.pyx``: ``include``), so both cores
-run the same statements, compiled to C in one and interpreted in the other, and give
-the same results by construction (``tests/unit/test_dispatch_core.py`` pins the bytes a
-batch writes against ``tests/data/dispatch_batch.json`` on both). Import it only through
-:mod:`statefun_mesh._speedups` (``group_records``, ``dispatch_groups``).
+run the same statements for ``group_records`` and ``dispatch_groups``. The per-address
+steps ``load_cells``, ``invoke_sync`` and ``collect_puts`` are the specification of the
+Cython core's own versions (``csrc/objects.pxi``: ``*_native``, which build its extension
+types ``Cell``, ``Context``, ``Message`` and storage with their C fields); the dispatcher
+passes whichever core's in ``kit`` (``_speedups.load_cells``, ``invoke_sync``).
+``tests/unit/test_dispatch_core.py`` pins the bytes a batch writes against
+``tests/data/dispatch_batch.json`` on both cores. Import it only through
+:mod:`statefun_mesh._speedups`.
 
 Only builtin types are annotated (Cython types those); everything else is ``Any``.
 The dispatcher passes the classes and functions this loop needs in ``kit``
 (``KIT_FIELDS``): their modules import ``_speedups``, so this one imports none of them.
 
-Where each step of a message runs (docs/architecture.md, "The batch hot path"):
-``group_records`` groups a batch by address; ``dispatch_groups`` then, per address,
-builds the state keys from the function's precomputed parts, reads them in the batch's
-one read transaction, decodes values by a prefix check against the spec's stored-value
-header, and invokes the function once per message with a fresh ``Context``, storage
-(the function's generated class) and ``Message``; a returned invocation's writes go to
-the address's cells, its sends to the batch's outcome. The cells' final values are
-encoded by the dispatcher into one ``putmulti`` op after the loop.
+Where each step of a message runs (docs/architecture.md §4a): ``group_records`` groups
+a batch by address; ``dispatch_groups`` then, per address, calls ``load_cells`` (state
+keys from the function's precomputed parts, read in the batch's one read transaction,
+values decoded by a prefix check against the spec's stored-value header) and
+``invoke_sync`` (the function once per message with a fresh ``Context`` and ``Message``;
+a returned invocation's writes go to the address's cells, its sends to the batch's
+outcome). ``collect_puts`` encodes the cells' final values into one ``putmulti`` op.
 """
 
 from typing import Any
@@ -27,7 +30,7 @@ from typing import Any
 KIT_FIELDS = (
     "Address", "Cell", "Context", "Message", "BatchOutcome", "_Running", "_RemoteRunning", "decode_state_value",
     "state_key", "KG_PREFIXES", "MAX_KEY", "LATENCY_BUCKETS", "bisect_left", "perf_counter", "DELETED", "_CACHEABLE",
-    "_set_address", "_set_cells", "_set_writes", "encode_state_value",
+    "_set_address", "_set_cells", "_set_writes", "encode_state_value", "load_cells", "invoke_sync",
 )  # fmt: skip
 
 
@@ -62,10 +65,8 @@ def dispatch_groups(
     ``max_send_bytes``, dead-letter unknown types, start async and remote ones (appended
     to ``starting``), and invoke sync ones. Appends each sync address's cells to
     ``touched`` and returns how many sync invocations returned. ``kit``: see ``KIT_FIELDS``."""
-    (Address, Cell, Context, Message, BatchOutcome, _Running, _RemoteRunning, decode_state_value,
-     state_key, kg_prefix, max_key, bounds, bisect_left, perf_counter, DELETED, cacheable,
-     set_address, set_cells, set_writes, _) = kit  # fmt: skip
-    new = object.__new__
+    (Address, _, _, _, BatchOutcome, _Running, _RemoteRunning, _, _, _, _, bounds, bisect_left, perf_counter,
+     _, _, _, _, _, _, load_cells, invoke_sync) = kit  # fmt: skip
     new_tuple = tuple.__new__
     parked: dict[Any, Any] = d._parked
     qlens: dict[Any, Any] = d._qlens
@@ -130,123 +131,16 @@ def dispatch_groups(
             rcells = d.remote.load(d, txn, typename, id, kg, now_ms)
             starting.append(_RemoteRunning(endpoint, address, kg, rcells, recs, dedup_out))
             continue
-        cells: dict[Any, Any] = {}
-        if fspec.specs:
-            head = kg_prefix[kg]
-            idb = id.encode("utf-8", "surrogatepass")
-            for name, stype, tprefix, suffix, vhead, decode in fspec.key_parts:
-                skey = head + tprefix + idb + suffix
-                if len(skey) > max_key:
-                    skey = state_key(kg, typename, id, name)
-                raw = get(skey, db=db_state)
-                if raw is None:
-                    cells[name] = Cell(name, stype, skey, None, None, 0)
-                elif raw.startswith(vhead):  # the declared type, no expiry: the usual case
-                    data = raw[len(vhead) :]
-                    cell = new(Cell)  # Cell.__init__, inlined (test_dispatch_core checks every slot is set)
-                    cell.name = name
-                    cell.type = stype
-                    cell.key = skey
-                    cell.vt = stype.typename
-                    cell.data = data
-                    cell.expire = 0
-                    cell.decoded = None
-                    cell.has_decoded = False
-                    cell.dirty = False
-                    if decode is not None:
-                        try:
-                            cell.decoded = decode(data)
-                            cell.has_decoded = True
-                        except Exception:  # left for the read to raise, inside the invocation
-                            pass
-                    cells[name] = cell
-                else:
-                    vt, data, expire = decode_state_value(raw)
-                    cell = Cell(name, stype, skey, vt, data, expire)
-                    if expire and expire <= now_ms:
-                        cell.vt = cell.data = None
-                        cell.expire = 0
-                        cell.dirty = True
-                    cells[name] = cell
+        cells: dict[Any, Any] = load_cells(fspec, typename, id, kg, get, db_state, now_ms, kit) if fspec.specs else {}
         if fspec.is_async:
             starting.append(_Running(fspec, address, kg, cells, recs, dedup_out))
             continue
         if cells:
             touched.append(cells)
-        storage_cls = fspec.storage_class
-        fun = fspec.fun
-        ttl = fspec.ttl_ms
         d.current = address
-        for rec in recs:
-            storage = new(storage_cls)  # Storage.__init__, inlined (its slots' own setters)
-            set_address(storage, address)
-            set_cells(storage, cells)
-            set_writes(storage, None)
-            ctx = new(Context)  # Context.__init__, inlined (test_dispatch_core checks every slot is set)
-            ctx.address = address
-            ctx._rec = rec
-            ctx.storage = storage
-            ctx._sends = None
-            ctx._delayed = None
-            ctx._egress = None
-            ctx._reply = None
-            ctx._limit = limit
-            ctx._outbox = outbox
-            ctx._room = stage_bytes
-            msg = new(Message)
-            msg.target_typename = typename
-            msg.target_id = id
-            msg._vt = rec[4]
-            msg._v = rec[5]
-            try:
-                fun(ctx, msg)
-                writes = storage._writes
-                if writes is not None:
-                    # Dispatcher._serialize_writes, inlined: encode every write before any applies
-                    wl: list[Any] = []
-                    for wname, value in writes.items():
-                        cell = cells[wname]
-                        if value is DELETED:
-                            wl.append((cell, None, None))
-                        else:
-                            data = cell.type.serializer().serialize(value)
-                            if type(data) is not bytes and not isinstance(data, bytes):
-                                raise TypeError(
-                                    f"the serializer of type {cell.type.typename!r} returned "
-                                    f"{type(data).__name__}, not bytes, for state {wname!r}"
-                                )
-                            wl.append((cell, value, data))
-                    writes = wl
-            except Exception as exc:
-                d._failed(rec, address, cells, exc, out)
-                continue
-            if writes is not None:
-                # Dispatcher._apply's writes, inlined
-                for cell, value, data in writes:
-                    cell.dirty = True
-                    if data is None:
-                        cell.vt = cell.data = None
-                        cell.expire = 0
-                        cell.decoded = None
-                        cell.has_decoded = True
-                    else:
-                        cell.vt = cell.type.typename
-                        cell.data = data
-                        cell.expire = 0
-                        if type(value) in cacheable:
-                            cell.decoded = value
-                            cell.has_decoded = True
-                        else:
-                            cell.has_decoded = False
-            if ttl:
-                d._apply(fspec, cells, None, now_ms)
-            invocations += 1
-            if outbox is not None and outbox.current is ctx:  # some of its sends were staged
-                outbox.emitted(ctx, sends)
-            if ctx._sends is not None:
-                sends.extend(ctx._sends)
-            if ctx._delayed is not None or ctx._egress is not None or ctx._reply is not None:
-                d._emit_other(address, kg, ctx, out, now_ms)
+        invocations += invoke_sync(
+            d, fspec, address, kg, cells, recs, limit, outbox, stage_bytes, out, sends, now_ms, kit
+        )
         d.current = None
         # TypeStats.observe, inlined: this runs once per address of every batch
         t1 = perf_counter()
@@ -259,6 +153,156 @@ def dispatch_groups(
         else:
             st.buckets[bisect_left(bounds, dt / n)] += n
         t0 = t1
+    return invocations
+
+
+def load_cells(
+    fspec: Any, typename: str, id: str, kg: int, get: Any, db_state: Any, now_ms: Any, kit: tuple[Any, ...]
+) -> dict[Any, Any]:
+    """The cells of address ``(typename, id)`` of function ``fspec`` (which declares state):
+    state keys from the function's precomputed parts, read in the batch's transaction
+    (``get``), values of the declared type without expiry decoded by a prefix check against
+    the spec's stored-value header. (The Cython core's own: ``load_cells_native``.)"""
+    cell_cls, decode_state_value, state_key, kg_prefix, max_key = kit[1], kit[7], kit[8], kit[9], kit[10]
+    new = object.__new__
+    cells: dict[Any, Any] = {}
+    head = kg_prefix[kg]
+    idb = id.encode("utf-8", "surrogatepass")
+    for name, stype, tprefix, suffix, vhead, decode in fspec.key_parts:
+        skey = head + tprefix + idb + suffix
+        if len(skey) > max_key:
+            skey = state_key(kg, typename, id, name)
+        raw = get(skey, None, db_state)  # (key, default, db): no keyword dict per read
+        if raw is None:
+            cells[name] = cell_cls(name, stype, skey, None, None, 0)
+        elif raw.startswith(vhead):  # the declared type, no expiry: the usual case
+            data = raw[len(vhead) :]
+            cell = new(cell_cls)  # Cell.__init__, inlined (test_dispatch_core checks every slot is set)
+            cell.name = name
+            cell.type = stype
+            cell.key = skey
+            cell.vt = stype.typename
+            cell.data = data
+            cell.expire = 0
+            cell.decoded = None
+            cell.has_decoded = False
+            cell.dirty = False
+            if decode is not None:
+                try:
+                    cell.decoded = decode(data)
+                    cell.has_decoded = True
+                except Exception:  # left for the read to raise, inside the invocation
+                    pass
+            cells[name] = cell
+        else:
+            vt, data, expire = decode_state_value(raw)
+            cell = cell_cls(name, stype, skey, vt, data, expire)
+            if expire and expire <= now_ms:
+                cell.vt = cell.data = None
+                cell.expire = 0
+                cell.dirty = True
+            cells[name] = cell
+    return cells
+
+
+def invoke_sync(
+    d: Any,
+    fspec: Any,
+    address: Any,
+    kg: int,
+    cells: dict[Any, Any],
+    recs: list[Any],
+    limit: int,
+    outbox: Any,
+    stage_bytes: int,
+    out: Any,
+    sends: list[Any],
+    now_ms: Any,
+    kit: tuple[Any, ...],
+) -> int:
+    """Invoke sync function ``fspec`` once per record of ``recs`` at ``address``, in order,
+    each with a fresh ``Context``, storage (the function's generated class) and ``Message``;
+    a returned invocation's writes go to ``cells``, its sends to ``sends``, its other
+    effects to ``out``; one that raises is dead-lettered (``d._failed``). Returns how many
+    returned. (The Cython core's own: ``invoke_sync_native``.)"""
+    (_, _, context_cls, message_cls, _, _, _, _, _, _, _, _, _, _, DELETED, cacheable,
+     set_address, set_cells, set_writes, _, _, _) = kit  # fmt: skip
+    new = object.__new__
+    storage_cls = fspec.storage_class
+    fun = fspec.fun
+    ttl = fspec.ttl_ms
+    typename, id = address
+    invocations = 0
+    for rec in recs:
+        storage = new(storage_cls)  # Storage.__init__, inlined (its slots' own setters)
+        set_address(storage, address)
+        set_cells(storage, cells)
+        set_writes(storage, None)
+        ctx = new(context_cls)  # Context.__init__, inlined (test_dispatch_core checks every slot is set)
+        ctx.address = address
+        ctx._rec = rec
+        ctx.storage = storage
+        ctx._sends = None
+        ctx._delayed = None
+        ctx._egress = None
+        ctx._reply = None
+        ctx._limit = limit
+        ctx._outbox = outbox
+        ctx._room = stage_bytes
+        msg = new(message_cls)
+        msg.target_typename = typename
+        msg.target_id = id
+        msg._vt = rec[4]
+        msg._v = rec[5]
+        try:
+            fun(ctx, msg)
+            writes = storage._writes
+            if writes is not None:
+                # Dispatcher._serialize_writes, inlined: encode every write before any applies
+                wl: list[Any] = []
+                for wname, value in writes.items():
+                    cell = cells[wname]
+                    if value is DELETED:
+                        wl.append((cell, None, None))
+                    else:
+                        data = cell.type.serializer().serialize(value)
+                        if type(data) is not bytes and not isinstance(data, bytes):
+                            raise TypeError(
+                                f"the serializer of type {cell.type.typename!r} returned "
+                                f"{type(data).__name__}, not bytes, for state {wname!r}"
+                            )
+                        wl.append((cell, value, data))
+                writes = wl
+        except Exception as exc:
+            d._failed(rec, address, cells, exc, out)
+            continue
+        if writes is not None:
+            # Dispatcher._apply's writes, inlined
+            for cell, value, data in writes:
+                cell.dirty = True
+                if data is None:
+                    cell.vt = cell.data = None
+                    cell.expire = 0
+                    cell.decoded = None
+                    cell.has_decoded = True
+                else:
+                    cell.vt = cell.type.typename
+                    cell.data = data
+                    cell.expire = 0
+                    if type(value) in cacheable:
+                        cell.decoded = value
+                        cell.has_decoded = True
+                    else:
+                        cell.has_decoded = False
+        if ttl:
+            d._apply(fspec, cells, None, now_ms)
+        invocations += 1
+        if outbox is not None and outbox.current is ctx:  # some of its sends were staged
+            outbox.emitted(ctx, sends)
+        if ctx._sends is not None:
+            sends.extend(ctx._sends)
+        if ctx._delayed is not None or ctx._egress is not None or ctx._reply is not None:
+            d._emit_other(address, kg, ctx, out, now_ms)
     return invocations
 
 

@@ -15,8 +15,10 @@ __all__ = [
     "dispatch_groups",
     "encode_batch",
     "group_records",
+    "invoke_sync",
     "key_group",
     "key_groups",
+    "load_cells",
     "partition",
     "record_size",
     "stable_hash",
@@ -67,3 +69,54 @@ def dispatch_groups(
     touched: list[Any],
 ) -> Any: ...
 def collect_puts(touched: list[Any], ops: list[Any], encode: Any) -> None: ...
+
+# the per-address steps and the objects a function sees, native (csrc/objects.pxi); their
+# spec is _dispatch_loop.load_cells/invoke_sync, context.PyCell/PyStorage/PyContext and
+# messages.PyMessage (context.py and messages.py put these classes in their place)
+def load_cells(
+    fspec: Any, typename: str, id: str, kg: int, get: Any, db_state: Any, now_ms: Any, kit: tuple[Any, ...]
+) -> dict[Any, Any]: ...
+def invoke_sync(
+    d: Any,
+    fspec: Any,
+    address: Any,
+    kg: int,
+    cells: dict[Any, Any],
+    recs: list[Any],
+    limit: int,
+    outbox: Any,
+    stage_bytes: int,
+    out: Any,
+    sends: list[Any],
+    now_ms: Any,
+    kit: tuple[Any, ...],
+) -> int: ...
+def load_cells_native(
+    fspec: Any, typename: str, id: str, kg: int, get: Any, db_state: Any, now_ms: Any, kit: tuple[Any, ...]
+) -> dict[Any, Any]: ...
+def invoke_sync_native(
+    d: Any,
+    fspec: Any,
+    address: Any,
+    kg: int,
+    cells: dict[Any, Any],
+    recs: list[Any],
+    limit: int,
+    outbox: Any,
+    stage_bytes: int,
+    out: Any,
+    sends: list[Any],
+    now_ms: Any,
+    kit: tuple[Any, ...],
+) -> int: ...
+def collect_puts_native(touched: list[Any], ops: list[Any], encode: Any) -> None: ...
+def bind_messages(accessors: Any, from_typed_value: Any, int_type: Any, long_type: Any) -> None: ...
+def bind_context(deleted: Any, address: Any, py_context: Any, py_storage: Any) -> None: ...
+def encode_value(stype: Any, value: Any) -> bytes: ...
+def decode_value(stype: Any, data: bytes) -> Any: ...
+
+Cell: Any
+Storage: Any
+StateProperty: Any
+Context: Any
+Message: Any

@@ -41,7 +41,7 @@ from typing import Final
 
 import msgpack
 
-from ._dispatch_loop import collect_puts, dispatch_groups, group_records
+from ._dispatch_loop import collect_puts, dispatch_groups, group_records, invoke_sync, load_cells
 from .errors import FrameDecodeError
 
 __all__ = [
@@ -54,8 +54,10 @@ __all__ = [
     "dispatch_groups",
     "encode_batch",
     "group_records",
+    "invoke_sync",
     "key_group",
     "key_groups",
+    "load_cells",
     "partition",
     "record_size",
     "stable_hash",

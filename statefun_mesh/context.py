@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
+from . import _speedups
 from ._speedups import record_size
 from .address import Address, make_address
 from .errors import MessageTooLargeError
@@ -244,6 +245,8 @@ class Context:
         Raises:
             MessageTooLargeError: the message is over the mesh's ``max_message_bytes``.
         """
+        # The Cython core runs its own copy of this method (csrc/objects.pxi, Context.send):
+        # a change here goes there too (tests/unit/test_native_objects.py compares the two).
         if type(message) is not Message:
             raise TypeError(f"send() takes a Message (use message_builder), got {type(message).__name__}")
         a = self.address
@@ -342,3 +345,15 @@ class Context:
             self._check_size(rec, "reply")
         if self._reply is None:
             self._reply = encoded
+
+
+#: the twin's classes: the specification of the Cython core's extension types, which take
+#: their place when that core is in use (one ``Context`` class per process); the cold
+#: methods of those (``send_after``, ``reply``, ...) run these classes' code on their fields
+PyCell, PyStorage, PyContext = Cell, Storage, Context
+if not TYPE_CHECKING and _speedups.IMPLEMENTATION == "c":
+    from . import _speedups_c
+
+    _speedups_c.bind_context(DELETED, Address, Context, Storage)
+    Cell, Storage, Context = _speedups_c.Cell, _speedups_c.Storage, _speedups_c.Context
+    _property = _speedups_c.StateProperty

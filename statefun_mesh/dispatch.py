@@ -712,4 +712,5 @@ class Dispatcher:
 #: what the per-batch loop (``_speedups.dispatch_groups``) uses, in ``_dispatch_loop.KIT_FIELDS`` order
 _KIT: Final = (Address, Cell, Context, Message, BatchOutcome, _Running, _RemoteRunning, decode_state_value,
                state_key, KG_PREFIXES, MAX_KEY, LATENCY_BUCKETS, bisect_left, perf_counter, DELETED, _CACHEABLE,
-               _set_address, _set_cells, _set_writes, encode_state_value)  # fmt: skip
+               _set_address, _set_cells, _set_writes, encode_state_value, _speedups.load_cells,
+               _speedups.invoke_sync)  # fmt: skip

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import _speedups
 from . import valuetypes as vt
 from .address import check_id, parse_typename
 from .egress_io import (
@@ -398,3 +399,14 @@ def kinesis_egress_message(
         value=_value_bytes(value, value_type, kafka=False),
     )
     return EgressMessage(typename, KINESIS_EGRESS_RECORD_TYPENAME, _encode_kinesis(record))
+
+
+#: the twin's ``Message``: the specification of the Cython core's extension type, which takes
+#: its place (and ``message_builder``'s) when that core is in use, so that there is one
+#: ``Message`` class in a process (``isinstance`` and ``Context.send``'s check see the same)
+PyMessage = Message
+if not TYPE_CHECKING and _speedups.IMPLEMENTATION == "c":
+    from . import _speedups_c
+
+    _speedups_c.bind_messages(_Accessors, _from_typed_value, vt.IntType, vt.LongType)
+    Message = _speedups_c.Message
