@@ -37,6 +37,7 @@ debug:
 
 lint:
 	$(PY) -m ruff check statefun_mesh tests bench examples
+	$(PY) -m ruff format --check statefun_mesh tests bench examples
 	$(PY) -m mypy
 
 demo:

@@ -86,39 +86,75 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes for every part (10k keys, short runs, one kill per mode): a smoke run, "
-                        "not figures to quote")  # fmt: skip
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes for every part (10k keys, short runs, one kill per mode): a smoke run, not figures to quote",
+    )
     d = p.add_argument_group("deltas (in-process)")
-    d.add_argument("--sizes", type=int, nargs="+", metavar="KEYS",
-                   help="state sizes in LMDB keys (default: 10000 100000 1000000)")  # fmt: skip
-    d.add_argument("--fractions", type=float, nargs="+", metavar="F",
-                   help="fractions of the keys changed before each delta, in order (default: 0 0.01 0.1 1; "
-                        "0 shows a checkpoint's fixed cost)")  # fmt: skip
+    d.add_argument(
+        "--sizes", type=int, nargs="+", metavar="KEYS", help="state sizes in LMDB keys (default: 10000 100000 1000000)"
+    )
+    d.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        metavar="F",
+        help="fractions of the keys changed before each delta, in order (default: 0 0.01 0.1 1; "
+        "0 shows a checkpoint's fixed cost)",
+    )
     d.add_argument("--delta-peers", type=int, default=1, metavar="N", help="peers of the LocalMesh (default: 1)")
-    d.add_argument("--delta-repeat", type=int, metavar="R",
-                   help="checkpoints per fraction, the table shows the median (default: 3)")  # fmt: skip
+    d.add_argument(
+        "--delta-repeat",
+        type=int,
+        metavar="R",
+        help="checkpoints per fraction, the table shows the median (default: 3)",
+    )
     t = p.add_argument_group("throughput (peer processes)")
     t.add_argument("--tp-peers", type=int, default=2, metavar="N", help="peer processes (default: 2)")
-    t.add_argument("--tp-interval", type=float, default=1.0, metavar="S",
-                   help="seconds between checkpoints in the 'on' mesh (default: 1)")  # fmt: skip
-    t.add_argument("--tp-messages", type=int, metavar="M",
-                   help="counter increments per run (default: 600000, ~10 s, so a run spans many checkpoints)")
+    t.add_argument(
+        "--tp-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between checkpoints in the 'on' mesh (default: 1)",
+    )
+    t.add_argument(
+        "--tp-messages",
+        type=int,
+        metavar="M",
+        help="counter increments per run (default: 600000, ~10 s, so a run spans many checkpoints)",
+    )
     t.add_argument("--tp-keys", type=int, metavar="K", help="counter instances (default: 10000)")
     t.add_argument("--tp-repeat", type=int, metavar="R", help="runs per mesh start (default: 2)")
-    t.add_argument("--tp-rounds", type=int, metavar="N",
-                   help="pairs of mesh starts, alternated off,on,on,off,... (default: 2)")  # fmt: skip
+    t.add_argument(
+        "--tp-rounds", type=int, metavar="N", help="pairs of mesh starts, alternated off,on,on,off,... (default: 2)"
+    )
     r = p.add_argument_group("recovery (peer processes)")
     r.add_argument("--recovery-keys", type=int, metavar="KEYS", help="state in LMDB keys (default: 1000000)")
     r.add_argument("--recovery-peers", type=int, default=2, metavar="N", help="peer processes (default: 2)")
     r.add_argument("--recovery-kills", type=int, metavar="K", help="SIGKILLs of peer 1 per mode (default: 2)")
-    r.add_argument("--recovery-interval", type=float, metavar="S",
-                   help="checkpoint interval of the mesh (default: 5, statefun-mesh run's default)")  # fmt: skip
-    r.add_argument("--modes", nargs="+", choices=["local", "blob"], default=["local", "blob"],
-                   help="local: restore from local copies (local_recovery = true); blob: from the blob store "
-                        "only (local_recovery = false) (default: both)")  # fmt: skip
-    r.add_argument("--recovery-timeout", type=float, default=300.0, metavar="S",
-                   help="longest a recovery may take before the run fails (default: 300)")  # fmt: skip
+    r.add_argument(
+        "--recovery-interval",
+        type=float,
+        metavar="S",
+        help="checkpoint interval of the mesh (default: 5, statefun-mesh run's default)",
+    )
+    r.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["local", "blob"],
+        default=["local", "blob"],
+        help="local: restore from local copies (local_recovery = true); blob: from the blob store "
+        "only (local_recovery = false) (default: both)",
+    )
+    r.add_argument(
+        "--recovery-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="longest a recovery may take before the run fails (default: 300)",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write every raw number (and the machine) to FILE")
     o.add_argument("--keep-logs", metavar="DIR", help="copy the launchers' logs to DIR")
@@ -180,18 +216,29 @@ async def _checkpoint(mesh: LocalMesh, timeout: float = 600.0) -> dict[str, Any]
     parts = []
     for peer, part in zip(mesh.peers, m.parts, strict=True):
         state = part.chain[-1]
-        parts.append({
-            "peer": part.peer, "kind": state.kind, "state_bytes": state.size, "entries": state.entries,
-            "inflight_bytes": part.inflight.size, "uploaded_bytes": peer.participant.last_bytes,
-            "upload_s": peer.participant.last_duration, "chain": len(part.chain),
-        })  # fmt: skip
+        parts.append(
+            {
+                "peer": part.peer,
+                "kind": state.kind,
+                "state_bytes": state.size,
+                "entries": state.entries,
+                "inflight_bytes": part.inflight.size,
+                "uploaded_bytes": peer.participant.last_bytes,
+                "upload_s": peer.participant.last_duration,
+                "chain": len(part.chain),
+            }
+        )
     kinds = {p["kind"] for p in parts}
     return {
-        "checkpoint": n, "kind": kinds.pop() if len(kinds) == 1 else "mixed", "wall_s": wall,
-        "upload_s": max(p["upload_s"] for p in parts), "state_bytes": sum(p["state_bytes"] for p in parts),
-        "uploaded_bytes": sum(p["uploaded_bytes"] for p in parts), "entries": sum(p["entries"] for p in parts),
+        "checkpoint": n,
+        "kind": kinds.pop() if len(kinds) == 1 else "mixed",
+        "wall_s": wall,
+        "upload_s": max(p["upload_s"] for p in parts),
+        "state_bytes": sum(p["state_bytes"] for p in parts),
+        "uploaded_bytes": sum(p["uploaded_bytes"] for p in parts),
+        "entries": sum(p["entries"] for p in parts),
         "parts": parts,
-    }  # fmt: skip
+    }
 
 
 async def _write_round(mesh: LocalMesh, count: int, rnd: int) -> float:
@@ -208,14 +255,20 @@ async def delta_size(keys: int, args: argparse.Namespace, log: Log) -> dict[str,
     work = Path(tempfile.mkdtemp(prefix="statefun-mesh-ckperf-"))
     try:
         mesh = LocalMesh(
-            ckpt_app.functions, peers=args.delta_peers, state_dir=str(work / "state"),
-            blob_store=f"file://{work / 'blobs'}", checkpoint_interval=1e6,
-            base_every=1_000_000, delta_ratio=1e9,  # deltas only, whatever the fractions' order
-        )  # fmt: skip
+            ckpt_app.functions,
+            peers=args.delta_peers,
+            state_dir=str(work / "state"),
+            blob_store=f"file://{work / 'blobs'}",
+            checkpoint_interval=1e6,
+            base_every=1_000_000,
+            delta_ratio=1e9,  # deltas only, whatever the fractions' order
+        )
         async with mesh:
             load_s = await _write_round(mesh, instances, 0)
-            log(f"  {keys:,} keys: loaded {instances:,} instances in {load_s:.1f} s "
-                f"({instances * ckpt_app.SPECS / load_s:,.0f} keys/s)")  # fmt: skip
+            log(
+                f"  {keys:,} keys: loaded {instances:,} instances in {load_s:.1f} s "
+                f"({instances * ckpt_app.SPECS / load_s:,.0f} keys/s)"
+            )
             base = await _checkpoint(mesh)
             if base["kind"] != "base":
                 raise RuntimeError(f"the first checkpoint was a {base['kind']}, not a base")
@@ -234,19 +287,29 @@ async def delta_size(keys: int, args: argparse.Namespace, log: Log) -> dict[str,
                     ck["write_s"] = write_s
                     samples.append(ck)
                 row = {
-                    "fraction": f, "changed_keys": count * ckpt_app.SPECS, "samples": samples,
+                    "fraction": f,
+                    "changed_keys": count * ckpt_app.SPECS,
+                    "samples": samples,
                     "wall_s": statistics.median(s["wall_s"] for s in samples),
                     "upload_s": statistics.median(s["upload_s"] for s in samples),
                     "state_bytes": statistics.median(s["state_bytes"] for s in samples),
                     "uploaded_bytes": statistics.median(s["uploaded_bytes"] for s in samples),
-                }  # fmt: skip
+                }
                 row["delta_over_base"] = row["state_bytes"] / base["state_bytes"]
                 row["wall_over_base"] = row["wall_s"] / base["wall_s"]
-                log(f"  {keys:,} keys, {f:.0%} changed: delta {row['state_bytes'] / 1e6:.3f} MB "
-                    f"({row['delta_over_base']:.2%} of the base) in {row['wall_s']:.3f} s")  # fmt: skip
+                log(
+                    f"  {keys:,} keys, {f:.0%} changed: delta {row['state_bytes'] / 1e6:.3f} MB "
+                    f"({row['delta_over_base']:.2%} of the base) in {row['wall_s']:.3f} s"
+                )
                 rows.append(row)
-            return {"keys": keys, "instances": instances, "entries": base["entries"], "load_s": load_s,
-                    "base": base, "deltas": rows}  # fmt: skip
+            return {
+                "keys": keys,
+                "instances": instances,
+                "entries": base["entries"],
+                "load_s": load_s,
+                "base": base,
+                "deltas": rows,
+            }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -304,12 +367,19 @@ def _manifest_stats(mesh: mp.MeshProcesses, ids: list[int]) -> dict[str, Any]:
             continue
         for part in m["parts"]:
             st, inf = part["chain"][-1], part["inflight"]
-            rows.append({
-                "checkpoint": n, "peer": part["peer"], "kind": st["kind"],
-                "state_entries": st["entries"], "state_bytes": st["size"],
-                "inflight_entries": inf["entries"], "inflight_bytes": inf["size"],
-                "chain_bytes": sum(o["size"] for o in part["chain"]), "created_ms": m["created_ms"],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "checkpoint": n,
+                    "peer": part["peer"],
+                    "kind": st["kind"],
+                    "state_entries": st["entries"],
+                    "state_bytes": st["size"],
+                    "inflight_entries": inf["entries"],
+                    "inflight_bytes": inf["size"],
+                    "chain_bytes": sum(o["size"] for o in part["chain"]),
+                    "created_ms": m["created_ms"],
+                }
+            )
     return {"rows": rows}
 
 
@@ -346,8 +416,10 @@ async def _tp_measure(mesh: mp.MeshProcesses, args: argparse.Namespace, log: Log
             r["checkpoint_objects"] = _manifest_stats(mesh, [n for n in m1 if n > m0])
             r["peer_cpu_s"] = sum(p["cpu_s"] for p in r["per_peer"])
             r["per_cpu_s"] = messages / r["peer_cpu_s"] if r["peer_cpu_s"] else None
-            log(f"  {tag} run {i + 1}/{args.tp_repeat}: {r['rate']:,.0f} increments/s, "
-                f"{r['checkpoints_completed']} checkpoints completed during it")  # fmt: skip
+            log(
+                f"  {tag} run {i + 1}/{args.tp_repeat}: {r['rate']:,.0f} increments/s, "
+                f"{r['checkpoints_completed']} checkpoints completed during it"
+            )
             runs.append(r)
         final = await s.statuses()
         if sum(st["failures"] for st in final):
@@ -375,10 +447,20 @@ def run_throughput(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     on = statistics.median(r["rate"] for r in runs["on"])
     off_cpu = statistics.median(r["per_cpu_s"] for r in runs["off"])
     on_cpu = statistics.median(r["per_cpu_s"] for r in runs["on"])
-    return {"order": order, "runs": runs, "off_rate": off, "on_rate": on, "ratio": on / off,
-            "off_per_cpu_s": off_cpu, "on_per_cpu_s": on_cpu, "ratio_cpu": on_cpu / off_cpu,
-            "interval_s": args.tp_interval, "peers": args.tp_peers,
-            "messages": -(-args.tp_messages // args.tp_keys) * args.tp_keys, "keys": args.tp_keys}  # fmt: skip
+    return {
+        "order": order,
+        "runs": runs,
+        "off_rate": off,
+        "on_rate": on,
+        "ratio": on / off,
+        "off_per_cpu_s": off_cpu,
+        "on_per_cpu_s": on_cpu,
+        "ratio_cpu": on_cpu / off_cpu,
+        "interval_s": args.tp_interval,
+        "peers": args.tp_peers,
+        "messages": -(-args.tp_messages // args.tp_keys) * args.tp_keys,
+        "keys": args.tp_keys,
+    }
 
 
 # -- part 3: recovery after SIGKILL ---------------------------------------------------------------
@@ -389,8 +471,9 @@ async def _load(s: mp.Session, instances: int, rnd: int, timeout: float) -> floa
     n = s.mesh.peers
     loaders = [perf_app.ids_owned_by(p, n, s.maxp, "loader-")[0] for p in range(n)]
     bounds = [instances * d // n for d in range(n + 1)]
-    triggers = [ckpt_app.trigger(lid, start=bounds[d], end=bounds[d + 1], chunk=999, round=rnd)
-                for d, lid in enumerate(loaders)]  # fmt: skip
+    triggers = [
+        ckpt_app.trigger(lid, start=bounds[d], end=bounds[d + 1], chunk=999, round=rnd) for d, lid in enumerate(loaders)
+    ]
     invocations = instances + sum(_loader_invocations(bounds[d], bounds[d + 1], 999) for d in range(n))
 
     async def start() -> None:
@@ -412,8 +495,9 @@ async def _wait_manifests(mesh: mp.MeshProcesses, after: int, count: int, timeou
         await asyncio.sleep(0.1)
 
 
-async def _kill_and_time(mesh: mp.MeshProcesses, client: MeshClient, probe_id: str, expected: str,
-                         timeout: float) -> dict[str, Any]:  # fmt: skip
+async def _kill_and_time(
+    mesh: mp.MeshProcesses, client: MeshClient, probe_id: str, expected: str, timeout: float
+) -> dict[str, Any]:
     """SIGKILL peer 1; time until a request to ``probe_id`` (on peer 1) is answered with ``expected``.
 
     A new request goes out every 50 ms (each may wait up to 2 s), so the first answer
@@ -462,19 +546,26 @@ async def _kill_and_time(mesh: mp.MeshProcesses, client: MeshClient, probe_id: s
     if wrong:
         raise RuntimeError(f"peer 1's instance answered with other state than it held: {wrong[:3]}")
     t_ok = answered.result()
-    return {"victim_pid": victim, "kill_to_answer_s": t_ok - t_kill,
-            "kill_to_new_process_s": (restarted_at - t_kill) if restarted_at else None,
-            "failed_requests": errors}  # fmt: skip
+    return {
+        "victim_pid": victim,
+        "kill_to_answer_s": t_ok - t_kill,
+        "kill_to_new_process_s": (restarted_at - t_kill) if restarted_at else None,
+        "failed_requests": errors,
+    }
 
 
-_RESTORED = re.compile(r"peer (\d+): checkpoint \d+ restored \(([a-z ]+), (\d+) [a-z ]+\) in ([\d.]+) s, "
-                       r"([\d.]+) CPU-s")
+_RESTORED = re.compile(
+    r"peer (\d+): checkpoint \d+ restored \(([a-z ]+), (\d+) [a-z ]+\) in ([\d.]+) s, "
+    r"([\d.]+) CPU-s"
+)
 
 
 def _restores(log_text: str) -> list[dict[str, Any]]:
     """Each peer's restores as it logged them: how ("rolled back" or "rebuilt"), entries, wall and CPU seconds."""
-    return [{"peer": int(m[1]), "how": m[2], "entries": int(m[3]), "s": float(m[4]), "cpu_s": float(m[5])}
-            for m in _RESTORED.finditer(log_text)]  # fmt: skip
+    return [
+        {"peer": int(m[1]), "how": m[2], "entries": int(m[3]), "s": float(m[4]), "cpu_s": float(m[5])}
+        for m in _RESTORED.finditer(log_text)
+    ]
 
 
 def _recovery_rounds(log_text: str) -> list[float]:
@@ -495,15 +586,20 @@ async def _recovery_measure(mesh: mp.MeshProcesses, args: argparse.Namespace, lo
         t0 = time.monotonic()
         first = _manifests(mesh)
         load_s = await _load(s, instances, 0, args.recovery_timeout + 600)
-        log(f"  {mode}: loaded {instances * ckpt_app.SPECS:,} keys in {load_s:.1f} s; waiting for a checkpoint "
-            "that covers them")  # fmt: skip
+        log(
+            f"  {mode}: loaded {instances * ckpt_app.SPECS:,} keys in {load_s:.1f} s; waiting for a checkpoint "
+            "that covers them"
+        )
         # the checkpoint in progress when the load ended may have been cut before its end: wait for two
         at_load_end = max(_manifests(mesh) or [0])
         covering = await _wait_manifests(mesh, at_load_end, 2, 10 * args.recovery_interval + 300)
-        log(f"  {mode}: checkpoint {covering} covers the state ({time.monotonic() - t0:.0f} s since the load "
-            f"began, {len(_manifests(mesh))} manifests retained, {len(first)} before)")  # fmt: skip
-        probe_id = next(ckpt_app.fill_id(i) for i in range(instances)
-                        if perf_app.owner(ckpt_app.fill_id(i), n, s.maxp) == 1)  # fmt: skip
+        log(
+            f"  {mode}: checkpoint {covering} covers the state ({time.monotonic() - t0:.0f} s since the load "
+            f"began, {len(_manifests(mesh))} manifests retained, {len(first)} before)"
+        )
+        probe_id = next(
+            ckpt_app.fill_id(i) for i in range(instances) if perf_app.owner(ckpt_app.fill_id(i), n, s.maxp) == 1
+        )
         expected = ckpt_app.value_for(probe_id, 0)
         before = await s.clients[0].request(ckpt_app.probe(probe_id), timeout=10.0)
         if before.as_string() != expected:
@@ -527,23 +623,35 @@ async def _recovery_measure(mesh: mp.MeshProcesses, args: argparse.Namespace, lo
             if r["kill_to_new_process_s"] is not None and rounds:
                 # python start-up, opening the stores, and the heartbeat that tells the coordinator
                 r["new_process_to_round_s"] = r["kill_to_answer_s"] - r["kill_to_new_process_s"] - sum(rounds)
-            log(f"  {mode}: kill {k + 1}/{args.recovery_kills}: answered {r['kill_to_answer_s']:.2f} s after the "
+            log(
+                f"  {mode}: kill {k + 1}/{args.recovery_kills}: answered {r['kill_to_answer_s']:.2f} s after the "
                 f"SIGKILL (new process after {r['kill_to_new_process_s'] or float('nan'):.2f} s; recovery "
                 f"round(s) {', '.join(f'{x:.2f}' for x in rounds)} s; restores: "
-                + "; ".join(f"peer {x['peer']} {x['how']} {x['entries']:,} in {x['s']:.2f} s ({x['cpu_s']:.2f} CPU-s)"
-                            for x in r["restores"]) + ")")  # fmt: skip
+                + "; ".join(
+                    f"peer {x['peer']} {x['how']} {x['entries']:,} in {x['s']:.2f} s ({x['cpu_s']:.2f} CPU-s)"
+                    for x in r["restores"]
+                )
+                + ")"
+            )
             kills.append(r)
             if k + 1 < args.recovery_kills:  # settle: the mesh checkpoints again before the next kill
                 await _wait_manifests(mesh, max(_manifests(mesh) or [0]), 1, 10 * args.recovery_interval + 120)
-        return {"mode": mode, "keys": instances * ckpt_app.SPECS, "peers": n, "load_s": load_s,
-                "disk_bytes": disk_bytes, "kills": kills,
-                "median_kill_to_answer_s": statistics.median(k["kill_to_answer_s"] for k in kills)}  # fmt: skip
+        return {
+            "mode": mode,
+            "keys": instances * ckpt_app.SPECS,
+            "peers": n,
+            "load_s": load_s,
+            "disk_bytes": disk_bytes,
+            "kills": kills,
+            "median_kill_to_answer_s": statistics.median(k["kill_to_answer_s"] for k in kills),
+        }
     finally:
         await s.close()
 
 
 def _state_bytes(mesh: mp.MeshProcesses) -> dict[str, int]:
     """Sizes on disk: the blob store's objects and every peer's local copies."""
+
     def du(path: Path) -> int:
         total = 0
         for dirpath, _, files in os.walk(path):
@@ -564,8 +672,9 @@ def run_recovery(args: argparse.Namespace, log: Log) -> list[dict[str, Any]]:
     for mode in args.modes:
         cfg = Path(tempfile.mkstemp(prefix="statefun-mesh-ckperf-", suffix=".toml")[1])
         cfg.write_text(f"local_recovery = {'true' if mode == 'local' else 'false'}\n")
-        mesh = mp.MeshProcesses(_mesh_args(args.recovery_interval, str(cfg)), args.recovery_peers, "c", log,
-                                app_ref=CKPT_APP_REF)  # fmt: skip
+        mesh = mp.MeshProcesses(
+            _mesh_args(args.recovery_interval, str(cfg)), args.recovery_peers, "c", log, app_ref=CKPT_APP_REF
+        )
         # info: each peer logs how it restored ("rolled back" in place or "rebuilt") and how long it took
         mesh.cmd[mesh.cmd.index("--log-level") + 1] = "info"
         log(f"recovery ({mode}): starting {args.recovery_peers} peers, a checkpoint every {args.recovery_interval} s")
@@ -588,48 +697,70 @@ def _mb(b: float) -> str:
 def print_tables(res: dict[str, Any]) -> None:
     out = print
     if "deltas" in res:
-        out("\n== checkpoint duration and bytes uploaded (LocalMesh, file:// blob store; deltas: median of "
-            f"{res['args']['delta_repeat']}) ==\n")  # fmt: skip
-        out("| keys | checkpoint | changed keys | state object MB | uploaded MB | delta / base bytes "
-            "| trigger→manifest s | peer upload s | writing the changes s |")  # fmt: skip
+        out(
+            "\n== checkpoint duration and bytes uploaded (LocalMesh, file:// blob store; deltas: median of "
+            f"{res['args']['delta_repeat']}) ==\n"
+        )
+        out(
+            "| keys | checkpoint | changed keys | state object MB | uploaded MB | delta / base bytes "
+            "| trigger→manifest s | peer upload s | writing the changes s |"
+        )
         out("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
         for size in res["deltas"]:
             b = size["base"]
-            out(f"| {size['keys']:,} | base | {size['entries']:,} entries | {_mb(b['state_bytes'])} "
+            out(
+                f"| {size['keys']:,} | base | {size['entries']:,} entries | {_mb(b['state_bytes'])} "
                 f"| {_mb(b['uploaded_bytes'])} | 100 % | {b['wall_s']:.3f} | {b['upload_s']:.3f} "
-                f"| {size['load_s']:.2f} (load) |")  # fmt: skip
+                f"| {size['load_s']:.2f} (load) |"
+            )
             for r in size["deltas"]:
                 ws = statistics.median(s["write_s"] for s in r["samples"])
-                out(f"| {size['keys']:,} | delta, {r['fraction']:.0%} | {r['changed_keys']:,} "
+                out(
+                    f"| {size['keys']:,} | delta, {r['fraction']:.0%} | {r['changed_keys']:,} "
                     f"| {_mb(r['state_bytes'])} | {_mb(r['uploaded_bytes'])} | {r['delta_over_base']:.2%} "
-                    f"| {r['wall_s']:.3f} | {r['upload_s']:.3f} | {ws:.2f} |")  # fmt: skip
+                    f"| {r['wall_s']:.3f} | {r['upload_s']:.3f} | {ws:.2f} |"
+                )
     if "throughput" in res:
         t = res["throughput"]
-        out(f"\n== counter throughput, {t['peers']} peer processes, {t['messages']:,} increments over {t['keys']:,} "
-            f"keys per run; mesh order {','.join(t['order'])} ==\n")  # fmt: skip
-        out("| checkpoints | runs: increments/s | median | per peer-CPU-s (median) | checkpoints per run "
-            "| seconds per checkpoint |")  # fmt: skip
+        out(
+            f"\n== counter throughput, {t['peers']} peer processes, {t['messages']:,} increments over {t['keys']:,} "
+            f"keys per run; mesh order {','.join(t['order'])} ==\n"
+        )
+        out(
+            "| checkpoints | runs: increments/s | median | per peer-CPU-s (median) | checkpoints per run "
+            "| seconds per checkpoint |"
+        )
         out("|---|---|---:|---:|---|---|")
         for mode, label in (("off", "none"), ("on", f"every {t['interval_s']:g} s")):
             rs = t["runs"][mode]
             rates = ", ".join(format(r["rate"], ",.0f") for r in rs)
             cks = ", ".join(str(r["checkpoints_completed"]) for r in rs)
-            every = ", ".join(format(r["elapsed_s"] / r["checkpoints_completed"], ".2f") if r["checkpoints_completed"]
-                              else "-" for r in rs)  # fmt: skip
+            every = ", ".join(
+                format(r["elapsed_s"] / r["checkpoints_completed"], ".2f") if r["checkpoints_completed"] else "-"
+                for r in rs
+            )
             out(f"| {label} | {rates} | {t[mode + '_rate']:,.0f} | {t[mode + '_per_cpu_s']:,.0f} | {cks} | {every} |")
         rows = [row for r in t["runs"]["on"] for row in r["checkpoint_objects"]["rows"]]
         if rows:
-            med = {k: statistics.median(row[k] for row in rows)
-                   for k in ("state_entries", "state_bytes", "inflight_entries", "inflight_bytes")}  # fmt: skip
-            out(f"\nobjects per peer and checkpoint during the 'on' runs (median of {len(rows)}): state "
+            med = {
+                k: statistics.median(row[k] for row in rows)
+                for k in ("state_entries", "state_bytes", "inflight_entries", "inflight_bytes")
+            }
+            out(
+                f"\nobjects per peer and checkpoint during the 'on' runs (median of {len(rows)}): state "
                 f"{med['state_entries']:,.0f} entries / {med['state_bytes'] / 1e3:,.0f} kB, in flight "
-                f"{med['inflight_entries']:,.0f} messages / {med['inflight_bytes'] / 1e3:,.0f} kB")  # fmt: skip
-        out(f"\nwith / without checkpoints: {t['ratio']:.3f} wall-clock ({(t['ratio'] - 1):+.1%}), "
-            f"{t['ratio_cpu']:.3f} per CPU-second ({(t['ratio_cpu'] - 1):+.1%}); aim: >= 0.90")  # fmt: skip
+                f"{med['inflight_entries']:,.0f} messages / {med['inflight_bytes'] / 1e3:,.0f} kB"
+            )
+        out(
+            f"\nwith / without checkpoints: {t['ratio']:.3f} wall-clock ({(t['ratio'] - 1):+.1%}), "
+            f"{t['ratio_cpu']:.3f} per CPU-second ({(t['ratio_cpu'] - 1):+.1%}); aim: >= 0.90"
+        )
     if "recovery" in res:
         out("\n== SIGKILL of peer 1 -> first request to one of its instances answered ==\n")
-        out("| restore from | keys | peers | kill → answered s (each kill) | kill → new process s "
-            "| new process → recovery round s | recovery round s | restored per peer MB |")  # fmt: skip
+        out(
+            "| restore from | keys | peers | kill → answered s (each kill) | kill → new process s "
+            "| new process → recovery round s | recovery round s | restored per peer MB |"
+        )
         out("|---|---:|---:|---|---|---|---|---|")
         for r in res["recovery"]:
             label = "local copies" if r["mode"] == "local" else "blob store only"
@@ -639,8 +770,10 @@ def print_tables(res: dict[str, Any]) -> None:
             rounds = ", ".join("+".join(format(x, ".2f") for x in k["recovery_rounds_s"]) or "?" for k in ks)
             between = ", ".join(format(k.get("new_process_to_round_s", float("nan")), ".2f") for k in ks)
             restored = ", ".join("/".join(format(b / 1e6, ".1f") for b in k["restored_bytes_per_peer"]) for k in ks)
-            out(f"| {label} | {r['keys']:,} | {r['peers']} | {answered} | {restarted} | {between} | {rounds} "
-                f"| {restored} |")
+            out(
+                f"| {label} | {r['keys']:,} | {r['peers']} | {answered} | {restarted} | {between} | {rounds} "
+                f"| {restored} |"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -651,8 +784,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sizes must be positive and --fractions within 0..1")
     if args.recovery_peers < 2:
         parser.error("--recovery-peers must be at least 2 (peer 1 is the one killed)")
-    if min(args.delta_peers, args.tp_peers, args.delta_repeat, args.tp_repeat, args.tp_rounds,
-           args.recovery_kills, args.tp_messages, args.tp_keys, args.recovery_keys) < 1:  # fmt: skip
+    if (
+        min(
+            args.delta_peers,
+            args.tp_peers,
+            args.delta_repeat,
+            args.tp_repeat,
+            args.tp_rounds,
+            args.recovery_kills,
+            args.tp_messages,
+            args.tp_keys,
+            args.recovery_keys,
+        )
+        < 1
+    ):
         parser.error("counts must be positive")
 
     def log(msg: str) -> None:
@@ -661,8 +806,10 @@ def main(argv: list[str] | None = None) -> int:
 
     info = mp.machine()
     info["core"] = IMPLEMENTATION
-    log(f"checkpoint_perf: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {IMPLEMENTATION} core, "
-        f"load {info['loadavg'][0]:.2f}")  # fmt: skip
+    log(
+        f"checkpoint_perf: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {IMPLEMENTATION} core, "
+        f"load {info['loadavg'][0]:.2f}"
+    )
     res: dict[str, Any] = {"args": vars(args)}
     t_start = time.monotonic()
     status = 0
@@ -684,9 +831,11 @@ def main(argv: list[str] | None = None) -> int:
     info["loadavg_end"] = os.getloadavg()
     info["wall_s"] = time.monotonic() - t_start
     print_tables(res)
-    print(f"\n{info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {IMPLEMENTATION} core, "
-          f"{info['date_utc']}, load {info['loadavg'][0]:.2f} -> {info['loadavg_end'][0]:.2f}, "
-          f"{info['wall_s']:.0f} s")  # fmt: skip
+    print(
+        f"\n{info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {IMPLEMENTATION} core, "
+        f"{info['date_utc']}, load {info['loadavg'][0]:.2f} -> {info['loadavg_end'][0]:.2f}, "
+        f"{info['wall_s']:.0f} s"
+    )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"argv": sys.argv, "machine": info, "results": res}, fh, indent=1, default=str)

@@ -60,8 +60,9 @@ async def main(mib: int) -> None:
         pass
 
     with tempfile.TemporaryDirectory() as tmp:
-        async with LocalMesh(functions, state_dir=f"{tmp}/state", blob_store=f"file://{tmp}/blobs",
-                             checkpoint_interval=3600) as mesh:  # fmt: skip
+        async with LocalMesh(
+            functions, state_dir=f"{tmp}/state", blob_store=f"file://{tmp}/blobs", checkpoint_interval=3600
+        ) as mesh:
             peer = mesh.peers[0]
             p = peer.participant
             spill = Spill(f"{tmp}/spill")
@@ -87,10 +88,12 @@ async def main(mib: int) -> None:
                 n = sum(1 for _ in entries)
                 entries = data = None  # type: ignore[assignment]
             read_peak = r.peak
-            print(f"spilled {mib} MiB, object {part.inflight.size >> 20} MiB, {n} records: "
-                  f"anonymous RSS before {base} MiB, "
-                  f"peak writing {write_peak} MiB (+{write_peak - base}), peak reading {read_peak} MiB "
-                  f"(+{read_peak - base})")  # fmt: skip
+            print(
+                f"spilled {mib} MiB, object {part.inflight.size >> 20} MiB, {n} records: "
+                f"anonymous RSS before {base} MiB, "
+                f"peak writing {write_peak} MiB (+{write_peak - base}), peak reading {read_peak} MiB "
+                f"(+{read_peak - base})"
+            )
 
 
 if __name__ == "__main__":

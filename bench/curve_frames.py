@@ -67,8 +67,11 @@ async def main(rounds: int) -> None:
         for curve in (False, True):
             rate = statistics.median(r[0] for r in res[curve])
             per_cpu = statistics.median(r[1] for r in res[curve])
-            print(f"{size:>6} B frames, {'CURVE' if curve else 'plain'}: {rate:>9,.0f} frames/s "
-                  f"({rate * size / 1e6:,.1f} MB/s); {per_cpu:>9,.0f} frames per CPU-second", flush=True)  # fmt: skip
+            print(
+                f"{size:>6} B frames, {'CURVE' if curve else 'plain'}: {rate:>9,.0f} frames/s "
+                f"({rate * size / 1e6:,.1f} MB/s); {per_cpu:>9,.0f} frames per CPU-second",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

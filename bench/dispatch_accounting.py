@@ -38,8 +38,10 @@ async def main() -> None:
         times.append(time.process_time() - t0)
     backend.close()
     kept = times[10:]
-    print(f"1000 distinct addresses per batch: median {statistics.median(kept) * 1e3:.2f} us/msg, "
-          f"min {min(kept) * 1e3:.2f} us/msg")  # fmt: skip
+    print(
+        f"1000 distinct addresses per batch: median {statistics.median(kept) * 1e3:.2f} us/msg, "
+        f"min {min(kept) * 1e3:.2f} us/msg"
+    )
 
 
 if __name__ == "__main__":

@@ -44,10 +44,12 @@ def main() -> None:
         dispatcher = Dispatcher(merge_functions(functions), backend, max_parallelism=4096)
         one = 1000
         batches = [
-            [(COUNTER, counter_id((b * one + i) % 10_000), "perf/driver", "d0", "io.statefun.types/int", _ONE, 0, 0)
-             for i in range(one)]
+            [
+                (COUNTER, counter_id((b * one + i) % 10_000), "perf/driver", "d0", "io.statefun.types/int", _ONE, 0, 0)
+                for i in range(one)
+            ]
             for b in range(args.batches)
-        ]  # fmt: skip
+        ]
 
         async def run_all() -> None:
             for records in batches:

@@ -42,8 +42,9 @@ def produce(address: str, topic: str, n: int, keys: int) -> float:
     admin = AdminClient({"bootstrap.servers": address, "log_level": 0})
     for f in admin.create_topics([NewTopic(topic, 6, 1)]).values():
         f.result(10)
-    p = confluent_kafka.Producer({"bootstrap.servers": address, "enable.idempotence": True, "linger.ms": 20,
-                                  "log_level": 0})  # fmt: skip
+    p = confluent_kafka.Producer(
+        {"bootstrap.servers": address, "enable.idempotence": True, "linger.ms": 20, "log_level": 0}
+    )
     t0 = time.perf_counter()
     for i in range(n):
         while True:
@@ -67,11 +68,19 @@ async def consume(address: str, topic: str, n: int, peers: int, root: str, egres
         f"  topics:\n    - topic: {topic}\n      valueType: cr/json\n      targets: [{target}]\n"
     )
     if egress:
-        text += (f"---\nkind: io.statefun.kafka.v1/egress\nspec:\n  id: {kafka_app.EGRESS}\n  address: {address}\n"
-                 f"  deliverySemantic: {{type: {egress}}}\n")  # fmt: skip
+        text += (
+            f"---\nkind: io.statefun.kafka.v1/egress\nspec:\n  id: {kafka_app.EGRESS}\n  address: {address}\n"
+            f"  deliverySemantic: {{type: {egress}}}\n"
+        )
     module.write_text(text)
-    mesh = sm.LocalMesh(kafka_app.functions, peers=peers, module=str(module), state_dir=root + "/state",
-                        blob_store=f"file://{root}/ck", checkpoint_interval=0.5)  # fmt: skip
+    mesh = sm.LocalMesh(
+        kafka_app.functions,
+        peers=peers,
+        module=str(module),
+        state_dir=root + "/state",
+        blob_store=f"file://{root}/ck",
+        checkpoint_interval=0.5,
+    )
     async with mesh:
         t0 = time.perf_counter()
         while True:
@@ -101,8 +110,10 @@ def main() -> None:
         secs = asyncio.run(consume(broker.address, "bench", args.records, args.peers, root, args.egress))
         rate = args.records / secs
         what = f"Kafka egress ({args.egress})" if args.egress else "mesh egress"
-        print(f"ingress -> function -> {what}: {args.records} records, {args.peers} peer(s) in one process, "
-              f"{secs:.2f} s, {rate:,.0f} records/s ({sm._speedups.IMPLEMENTATION} core)")  # fmt: skip
+        print(
+            f"ingress -> function -> {what}: {args.records} records, {args.peers} peer(s) in one process, "
+            f"{secs:.2f} s, {rate:,.0f} records/s ({sm._speedups.IMPLEMENTATION} core)"
+        )
 
 
 if __name__ == "__main__":

@@ -92,15 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     g = p.add_argument_group("the mesh")
-    g.add_argument("--peers", type=int, nargs="+", default=[1, 2], metavar="N",
-                   help="peer processes; several values run one mesh each (default: 1 2)")  # fmt: skip
+    g.add_argument(
+        "--peers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        metavar="N",
+        help="peer processes; several values run one mesh each (default: 1 2)",
+    )
     g.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="between the peers (default: ipc)")
-    g.add_argument("--core", choices=["c", "python", "both"], default="both",
-                   help="the peers' hot-path core: c (Cython), python (the pure-Python twin, "
-                        "STATEFUN_MESH_NO_EXTENSIONS=1) or both, one after the other (default: both)")  # fmt: skip
+    g.add_argument(
+        "--core",
+        choices=["c", "python", "both"],
+        default="both",
+        help="the peers' hot-path core: c (Cython), python (the pure-Python twin, "
+        "STATEFUN_MESH_NO_EXTENSIONS=1) or both, one after the other (default: both)",
+    )
     ck = g.add_mutually_exclusive_group()
-    ck.add_argument("--no-checkpoints", dest="checkpoint_interval", action="store_const", const=None,
-                    help="take no checkpoints (the default)")  # fmt: skip
+    ck.add_argument(
+        "--no-checkpoints",
+        dest="checkpoint_interval",
+        action="store_const",
+        const=None,
+        help="take no checkpoints (the default)",
+    )
     ck.add_argument(
         "--checkpoint-interval",
         type=float,
@@ -113,13 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOML",
         help="further mesh.toml settings (max_batch, linger, ...), passed on as `run --config`",
     )
-    g.add_argument("--no-keys", action="store_true",
-                   help="run the mesh without CURVE (default: with the keys `statefun-mesh run` makes)")
-    g.add_argument("--start-timeout", type=float, default=60.0, metavar="S",
-                   help="for the mesh to come up (default: 60)")  # fmt: skip
+    g.add_argument(
+        "--no-keys",
+        action="store_true",
+        help="run the mesh without CURVE (default: with the keys `statefun-mesh run` makes)",
+    )
+    g.add_argument(
+        "--start-timeout", type=float, default=60.0, metavar="S", help="for the mesh to come up (default: 60)"
+    )
     w = p.add_argument_group("the work")
-    w.add_argument("--phases", nargs="+", choices=["counter", "chain", "latency"],
-                   default=["counter", "chain", "latency"], help="what to measure (default: all three)")  # fmt: skip
+    w.add_argument(
+        "--phases",
+        nargs="+",
+        choices=["counter", "chain", "latency"],
+        default=["counter", "chain", "latency"],
+        help="what to measure (default: all three)",
+    )
     w.add_argument(
         "--messages",
         type=int,
@@ -128,12 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="counter increments per run, rounded up to a multiple of --keys (default: 200000)",
     )
     w.add_argument("--keys", type=int, default=10_000, metavar="K", help="counter instances (default: 10000)")
-    w.add_argument("--chunk", type=int, default=999, metavar="C",
-                   help="increments a driver sends per invocation; with C + 1 = max_batch every batch is "
-                        "full (default: 999)")  # fmt: skip
+    w.add_argument(
+        "--chunk",
+        type=int,
+        default=999,
+        metavar="C",
+        help="increments a driver sends per invocation; with C + 1 = max_batch every batch is full (default: 999)",
+    )
     w.add_argument("--chains", type=int, default=10_000, metavar="P", help="chains started together (default: 10000)")
-    w.add_argument("--chain-length", type=int, default=10, metavar="L",
-                   help=f"hops per chain, 1..{app.MAX_CHAIN} (default: 10)")  # fmt: skip
+    w.add_argument(
+        "--chain-length", type=int, default=10, metavar="L", help=f"hops per chain, 1..{app.MAX_CHAIN} (default: 10)"
+    )
     w.add_argument(
         "--repeat",
         type=int,
@@ -141,12 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="runs of each throughput measurement; the tables show the median (default: 3)",
     )
-    w.add_argument("--requests", type=int, default=2_000, metavar="N",
-                   help="sequential requests per latency figure (default: 2000)")  # fmt: skip
-    w.add_argument("--chain-requests", type=int, default=200, metavar="N",
-                   help="sequential requests through a whole chain (default: 200; 0: none)")  # fmt: skip
-    w.add_argument("--phase-timeout", type=float, default=120.0, metavar="S",
-                   help="longest one measurement may take before the run fails (default: 120)")  # fmt: skip
+    w.add_argument(
+        "--requests",
+        type=int,
+        default=2_000,
+        metavar="N",
+        help="sequential requests per latency figure (default: 2000)",
+    )
+    w.add_argument(
+        "--chain-requests",
+        type=int,
+        default=200,
+        metavar="N",
+        help="sequential requests through a whole chain (default: 200; 0: none)",
+    )
+    w.add_argument(
+        "--phase-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="longest one measurement may take before the run fails (default: 120)",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write every raw number (and the machine) to FILE")
     o.add_argument(
@@ -204,8 +248,9 @@ class MeshProcesses:
     only processes this object started, identified by pid *and* command line.
     """
 
-    def __init__(self, args: argparse.Namespace, peers: int, core: str, log: Callable[[str], None],
-                 app_ref: str = APP_REF) -> None:  # fmt: skip
+    def __init__(
+        self, args: argparse.Namespace, peers: int, core: str, log: Callable[[str], None], app_ref: str = APP_REF
+    ) -> None:
         self.peers = peers
         self.core = core
         self.log = log
@@ -215,11 +260,22 @@ class MeshProcesses:
         self.out_path = self.workdir / "launcher.out"
         self.err_path = self.workdir / "launcher.err"
         cmd = [
-            sys.executable, "-m", "statefun_mesh", "run", app_ref,
-            "--peers", str(peers), "--transport", args.transport,
-            "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir),
-            "--log-level", "warning",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "statefun_mesh",
+            "run",
+            app_ref,
+            "--peers",
+            str(peers),
+            "--transport",
+            args.transport,
+            "--client-endpoint",
+            self.endpoint,
+            "--state-dir",
+            str(self.state_dir),
+            "--log-level",
+            "warning",
+        ]
         if args.checkpoint_interval is None:
             cmd.append("--no-checkpoints")
         else:
@@ -246,9 +302,14 @@ class MeshProcesses:
     def start(self, timeout: float) -> None:
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
-                self.cmd, cwd=ROOT, env=self.env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                self.cmd,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         deadline = time.monotonic() + timeout
         while "is up" not in self.out_path.read_text(errors="replace"):
             if self.proc.poll() is not None:
@@ -325,8 +386,10 @@ class Baseline:
         self.messages = messages
         self.frames = []
         for start in range(0, messages, 1000):
-            recs = [[app.COUNTER, app.counter_id(i % keys), "", "", vt, one, 0, 0]
-                    for i in range(start, min(start + 1000, messages))]  # fmt: skip
+            recs = [
+                [app.COUNTER, app.counter_id(i % keys), "", "", vt, one, 0, 0]
+                for i in range(start, min(start + 1000, messages))
+            ]
             self.frames.append(msgpack.packb(recs, use_bin_type=True))
         self.rates: list[float] = []
         self.cpu_rates: list[float] = []
@@ -361,9 +424,15 @@ class Baseline:
         return best, best_cpu
 
     def summary(self) -> dict[str, Any]:
-        return {"messages": self.messages, "frames": len(self.frames), "rounds": self.rates,
-                "median": statistics.median(self.rates), "best": max(self.rates),
-                "cpu_rounds": self.cpu_rates, "median_per_cpu_s": statistics.median(self.cpu_rates)}  # fmt: skip
+        return {
+            "messages": self.messages,
+            "frames": len(self.frames),
+            "rounds": self.rates,
+            "median": statistics.median(self.rates),
+            "best": max(self.rates),
+            "cpu_rounds": self.cpu_rates,
+            "median_per_cpu_s": statistics.median(self.cpu_rates),
+        }
 
 
 # -- measurements ----------------------------------------------------------------------------
@@ -421,12 +490,19 @@ async def timed_job(
     for b, a, c0, c1 in zip(before, after, cpu0, cpu1, strict=True):
         inv = a["invocations"] - b["invocations"]
         batches = a["batches"] - b["batches"]
-        per_peer.append({
-            "peer": a["peer"], "invocations": inv, "batches": batches, "cpu_s": c1 - c0,
-            "invocations_per_s": inv / elapsed, "cpu_share": (c1 - c0) / elapsed,
-            "invocations_per_cpu_s": inv / (c1 - c0) if c1 > c0 else None,
-            "mean_batch": inv / batches if batches else None, "failures": a["failures"] - b["failures"],
-        })  # fmt: skip
+        per_peer.append(
+            {
+                "peer": a["peer"],
+                "invocations": inv,
+                "batches": batches,
+                "cpu_s": c1 - c0,
+                "invocations_per_s": inv / elapsed,
+                "cpu_share": (c1 - c0) / elapsed,
+                "invocations_per_cpu_s": inv / (c1 - c0) if c1 > c0 else None,
+                "mean_batch": inv / batches if batches else None,
+                "failures": a["failures"] - b["failures"],
+            }
+        )
     return {
         "elapsed_s": elapsed,
         "status_invocations": sum(p["invocations"] for p in per_peer),
@@ -456,8 +532,12 @@ async def counter_run(s: Session, messages: int, keys: int, chunk: int, timeout:
         await asyncio.gather(*(c.send(t) for c, t in zip(starts, triggers, strict=True)))
 
     r = await timed_job(s, start, messages + driver_invocations, timeout)
-    r.update(messages=messages, driver_invocations=driver_invocations, rate=messages / r["elapsed_s"],
-             status_rate=r["status_invocations"] / r["elapsed_s"])  # fmt: skip
+    r.update(
+        messages=messages,
+        driver_invocations=driver_invocations,
+        rate=messages / r["elapsed_s"],
+        status_rate=r["status_invocations"] / r["elapsed_s"],
+    )
     r["rate_per_peer"] = r["rate"] / n
     return r
 
@@ -478,8 +558,13 @@ async def chain_run(s: Session, first: int, chains: int, length: int, timeout: f
 
     hops = chains * length
     r = await timed_job(s, start, hops + n, timeout)
-    r.update(chains=chains, length=length, hops=hops, rate=hops / r["elapsed_s"],
-             status_rate=r["status_invocations"] / r["elapsed_s"])  # fmt: skip
+    r.update(
+        chains=chains,
+        length=length,
+        hops=hops,
+        rate=hops / r["elapsed_s"],
+        status_rate=r["status_invocations"] / r["elapsed_s"],
+    )
     r["rate_per_peer"] = r["rate"] / n
     return r
 
@@ -508,8 +593,14 @@ def _percentiles(samples_ns: list[int]) -> dict[str, float]:
     def pct(q: float) -> float:
         return xs[min(len(xs) - 1, int(q * len(xs)))] / 1000
 
-    return {"n": len(xs), "p50_us": pct(0.50), "p90_us": pct(0.90), "p99_us": pct(0.99), "max_us": xs[-1] / 1000,
-            "mean_us": statistics.fmean(xs) / 1000}  # fmt: skip
+    return {
+        "n": len(xs),
+        "p50_us": pct(0.50),
+        "p90_us": pct(0.90),
+        "p99_us": pct(0.99),
+        "max_us": xs[-1] / 1000,
+        "mean_us": statistics.fmean(xs) / 1000,
+    }
 
 
 async def request_latency(
@@ -615,8 +706,10 @@ async def with_py_spy(
         raw = outdir / f"{tag}-peer{k}.txt"
         spy = subprocess.Popen(
             ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "-o", str(raw)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         spies.append((k, spy, raw))
     try:
         await asyncio.sleep(1.0)  # let py-spy attach
@@ -663,8 +756,12 @@ async def echo_floor(n: int) -> dict[str, Any]:
     import zmq.asyncio
 
     ep = f"tcp://127.0.0.1:{free_ports(1)[0]}"
-    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, ep], stdout=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ECHO_SERVER, ep],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -744,9 +841,12 @@ async def measure(mesh: MeshProcesses, args: argparse.Namespace, log: Callable[[
             log("  profiled counter run (py-spy on every peer; not part of the figures)")
             tag = f"{mesh.core}-{n}peers"
             run, prof = await with_py_spy(
-                s, Path(args.profile), f"{tag}-counter", lambda: counter_run(s, args.messages, args.keys, args.chunk,
-                                                                            args.phase_timeout), log
-            )  # fmt: skip
+                s,
+                Path(args.profile),
+                f"{tag}-counter",
+                lambda: counter_run(s, args.messages, args.keys, args.chunk, args.phase_timeout),
+                log,
+            )
             if prof is not None:
                 increments += args.messages
                 res["profile"] = {"rate_while_profiled": run["rate"], "peers": prof}
@@ -819,12 +919,21 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ratios = [r["ratio"] for r in runs]
     cpu_ratios = [r["ratio_cpu"] for r in runs if r["ratio_cpu"]]
     per_cpu = [r["rate_per_cpu_s"] for r in runs if r["rate_per_cpu_s"]]
-    return {"runs": runs, "median_rate": med, "min_rate": min(rates), "max_rate": max(rates),
-            "median_rate_per_peer": med / len(mid["per_peer"]), "ratio_to_baseline": statistics.median(ratios),
-            "min_ratio": min(ratios), "max_ratio": max(ratios), "median_run": mid,
-            "median_rate_per_cpu_s": statistics.median(per_cpu) if per_cpu else None,
-            "cpu_ratio_to_baseline": statistics.median(cpu_ratios) if cpu_ratios else None,
-            "min_cpu_ratio": min(cpu_ratios, default=None), "max_cpu_ratio": max(cpu_ratios, default=None)}  # fmt: skip
+    return {
+        "runs": runs,
+        "median_rate": med,
+        "min_rate": min(rates),
+        "max_rate": max(rates),
+        "median_rate_per_peer": med / len(mid["per_peer"]),
+        "ratio_to_baseline": statistics.median(ratios),
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
+        "median_run": mid,
+        "median_rate_per_cpu_s": statistics.median(per_cpu) if per_cpu else None,
+        "cpu_ratio_to_baseline": statistics.median(cpu_ratios) if cpu_ratios else None,
+        "min_cpu_ratio": min(cpu_ratios, default=None),
+        "max_cpu_ratio": max(cpu_ratios, default=None),
+    }
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -837,49 +946,63 @@ def _n(x: float | None, fmt: str = ",.0f") -> str:
 def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     out = sys.stdout.write
     ck = "off" if args.checkpoint_interval is None else f"every {args.checkpoint_interval} s"
-    out(f"\n== summary: {args.transport}, checkpoints {ck}; throughput = median of {args.repeat} runs; x base = "
+    out(
+        f"\n== summary: {args.transport}, checkpoints {ck}; throughput = median of {args.repeat} runs; x base = "
         "ratio to the msgpack+dispatch baseline run just before, on wall-clock rates (wall) and on rates per "
-        "CPU-second (cpu) ==\n")  # fmt: skip
-    out(f"{'core':<7}{'peers':>5} |{'counter/s':>10}{'/peer':>9}{'/CPU-s':>9}{'wall':>7}{'cpu':>7} |"
+        "CPU-second (cpu) ==\n"
+    )
+    out(
+        f"{'core':<7}{'peers':>5} |{'counter/s':>10}{'/peer':>9}{'/CPU-s':>9}{'wall':>7}{'cpu':>7} |"
         f"{'chain hop/s':>12}{'wall':>7}{'cpu':>7} |{'floor p50/p99 us':>18}{'owner p50/p99 us':>18}"
-        f"{'fwd p50/p99 us':>17}{'chain p50/p99 us':>18}\n")  # fmt: skip
+        f"{'fwd p50/p99 us':>17}{'chain p50/p99 us':>18}\n"
+    )
     for r in results:
         c, ch = r.get("counter"), r.get("chain")
         lat = []
         for key in ("latency_floor", "latency_owner", "latency_forwarded", "latency_chain"):
             v = r.get(key)
             lat.append(f"{v['p50_us']:,.0f} / {v['p99_us']:,.0f}" if v else "-")
-        out(f"{r['core']:<7}{r['peers']:>5} |"
+        out(
+            f"{r['core']:<7}{r['peers']:>5} |"
             f"{_n(c and c['median_rate']):>10}{_n(c and c['median_rate_per_peer']):>9}"
             f"{_n(c and c['median_rate_per_cpu_s']):>9}{_n(c and c['ratio_to_baseline'], '.3f'):>7}"
             f"{_n(c and c['cpu_ratio_to_baseline'], '.3f'):>7} |"
             f"{_n(ch and ch['median_rate']):>12}{_n(ch and ch['ratio_to_baseline'], '.3f'):>7}"
             f"{_n(ch and ch['cpu_ratio_to_baseline'], '.3f'):>7} |"
-            f"{lat[0]:>18}{lat[1]:>18}{lat[2]:>17}{lat[3]:>18}\n")  # fmt: skip
+            f"{lat[0]:>18}{lat[1]:>18}{lat[2]:>17}{lat[3]:>18}\n"
+        )
 
     for r in results:
         n = r["peers"]
-        out(f"\n== core {r['core']}, {n} peer process{'es' if n > 1 else ''} over {args.transport}, "
-            f"checkpoints {ck} ==\n")  # fmt: skip
+        out(
+            f"\n== core {r['core']}, {n} peer process{'es' if n > 1 else ''} over {args.transport}, "
+            f"checkpoints {ck} ==\n"
+        )
         b = r["baseline"]
-        out(f"baseline, msgpack unpack + trivial dispatch in 1 process: {b['median']:,.0f} msg/s, "
+        out(
+            f"baseline, msgpack unpack + trivial dispatch in 1 process: {b['median']:,.0f} msg/s, "
             f"{b['median_per_cpu_s']:,.0f} per CPU-s (medians of {len(b['rounds'])} rounds; wall "
-            f"{min(b['rounds']):,.0f}-{b['best']:,.0f})\n")  # fmt: skip
+            f"{min(b['rounds']):,.0f}-{b['best']:,.0f})\n"
+        )
         rows = []
         if "counter" in r:
             rows.append(("counter", f"{args.messages:,} increments over {args.keys:,} keys", r["counter"]))
         if "chain" in r:
             rows.append(("chain", f"{args.chains:,} chains x {args.chain_length} hops", r["chain"]))
         if rows:
-            out(f"\n{'throughput':<46}{'total/s':>10}{'per peer/s':>12}{'per CPU-s':>11}{'x base wall':>19}"
-                f"{'x base cpu':>19}{'total/s range':>20}\n")  # fmt: skip
+            out(
+                f"\n{'throughput':<46}{'total/s':>10}{'per peer/s':>12}{'per CPU-s':>11}{'x base wall':>19}"
+                f"{'x base cpu':>19}{'total/s range':>20}\n"
+            )
             for name, what, c in rows:
                 label = f"{name} ({what})"
-                out(f"{label:<46}{c['median_rate']:>10,.0f}{c['median_rate_per_peer']:>12,.0f}"
+                out(
+                    f"{label:<46}{c['median_rate']:>10,.0f}{c['median_rate_per_peer']:>12,.0f}"
                     f"{_n(c['median_rate_per_cpu_s']):>11}"
                     f"{c['ratio_to_baseline']:>7.3f} ({c['min_ratio']:.3f}-{c['max_ratio']:.3f})"
                     f"{_n(c['cpu_ratio_to_baseline'], '.3f'):>7} ({_n(c['min_cpu_ratio'], '.3f')}-"
-                    f"{_n(c['max_cpu_ratio'], '.3f')}){c['min_rate']:>11,.0f}-{c['max_rate']:<8,.0f}\n")  # fmt: skip
+                    f"{_n(c['max_cpu_ratio'], '.3f')}){c['min_rate']:>11,.0f}-{c['max_rate']:<8,.0f}\n"
+                )
             for name, _, c in rows:
                 m = c["median_run"]
                 out(
@@ -887,29 +1010,41 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
                     f"{'invocations/s':>15}{'CPU %':>7}{'inv/CPU-s':>11}{'batches':>9}{'mean batch':>12}\n"
                 )
                 for p in m["per_peer"]:
-                    out(f"{'peer ' + str(p['peer']):>{len(name) + 30}}{p['invocations_per_s']:>15,.0f}"
+                    out(
+                        f"{'peer ' + str(p['peer']):>{len(name) + 30}}{p['invocations_per_s']:>15,.0f}"
                         f"{100 * p['cpu_share']:>7.0f}{_n(p['invocations_per_cpu_s']):>11}{p['batches']:>9,}"
-                        f"{_n(p['mean_batch']):>12}\n")  # fmt: skip
+                        f"{_n(p['mean_batch']):>12}\n"
+                    )
                 out(
                     f"  (the peers' own counters include the {'drivers' if name == 'counter' else 'chain starters'}: "
                     f"{m['status_rate']:,.0f} invocations/s; this process used {m['bench_process_cpu_s']:.2f} CPU-s)\n"
                 )
-        lat = [(k, v) for k, v in (
-            (f"floor: zmq.asyncio echo process ({args.requests:,})", r.get("latency_floor")),
-            (f"counter, owner peer ({args.requests:,} requests)", r.get("latency_owner")),
-            (f"counter, through another peer ({args.requests:,})", r.get("latency_forwarded")),
-            (f"chain of {args.chain_length} hops ({args.chain_requests:,})", r.get("latency_chain")),
-        ) if v]  # fmt: skip
+        lat = [
+            (k, v)
+            for k, v in (
+                (f"floor: zmq.asyncio echo process ({args.requests:,})", r.get("latency_floor")),
+                (f"counter, owner peer ({args.requests:,} requests)", r.get("latency_owner")),
+                (f"counter, through another peer ({args.requests:,})", r.get("latency_forwarded")),
+                (f"chain of {args.chain_length} hops ({args.chain_requests:,})", r.get("latency_chain")),
+            )
+            if v
+        ]
         if lat:
-            out(f"\n{'request -> reply, sequential, light load':<46}{'p50 us':>9}{'p90 us':>9}{'p99 us':>9}"
-                f"{'max us':>9}   CPU us per request: peers / this process\n")  # fmt: skip
+            out(
+                f"\n{'request -> reply, sequential, light load':<46}{'p50 us':>9}{'p90 us':>9}{'p99 us':>9}"
+                f"{'max us':>9}   CPU us per request: peers / this process\n"
+            )
             for label, v in lat:
                 cpu = ""
                 if "peer_cpu_us_per_call" in v:
-                    cpu = (" + ".join(f"{c:,.0f}" for c in v["peer_cpu_us_per_call"])
-                           + f" / {v['client_cpu_us_per_call']:,.0f}")  # fmt: skip
-                out(f"{label:<46}{v['p50_us']:>9,.0f}{v['p90_us']:>9,.0f}{v['p99_us']:>9,.0f}{v['max_us']:>9,.0f}"
-                    f"   {cpu}\n")  # fmt: skip
+                    cpu = (
+                        " + ".join(f"{c:,.0f}" for c in v["peer_cpu_us_per_call"])
+                        + f" / {v['client_cpu_us_per_call']:,.0f}"
+                    )
+                out(
+                    f"{label:<46}{v['p50_us']:>9,.0f}{v['p90_us']:>9,.0f}{v['p99_us']:>9,.0f}{v['max_us']:>9,.0f}"
+                    f"   {cpu}\n"
+                )
             out(f"(every counter read returned the {r['expected_count_per_key']} increments it was sent)\n")
         for key, what in (("profile", "a counter run"), ("profile_requests", "owner-peer requests")):
             prof = r.get(key)
@@ -917,14 +1052,18 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
                 continue
             for k, p in sorted(prof["peers"].items()):
                 rate = f" at {prof['rate_while_profiled']:,.0f}/s" if "rate_while_profiled" in prof else ""
-                out(f"\npy-spy, peer {k}, during {what}{rate}: {p['samples']} main-thread samples "
+                out(
+                    f"\npy-spy, peer {k}, during {what}{rate}: {p['samples']} main-thread samples "
                     f"({p['other_thread_samples']} in other threads)\n"
-                    f"  {'own time, by function':<63} {'inclusive':<63} own time, by line\n")  # fmt: skip
+                    f"  {'own time, by function':<63} {'inclusive':<63} own time, by line\n"
+                )
                 for (fo, _, so), (fi, _, si), (fl, _, sl) in zip(
                     p["own"][:12], p["inclusive"][:12], p["lines"][:12], strict=False
                 ):
-                    out(f"  {100 * so:5.1f}%  {fo[:55]:<55}  {100 * si:5.1f}%  {fi[:55]:<55}  "
-                        f"{100 * sl:5.1f}%  {fl[:60]}\n")  # fmt: skip
+                    out(
+                        f"  {100 * so:5.1f}%  {fo[:55]:<55}  {100 * si:5.1f}%  {fi[:55]:<55}  "
+                        f"{100 * sl:5.1f}%  {fl[:60]}\n"
+                    )
 
     out("\n== targets ==\n")
     for r in results:
@@ -951,8 +1090,10 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
             for k in ("counter", "chain"):
                 if k in c and k in py:
                     cc, pc = c[k]["cpu_ratio_to_baseline"], py[k]["cpu_ratio_to_baseline"]
-                    parts.append(f"{k} {c[k]['ratio_to_baseline'] / py[k]['ratio_to_baseline']:.2f}x wall, "
-                                 f"{_n(cc / pc if cc and pc else None, '.2f')}x cpu")  # fmt: skip
+                    parts.append(
+                        f"{k} {c[k]['ratio_to_baseline'] / py[k]['ratio_to_baseline']:.2f}x wall, "
+                        f"{_n(cc / pc if cc and pc else None, '.2f')}x cpu"
+                    )
             if parts:
                 out(f"Cython core / pure-Python core, {n} peer(s), on x-base ratios: {'; '.join(parts)}\n")
 
@@ -966,14 +1107,19 @@ def machine() -> dict[str, Any]:
                 break
     commit = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     return {
-        "nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-        "implementation": sys.implementation.name, "platform": platform.platform(),
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+        "platform": platform.platform(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "loadavg": os.getloadavg(), "git_commit": commit,
-    }  # fmt: skip
+        "loadavg": os.getloadavg(),
+        "git_commit": commit,
+    }
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -1032,8 +1178,10 @@ def main(argv: list[str] | None = None) -> int:
                         mesh.start(args.start_timeout)
                         results.append(asyncio.run(measure(mesh, args, log)))
                     except (RuntimeError, TimeoutError, OSError) as exc:
-                        print(f"mesh_perf: {core} core, {n} peers: {exc}\n--- launcher log tail ---\n{mesh.tail()}",
-                              file=sys.stderr)  # fmt: skip
+                        print(
+                            f"mesh_perf: {core} core, {n} peers: {exc}\n--- launcher log tail ---\n{mesh.tail()}",
+                            file=sys.stderr,
+                        )
                         status = 1
                     finally:
                         mesh.stop()
@@ -1045,12 +1193,15 @@ def main(argv: list[str] | None = None) -> int:
     info["wall_s"] = time.monotonic() - t_start
     if results:
         print_tables(results, args)
-    print(f"\n{info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {info['date_utc']}, "
-          f"load {info['loadavg'][0]:.2f} -> {info['loadavg_end'][0]:.2f}, {info['wall_s']:.0f} s")  # fmt: skip
+    print(
+        f"\n{info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, {info['date_utc']}, "
+        f"load {info['loadavg'][0]:.2f} -> {info['loadavg_end'][0]:.2f}, {info['wall_s']:.0f} s"
+    )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"argv": sys.argv, "args": vars(args), "machine": info, "results": results}, fh, indent=1,
-                      default=str)  # fmt: skip
+            json.dump(
+                {"argv": sys.argv, "args": vars(args), "machine": info, "results": results}, fh, indent=1, default=str
+            )
     return status
 
 

@@ -37,10 +37,19 @@ async def produce(endpoint: str, egress: str, records: int) -> None:
     """Emit ``records`` records to ``egress`` and wait until every one is released."""
     per = records // IDS
     async with MeshClient(endpoint, timeout=60) as c:
-        await asyncio.gather(*(c.send(message_builder(
-            target_typename=EMIT, target_id=f"{egress}-{i}", value_type=JSON,
-            value={"egress": egress, "n": per, "tag": "b"},
-        )) for i in range(IDS)))  # fmt: skip
+        await asyncio.gather(
+            *(
+                c.send(
+                    message_builder(
+                        target_typename=EMIT,
+                        target_id=f"{egress}-{i}",
+                        value_type=JSON,
+                        value={"egress": egress, "n": per, "tag": "b"},
+                    )
+                )
+                for i in range(IDS)
+            )
+        )
         endpoints = (await c.info())["client_endpoints"]
         deadline = time.monotonic() + 120
         while True:
@@ -101,16 +110,31 @@ def main() -> int:
                 asyncio.run(add_stream(server.url, stream))
                 log = tmp / f"bridge-{run}.log"
                 cmd = [
-                    sys.executable, "-m", "statefun_mesh", "nats-egress", "--nats-url", server.url,
-                    "--mesh", mesh.endpoint, "--name", f"bench{run}", "--batch", str(batch),
-                    "--route", f"{egress}={stream.lower()}.{{peer}}", "--status-interval", "0",
-                ]  # fmt: skip
+                    sys.executable,
+                    "-m",
+                    "statefun_mesh",
+                    "nats-egress",
+                    "--nats-url",
+                    server.url,
+                    "--mesh",
+                    mesh.endpoint,
+                    "--name",
+                    f"bench{run}",
+                    "--batch",
+                    str(batch),
+                    "--route",
+                    f"{egress}={stream.lower()}.{{peer}}",
+                    "--status-interval",
+                    "0",
+                ]
                 secs, cpu = time_bridge(
                     cmd, log, lambda proc, stream=stream, log=log: wait_done(server.url, stream, want, proc, log)
                 )
-                print(f"{args.peers} peers, batch {batch:>5}: {want} records in {secs:.2f} s = "
-                      f"{want / secs:,.0f} records/s; bridge CPU {cpu:.1f} s (stream count checked)",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{args.peers} peers, batch {batch:>5}: {want} records in {secs:.2f} s = "
+                    f"{want / secs:,.0f} records/s; bridge CPU {cpu:.1f} s (stream count checked)",
+                    flush=True,
+                )
     return 0
 
 

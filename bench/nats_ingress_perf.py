@@ -95,19 +95,34 @@ def main() -> int:
                 asyncio.run(fill(server.url, stream, args.messages, keys))
                 log = tmp / f"bridge-{run}.log"
                 cmd = [
-                    sys.executable, "-m", "statefun_mesh", "nats-ingress", "--nats-url", server.url,
-                    "--stream", stream, "--durable", "bench", "--mesh", mesh.endpoint,
-                    "--max-in-flight", str(args.max_in_flight), "--status-interval", "0",
+                    sys.executable,
+                    "-m",
+                    "statefun_mesh",
+                    "nats-ingress",
+                    "--nats-url",
+                    server.url,
+                    "--stream",
+                    stream,
+                    "--durable",
+                    "bench",
+                    "--mesh",
+                    mesh.endpoint,
+                    "--max-in-flight",
+                    str(args.max_in_flight),
+                    "--status-interval",
+                    "0",
                     *(["--unordered"] if args.unordered else []),
-                ]  # fmt: skip
+                ]
                 secs, cpu = time_bridge(
                     cmd, log, lambda proc, stream=stream, log=log: wait_done(server.url, stream, proc, log, 300)
                 )
                 asyncio.run(check(mesh.endpoint, stream, args.messages, keys))
-                print(f"{args.peers} peers, {keys:>5} keys, {'unordered' if args.unordered else 'ordered  '}, "
-                      f"max in flight {args.max_in_flight}: {args.messages} messages in {secs:.2f} s = "
-                      f"{args.messages / secs:,.0f} msg/s; bridge CPU {cpu:.1f} s (counts checked)",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{args.peers} peers, {keys:>5} keys, {'unordered' if args.unordered else 'ordered  '}, "
+                    f"max in flight {args.max_in_flight}: {args.messages} messages in {secs:.2f} s = "
+                    f"{args.messages / secs:,.0f} msg/s; bridge CPU {cpu:.1f} s (counts checked)",
+                    flush=True,
+                )
     return 0
 
 

@@ -89,8 +89,10 @@ async def _run(n: int, peers: int, budget: int, size: int, off: bool, kind: str)
                 total += reply.as_int() - 1
     mode = "off" if off else "on "
     growth = (peak[0] - base) / 2**20
-    print(f"outbox {mode}: {kind}, {n} sends of {size} B, {peers} peers, memory_budget {budget >> 20} MiB: "
-          f"peak anonymous RSS growth {growth:.0f} MiB, {elapsed:.1f} s, applied {total}")  # fmt: skip
+    print(
+        f"outbox {mode}: {kind}, {n} sends of {size} B, {peers} peers, memory_budget {budget >> 20} MiB: "
+        f"peak anonymous RSS growth {growth:.0f} MiB, {elapsed:.1f} s, applied {total}"
+    )
 
 
 def main() -> None:
@@ -105,8 +107,9 @@ def main() -> None:
     size = int(args[3]) if len(args) > 3 else 100
     kind = args[4] if len(args) > 4 else "sync"
     for mode in ("off", "on"):
-        subprocess.run([sys.executable, __file__, "--child", str(n), str(peers), str(budget), str(size), mode, kind],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, __file__, "--child", str(n), str(peers), str(budget), str(size), mode, kind], check=True
+        )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ from statefun_mesh import message_builder  # noqa: E402
 
 
 def strace(pid: int, out: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(pid)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.Popen(
+        ["strace", "-c", "-f", "-o", str(out), "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def calls(out: Path) -> tuple[int, dict[str, int]]:
@@ -75,8 +76,9 @@ def service(before: list[int], after: list[int]) -> dict[str, Any]:
     return out
 
 
-async def series(s: Session, pids: list[int], ids: list[str], n: int, work: Path, tag: str,
-                 trace: bool) -> dict[str, Any]:  # fmt: skip
+async def series(
+    s: Session, pids: list[int], ids: list[str], n: int, work: Path, tag: str, trace: bool
+) -> dict[str, Any]:
     client = s.clients[0]
     msgs = [message_builder(app.COUNTER, i, int_value=0) for i in ids]
     for i in range(50):

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="statefun-mesh-restore-"))
     try:
         value = encode_state_value("io.statefun.types/string", b"x" * 100, 0)
-        keys = sorted(state_key(i % 32768, "ckpt/fill", f"fill-{i}", f"v{j}")
-                      for i in range(args.keys // 10) for j in range(10))  # fmt: skip
+        keys = sorted(
+            state_key(i % 32768, "ckpt/fill", f"fill-{i}", f"v{j}") for i in range(args.keys // 10) for j in range(10)
+        )
         obj = work / "base.bin"
         with open(obj, "wb") as fh:
             n, size, _ = write_object(fh, "base", {"checkpoint": 1}, (["state", k, value] for k in keys))
@@ -58,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             backend.close()
             shutil.rmtree(store)
             assert loaded == n
-            print(f"  rebuild {r + 1}: SHA-256 {c1 - c0:.3f} CPU-s ({w1 - w0:.3f} s), decode + load "
-                  f"{c2 - c1:.3f} CPU-s ({w2 - w1:.3f} s), total {c2 - c0:.3f} CPU-s")
+            print(
+                f"  rebuild {r + 1}: SHA-256 {c1 - c0:.3f} CPU-s ({w1 - w0:.3f} s), decode + load "
+                f"{c2 - c1:.3f} CPU-s ({w2 - w1:.3f} s), total {c2 - c0:.3f} CPU-s"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -54,8 +54,9 @@ async def one(n: int, idle: float, workdir: Path) -> dict[str, object]:
         clients = await Clients.connect(mesh.endpoint, timeout=5.0)
         deadline = time.monotonic() + 120
         for i in range(100):  # light load: 20 a second for 5 s
-            await clients.send(json_message(COUNTER, f"k{i % 50}", {"inc": str(i)}), f"s-{i}", first=i,
-                               deadline=deadline)  # fmt: skip
+            await clients.send(
+                json_message(COUNTER, f"k{i % 50}", {"inc": str(i)}), f"s-{i}", first=i, deadline=deadline
+            )
             await asyncio.sleep(0.05)
         await clients.aclose()
         pids = mesh.peer_pids()
@@ -69,8 +70,11 @@ async def one(n: int, idle: float, workdir: Path) -> dict[str, object]:
         out["idle_cpu_pct_per_peer"] = round(100 * statistics.mean(cpu) / idle, 2)
         durations = [float(x) for x in re.findall(r"checkpoint \d+ complete in ([\d.]+) s", mesh.log())]
         if durations:
-            out["checkpoint_s"] = {"count": len(durations), "median": round(statistics.median(durations), 3),
-                                   "max": round(max(durations), 3)}  # fmt: skip
+            out["checkpoint_s"] = {
+                "count": len(durations),
+                "median": round(statistics.median(durations), 3),
+                "max": round(max(durations), 3),
+            }
         probes = probe_ids("probe", n)
         old, t_kill = mesh.kill_peer(n - 1)
         await asyncio.to_thread(mesh.wait_peer_restarted, n - 1, old, 120.0)

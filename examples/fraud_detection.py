@@ -103,8 +103,13 @@ def account(context, message):
         profile["total"] += verdict["amount"]
         if reasons:
             profile["alerts"] += 1
-            alert = {"account": context.address.id, "txn": verdict["txn"], "amount": verdict["amount"],
-                     "merchant": verdict["merchant"], "reasons": reasons}  # fmt: skip
+            alert = {
+                "account": context.address.id,
+                "txn": verdict["txn"],
+                "amount": verdict["amount"],
+                "merchant": verdict["merchant"],
+                "reasons": reasons,
+            }
             context.send_egress(egress_message_builder(target_typename=ALERTS, value=alert, value_type=ALERT))
         context.storage.profile = profile
     elif message.is_type(WINDOW_CLOSED):
@@ -180,9 +185,11 @@ def traffic(seed: int, accounts: int, merchants: int) -> Iterator[Any]:
         )
         if rng.random() < 0.02:
             yield message_builder(
-                target_typename="fraud/merchant", target_id=rng.choice(bad_merchants), value={},
+                target_typename="fraud/merchant",
+                target_id=rng.choice(bad_merchants),
+                value={},
                 value_type=CHARGEBACK,
-            )  # fmt: skip
+            )
 
 
 async def generate(

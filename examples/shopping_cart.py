@@ -105,8 +105,9 @@ async def main() -> None:
     async with LocalMesh(functions) as mesh:
         for item, qty in [("socks", 3), ("hat", 1)]:
             await mesh.send(
-                message_builder(target_typename="example/stock", target_id=item, value={"quantity": qty},
-                                value_type=RESTOCK)
+                message_builder(
+                    target_typename="example/stock", target_id=item, value={"quantity": qty}, value_type=RESTOCK
+                )
             )
         for item, qty in [("socks", 2), ("hat", 1), ("socks", 2)]:
             answer = await mesh.request(cart_message("ann", {"item": item, "quantity": qty}, ADD_TO_CART))

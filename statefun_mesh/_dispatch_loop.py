@@ -28,10 +28,29 @@ from typing import Any
 
 #: What ``kit`` holds, in order (``Dispatcher`` builds it: these modules import this one)
 KIT_FIELDS = (
-    "Address", "Cell", "Context", "Message", "BatchOutcome", "_Running", "_RemoteRunning", "decode_state_value",
-    "state_key", "KG_PREFIXES", "MAX_KEY", "LATENCY_BUCKETS", "bisect_left", "perf_counter", "DELETED", "_CACHEABLE",
-    "_set_address", "_set_cells", "_set_writes", "encode_state_value", "load_cells", "invoke_sync",
-)  # fmt: skip
+    "Address",
+    "Cell",
+    "Context",
+    "Message",
+    "BatchOutcome",
+    "_Running",
+    "_RemoteRunning",
+    "decode_state_value",
+    "state_key",
+    "KG_PREFIXES",
+    "MAX_KEY",
+    "LATENCY_BUCKETS",
+    "bisect_left",
+    "perf_counter",
+    "DELETED",
+    "_CACHEABLE",
+    "_set_address",
+    "_set_cells",
+    "_set_writes",
+    "encode_state_value",
+    "load_cells",
+    "invoke_sync",
+)
 
 
 def group_records(records: list[Any]) -> dict[Any, Any]:
@@ -65,8 +84,30 @@ def dispatch_groups(
     ``max_send_bytes``, dead-letter unknown types, start async and remote ones (appended
     to ``starting``), and invoke sync ones. Appends each sync address's cells to
     ``touched`` and returns how many sync invocations returned. ``kit``: see ``KIT_FIELDS``."""
-    (Address, _, _, _, BatchOutcome, _Running, _RemoteRunning, _, _, _, _, bounds, bisect_left, perf_counter,
-     _, _, _, _, _, _, load_cells, invoke_sync) = kit  # fmt: skip
+    (
+        Address,
+        _,
+        _,
+        _,
+        BatchOutcome,
+        _Running,
+        _RemoteRunning,
+        _,
+        _,
+        _,
+        _,
+        bounds,
+        bisect_left,
+        perf_counter,
+        _,
+        _,
+        _,
+        _,
+        _,
+        _,
+        load_cells,
+        invoke_sync,
+    ) = kit
     new_tuple = tuple.__new__
     parked: dict[Any, Any] = d._parked
     qlens: dict[Any, Any] = d._qlens
@@ -225,8 +266,30 @@ def invoke_sync(
     a returned invocation's writes go to ``cells``, its sends to ``sends``, its other
     effects to ``out``; one that raises is dead-lettered (``d._failed``). Returns how many
     returned. (The Cython core's own: ``invoke_sync_native``.)"""
-    (_, _, context_cls, message_cls, _, _, _, _, _, _, _, _, _, _, DELETED, cacheable,
-     set_address, set_cells, set_writes, _, _, _) = kit  # fmt: skip
+    (
+        _,
+        _,
+        context_cls,
+        message_cls,
+        _,
+        _,
+        _,
+        _,
+        _,
+        _,
+        _,
+        _,
+        _,
+        _,
+        DELETED,
+        cacheable,
+        set_address,
+        set_cells,
+        set_writes,
+        _,
+        _,
+        _,
+    ) = kit
     new = object.__new__
     storage_cls = fspec.storage_class
     fun = fspec.fun

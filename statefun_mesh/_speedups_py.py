@@ -341,4 +341,3 @@ def decode_batch(frame: bytes | bytearray | memoryview) -> list[Record]:
             if type(rec[i]) is not int or rec[i] < 0:
                 raise FrameDecodeError(f"record {idx} field {i} is not an unsigned integer")
     return list(body)
-

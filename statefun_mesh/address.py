@@ -118,6 +118,5 @@ class SdkAddress(Address):
 
     def __repr__(self) -> str:
         return (
-            f"SdkAddress(namespace={self.namespace!r}, name={self.name!r}, id={self.id!r}, "
-            f"typename={self.typename!r})"
+            f"SdkAddress(namespace={self.namespace!r}, name={self.name!r}, id={self.id!r}, typename={self.typename!r})"
         )

@@ -177,8 +177,13 @@ class BatchLoop:
                 self._wake.clear()
                 continue
             router.blocked = False
-            if (replay.timers_held and not inbox and len(replay.markers_from) >= self.n_peers - 1
-                    and not dispatcher.parked and replay.position is None):  # fmt: skip
+            if (
+                replay.timers_held
+                and not inbox
+                and len(replay.markers_from) >= self.n_peers - 1
+                and not dispatcher.parked
+                and replay.position is None
+            ):
                 replay.timers_held = False  # every replayed message is processed: timers may fire
             if not inbox and not self.timer_due(now_ms) and not dispatcher.ready:
                 router.flush_all()
@@ -211,8 +216,14 @@ class BatchLoop:
                 dispatcher.rollback()
                 inbox.extendleft(reversed(batch))
                 router.inbox_bytes += batch_bytes
-                self._tlog.error("failed batch writes", "peer %d could not write a batch of %d messages: %s; "
-                                 "retrying in %.2f s", self.peer_id, len(batch), exc, backoff)  # fmt: skip
+                self._tlog.error(
+                    "failed batch writes",
+                    "peer %d could not write a batch of %d messages: %s; retrying in %.2f s",
+                    self.peer_id,
+                    len(batch),
+                    exc,
+                    backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -231,9 +242,17 @@ class BatchLoop:
                         "stops (nothing of the batch was applied): restart the peer, and report the traceback "
                         "above as a bug"
                     ) from exc
-                self._tlog.log(logging.ERROR, "internal batch errors", "peer %d: internal error in a batch of %d "
-                               "messages (attempt %d of %d); retrying in %.2f s", self.peer_id, len(batch),
-                               internal_failures, INTERNAL_BATCH_ATTEMPTS, backoff, exc_info=True)  # fmt: skip
+                self._tlog.log(
+                    logging.ERROR,
+                    "internal batch errors",
+                    "peer %d: internal error in a batch of %d messages (attempt %d of %d); retrying in %.2f s",
+                    self.peer_id,
+                    len(batch),
+                    internal_failures,
+                    INTERNAL_BATCH_ATTEMPTS,
+                    backoff,
+                    exc_info=True,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -264,8 +283,9 @@ class BatchLoop:
                 try:
                     self._purge_from = backend.purge_dedup(now_ms, self._purge_from, 5000)
                 except StateBackendError as exc:  # e.g. a full disk: purging waits, processing goes on
-                    self._tlog.warning("failed purges", "peer %d: could not purge expired idempotency keys: %s",
-                                       self.peer_id, exc)
+                    self._tlog.warning(
+                        "failed purges", "peer %d: could not purge expired idempotency keys: %s", self.peer_id, exc
+                    )
             router.flush_all()
             router.grant_credits()
             self.admission.check_space()
@@ -273,8 +293,14 @@ class BatchLoop:
             # go straight into another one (a batch of sync functions never yields); with
             # nothing left to do, its idle wait yields, and a yield here was a loop turn more
             # per batch (a select call per request at light load).
-            if (inbox or dispatcher.ready or router.outbox.count or replay.position is not None or self.timer_due(
-                    self.now_ms()) or (router.spill is not None and router.spill.count)):  # fmt: skip
+            if (
+                inbox
+                or dispatcher.ready
+                or router.outbox.count
+                or replay.position is not None
+                or self.timer_due(self.now_ms())
+                or (router.spill is not None and router.spill.count)
+            ):
                 await asyncio.sleep(0)
 
     def _after_commit(self, out: BatchOutcome) -> None:
@@ -285,8 +311,12 @@ class BatchLoop:
         try:
             queued = outbox.commit(out.sends)  # staged, or queued behind what waits there
         except StatefunMeshError as exc:  # a full disk: route it all now, in order (never lost)
-            self._tlog.error("failed outbox writes", "peer %d: cannot queue a batch's sends in the outbox: %s; "
-                             "routing them at once", self.peer_id, exc)  # fmt: skip
+            self._tlog.error(
+                "failed outbox writes",
+                "peer %d: cannot queue a batch's sends in the outbox: %s; routing them at once",
+                self.peer_id,
+                exc,
+            )
             for piece in outbox.abandon(out.sends):
                 router.route(piece)
             queued, out.sends = False, []
@@ -295,8 +325,12 @@ class BatchLoop:
         elif out.sends:
             router.route(out.sends)
         if outbox.error is not None:
-            self._tlog.error("failed outbox writes", "peer %d: cannot write sends to the outbox: %s; keeping them "
-                             "in memory", self.peer_id, outbox.error)  # fmt: skip
+            self._tlog.error(
+                "failed outbox writes",
+                "peer %d: cannot write sends to the outbox: %s; keeping them in memory",
+                self.peer_id,
+                outbox.error,
+            )
             outbox.error = None
         for reply in out.replies:
             if reply[0] == self.peer_id or self.n_peers == 1:
@@ -305,7 +339,12 @@ class BatchLoop:
                 router.out_replies[reply[0]].append(list(reply[1:]))
             else:
                 self.inbound.bad_frames += 1
-                self._tlog.error("bad reply addresses", "peer %d: dropped a reply for peer %d, which is not in this "
-                                 "mesh of %d peers", self.peer_id, reply[0], self.n_peers)  # fmt: skip
+                self._tlog.error(
+                    "bad reply addresses",
+                    "peer %d: dropped a reply for peer %d, which is not in this mesh of %d peers",
+                    self.peer_id,
+                    reply[0],
+                    self.n_peers,
+                )
         if out.egress:
             self.egress_logs.committed(out.egress)

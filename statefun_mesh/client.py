@@ -143,8 +143,11 @@ class _Connection:
             self._send(corr, frame)
             rkind, ritems = await fut
         except TimeoutError:
-            hint = ("; or does it refuse this client's key (is its public key in the mesh's client_keys?)"
-                    if self.curve else "; or does it require CURVE keys (MeshClient(..., keys=), --client-key)?")
+            hint = (
+                "; or does it refuse this client's key (is its public key in the mesh's client_keys?)"
+                if self.curve
+                else "; or does it require CURVE keys (MeshClient(..., keys=), --client-key)?"
+            )
             raise errors.RequestTimeoutError(
                 f"no answer from the peer at {self.endpoint} within {format_seconds(said or timeout or 0)} s; "
                 f"is the mesh running there{hint}"
@@ -208,7 +211,8 @@ class MeshClient:
                 if server_key is None:
                     raise errors.ConfigError(
                         f"no public key known for the peer at {ep}: add it to the client key file's [server_keys] "
-                        "(or connect to a peer whose key is listed: it tells the others')", key="server_keys"
+                        "(or connect to a peer whose key is listed: it tells the others')",
+                        key="server_keys",
                     )
             conn = self._conns[ep] = _Connection(self._ctx, ep, self._keys, server_key)
         return conn

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ClientHost", "check_request_timeout"]
 
+
 def check_request_timeout(timeout: object, maximum: float) -> float:
     """Return ``timeout`` if it is a finite number of seconds in (0, ``maximum``].
 

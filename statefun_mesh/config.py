@@ -200,8 +200,15 @@ class MeshConfig:
             raise bad("module", "the path of a StateFun module.yaml")
         if self.state_dir is not None and not isinstance(self.state_dir, str):
             raise bad("state_dir", "a directory path")
-        for name in ("functions", "endpoints", "client_endpoints", "egress_immediate", "peer_keys", "client_keys",
-                     "metrics_endpoints"):
+        for name in (
+            "functions",
+            "endpoints",
+            "client_endpoints",
+            "egress_immediate",
+            "peer_keys",
+            "client_keys",
+            "metrics_endpoints",
+        ):
             value = getattr(self, name)
             if isinstance(value, list):
                 value = tuple(value)
@@ -210,9 +217,7 @@ class MeshConfig:
                 raise bad(name, "a list of strings")
         for ref in self.functions:
             if ref.count(":") != 1 or not all(ref.split(":")):
-                raise ConfigError(
-                    f"expected 'package.module:attribute', got {ref!r}", source=src, key="functions"
-                )
+                raise ConfigError(f"expected 'package.module:attribute', got {ref!r}", source=src, key="functions")
         if self.peers > 1 and len(self.endpoints) != self.peers:
             raise bad("endpoints", f"one endpoint per peer ({self.peers})")
         if self.endpoints and len(self.endpoints) != self.peers:
@@ -355,22 +360,29 @@ class MeshConfig:
         return replace(self, **changes)
 
 
-
-
 def parse_http_endpoint(text: str) -> tuple[str, int]:
     """``host:port`` or ``http://host:port`` (port 0: any free port) as (host, port).
 
     Raises:
         ValueError: naming what is wrong with ``text``.
     """
-    rest = text[len("http://"):] if text.startswith("http://") else text
+    rest = text[len("http://") :] if text.startswith("http://") else text
     host, sep, port = rest.rpartition(":")
     host = host.strip("[]")
     if "://" in rest or not (sep and host and port.isdigit() and 0 <= int(port) < 65536):
         raise ValueError(f"expected an HTTP endpoint HOST:PORT (e.g. 127.0.0.1:9100), got {text!r}")
     return host, int(port)
-_LIST_KEYS = {"functions", "endpoints", "client_endpoints", "egress_immediate", "peer_keys", "client_keys",
-              "metrics_endpoints"}
+
+
+_LIST_KEYS = {
+    "functions",
+    "endpoints",
+    "client_endpoints",
+    "egress_immediate",
+    "peer_keys",
+    "client_keys",
+    "metrics_endpoints",
+}
 
 
 def _key_path(value: Any, base: str) -> Any:

@@ -75,8 +75,24 @@ _CACHEABLE: Final = frozenset({int, float, str, bool, bytes, type(None)})
 Reply = tuple[int, int, int, str, Any, str, str]
 
 #: upper bounds (seconds) of the invocation latency histogram's buckets (Prometheus ``le``)
-LATENCY_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                          1.0, 2.5, 5.0, 10.0)  # fmt: skip
+LATENCY_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 #: upper bounds of the batch size histogram's buckets (messages per batch; metrics.py)
 BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
@@ -144,8 +160,15 @@ class _Running:
 
     __slots__ = ("address", "cells", "done", "elapsed", "fspec", "key", "kg", "out", "queue", "records", "task")
 
-    def __init__(self, fspec: FunctionSpec, address: Address, kg: int, cells: dict[str, Cell],
-                 records: list[Record], out: BatchOutcome) -> None:  # fmt: skip
+    def __init__(
+        self,
+        fspec: FunctionSpec,
+        address: Address,
+        kg: int,
+        cells: dict[str, Cell],
+        records: list[Record],
+        out: BatchOutcome,
+    ) -> None:
         self.fspec = fspec
         self.address = address
         self.key = (address.typename, address.id)
@@ -171,8 +194,9 @@ class _RemoteRunning(_Running):
 
     __slots__ = ("effects", "endpoint")
 
-    def __init__(self, endpoint: Any, address: Address, kg: int, cells: dict[str, Cell],
-                 records: list[Record], out: BatchOutcome) -> None:  # fmt: skip
+    def __init__(
+        self, endpoint: Any, address: Address, kg: int, cells: dict[str, Cell], records: list[Record], out: BatchOutcome
+    ) -> None:
         super().__init__(None, address, kg, cells, records, out)  # type: ignore[arg-type]
         self.endpoint = endpoint
         self.effects: list[Callable[[BatchOutcome], None]] = []
@@ -666,9 +690,13 @@ class Dispatcher:
             cell.has_decoded = False
         error = f"{type(exc).__name__}: {exc}"
         # one line per kind of failure and window (the dead letter carries the traceback)
-        self.tlog.error(f"failures of {address.typename} ({type(exc).__name__})",
-                        "function %s raised %s; message moved to egress %r (traceback in the dead letter)",
-                        address, error, DEAD_LETTERS)  # fmt: skip
+        self.tlog.error(
+            f"failures of {address.typename} ({type(exc).__name__})",
+            "function %s raised %s; message moved to egress %r (traceback in the dead letter)",
+            address,
+            error,
+            DEAD_LETTERS,
+        )
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
         reason = "message too large" if isinstance(exc, MessageTooLargeError) else "function raised"
         self._dead_letter(rec, reason, error, tb, out)
@@ -683,9 +711,13 @@ class Dispatcher:
         self.tlog.error(
             f"messages to unknown type {rec[0][:100]!r}",
             "%s (message to %s/%s from %s); known types: %s; message moved to egress %r",
-            error, rec[0], rec[1], f"{rec[2]}/{rec[3]}" if rec[2] else "a client",
-            ", ".join(known[:10]) or "none", DEAD_LETTERS,
-        )  # fmt: skip
+            error,
+            rec[0],
+            rec[1],
+            f"{rec[2]}/{rec[3]}" if rec[2] else "a client",
+            ", ".join(known[:10]) or "none",
+            DEAD_LETTERS,
+        )
         self._dead_letter(rec, "unknown function type", error, "", out)
         if rec[7]:
             out.replies.append((rec[6], rec[7], REPLY_ERROR, "FunctionNotFoundError", rec[0], rec[0], rec[1]))
@@ -708,9 +740,28 @@ class Dispatcher:
         self._egress(DEAD_LETTERS, DEAD_LETTER_TYPE, json.dumps(doc, separators=(",", ":")).encode(), out)
 
 
-
 #: what the per-batch loop (``_speedups.dispatch_groups``) uses, in ``_dispatch_loop.KIT_FIELDS`` order
-_KIT: Final = (Address, Cell, Context, Message, BatchOutcome, _Running, _RemoteRunning, decode_state_value,
-               state_key, KG_PREFIXES, MAX_KEY, LATENCY_BUCKETS, bisect_left, perf_counter, DELETED, _CACHEABLE,
-               _set_address, _set_cells, _set_writes, encode_state_value, _speedups.load_cells,
-               _speedups.invoke_sync)  # fmt: skip
+_KIT: Final = (
+    Address,
+    Cell,
+    Context,
+    Message,
+    BatchOutcome,
+    _Running,
+    _RemoteRunning,
+    decode_state_value,
+    state_key,
+    KG_PREFIXES,
+    MAX_KEY,
+    LATENCY_BUCKETS,
+    bisect_left,
+    perf_counter,
+    DELETED,
+    _CACHEABLE,
+    _set_address,
+    _set_cells,
+    _set_writes,
+    encode_state_value,
+    _speedups.load_cells,
+    _speedups.invoke_sync,
+)

@@ -136,8 +136,10 @@ class EgressLogs:
                 if records[0].offset > pos:
                     log.warning(
                         "egress %r consumer fell behind retention: records %d..%d were trimmed",
-                        typename, pos, records[0].offset - 1,
-                    )  # fmt: skip
+                        typename,
+                        pos,
+                        records[0].offset - 1,
+                    )
                 for rec in records:
                     yield rec
                 pos = records[-1].offset + 1

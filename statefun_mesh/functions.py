@@ -129,10 +129,15 @@ class FunctionSpec:
         #: and for the built-in primitive types (whose values are immutable) their decoder, which
         #: the dispatcher calls when it reads the value (else the value is decoded when first read)
         self.key_parts = [
-            (s.name, s.type, *state_key_parts(typename, s.name), value_header(s.type.typename),
-             s.type.serializer().deserialize if s.type in _EAGER else None)
+            (
+                s.name,
+                s.type,
+                *state_key_parts(typename, s.name),
+                value_header(s.type.typename),
+                s.type.serializer().deserialize if s.type in _EAGER else None,
+            )
             for s in specs
-        ]  # fmt: skip
+        ]
         #: ``context.storage``'s class for this function: a property per spec
         self.storage_class = storage_class(typename, [s.name for s in specs if not s.name.startswith("__")])
 
@@ -161,9 +166,7 @@ class StatefulFunctions:
     def __init__(self) -> None:
         self._functions: dict[str, FunctionSpec] = {}
 
-    def register(
-        self, typename: str, fun: Callable[..., Any], specs: Iterable[ValueSpec] | None = None
-    ) -> None:
+    def register(self, typename: str, fun: Callable[..., Any], specs: Iterable[ValueSpec] | None = None) -> None:
         """Bind ``fun(context, message)`` (``def`` or ``async def``) to ``typename``.
 
         Raises:

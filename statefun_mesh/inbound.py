@@ -132,9 +132,14 @@ class Inbound:
             return
         if body[0] != _speedups.FRAME_VERSION:
             self.bad_frames += 1
-            self._tlog.error("bad frames", "peer %d: rejected a frame from peer %d: not a generation-prefixed frame of "
-                             "version %d; do all peers run the same statefun_mesh release?", self.peer_id, src,
-                             _speedups.FRAME_VERSION)  # fmt: skip
+            self._tlog.error(
+                "bad frames",
+                "peer %d: rejected a frame from peer %d: not a generation-prefixed frame of "
+                "version %d; do all peers run the same statefun_mesh release?",
+                self.peer_id,
+                src,
+                _speedups.FRAME_VERSION,
+            )
             return
         kind = body[1]
         if src == 0:
@@ -152,23 +157,37 @@ class Inbound:
         if gen < generation:
             return  # from before a recovery: its effects were rolled back
         if gen > generation and src != 0 and not self._generation_plausible(gen):
-            self._refuse_frame(src, "far-ahead generation", f"generation {gen}, more than {GENERATION_WINDOW} above "
-                               f"the newest this peer knows ({max(generation, self.coordinator_generation)})")
+            self._refuse_frame(
+                src,
+                "far-ahead generation",
+                f"generation {gen}, more than {GENERATION_WINDOW} above "
+                f"the newest this peer knows ({max(generation, self.coordinator_generation)})",
+            )
             return
         # While a cut waits for the batch in progress, batch frames wait, and so do
         # barriers: a barrier must not overtake the frames its sender sent before it
         # (they are in flight across the cut and must be logged as such).
-        if gen > generation or not self._resumed() or (
-            self.hold_batches and (kind == codec.KIND_BATCH or kind == codec.BARRIER)
+        if (
+            gen > generation
+            or not self._resumed()
+            or (self.hold_batches and (kind == codec.KIND_BATCH or kind == codec.BARRIER))
         ):
             if gen > generation and not self._may_hold(src, gen, kind, len(body)):
                 # a peer of this mesh sends a later generation only after a RECOVER this
                 # peer is about to get, and at most its link window: beyond that it is no peer
                 self.bad_frames += 1
-                self._tlog.error("refused future frames", "peer %d: refused a %d-byte frame of generation %d from "
-                                 "peer %d: over what this peer holds of later generations (a link window of "
-                                 "%d bytes per peer, %d bytes of other frames in all)", self.peer_id, len(body), gen,
-                                 src, self._router.link_bytes, self._held_cap)  # fmt: skip
+                self._tlog.error(
+                    "refused future frames",
+                    "peer %d: refused a %d-byte frame of generation %d from "
+                    "peer %d: over what this peer holds of later generations (a link window of "
+                    "%d bytes per peer, %d bytes of other frames in all)",
+                    self.peer_id,
+                    len(body),
+                    gen,
+                    src,
+                    self._router.link_bytes,
+                    self._held_cap,
+                )
                 return
             self.held.append((gen, src, body))
             self.held_bytes += len(body)
@@ -223,8 +242,14 @@ class Inbound:
 
     def _refuse_frame(self, src: int, kind: str, why: str) -> None:
         self.refused_frames += 1
-        self._tlog.error(f"refused frames ({kind})", "peer %d: refused a frame from peer %d: %s (refused so "
-                              "far: %d)", self.peer_id, src, why, self.refused_frames)  # fmt: skip
+        self._tlog.error(
+            f"refused frames ({kind})",
+            "peer %d: refused a frame from peer %d: %s (refused so far: %d)",
+            self.peer_id,
+            src,
+            why,
+            self.refused_frames,
+        )
 
     def on_channel_frame(self, src: int, frame: bytes | memoryview, gen: int | None = None) -> None:
         """Handle a frame of the current generation (its prefix already checked and removed)."""
@@ -245,8 +270,13 @@ class Inbound:
         elif kind == codec.HEARTBEAT:
             if not self._liveness.on_heartbeat(src, items):
                 self.bad_frames += 1
-                self._tlog.error("bad heartbeats", "peer %d: heartbeat on peer %d's channel claims to be from peer %s",
-                                 self.peer_id, src, items[0])
+                self._tlog.error(
+                    "bad heartbeats",
+                    "peer %d: heartbeat on peer %d's channel claims to be from peer %s",
+                    self.peer_id,
+                    src,
+                    items[0],
+                )
         elif kind == codec.REPLIES:
             for item in items[0]:
                 if not (
@@ -261,8 +291,11 @@ class Inbound:
                     continue
                 self._requests.resolve(*item)
         elif kind in _COORDINATOR_KINDS and src != 0:
-            self._refuse_frame(src, "control frames off the coordinator's link",
-                               f"control frame 0x{kind:02x} can only come from the coordinator (peer 0)")
+            self._refuse_frame(
+                src,
+                "control frames off the coordinator's link",
+                f"control frame 0x{kind:02x} can only come from the coordinator (peer 0)",
+            )
         else:
             self._on_control(src, kind, items, gen)
 
@@ -271,8 +304,14 @@ class Inbound:
         outstanding = self._router.on_credit(src, n)
         if outstanding is not None:
             self.bad_frames += 1
-            self._tlog.error("bad credits", "peer %d: rejected a credit of %d from peer %d, which has only "
-                             "%d records of this peer's outstanding", self.peer_id, n, src, outstanding)  # fmt: skip
+            self._tlog.error(
+                "bad credits",
+                "peer %d: rejected a credit of %d from peer %d, which has only %d records of this peer's outstanding",
+                self.peer_id,
+                n,
+                src,
+                outstanding,
+            )
             return
         if self._router.blocked or self._replaying() or self._router.outbox.count:
             self._wake.set()  # the loop waits for this credit

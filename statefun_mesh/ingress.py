@@ -65,12 +65,16 @@ class IngressLog:
                 txn.put(k, v, append=True)
 
         write_growing(
-            self.env, write, what="the ingress log", path=self.path, max_size=self.max_map_size,
+            self.env,
+            write,
+            what="the ingress log",
+            path=self.path,
+            max_size=self.max_map_size,
             full=f"the ingress log at {self.path} is full at its size limit ({{mib}} MiB); let checkpoints "
             "complete: they trim the log",
             remedy="client sends are refused meanwhile (nothing of them was logged; retry them with the "
             "same idempotency key) and accepted again once the log can be written",
-        )  # fmt: skip
+        )
         self.next_offset = first + len(items)
         return first
 
@@ -97,8 +101,9 @@ class IngressLog:
                         if not cur.delete():
                             break
         except lmdb.Error as exc:  # e.g. a full disk: keep the entries, the next checkpoint trims them
-            log.warning("%s", write_error("the ingress log", self.path, exc, "trimming is retried after the next "
-                                          "checkpoint"))  # fmt: skip
+            log.warning(
+                "%s", write_error("the ingress log", self.path, exc, "trimming is retried after the next checkpoint")
+            )
             return
         self.first_offset = before
 

@@ -87,8 +87,13 @@ class IngressWriter:
             except StatefunMeshError as exc:
                 self._writing = 0
                 self._check_space()
-                self._tlog.error("failed ingress appends", "peer %d: could not log %d client messages: %s",
-                                 self.peer_id, len(records), exc)  # fmt: skip
+                self._tlog.error(
+                    "failed ingress appends",
+                    "peer %d: could not log %d client messages: %s",
+                    self.peer_id,
+                    len(records),
+                    exc,
+                )
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)

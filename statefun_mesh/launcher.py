@@ -179,8 +179,9 @@ def _metrics_ports(host: str, base: int, n: int) -> list[int]:
             try:
                 s.bind((host, 0))
             except OSError as exc:
-                raise ConfigError(f"cannot bind a metrics port on {host!r}: {exc.strerror or exc}; "
-                                  "check --metrics-host") from None  # fmt: skip
+                raise ConfigError(
+                    f"cannot bind a metrics port on {host!r}: {exc.strerror or exc}; check --metrics-host"
+                ) from None
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
@@ -244,8 +245,13 @@ class Launcher:
                 others = local_endpoints(transport, n, os.path.join(self.run_dir, "clients"))
             os.makedirs(os.path.join(self.run_dir, "clients"), exist_ok=True)
             clients = (client_endpoint, *others[1:])
-        self.config = config.with_(peers=n, endpoints=tuple(endpoints), client_endpoints=tuple(clients),
-                                   state_dir=os.path.abspath(state_dir), metrics_endpoints=metrics)  # fmt: skip
+        self.config = config.with_(
+            peers=n,
+            endpoints=tuple(endpoints),
+            client_endpoints=tuple(clients),
+            state_dir=os.path.abspath(state_dir),
+            metrics_endpoints=metrics,
+        )
         self.config_path = os.path.join(self.run_dir, "mesh.toml")
         self.client_keys: ClientKeys | None = None
         self.client_key_path: str | None = None
@@ -270,8 +276,9 @@ class Launcher:
         pairs = [ensure_keypair(os.path.join(keys_dir, f"peer-{k}"), f"statefun-mesh peer {k}") for k in range(n)]
         client = ensure_keypair(os.path.join(keys_dir, "client"), "statefun-mesh client")
         extra = {} if self.config.any_client_key else {"client_keys": (*self.config.client_keys, client.public)}
-        self.config = self.config.with_(peer_keys=tuple(p.public for p in pairs),
-                                        secret_key=os.path.join(keys_dir, "peer-{id}.key_secret"), **extra)  # fmt: skip
+        self.config = self.config.with_(
+            peer_keys=tuple(p.public for p in pairs), secret_key=os.path.join(keys_dir, "peer-{id}.key_secret"), **extra
+        )
         servers = {ep: pairs[k].public for k, ep in enumerate(self.config.client_endpoints) if ep}
         self.client_keys = ClientKeys(client.public, client.secret, servers)
         self.client_key_path = os.path.join(keys_dir, "client.toml")
@@ -286,8 +293,13 @@ class Launcher:
                 try:
                     self._registered.append(register_client_keys(ep, self.client_keys))
                 except OSError as exc:
-                    log.warning("cannot leave the client key for %s where clients look for it: %s; pass "
-                                "--client-key %s to clients", ep, exc, self.client_key_path)  # fmt: skip
+                    log.warning(
+                        "cannot leave the client key for %s where clients look for it: %s; pass "
+                        "--client-key %s to clients",
+                        ep,
+                        exc,
+                        self.client_key_path,
+                    )
 
     def _unregister_client_keys(self) -> None:
         for path in self._registered:
@@ -302,8 +314,18 @@ class Launcher:
         env = dict(os.environ)
         paths = [os.getcwd(), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
         env["PYTHONPATH"] = os.pathsep.join(paths)
-        cmd = [sys.executable, "-m", "statefun_mesh", "peer", "--config", self.config_path, "--id", str(k),
-               "--log-level", self.log_level]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "statefun_mesh",
+            "peer",
+            "--config",
+            self.config_path,
+            "--id",
+            str(k),
+            "--log-level",
+            self.log_level,
+        ]
         if k == self.dashboard_peer:
             cmd.append("--dashboard")
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_stop_with(os.getpid()))
@@ -351,14 +373,22 @@ class Launcher:
             self._register_client_keys()
             for k in range(n):
                 self.procs[k] = self._spawn(k)
-            print(f"statefun-mesh: starting {n} peers ({', '.join(self.config.functions)}); "
-                  f"state in {self.config.state_dir}", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"statefun-mesh: starting {n} peers ({', '.join(self.config.functions)}); "
+                f"state in {self.config.state_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
             if not self._wait_ready(60.0) and not stop_signal:
                 if self.foreign is not None:
                     ep, info = self.foreign
-                    print(f"statefun-mesh run: error: {ep} is already served by another mesh (its peer "
-                          f"{info.get('peer')}, pid {info.get('pid', '?')}); stop that mesh or choose another "
-                          "--client-endpoint", file=sys.stderr, flush=True)  # fmt: skip
+                    print(
+                        f"statefun-mesh run: error: {ep} is already served by another mesh (its peer "
+                        f"{info.get('peer')}, pid {info.get('pid', '?')}); stop that mesh or choose another "
+                        "--client-endpoint",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return 2
                 codes = [p.poll() for p in self.procs if p is not None]
                 print("statefun-mesh: a peer failed to start; see its log above", file=sys.stderr, flush=True)
@@ -369,19 +399,30 @@ class Launcher:
                 self.config = self.config.with_(restore="")
                 write_config(self.config, self.config_path)
             if not stop_signal:
-                print(f"statefun-mesh: mesh of {n} peer{'s' if n != 1 else ''} is up; clients connect to "
-                      f"{self.config.client_endpoints[0]}", flush=True)  # fmt: skip
+                print(
+                    f"statefun-mesh: mesh of {n} peer{'s' if n != 1 else ''} is up; clients connect to "
+                    f"{self.config.client_endpoints[0]}",
+                    flush=True,
+                )
                 if self.config.metrics_endpoints:
                     urls = [f"http://{ep.removeprefix('http://')}" for ep in self.config.metrics_endpoints if ep]
                     print(f"statefun-mesh: metrics at {', '.join(u + '/metrics' for u in urls)}", flush=True)
                     if self.dashboard_peer is not None:
                         print(f"statefun-mesh: dashboard at {urls[self.dashboard_peer]}/", flush=True)
-                print(f"statefun-mesh: try `statefun-mesh status --endpoint {self.config.client_endpoints[0]}`; "
-                      "Ctrl-C stops the mesh", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"statefun-mesh: try `statefun-mesh status --endpoint {self.config.client_endpoints[0]}`; "
+                    "Ctrl-C stops the mesh",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if self.client_key_path is not None:
-                    print(f"statefun-mesh: links are authenticated (CURVE); clients on this machine find the client "
-                          f"key by the endpoint; elsewhere pass --client-key {self.client_key_path} (or "
-                          "MeshClient(..., keys=ClientKeys.load(path)))", file=sys.stderr, flush=True)  # fmt: skip
+                    print(
+                        f"statefun-mesh: links are authenticated (CURVE); clients on this machine find the client "
+                        f"key by the endpoint; elsewhere pass --client-key {self.client_key_path} (or "
+                        "MeshClient(..., keys=ClientKeys.load(path)))",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             next_restart = [0.0] * n
             started_at = [time.monotonic()] * n
             while not stop_signal:
@@ -393,15 +434,21 @@ class Launcher:
                         if time.monotonic() >= next_restart[k] and not stop_signal:
                             self.procs[k] = self._spawn(k)
                             started_at[k] = time.monotonic()
-                            print(f"statefun-mesh: peer {k} restarted (restart #{self.restarts[k]})",
-                                  file=sys.stderr, flush=True)  # fmt: skip
+                            print(
+                                f"statefun-mesh: peer {k} restarted (restart #{self.restarts[k]})",
+                                file=sys.stderr,
+                                flush=True,
+                            )
                         continue
                     code = proc.poll()
                     if code is None:
                         continue
                     if code == 2:  # the peer refused to start (bad config, incompatible checkpoint)
-                        print(f"statefun-mesh: peer {k} refused to start (see its error above); stopping the mesh",
-                              file=sys.stderr, flush=True)  # fmt: skip
+                        print(
+                            f"statefun-mesh: peer {k} refused to start (see its error above); stopping the mesh",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         return 2
                     self._exits.remove(proc.pid)
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
@@ -409,11 +456,13 @@ class Launcher:
                         self.restarts[k] = 0  # it ran fine for a while: start the backoff afresh
                     self.restarts[k] += 1
                     delay = restart_delay(self.restarts[k])
-                    after = ("; the mesh then recovers from its last checkpoint" if self.config.blob_store
-                             else " (checkpoints are off: messages it had queued are lost)")  # fmt: skip
+                    after = (
+                        "; the mesh then recovers from its last checkpoint"
+                        if self.config.blob_store
+                        else " (checkpoints are off: messages it had queued are lost)"
+                    )
                     when = f"in {delay} s" if delay > 0 else "now"
-                    print(f"statefun-mesh: peer {k} {how}; restarting it {when}{after}",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    print(f"statefun-mesh: peer {k} {how}; restarting it {when}{after}", file=sys.stderr, flush=True)
                     self.procs[k] = None
                     next_restart[k] = time.monotonic() + delay
             print(f"statefun-mesh: stopping {n} peers", file=sys.stderr, flush=True)
@@ -438,7 +487,10 @@ class Launcher:
             try:
                 p.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                print(f"statefun-mesh: peer pid {p.pid} did not stop in {STOP_GRACE} s; killing it",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"statefun-mesh: peer pid {p.pid} did not stop in {STOP_GRACE} s; killing it",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 p.kill()
                 p.wait()

@@ -139,7 +139,10 @@ class Liveness:
                     self.alive[p] = False
                     log.warning(
                         "peer %d: no word from peer %d for %.1f s; holding its %d outgoing messages until it is back",
-                        self.peer_id, p, now - self.last_heard[p], self._queued_for(p),
-                    )  # fmt: skip
+                        self.peer_id,
+                        p,
+                        now - self.last_heard[p],
+                        self._queued_for(p),
+                    )
             self._on_tick(now)
             await asyncio.sleep(cfg.heartbeat_interval)

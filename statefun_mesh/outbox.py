@@ -423,8 +423,10 @@ class Outbox:
             if stage.epoch != self._epoch or stage.done:
                 return False
             sid, hi = stage.id, stage.hi
-            pieces = [(_STAGE_KEY.pack(0xFF, sid, hi + j), _pack(records[i : i + CHUNK]))
-                      for j, i in enumerate(range(0, len(records), CHUNK))]  # fmt: skip
+            pieces = [
+                (_STAGE_KEY.pack(0xFF, sid, hi + j), _pack(records[i : i + CHUNK]))
+                for j, i in enumerate(range(0, len(records), CHUNK))
+            ]
 
             def write(txn: lmdb.Transaction) -> None:
                 for key, data in pieces:
@@ -448,8 +450,9 @@ class Outbox:
             shutil.rmtree(self.path, ignore_errors=True)
             os.makedirs(self.path, exist_ok=True)
             try:
-                self._env = lmdb.open(self.path, map_size=self.map_size, max_dbs=1, sync=False, metasync=False,
-                                      readahead=False)  # fmt: skip
+                self._env = lmdb.open(
+                    self.path, map_size=self.map_size, max_dbs=1, sync=False, metasync=False, readahead=False
+                )
             except lmdb.Error as exc:
                 raise StateBackendError(f"cannot open the outbox at {self.path}: {exc}") from exc
         return self._env
@@ -457,12 +460,19 @@ class Outbox:
     def _write(self, write: Any, *, full: str = "", remedy: str = "the sends stay in memory meanwhile") -> None:
         with self._lock:
             write_growing(
-                self._open(), write, what="the outbox", path=self.path, max_size=self.max_size,
-                full=(full.replace("{path}", self.path) if full else
-                      f"the outbox at {self.path} is full at {{mib}} MiB; raise memory_budget or send less per "
-                      "invocation"),
+                self._open(),
+                write,
+                what="the outbox",
+                path=self.path,
+                max_size=self.max_size,
+                full=(
+                    full.replace("{path}", self.path)
+                    if full
+                    else f"the outbox at {self.path} is full at {{mib}} MiB; raise memory_budget or send less per "
+                    "invocation"
+                ),
                 remedy=remedy,
-            )  # fmt: skip
+            )
 
     def _truncate(self, key: int) -> None:
         """Drop staged chunks from ``key`` on (never committed ones)."""

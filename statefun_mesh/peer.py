@@ -159,17 +159,33 @@ class Peer:
         #: repeated problems (bad frames, a failing disk) log one line per kind and window
         self._tlog = ThrottledLog(log)
         #: the inbox and spill, outgoing frames per peer, and credit (routing.py)
-        self.router = Router(peer_id, n, config, self._tlog, self.transport, self.state_path + ".spill",
-                             self.state_path + ".outbox",
-                             wake=self._wake, idle=self._idle, generation=lambda: self.generation,
-                             output_held=lambda: not self.resumed and self.checkpointing,
-                             parked_queued=lambda: self.dispatcher.queued if self.dispatcher is not None else 0,
-                             on_sent=lambda: self.admission.check_space())  # fmt: skip
+        self.router = Router(
+            peer_id,
+            n,
+            config,
+            self._tlog,
+            self.transport,
+            self.state_path + ".spill",
+            self.state_path + ".outbox",
+            wake=self._wake,
+            idle=self._idle,
+            generation=lambda: self.generation,
+            output_held=lambda: not self.resumed and self.checkpointing,
+            parked_queued=lambda: self.dispatcher.queued if self.dispatcher is not None else 0,
+            on_sent=lambda: self.admission.check_space(),
+        )
         #: heartbeats, reachability, restarts and lost links (liveness.py)
-        self.liveness = Liveness(peer_id, n, config, self.clock, send=lambda p, f: self.router.send(p, f),
-                                 queued_for=self.router.queued_for,
-                                 on_incarnation=self._on_incarnation, on_link_reset=self._link_reset,
-                                 on_tick=self._heartbeat_tick)  # fmt: skip
+        self.liveness = Liveness(
+            peer_id,
+            n,
+            config,
+            self.clock,
+            send=lambda p, f: self.router.send(p, f),
+            queued_for=self.router.queued_for,
+            on_incarnation=self._on_incarnation,
+            on_link_reset=self._link_reset,
+            on_tick=self._heartbeat_tick,
+        )
         self._closed_event = asyncio.Event()
         #: requests waiting for their replies (replies.py)
         self.requests = PendingRequests(peer_id, config.max_pending_requests, self.table)
@@ -192,19 +208,36 @@ class Peer:
         self._resumed_event = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         #: released heads, readers and their wake-ups (egress.py)
-        self.egress_logs = EgressLogs(peer_id, bool(config.blob_store), config.egress_immediate,
-                                      store=lambda: self.backend, generation=lambda: self.generation,
-                                      closing=lambda: self._closing)  # fmt: skip
+        self.egress_logs = EgressLogs(
+            peer_id,
+            bool(config.blob_store),
+            config.egress_immediate,
+            store=lambda: self.backend,
+            generation=lambda: self.generation,
+            closing=lambda: self._closing,
+        )
         #: group commit of client messages into the ingress log (ingress_writer.py)
-        self.ingress_writer = IngressWriter(peer_id, lambda: self.ingress, lambda: self.generation,
-                                            lambda: self.resumed and self.replay.position is None,
-                                            lambda recs: self.router.route(recs, from_client=True),
-                                            lambda: self.admission.check_space(), self._tlog)  # fmt: skip
+        self.ingress_writer = IngressWriter(
+            peer_id,
+            lambda: self.ingress,
+            lambda: self.generation,
+            lambda: self.resumed and self.replay.position is None,
+            lambda recs: self.router.route(recs, from_client=True),
+            lambda: self.admission.check_space(),
+            self._tlog,
+        )
         #: the gate clients wait at, and taking their messages in (admission.py)
-        self.admission = Admission(config, self.router, self.ingress_writer, pressure=self.pressure,
-                                   replaying=lambda: self.replay.position is not None,
-                                   logged=lambda: self.ingress is not None, resumed=lambda: self.resumed,
-                                   closing=lambda: self._closing, resumed_event=self._resumed_event)  # fmt: skip
+        self.admission = Admission(
+            config,
+            self.router,
+            self.ingress_writer,
+            pressure=self.pressure,
+            replaying=lambda: self.replay.position is not None,
+            logged=lambda: self.ingress is not None,
+            resumed=lambda: self.resumed,
+            closing=lambda: self._closing,
+            resumed_event=self._resumed_event,
+        )
         self._unwatch: Callable[[], None] | None = None  # stops the blocked-loop watchdog (watchdog.py)
         # Counters for metrics (metrics.py) and status. Monotonic for the process's life
         # (a recovery does not reset them); updated per routed batch of records, not per record.
@@ -215,35 +248,88 @@ class Peer:
         self._resumed_once = False  # /readyz: "starting" until then, "recovering" after
         self.http: HttpServer | None = None  #: the metrics/health/dashboard HTTP server (metrics.py), if configured
         #: the replay of the ingress log after a recovery, and the timers held meanwhile (replay.py)
-        self.replay = Replay(peer_id, n, self.router, self.ingress_writer, ingress=lambda: self.ingress,
-                             generation=lambda: self.generation, take_foreign=self._take_foreign_ingress,
-                             foreign_replayed=self._foreign_ingress_replayed,
-                             on_done=lambda: self.admission.check_space())  # fmt: skip
+        self.replay = Replay(
+            peer_id,
+            n,
+            self.router,
+            self.ingress_writer,
+            ingress=lambda: self.ingress,
+            generation=lambda: self.generation,
+            take_foreign=self._take_foreign_ingress,
+            foreign_replayed=self._foreign_ingress_replayed,
+            on_done=lambda: self.admission.check_space(),
+        )
         #: this peer's side of a recovery round: restore, READY, RESUME (recovery.py)
-        self.recovery = Recovery(peer_id, config, self.clock, self._tlog,
-                                 send=lambda p, f, g: self.router.send(p, f, g),
-                                 incarnation=lambda: self.liveness.incarnation, blobs=lambda: self.blobs,
-                                 generation=lambda: self.generation, begin=self._begin_generation,
-                                 restore=self.recover, resume=self.resume)  # fmt: skip
+        self.recovery = Recovery(
+            peer_id,
+            config,
+            self.clock,
+            self._tlog,
+            send=lambda p, f, g: self.router.send(p, f, g),
+            incarnation=lambda: self.liveness.incarnation,
+            blobs=lambda: self.blobs,
+            generation=lambda: self.generation,
+            begin=self._begin_generation,
+            restore=self.recover,
+            resume=self.resume,
+        )
         #: frames from other peers: checked, held for later, or handed on (inbound.py)
-        self.inbound = Inbound(peer_id, self._tlog, config.memory_budget // 4, self.checkpointing, self.router,
-                               self.liveness, self.requests, wake=self._wake, generation=lambda: self.generation,
-                               resumed=lambda: self.resumed, replaying=lambda: self.replay.position is not None,
-                               coordinator_generation=lambda: (self.coordinator.generation
-                                                               if self.coordinator is not None else None),
-                               on_records=self._cut_records, on_control=self._on_control)  # fmt: skip
+        self.inbound = Inbound(
+            peer_id,
+            self._tlog,
+            config.memory_budget // 4,
+            self.checkpointing,
+            self.router,
+            self.liveness,
+            self.requests,
+            wake=self._wake,
+            generation=lambda: self.generation,
+            resumed=lambda: self.resumed,
+            replaying=lambda: self.replay.position is not None,
+            coordinator_generation=lambda: self.coordinator.generation if self.coordinator is not None else None,
+            on_records=self._cut_records,
+            on_control=self._on_control,
+        )
         #: one batch at a time: take input, dispatch, commit, route, answer (batchloop.py)
-        self.batch_loop = BatchLoop(peer_id, n, config, self.clock, self._tlog, self.router, self.replay,
-                                    self.admission, self.requests, self.egress_logs, self.inbound,
-                                    wake=self._wake, idle=self._idle, networked=self.transport is not None,
-                                    closing=lambda: self._closing, participant=lambda: self.participant)  # fmt: skip
+        self.batch_loop = BatchLoop(
+            peer_id,
+            n,
+            config,
+            self.clock,
+            self._tlog,
+            self.router,
+            self.replay,
+            self.admission,
+            self.requests,
+            self.egress_logs,
+            self.inbound,
+            wake=self._wake,
+            idle=self._idle,
+            networked=self.transport is not None,
+            closing=lambda: self._closing,
+            participant=lambda: self.participant,
+        )
         #: the peer as the snapshot participant sees it (checkpoint_host.py)
         self.checkpoint_host = PeerCheckpointHost(
-            peer_id, n, config, self.key_group_range, self._tlog, self.router, self.inbound, self.replay,
-            self.batch_loop, self.egress_logs, self.ingress_writer, wake=self._wake, store=lambda: self.backend,
-            dispatcher=lambda: self.dispatcher, reopen_store=self._reopen_state_store,
-            coordinator=lambda: self.coordinator, ingress=lambda: self.ingress, kafka=self.kafka,
-        )  # fmt: skip
+            peer_id,
+            n,
+            config,
+            self.key_group_range,
+            self._tlog,
+            self.router,
+            self.inbound,
+            self.replay,
+            self.batch_loop,
+            self.egress_logs,
+            self.ingress_writer,
+            wake=self._wake,
+            store=lambda: self.backend,
+            dispatcher=lambda: self.dispatcher,
+            reopen_store=self._reopen_state_store,
+            coordinator=lambda: self.coordinator,
+            ingress=lambda: self.ingress,
+            kafka=self.kafka,
+        )
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -348,9 +434,13 @@ class Peer:
             self._unwatch = watch(self.peer_id, lambda: self.dispatcher, cfg.block_warning)
         log.info(
             "peer %d/%d starting: state at %s, %d functions, %s core, checkpoints %s",
-            self.peer_id, self.n_peers, self.state_path, len(self.table), _speedups.IMPLEMENTATION,
+            self.peer_id,
+            self.n_peers,
+            self.state_path,
+            len(self.table),
+            _speedups.IMPLEMENTATION,
             f"every {cfg.checkpoint_interval} s to {cfg.blob_store}" if self.checkpointing else "off",
-        )  # fmt: skip
+        )
         if self.kafka is not None:
             self.kafka.start()
         if self.kafka_egress is not None:
@@ -435,8 +525,9 @@ class Peer:
             await self._closed_event.wait()
             return
         self._closing = True
-        tasks = [t for t in (self._loop_task, self.ingress_writer.task, self.recovery.task, *self._tasks)
-                 if t is not None]
+        tasks = [
+            t for t in (self._loop_task, self.ingress_writer.task, self.recovery.task, *self._tasks) if t is not None
+        ]
         try:
             if self.coordinator is not None:
                 await self.coordinator.aclose()
@@ -538,9 +629,15 @@ class Peer:
             await asyncio.wait({task}, timeout=5.0)
             if not task.done():
                 waited += 5.0
-                self._tlog.error("dispatch loop not stopping", "peer %d: recovery round %d: the dispatch loop has "
-                                 "not stopped %.0f s after it was cancelled; still waiting (it is at: %s)",
-                                 self.peer_id, gen, waited, " <- ".join(repr(f) for f in task.get_stack(limit=3)))
+                self._tlog.error(
+                    "dispatch loop not stopping",
+                    "peer %d: recovery round %d: the dispatch loop has "
+                    "not stopped %.0f s after it was cancelled; still waiting (it is at: %s)",
+                    self.peer_id,
+                    gen,
+                    waited,
+                    " <- ".join(repr(f) for f in task.get_stack(limit=3)),
+                )
                 task.cancel()
 
     def resume(self, gen: int) -> None:
@@ -573,8 +670,11 @@ class Peer:
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.critical("peer %d: the dispatch loop died; this peer processes nothing more: restart it",
-                         self.peer_id, exc_info=task.exception())  # fmt: skip
+            log.critical(
+                "peer %d: the dispatch loop died; this peer processes nothing more: restart it",
+                self.peer_id,
+                exc_info=task.exception(),
+            )
             self.dispatch_died.set()
 
     # -- the coordinator's view of this peer (snapshot/host.py RecoveryHost) --------------
@@ -650,9 +750,10 @@ class Peer:
     def pressure(self) -> int:
         """Messages queued here: the local inbox plus what waits to go to other peers."""
         return (
-            self.router.queued() + self.ingress_writer.queued
+            self.router.queued()
+            + self.ingress_writer.queued
             + (self.dispatcher.queued if self.dispatcher is not None else 0)
-        )  # fmt: skip
+        )
 
     def queued_bytes(self) -> int:
         """Estimated memory of the queued messages: the inbox in memory plus what waits to go out."""
@@ -781,8 +882,10 @@ class Peer:
             return None
 
         def expired() -> RequestTimeoutError:
-            return RequestTimeoutError(f"no reply from {typename}/{id} within {format_seconds(timeout)} s; "
-                                       "does the function call context.reply()?")  # fmt: skip
+            return RequestTimeoutError(
+                f"no reply from {typename}/{id} within {format_seconds(timeout)} s; "
+                "does the function call context.reply()?"
+            )
 
         self.requests.open(rid, timeout, expired, on_done)
         try:
@@ -835,8 +938,13 @@ class Peer:
     async def idle(self) -> None:
         """Wait until this peer has processed everything queued here (and every due timer)."""
         while True:
-            if (self.router.inbox or self.router.spilled() or self.batch_loop.timer_due(self.batch_loop.now_ms())
-                    or self.replay.position is not None or self.router.outbox.count):  # fmt: skip
+            if (
+                self.router.inbox
+                or self.router.spilled()
+                or self.batch_loop.timer_due(self.batch_loop.now_ms())
+                or self.replay.position is not None
+                or self.router.outbox.count
+            ):
                 self._idle.clear()
                 self._wake.set()
             elif self._idle.is_set() or self._closing:
@@ -884,9 +992,14 @@ class Peer:
         """A checkpoint or recovery frame from peer ``src`` (``gen``: its generation, if stamped)."""
         if self.participant is None:
             self.bad_frames += 1
-            self._tlog.error("unexpected checkpoint frames", "peer %d: checkpoint frame 0x%02x from peer %d, but this "
-                             "peer takes no checkpoints; do all peers have the same blob_store setting?",
-                             self.peer_id, kind, src)  # fmt: skip
+            self._tlog.error(
+                "unexpected checkpoint frames",
+                "peer %d: checkpoint frame 0x%02x from peer %d, but this "
+                "peer takes no checkpoints; do all peers have the same blob_store setting?",
+                self.peer_id,
+                kind,
+                src,
+            )
         elif kind == codec.BARRIER:
             self.participant.on_barrier(src, items[0], items[1])
         elif kind == codec.CK_DONE:
@@ -948,11 +1061,19 @@ class Peer:
         (a partition longer than TCP retransmits, a peer that moved): what was in flight on
         it may be lost, batches and credits alike. Only a recovery round makes that good."""
         if not self.checkpointing:
-            log.error("peer %d: the connection to peer %d was lost and made again; messages in flight on it may "
-                      "be lost (checkpoints are off, so nothing recovers them)", self.peer_id, p)  # fmt: skip
+            log.error(
+                "peer %d: the connection to peer %d was lost and made again; messages in flight on it may "
+                "be lost (checkpoints are off, so nothing recovers them)",
+                self.peer_id,
+                p,
+            )
             return
-        log.warning("peer %d: the connection to peer %d was lost and made again while it kept running; frames in "
-                    "flight on it may be lost: recovering from the last checkpoint", self.peer_id, p)  # fmt: skip
+        log.warning(
+            "peer %d: the connection to peer %d was lost and made again while it kept running; frames in "
+            "flight on it may be lost: recovering from the last checkpoint",
+            self.peer_id,
+            p,
+        )
         if self.coordinator is not None:
             self.coordinator.request_recovery(f"peer {self.peer_id}'s connection to peer {p} was lost")
         else:
@@ -1002,6 +1123,10 @@ class Peer:
                     await asyncio.shield(self._flush)
                 except Exception as exc:  # keep syncing: one failed fsync must not end the loop
                     self.batch_loop.dirty = True
-                    self._tlog.error("failed syncs", "peer %d: syncing the state store to disk failed: %s; retrying "
-                                     "in %s s", self.peer_id, exc, self.config.sync_interval)  # fmt: skip
-
+                    self._tlog.error(
+                        "failed syncs",
+                        "peer %d: syncing the state store to disk failed: %s; retrying in %s s",
+                        self.peer_id,
+                        exc,
+                        self.config.sync_interval,
+                    )

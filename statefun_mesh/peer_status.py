@@ -96,11 +96,18 @@ def peer_status(peer: StatusHost) -> dict[str, Any]:
         "core": _speedups.IMPLEMENTATION,
         "queued": len(router.inbox) + router.spilled(),
         "spilled": router.spilled(),
-        "memory": {"inbox": router.inbox_bytes, "outgoing": router.out_bytes(), "held": peer.inbound.held_bytes,
-                   "budget": peer.config.memory_budget, "spilled_total": router.spilled_total,
-                   "credit_waits": router.credit_waits, "in_flight": router.in_flight_bytes(),
-                   "link_window": router.link_bytes, "outbox": router.outbox.count,
-                   "outbox_staged_total": router.outbox.staged_total},
+        "memory": {
+            "inbox": router.inbox_bytes,
+            "outgoing": router.out_bytes(),
+            "held": peer.inbound.held_bytes,
+            "budget": peer.config.memory_budget,
+            "spilled_total": router.spilled_total,
+            "credit_waits": router.credit_waits,
+            "in_flight": router.in_flight_bytes(),
+            "link_window": router.link_bytes,
+            "outbox": router.outbox.count,
+            "outbox_staged_total": router.outbox.staged_total,
+        },
         "outgoing": router.outgoing(),
         "credit": router.credit,
         "frames": router.frame_counts(),
@@ -122,17 +129,21 @@ def peer_status(peer: StatusHost) -> dict[str, Any]:
         "ready": peer.resumed,
         "generation": peer.generation,
         "recoveries": peer.recoveries,
-        "functions": {t: {"invocations": st.invocations, "failures": st.failures}
-                      for t, st in sorted(peer.function_stats.items())},
+        "functions": {
+            t: {"invocations": st.invocations, "failures": st.failures} for t, st in sorted(peer.function_stats.items())
+        },
         "messages_in": router.messages_in,
         "routed_local": router.routed_local,
         "routed_remote": sum(router.routed_remote),
         "egress_records": d.egress_records if d else 0,
         "dead_letters": d.dead_letters if d else 0,
         # the Kafka ingresses and egresses of the module file (connectors/kafka*.py), else None
-        "kafka": None if peer.kafka is None and peer.kafka_egress is None else {
+        "kafka": None
+        if peer.kafka is None and peer.kafka_egress is None
+        else {
             "ingress": peer.kafka.status() if peer.kafka is not None else None,
-            "egress": peer.kafka_egress.status() if peer.kafka_egress is not None else None},
+            "egress": peer.kafka_egress.status() if peer.kafka_egress is not None else None,
+        },
     }
 
 

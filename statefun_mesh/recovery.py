@@ -120,16 +120,29 @@ class Recovery:
                         raise
                     # the store is unreachable or failing: not the checkpoint's fault, so
                     # do not report it unrestorable; try again while this round stands
-                    self._tlog.error("blob store read retries", "peer %d: cannot read checkpoint %d from the blob "
-                                     "store in recovery round %d: %s; retrying in %.1f s", self.peer_id, n, gen, exc,
-                                     pause)  # fmt: skip
+                    self._tlog.error(
+                        "blob store read retries",
+                        "peer %d: cannot read checkpoint %d from the blob "
+                        "store in recovery round %d: %s; retrying in %.1f s",
+                        self.peer_id,
+                        n,
+                        gen,
+                        exc,
+                        pause,
+                    )
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 10.0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("peer %d: cannot restore checkpoint %d in recovery round %d: %s; asking the coordinator "
-                      "to fall back to an earlier checkpoint", self.peer_id, n, gen, exc)  # fmt: skip
+            log.error(
+                "peer %d: cannot restore checkpoint %d in recovery round %d: %s; asking the coordinator "
+                "to fall back to an earlier checkpoint",
+                self.peer_id,
+                n,
+                gen,
+                exc,
+            )
             self._send(0, codec.encode_control(codec.RESTORE_FAILED, gen, n, str(exc)[:500]), gen)
             return
         if self._generation() == gen:
@@ -153,8 +166,7 @@ class Recovery:
         """After a round of heartbeats: repeat READY if this peer is ``waiting`` for RESUME (restored,
         not resumed, not the coordinator, not closing) and said READY long enough ago."""
         cfg = self.config
-        if (self.done and waiting
-                and now - self._ready_sent >= max(cfg.heartbeat_timeout, 4 * cfg.heartbeat_interval)):  # fmt: skip
+        if self.done and waiting and now - self._ready_sent >= max(cfg.heartbeat_timeout, 4 * cfg.heartbeat_interval):
             # restored, READY sent, and still no RESUME: the coordinator answers a repeated
             # READY of a round it finished with the RESUME this peer missed
             self.send_ready(self._generation())

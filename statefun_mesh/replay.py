@@ -159,9 +159,13 @@ class Replay:
         self.foreign_log = None
         if replayed:
             self._foreign_replayed(self._foreign_path)
-            log.warning("peer %d: replayed %d messages from the ingress log of a removed peer (%s); it is "
-                        "deleted once the next checkpoint completes", self.peer_id, self._replayed,
-                        self._foreign_path)  # fmt: skip
+            log.warning(
+                "peer %d: replayed %d messages from the ingress log of a removed peer (%s); it is "
+                "deleted once the next checkpoint completes",
+                self.peer_id,
+                self._replayed,
+                self._foreign_path,
+            )
 
     def close(self) -> None:
         """The peer closes: a removed peer's log being replayed is closed (not counted as replayed)."""

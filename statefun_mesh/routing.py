@@ -177,8 +177,11 @@ class Router:
     def frame_counts(self) -> dict[str, int]:
         """Frames sent to other peers, CREDIT frames among them, and grants carried in the
         envelope of another frame instead (each a CREDIT frame saved)."""
-        return {"sent": self.frames_sent, "credit_frames": self.credit_frames,
-                "credits_carried": self.credits_piggybacked}  # fmt: skip
+        return {
+            "sent": self.frames_sent,
+            "credit_frames": self.credit_frames,
+            "credits_carried": self.credits_piggybacked,
+        }
 
     def in_flight_bytes(self) -> int:
         """Bytes sent to other peers and not yet credited back."""
@@ -191,9 +194,12 @@ class Router:
     def queued(self) -> int:
         """Records queued here: the inbox, the spill, the outbox and what waits to go to other peers."""
         return (
-            len(self.inbox) + sum(len(e) for e in self._out) + sum(self._framed)
-            + (self.spill.count if self.spill else 0) + self.outbox.count
-        )  # fmt: skip
+            len(self.inbox)
+            + sum(len(e) for e in self._out)
+            + sum(self._framed)
+            + (self.spill.count if self.spill else 0)
+            + self.outbox.count
+        )
 
     def queued_for(self, p: int) -> int:
         """Messages waiting to go to peer ``p``."""
@@ -258,8 +264,13 @@ class Router:
             "oversized records",
             "peer %d: dropped a message to %s/%s for peer %d: %d bytes fits no frame (max_frame_bytes %d); "
             "raise max_frame_bytes on every peer to deliver such messages",
-            self.peer_id, rec[TARGET_TYPE], rec[TARGET_ID], p, size, self.config.max_frame_bytes,
-        )  # fmt: skip
+            self.peer_id,
+            rec[TARGET_TYPE],
+            rec[TARGET_ID],
+            p,
+            size,
+            self.config.max_frame_bytes,
+        )
 
     def enqueue(self, records: list[Record]) -> None:
         """Queue ``records`` for processing here: in memory up to half of ``memory_budget``,
@@ -289,8 +300,9 @@ class Router:
                 self.spilled_total += len(records[j : j + 1000])
         except StatefunMeshError as exc:
             # a full disk: keep them in memory (never drop what was received)
-            self._tlog.error("failed spills", "peer %d: cannot spill messages to disk: %s; keeping them in memory",
-                             self.peer_id, exc)  # fmt: skip
+            self._tlog.error(
+                "failed spills", "peer %d: cannot spill messages to disk: %s; keeping them in memory", self.peer_id, exc
+            )
             rest = records[i:] if spill is None else records[j:]
             self.inbox.extend(rest)
             self.inbox_bytes += records_bytes(rest)
@@ -322,8 +334,14 @@ class Router:
         """A chunk could not be removed from ``what`` after it was read (a full disk): log
         (throttled) and wake the loop again in a while to retry (it may have nothing else
         to wake it)."""
-        self._tlog.error(kind, "peer %d: cannot remove a chunk from %s: %s; retrying every %.1f s",
-                         self.peer_id, what, exc, DISK_RETRY)  # fmt: skip
+        self._tlog.error(
+            kind,
+            "peer %d: cannot remove a chunk from %s: %s; retrying every %.1f s",
+            self.peer_id,
+            what,
+            exc,
+            DISK_RETRY,
+        )
         if self._retry_handle is None or self._retry_handle.cancelled():
             self._retry_handle = asyncio.get_running_loop().call_later(DISK_RETRY, self._retry_wake)
 
@@ -395,9 +413,14 @@ class Router:
         if n:
             frame = enc.flush_room(_ROOM)  # room for the envelope's head, written in place at send
             if len(frame) - _ROOM > self.frame_limit:  # never: a bug if it shows
-                log.error("peer %d: a message to peer %d makes a %d-byte frame, over max_frame_bytes (%d); "
-                          "the receiver will refuse it: raise max_frame_bytes on every peer",
-                          self.peer_id, p, len(frame) - _ROOM, self.config.max_frame_bytes)  # fmt: skip
+                log.error(
+                    "peer %d: a message to peer %d makes a %d-byte frame, over max_frame_bytes (%d); "
+                    "the receiver will refuse it: raise max_frame_bytes on every peer",
+                    self.peer_id,
+                    p,
+                    len(frame) - _ROOM,
+                    self.config.max_frame_bytes,
+                )
             self._frames[p].append((n, frame))
             self._framed[p] += n
             self._framed_bytes[p] += len(frame) - _ROOM
@@ -428,8 +451,13 @@ class Router:
         # message) goes once under a quarter of it is outstanding, and a sender stopped
         # by the window always has a quarter outstanding, which the receiver grants back
         window, quarter = self.link_bytes, self.link_bytes // 4
-        while frames and (force or (self._credit[p] > 0 and (
-                self._sent_bytes[p] < quarter or self._sent_bytes[p] + _size(frames[0][1]) <= window))):  # fmt: skip
+        while frames and (
+            force
+            or (
+                self._credit[p] > 0
+                and (self._sent_bytes[p] < quarter or self._sent_bytes[p] + _size(frames[0][1]) <= window)
+            )
+        ):
             n, frame = frames.popleft()
             size = _size(frame)
             self._framed[p] -= n

@@ -116,24 +116,36 @@ def read_key(value: str, *, secret: bool, source: str | None = None, key: str | 
     if is_key_text(value):
         return value
     if not value:
-        raise ConfigError(f"expected a {what} key (40 characters of Z85) or a key file path, got ''", source=source,
-                          key=key)  # fmt: skip
+        raise ConfigError(
+            f"expected a {what} key (40 characters of Z85) or a key file path, got ''", source=source, key=key
+        )
     if len(value) == KEY_CHARS and os.sep not in value:
-        raise ConfigError(f"{value[:4]}...: not a valid Z85 {what} key (40 characters from the Z85 alphabet, "
-                          "as `statefun-mesh keys generate` prints) and no such key file", source=source,
-                          key=key)  # fmt: skip
+        raise ConfigError(
+            f"{value[:4]}...: not a valid Z85 {what} key (40 characters from the Z85 alphabet, "
+            "as `statefun-mesh keys generate` prints) and no such key file",
+            source=source,
+            key=key,
+        )
     try:
         with open(value, encoding="utf-8") as fh:
             text = fh.read(64 * 1024)
     except FileNotFoundError:
-        raise ConfigError(f"key file {value} does not exist (give a 40-character Z85 key or the path of a key file "
-                          "made by `statefun-mesh keys generate`)", source=source, key=key) from None
+        raise ConfigError(
+            f"key file {value} does not exist (give a 40-character Z85 key or the path of a key file "
+            "made by `statefun-mesh keys generate`)",
+            source=source,
+            key=key,
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read key file {value}: {exc}", source=source, key=key) from exc
     found = _parse_key_file(text, secret)
     if found is None:
-        raise ConfigError(f"key file {value} holds no valid {what} key (expected a line {what}-key = \"<40 "
-                          "characters of Z85>\" or the bare key)", source=source, key=key)  # fmt: skip
+        raise ConfigError(
+            f'key file {value} holds no valid {what} key (expected a line {what}-key = "<40 '
+            'characters of Z85>" or the bare key)',
+            source=source,
+            key=key,
+        )
     return found
 
 
@@ -157,10 +169,15 @@ def write_key_file(base: str, pair: Keypair, comment: str = "") -> tuple[str, st
     """
     head = f"#   {comment}\n" if comment else ""
     public_path, secret_path = base + ".key", base + ".key_secret"
-    _write_private(public_path, f"{head}#   public key, safe to share\ncurve\n    public-key = \"{pair.public}\"\n",
-                   0o644)  # fmt: skip
-    _write_private(secret_path, f"{head}#   SECRET: keep private (mode 0600)\ncurve\n    public-key = "
-                   f"\"{pair.public}\"\n    secret-key = \"{pair.secret}\"\n", 0o600)  # fmt: skip
+    _write_private(
+        public_path, f'{head}#   public key, safe to share\ncurve\n    public-key = "{pair.public}"\n', 0o644
+    )
+    _write_private(
+        secret_path,
+        f"{head}#   SECRET: keep private (mode 0600)\ncurve\n    public-key = "
+        f'"{pair.public}"\n    secret-key = "{pair.secret}"\n',
+        0o600,
+    )
     return public_path, secret_path
 
 
@@ -209,7 +226,7 @@ class ClientKeys:
             raise ConfigError(f"cannot read client key file {path}: {exc}", key="client_key") from exc
         servers = data.get("server_keys", {})
         if not isinstance(servers, dict) or not all(isinstance(v, str) for v in servers.values()):
-            raise ConfigError("expected a table endpoint = \"<public key>\"", source=path, key="server_keys")
+            raise ConfigError('expected a table endpoint = "<public key>"', source=path, key="server_keys")
         for name in ("public_key", "secret_key"):
             if not isinstance(data.get(name), str):
                 raise ConfigError("missing or not a string", source=path, key=name)
@@ -220,8 +237,13 @@ class ClientKeys:
 
     def dump(self) -> str:
         """The client key file's text (TOML)."""
-        lines = ["# statefun-mesh client key: SECRET, keep private (mode 0600)",
-                 f'public_key = "{self.public}"', f'secret_key = "{self.secret}"', "", "[server_keys]"]  # fmt: skip
+        lines = [
+            "# statefun-mesh client key: SECRET, keep private (mode 0600)",
+            f'public_key = "{self.public}"',
+            f'secret_key = "{self.secret}"',
+            "",
+            "[server_keys]",
+        ]
         lines += [f'"{ep}" = "{key}"' for ep, key in self.server_keys.items()]
         return "\n".join(lines) + "\n"
 
@@ -380,8 +402,12 @@ class _ZapHandler:
         policy = self.domains.get(domain.decode("utf-8", "replace"))
         who = address.decode("utf-8", "replace")
         if policy is None:
-            self.tlog.error("zap unknown domain", "ZAP handler: a connection from %s asked for unknown domain %r; "
-                            "refused", who, domain[:64])  # fmt: skip
+            self.tlog.error(
+                "zap unknown domain",
+                "ZAP handler: a connection from %s asked for unknown domain %r; refused",
+                who,
+                domain[:64],
+            )
             return answer(b"400", "unknown domain")
         if mechanism != b"CURVE" or len(req) < 7 or len(req[6]) != 32:
             return self._refuse(policy, who, f"mechanism {mechanism[:16]!r} instead of CURVE", answer)
@@ -395,8 +421,14 @@ class _ZapHandler:
 
     def _refuse(self, policy: ZapPolicy, who: str, why: str, answer: Any) -> list[bytes]:
         policy.refused += 1
-        self.tlog.warning(f"refused connections to {policy.name}", "refused a connection to %s from %s: %s "
-                          "(refused so far: %d)", policy.name, who, why, policy.refused)  # fmt: skip
+        self.tlog.warning(
+            f"refused connections to {policy.name}",
+            "refused a connection to %s from %s: %s (refused so far: %d)",
+            policy.name,
+            who,
+            why,
+            policy.refused,
+        )
         if policy.on_refused is not None:
             policy.on_refused(who, why)
         return answer(b"400", why)  # type: ignore[no-any-return]
@@ -490,9 +522,14 @@ def watch_handshakes(sock: zmq.Socket[Any], policy: ZapPolicy) -> asyncio.Task[N
                 event = parse_monitor_message(await monitor.recv_multipart())
                 policy.refused += 1
                 who = event.get("endpoint", b"")
-                tlog.warning(f"failed handshakes at {policy.name}", "refused a connection to %s (%r): its "
-                             "handshake failed (no CURVE, or not a peer or client of this mesh; refused so far: %d)",
-                             policy.name, who, policy.refused)  # fmt: skip
+                tlog.warning(
+                    f"failed handshakes at {policy.name}",
+                    "refused a connection to %s (%r): its "
+                    "handshake failed (no CURVE, or not a peer or client of this mesh; refused so far: %d)",
+                    policy.name,
+                    who,
+                    policy.refused,
+                )
         except (zmq.ZMQError, asyncio.CancelledError):
             pass
         finally:

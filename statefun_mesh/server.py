@@ -182,9 +182,12 @@ class ClientServer:
             self._unregister = await register_zap(self._ctx, domain, self._zap)
             curve_server(sock, keys.secret, domain)
         elif not self.endpoint.startswith("inproc://"):
-            log.warning("peer %d: the client endpoint %s is NOT authenticated: anyone who can reach it can send "
-                        "messages and read egress; set peer_keys, secret_key and client_keys (docs/security.md)",
-                        self.peer.peer_id, self.endpoint)  # fmt: skip
+            log.warning(
+                "peer %d: the client endpoint %s is NOT authenticated: anyone who can reach it can send "
+                "messages and read egress; set peer_keys, secret_key and client_keys (docs/security.md)",
+                self.peer.peer_id,
+                self.endpoint,
+            )
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
@@ -200,8 +203,13 @@ class ClientServer:
             from .security import watch_handshakes
 
             self._watch = watch_handshakes(sock, self._zap)
-        self._sock = LoopSocket(sock, self._frame, on_writable=self._offer_held,
-                                name=f"peer {self.peer.peer_id}'s client endpoint", tlog=self.tlog)  # fmt: skip
+        self._sock = LoopSocket(
+            sock,
+            self._frame,
+            on_writable=self._offer_held,
+            name=f"peer {self.peer.peer_id}'s client endpoint",
+            tlog=self.tlog,
+        )
 
     async def aclose(self) -> None:
         if self._admitter is not None:
@@ -253,8 +261,15 @@ class ClientServer:
 
     def _undeliverable(self, ident: bytes, exc: zmq.ZMQError, n: int) -> None:
         self.undeliverable += n
-        self.tlog.warning("undeliverable answers", "peer %d: dropped %d answer(s) to client %r: %s (the client is "
-                          "gone; %d so far)", self.peer.peer_id, n, ident[:64], exc, self.undeliverable)  # fmt: skip
+        self.tlog.warning(
+            "undeliverable answers",
+            "peer %d: dropped %d answer(s) to client %r: %s (the client is gone; %d so far)",
+            self.peer.peer_id,
+            n,
+            ident[:64],
+            exc,
+            self.undeliverable,
+        )
 
     def _retry_held(self) -> None:
         self._retry = None
@@ -314,16 +329,27 @@ class ClientServer:
         if len(parts) != 2:
             self.bad_frames += 1
             peer.bad_frames += 1
-            self.tlog.error("bad client frames", "peer %d: dropped a %d-part client message from %r",
-                            peer.peer_id, len(parts), ident[:64])
+            self.tlog.error(
+                "bad client frames",
+                "peer %d: dropped a %d-part client message from %r",
+                peer.peer_id,
+                len(parts),
+                ident[:64],
+            )
             return
         if self._held:
             self._offer_held()  # the client reads again, maybe
             if self._answers_unread(ident):
                 self.refused_unread += 1
-                self.tlog.warning("frames refused unread", "peer %d: client %r does not read its answers (%d held "
-                                  "for it): its frames are not acted on until it does (%d so far)", peer.peer_id,
-                                  ident[:64], len(self._held[ident]), self.refused_unread)  # fmt: skip
+                self.tlog.warning(
+                    "frames refused unread",
+                    "peer %d: client %r does not read its answers (%d held "
+                    "for it): its frames are not acted on until it does (%d so far)",
+                    peer.peer_id,
+                    ident[:64],
+                    len(self._held[ident]),
+                    self.refused_unread,
+                )
                 return
         frame = parts[1]
         arrived = time.perf_counter_ns()
@@ -332,8 +358,9 @@ class ClientServer:
         except FrameDecodeError as exc:
             self.bad_frames += 1
             peer.bad_frames += 1
-            self.tlog.error("bad client frames", "peer %d: rejected a frame from client %r: %s",
-                            peer.peer_id, ident[:64], exc)
+            self.tlog.error(
+                "bad client frames", "peer %d: rejected a frame from client %r: %s", peer.peer_id, ident[:64], exc
+            )
             self._error(ident, 0, exc)
             return
         corr = items[0]
@@ -360,8 +387,9 @@ class ClientServer:
                 self._pending[ident] = self._pending.get(ident, 0) + 1
                 self._pending_total += 1
                 try:
-                    rid = peer.request_nowait(typename, id, vt, value, timeout,
-                                              functools.partial(self._answered, ident, corr, arrived))  # fmt: skip
+                    rid = peer.request_nowait(
+                        typename, id, vt, value, timeout, functools.partial(self._answered, ident, corr, arrived)
+                    )
                 except BaseException:
                     self._done_pending(ident)
                     raise
@@ -430,10 +458,14 @@ class ClientServer:
         # cannot apply it twice) rather than blocking this loop.
         if len(self._parked) >= MAX_PARKED or self._parked_bytes + size > MAX_PARKED_BYTES:
             self.busy += 1
-            self._error(ident, corr, MeshBusyError(
-                f"peer {self.peer.peer_id} is over its inbox_limit and holds {len(self._parked)} more client "
-                "messages waiting for admission; retry later (MeshClient does, within its timeout)"
-            ))  # fmt: skip
+            self._error(
+                ident,
+                corr,
+                MeshBusyError(
+                    f"peer {self.peer.peer_id} is over its inbox_limit and holds {len(self._parked)} more client "
+                    "messages waiting for admission; retry later (MeshClient does, within its timeout)"
+                ),
+            )
             return
         self._parked.append((ident, corr, rec, size))
         self._parked_bytes += size
@@ -467,12 +499,18 @@ class ClientServer:
     def info(self) -> dict[str, Any]:
         """What a client learns on connecting: the mesh's shape and every peer's client endpoint."""
         peer = self.peer
-        status: dict[str, Any] = {**peer.status(), "parked_sends": len(self._parked), "busy_refusals": self.busy,
-                                  "client_requests": sum(self.requests.values()), "client_errors": self.errors,
-                                  "replies_queued": self._held_count, "replies_undeliverable": self.undeliverable,
-                                  "frames_refused_unread": self.refused_unread,
-                                  "request_service_us_log2": list(self.service_us),
-                                  "egress_readers": [list(r) for r in self.reader_lags()]}  # fmt: skip
+        status: dict[str, Any] = {
+            **peer.status(),
+            "parked_sends": len(self._parked),
+            "busy_refusals": self.busy,
+            "client_requests": sum(self.requests.values()),
+            "client_errors": self.errors,
+            "replies_queued": self._held_count,
+            "replies_undeliverable": self.undeliverable,
+            "frames_refused_unread": self.refused_unread,
+            "request_service_us_log2": list(self.service_us),
+            "egress_readers": [list(r) for r in self.reader_lags()],
+        }
         info: dict[str, Any] = {
             "peer": peer.peer_id,
             "peers": peer.n_peers,

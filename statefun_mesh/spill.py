@@ -63,11 +63,14 @@ class Spill:
         data = msgpack.packb([list(r) for r in records], use_bin_type=True)
         key = _U64.pack(self._tail)
         write_growing(
-            self.env, lambda txn: txn.put(key, data, append=True), what="the inbox spill", path=self.path,
+            self.env,
+            lambda txn: txn.put(key, data, append=True),
+            what="the inbox spill",
+            path=self.path,
             max_size=self.max_size,
             full=f"the inbox spill at {self.path} is full at {{mib}} MiB; raise memory_budget or slow the input down",
             remedy="messages stay in memory meanwhile",
-        )  # fmt: skip
+        )
         self._tail += 1
         self.count += len(records)
 
@@ -87,11 +90,15 @@ class Spill:
             got[0] = txn.pop(key)
 
         write_growing(
-            self.env, take, what="the inbox spill", path=self.path, max_size=self.max_size,
+            self.env,
+            take,
+            what="the inbox spill",
+            path=self.path,
+            max_size=self.max_size,
             full=f"the inbox spill at {self.path} is full at {{mib}} MiB and cannot even drop a chunk read back; "
             "free disk space",
             remedy="the chunk stays spilled and is read back once it can be removed",
-        )  # fmt: skip
+        )
         data = got[0]
         self._head += 1
         if data is None:  # cannot happen: chunks are written before the tail moves

@@ -157,12 +157,51 @@ def nested_frames(draw: st.DrawFn) -> bytes:
 
 #: headers that claim far more than any frame holds
 HUGE_HEADERS = [
-    b"\xdd\xff\xff\xff\xff", b"\xdd\x7f\xff\xff\xff", b"\xdc\xff\xff", b"\xdb\xff\xff\xff\xff", b"\xda\xff\xff",
-    b"\xd9\xff", b"\xc6\xff\xff\xff\xff", b"\xc5\xff\xff", b"\xc4\xff", b"\xdf\xff\xff\xff\xff", b"\xde\xff\xff",
-    b"\xc9\xff\xff\xff\xff\x00", b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff", b"\xd3\x80\x00\x00\x00\x00\x00\x00\x00",
-]  # fmt: skip
-INTERESTING_BYTES = [0x00, 0x01, 0x7F, 0x80, 0x90, 0x98, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xC4, 0xC5, 0xC6,
-                     0xCC, 0xCF, 0xD0, 0xD3, 0xD9, 0xDA, 0xDB, 0xDC, 0xDD, 0xDE, 0xDF, 0xE0, 0xFF]  # fmt: skip
+    b"\xdd\xff\xff\xff\xff",
+    b"\xdd\x7f\xff\xff\xff",
+    b"\xdc\xff\xff",
+    b"\xdb\xff\xff\xff\xff",
+    b"\xda\xff\xff",
+    b"\xd9\xff",
+    b"\xc6\xff\xff\xff\xff",
+    b"\xc5\xff\xff",
+    b"\xc4\xff",
+    b"\xdf\xff\xff\xff\xff",
+    b"\xde\xff\xff",
+    b"\xc9\xff\xff\xff\xff\x00",
+    b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff",
+    b"\xd3\x80\x00\x00\x00\x00\x00\x00\x00",
+]
+INTERESTING_BYTES = [
+    0x00,
+    0x01,
+    0x7F,
+    0x80,
+    0x90,
+    0x98,
+    0x9F,
+    0xA0,
+    0xBF,
+    0xC0,
+    0xC1,
+    0xC2,
+    0xC4,
+    0xC5,
+    0xC6,
+    0xCC,
+    0xCF,
+    0xD0,
+    0xD3,
+    0xD9,
+    0xDA,
+    0xDB,
+    0xDC,
+    0xDD,
+    0xDE,
+    0xDF,
+    0xE0,
+    0xFF,
+]
 
 positions = st.integers(0, 2**16)
 mutations = st.one_of(
@@ -180,10 +219,38 @@ mutations = st.one_of(
 #: values a "leaf" mutation puts in place of one item of a frame's msgpack body: the frame stays
 #: well-formed msgpack, often of the right shape, with a value at an edge or of the wrong type
 INTERESTING_LEAVES: list[Any] = [
-    0, 1, -1, 2, 99, 2**31 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), 0.0, -1.5, float("nan"),
-    float("inf"), True, False, None, "", "it/counter", "io.statefun.types/int", "x" * 300, "\u00e9", b"",
-    b"\x00\x00\x00\x01", b"x" * 300, [], [0], {}, {"": 0}, ["a", "b", "", "", "c/d", b"", 0, 0],
-]  # fmt: skip
+    0,
+    1,
+    -1,
+    2,
+    99,
+    2**31 - 1,
+    2**32,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    -(2**63),
+    0.0,
+    -1.5,
+    float("nan"),
+    float("inf"),
+    True,
+    False,
+    None,
+    "",
+    "it/counter",
+    "io.statefun.types/int",
+    "x" * 300,
+    "\u00e9",
+    b"",
+    b"\x00\x00\x00\x01",
+    b"x" * 300,
+    [],
+    [0],
+    {},
+    {"": 0},
+    ["a", "b", "", "", "c/d", b"", 0, 0],
+]
 
 
 def _leaf_paths(obj: Any, path: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
@@ -241,9 +308,12 @@ def mutate(frame: bytes, op: tuple[Any, ...]) -> bytes:
 
 raw_frames = st.one_of(
     st.binary(max_size=64),
-    st.builds(lambda head, tail: head + tail, st.sampled_from([b"\x01\x01", b"\x01\x01\x91", b"\x01\x01\x91\x98"]),
-              st.binary(max_size=64)),
-)  # fmt: skip
+    st.builds(
+        lambda head, tail: head + tail,
+        st.sampled_from([b"\x01\x01", b"\x01\x01\x91", b"\x01\x01\x91\x98"]),
+        st.binary(max_size=64),
+    ),
+)
 base_frames = st.one_of(valid_frames(), wrong_type_frames(), nested_frames(), raw_frames)
 
 

@@ -87,10 +87,20 @@ def start_kafka_broker(root: Path, *, port: int | None = None, startup_timeout: 
         log_path = root / f"tansu-{port}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--storage-engine", "memory://tansu/"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [
+                    binary,
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         return KafkaBroker(f"127.0.0.1:{port}", port, log_path, proc)
 
     return start_server("tansu", launch, lambda b: _answers(b.port), port=port, startup_timeout=startup_timeout)

@@ -105,10 +105,24 @@ def running_nats_server(*, startup_timeout: float = 20.0, port: int | None = Non
         log_path = root / "server.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(root / "store"),
-                 "--http_port", "0", "-n", "statefun-mesh-test"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [
+                    binary,
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-js",
+                    "-sd",
+                    str(root / "store"),
+                    "--http_port",
+                    "0",
+                    "-n",
+                    "statefun-mesh-test",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         return NatsServer(f"nats://127.0.0.1:{port}", port, root / "store", log_path, proc)
 
     def start(root: Path) -> NatsServer:

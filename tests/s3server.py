@@ -150,8 +150,9 @@ def _answers(port: int) -> bool:
         conn.close()
 
 
-def _start(binary: str, root: Path, port: int, access_key: str, secret_key: str, *,
-           read_only: bool = False) -> subprocess.Popen[bytes]:  # fmt: skip
+def _start(
+    binary: str, root: Path, port: int, access_key: str, secret_key: str, *, read_only: bool = False
+) -> subprocess.Popen[bytes]:
     data = root / "data"
     data.mkdir(exist_ok=True)
     log = open(root / "server.log", "ab")  # noqa: SIM115 - handed to the child, closed below

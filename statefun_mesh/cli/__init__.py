@@ -62,4 +62,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `statefun-mesh egress ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-

@@ -224,9 +224,13 @@ def _add_log_args(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("STATEFUN_MESH_LOG_LEVEL", "info"),
         help="debug, info, warning or error (default: $STATEFUN_MESH_LOG_LEVEL or info)",
     )
-    p.add_argument("--log-format", type=_log_format, metavar="{text,json}",
-                   default=os.environ.get("STATEFUN_MESH_LOG_FORMAT", "text") or "text",
-                   help="text lines, or one JSON object per line (default: $STATEFUN_MESH_LOG_FORMAT or text)")
+    p.add_argument(
+        "--log-format",
+        type=_log_format,
+        metavar="{text,json}",
+        default=os.environ.get("STATEFUN_MESH_LOG_FORMAT", "text") or "text",
+        help="text lines, or one JSON object per line (default: $STATEFUN_MESH_LOG_FORMAT or text)",
+    )
 
 
 async def _with_client(args: argparse.Namespace, fn: Any) -> int:

@@ -72,9 +72,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="start at the oldest retained record or at new ones (default: earliest)",
     )
     p.add_argument("--follow", action="store_true", help="keep waiting for new records")
-    p.add_argument("--idle", type=_non_negative_seconds, metavar="SECONDS",
-                   help="without --follow, stop after this many quiet seconds (default: 2 more than the mesh's "
-                   "checkpoint interval, since records appear when a checkpoint completes; 2 without checkpoints)")
+    p.add_argument(
+        "--idle",
+        type=_non_negative_seconds,
+        metavar="SECONDS",
+        help="without --follow, stop after this many quiet seconds (default: 2 more than the mesh's "
+        "checkpoint interval, since records appear when a checkpoint completes; 2 without checkpoints)",
+    )
     p.add_argument("--limit", type=_count, default=0, help="stop after this many records (default: 0, no limit)")
     _add_client_args(p)
     p.set_defaults(func=cmd_egress)

@@ -58,7 +58,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print("client_keys = [" + ", ".join(f'"{pub}"' for _, pub in client_files) + "]")
         print("# clients: MeshClient(endpoint, keys=ClientKeys.load(path)) or statefun-mesh ... --client-key path:")
         for base, _ in client_files:
-            print(f"#   {base}.toml" + ("" if endpoints else "  (add [server_keys] \"<endpoint>\" = \"<peer key>\")"))
+            print(f"#   {base}.toml" + ("" if endpoints else '  (add [server_keys] "<endpoint>" = "<peer key>")'))
     return 0
 
 
@@ -75,7 +75,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--dir", help="write key files here (made with mode 0700)")
     p.add_argument("--peers", type=int, default=0, help="key pairs for this many peers (default: --config's peers)")
     p.add_argument("--clients", type=int, default=0, help="client key pairs to make (default: 0)")
-    p.add_argument("--config", metavar="FILE",
-                   help="mesh.toml: the peer count, and client endpoints for the client key files' [server_keys]")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="mesh.toml: the peer count, and client endpoints for the client key files' [server_keys]",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing key files")
     p.set_defaults(func=cmd_keys)

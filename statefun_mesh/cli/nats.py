@@ -160,48 +160,104 @@ example:
 See docs/connectors.md.""",
     )
     g = p.add_argument_group("source (NATS JetStream)")
-    g.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), metavar="URL",
-                   help="NATS server URL, several comma-separated (default: $NATS_URL or nats://127.0.0.1:4222)")
+    g.add_argument(
+        "--nats-url",
+        default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"),
+        metavar="URL",
+        help="NATS server URL, several comma-separated (default: $NATS_URL or nats://127.0.0.1:4222)",
+    )
     g.add_argument("--stream", required=True, help="the JetStream stream to read (it must exist)")
-    g.add_argument("--durable", required=True, metavar="NAME",
-                   help="durable consumer name: created, or updated to these settings; restart with the same "
-                   "name to go on where the last run stopped")
-    g.add_argument("--subject", metavar="SUBJECT",
-                   help="consumer filter subject, e.g. 'orders.>' (default: every subject of the stream)")
-    g.add_argument("--max-ack-pending", type=int, metavar="N",
-                   help="the consumer's limit of delivered, unacked messages (default: 1024, at least --max-in-flight)")
-    g.add_argument("--ack-wait", type=float, default=30.0, metavar="SECONDS",
-                   help="redeliver a message not acked within this time (default: %(default)s; also how soon "
-                   "messages held by a crashed bridge come again)")
-    g.add_argument("--fetch-batch", type=int, default=128, metavar="N",
-                   help="messages asked for per fetch (default: %(default)s)")
+    g.add_argument(
+        "--durable",
+        required=True,
+        metavar="NAME",
+        help="durable consumer name: created, or updated to these settings; restart with the same "
+        "name to go on where the last run stopped",
+    )
+    g.add_argument(
+        "--subject",
+        metavar="SUBJECT",
+        help="consumer filter subject, e.g. 'orders.>' (default: every subject of the stream)",
+    )
+    g.add_argument(
+        "--max-ack-pending",
+        type=int,
+        metavar="N",
+        help="the consumer's limit of delivered, unacked messages (default: 1024, at least --max-in-flight)",
+    )
+    g.add_argument(
+        "--ack-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="redeliver a message not acked within this time (default: %(default)s; also how soon "
+        "messages held by a crashed bridge come again)",
+    )
+    g.add_argument(
+        "--fetch-batch", type=int, default=128, metavar="N", help="messages asked for per fetch (default: %(default)s)"
+    )
     g = p.add_argument_group("mapping")
-    g.add_argument("--subject-prefix", metavar="TOKENS",
-                   help="leading subject tokens that are not part of the target (default: the tokens of --subject "
-                   "before its first wildcard, e.g. 'orders' for 'orders.>')")
-    g.add_argument("--target-type", metavar="NS/NAME",
-                   help="send every message to this function type; the subject (after the prefix) is the id")
-    g.add_argument("--value-type", default="io.statefun.types/string", metavar="NS/NAME",
-                   help="value type of messages without a Statefun-Value-Type header (default: %(default)s)")
-    g.add_argument("--dead-letter-subject", metavar="SUBJECT",
-                   help="publish unmappable messages here (through JetStream: a stream must capture it), with "
-                   "a Statefun-Error header, before terminating them (default: only log and terminate)")
+    g.add_argument(
+        "--subject-prefix",
+        metavar="TOKENS",
+        help="leading subject tokens that are not part of the target (default: the tokens of --subject "
+        "before its first wildcard, e.g. 'orders' for 'orders.>')",
+    )
+    g.add_argument(
+        "--target-type",
+        metavar="NS/NAME",
+        help="send every message to this function type; the subject (after the prefix) is the id",
+    )
+    g.add_argument(
+        "--value-type",
+        default="io.statefun.types/string",
+        metavar="NS/NAME",
+        help="value type of messages without a Statefun-Value-Type header (default: %(default)s)",
+    )
+    g.add_argument(
+        "--dead-letter-subject",
+        metavar="SUBJECT",
+        help="publish unmappable messages here (through JetStream: a stream must capture it), with "
+        "a Statefun-Error header, before terminating them (default: only log and terminate)",
+    )
     g = p.add_argument_group("target (the mesh)")
-    g.add_argument("--mesh", type=_endpoint, default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT),
-                   metavar="ENDPOINT",
-                   help="a peer's client endpoint (default: $STATEFUN_MESH_ENDPOINT or %(default)s); the other "
-                   "peers' endpoints are learnt from it and used when a send has to be retried")
-    g.add_argument("--max-in-flight", type=int, default=256, metavar="N",
-                   help="messages being sent at once (default: %(default)s); messages to one function "
-                   "instance are sent one after another, in stream order")
-    g.add_argument("--unordered", action="store_true",
-                   help="pipeline messages to one function instance too: faster for hot instances, but a retried "
-                   "send may then overtake a later one")
-    g.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="wait this long for the mesh to acknowledge a send before retrying it (default: %(default)s)")
+    g.add_argument(
+        "--mesh",
+        type=_endpoint,
+        default=os.environ.get("STATEFUN_MESH_ENDPOINT", DEFAULT_ENDPOINT),
+        metavar="ENDPOINT",
+        help="a peer's client endpoint (default: $STATEFUN_MESH_ENDPOINT or %(default)s); the other "
+        "peers' endpoints are learnt from it and used when a send has to be retried",
+    )
+    g.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=256,
+        metavar="N",
+        help="messages being sent at once (default: %(default)s); messages to one function "
+        "instance are sent one after another, in stream order",
+    )
+    g.add_argument(
+        "--unordered",
+        action="store_true",
+        help="pipeline messages to one function instance too: faster for hot instances, but a retried "
+        "send may then overtake a later one",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="wait this long for the mesh to acknowledge a send before retrying it (default: %(default)s)",
+    )
     _add_client_key_arg(p)
-    p.add_argument("--status-interval", type=float, default=10.0, metavar="SECONDS",
-                   help="log a progress line this often while something changes; 0: never (default: %(default)s)")
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="log a progress line this often while something changes; 0: never (default: %(default)s)",
+    )
     _add_log_args(p)
     p.set_defaults(func=cmd_nats_ingress)
 
@@ -247,16 +303,38 @@ See docs/connectors.md.""",
         help="the bridge's name: the key of its position in the bucket; restart with the same name to go "
         "on (a new mesh with fresh state needs a new name)",
     )
-    p.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"), metavar="URL",
-                   help="NATS server URL, several comma-separated (default: $NATS_URL or nats://127.0.0.1:4222)")
-    p.add_argument("--kv-bucket", default="statefun_mesh_egress", metavar="BUCKET",
-                   help="JetStream key-value bucket of positions, created if missing (default: %(default)s)")
-    p.add_argument("--start", choices=["earliest", "latest"], default="earliest",
-                   help="where an egress without a stored position starts (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=500, metavar="N",
-                   help="records read per fetch and published at once (default: %(default)s)")
-    p.add_argument("--publish-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="wait this long for JetStream's ack before publishing again (default: %(default)s)")
+    p.add_argument(
+        "--nats-url",
+        default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"),
+        metavar="URL",
+        help="NATS server URL, several comma-separated (default: $NATS_URL or nats://127.0.0.1:4222)",
+    )
+    p.add_argument(
+        "--kv-bucket",
+        default="statefun_mesh_egress",
+        metavar="BUCKET",
+        help="JetStream key-value bucket of positions, created if missing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--start",
+        choices=["earliest", "latest"],
+        default="earliest",
+        help="where an egress without a stored position starts (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=500,
+        metavar="N",
+        help="records read per fetch and published at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--publish-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="wait this long for JetStream's ack before publishing again (default: %(default)s)",
+    )
     p.add_argument(
         "--mesh",
         type=_endpoint,
@@ -265,10 +343,20 @@ See docs/connectors.md.""",
         help="a peer's client endpoint (default: $STATEFUN_MESH_ENDPOINT or %(default)s); the other "
         "peers' endpoints are learnt from it",
     )
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="wait this long for a peer to answer a read before retrying (default: %(default)s)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="wait this long for a peer to answer a read before retrying (default: %(default)s)",
+    )
     _add_client_key_arg(p)
-    p.add_argument("--status-interval", type=float, default=10.0, metavar="SECONDS",
-                   help="log a progress line this often while something changes; 0: never (default: %(default)s)")
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="log a progress line this often while something changes; 0: never (default: %(default)s)",
+    )
     _add_log_args(p)
     p.set_defaults(func=cmd_nats_egress)

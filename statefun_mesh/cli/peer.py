@@ -135,13 +135,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="take the index from the host name's last '-N' (a Kubernetes StatefulSet pod mesh-2 is peer 2)",
     )
     p.add_argument("--state-dir", help="override the config's state_dir")
-    p.add_argument("--restore", metavar="latest|ID",
-                   help="peer 0 only: start the mesh from this checkpoint, rescaling if it was taken on another "
-                        "number of peers (remove it again once the mesh is up)")
-    p.add_argument("--metrics-endpoint", type=_http_endpoint, metavar="HOST:PORT",
-                   help="serve /metrics, /healthz and /readyz here (overrides the config's metrics_endpoints entry "
-                        "for this peer; '' for none)")
-    p.add_argument("--dashboard", action="store_true",
-                   help="also serve the web dashboard at / on the metrics endpoint")
+    p.add_argument(
+        "--restore",
+        metavar="latest|ID",
+        help="peer 0 only: start the mesh from this checkpoint, rescaling if it was taken on another "
+        "number of peers (remove it again once the mesh is up)",
+    )
+    p.add_argument(
+        "--metrics-endpoint",
+        type=_http_endpoint,
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz and /readyz here (overrides the config's metrics_endpoints entry "
+        "for this peer; '' for none)",
+    )
+    p.add_argument("--dashboard", action="store_true", help="also serve the web dashboard at / on the metrics endpoint")
     _add_log_args(p)
     p.set_defaults(func=cmd_peer)

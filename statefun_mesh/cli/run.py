@@ -100,32 +100,55 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--state-dir", help="state directory (default: ./statefun-mesh-state)")
     p.add_argument("--max-parallelism", type=_positive_int, help="number of key groups (default: 1024)")
-    p.add_argument("--blob-store", metavar="URL",
-                   help="where checkpoints go: file:///dir, s3://bucket/prefix (default: <state-dir>/checkpoints)")
+    p.add_argument(
+        "--blob-store",
+        metavar="URL",
+        help="where checkpoints go: file:///dir, s3://bucket/prefix (default: <state-dir>/checkpoints)",
+    )
     p.add_argument(
         "--checkpoint-interval", type=_positive_seconds, metavar="SECONDS", help="between checkpoints (default: 5)"
     )
-    p.add_argument("--no-checkpoints", action="store_true",
-                   help="take no checkpoints (faster; a crash then loses queued messages)")
-    p.add_argument("--no-keys", action="store_true",
-                   help="run the links and client endpoints without CURVE: anyone who can reach them can forge "
-                   "messages (default: keys are made in <state-dir>/keys and used; see docs/security.md)")
-    p.add_argument("--restore", metavar="latest|ID",
-                   help="start from this checkpoint, onto --peers peers even if it was taken on another number "
-                        "(rescaling); an older ID rolls back, deleting newer checkpoints (default: the latest "
-                        "checkpoint, which must have been taken on --peers peers)")
+    p.add_argument(
+        "--no-checkpoints", action="store_true", help="take no checkpoints (faster; a crash then loses queued messages)"
+    )
+    p.add_argument(
+        "--no-keys",
+        action="store_true",
+        help="run the links and client endpoints without CURVE: anyone who can reach them can forge "
+        "messages (default: keys are made in <state-dir>/keys and used; see docs/security.md)",
+    )
+    p.add_argument(
+        "--restore",
+        metavar="latest|ID",
+        help="start from this checkpoint, onto --peers peers even if it was taken on another number "
+        "(rescaling); an older ID rolls back, deleting newer checkpoints (default: the latest "
+        "checkpoint, which must have been taken on --peers peers)",
+    )
     p.add_argument(
         "--module",
         metavar="module.yaml",
         help="a StateFun module.yaml: its HTTP endpoints are remote functions the peers call",
     )
     p.add_argument("--config", help="mesh.toml with further settings")
-    p.add_argument("--metrics-port", type=_port, default=0, metavar="PORT",
-                   help="peer K serves /metrics, /healthz and /readyz on PORT+K (default: free ports, printed)")
-    p.add_argument("--metrics-host", default="127.0.0.1",
-                   help="address the metrics servers bind (default: %(default)s; 0.0.0.0 for every interface)")
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=0,
+        metavar="PORT",
+        help="peer K serves /metrics, /healthz and /readyz on PORT+K (default: free ports, printed)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address the metrics servers bind (default: %(default)s; 0.0.0.0 for every interface)",
+    )
     p.add_argument("--no-metrics", action="store_true", help="serve no metrics, health checks or dashboard")
-    p.add_argument("--dashboard-peer", type=_count, default=0, metavar="K",
-                   help="the peer whose metrics server also serves the web dashboard at / (default: 0)")
+    p.add_argument(
+        "--dashboard-peer",
+        type=_count,
+        default=0,
+        metavar="K",
+        help="the peer whose metrics server also serves the web dashboard at / (default: 0)",
+    )
     _add_log_args(p)
     p.set_defaults(func=cmd_run)

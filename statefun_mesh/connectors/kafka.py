@@ -59,8 +59,9 @@ POLL_WAIT: Final = 0.2
 #: seconds between metadata checks (new partitions, topics that were missing)
 METADATA_EVERY: Final = 10.0
 #: the StateFun primitive types: a record's value must decode as one
-_PRIMITIVES: Final = {t.typename: t for t in (vt.StringType, vt.IntType, vt.LongType, vt.FloatType, vt.DoubleType,
-                                              vt.BoolType)}  # fmt: skip
+_PRIMITIVES: Final = {
+    t.typename: t for t in (vt.StringType, vt.IntType, vt.LongType, vt.FloatType, vt.DoubleType, vt.BoolType)
+}
 
 
 def position_key(ingress_id: str, topic: str, partition: int) -> str:
@@ -105,7 +106,9 @@ class KafkaIngress(ClientTasks):
                     if target not in peer.table and not peer.is_remote(target):
                         raise ConfigError(
                             f"Kafka ingress {spec.id}: topic {t.topic} targets {target}, which is neither bound "
-                            "locally nor served by an endpoint of the module file", key="module")  # fmt: skip
+                            "locally nor served by an endpoint of the module file",
+                            key="module",
+                        )
         _import_kafka()  # a missing client fails at construction, not later in a task
         #: position key -> the next offset to route (this peer's partitions only)
         self.positions: dict[str, int] = {}
@@ -152,8 +155,13 @@ class KafkaIngress(ClientTasks):
                 try:
                     consumer.commit(offsets=offsets, asynchronous=True)
                 except Exception as exc:  # monitoring only: the checkpoint holds the positions
-                    self._tlog.warning("kafka group commits", "kafka ingress %s: committing offsets to group %s "
-                                       "failed: %s", spec.id, spec.group_id, exc)  # fmt: skip
+                    self._tlog.warning(
+                        "kafka group commits",
+                        "kafka ingress %s: committing offsets to group %s failed: %s",
+                        spec.id,
+                        spec.group_id,
+                        exc,
+                    )
 
     def status(self) -> dict[str, Any]:
         """For ``Peer.status()``: records routed, dead letters, and each partition's position."""
@@ -184,16 +192,18 @@ class KafkaIngress(ClientTasks):
 
     def _config(self, spec: KafkaIngressSpec) -> dict[str, Any]:
         conf: dict[str, Any] = dict(spec.properties)
-        conf.update({
-            "bootstrap.servers": spec.address,
-            "group.id": spec.group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": spec.auto_offset_reset,
-            "allow.auto.create.topics": False,
-            "client.id": conf.get("client.id", f"statefun-mesh-peer-{self.peer.peer_id}"),
-            "error_cb": lambda err, spec=spec: self._on_error(spec, err),
-        })  # fmt: skip
+        conf.update(
+            {
+                "bootstrap.servers": spec.address,
+                "group.id": spec.group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": spec.auto_offset_reset,
+                "allow.auto.create.topics": False,
+                "client.id": conf.get("client.id", f"statefun-mesh-peer-{self.peer.peer_id}"),
+                "error_cb": lambda err, spec=spec: self._on_error(spec, err),
+            }
+        )
         conf.setdefault("isolation.level", "read_committed")
         # librdkafka's own log lines (stderr) would repeat a refused connection every few ms:
         # its errors come through error_cb instead, at most one line per 5 s
@@ -238,8 +248,14 @@ class KafkaIngress(ClientTasks):
             except Exception as exc:
                 if self._closing or peer.closing:
                     return
-                self._tlog.error("kafka ingress errors", "kafka ingress %s at %s: %s; retrying in %.1f s",
-                                 spec.id, spec.address, exc, pause)  # fmt: skip
+                self._tlog.error(
+                    "kafka ingress errors",
+                    "kafka ingress %s at %s: %s; retrying in %.1f s",
+                    spec.id,
+                    spec.address,
+                    exc,
+                    pause,
+                )
                 assigned_epoch = -1
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
@@ -255,9 +271,16 @@ class KafkaIngress(ClientTasks):
             tmd = md.topics.get(t.topic)
             if tmd is None or tmd.error is not None or not tmd.partitions:
                 why = tmd.error if tmd is not None and tmd.error is not None else "no such topic"
-                self._tlog.error("kafka missing topics", "kafka ingress %s: topic %s at %s is not readable (%s); "
-                                 "its records are read once it is (checked every %.0f s)", spec.id, t.topic,
-                                 spec.address, why, METADATA_EVERY)  # fmt: skip
+                self._tlog.error(
+                    "kafka missing topics",
+                    "kafka ingress %s: topic %s at %s is not readable (%s); "
+                    "its records are read once it is (checked every %.0f s)",
+                    spec.id,
+                    t.topic,
+                    spec.address,
+                    why,
+                    METADATA_EVERY,
+                )
                 continue
             wanted += [(t.topic, p) for p in sorted(tmd.partitions) if p % n == me]
         starts = {}
@@ -269,9 +292,13 @@ class KafkaIngress(ClientTasks):
         tps = [ck.TopicPartition(t, p, self.positions[position_key(spec.id, t, p)]) for t, p in wanted]
         await self._call(consumer.assign, tps)
         if wanted != self.assigned.get(spec.id):
-            log.info("kafka ingress %s: peer %d reads %s", spec.id, me,
-                     ", ".join(f"{t}/{p}@{self.positions[position_key(spec.id, t, p)]}" for t, p in wanted) or
-                     "no partition")  # fmt: skip
+            log.info(
+                "kafka ingress %s: peer %d reads %s",
+                spec.id,
+                me,
+                ", ".join(f"{t}/{p}@{self.positions[position_key(spec.id, t, p)]}" for t, p in wanted)
+                or "no partition",
+            )
         self.assigned[spec.id] = wanted
 
     @staticmethod
@@ -321,8 +348,7 @@ class KafkaIngress(ClientTasks):
             err = msg.error()
             if err is not None:
                 if err.code() != ck.KafkaError._PARTITION_EOF:
-                    self._tlog.error("kafka consume errors", "kafka ingress %s at %s: %s", spec.id, spec.address,
-                                     err)  # fmt: skip
+                    self._tlog.error("kafka consume errors", "kafka ingress %s at %s: %s", spec.id, spec.address, err)
                 continue
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             key = position_key(spec.id, topic, partition)
@@ -345,8 +371,15 @@ class KafkaIngress(ClientTasks):
                     continue
             self.dead_lettered += 1
             self.dead_letters.append((topic, partition, offset, reason))
-            self._tlog.error("kafka dead letters", "kafka ingress %s: dead letter %s/%d@%d skipped: %s", spec.id,
-                             topic, partition, offset, reason)  # fmt: skip
+            self._tlog.error(
+                "kafka dead letters",
+                "kafka ingress %s: dead letter %s/%d@%d skipped: %s",
+                spec.id,
+                topic,
+                partition,
+                offset,
+                reason,
+            )
         if records:
             peer.route_admitted(records)
             self.routed += len(records)

@@ -61,14 +61,19 @@ class KafkaEgress(ClientTasks):
         _import_kafka()
         immediate = [s.id for s in specs if s.id in peer.config.egress_immediate]
         if immediate:
-            raise ConfigError(f"Kafka egress {immediate[0]} is listed in egress_immediate: its offsets are reused "
-                              "after a recovery, so its produced position would skip records; remove it from "
-                              "egress_immediate (the Kafka egress produces released records)",
-                              key="egress_immediate")  # fmt: skip
+            raise ConfigError(
+                f"Kafka egress {immediate[0]} is listed in egress_immediate: its offsets are reused "
+                "after a recovery, so its produced position would skip records; remove it from "
+                "egress_immediate (the Kafka egress produces released records)",
+                key="egress_immediate",
+            )
         if not peer.checkpointing and any(s.semantic == "exactly-once" for s in specs):
-            log.warning("peer %d: Kafka egress %s is exactly-once, but checkpoints are off: records are released "
-                        "as they are written and a crash loses state anyway", peer.peer_id,
-                        next(s.id for s in specs if s.semantic == "exactly-once"))  # fmt: skip
+            log.warning(
+                "peer %d: Kafka egress %s is exactly-once, but checkpoints are off: records are released "
+                "as they are written and a crash loses state anyway",
+                peer.peer_id,
+                next(s.id for s in specs if s.semantic == "exactly-once"),
+            )
         #: egress id -> the next egress offset to produce (this peer's log)
         self.produced: dict[str, int] = {}
         self.records_out = 0
@@ -101,9 +106,15 @@ class KafkaEgress(ClientTasks):
 
     def _producer_config(self, spec: KafkaEgressSpec) -> dict[str, Any]:
         conf: dict[str, Any] = dict(spec.properties)
-        conf.update({"bootstrap.servers": spec.address, "enable.idempotence": True,
-                     "error_cb": lambda err: client_error(f"kafka egress {spec.id} at {spec.address}", err,
-                                                          self._last_client_error)})  # fmt: skip
+        conf.update(
+            {
+                "bootstrap.servers": spec.address,
+                "enable.idempotence": True,
+                "error_cb": lambda err: client_error(
+                    f"kafka egress {spec.id} at {spec.address}", err, self._last_client_error
+                ),
+            }
+        )
         conf.setdefault("log_level", 0)  # errors come through error_cb (see kafka.py)
         conf.setdefault("linger.ms", 5)
         if spec.semantic == "exactly-once":
@@ -132,9 +143,15 @@ class KafkaEgress(ClientTasks):
         plain.produce(PROGRESS_TOPIC, key=marker, value=None, partition=0)  # a tombstone: compaction drops it
         if plain.flush(30.0):
             raise ck.KafkaException(ck.KafkaError(ck.KafkaError._TIMED_OUT, "writing the progress marker timed out"))
-        consumer = ck.Consumer({"bootstrap.servers": spec.address, "group.id": f"statefun-mesh-progress-{spec.id}",
-                                "enable.auto.commit": False, "isolation.level": "read_committed",
-                                "log_level": 0})  # fmt: skip
+        consumer = ck.Consumer(
+            {
+                "bootstrap.servers": spec.address,
+                "group.id": f"statefun-mesh-progress-{spec.id}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "log_level": 0,
+            }
+        )
         key = self._progress_key(spec).encode()
         position = 0
         try:
@@ -142,8 +159,9 @@ class KafkaEgress(ClientTasks):
             deadline = time.monotonic() + 60.0
             while True:
                 if time.monotonic() > deadline:
-                    raise ck.KafkaException(ck.KafkaError(ck.KafkaError._TIMED_OUT,
-                                                          f"reading {PROGRESS_TOPIC} to its end took over 60 s"))
+                    raise ck.KafkaException(
+                        ck.KafkaError(ck.KafkaError._TIMED_OUT, f"reading {PROGRESS_TOPIC} to its end took over 60 s")
+                    )
                 for m in consumer.consume(1000, 0.2):
                     if m.error() is not None:
                         continue
@@ -170,8 +188,13 @@ class KafkaEgress(ClientTasks):
                         await self._call(producer.init_transactions, 30.0)
                     self._producers[spec.id] = producer
                     self.produced[spec.id] = await self._call(self._read_progress, spec, ck)
-                    log.info("kafka egress %s: peer %d produces from egress offset %d (%s)", spec.id,
-                             peer.peer_id, self.produced[spec.id], spec.semantic)  # fmt: skip
+                    log.info(
+                        "kafka egress %s: peer %d produces from egress offset %d (%s)",
+                        spec.id,
+                        peer.peer_id,
+                        self.produced[spec.id],
+                        spec.semantic,
+                    )
                 pos = self.produced[spec.id]
                 records = peer.egress_read(spec.id, pos, BATCH) if peer.resumed and not peer.closing else []
                 if not records:
@@ -182,9 +205,15 @@ class KafkaEgress(ClientTasks):
                     await asyncio.sleep(0.01 if peer.resumed else 0.1)
                     continue
                 if records[0].offset > pos:
-                    self._tlog.error("kafka egress trimmed", "kafka egress %s: peer %d trimmed records %d..%d "
-                                     "before they were produced (egress_retention): they are lost", spec.id,
-                                     peer.peer_id, pos, records[0].offset - 1)  # fmt: skip
+                    self._tlog.error(
+                        "kafka egress trimmed",
+                        "kafka egress %s: peer %d trimmed records %d..%d "
+                        "before they were produced (egress_retention): they are lost",
+                        spec.id,
+                        peer.peer_id,
+                        pos,
+                        records[0].offset - 1,
+                    )
                 await self._call(self._produce, spec, producer, records, ck)
                 self.produced[spec.id] = records[-1].offset + 1
                 self.records_out += len(records)
@@ -194,8 +223,14 @@ class KafkaEgress(ClientTasks):
             except Exception as exc:
                 if self._closing or peer.closing:
                     return
-                self._tlog.error("kafka egress errors", "kafka egress %s at %s: %s; retrying in %.1f s", spec.id,
-                                 spec.address, exc, pause)  # fmt: skip
+                self._tlog.error(
+                    "kafka egress errors",
+                    "kafka egress %s at %s: %s; retrying in %.1f s",
+                    spec.id,
+                    spec.address,
+                    exc,
+                    pause,
+                )
                 if producer is not None and spec.semantic == "exactly-once":
                     fatal = isinstance(exc, ck.KafkaException) and exc.args[0].fatal()
                     if not fatal:
@@ -224,20 +259,28 @@ class KafkaEgress(ClientTasks):
             try:
                 k = rec.as_kafka()
             except Exception as exc:
-                raise ConfigError(f"egress {spec.id} record {rec.peer}/{rec.offset} is not a kafka_egress_message "
-                                  f"record ({rec.value_typename()}): {exc}") from None  # fmt: skip
+                raise ConfigError(
+                    f"egress {spec.id} record {rec.peer}/{rec.offset} is not a kafka_egress_message "
+                    f"record ({rec.value_typename()}): {exc}"
+                ) from None
             headers = [(HEADER_ID, f"{spec.id}/{rec.peer}/{rec.offset}".encode())]
             while True:
                 try:
-                    producer.produce(k.topic, value=k.value, key=k.key.encode() if k.key else None, headers=headers,
-                                     on_delivery=delivered)  # fmt: skip
+                    producer.produce(
+                        k.topic,
+                        value=k.value,
+                        key=k.key.encode() if k.key else None,
+                        headers=headers,
+                        on_delivery=delivered,
+                    )
                     break
                 except BufferError:
                     producer.poll(0.05)
         progress = json.dumps({"next": records[-1].offset + 1, "at": int(time.time() * 1000)}).encode()
         if exactly:
-            producer.produce(PROGRESS_TOPIC, key=self._progress_key(spec).encode(), value=progress,
-                             on_delivery=delivered)  # fmt: skip
+            producer.produce(
+                PROGRESS_TOPIC, key=self._progress_key(spec).encode(), value=progress, on_delivery=delivered
+            )
             producer.commit_transaction(60.0)  # flushes; raises if anything failed
             self.transactions += 1
             if errors:

@@ -57,8 +57,9 @@ STARTUP_TYPES: Final = ("group-offsets", "earliest", "latest", "specific-offsets
 SEMANTICS: Final = ("exactly-once", "at-least-once", "none")
 #: Kafka's topic name rule: 1-249 of [a-zA-Z0-9._-], not "." or ".."
 _TOPIC_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_INGRESS_KEYS: Final = frozenset({"id", "address", "consumerGroupId", "startupPosition", "autoOffsetResetPosition",
-                                  "topics", "properties"})  # fmt: skip
+_INGRESS_KEYS: Final = frozenset(
+    {"id", "address", "consumerGroupId", "startupPosition", "autoOffsetResetPosition", "topics", "properties"}
+)
 _EGRESS_KEYS: Final = frozenset({"id", "address", "deliverySemantic", "properties"})
 
 
@@ -253,9 +254,17 @@ def parse_kafka_ingress(spec: dict[str, Any], at: str) -> KafkaIngressSpec:
     reset = spec.get("autoOffsetResetPosition", "latest")
     if reset not in ("latest", "earliest"):
         raise _fail(at, "autoOffsetResetPosition", f"must be latest or earliest, got {reset!r}")
-    return KafkaIngressSpec(id=ingress_id, address=address, group_id=group, topics=tuple(topics), startup=startup,
-                            specific_offsets=specific, date_ms=date_ms, auto_offset_reset=reset,
-                            properties=_properties(spec, at))  # fmt: skip
+    return KafkaIngressSpec(
+        id=ingress_id,
+        address=address,
+        group_id=group,
+        topics=tuple(topics),
+        startup=startup,
+        specific_offsets=specific,
+        date_ms=date_ms,
+        auto_offset_reset=reset,
+        properties=_properties(spec, at),
+    )
 
 
 def _specific_offsets(node: Any, at: str, topics: list[str]) -> dict[tuple[str, int], int]:
@@ -304,5 +313,6 @@ def parse_kafka_egress(spec: dict[str, Any], at: str) -> KafkaEgressSpec:
             if semantic != "exactly-once":
                 raise _fail(at, f"deliverySemantic.{k}", f"a transaction timeout is for exactly-once, not {semantic}")
             timeout = parse_duration(node[k], key=f"spec.deliverySemantic.{k}", source=at)
-    return KafkaEgressSpec(id=egress_id, address=address, semantic=semantic, transaction_timeout=timeout,
-                           properties=_properties(spec, at))  # fmt: skip
+    return KafkaEgressSpec(
+        id=egress_id, address=address, semantic=semantic, transaction_timeout=timeout, properties=_properties(spec, at)
+    )

@@ -284,8 +284,9 @@ class NatsIngressConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.ack_wait < 3:
-            raise ConfigError(f"ack_wait must be at least 3 s (progress is signalled every ack_wait/3), "
-                              f"got {self.ack_wait}")  # fmt: skip
+            raise ConfigError(
+                f"ack_wait must be at least 3 s (progress is signalled every ack_wait/3), got {self.ack_wait}"
+            )
         NatsMapping(self.subject_prefix or "", self.target_type, self.value_type)  # checks them
 
 
@@ -369,11 +370,15 @@ class NatsIngress:
             log.info(
                 "nats-ingress: stream %s, consumer %s (filter %s), into the mesh at %s; subject prefix %r, "
                 "target type %s, default value type %s, unmappable messages %s",
-                cfg.stream, cfg.durable, cfg.subject or "all subjects", ", ".join(c.endpoint for c in self._clients),
-                self.mapping.subject_prefix if self.mapping else "", cfg.target_type or "from headers/subject",
+                cfg.stream,
+                cfg.durable,
+                cfg.subject or "all subjects",
+                ", ".join(c.endpoint for c in self._clients),
+                self.mapping.subject_prefix if self.mapping else "",
+                cfg.target_type or "from headers/subject",
                 cfg.value_type,
                 f"to {cfg.dead_letter_subject}" if cfg.dead_letter_subject else "terminated and logged",
-            )  # fmt: skip
+            )
             helpers = [asyncio.create_task(self._keep_alive(), name="nats-ingress progress")]
             if cfg.status_interval > 0:
                 helpers.append(asyncio.create_task(self._report(), name="nats-ingress status"))
@@ -414,14 +419,17 @@ class NatsIngress:
         try:
             # a few attempts at start-up, so a wrong URL fails fast with a clear message ...
             nc = await nats.connect(
-                servers=servers, name=cfg.client_name, connect_timeout=5, max_reconnect_attempts=3,
-                reconnect_time_wait=1, error_cb=on_error, disconnected_cb=on_disconnect,
+                servers=servers,
+                name=cfg.client_name,
+                connect_timeout=5,
+                max_reconnect_attempts=3,
+                reconnect_time_wait=1,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
-            )  # fmt: skip
+            )
         except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
-            raise StatefunMeshError(
-                f"cannot connect to NATS at {cfg.nats_url}: {exc or type(exc).__name__}"
-            ) from None
+            raise StatefunMeshError(f"cannot connect to NATS at {cfg.nats_url}: {exc or type(exc).__name__}") from None
         # ... and, once connected, reconnect for ever: pending messages wait in JetStream meanwhile
         nc.options["max_reconnect_attempts"] = -1
         return nc
@@ -432,8 +440,9 @@ class NatsIngress:
         try:
             info = await js.stream_info(cfg.stream)
         except nats.js.errors.NotFoundError:
-            raise ConfigError(f"JetStream has no stream {cfg.stream!r} at {cfg.nats_url}; create it first "
-                              "(e.g. nats stream add)") from None  # fmt: skip
+            raise ConfigError(
+                f"JetStream has no stream {cfg.stream!r} at {cfg.nats_url}; create it first (e.g. nats stream add)"
+            ) from None
         created = getattr(info, "created", None)
         self._created_ms = int(created.timestamp() * 1000) if created else 0
         prefix = cfg.subject_prefix
@@ -441,14 +450,24 @@ class NatsIngress:
             subjects = [cfg.subject] if cfg.subject else list(info.config.subjects or [])
             prefix = _literal_prefix(subjects[0]) if len(subjects) == 1 else ""
             if len(subjects) > 1:
-                log.warning("nats-ingress: stream %s has several subjects %s and no --subject-prefix was given: "
-                            "the whole subject spells the target", cfg.stream, subjects)  # fmt: skip
+                log.warning(
+                    "nats-ingress: stream %s has several subjects %s and no --subject-prefix was given: "
+                    "the whole subject spells the target",
+                    cfg.stream,
+                    subjects,
+                )
         self.mapping = NatsMapping(prefix, cfg.target_type, cfg.value_type)
         consumer = api.ConsumerConfig(
-            durable_name=cfg.durable, name=cfg.durable, ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.ALL, ack_wait=cfg.ack_wait, max_ack_pending=cfg.max_ack_pending,
-            max_deliver=-1, filter_subject=cfg.subject, description="statefun-mesh nats-ingress",
-        )  # fmt: skip
+            durable_name=cfg.durable,
+            name=cfg.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=cfg.ack_wait,
+            max_ack_pending=cfg.max_ack_pending,
+            max_deliver=-1,
+            filter_subject=cfg.subject,
+            description="statefun-mesh nats-ingress",
+        )
         try:
             # create, or update an existing consumer to these settings (ack_wait, max_ack_pending, filter)
             ci = await js.add_consumer(cfg.stream, consumer)
@@ -456,9 +475,14 @@ class NatsIngress:
             raise ConfigError(
                 f"cannot create or update the durable consumer {cfg.durable!r} on stream {cfg.stream!r}: {exc}"
             ) from None
-        log.info("nats-ingress: consumer %s: %d messages waiting, %d delivered and not yet acked (they come "
-                 "again after ack_wait %.0f s)", cfg.durable, ci.num_pending, ci.num_ack_pending,
-                 cfg.ack_wait)  # fmt: skip
+        log.info(
+            "nats-ingress: consumer %s: %d messages waiting, %d delivered and not yet acked (they come "
+            "again after ack_wait %.0f s)",
+            cfg.durable,
+            ci.num_pending,
+            ci.num_ack_pending,
+            cfg.ack_wait,
+        )
         return await js.pull_subscribe_bind(durable=cfg.durable, stream=cfg.stream)
 
     async def _connect_mesh(self) -> None:
@@ -469,8 +493,11 @@ class NatsIngress:
             info = await first.info()
             others = [ep for ep in info.get("client_endpoints") or [] if ep and ep != cfg.mesh_endpoint]
         except StatefunMeshError as exc:
-            log.warning("nats-ingress: the mesh at %s did not answer (%s); sending there anyway and "
-                        "retrying until it does", cfg.mesh_endpoint, exc)  # fmt: skip
+            log.warning(
+                "nats-ingress: the mesh at %s did not answer (%s); sending there anyway and retrying until it does",
+                cfg.mesh_endpoint,
+                exc,
+            )
             return
         # the other peers' endpoints: a send that times out is retried through the next one
         self._clients += [MeshClient(ep, timeout=cfg.mesh_timeout, keys=first.keys) for ep in others]
@@ -532,8 +559,11 @@ class NatsIngress:
             t.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5.0)
-            log.warning("nats-ingress: %d messages were not acked; JetStream delivers them again (the mesh drops "
-                        "those it already has)", len(pending))  # fmt: skip
+            log.warning(
+                "nats-ingress: %d messages were not acked; JetStream delivers them again (the mesh drops "
+                "those it already has)",
+                len(pending),
+            )
 
     async def _handle(self, msg: Any) -> None:
         meta = msg.metadata
@@ -594,8 +624,10 @@ class NatsIngress:
                 # timed out or the transport failed: the outcome is unknown, and a resend with
                 # the same key is applied at most once, so retry (through the next peer)
                 self.stats.send_retries += 1
-                self._warn(f"send of {self.config.stream} message {seq} to {message.target_typename}/"
-                           f"{message.target_id} via {client.endpoint} failed ({exc!r}); retrying")  # fmt: skip
+                self._warn(
+                    f"send of {self.config.stream} message {seq} to {message.target_typename}/"
+                    f"{message.target_id} via {client.endpoint} failed ({exc!r}); retrying"
+                )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
@@ -607,26 +639,44 @@ class NatsIngress:
             headers = {k: v for k, v in (msg.headers or {}).items() if k.lower() != "nats-msg-id"}
             if msg.headers and NATS_MSG_ID in msg.headers:
                 headers[HEADER_SOURCE_MSG_ID] = msg.headers[NATS_MSG_ID]
-            headers.update({
-                HEADER_ERROR: reason[:1000], HEADER_SOURCE_SUBJECT: subject, HEADER_SOURCE_SEQUENCE: str(seq),
-                NATS_MSG_ID: f"dead-letter:{cfg.stream}:{seq}@{self._created_ms}",
-            })  # fmt: skip
+            headers.update(
+                {
+                    HEADER_ERROR: reason[:1000],
+                    HEADER_SOURCE_SUBJECT: subject,
+                    HEADER_SOURCE_SEQUENCE: str(seq),
+                    NATS_MSG_ID: f"dead-letter:{cfg.stream}:{seq}@{self._created_ms}",
+                }
+            )
             try:
                 await self._js.publish(cfg.dead_letter_subject, msg.data, headers=headers, timeout=5.0)
             except Exception as exc:
                 # not terminated: JetStream delivers it again after ack_wait and we try again
-                log.error("nats-ingress: %s message %d (subject %s) is unmappable (%s), and publishing it to "
-                          "the dead-letter subject %s failed (%r); it stays pending and is retried after ack_wait",
-                          cfg.stream, seq, subject, reason, cfg.dead_letter_subject, exc)  # fmt: skip
+                log.error(
+                    "nats-ingress: %s message %d (subject %s) is unmappable (%s), and publishing it to "
+                    "the dead-letter subject %s failed (%r); it stays pending and is retried after ack_wait",
+                    cfg.stream,
+                    seq,
+                    subject,
+                    reason,
+                    cfg.dead_letter_subject,
+                    exc,
+                )
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=cfg.ack_wait)
                 return
             self.stats.dead_lettered += 1
-            log.warning("nats-ingress: %s message %d (subject %s) dead-lettered to %s: %s",
-                        cfg.stream, seq, subject, cfg.dead_letter_subject, reason)  # fmt: skip
+            log.warning(
+                "nats-ingress: %s message %d (subject %s) dead-lettered to %s: %s",
+                cfg.stream,
+                seq,
+                subject,
+                cfg.dead_letter_subject,
+                reason,
+            )
         else:
-            log.error("nats-ingress: %s message %d (subject %s) terminated, not bridged: %s",
-                      cfg.stream, seq, subject, reason)  # fmt: skip
+            log.error(
+                "nats-ingress: %s message %d (subject %s) terminated, not bridged: %s", cfg.stream, seq, subject, reason
+            )
         self.stats.rejected += 1
         try:
             await msg.term()
@@ -652,8 +702,15 @@ class NatsIngress:
         while True:
             await asyncio.sleep(self.config.status_interval)
             s = self.stats
-            now = (s.bridged, s.redelivered, s.rejected, s.dead_lettered, s.send_retries, s.ack_errors,
-                   len(self._in_flight))  # fmt: skip
+            now = (
+                s.bridged,
+                s.redelivered,
+                s.rejected,
+                s.dead_lettered,
+                s.send_retries,
+                s.ack_errors,
+                len(self._in_flight),
+            )
             if now == last:  # quiet while idle: a line only when something moved
                 continue
             last = now

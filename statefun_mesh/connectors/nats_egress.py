@@ -64,10 +64,16 @@ HEADER_KINESIS_HASH_KEY: Final = "Statefun-Kinesis-Explicit-Hash-Key"
 TEMPLATE_FIELDS: Final = frozenset(
     {"egress", "namespace", "name", "peer", "topic", "key", "stream", "partition_key", "type"}
 )
-_TEXT_TYPES: Final = frozenset({
-    vt.StringType.typename, vt.IntType.typename, vt.LongType.typename, vt.FloatType.typename,
-    vt.DoubleType.typename, vt.BoolType.typename,
-})  # fmt: skip
+_TEXT_TYPES: Final = frozenset(
+    {
+        vt.StringType.typename,
+        vt.IntType.typename,
+        vt.LongType.typename,
+        vt.FloatType.typename,
+        vt.DoubleType.typename,
+        vt.BoolType.typename,
+    }
+)
 
 
 def header_value(value: str) -> str:
@@ -104,8 +110,11 @@ def _payload(record: EgressRecord) -> tuple[bytes, dict[str, str]]:
     if typename in _TEXT_TYPES:  # as the ingress reads them: the value as text
         if typename == vt.StringType.typename:
             return record.as_string().encode("utf-8"), {}
-        value = record.as_type(next(t for t in (vt.IntType, vt.LongType, vt.FloatType, vt.DoubleType, vt.BoolType)
-                                    if t.typename == typename))  # fmt: skip
+        value = record.as_type(
+            next(
+                t for t in (vt.IntType, vt.LongType, vt.FloatType, vt.DoubleType, vt.BoolType) if t.typename == typename
+            )
+        )
         return (str(value).lower() if isinstance(value, bool) else repr(value)).encode(), {}
     return record.raw_value(), {}
 
@@ -122,17 +131,24 @@ def render(template: str, record: EgressRecord) -> tuple[str, bytes, dict[str, s
     payload, extra = _payload(record)
     namespace, name = record.typename.rsplit("/", 1)
     fields = {
-        "egress": f"{namespace}.{name}", "namespace": namespace, "name": _token(name), "peer": str(record.peer),
+        "egress": f"{namespace}.{name}",
+        "namespace": namespace,
+        "name": _token(name),
+        "peer": str(record.peer),
         "type": _token(record.value_typename().rsplit("/", 1)[-1]),
-        "topic": _token(extra.get(HEADER_KAFKA_TOPIC, "")), "key": _token(extra.get(HEADER_KAFKA_KEY, "")),
+        "topic": _token(extra.get(HEADER_KAFKA_TOPIC, "")),
+        "key": _token(extra.get(HEADER_KAFKA_KEY, "")),
         "stream": _token(extra.get(HEADER_KINESIS_STREAM, "")),
         "partition_key": _token(extra.get(HEADER_KINESIS_PARTITION_KEY, "")),
-    }  # fmt: skip
+    }
     headers = {
-        NATS_MSG_ID: message_id(record), HEADER_VALUE_TYPE: record.value_typename(), HEADER_EGRESS: record.typename,
-        HEADER_PEER: str(record.peer), HEADER_OFFSET: str(record.offset),
+        NATS_MSG_ID: message_id(record),
+        HEADER_VALUE_TYPE: record.value_typename(),
+        HEADER_EGRESS: record.typename,
+        HEADER_PEER: str(record.peer),
+        HEADER_OFFSET: str(record.offset),
         **{k: header_value(v) for k, v in extra.items()},
-    }  # fmt: skip
+    }
     if record.id is not None:
         headers[HEADER_RECORD_ID] = header_value(record.id)
     return template.format_map(fields), payload, headers
@@ -158,12 +174,15 @@ class EgressRoute:
             raise ConfigError(f"bad subject template {self.subject!r}: {exc}") from None
         unknown = sorted({f for f in used if f not in TEMPLATE_FIELDS})
         if unknown:
-            raise ConfigError(f"subject template {self.subject!r} uses unknown fields {unknown}; "
-                              f"known: {sorted(TEMPLATE_FIELDS)}")  # fmt: skip
+            raise ConfigError(
+                f"subject template {self.subject!r} uses unknown fields {unknown}; known: {sorted(TEMPLATE_FIELDS)}"
+            )
         literal = string.Formatter().vformat(self.subject, (), dict.fromkeys(TEMPLATE_FIELDS, "x"))
         if not literal or any(t in ("", "*", ">") or any(c in t for c in " \t\r\n") for t in literal.split(".")):
-            raise ConfigError(f"subject template {self.subject!r} does not make a subject to publish to "
-                              "(no empty tokens, spaces or wildcards)")  # fmt: skip
+            raise ConfigError(
+                f"subject template {self.subject!r} does not make a subject to publish to "
+                "(no empty tokens, spaces or wildcards)"
+            )
 
     @classmethod
     def parse(cls, spec: str) -> EgressRoute:
@@ -238,9 +257,11 @@ class EgressStats:
         now = time.monotonic()
         rate = (self.published - self._last) / max(now - self._last_time, 1e-9)
         self._last, self._last_time = self.published, now
-        return (f"published {self.published} ({rate:.0f}/s lately), duplicates dropped {self.duplicates}, "
-                f"publish retries {self.publish_retries}, fetch retries {self.fetch_retries}, "
-                f"position writes {self.position_writes}")  # fmt: skip
+        return (
+            f"published {self.published} ({rate:.0f}/s lately), duplicates dropped {self.duplicates}, "
+            f"publish retries {self.publish_retries}, fetch retries {self.fetch_retries}, "
+            f"position writes {self.position_writes}"
+        )
 
 
 class NatsEgress:
@@ -288,13 +309,23 @@ class NatsEgress:
                 return self.stats
             endpoints = list(info.get("client_endpoints") or []) or [self.config.mesh_endpoint]
             if len(endpoints) != info.get("peers") or not all(endpoints):
-                raise ConfigError("reading egress needs a client endpoint on every peer; set client_endpoints "
-                                  "for all peers")  # fmt: skip
-            log.info("nats-egress: %s from the mesh at %s (%d peers) into NATS %s; positions in bucket %s key %s",
-                     ", ".join(f"{r.egress} -> {r.subject}" for r in self.config.routes), self.config.mesh_endpoint,
-                     len(endpoints), self.config.nats_url, self.config.kv_bucket, self.config.name)  # fmt: skip
-            tasks = [asyncio.create_task(self._follow(nats, route, peer, ep), name=f"nats-egress {route.egress}@{peer}")
-                     for route in self.config.routes for peer, ep in enumerate(endpoints)]  # fmt: skip
+                raise ConfigError(
+                    "reading egress needs a client endpoint on every peer; set client_endpoints for all peers"
+                )
+            log.info(
+                "nats-egress: %s from the mesh at %s (%d peers) into NATS %s; positions in bucket %s key %s",
+                ", ".join(f"{r.egress} -> {r.subject}" for r in self.config.routes),
+                self.config.mesh_endpoint,
+                len(endpoints),
+                self.config.nats_url,
+                self.config.kv_bucket,
+                self.config.name,
+            )
+            tasks = [
+                asyncio.create_task(self._follow(nats, route, peer, ep), name=f"nats-egress {route.egress}@{peer}")
+                for route in self.config.routes
+                for peer, ep in enumerate(endpoints)
+            ]
             helpers = [asyncio.create_task(self._saver()), asyncio.create_task(self._report())]
             self.running = True
             stopper = asyncio.create_task(stop.wait())
@@ -342,13 +373,20 @@ class NatsEgress:
         while not stop.is_set():
             try:
                 nc = await nats.connect(
-                    servers=servers, name=cfg.client_name, connect_timeout=3, max_reconnect_attempts=1,
+                    servers=servers,
+                    name=cfg.client_name,
+                    connect_timeout=3,
+                    max_reconnect_attempts=1,
                     reconnect_time_wait=0.1,
-                    error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
-                )  # fmt: skip
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                )
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
-                self._warn("NATS connect failures", f"cannot connect to NATS at {cfg.nats_url} ({exc!r}); "
-                           f"retrying (every {pause:.1f} s)")  # fmt: skip
+                self._warn(
+                    "NATS connect failures",
+                    f"cannot connect to NATS at {cfg.nats_url} ({exc!r}); retrying (every {pause:.1f} s)",
+                )
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                     await _aio.wait_for(stop.wait(), pause)
                 pause = min(pause * 2, 5.0)
@@ -392,8 +430,10 @@ class NatsEgress:
             doc = json.loads(entry.value or b"{}")
             return {str(e): {str(p): [int(v[0]), int(v[1])] for p, v in peers.items()} for e, peers in doc.items()}
         except (ValueError, TypeError, AttributeError, IndexError) as exc:
-            raise ConfigError(f"the stored position {self.config.kv_bucket}/{self.config.name} is unreadable "
-                              f"({exc}); delete the key to start over (nats kv del)") from None  # fmt: skip
+            raise ConfigError(
+                f"the stored position {self.config.kv_bucket}/{self.config.name} is unreadable "
+                f"({exc}); delete the key to start over (nats kv del)"
+            ) from None
 
     # -- the work ------------------------------------------------------------------------------
 
@@ -412,15 +452,19 @@ class NatsEgress:
                 )
             except (StatefunMeshError, OSError) as exc:
                 self.stats.fetch_retries += 1
-                self._warn("egress read failures",
-                           f"reading {route.egress} from peer {peer} at {endpoint} failed ({exc!r}); retrying")
+                self._warn(
+                    "egress read failures",
+                    f"reading {route.egress} from peer {peer} at {endpoint} failed ({exc!r}); retrying",
+                )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
                 continue
             pause = 0.1
             if got != peer:
-                raise StatefunMeshError(f"the peer at {endpoint} says it is peer {got}, not {peer}: the mesh's "
-                                        "client_endpoints are not in peer order")  # fmt: skip
+                raise StatefunMeshError(
+                    f"the peer at {endpoint} says it is peer {got}, not {peer}: the mesh's "
+                    "client_endpoints are not in peer order"
+                )
             if records:
                 await self._publish(nats, route, records)
             first = isinstance(pos, str)  # "earliest"/"latest" resolved: remember where that was
@@ -435,10 +479,13 @@ class NatsEgress:
         pending = list(range(len(msgs)))
         pause = 0.1
         while pending:
-            results = await asyncio.gather(*(
-                self._js.publish(msgs[i][0], msgs[i][1], headers=msgs[i][2], timeout=self.config.publish_timeout)
-                for i in pending
-            ), return_exceptions=True)  # fmt: skip
+            results = await asyncio.gather(
+                *(
+                    self._js.publish(msgs[i][0], msgs[i][1], headers=msgs[i][2], timeout=self.config.publish_timeout)
+                    for i in pending
+                ),
+                return_exceptions=True,
+            )
             failed = []
             for i, res in zip(pending, results, strict=True):
                 if isinstance(res, asyncio.CancelledError):
@@ -452,10 +499,16 @@ class NatsEgress:
                     self.stats.published += 1
             if failed:
                 self.stats.publish_retries += len(failed)
-                hint = (" (no stream captures it: create one, e.g. nats stream add)"
-                        if isinstance(error, nats.errors.NoRespondersError) else "")  # fmt: skip
-                self._warn("publish failures", f"publishing {len(failed)} records of {route.egress} (e.g. to "
-                           f"{msgs[failed[0]][0]}) failed: {error!r}{hint}; retrying")  # fmt: skip
+                hint = (
+                    " (no stream captures it: create one, e.g. nats stream add)"
+                    if isinstance(error, nats.errors.NoRespondersError)
+                    else ""
+                )
+                self._warn(
+                    "publish failures",
+                    f"publishing {len(failed)} records of {route.egress} (e.g. to "
+                    f"{msgs[failed[0]][0]}) failed: {error!r}{hint}; retrying",
+                )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
             pending = failed
@@ -475,8 +528,10 @@ class NatsEgress:
                 await self._save()
             except Exception as exc:
                 self._dirty.set()
-                self._warn("position write failures",
-                           f"writing the position to bucket {self.config.kv_bucket} failed ({exc!r}); retrying")
+                self._warn(
+                    "position write failures",
+                    f"writing the position to bucket {self.config.kv_bucket} failed ({exc!r}); retrying",
+                )
                 await asyncio.sleep(1.0)
             await asyncio.sleep(0.2)
 

@@ -382,8 +382,16 @@ class RemoteFunctions:
                 items.append(item)
                 continue
             t, di = item
-            rec = (f"{t.namespace}/{t.type}", t.id, typename, address.id, di.argument.typename,
-                   bytes(di.argument.value), 0, 0)  # fmt: skip
+            rec = (
+                f"{t.namespace}/{t.type}",
+                t.id,
+                typename,
+                address.id,
+                di.argument.typename,
+                bytes(di.argument.value),
+                0,
+                0,
+            )
             items.append(("after", timedelta(milliseconds=max(di.delay_in_ms, 0)), rec, di.cancellation_token))
         egress = [
             (f"{eg.egress_namespace}/{eg.egress_type}", eg.argument.typename, bytes(eg.argument.value))

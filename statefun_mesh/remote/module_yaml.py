@@ -67,6 +67,7 @@ _OTHER_KINDS: Final = {
     "io.statefun.kinesis.v1/egress": "read egress with MeshClient (records decode with as_kinesis())",
 }
 
+
 @dataclass(frozen=True, slots=True)
 class HttpTimeouts:
     """Transport timeouts in seconds (StateFun's defaults: call 1 min, the others 10 s).
@@ -126,8 +127,14 @@ class RemoteModule:
 
     __slots__ = ("_by_namespace", "_by_type", "endpoints", "kafka_egresses", "kafka_ingresses", "source")
 
-    def __init__(self, endpoints: Iterable[HttpEndpoint], source: str | None = None, *,
-                 kafka_ingresses: Iterable[Any] = (), kafka_egresses: Iterable[Any] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        endpoints: Iterable[HttpEndpoint],
+        source: str | None = None,
+        *,
+        kafka_ingresses: Iterable[Any] = (),
+        kafka_egresses: Iterable[Any] = (),
+    ) -> None:
         self.endpoints = list(endpoints)
         self.source = source
         #: the ``io.statefun.kafka.v1/ingress`` components (``KafkaIngressSpec``)
@@ -225,8 +232,11 @@ def parse_module_yaml(text: str, source: str = "module.yaml") -> RemoteModule:
             hint = _OTHER_KINDS.get(kind) if isinstance(kind, str) else None
             raise ConfigError(
                 f"component kind {kind!r} is not supported by statefun_mesh"
-                + (f"; {hint}" if hint else f"; the kinds read are {KIND_V2}, {KIND_V1}, {KAFKA_INGRESS}, "
-                   f"{KAFKA_EGRESS}"),
+                + (
+                    f"; {hint}"
+                    if hint
+                    else f"; the kinds read are {KIND_V2}, {KIND_V1}, {KAFKA_INGRESS}, {KAFKA_EGRESS}"
+                ),
                 source=at,
                 key="kind",
             )

@@ -124,8 +124,12 @@ class Coordinator:
                 break
             except BlobStoreError as exc:
                 # generations must only grow: never guess 0 because the store failed
-                self.peer.tlog.error("blob store retries", "the coordinator cannot read the blob store: %s; "
-                                      "retrying in %.1f s", exc, pause)
+                self.peer.tlog.error(
+                    "blob store retries",
+                    "the coordinator cannot read the blob store: %s; retrying in %.1f s",
+                    exc,
+                    pause,
+                )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 10.0)
         self.next_id = (self.manifests[-1] + 1) if self.manifests else 1
@@ -156,8 +160,13 @@ class Coordinator:
                 except BlobStoreError as exc:
                     # the store is down or failing (not a bad checkpoint): the mesh cannot
                     # restore anything until it answers, so try the round again
-                    self.peer.tlog.error("blob store retries", "recovery round %d: the blob store failed: %s; "
-                                          "retrying the round in %.1f s", self.generation, exc, pause)  # fmt: skip
+                    self.peer.tlog.error(
+                        "blob store retries",
+                        "recovery round %d: the blob store failed: %s; retrying the round in %.1f s",
+                        self.generation,
+                        exc,
+                        pause,
+                    )
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 10.0)
                     why = f"retry after a blob store failure ({reason})"
@@ -181,8 +190,14 @@ class Coordinator:
         # A start is not a failure: a fresh mesh (nothing to restore) is logged at debug level,
         # a restart from a checkpoint at info; only a recovery after a failure warns.
         level = logging.WARNING if reason != STARTED else logging.INFO if n >= 0 else logging.DEBUG
-        log.log(level, "recovery round %d (%s): restoring %s on %d peers", gen, reason,
-                f"checkpoint {n}" if n >= 0 else "empty state (no checkpoint yet)", peer.n_peers)  # fmt: skip
+        log.log(
+            level,
+            "recovery round %d (%s): restoring %s on %d peers",
+            gen,
+            reason,
+            f"checkpoint {n}" if n >= 0 else "empty state (no checkpoint yet)",
+            peer.n_peers,
+        )
         self.ready = set()
         self._ready_event = asyncio.Event()
         frame = codec.encode_control(codec.RECOVER, gen, n)
@@ -193,8 +208,12 @@ class Coordinator:
         except SnapshotError as exc:
             if manifest is None:
                 raise
-            log.error("recovery round %d: peer 0 cannot restore checkpoint %d: %s; falling back to an earlier one",
-                      gen, n, exc)  # fmt: skip
+            log.error(
+                "recovery round %d: peer 0 cannot restore checkpoint %d: %s; falling back to an earlier one",
+                gen,
+                n,
+                exc,
+            )
             self.unrestorable.add(n)
             if self.generation == gen:
                 self.generation += 1
@@ -212,8 +231,7 @@ class Coordinator:
             except (asyncio.TimeoutError, TimeoutError):
                 if self.generation != gen:
                     return
-                log.info("recovery round %d: waiting for peers %s", gen,
-                         sorted(set(range(peer.n_peers)) - self.ready))  # fmt: skip
+                log.info("recovery round %d: waiting for peers %s", gen, sorted(set(range(peer.n_peers)) - self.ready))
         if self.generation != gen:
             return
         resume = codec.encode_control(codec.RESUME, gen)
@@ -258,16 +276,18 @@ class Coordinator:
             raise IncompatibleSnapshotError(
                 f"checkpoint {manifest.checkpoint} was taken on {manifest.peers} peers and this mesh has {n_peers}; "
                 f"to restore it onto {n_peers} peers (moving key groups, state, timers and in-flight messages), "
-                "start with --restore latest (restore = \"latest\" in the config), or start "
+                'start with --restore latest (restore = "latest" in the config), or start '
                 f"{manifest.peers} peers"
             )
         # Until a checkpoint of the new shape completes, any recovery restores this one
         # again, onto the same new shape, even after peer 0 restarted without `restore`.
-        await self.blobs.put(
-            RESCALE_BLOB, json.dumps({"checkpoint": manifest.checkpoint, "peers": n_peers}).encode()
+        await self.blobs.put(RESCALE_BLOB, json.dumps({"checkpoint": manifest.checkpoint, "peers": n_peers}).encode())
+        log.warning(
+            "rescaling: checkpoint %d was taken on %d peers; restoring it onto %d",
+            manifest.checkpoint,
+            manifest.peers,
+            n_peers,
         )
-        log.warning("rescaling: checkpoint %d was taken on %d peers; restoring it onto %d",
-                    manifest.checkpoint, manifest.peers, n_peers)  # fmt: skip
         return manifest
 
     async def _rescale_marker(self) -> tuple[int, int] | None:
@@ -281,8 +301,13 @@ class Coordinator:
         """Peer ``src`` could not restore checkpoint ``n``: never use it again; start over."""
         if gen != self.generation or n < 0:
             return
-        log.error("recovery round %d: peer %d cannot restore checkpoint %d (%s); falling back to an earlier one",
-                  gen, src, n, reason)  # fmt: skip
+        log.error(
+            "recovery round %d: peer %d cannot restore checkpoint %d (%s); falling back to an earlier one",
+            gen,
+            src,
+            n,
+            reason,
+        )
         self.unrestorable.add(n)
         self.request_recovery(f"checkpoint {n} is unreadable on peer {src}")
 
@@ -364,8 +389,12 @@ class Coordinator:
         # info level; the steady stream (one every checkpoint_interval) at debug level.
         took = time.monotonic() - self.started_at
         if self.aborted_since_complete:
-            log.info("checkpoint %d complete in %.2f s: checkpoints work again after %d aborted", n, took,
-                     self.aborted_since_complete)  # fmt: skip
+            log.info(
+                "checkpoint %d complete in %.2f s: checkpoints work again after %d aborted",
+                n,
+                took,
+                self.aborted_since_complete,
+            )
         elif not self.logged_complete:
             log.info("checkpoint %d complete in %.2f s (later checkpoints are logged at debug level)", n, took)
         else:

@@ -132,4 +132,3 @@ class RecoveryHost(PeerView, Protocol):
     def resume(self, gen: int) -> None:
         """Start processing in generation ``gen``."""
         ...
-

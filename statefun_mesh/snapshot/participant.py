@@ -77,8 +77,16 @@ log = logging.getLogger("statefun_mesh.snapshot")
 class _Snap:
     """One checkpoint this peer has cut and not yet finished."""
 
-    def __init__(self, n: int, txn: lmdb.Transaction, changes: set[tuple[str, bytes]], inbox: list[Any],
-                 ingress_pos: int, waiting: set[int], peers: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        n: int,
+        txn: lmdb.Transaction,
+        changes: set[tuple[str, bytes]],
+        inbox: list[Any],
+        ingress_pos: int,
+        waiting: set[int],
+        peers: int,
+    ) -> None:
         self.n = n
         self.txn: lmdb.Transaction | None = txn
         self.changes = changes
@@ -241,9 +249,14 @@ class Participant:
             part = await self._write_objects(snap)
             written = True
         except (BlobStoreError, SnapshotError, OSError) as exc:
-            host.tlog.error("failed checkpoint uploads", "peer %d: checkpoint %d could not be written: %s; "
-                            "processing goes on and the coordinator retries with the next checkpoint",
-                            host.peer_id, snap.n, exc)  # fmt: skip
+            host.tlog.error(
+                "failed checkpoint uploads",
+                "peer %d: checkpoint %d could not be written: %s; "
+                "processing goes on and the coordinator retries with the next checkpoint",
+                host.peer_id,
+                snap.n,
+                exc,
+            )
             host.acknowledge_checkpoint(snap.n, None, str(exc))
             return
         finally:
@@ -323,8 +336,15 @@ class Participant:
                     pass
         self.last_bytes = refs[0].size + refs[1].size
         chain = [refs[0]] if kind == "base" else [*self.chain, refs[0]]
-        return PeerPart(peer=me, key_groups=(lo, hi), chain=tuple(chain), inflight=refs[1],
-                        ingress_position=snap.ingress_pos, egress=egress, sources=snap.sources)  # fmt: skip
+        return PeerPart(
+            peer=me,
+            key_groups=(lo, hi),
+            chain=tuple(chain),
+            inflight=refs[1],
+            ingress_position=snap.ingress_pos,
+            egress=egress,
+            sources=snap.sources,
+        )
 
     def _work_path(self, name: str) -> str:
         return os.path.join(self.work_dir, name.replace("/", "__"))
@@ -356,8 +376,9 @@ class Participant:
         except OSError:
             return None
         if sha256 != ref.sha256:
-            log.warning("peer %d: local copy of %s does not match the manifest; downloading it", self.host.peer_id,
-                        ref.name)  # fmt: skip
+            log.warning(
+                "peer %d: local copy of %s does not match the manifest; downloading it", self.host.peer_id, ref.name
+            )
             return None
         return path
 
@@ -519,12 +540,16 @@ class Participant:
         peer = self.host
         backend = peer.state_store()
         live = backend.pending_changes()
-        usable = live is not None and backend.usable_view(txn) and (
-            manifest is None
-            or (
-                manifest.peers == peer.n_peers
-                and manifest.parts[peer.peer_id].key_groups == peer.key_group_range
-                and tuple(r.sha256 for r in manifest.parts[peer.peer_id].chain) == chain
+        usable = (
+            live is not None
+            and backend.usable_view(txn)
+            and (
+                manifest is None
+                or (
+                    manifest.peers == peer.n_peers
+                    and manifest.parts[peer.peer_id].key_groups == peer.key_group_range
+                    and tuple(r.sha256 for r in manifest.parts[peer.peer_id].chain) == chain
+                )
             )
         )
         if not usable or live is None:
@@ -618,10 +643,17 @@ class Participant:
             for name, t in phases:
                 steps.append(f"{name} {t - at:.3f}")
                 at = t
-            log.info("peer %d: checkpoint %d restored (%s, %d %s) in %.3f s, %.3f CPU-s (%s s)", peer.peer_id,
-                     manifest.checkpoint, self.last_restore, self.last_restore_entries,
-                     "keys rewritten" if self.last_restore == "rolled back" else "entries loaded",
-                     time.monotonic() - started, time.process_time() - cpu, ", ".join(steps))  # fmt: skip
+            log.info(
+                "peer %d: checkpoint %d restored (%s, %d %s) in %.3f s, %.3f CPU-s (%s s)",
+                peer.peer_id,
+                manifest.checkpoint,
+                self.last_restore,
+                self.last_restore_entries,
+                "keys rewritten" if self.last_restore == "rolled back" else "entries loaded",
+                time.monotonic() - started,
+                time.process_time() - cpu,
+                ", ".join(steps),
+            )
         peer.state_restored(released)
 
     async def _restore_rescaled(self, manifest: Manifest, backend: LmdbStateBackend) -> dict[str, int]:
@@ -687,14 +719,30 @@ class Participant:
             if os.path.isdir(path):
                 self.foreign_ingress.append((path, manifest.parts[r].ingress_position))
             else:
-                log.error("peer %d: the ingress log of removed peer %d is not at %s: client messages it "
-                          "acknowledged after checkpoint %d cannot be replayed; restore on the machine that "
-                          "holds its state directory to keep them", me, r, path, manifest.checkpoint)  # fmt: skip
+                log.error(
+                    "peer %d: the ingress log of removed peer %d is not at %s: client messages it "
+                    "acknowledged after checkpoint %d cannot be replayed; restore on the machine that "
+                    "holds its state directory to keep them",
+                    me,
+                    r,
+                    path,
+                    manifest.checkpoint,
+                )
         with backend.read() as txn:
             released = backend.egress_heads(txn)
-        log.warning("peer %d: restored checkpoint %d taken on %d peers onto %d: key groups %d..%d, %d entries, "
-                    "%d messages in flight, egress of old peers %s", me, manifest.checkpoint, old_n, new_n,
-                    lo, hi - 1, loaded, len(inflight), inherited)  # fmt: skip
+        log.warning(
+            "peer %d: restored checkpoint %d taken on %d peers onto %d: key groups %d..%d, %d entries, "
+            "%d messages in flight, egress of old peers %s",
+            me,
+            manifest.checkpoint,
+            old_n,
+            new_n,
+            lo,
+            hi - 1,
+            loaded,
+            len(inflight),
+            inherited,
+        )
         return released
 
     def take_foreign_ingress(self) -> list[tuple[str, int]]:

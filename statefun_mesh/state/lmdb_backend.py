@@ -174,8 +174,7 @@ def write_error(what: str, path: str, exc: Exception, remedy: str) -> StateBacke
             f"cannot write {what} at {path}: {text}: a file reached this process's file size limit "
             f"(ulimit -f / RLIMIT_FSIZE); raise the limit; {remedy}"
         )
-    if ("No space left" in text or "quota exceeded" in text.lower()
-            or (free is not None and free < FULL_DISK_SLACK)):  # fmt: skip
+    if "No space left" in text or "quota exceeded" in text.lower() or (free is not None and free < FULL_DISK_SLACK):
         space = f" ({free >> 20} MiB free)" if free is not None else ""
         return StateCapacityError(
             f"the disk holding {what} at {path} is full{space}: {text}; free space on that disk or move "
@@ -380,8 +379,14 @@ class LmdbStateBackend:
                 if not key.startswith(prefix) or len(out) >= limit:
                     break
                 fields = msgpack.unpackb(val, raw=False)  # [vt, value] or [vt, value, id]
-                out.append((_U64.unpack_from(key, len(prefix))[0], fields[0], fields[1],
-                            fields[2] if len(fields) > 2 else None))  # fmt: skip
+                out.append(
+                    (
+                        _U64.unpack_from(key, len(prefix))[0],
+                        fields[0],
+                        fields[1],
+                        fields[2] if len(fields) > 2 else None,
+                    )
+                )
         return out
 
     def egress_bounds(self, typename: str) -> tuple[int, int]:
@@ -429,12 +434,15 @@ class LmdbStateBackend:
         if not ops:
             return
         write_growing(
-            self.env, lambda txn: self._apply(txn, ops), what="the state store", path=self.path,
+            self.env,
+            lambda txn: self._apply(txn, ops),
+            what="the state store",
+            path=self.path,
             max_size=self.max_map_size,
             full=f"the state store at {self.path} is full at its size limit ({{mib}} MiB); raise max_map_size or "
             "delete state",
             remedy="nothing of the batch was applied; the peer retries it with backoff and goes on by itself",
-        )  # fmt: skip
+        )
 
     def _apply(self, txn: lmdb.Transaction, ops: Sequence[Op]) -> None:
         dbs = self._dbs
@@ -592,16 +600,20 @@ class LmdbStateBackend:
             if not names:
                 return n
             write_growing(
-                self.env, functools.partial(self._load_chunk, names=names, keys=keys, values=values, append=append),
-                what="the state store", path=self.path, max_size=self.max_map_size,
+                self.env,
+                functools.partial(self._load_chunk, names=names, keys=keys, values=values, append=append),
+                what="the state store",
+                path=self.path,
+                max_size=self.max_map_size,
                 full=f"the state store at {self.path} is full at its size limit ({{mib}} MiB) while restoring a "
                 "checkpoint; raise max_map_size",
                 remedy="the restore failed; the coordinator retries it",
-            )  # fmt: skip
+            )
             n += len(names)
 
-    def _load_chunk(self, txn: lmdb.Transaction, names: list[str], keys: list[bytes],
-                    values: list[bytes | None], append: bool) -> None:  # fmt: skip
+    def _load_chunk(
+        self, txn: lmdb.Transaction, names: list[str], keys: list[bytes], values: list[bytes | None], append: bool
+    ) -> None:
         dbs = self._dbs
         end = len(names)
         if names.count(names[0]) == end and None not in values:
@@ -660,8 +672,10 @@ class LmdbStateBackend:
         try:
             restore = [(dbs[db], key, cast("bytes | None", view.get(key, db=dbs[db]))) for db, key in sorted(keys)]
         except lmdb.Error as exc:
-            raise StateBackendError(f"cannot read the checkpoint's view of {self.path}: {exc}; rebuild the "
-                                    "store from the checkpoint instead") from exc  # fmt: skip
+            raise StateBackendError(
+                f"cannot read the checkpoint's view of {self.path}: {exc}; rebuild the "
+                "store from the checkpoint instead"
+            ) from exc
 
         def write(txn: lmdb.Transaction) -> None:
             for db, key, value in restore:
@@ -671,11 +685,15 @@ class LmdbStateBackend:
                     txn.put(key, value, db=db)
 
         write_growing(
-            self.env, write, what="the state store", path=self.path, max_size=self.max_map_size,
+            self.env,
+            write,
+            what="the state store",
+            path=self.path,
+            max_size=self.max_map_size,
             full=f"the state store at {self.path} is full at its size limit ({{mib}} MiB) while rolling back to a "
             "checkpoint; raise max_map_size",
             remedy="the rollback failed; the coordinator retries the recovery",
-        )  # fmt: skip
+        )
         self.take_changes()
         return len(restore)
 

@@ -27,14 +27,21 @@ def open_transport(config: MeshConfig, peer_id: int) -> Transport:
         hub = eps[0][len("memory://") :].rsplit("/", 1)[0]
         return InMemoryTransport(hub, peer_id, config.peers)
     if any(ep.startswith("memory://") for ep in eps):
-        raise ConfigError("memory:// endpoints cannot be mixed with ZeroMQ endpoints: use one kind for every peer",
-                          key="endpoints")
+        raise ConfigError(
+            "memory:// endpoints cannot be mixed with ZeroMQ endpoints: use one kind for every peer", key="endpoints"
+        )
     from .zeromq import ZmqTransport
 
     # ZMTP pings drop a connection to an address nobody answers at any more (a host gone
     # without closing its connections, a peer moved elsewhere under the same name).
     heartbeat = (config.heartbeat_interval, 3 * config.heartbeat_timeout)
     if config.curve:
-        return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes, heartbeat=heartbeat,
-                            keys=config.keypair(peer_id), peer_keys=config.peer_public_keys())  # fmt: skip
+        return ZmqTransport(
+            peer_id,
+            eps,
+            max_frame=config.max_frame_bytes,
+            heartbeat=heartbeat,
+            keys=config.keypair(peer_id),
+            peer_keys=config.peer_public_keys(),
+        )
     return ZmqTransport(peer_id, eps, max_frame=config.max_frame_bytes, heartbeat=heartbeat)

@@ -151,8 +151,13 @@ class LoopSocket:
             try:
                 on_message(parts)
             except Exception:
-                self.tlog.log(logging.ERROR, f"handler errors on {self.name}", "%s: handling a message failed",
-                              self.name, exc_info=True)  # fmt: skip
+                self.tlog.log(
+                    logging.ERROR,
+                    f"handler errors on {self.name}",
+                    "%s: handling a message failed",
+                    self.name,
+                    exc_info=True,
+                )
             if self._closed:
                 return
         # more may wait: go on after the other callbacks had their turn (the scheduled
@@ -163,8 +168,13 @@ class LoopSocket:
         try:
             fn()
         except Exception:
-            self.tlog.log(logging.ERROR, f"handler errors on {self.name}", "%s: a writable callback failed",
-                          self.name, exc_info=True)  # fmt: skip
+            self.tlog.log(
+                logging.ERROR,
+                f"handler errors on {self.name}",
+                "%s: a writable callback failed",
+                self.name,
+                exc_info=True,
+            )
 
     def stop(self) -> None:
         """Stop reading (idempotent); the socket stays open until :meth:`close`."""

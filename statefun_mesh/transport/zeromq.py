@@ -139,9 +139,12 @@ class ZmqTransport(Transport):
         else:
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             if not endpoint.startswith("inproc://"):
-                log.warning("peer %d: the peer links (%s) are NOT authenticated: anyone who can reach them can "
-                            "forge messages and control frames; set peer_keys and secret_key (docs/security.md)",
-                            self.peer_id, endpoint)  # fmt: skip
+                log.warning(
+                    "peer %d: the peer links (%s) are NOT authenticated: anyone who can reach them can "
+                    "forge messages and control frames; set peer_keys and secret_key (docs/security.md)",
+                    self.peer_id,
+                    endpoint,
+                )
         try:
             router.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -184,8 +187,9 @@ class ZmqTransport(Transport):
             self._dealers[p] = dealer
         self._on_frame = on_frame
         if self.keys is not None:
-            self._rx = LoopSocket(router, self._receive_curve, copy=False, name=f"peer {self.peer_id}'s peer endpoint",
-                                  tlog=self.tlog)  # fmt: skip
+            self._rx = LoopSocket(
+                router, self._receive_curve, copy=False, name=f"peer {self.peer_id}'s peer endpoint", tlog=self.tlog
+            )
         else:
             self._rx = LoopSocket(router, self._receive, name=f"peer {self.peer_id}'s peer endpoint", tlog=self.tlog)
 
@@ -201,9 +205,14 @@ class ZmqTransport(Transport):
             src = int(user[5:])
         if not 0 <= src < len(self.endpoints) or src == self.peer_id or len(parts) != 2:
             self.foreign_frames += 1
-            self.tlog.error("foreign frames", "peer %d: dropped a frame from a connection that did not "
-                             "authenticate as another peer of this mesh (user %r, %d parts)", self.peer_id,
-                             user, len(parts))  # fmt: skip
+            self.tlog.error(
+                "foreign frames",
+                "peer %d: dropped a frame from a connection that did not "
+                "authenticate as another peer of this mesh (user %r, %d parts)",
+                self.peer_id,
+                user,
+                len(parts),
+            )
             return
         try:
             self._on_frame(src, parts[1].bytes)
@@ -221,8 +230,7 @@ class ZmqTransport(Transport):
             if event["event"] == zmq.EVENT_DISCONNECTED and not self._closed:
                 # debug: a peer stopping cleanly closes its links too; the peer logs a loss
                 # that matters (a connection made again while both kept running)
-                log.debug("peer %d: the connection to peer %d at %s was lost", self.peer_id, peer,
-                         self.endpoints[peer])  # fmt: skip
+                log.debug("peer %d: the connection to peer %d at %s was lost", self.peer_id, peer, self.endpoints[peer])
                 if self.on_link_lost is not None:
                     try:
                         self.on_link_lost(peer)
@@ -238,15 +246,23 @@ class ZmqTransport(Transport):
             self.foreign_frames += 1
             self.tlog.error(
                 "frames from non-peers",
-                "peer %d: dropped a frame from a sender that is not a peer of this mesh "
-                "(routing id %r, %d parts)", self.peer_id, ident[:64], len(parts),
-            )  # fmt: skip
+                "peer %d: dropped a frame from a sender that is not a peer of this mesh (routing id %r, %d parts)",
+                self.peer_id,
+                ident[:64],
+                len(parts),
+            )
             return
         try:
             self._on_frame(src, parts[1])
         except Exception:  # the handler logs bad frames itself; never let one kill the loop
-            self.tlog.log(logging.ERROR, "frame handler errors", "peer %d: handling a frame from peer %d failed",
-                          self.peer_id, src, exc_info=True)
+            self.tlog.log(
+                logging.ERROR,
+                "frame handler errors",
+                "peer %d: handling a frame from peer %d failed",
+                self.peer_id,
+                src,
+                exc_info=True,
+            )
 
     def flush_logs(self) -> None:
         """Write the summaries of throttled log lines (the peer's heartbeat loop calls it)."""

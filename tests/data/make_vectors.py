@@ -359,8 +359,14 @@ def split_vectors(frames: dict[str, list[Record]]) -> list[dict[str, Any]]:
                 counts = _twin_split(records, max_bytes, max_records)
                 if counts != _reference_split(records, max_bytes, max_records):
                     raise SystemExit(f"twin split differs from the reference for {name} {max_bytes} {max_records}")
-                out.append({"frame": name, "max_bytes": max_bytes, "max_records": max_records,
-                            "counts": ",".join(map(str, counts))})
+                out.append(
+                    {
+                        "frame": name,
+                        "max_bytes": max_bytes,
+                        "max_records": max_records,
+                        "counts": ",".join(map(str, counts)),
+                    }
+                )
     return out
 
 

@@ -141,13 +141,15 @@ def timer_target(context, message):
 _ORDER = make_json_type("cr/order")
 
 
-@functions.bind(typename=SLOW_COUNTER,
-                specs=[ValueSpec(name="count", type=IntType), ValueSpec(name="order", type=_ORDER)])  # fmt: skip
+@functions.bind(
+    typename=SLOW_COUNTER, specs=[ValueSpec(name="count", type=IntType), ValueSpec(name="order", type=_ORDER)]
+)
 async def slow_counter(context, message):
     doc = as_json(message)
     if doc.get("query"):
-        context.reply(value={"count": context.storage.count or 0, "order": context.storage.order or []},
-                      value_type=JSON)  # fmt: skip
+        context.reply(
+            value={"count": context.storage.count or 0, "order": context.storage.order or []}, value_type=JSON
+        )
         return
     await asyncio.sleep(doc.get("sleep_ms", 0) / 1000)
     context.storage.count = (context.storage.count or 0) + 1

@@ -107,10 +107,19 @@ class CrashMesh:
     after :meth:`stop`.
     """
 
-    def __init__(self, workdir: Path, *, peers: int = PEERS, checkpoint_interval: float = 0.5,
-                 port: int | None = None, extra_config: str = "", blobs: FileBlobs | S3Blobs | None = None,
-                 state_dir: Path | None = None, checkpoints: bool = True,
-                 apps: list[str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        peers: int = PEERS,
+        checkpoint_interval: float = 0.5,
+        port: int | None = None,
+        extra_config: str = "",
+        blobs: FileBlobs | S3Blobs | None = None,
+        state_dir: Path | None = None,
+        checkpoints: bool = True,
+        apps: list[str] | None = None,
+    ) -> None:
         self.workdir = workdir
         #: the StatefulFunctions to run (``MODULE:ATTR``; default: crash_app's)
         self.apps = apps or [APP]
@@ -144,10 +153,20 @@ class CrashMesh:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.runs += 1
         cmd = [
-            sys.executable, "-m", "statefun_mesh", "run", *self.apps,
-            "--peers", str(self.peers), "--transport", "ipc",
-            "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "statefun_mesh",
+            "run",
+            *self.apps,
+            "--peers",
+            str(self.peers),
+            "--transport",
+            "ipc",
+            "--client-endpoint",
+            self.endpoint,
+            "--state-dir",
+            str(self.state_dir),
+        ]
         if self.checkpoints:
             cmd += ["--checkpoint-interval", str(self.checkpoint_interval), "--blob-store", self.blobs.url]
         else:
@@ -171,8 +190,11 @@ class CrashMesh:
 
     def log(self, runs: int | None = None) -> str:
         """The launcher's stderr (it and its peers log there) of run ``runs`` (default: all)."""
-        paths = [self.workdir / f"launcher-{r}.log" for r in range(1, self.runs + 1)] if runs is None else [
-            self.workdir / f"launcher-{runs}.log"]  # fmt: skip
+        paths = (
+            [self.workdir / f"launcher-{r}.log" for r in range(1, self.runs + 1)]
+            if runs is None
+            else [self.workdir / f"launcher-{runs}.log"]
+        )
         return "".join(p.read_text(errors="replace") for p in paths if p.exists())
 
     def wait_up(self, timeout: float = 60.0) -> None:
@@ -180,8 +202,10 @@ class CrashMesh:
         deadline = time.monotonic() + timeout
         while "is up" not in self.output():
             if self.proc.poll() is not None:
-                raise AssertionError(f"statefun-mesh run exited with {self.proc.returncode} before it was up:\n"
-                                     f"{self.log(self.runs)[-4000:]}")  # fmt: skip
+                raise AssertionError(
+                    f"statefun-mesh run exited with {self.proc.returncode} before it was up:\n"
+                    f"{self.log(self.runs)[-4000:]}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"statefun-mesh run not up within {timeout} s:\n{self.log(self.runs)[-4000:]}")
             time.sleep(0.05)
@@ -363,8 +387,9 @@ def probe_ids(prefix: str, peers: int = PEERS) -> list[str]:
     return out
 
 
-async def wait_responsive(endpoint: str, probes: list[str], make_query: Any, *, timeout: float,
-                          request_timeout: float = 2.0) -> float:  # fmt: skip
+async def wait_responsive(
+    endpoint: str, probes: list[str], make_query: Any, *, timeout: float, request_timeout: float = 2.0
+) -> float:
     """Wait until a request to each probe id (one per peer) through ``endpoint`` is answered;
     return the monotonic time of the first success of the last probe."""
     deadline = time.monotonic() + timeout

@@ -30,8 +30,11 @@ def kt_counter(context, message):  # type: ignore[no-untyped-def]
     if not doc.get("query"):
         count += 1
         context.storage.count = count
-        context.send_egress(kafka_egress_message(typename=EGRESS, topic=OUT_TOPIC, key=context.address.id,
-                                                 value=f"{context.address.id}|{doc['inc']}"))  # fmt: skip
+        context.send_egress(
+            kafka_egress_message(
+                typename=EGRESS, topic=OUT_TOPIC, key=context.address.id, value=f"{context.address.id}|{doc['inc']}"
+            )
+        )
     if context.in_request:
         context.reply(value={"count": count}, value_type=JSON)
 

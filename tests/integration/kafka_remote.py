@@ -23,8 +23,9 @@ def counter(context: Any, message: Any) -> None:
     count = (context.storage.count or 0) + 1
     context.storage.count = count
     me = context.address.id
-    context.send_egress(kafka_egress_message(typename="kt/out", topic="kt-out", key=me,
-                                             value=f"r:{me}|{doc['inc']}|{count}"))  # fmt: skip
+    context.send_egress(
+        kafka_egress_message(typename="kt/out", topic="kt-out", key=me, value=f"r:{me}|{doc['inc']}|{count}")
+    )
 
 
 handler = RequestReplyHandler(functions)

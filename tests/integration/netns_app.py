@@ -27,9 +27,12 @@ def json_message(typename: str, id: str, doc: Any) -> Any:
 
 @functions.bind(
     typename=ACCOUNT,
-    specs=[ValueSpec(name="balance", type=IntType), ValueSpec(name="debits", type=IntType),
-           ValueSpec(name="credits", type=IntType)],
-)  # fmt: skip
+    specs=[
+        ValueSpec(name="balance", type=IntType),
+        ValueSpec(name="debits", type=IntType),
+        ValueSpec(name="credits", type=IntType),
+    ],
+)
 def account(context, message):
     doc = json.loads(message.raw_value().decode("utf-8"))
     s = context.storage
@@ -41,5 +44,6 @@ def account(context, message):
         s.balance = (s.balance or 0) + doc["amount"]
         s.credits = (s.credits or 0) + 1
     if context.in_request:
-        context.reply(value={"balance": s.balance or 0, "debits": s.debits or 0, "credits": s.credits or 0},
-                      value_type=JSON)  # fmt: skip
+        context.reply(
+            value={"balance": s.balance or 0, "debits": s.debits or 0, "credits": s.credits or 0}, value_type=JSON
+        )

@@ -227,8 +227,9 @@ class Hosts:
 
     # -- processes -----------------------------------------------------------------------
 
-    def popen(self, host: Host, cmd: list[str], *, log: Path, env: dict[str, str] | None = None,
-              cwd: Path = ROOT) -> subprocess.Popen[bytes]:  # fmt: skip
+    def popen(
+        self, host: Host, cmd: list[str], *, log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> subprocess.Popen[bytes]:
         """Start ``cmd`` in ``host``'s namespace (``ip netns exec`` execs it: the pid is the command's)."""
         full_env = dict(os.environ)
         full_env.pop("STATEFUN_MESH_ENDPOINT", None)
@@ -236,23 +237,34 @@ class Hosts:
         full_env.update(env or {})
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", host.ns, *cmd], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=full_env, start_new_session=True,
-            )  # fmt: skip
+                ["ip", "netns", "exec", host.ns, *cmd],
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                start_new_session=True,
+            )
         host.procs.append(proc)
         return proc
 
-    def run_py(self, host: Host, args: list[str], *, timeout: float, env: dict[str, str] | None = None,
-               log: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def run_py(
+        self, host: Host, args: list[str], *, timeout: float, env: dict[str, str] | None = None, log: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``python ARGS`` in ``host``'s namespace to completion (killed after ``timeout``)."""
         full_env = dict(os.environ)
         full_env.pop("STATEFUN_MESH_ENDPOINT", None)
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p)
         full_env.update(env or {})
         return subprocess.run(
-            ["ip", "netns", "exec", host.ns, sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-            timeout=timeout, env=full_env, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            ["ip", "netns", "exec", host.ns, sys.executable, *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+        )
 
     @staticmethod
     def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
@@ -288,17 +300,30 @@ class Hosts:
         applied = []
         if has_netem():
             for ns, dev in ((host.ns, "eth0"), (self.hub, host.veth)):
-                _in(ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", "loss", f"{loss_pct}%",
-                    "delay", f"{delay_ms}ms", f"{jitter_ms}ms")  # fmt: skip
+                _in(
+                    ns,
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "root",
+                    "netem",
+                    "loss",
+                    f"{loss_pct}%",
+                    "delay",
+                    f"{delay_ms}ms",
+                    f"{jitter_ms}ms",
+                )
             return f"netem loss {loss_pct}% delay {delay_ms}ms {jitter_ms}ms, both directions"
         if not has_nft():
             raise NetnsUnavailable("neither netem nor nftables is available to drop packets")
         rules = (
             "table inet sfmloss {\n"
             " chain in { type filter hook input priority 0; policy accept;"
-            f" iifname \"eth0\" numgen random mod 100 < {loss_pct} drop; }}\n"
+            f' iifname "eth0" numgen random mod 100 < {loss_pct} drop; }}\n'
             " chain out { type filter hook output priority 0; policy accept;"
-            f" oifname \"eth0\" numgen random mod 100 < {loss_pct} drop; }}\n"
+            f' oifname "eth0" numgen random mod 100 < {loss_pct} drop; }}\n'
             "}\n"
         )
         _in(host.ns, "nft", "-f", "-", input=rules)
@@ -370,11 +395,24 @@ class NetMesh:
         s3root = workdir / "s3"
         (s3root / "data" / "mesh").mkdir(parents=True)  # the bucket: a top-level directory
         rclone = find_rclone()
-        self.s3_proc = hosts.popen(self.s3, [
-            rclone, "serve", "s3", str(s3root / "data"), "--addr", f"{self.s3.ip}:{S3_PORT}",
-            "--auth-key", f"{TEST_ACCESS_KEY},{TEST_SECRET_KEY}", "--config", str(s3root / "rclone.conf"),
-            "--cache-dir", str(s3root / "cache"),
-        ], log=workdir / "s3.log")  # fmt: skip
+        self.s3_proc = hosts.popen(
+            self.s3,
+            [
+                rclone,
+                "serve",
+                "s3",
+                str(s3root / "data"),
+                "--addr",
+                f"{self.s3.ip}:{S3_PORT}",
+                "--auth-key",
+                f"{TEST_ACCESS_KEY},{TEST_SECRET_KEY}",
+                "--config",
+                str(s3root / "rclone.conf"),
+                "--cache-dir",
+                str(s3root / "cache"),
+            ],
+            log=workdir / "s3.log",
+        )
         self.env = {
             "AWS_ENDPOINT_URL": f"http://s3:{S3_PORT}",
             "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
@@ -414,9 +452,13 @@ class NetMesh:
     def digest(self, k: int, lines: int = 40) -> str:
         """The last ``lines`` lines of peer ``k``'s own log that say what it did (no steady
         checkpoint lines, no library debug chatter): printed when a test fails."""
-        keep = [line[:300] for line in self.log(k).splitlines()
-                if (" statefun_mesh" in line or line.startswith("===") or "Traceback" in line or "Error" in line)
-                and "botocore" not in line and not re.search(r"checkpoint \d+ complete in", line)]  # fmt: skip
+        keep = [
+            line[:300]
+            for line in self.log(k).splitlines()
+            if (" statefun_mesh" in line or line.startswith("===") or "Traceback" in line or "Error" in line)
+            and "botocore" not in line
+            and not re.search(r"checkpoint \d+ complete in", line)
+        ]
         return "\n".join(keep[-lines:])
 
     def start_peer(self, k: int, host: Host | None = None) -> None:
@@ -424,11 +466,26 @@ class NetMesh:
         self.starts[k] += 1
         with open(self.log_path(k), "ab") as fh:
             fh.write(f"=== start #{self.starts[k]} on {host.ns} ({host.ip}) at {time.monotonic():.3f}\n".encode())
-        self.procs[k] = self.hosts.popen(host, [
-            sys.executable, "-m", "statefun_mesh", "peer", "--config", str(self.config_path), "--id", str(k),
-            # debug: the tests read the recovery rounds a peer joined from its log
-            "--state-dir", str(self.state_dir(k)), "--log-level", "debug",
-        ], log=self.log_path(k), env=self.env)  # fmt: skip
+        self.procs[k] = self.hosts.popen(
+            host,
+            [
+                sys.executable,
+                "-m",
+                "statefun_mesh",
+                "peer",
+                "--config",
+                str(self.config_path),
+                "--id",
+                str(k),
+                # debug: the tests read the recovery rounds a peer joined from its log
+                "--state-dir",
+                str(self.state_dir(k)),
+                "--log-level",
+                "debug",
+            ],
+            log=self.log_path(k),
+            env=self.env,
+        )
 
     def start(self, timeout: float = 60.0) -> None:
         for k in range(self.n):
@@ -448,10 +505,26 @@ class NetMesh:
 
     def run_load(self, *, seconds: float, tag: str, deadline: float = 90.0) -> subprocess.Popen[bytes]:
         out = self.workdir / f"load-{tag}.json"
-        return self.hosts.popen(self.client, [
-            sys.executable, "-m", "tests.integration.netns_workload", "load", "--endpoints", ",".join(self.endpoints),
-            "--seconds", str(seconds), "--tag", tag, "--deadline", str(deadline), "--out", str(out),
-        ], log=self.workdir / f"load-{tag}.log")  # fmt: skip
+        return self.hosts.popen(
+            self.client,
+            [
+                sys.executable,
+                "-m",
+                "tests.integration.netns_workload",
+                "load",
+                "--endpoints",
+                ",".join(self.endpoints),
+                "--seconds",
+                str(seconds),
+                "--tag",
+                tag,
+                "--deadline",
+                str(deadline),
+                "--out",
+                str(out),
+            ],
+            log=self.workdir / f"load-{tag}.log",
+        )
 
     def wait_load(self, proc: subprocess.Popen[bytes], tag: str, timeout: float) -> dict[str, object]:
         import json
@@ -469,10 +542,24 @@ class NetMesh:
         import json
 
         out = self.workdir / f"check-{tag}.json"
-        r = self.hosts.run_py(self.client, [
-            "-m", "tests.integration.netns_workload", "check", "--endpoints", ",".join(self.endpoints),
-            "--load", str(self.workdir / f"load-{tag}.json"), "--timeout", str(timeout), "--out", str(out),
-        ] + (["--at-most-once", at_most_once] if at_most_once else []), timeout=timeout + 60)  # fmt: skip
+        r = self.hosts.run_py(
+            self.client,
+            [
+                "-m",
+                "tests.integration.netns_workload",
+                "check",
+                "--endpoints",
+                ",".join(self.endpoints),
+                "--load",
+                str(self.workdir / f"load-{tag}.json"),
+                "--timeout",
+                str(timeout),
+                "--out",
+                str(out),
+            ]
+            + (["--at-most-once", at_most_once] if at_most_once else []),
+            timeout=timeout + 60,
+        )
         assert r.returncode == 0, f"check failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         return json.loads(out.read_text())  # type: ignore[no-any-return]
 

@@ -45,8 +45,13 @@ async def _send(clients: list[MeshClient], msg: Any, key: str, first: int, deadl
         attempt += 1
         try:
             await c.send(msg, idempotency_key=key)
-            return {"t0": t0, "t1": time.monotonic(), "attempts": attempt, "errors": errors[-3:],
-                    "via": (first + attempt - 1) % len(clients)}
+            return {
+                "t0": t0,
+                "t1": time.monotonic(),
+                "attempts": attempt,
+                "errors": errors[-3:],
+                "via": (first + attempt - 1) % len(clients),
+            }
         except (StatefunMeshError, OSError) as exc:
             errors.append(type(exc).__name__)
             if time.monotonic() > deadline:
@@ -155,9 +160,7 @@ async def check(args: argparse.Namespace) -> dict[str, Any]:
     def within(found: dict[str, int], want: dict[str, int], loose: set[str] | None = None) -> bool:
         if set(found) != set(want):
             return False
-        return all(
-            (loose is not None and k in loose) or want[k] <= found[k] <= want[k] + slack.get(k, 0) for k in want
-        )
+        return all((loose is not None and k in loose) or want[k] <= found[k] <= want[k] + slack.get(k, 0) for k in want)
 
     endpoints = args.endpoints.split(",")
     clients = [MeshClient(ep, timeout=3.0) for ep in endpoints]
@@ -177,8 +180,11 @@ async def check(args: argparse.Namespace) -> dict[str, Any]:
                     found["timers"][t] = (await _query(clients, query(TIMER_TARGET, t), n))["fired"]
             except (StatefunMeshError, OSError) as exc:
                 found["error"] = repr(exc)
-            ok = (within(found["counters"], counters) and within(found["timers"], timers)
-                  and within(found["balances"], balances, maybe_accounts))
+            ok = (
+                within(found["counters"], counters)
+                and within(found["timers"], timers)
+                and within(found["balances"], balances, maybe_accounts)
+            )
             if ok and sum(found["balances"].values()) == 0:
                 break
             if time.monotonic() > deadline:
@@ -188,6 +194,7 @@ async def check(args: argparse.Namespace) -> dict[str, Any]:
         records: list[str] = []
         egress_error = None
         try:
+
             async def read() -> None:
                 async for rec in clients[0].egress(INCREMENTS, stop_when_idle=args.egress_idle):
                     records.append(rec.as_string())
@@ -202,12 +209,14 @@ async def check(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "expected": {"counters": counters, "balances": balances, "timers": timers},
         "found": found,
-        "ok_state": within(found.get("counters", {}), counters) and within(found.get("timers", {}), timers)
+        "ok_state": within(found.get("counters", {}), counters)
+        and within(found.get("timers", {}), timers)
         and within(found.get("balances", {}), balances, maybe_accounts),
         "at_most_once_ops": len(maybe),
-        "lost_at_most_once": sum(counters[k] + slack.get(k, 0) - v for k, v in found.get("counters", {}).items()
-                                 if k in counters) + sum(timers[k] + slack.get(k, 0) - v
-                                                         for k, v in found.get("timers", {}).items() if k in timers),
+        "lost_at_most_once": sum(
+            counters[k] + slack.get(k, 0) - v for k, v in found.get("counters", {}).items() if k in counters
+        )
+        + sum(timers[k] + slack.get(k, 0) - v for k, v in found.get("timers", {}).items() if k in timers),
         "balance_sum": sum(found.get("balances", {}).values()),
         "accepted_ops": len(ops),
         "unaccepted_ops": len(lost_sends),

@@ -191,10 +191,21 @@ class Cluster:
         self.out_path = workdir / "launcher.out"
         self.log_path = workdir / "launcher.log"
         cmd = [
-            sys.executable, "-m", "statefun_mesh", "run", app,
-            "--peers", str(peers), "--transport", transport,
-            "--client-endpoint", self.endpoint, "--state-dir", str(self.state_dir), *args,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "statefun_mesh",
+            "run",
+            app,
+            "--peers",
+            str(peers),
+            "--transport",
+            transport,
+            "--client-endpoint",
+            self.endpoint,
+            "--state-dir",
+            str(self.state_dir),
+            *args,
+        ]
         if config is not None:
             cfg = workdir / "extra.toml"
             cfg.write_text(config)
@@ -356,5 +367,10 @@ def run_cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "statefun_mesh", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+    )

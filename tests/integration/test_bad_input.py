@@ -34,9 +34,19 @@ pytestmark = pytest.mark.integration
 INT = "io.statefun.types/int"
 CLIENT_KINDS = frozenset({codec.C_SEND, codec.C_REQUEST, codec.C_FETCH, codec.C_INFO})
 PEER_KINDS = frozenset(
-    {codec.CREDIT, codec.HEARTBEAT, codec.REPLIES, codec.BARRIER, codec.CK_ACK, codec.CK_DONE, codec.CK_ABORT,
-     codec.RECOVER, codec.READY, codec.RESUME}
-)  # fmt: skip
+    {
+        codec.CREDIT,
+        codec.HEARTBEAT,
+        codec.REPLIES,
+        codec.BARRIER,
+        codec.CK_ACK,
+        codec.CK_DONE,
+        codec.CK_ABORT,
+        codec.RECOVER,
+        codec.READY,
+        codec.RESUME,
+    }
+)
 
 
 def int_bytes(n: int) -> bytes:
@@ -336,9 +346,11 @@ async def test_peer_endpoint_rejects_frames_from_non_peers(tmp_path: Path, caplo
                 await sock.send_multipart([valid, b"more"])
                 sent += 1
             await eventually(
-                lambda: asyncio.sleep(0, transport.foreign_frames >= sent), timeout=10, interval=0.05,
+                lambda: asyncio.sleep(0, transport.foreign_frames >= sent),
+                timeout=10,
+                interval=0.05,
                 what=f"peer 0 saw all {sent} frames",
-            )  # fmt: skip
+            )
         finally:
             for sock in socks:
                 sock.close(0)
@@ -348,9 +360,9 @@ async def test_peer_endpoint_rejects_frames_from_non_peers(tmp_path: Path, caplo
         # logged naming the sender: whichever connection the peer served first (the sockets connect
         # concurrently, so that need not be the first one opened); the rest are summarised, throttled
         named = [repr(i) for i in identities if i is not None]
-        assert any(
-            r.levelno == logging.ERROR and any(n in r.getMessage() for n in named) for r in caplog.records
-        ), [r.getMessage() for r in caplog.records]
+        assert any(r.levelno == logging.ERROR and any(n in r.getMessage() for n in named) for r in caplog.records), [
+            r.getMessage() for r in caplog.records
+        ]
         await mesh_works(mesh, run)
         assert mesh.peers[0].status()["bad_frames"] == sent, (
             f"peer 0 dropped {transport.foreign_frames} frames from non-peers, but status()['bad_frames'] "
@@ -380,8 +392,10 @@ async def test_peer_endpoint_rejects_bad_frames_from_a_peer_identity(
                 await sock.send(f)
             await eventually(
                 lambda: asyncio.sleep(0, mesh.peers[0].status()["bad_frames"] - before >= costs),
-                timeout=10, interval=0.05, what=f"{costs} rejections counted",
-            )  # fmt: skip
+                timeout=10,
+                interval=0.05,
+                what=f"{costs} rejections counted",
+            )
         finally:
             sock.close(0)
         await asyncio.sleep(0.3)

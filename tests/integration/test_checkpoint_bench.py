@@ -27,9 +27,13 @@ def test_checkpoint_perf_quick_runs_and_prints_its_figures(tmp_path: Path) -> No
     env.pop("STATEFUN_MESH_ENDPOINT", None)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "checkpoint_perf.py"), "--quick", "--json", str(out_json)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         stdout, stderr = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:

@@ -35,9 +35,14 @@ def _env() -> dict[str, str]:
 
 def _run(*args: str, cwd: Path | str = ROOT, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "statefun_mesh", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env=_env(), stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        [sys.executable, "-m", "statefun_mesh", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _one_error_line(out: subprocess.CompletedProcess[str], command: str) -> str:
@@ -57,8 +62,15 @@ def test_egress_right_after_send_prints_the_record(cluster: Cluster) -> None:
     2 s gave up before it and printed nothing."""
     run = uuid.uuid4().hex[:8]
     egress = f"it/fresh-{run}"
-    sent = run_cli("send", app.EMIT, f"e-{run}", "--json", json.dumps({"egress": egress, "n": 1, "tag": run}),
-                   "--endpoint", cluster.endpoint)  # fmt: skip
+    sent = run_cli(
+        "send",
+        app.EMIT,
+        f"e-{run}",
+        "--json",
+        json.dumps({"egress": egress, "n": 1, "tag": run}),
+        "--endpoint",
+        cluster.endpoint,
+    )
     assert sent.returncode == 0, sent.stderr
     out = run_cli("egress", egress, "--endpoint", cluster.endpoint, timeout=40)
     assert out.returncode == 0, out.stderr
@@ -100,8 +112,17 @@ def test_checkpoints_list_bare_without_state_says_what_it_looked_for(tmp_path: P
 def test_client_port_in_use_is_refused_without_claiming_the_mesh_is_up(cluster: Cluster, tmp_path: Path) -> None:
     """The other mesh answered the start-up check, so the old launcher printed "is up"."""
     t0 = time.monotonic()
-    out = _run("run", APP, "--peers", "2", "--client-endpoint", cluster.endpoint, "--state-dir", str(tmp_path / "s"),
-               timeout=60)  # fmt: skip
+    out = _run(
+        "run",
+        APP,
+        "--peers",
+        "2",
+        "--client-endpoint",
+        cluster.endpoint,
+        "--state-dir",
+        str(tmp_path / "s"),
+        timeout=60,
+    )
     line = _one_error_line(out, "run")
     assert "is up" not in out.stdout + out.stderr, (out.stdout, out.stderr)
     assert cluster.endpoint in line and "in use" in line and "--client-endpoint" in line, line
@@ -125,9 +146,14 @@ def test_launcher_checks_who_answers_its_client_endpoint(
         monkeypatch.setattr(launcher_mod, "_check_endpoint_free", lambda endpoint: None)
         monkeypatch.chdir(ROOT)
         launcher = launcher_mod.Launcher(
-            MeshConfig(functions=(APP,), blob_store="file://" + str(tmp_path / "ck")), peers=2, transport="ipc",
-            client_endpoint=cluster.endpoint, state_dir=str(tmp_path / "state"), log_level="warning", keys=False,
-        )  # fmt: skip
+            MeshConfig(functions=(APP,), blob_store="file://" + str(tmp_path / "ck")),
+            peers=2,
+            transport="ipc",
+            client_endpoint=cluster.endpoint,
+            state_dir=str(tmp_path / "state"),
+            log_level="warning",
+            keys=False,
+        )
         assert launcher.run() == 2
     out, err = capfd.readouterr()
     assert "is up" not in out + err
@@ -142,8 +168,16 @@ def test_unusable_state_dir_is_one_line_and_status_2(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     port = free_ports(1)[0]
-    out = _run("run", APP, "--peers", "2", "--client-endpoint", f"tcp://127.0.0.1:{port}",
-               "--state-dir", str(blocker / "state"))  # fmt: skip
+    out = _run(
+        "run",
+        APP,
+        "--peers",
+        "2",
+        "--client-endpoint",
+        f"tcp://127.0.0.1:{port}",
+        "--state-dir",
+        str(blocker / "state"),
+    )
     line = _one_error_line(out, "run")
     assert str(blocker / "state") in line and "--state-dir" in line, line
 
@@ -196,8 +230,7 @@ def test_bad_endpoint_is_one_clear_line(endpoint: str, message: str) -> None:
 def test_timeouts_are_honoured_and_printed_plainly() -> None:
     port = free_ports(1)[0]
     t0 = time.monotonic()
-    out = run_cli("request", app.COUNTER, "k", "--int", "1", "--timeout", "1", "--endpoint",
-                  f"tcp://127.0.0.1:{port}")  # fmt: skip
+    out = run_cli("request", app.COUNTER, "k", "--int", "1", "--timeout", "1", "--endpoint", f"tcp://127.0.0.1:{port}")
     took = time.monotonic() - t0
     assert out.returncode == 2, out.stderr
     assert took < 4.0, f"request --timeout 1 took {took:.1f} s"  # the old client waited timeout + 5
@@ -209,8 +242,17 @@ def test_timeouts_are_honoured_and_printed_plainly() -> None:
 
 def test_request_without_reply_times_out_on_time(cluster: Cluster) -> None:
     t0 = time.monotonic()
-    out = run_cli("request", app.FANOUT, "x", "--json", json.dumps({"k": 0, "prefix": "x"}), "--timeout", "1",
-                  "--endpoint", cluster.endpoint)  # fmt: skip
+    out = run_cli(
+        "request",
+        app.FANOUT,
+        "x",
+        "--json",
+        json.dumps({"k": 0, "prefix": "x"}),
+        "--timeout",
+        "1",
+        "--endpoint",
+        cluster.endpoint,
+    )
     assert out.returncode == 2, out.stderr
     assert f"no reply from {app.FANOUT}/x within 1 s;" in out.stderr, out.stderr
     assert time.monotonic() - t0 < 5.0
@@ -238,13 +280,32 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     """`peer --log-format json`: every line of its log parses, with the fields collectors index."""
     port = free_ports(1)[0]
     cfg = tmp_path / "mesh.toml"
-    cfg.write_text(f'functions = ["{APP}"]\nstate_dir = "state"\nclient_endpoints = ["tcp://127.0.0.1:{port}"]\n'
-                   f'blob_store = "file://{tmp_path}/ck"\ncheckpoint_interval = 0.2\n')  # fmt: skip
+    cfg.write_text(
+        f'functions = ["{APP}"]\nstate_dir = "state"\nclient_endpoints = ["tcp://127.0.0.1:{port}"]\n'
+        f'blob_store = "file://{tmp_path}/ck"\ncheckpoint_interval = 0.2\n'
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "statefun_mesh", "peer", "--config", str(cfg), "--id", "0", "--log-format", "json",
-         "--log-level", "debug"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "statefun_mesh",
+            "peer",
+            "--config",
+            str(cfg),
+            "--id",
+            "0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -303,8 +364,19 @@ def test_status_table(cluster: Cluster) -> None:
     lines = out.stdout.splitlines()
     assert lines[0].startswith("mesh: 3 peers, 1024 key groups, checkpoints every 5 s; functions: "), lines
     assert app.COUNTER in lines[0]
-    assert lines[1].split() == ["PEER", "ALIVE", "KEY", "GROUPS", "INVOCATIONS", "INV/S", "FAILED", "BACKLOG",
-                                "STATE", "CHECKPOINT", "AGE"], lines  # fmt: skip
+    assert lines[1].split() == [
+        "PEER",
+        "ALIVE",
+        "KEY",
+        "GROUPS",
+        "INVOCATIONS",
+        "INV/S",
+        "FAILED",
+        "BACKLOG",
+        "STATE",
+        "CHECKPOINT",
+        "AGE",
+    ], lines
     rows = [line.split() for line in lines[2:5]]
     assert [r[0] for r in rows] == ["0", "1", "2"] and all(r[1] == "yes" for r in rows), lines
     assert [r[2] for r in rows] == ["0-341", "342-682", "683-1023"], lines
@@ -341,9 +413,13 @@ def test_status_watch_refreshes_and_stops(cluster: Cluster) -> None:
 def test_status_watch_ends_cleanly_on_ctrl_c(cluster: Cluster) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "statefun_mesh", "status", "--watch", "0.2", "--endpoint", cluster.endpoint],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    )
     try:
         deadline = time.monotonic() + 20
         assert proc.stdout is not None
@@ -373,8 +449,11 @@ def test_status_shows_an_unreachable_peer(tmp_path: Path) -> None:
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "statefun_mesh", "peer", "--config", str(cfg), "--id", "0", "--log-level", "error"],
-        cwd=ROOT, env=_env(), stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=_env(),
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:

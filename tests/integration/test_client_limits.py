@@ -129,8 +129,9 @@ async def test_pending_requests_are_bounded_per_connection_and_in_total(tmp_path
             # MeshClient raises it
             async with MeshClient(ep, timeout=5) as client:
                 with pytest.raises(MeshBusyError):
-                    await client.request(message_builder(target_typename="test/silent", target_id="s", int_value=0),
-                                         timeout=1)
+                    await client.request(
+                        message_builder(target_typename="test/silent", target_id="s", int_value=0), timeout=1
+                    )
             # the held ones end with their timeout, and the budget is back
             got = {**await answers(a, 3, timeout=10), **await answers(b, 2, timeout=10)}
             assert {k for k, (kind, _) in got.items() if kind == codec.R_ERROR} == {1, 2, 3, 5, 6}
@@ -142,8 +143,12 @@ async def test_pending_requests_are_bounded_per_connection_and_in_total(tmp_path
             b.close(0)
         # an embedded peer bounds its pending requests too
         peer = m.peers[0]
-        tasks = [asyncio.create_task(peer.request(message_builder(target_typename="test/silent", target_id="s",
-                                                                  int_value=0), timeout=2)) for _ in range(5)]
+        tasks = [
+            asyncio.create_task(
+                peer.request(message_builder(target_typename="test/silent", target_id="s", int_value=0), timeout=2)
+            )
+            for _ in range(5)
+        ]
         await asyncio.sleep(0.1)
         with pytest.raises(MeshBusyError):
             await peer.request(message_builder(target_typename="test/silent", target_id="s", int_value=0), timeout=2)
@@ -157,14 +162,14 @@ async def test_fetch_fields_out_of_range_are_refused(tmp_path: Path) -> None:
         sock = dealer(m.config.client_endpoints[0])
         try:
             frames = {
-                1: ("it/out", "earliest", 0, 0, -1),         # max_records 0
-                2: ("it/out", "earliest", 10**6, 0, -1),     # max_records over 10,000
-                3: ("it/out", "earliest", 10, -1, -1),       # wait_ms < 0
-                4: ("it/out", "earliest", 10, 10**9, -1),    # wait_ms over a minute
-                5: ("it/out", "earliest", 10, 0, -2),        # generation < -1
-                6: ("it/out", "earliest", 10, 0, 2**40),     # generation beyond u32
-                7: ("it/out", 2**63, 10, 0, -1),             # offset beyond i64
-                8: ("it/out", "earliest", 10, 0, -1),        # fine
+                1: ("it/out", "earliest", 0, 0, -1),  # max_records 0
+                2: ("it/out", "earliest", 10**6, 0, -1),  # max_records over 10,000
+                3: ("it/out", "earliest", 10, -1, -1),  # wait_ms < 0
+                4: ("it/out", "earliest", 10, 10**9, -1),  # wait_ms over a minute
+                5: ("it/out", "earliest", 10, 0, -2),  # generation < -1
+                6: ("it/out", "earliest", 10, 0, 2**40),  # generation beyond u32
+                7: ("it/out", 2**63, 10, 0, -1),  # offset beyond i64
+                8: ("it/out", "earliest", 10, 0, -1),  # fine
             }
             for corr, items in frames.items():
                 await sock.send(codec.encode_control(codec.C_FETCH, corr, *items))
@@ -182,11 +187,11 @@ async def test_a_fetch_answer_stays_within_a_frame(tmp_path: Path) -> None:
     @functions.bind(typename="test/emit")
     def emit(context, message):
         for _ in range(5):
-            context.send_egress(egress_message_builder(target_typename="test/out", value=bytes(30_000),
-                                                       value_type=Raw))
+            context.send_egress(egress_message_builder(target_typename="test/out", value=bytes(30_000), value_type=Raw))
 
-    async with LocalMesh(functions, state_dir=str(tmp_path), client_endpoints=local_endpoints("tcp", 1, ""),
-                         max_frame_bytes=65536) as m:
+    async with LocalMesh(
+        functions, state_dir=str(tmp_path), client_endpoints=local_endpoints("tcp", 1, ""), max_frame_bytes=65536
+    ) as m:
         await m.send(message_builder(target_typename="test/emit", target_id="e", int_value=0))
         await m.idle()
         sock = dealer(m.config.client_endpoints[0])

@@ -60,8 +60,9 @@ def store() -> str:
 
 
 @pytest.fixture
-def meshes(crash_meshes: Callable[..., CrashMesh], request: pytest.FixtureRequest,
-           store: str) -> Iterator[Callable[..., CrashMesh]]:  # fmt: skip
+def meshes(
+    crash_meshes: Callable[..., CrashMesh], request: pytest.FixtureRequest, store: str
+) -> Iterator[Callable[..., CrashMesh]]:
     """``meshes(**CrashMesh options)``: the shared ``crash_meshes``, checkpointing to the test's
     ``store`` (``file``: <state-dir>/checkpoints; ``s3``: a prefix of its own on the shared S3 server)."""
     s3: list[S3Blobs] = []
@@ -110,8 +111,10 @@ async def wait_new_checkpoints(mesh: CrashMesh, count: int = 2, timeout: float =
         if len(ids) >= count:
             return ids[-1]
         if time.monotonic() > deadline:
-            raise AssertionError(f"no {count} new checkpoints after {base} within {timeout} s "
-                                 f"(have {mesh.manifests()}):\n{mesh.log()[-3000:]}")  # fmt: skip
+            raise AssertionError(
+                f"no {count} new checkpoints after {base} within {timeout} s "
+                f"(have {mesh.manifests()}):\n{mesh.log()[-3000:]}"
+            )
         await asyncio.sleep(0.1)
 
 
@@ -130,8 +133,16 @@ def recovery_rounds(log: str) -> list[str]:
 # -- 1. counters with idempotent retries, 3-5 kills ------------------------------------------
 
 
-async def run_counter(meshes: Callable[..., CrashMesh], *, increments: int, keys: int, kills: int,
-                      workers: int = 8, seed: int | None = None, budget: float) -> None:  # fmt: skip
+async def run_counter(
+    meshes: Callable[..., CrashMesh],
+    *,
+    increments: int,
+    keys: int,
+    kills: int,
+    workers: int = 8,
+    seed: int | None = None,
+    budget: float,
+) -> None:
     seed = random.randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
     print(f"\n[counter] seed={seed} increments={increments} keys={keys} kills={kills}")
@@ -177,8 +188,10 @@ async def run_counter(meshes: Callable[..., CrashMesh], *, increments: int, keys
                 kill_times.append((k, time.monotonic() - t0))
                 secs = await kill_and_wait(mesh, k, probes)
                 recoveries.append((k, secs))
-                print(f"[counter] killed peer {k} after {at} accepted sends; all peers answered "
-                      f"{secs:.2f} s later; {len(accepted)} accepted now")  # fmt: skip
+                print(
+                    f"[counter] killed peer {k} after {at} accepted sends; all peers answered "
+                    f"{secs:.2f} s later; {len(accepted)} accepted now"
+                )
 
         kill_task = asyncio.create_task(killer())
         await asyncio.gather(*(worker(w) for w in range(workers)))
@@ -229,16 +242,20 @@ async def run_counter(meshes: Callable[..., CrashMesh], *, increments: int, keys
             )
         if missing:
             lost = sorted((info[v.split("|")[1]], v) for v in missing)
-            problems.append("missing increments (accepted at s after the start, via endpoint of peer, attempts): "
-                            + "; ".join(f"{v} at {a:.2f} s via {e} ({n})" for (a, e, n), v in lost[:20]))  # fmt: skip
+            problems.append(
+                "missing increments (accepted at s after the start, via endpoint of peer, attempts): "
+                + "; ".join(f"{v} at {a:.2f} s via {e} ({n})" for (a, e, n), v in lost[:20])
+            )
         if problems:
             problems.append(f"kills (peer, s after the start): {[(k, round(t, 2)) for k, t in kill_times]}")
             problems.append(f"recovery rounds: {recovery_rounds(mesh.log())}")
             problems.append(f"launcher log: {mesh.log_path}")
         assert not problems, "\n".join(problems)
         total = time.monotonic() - started
-        print(f"[counter] recovery times (kill -> every peer answers): "
-              f"{', '.join(f'peer {k}: {s:.2f} s' for k, s in recoveries)}; test took {total:.1f} s")  # fmt: skip
+        print(
+            f"[counter] recovery times (kill -> every peer answers): "
+            f"{', '.join(f'peer {k}: {s:.2f} s' for k, s in recoveries)}; test took {total:.1f} s"
+        )
         for k, s in recoveries:
             assert s < RECOVERY_BOUND, f"recovery after killing peer {k} took {s:.1f} s"
     finally:
@@ -364,23 +381,33 @@ async def timers_across_a_crash(meshes: Callable[..., CrashMesh], scale: float =
         t0 = time.monotonic()
         for s in range(setters):
             entries = [[t, d, tok] for t, (setter, d, tok) in plan.items() if setter == f"s{s}"]
-            await clients.send(app.json_message(app.TIMER_SETTER, f"s{s}", {"set": entries}), f"set-{s}", first=s,
-                               deadline=deadline)  # fmt: skip
+            await clients.send(
+                app.json_message(app.TIMER_SETTER, f"s{s}", {"set": entries}), f"set-{s}", first=s, deadline=deadline
+            )
         for s in range(setters):
             toks = [plan[t][2] for t in cancel_early if plan[t][0] == f"s{s}"]
-            await clients.send(app.json_message(app.TIMER_SETTER, f"s{s}", {"cancel": toks}), f"cancel-early-{s}",
-                               first=s, deadline=deadline)  # fmt: skip
+            await clients.send(
+                app.json_message(app.TIMER_SETTER, f"s{s}", {"cancel": toks}),
+                f"cancel-early-{s}",
+                first=s,
+                deadline=deadline,
+            )
         await wait_new_checkpoints(mesh, 2)  # the timers and the early cancellations are checkpointed
         newest = mesh.manifests()[-1]
         for s in range(setters):
             toks = [plan[t][2] for t in cancel_late if plan[t][0] == f"s{s}"]
-            await clients.send(app.json_message(app.TIMER_SETTER, f"s{s}", {"cancel": toks}), f"cancel-late-{s}",
-                               first=s, deadline=deadline)  # fmt: skip
+            await clients.send(
+                app.json_message(app.TIMER_SETTER, f"s{s}", {"cancel": toks}),
+                f"cancel-late-{s}",
+                first=s,
+                deadline=deadline,
+            )
         elapsed = time.monotonic() - t0
         if elapsed >= 1.4 * scale:
             mesh.cleanup()
-            raise SetupTooSlow(f"setup took {elapsed:.2f} s (bound {1.4 * scale:.1f} s): timers may have fired "
-                               "before the crash")
+            raise SetupTooSlow(
+                f"setup took {elapsed:.2f} s (bound {1.4 * scale:.1f} s): timers may have fired before the crash"
+            )
         victim = 2
         secs = await kill_and_wait(mesh, victim, probes)
         print(
@@ -500,8 +527,15 @@ async def test_recovery_time_after_sigkill(meshes: Callable[..., CrashMesh]) -> 
     try:
         # some state and some traffic, so recovery restores something
         keys = [f"r{j}" for j in range(200)]
-        await gather_bounded((clients.send(app.json_message(app.COUNTER, k, {"inc": f"pre-{k}"}), f"pre-{k}",
-                                           first=i, deadline=deadline) for i, k in enumerate(keys)), 16)  # fmt: skip
+        await gather_bounded(
+            (
+                clients.send(
+                    app.json_message(app.COUNTER, k, {"inc": f"pre-{k}"}), f"pre-{k}", first=i, deadline=deadline
+                )
+                for i, k in enumerate(keys)
+            ),
+            16,
+        )
         await wait_new_checkpoints(mesh, 2)
         results = []
         for victim in (1, 0, 2):
@@ -553,8 +587,15 @@ async def corrupted_checkpoint_scenario(meshes: Callable[..., CrashMesh], target
     keys = [f"x{j}" for j in range(60)]
 
     async def send_round(tag: str) -> None:
-        await gather_bounded((clients.send(app.json_message(app.COUNTER, k, {"inc": f"{tag}-{k}"}), f"{tag}-{k}",
-                                           first=i, deadline=deadline) for i, k in enumerate(keys)), 16)  # fmt: skip
+        await gather_bounded(
+            (
+                clients.send(
+                    app.json_message(app.COUNTER, k, {"inc": f"{tag}-{k}"}), f"{tag}-{k}", first=i, deadline=deadline
+                )
+                for i, k in enumerate(keys)
+            ),
+            16,
+        )
 
     def covered(n: int) -> int:  # client messages a checkpoint covers (ingress log offsets start at 0)
         return sum(p["ingress_position"] for p in mesh.manifest(n)["parts"])
@@ -582,8 +623,11 @@ async def corrupted_checkpoint_scenario(meshes: Callable[..., CrashMesh], target
         assert previous >= first
         assert covered(previous) < 2 * len(keys), "the previous checkpoint covers round b too: nothing to replay"
         if target.startswith("manifest"):
-            _corrupt(mesh.blobs, f"checkpoints/{newest:012d}/manifest.json",
-                     "truncate" if target == "manifest-truncated" else "flip")  # fmt: skip
+            _corrupt(
+                mesh.blobs,
+                f"checkpoints/{newest:012d}/manifest.json",
+                "truncate" if target == "manifest-truncated" else "flip",
+            )
             corrupted = f"manifest of checkpoint {newest}"
         else:
             # an object only the newest checkpoint names (its own state or in-flight object of
@@ -606,10 +650,15 @@ async def corrupted_checkpoint_scenario(meshes: Callable[..., CrashMesh], target
         try:
             await wait_responsive(mesh.endpoint, probes, counter_query, timeout=30)
         except AssertionError as exc:
-            notes = [line for line in mesh.log(mesh.runs).splitlines()
-                     if "recovery round" in line or "ERROR" in line or "Error:" in line]  # fmt: skip
-            raise AssertionError(f"after corrupting the {corrupted} and restarting, the mesh did not recover: "
-                                 f"{exc}\n" + "\n".join(notes[:30])) from None  # fmt: skip
+            notes = [
+                line
+                for line in mesh.log(mesh.runs).splitlines()
+                if "recovery round" in line or "ERROR" in line or "Error:" in line
+            ]
+            raise AssertionError(
+                f"after corrupting the {corrupted} and restarting, the mesh did not recover: "
+                f"{exc}\n" + "\n".join(notes[:30])
+            ) from None
         log = mesh.log(mesh.runs)
         rounds = recovery_rounds(log)
         print(f"[corrupt] after the restart: {rounds}")
@@ -695,8 +744,13 @@ async def test_a_peer_killed_during_a_recovery_round_is_recovered_too(meshes: Ca
     keys = [f"d{j}" for j in range(60)]
     stopped: list[int] = []
     try:
-        await gather_bounded((clients.send(app.json_message(app.COUNTER, k, {"inc": f"d-{k}"}), f"d-{k}", first=i,
-                                           deadline=deadline) for i, k in enumerate(keys)), 16)  # fmt: skip
+        await gather_bounded(
+            (
+                clients.send(app.json_message(app.COUNTER, k, {"inc": f"d-{k}"}), f"d-{k}", first=i, deadline=deadline)
+                for i, k in enumerate(keys)
+            ),
+            16,
+        )
         await wait_new_checkpoints(mesh, 2)
         pids = mesh.peer_pids()
         os.kill(pids[1], signal.SIGSTOP)  # peer 1 freezes: the next recovery round waits for it
@@ -705,8 +759,9 @@ async def test_a_peer_killed_during_a_recovery_round_is_recovered_too(meshes: Ca
         old2, _ = mesh.kill_peer(2)
         new2 = await asyncio.to_thread(mesh.wait_peer_restarted, 2, old2)
         # the round for the new peer 2 waits for peer 1; peer 2 has restored and said READY
-        line = await asyncio.to_thread(wait_log, mesh, r"recovery round \d+: waiting for peers \[1\]", timeout=30,
-                                       after=mark)  # fmt: skip
+        line = await asyncio.to_thread(
+            wait_log, mesh, r"recovery round \d+: waiting for peers \[1\]", timeout=30, after=mark
+        )
         print(f"\n[cascade] {line}")
         mark = len(mesh.log(mesh.runs))
         mesh.kill_peer(2)
@@ -719,10 +774,14 @@ async def test_a_peer_killed_during_a_recovery_round_is_recovered_too(meshes: Ca
         try:
             await wait_responsive(mesh.endpoint, probes, counter_query, timeout=30)
         except AssertionError as exc:
-            notes = [ln for ln in mesh.log(mesh.runs).splitlines()[-400:]
-                     if "recovery round" in ln or "restarted" in ln or "processing (generation" in ln]  # fmt: skip
-            raise AssertionError(f"the mesh did not recover after a peer died during a recovery round: {exc}\n"
-                                 + "\n".join(notes[-25:])) from None  # fmt: skip
+            notes = [
+                ln
+                for ln in mesh.log(mesh.runs).splitlines()[-400:]
+                if "recovery round" in ln or "restarted" in ln or "processing (generation" in ln
+            ]
+            raise AssertionError(
+                f"the mesh did not recover after a peer died during a recovery round: {exc}\n" + "\n".join(notes[-25:])
+            ) from None
         print(
             f"[cascade] every peer answers {time.monotonic() - t_cont:.2f} s after peer 1 resumed; "
             f"rounds: {recovery_rounds(mesh.log())}"

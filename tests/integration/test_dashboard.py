@@ -28,8 +28,14 @@ from tests.integration.support import ROOT, Cluster, run_cli, wait_until
 pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
 CHROMIUM = os.environ.get("STATEFUN_MESH_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
 
 
@@ -89,9 +95,11 @@ def next_poll(page: Any) -> None:
     """Wait until the page has drawn a sample newer than now (it polls every second)."""
     before = page.evaluate("() => document.getElementById('updated').textContent")
     page.wait_for_function("t => document.getElementById('updated').textContent !== t", arg=before, timeout=10_000)
-    page.wait_for_function("t => document.getElementById('updated').textContent !== t",
-                           arg=page.evaluate("() => document.getElementById('updated').textContent"),
-                           timeout=10_000)  # fmt: skip
+    page.wait_for_function(
+        "t => document.getElementById('updated').textContent !== t",
+        arg=page.evaluate("() => document.getElementById('updated').textContent"),
+        timeout=10_000,
+    )
 
 
 def per_peer(doc: dict[str, Any]) -> dict[str, int]:
@@ -106,42 +114,75 @@ def per_function(doc: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def test_dashboard_matches_status_and_moves_under_load(
-    browser: Any, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_dashboard_matches_status_and_moves_under_load(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
     from statefun_mesh.mesh import free_ports
 
     workdir = tmp_path_factory.mktemp("dashboard")
-    cluster = Cluster(workdir, transport="ipc", peers=2, port=free_ports(1)[0],
-                      app="examples.fraud_detection:functions", args=("--checkpoint-interval", "1"))  # fmt: skip
+    cluster = Cluster(
+        workdir,
+        transport="ipc",
+        peers=2,
+        port=free_ports(1)[0],
+        app="examples.fraud_detection:functions",
+        args=("--checkpoint-interval", "1"),
+    )
     load = reader = None
     try:
         cluster.wait_up()
         m = re.search(r"dashboard at (http://127\.0\.0\.1:\d+/)", cluster.output())
         assert m, cluster.output()
         url = m.group(1)
-        assert re.search(r"metrics at http://127\.0\.0\.1:\d+/metrics, http://127\.0\.0\.1:\d+/metrics",
-                         cluster.output()), cluster.output()  # fmt: skip
+        assert re.search(
+            r"metrics at http://127\.0\.0\.1:\d+/metrics, http://127\.0\.0\.1:\d+/metrics", cluster.output()
+        ), cluster.output()
 
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.goto(url)
-        wait_until(lambda: [p["state"] for p in page_numbers(page)["peers"].values()] == ["ready", "ready"], 30,
-                   "both peers ready on the page")  # fmt: skip
+        wait_until(
+            lambda: [p["state"] for p in page_numbers(page)["peers"].values()] == ["ready", "ready"],
+            30,
+            "both peers ready on the page",
+        )
         idle = page_numbers(page)
 
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         load = subprocess.Popen(
-            [sys.executable, "-m", "examples.fraud_detection", "--endpoint", cluster.endpoint, "--seconds", "12",
-             "--rate", "1500"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "examples.fraud_detection",
+                "--endpoint",
+                cluster.endpoint,
+                "--seconds",
+                "12",
+                "--rate",
+                "1500",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         reader = subprocess.Popen(
-            [sys.executable, "-m", "statefun_mesh", "egress", "fraud/alerts", "--follow", "--endpoint",
-             cluster.endpoint], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "statefun_mesh",
+                "egress",
+                "fraud/alerts",
+                "--follow",
+                "--endpoint",
+                cluster.endpoint,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
         # under load: a status read between two page reads lies between them, and they move
         next_poll(page)
@@ -157,11 +198,17 @@ def test_dashboard_matches_status_and_moves_under_load(
             assert int(second["peers"][peer]["invocations_text"].replace(",", "")) == hi
         for t, n in per_function(mid).items():
             assert first["functions"].get(t, 0) <= n <= second["functions"][t], t
-        wait_until(lambda: any((p["rate"] or 0) > 0 for p in page_numbers(page)["peers"].values()), 10,
-                   "a throughput above 0 on the page under load")  # fmt: skip
+        wait_until(
+            lambda: any((p["rate"] or 0) > 0 for p in page_numbers(page)["peers"].values()),
+            10,
+            "a throughput above 0 on the page under load",
+        )
         time.sleep(3)  # a few seconds of history in the chart
-        wait_until(lambda: page.locator("#readers tbody tr td[data-field=lag]").count() > 0, 10,
-                   "the egress reader on the page")  # fmt: skip
+        wait_until(
+            lambda: page.locator("#readers tbody tr td[data-field=lag]").count() > 0,
+            10,
+            "the egress reader on the page",
+        )
         next_poll(page)
         shot = workdir / "dashboard.png"
         page.screenshot(path=str(shot), full_page=True)

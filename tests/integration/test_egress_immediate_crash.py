@@ -64,8 +64,9 @@ async def test_immediate_egress_is_exactly_once_after_dedup_across_a_sigkill(
             if r == ROUNDS // 2:
                 old, _ = mesh.kill_peer(1)
                 await asyncio.to_thread(mesh.wait_peer_restarted, 1, old)
-                await wait_responsive(mesh.endpoint, probe_ids("probe"), lambda k: app.query(app.COUNTER, k),
-                                      timeout=60)  # fmt: skip
+                await wait_responsive(
+                    mesh.endpoint, probe_ids("probe"), lambda k: app.query(app.COUNTER, k), timeout=60
+                )
         counts = {}
         for i, k in enumerate(keys):
             counts[k] = reply_json(await clients.request(app.query(app.COUNTER, k), first=i, deadline=deadline))[

@@ -73,8 +73,11 @@ async def test_peers_stop_when_their_launcher_is_killed(start_cluster: Callable[
     assert sorted(pids) == [0, 1, 2]
     os.kill(cluster.proc.pid, signal.SIGKILL)  # the launcher alone, not its process group
     cluster.proc.wait(10)
-    await eventually(lambda: asyncio.sleep(0, not any(alive(p) for p in pids.values())), timeout=30,
-                     what="every peer process gone after its launcher was killed")  # fmt: skip
+    await eventually(
+        lambda: asyncio.sleep(0, not any(alive(p) for p in pids.values())),
+        timeout=30,
+        what="every peer process gone after its launcher was killed",
+    )
 
 
 # -- heartbeats, in-process over tcp ----------------------------------------------------------
@@ -97,9 +100,13 @@ async def wait_reported(peers: list[Peer], dead: int, timeout: float) -> float:
 async def test_silent_peer_is_reported_unavailable_within_the_timeout(tmp_path: Path) -> None:
     interval, timeout = 0.1, 0.5
     mesh = LocalMesh(
-        app.functions, peers=3, transport="tcp", state_dir=tmp_path,
-        heartbeat_interval=interval, heartbeat_timeout=timeout,
-    )  # fmt: skip
+        app.functions,
+        peers=3,
+        transport="tcp",
+        state_dir=tmp_path,
+        heartbeat_interval=interval,
+        heartbeat_timeout=timeout,
+    )
     await mesh.start()
     try:
         peers = mesh.peers
@@ -122,9 +129,12 @@ async def test_messages_for_an_unavailable_peer_are_held_and_delivered_when_it_i
     without spinning the CPU, and all arrive, exactly once, when peer 2 is back."""
     interval, timeout = 0.1, 0.5
     config = MeshConfig(
-        state_dir=str(tmp_path), peers=3, endpoints=local_endpoints("tcp", 3, str(tmp_path)),
-        heartbeat_interval=interval, heartbeat_timeout=timeout,
-    )  # fmt: skip
+        state_dir=str(tmp_path),
+        peers=3,
+        endpoints=local_endpoints("tcp", 3, str(tmp_path)),
+        heartbeat_interval=interval,
+        heartbeat_timeout=timeout,
+    )
     run = uuid.uuid4().hex[:8]
     keys = ids_on(2, f"{run}-k", 30)
     per_key = 10
@@ -166,8 +176,9 @@ async def test_messages_for_an_unavailable_peer_are_held_and_delivered_when_it_i
         assert counts == [per_key] * len(keys), f"counts after the restart: {counts}"
         await eventually(
             lambda: asyncio.sleep(0, all(p.status()["unavailable_peers"] == [] for p in (peers[0], peers[1], back))),
-            timeout=5, what="peer 2 reported available again",
-        )  # fmt: skip
+            timeout=5,
+            what="peer 2 reported available again",
+        )
         assert unavailable == [[2], [2]]
         assert cpu < 0.3, f"the peers used {cpu:.0%} of a core while holding messages for an unavailable peer"
         assert sum(held) <= len(keys) * per_key  # held in the peer or in the transport, never more
@@ -184,9 +195,12 @@ async def test_messages_for_an_unavailable_peer_are_held_and_delivered_when_it_i
 @pytest.mark.timeout(30)
 async def test_held_messages_show_in_outgoing(tmp_path: Path) -> None:
     config = MeshConfig(
-        state_dir=str(tmp_path), peers=3, endpoints=local_endpoints("tcp", 3, str(tmp_path)),
-        heartbeat_interval=0.1, heartbeat_timeout=0.5,
-    )  # fmt: skip
+        state_dir=str(tmp_path),
+        peers=3,
+        endpoints=local_endpoints("tcp", 3, str(tmp_path)),
+        heartbeat_interval=0.1,
+        heartbeat_timeout=0.5,
+    )
     peers = [Peer(config, app.functions, peer_id=i) for i in range(3)]
     running: list[Peer] = []
     try:

@@ -75,13 +75,19 @@ class Env:
         """Mount a tmpfs of ``size`` at ``path``, or skip the test saying why it cannot."""
         path.mkdir(parents=True, exist_ok=True)
         try:
-            r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                               capture_output=True, text=True, timeout=30)  # fmt: skip
+            r = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             pytest.skip(f"a full disk needs a small tmpfs mount, and mount could not run: {exc}")
         if r.returncode != 0:
-            pytest.skip(f"a full disk needs a small tmpfs mount, which is not permitted here "
-                        f"(needs root with CAP_SYS_ADMIN): {r.stderr.strip()}")  # fmt: skip
+            pytest.skip(
+                f"a full disk needs a small tmpfs mount, which is not permitted here "
+                f"(needs root with CAP_SYS_ADMIN): {r.stderr.strip()}"
+            )
         self.mounts.append(path)
         return path
 
@@ -155,8 +161,9 @@ class Workload:
                 i = self._next
                 self._next += 1
                 inc, key = f"inc-{i}", self.keys[i % len(self.keys)]
-                await self.clients.send(app.json_message(app.COUNTER, key, {"inc": inc}), inc, first=w,
-                                        deadline=deadline)  # fmt: skip
+                await self.clients.send(
+                    app.json_message(app.COUNTER, key, {"inc": inc}), inc, first=w, deadline=deadline
+                )
                 self.sent[key] += 1
                 self.plan.append((inc, key))
                 await asyncio.sleep(self.pause)
@@ -182,8 +189,10 @@ class Workload:
                 if t.done() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
             if time.monotonic() - t0 > timeout:
-                raise AssertionError(f"{what}: {self.acked} of {target} sends acknowledged within {timeout} s; "
-                                     f"client errors {self.clients.errors}")  # fmt: skip
+                raise AssertionError(
+                    f"{what}: {self.acked} of {target} sends acknowledged within {timeout} s; "
+                    f"client errors {self.clients.errors}"
+                )
             await asyncio.sleep(0.05)
         return time.monotonic() - t0
 
@@ -243,8 +252,10 @@ async def finish(mesh: CrashMesh, clients: Clients, work: Workload, deadline: fl
     secs = await kill_and_wait(mesh, victim, probe_ids("probe"))
     await work.wait_acked(100, 30, "sends after the SIGKILL")
     await work.stop()
-    print(f"[faults] SIGKILLed peer {victim}; the mesh answered {secs:.2f} s later; {work.acked} sends "
-          f"acknowledged in all, client retries {clients.retries} {dict(clients.errors)}")  # fmt: skip
+    print(
+        f"[faults] SIGKILLed peer {victim}; the mesh answered {secs:.2f} s later; {work.acked} sends "
+        f"acknowledged in all, client retries {clients.retries} {dict(clients.errors)}"
+    )
     await verify_exactly_once(mesh, clients, work, deadline)
 
 
@@ -335,13 +346,14 @@ async def test_a_peer_restarting_while_s3_is_down_recovers_once_it_is_back(env: 
         old, _ = mesh.kill_peer(1)
         await asyncio.to_thread(mesh.wait_peer_restarted, 1, old)
         retry = await asyncio.to_thread(
-            wait_log, mesh, r"(retrying the round|cannot read checkpoint \d+ from the blob store)", timeout=40,
+            wait_log,
+            mesh,
+            r"(retrying the round|cannot read checkpoint \d+ from the blob store)",
+            timeout=40,
             after=mark,
-        )  # fmt: skip
-        print(f"\n[s3 down, peer restarted] {retry}")
-        assert "skipping checkpoint" not in mesh.log(mesh.runs)[mark:], (
-            "a store outage was taken as a bad checkpoint"
         )
+        print(f"\n[s3 down, peer restarted] {retry}")
+        assert "skipping checkpoint" not in mesh.log(mesh.runs)[mark:], "a store outage was taken as a bad checkpoint"
         server.restart()
         await wait_responsive(mesh.endpoint, probe_ids("probe"), counter_query, timeout=60)
         await finish(mesh, clients, work, deadline)
@@ -449,8 +461,9 @@ async def test_state_disk_full_batches_fail_cleanly_and_resume(env: Env) -> None
         pids = mesh.peer_pids()
         mark = len(mesh.log(mesh.runs))
         filler = fill_disk(state)
-        full = await asyncio.to_thread(wait_log, mesh, r"the disk holding the (ingress log|state store) at [^\n]*",
-                                       timeout=30, after=mark)  # fmt: skip
+        full = await asyncio.to_thread(
+            wait_log, mesh, r"the disk holding the (ingress log|state store) at [^\n]*", timeout=30, after=mark
+        )
         print(f"\n[state disk full] {full}")
         assert str(state) in full and "free space on that disk" in full, full
         # the clients see it too: their sends are refused with the same error and retried
@@ -460,8 +473,10 @@ async def test_state_disk_full_batches_fail_cleanly_and_resume(env: Env) -> None
         assert "StateCapacityError" in clients.errors, clients.errors
         acked_full = work.acked
         await asyncio.sleep(3.0)
-        print(f"[state disk full] {work.acked - acked_full} sends acknowledged in 3 s with the disk full; "
-              f"client errors {dict(clients.errors)}")  # fmt: skip
+        print(
+            f"[state disk full] {work.acked - acked_full} sends acknowledged in 3 s with the disk full; "
+            f"client errors {dict(clients.errors)}"
+        )
         assert mesh.peer_pids() == pids, f"peers died on the full disk: {pids} -> {mesh.peer_pids()}"
         filler.unlink()
         secs = await work.wait_acked(200, 30, "sends after space was freed")
@@ -490,8 +505,9 @@ async def test_state_store_disk_full_without_checkpoints_no_batch_half_applied(e
         pids = mesh.peer_pids()
         mark = len(mesh.log(mesh.runs))
         filler = fill_disk(state)
-        full = await asyncio.to_thread(wait_log, mesh, r"could not write a batch of \d+ messages: [^\n]*",
-                                       timeout=60, after=mark)  # fmt: skip
+        full = await asyncio.to_thread(
+            wait_log, mesh, r"could not write a batch of \d+ messages: [^\n]*", timeout=60, after=mark
+        )
         print(f"\n[state store full] {full}")
         assert "the disk holding the state store at" in full and str(state) in full, full
         assert "free space on that disk" in full and "nothing of the batch was applied" in full, full
@@ -499,8 +515,10 @@ async def test_state_store_disk_full_without_checkpoints_no_batch_half_applied(e
         assert mesh.peer_pids() == pids, f"peers died on the full disk: {pids} -> {mesh.peer_pids()}"
         filler.unlink()
         secs = await work.wait_acked(300, 30, "sends after space was freed")
-        print(f"[state store full] sends acknowledged again {secs:.2f} s after space was freed; "
-              f"{mesh.log(mesh.runs).count('could not write a batch')} failed batch attempts logged")  # fmt: skip
+        print(
+            f"[state store full] sends acknowledged again {secs:.2f} s after space was freed; "
+            f"{mesh.log(mesh.runs).count('could not write a batch')} failed batch attempts logged"
+        )
         await work.stop()
         want = {k: work.sent[k] for k in work.keys}
         final: dict[str, int] = {}

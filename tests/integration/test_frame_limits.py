@@ -81,8 +81,14 @@ def value_len(size: int, rec: tuple) -> int | None:
 
 
 def mesh_with_clients(tmp_path: Path, **settings) -> LocalMesh:
-    return LocalMesh(app(), state_dir=str(tmp_path), peers=2, transport="tcp",
-                     client_endpoints=local_endpoints("tcp", 2, ""), **settings)
+    return LocalMesh(
+        app(),
+        state_dir=str(tmp_path),
+        peers=2,
+        transport="tcp",
+        client_endpoints=local_endpoints("tcp", 2, ""),
+        **settings,
+    )
 
 
 async def counts(client: MeshClient, ids: list[str]) -> dict[str, int]:
@@ -130,8 +136,9 @@ async def test_400_one_mib_values_to_another_peers_counters_are_all_applied(tmp_
 
             async def one(i: int) -> None:
                 async with gates[i % clients]:
-                    await conns[i % clients].send(message_builder(target_typename=SINK, target_id=targets[i % 8],
-                                                                  value=value, value_type=Raw))
+                    await conns[i % clients].send(
+                        message_builder(target_typename=SINK, target_id=targets[i % 8], value=value, value_type=Raw)
+                    )
 
             await asyncio.gather(*(one(i) for i in range(400)))
             # checkpoints were cut meanwhile: their barriers force out what is queued
@@ -151,8 +158,14 @@ async def test_one_invocation_sending_100_one_mib_messages_to_another_peer(tmp_p
     async with LocalMesh(app(), state_dir=str(tmp_path), peers=2, transport="tcp") as mesh:
         targets = ids_on(1, 2, 4, "f")
         (relay,) = ids_on(0, 2, 1, "r")
-        await mesh.send(message_builder(target_typename=RELAY, target_id=relay,
-                                        value=[[targets[i % 4], 1 << 20] for i in range(100)], value_type=MsgPackType))
+        await mesh.send(
+            message_builder(
+                target_typename=RELAY,
+                target_id=relay,
+                value=[[targets[i % 4], 1 << 20] for i in range(100)],
+                value_type=MsgPackType,
+            )
+        )
         await settle(mesh)
         total = 0
         for t in targets:
@@ -187,8 +200,9 @@ async def test_values_at_every_size_boundary_between_peers(tmp_path: Path) -> No
 
             async def one(target: str, v: int) -> None:
                 async with gate:
-                    await client.send(message_builder(target_typename=SINK, target_id=target, value=bytes(v),
-                                                      value_type=Raw))
+                    await client.send(
+                        message_builder(target_typename=SINK, target_id=target, value=bytes(v), value_type=Raw)
+                    )
 
             jobs = []
             for _ in range(12):
@@ -199,13 +213,15 @@ async def test_values_at_every_size_boundary_between_peers(tmp_path: Path) -> No
             # one byte over the limit: refused before it is sent, nothing accepted
             over = value_len(limit + 1, template)
             with pytest.raises(MessageTooLargeError) as info:
-                await client.send(message_builder(target_typename=SINK, target_id=targets[0], value=bytes(over),
-                                                  value_type=Raw))
+                await client.send(
+                    message_builder(target_typename=SINK, target_id=targets[0], value=bytes(over), value_type=Raw)
+                )
             assert (info.value.size, info.value.limit) == (limit + 1, limit)
             assert str(limit) in str(info.value) and str(limit + 1) in str(info.value)
             with pytest.raises(MessageTooLargeError):
-                await mesh.send(message_builder(target_typename=SINK, target_id=targets[0], value=bytes(over),
-                                                value_type=Raw))
+                await mesh.send(
+                    message_builder(target_typename=SINK, target_id=targets[0], value=bytes(over), value_type=Raw)
+                )
             # ... and the function-made messages of the same sizes, peer 0 to peer 1
             relays = ids_on(0, 2, 6, "r")
             for r in relays:
@@ -218,8 +234,9 @@ async def test_values_at_every_size_boundary_between_peers(tmp_path: Path) -> No
                         if v is not None:
                             batch.append([t, v])
                             expected[t] += 1
-                await client.send(message_builder(target_typename=RELAY, target_id=r, value=batch,
-                                                  value_type=MsgPackType))
+                await client.send(
+                    message_builder(target_typename=RELAY, target_id=r, value=batch, value_type=MsgPackType)
+                )
             await settle(mesh)
             assert await counts(client, targets) == expected
         assert_channels_clean(mesh)
@@ -235,12 +252,24 @@ async def test_an_oversized_context_send_is_dead_lettered_and_the_batch_goes_on(
         over = value_len(limit + 1, (SINK, target, RELAY, relays[1], Raw.typename, b"", 0, 0))
         # queued together, so they run in one batch on peer 0
         await asyncio.gather(
-            mesh.send(message_builder(target_typename=RELAY, target_id=relays[0], value=[[target, 10]],
-                                      value_type=MsgPackType)),
-            mesh.send(message_builder(target_typename=RELAY, target_id=relays[1], value=[[target, 10], [target, over]],
-                                      value_type=MsgPackType)),
-            mesh.send(message_builder(target_typename=RELAY, target_id=relays[2], value=[[target, 20]],
-                                      value_type=MsgPackType)),
+            mesh.send(
+                message_builder(
+                    target_typename=RELAY, target_id=relays[0], value=[[target, 10]], value_type=MsgPackType
+                )
+            ),
+            mesh.send(
+                message_builder(
+                    target_typename=RELAY,
+                    target_id=relays[1],
+                    value=[[target, 10], [target, over]],
+                    value_type=MsgPackType,
+                )
+            ),
+            mesh.send(
+                message_builder(
+                    target_typename=RELAY, target_id=relays[2], value=[[target, 20]], value_type=MsgPackType
+                )
+            ),
         )
         await settle(mesh)
         async with MeshClient(mesh.config.client_endpoints[0], timeout=30) as client:
@@ -290,8 +319,11 @@ async def test_the_client_endpoint_refuses_an_oversized_frame_it_receives(tmp_pa
             for corr, n in ((1, limit), (2, limit + 1)):
                 v = value_len(n, template)
                 await sock.send(codec.encode_control(codec.C_SEND, corr, SINK, target, Raw.typename, bytes(v), ""))
-            await sock.send(codec.encode_control(codec.C_REQUEST, 3, SINK, target, Raw.typename,
-                                                 bytes(value_len(limit + 1, template)), 5.0))
+            await sock.send(
+                codec.encode_control(
+                    codec.C_REQUEST, 3, SINK, target, Raw.typename, bytes(value_len(limit + 1, template)), 5.0
+                )
+            )
             answers = {}
             for _ in range(3):
                 kind, items = codec.decode_control(await asyncio.wait_for(sock.recv(), 10))
@@ -316,8 +348,7 @@ async def test_an_oversized_reply_fails_the_invocation(tmp_path: Path) -> None:
     def echo(context, message):
         context.reply(value=bytes(message.as_int()), value_type=Raw)
 
-    async with LocalMesh(functions, state_dir=str(tmp_path), peers=2, transport="tcp",
-                         max_frame_bytes=65536) as mesh:
+    async with LocalMesh(functions, state_dir=str(tmp_path), peers=2, transport="tcp", max_frame_bytes=65536) as mesh:
         limit = mesh.config.message_limit
         ok = await mesh.peers[1].request(message_builder(target_typename="test/echo", target_id="e", int_value=1000))
         assert len(ok.raw_value()) == 1000

@@ -139,10 +139,24 @@ class FuzzedPeer:
         self.log_path = workdir / "peer.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "statefun_mesh", "peer", "--config", str(config), "--id", "0",
-                 "--log-level", "critical"],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "statefun_mesh",
+                    "peer",
+                    "--config",
+                    str(config),
+                    "--id",
+                    "0",
+                    "--log-level",
+                    "critical",
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         self.ctx = zmq.Context()
         self.client = self._socket(zmq.DEALER, self.client_endpoint, f"fuzz-client-{uuid.uuid4().hex[:6]}".encode())
         self._corr = 1 << 40

@@ -116,18 +116,27 @@ def _coordinator_events(mesh: NetMesh, fault: float, heal: float) -> dict[str, A
     log = mesh.log(0)
     rounds = re.findall(r"recovery round (\d+) \(([^)]*)\)", log)
     offset = time.time() - time.monotonic()  # log times are wall-clock times
-    done = [datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f").timestamp() - offset
-            for m in re.findall(r"^(\S+ \S+) peer-0 \S+ statefun_mesh.snapshot: checkpoint \d+ complete", log, re.M)]
+    done = [
+        datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f").timestamp() - offset
+        for m in re.findall(r"^(\S+ \S+) peer-0 \S+ statefun_mesh.snapshot: checkpoint \d+ complete", log, re.M)
+    ]
     after = [t - heal for t in done if t > heal]
-    return {"recovery_rounds": [f"{n}: {why}" for n, why in rounds[1:]],
-            "checkpoints_completed_during_fault": sum(1 for t in done if fault + 1.0 < t <= heal),
-            "first_checkpoint_after_heal_s": round(min(after), 2) if after else None}
+    return {
+        "recovery_rounds": [f"{n}: {why}" for n, why in rounds[1:]],
+        "checkpoints_completed_during_fault": sum(1 for t in done if fault + 1.0 < t <= heal),
+        "first_checkpoint_after_heal_s": round(min(after), 2) if after else None,
+    }
 
 
-def _measured(name: str, mesh: NetMesh, load: dict[str, Any], check: dict[str, Any], *, fault: float, heal: float,
-              **extra: Any) -> None:  # fmt: skip
-    values = {**_summary(load, fault=fault, heal=heal), "settle_s": round(check["settle_seconds"], 2), **extra,
-              **_coordinator_events(mesh, fault, heal)}  # fmt: skip
+def _measured(
+    name: str, mesh: NetMesh, load: dict[str, Any], check: dict[str, Any], *, fault: float, heal: float, **extra: Any
+) -> None:
+    values = {
+        **_summary(load, fault=fault, heal=heal),
+        "settle_s": round(check["settle_seconds"], 2),
+        **extra,
+        **_coordinator_events(mesh, fault, heal),
+    }
     print(f"MEASURED {name}: {json.dumps(values)}")
 
 
@@ -177,8 +186,15 @@ def test_asymmetric_cut(mesh: NetMesh) -> None:
     check = mesh.check("asym", timeout=60)
     _assert_exactly_once(check, load)
     assert "no word from peer 1" in mesh.log(2), "peer 2 should have stopped hearing peer 1"
-    _measured("asymmetric", mesh, load, check, fault=fault, heal=heal,
-              peer1_noticed_peer2="no word from peer 2" in mesh.log(1))
+    _measured(
+        "asymmetric",
+        mesh,
+        load,
+        check,
+        fault=fault,
+        heal=heal,
+        peer1_noticed_peer2="no word from peer 2" in mesh.log(1),
+    )
 
 
 @pytest.mark.parametrize("seconds", [4.0, pytest.param(60.0, marks=pytest.mark.slow)])
@@ -186,8 +202,9 @@ def test_packet_loss_and_delay_on_one_link(mesh: NetMesh, seconds: float) -> Non
     """5 % loss (and 50 ms ± 20 ms delay where the kernel has netem) on peer 1's link for 4 s
     (60 s with --run-slow)."""
     if not has_netem() and not has_nft():
-        pytest.fail("neither netem nor nftables here: install nftables (apt-get install nftables)") if CI else \
-            pytest.skip("neither netem nor nftables here to drop packets")  # fmt: skip
+        pytest.fail(
+            "neither netem nor nftables here: install nftables (apt-get install nftables)"
+        ) if CI else pytest.skip("neither netem nor nftables here to drop packets")
     proc = mesh.run_load(seconds=seconds + 2.0, tag="loss", deadline=seconds + 90)
     time.sleep(1.0)
     fault = time.monotonic()
@@ -249,11 +266,21 @@ def _lose_host_and_replace(mesh: NetMesh, *, silent: bool, ready_timeout: float)
     # lost, never duplicated; everything accepted through the surviving peers exactly once.
     check = mesh.check("lost", timeout=60, at_most_once=f"1,{gone}")
     _assert_exactly_once(check, load)
-    assert re.search(r"processing \(generation [2-9]", mesh.log(1).rsplit("=== start", 1)[-1]), \
+    assert re.search(r"processing \(generation [2-9]", mesh.log(1).rsplit("=== start", 1)[-1]), (
         "the replacement never joined a recovery"
-    _measured("host_lost" + ("_silent" if silent else ""), mesh, load, check, fault=fault, heal=started,
-              replacement_ready_s=round(ready - started, 2), at_risk_ops=check["at_most_once_ops"],
-              lost_ops=check["lost_at_most_once"], lost_egress=check["egress_lost_at_most_once"])
+    )
+    _measured(
+        "host_lost" + ("_silent" if silent else ""),
+        mesh,
+        load,
+        check,
+        fault=fault,
+        heal=started,
+        replacement_ready_s=round(ready - started, 2),
+        at_risk_ops=check["at_most_once_ops"],
+        lost_ops=check["lost_at_most_once"],
+        lost_egress=check["egress_lost_at_most_once"],
+    )
 
 
 @pytest.mark.slow  # the silent variant below covers this and more in CI

@@ -66,8 +66,9 @@ def create_topic(broker: KafkaBroker, name: str, partitions: int) -> None:
 
 
 def produce(broker: KafkaBroker, topic: str, records: list[tuple[bytes | None, bytes | None, int | None]]) -> None:
-    p = confluent_kafka.Producer({"bootstrap.servers": broker.address, "enable.idempotence": True, "log_level": 0,
-                                  "linger.ms": 5})  # fmt: skip
+    p = confluent_kafka.Producer(
+        {"bootstrap.servers": broker.address, "enable.idempotence": True, "log_level": 0, "linger.ms": 5}
+    )
     for key, value, partition in records:
         if partition is None:
             p.produce(topic, key=key, value=value)
@@ -76,20 +77,47 @@ def produce(broker: KafkaBroker, topic: str, records: list[tuple[bytes | None, b
     assert p.flush(20) == 0, "not every record was delivered to the broker"
 
 
-def module_yaml(tmp_path: Path, address: str, topics: list[tuple[str, str, list[str]]], *,
-                startup: str = "earliest", group: str = "mesh", egress: str | None = None,
-                remote: bool = False) -> str:  # fmt: skip
-    lines = ["kind: io.statefun.kafka.v1/ingress", "spec:", "  id: kt/in", f"  address: {address}",
-             f"  consumerGroupId: {group}", "  startupPosition:", f"    type: {startup}", "  topics:"]  # fmt: skip
+def module_yaml(
+    tmp_path: Path,
+    address: str,
+    topics: list[tuple[str, str, list[str]]],
+    *,
+    startup: str = "earliest",
+    group: str = "mesh",
+    egress: str | None = None,
+    remote: bool = False,
+) -> str:
+    lines = [
+        "kind: io.statefun.kafka.v1/ingress",
+        "spec:",
+        "  id: kt/in",
+        f"  address: {address}",
+        f"  consumerGroupId: {group}",
+        "  startupPosition:",
+        f"    type: {startup}",
+        "  topics:",
+    ]
     for topic, value_type, targets in topics:
         lines += [f"    - topic: {topic}", f"      valueType: {value_type}", "      targets:"]
         lines += [f"        - {t}" for t in targets]
     if remote:  # kr/* served in-process by tests/integration/kafka_remote.py, over the request-reply protocol
-        lines += ["---", "kind: io.statefun.endpoints.v2/http", "spec:", "  functions: kr/*",
-                  "  urlPathTemplate: python:tests.integration.kafka_remote:handler"]  # fmt: skip
+        lines += [
+            "---",
+            "kind: io.statefun.endpoints.v2/http",
+            "spec:",
+            "  functions: kr/*",
+            "  urlPathTemplate: python:tests.integration.kafka_remote:handler",
+        ]
     if egress is not None:  # kafka_app's egress kt/out with this delivery semantic
-        lines += ["---", "kind: io.statefun.kafka.v1/egress", "spec:", "  id: kt/out", f"  address: {address}",
-                  "  deliverySemantic:", f"    type: {egress}"]  # fmt: skip
+        lines += [
+            "---",
+            "kind: io.statefun.kafka.v1/egress",
+            "spec:",
+            "  id: kt/out",
+            f"  address: {address}",
+            "  deliverySemantic:",
+            f"    type: {egress}",
+        ]
     path = tmp_path / "module.yaml"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -123,8 +151,9 @@ async def test_records_reach_their_targets_by_key_on_every_peer(broker: KafkaBro
     records = [(keys[i % 20].encode(), inc(i), None) for i in range(400)]
     produce(broker, "orders", records)
     module = module_yaml(tmp_path, broker.address, [("orders", "cr/json", [app.COUNTER])])
-    mesh = sm.LocalMesh(app.functions, peers=2, module=module, blob_store="file://" + str(tmp_path / "ck"),
-                        checkpoint_interval=0.5)  # fmt: skip
+    mesh = sm.LocalMesh(
+        app.functions, peers=2, module=module, blob_store="file://" + str(tmp_path / "ck"), checkpoint_interval=0.5
+    )
     async with mesh:
         got = await wait_counts(mesh, {k: 20 for k in keys})
         assert got == {k: 20 for k in keys}
@@ -140,30 +169,43 @@ async def test_records_reach_their_targets_by_key_on_every_peer(broker: KafkaBro
 
 
 @pytest.mark.timeout(90)
-async def test_bad_records_are_dead_letters_naming_topic_partition_offset(broker: KafkaBroker, tmp_path: Path,
-                                                                          caplog: pytest.LogCaptureFixture) -> None:
+async def test_bad_records_are_dead_letters_naming_topic_partition_offset(
+    broker: KafkaBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     create_topic(broker, "mixed", 1)
     create_topic(broker, "ints", 1)
-    produce(broker, "mixed", [
-        (b"a", inc(0), 0),            # offset 0: good
-        (None, inc(1), 0),            # 1: no key
-        (b"\xff\xfeid", inc(2), 0),   # 2: a key that is not UTF-8
-        (b"a", None, 0),              # 3: a tombstone
-        (b"a", inc(4), 0),            # 4: good
-    ])  # fmt: skip
+    produce(
+        broker,
+        "mixed",
+        [
+            (b"a", inc(0), 0),  # offset 0: good
+            (None, inc(1), 0),  # 1: no key
+            (b"\xff\xfeid", inc(2), 0),  # 2: a key that is not UTF-8
+            (b"a", None, 0),  # 3: a tombstone
+            (b"a", inc(4), 0),  # 4: good
+        ],
+    )
     produce(broker, "ints", [(b"a", b"\xff\xff not an int", 0)])
-    module = module_yaml(tmp_path, broker.address, [("mixed", "cr/json", [app.COUNTER]),
-                                                    ("ints", "io.statefun.types/int", [app.COUNTER])])  # fmt: skip
-    async with sm.LocalMesh(app.functions, module=module, blob_store="file://" + str(tmp_path / "ck"),
-                            checkpoint_interval=0.5) as mesh:  # fmt: skip
+    module = module_yaml(
+        tmp_path,
+        broker.address,
+        [("mixed", "cr/json", [app.COUNTER]), ("ints", "io.statefun.types/int", [app.COUNTER])],
+    )
+    async with sm.LocalMesh(
+        app.functions, module=module, blob_store="file://" + str(tmp_path / "ck"), checkpoint_interval=0.5
+    ) as mesh:
         kafka = mesh.peers[0].kafka
         deadline = time.monotonic() + DEADLINE
         while kafka.dead_lettered < 4 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert await wait_counts(mesh, {"a": 2}) == {"a": 2}  # the good ones, once each
         letters = sorted(kafka.dead_letters)
-        assert [(t, p, o) for t, p, o, _ in letters] == [("ints", 0, 0), ("mixed", 0, 1), ("mixed", 0, 2),
-                                                         ("mixed", 0, 3)]  # fmt: skip
+        assert [(t, p, o) for t, p, o, _ in letters] == [
+            ("ints", 0, 0),
+            ("mixed", 0, 1),
+            ("mixed", 0, 2),
+            ("mixed", 0, 3),
+        ]
         reasons = [r for *_, r in letters]
         assert "not a io.statefun.types/int value" in reasons[0]
         assert "no key" in reasons[1] and "not UTF-8" in reasons[2] and "tombstone" in reasons[3]
@@ -173,18 +215,20 @@ async def test_bad_records_are_dead_letters_naming_topic_partition_offset(broker
 
 
 @pytest.mark.timeout(90)
-async def test_missing_topic_is_reported_and_read_once_it_exists(broker: KafkaBroker, tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+async def test_missing_topic_is_reported_and_read_once_it_exists(
+    broker: KafkaBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from statefun_mesh.connectors import kafka as kafka_mod
 
     monkeypatch.setattr(kafka_mod, "METADATA_EVERY", 1.0)
     create_topic(broker, "present", 1)
     produce(broker, "present", [(b"p", inc(0), 0)])
-    module = module_yaml(tmp_path, broker.address, [("present", "cr/json", [app.COUNTER]),
-                                                    ("later", "cr/json", [app.COUNTER])])  # fmt: skip
-    async with sm.LocalMesh(app.functions, module=module, blob_store="file://" + str(tmp_path / "ck"),
-                            checkpoint_interval=0.5) as mesh:  # fmt: skip
+    module = module_yaml(
+        tmp_path, broker.address, [("present", "cr/json", [app.COUNTER]), ("later", "cr/json", [app.COUNTER])]
+    )
+    async with sm.LocalMesh(
+        app.functions, module=module, blob_store="file://" + str(tmp_path / "ck"), checkpoint_interval=0.5
+    ) as mesh:
         assert await wait_counts(mesh, {"p": 1}) == {"p": 1}  # the other topic does not hold this one up
         deadline = time.monotonic() + DEADLINE
         while "topic later" not in caplog.text and time.monotonic() < deadline:
@@ -202,15 +246,16 @@ def re_search(pattern: str, text: str) -> bool:
 
 
 @pytest.mark.timeout(120)
-async def test_broker_down_at_start_is_retried_and_nothing_is_lost(tmp_path: Path,
-                                                                   caplog: pytest.LogCaptureFixture,
-                                                                   broker: KafkaBroker) -> None:  # fmt: skip
+async def test_broker_down_at_start_is_retried_and_nothing_is_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, broker: KafkaBroker
+) -> None:
     port = free_ports(1)[0]
     module = module_yaml(tmp_path, f"127.0.0.1:{port}", [("late", "cr/json", [app.COUNTER])])
     late = None
     try:
-        async with sm.LocalMesh(app.functions, module=module, blob_store="file://" + str(tmp_path / "ck"),
-                                checkpoint_interval=0.5) as mesh:  # fmt: skip
+        async with sm.LocalMesh(
+            app.functions, module=module, blob_store="file://" + str(tmp_path / "ck"), checkpoint_interval=0.5
+        ) as mesh:
             # the peer runs (answers requests) while its ingress cannot reach the broker
             assert await counts(mesh, ["x"]) == {"x": 0}
             deadline = time.monotonic() + DEADLINE
@@ -232,9 +277,19 @@ async def test_broker_down_at_start_is_retried_and_nothing_is_lost(tmp_path: Pat
 # -- exactly once across SIGKILLs of peer processes ---------------------------------------------
 
 
-async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any], tmp_path: Path, *, topic: str,
-                           records: int, keys: int, kills: int, budget: float,
-                           egress: str | None = None, remote: bool = False) -> list[tuple[bytes, bytes]]:  # fmt: skip
+async def run_exactly_once(
+    broker: KafkaBroker,
+    crash_meshes: Callable[..., Any],
+    tmp_path: Path,
+    *,
+    topic: str,
+    records: int,
+    keys: int,
+    kills: int,
+    budget: float,
+    egress: str | None = None,
+    remote: bool = False,
+) -> list[tuple[bytes, bytes]]:
     """Records -> ``cr/counter`` (or, with ``egress``, ``kt/counter`` and its Kafka egress) on 3 peer
     processes, ``kills`` SIGKILLs; every count exact. Returns the egress topic's records."""
     from tests.integration import crash_util, kafka_app
@@ -274,8 +329,12 @@ async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any]
                 victim = random.randrange(3)
                 if egress is not None:  # the victim has produced to Kafka: its position there matters
                     mark = f"kt/out/{victim}/".encode()
-                    while not any(h.startswith(mark) for _, h in await asyncio.to_thread(
-                            read_topic, broker, kafka_app.OUT_TOPIC, 1, quiet=0.3, timeout=2.0)):  # fmt: skip
+                    while not any(
+                        h.startswith(mark)
+                        for _, h in await asyncio.to_thread(
+                            read_topic, broker, kafka_app.OUT_TOPIC, 1, quiet=0.3, timeout=2.0
+                        )
+                    ):
                         assert time.monotonic() < deadline, f"peer {victim} never produced to Kafka"
                 secs = await kill_and_wait(mesh, victim, probes)
                 print(f"\n[kafka] slice {s}: peer {victim} SIGKILLed; the mesh answered {secs:.2f} s later")
@@ -290,10 +349,10 @@ async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any]
             assert all(got[k] <= expected[k] for k in names), "a record was applied twice"
             await asyncio.sleep(0.5)
         assert got == expected, f"{sum(got.values())} of {records} applied: " + str(
-            {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v})
+            {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
+        )
         await asyncio.sleep(1.5)  # a duplicate replay would land now
-        again = {k: reply_json(await clients.request(app.query(counter, k), deadline=deadline))["count"]
-                 for k in names}  # fmt: skip
+        again = {k: reply_json(await clients.request(app.query(counter, k), deadline=deadline))["count"] for k in names}
         assert again == expected
         assert "dead letter" not in mesh.log()
         if egress is None:
@@ -306,24 +365,34 @@ async def run_exactly_once(broker: KafkaBroker, crash_meshes: Callable[..., Any]
 
 
 @pytest.mark.timeout(150)
-async def test_each_record_counts_once_across_a_sigkill(broker: KafkaBroker, crash_meshes: Callable[..., Any],
-                                                        tmp_path: Path) -> None:  # fmt: skip
-    await run_exactly_once(broker, crash_meshes, tmp_path, topic="eo-short", records=3000, keys=60, kills=1,
-                           budget=120)  # fmt: skip
+async def test_each_record_counts_once_across_a_sigkill(
+    broker: KafkaBroker, crash_meshes: Callable[..., Any], tmp_path: Path
+) -> None:
+    await run_exactly_once(broker, crash_meshes, tmp_path, topic="eo-short", records=3000, keys=60, kills=1, budget=120)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-async def test_each_record_counts_once_across_three_sigkills_20k(broker: KafkaBroker,
-                                                                 crash_meshes: Callable[..., Any],
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+async def test_each_record_counts_once_across_three_sigkills_20k(
+    broker: KafkaBroker, crash_meshes: Callable[..., Any], tmp_path: Path
+) -> None:
     """The issue's check: 20,000 keyed records -> kt/counter (local) and kr/counter (remote) -> a Kafka
     egress (exactly-once), 3 SIGKILLs; state exact, and the egress topic, read_committed, holds
     exactly the expected records."""
     own = await asyncio.to_thread(start_kafka_broker, tmp_path)  # its own: the egress topics are fixed
     try:
-        got = await run_exactly_once(own, crash_meshes, tmp_path, topic="eo-long", records=20_000, keys=500,
-                                     kills=3, budget=850, egress="exactly-once", remote=True)  # fmt: skip
+        got = await run_exactly_once(
+            own,
+            crash_meshes,
+            tmp_path,
+            topic="eo-long",
+            records=20_000,
+            keys=500,
+            kills=3,
+            budget=850,
+            egress="exactly-once",
+            remote=True,
+        )
     finally:
         own.stop()
     check_egress(got, 20_000, 500, remote=True)
@@ -332,13 +401,20 @@ async def test_each_record_counts_once_across_three_sigkills_20k(broker: KafkaBr
 # -- the Kafka egress ----------------------------------------------------------------------------
 
 
-def read_topic(broker: KafkaBroker, topic: str, expected: int, *, quiet: float = 2.0, timeout: float = DEADLINE
-               ) -> list[tuple[bytes, bytes]]:  # fmt: skip
+def read_topic(
+    broker: KafkaBroker, topic: str, expected: int, *, quiet: float = 2.0, timeout: float = DEADLINE
+) -> list[tuple[bytes, bytes]]:
     """Every record of ``topic`` (all partitions, read_committed): (value, statefun-mesh-id header);
     reads until ``expected`` arrived and nothing more came for ``quiet`` seconds."""
-    c = confluent_kafka.Consumer({"bootstrap.servers": broker.address, "group.id": f"reader-{random.random()}",
-                                  "isolation.level": "read_committed", "enable.auto.commit": False,
-                                  "log_level": 0})  # fmt: skip
+    c = confluent_kafka.Consumer(
+        {
+            "bootstrap.servers": broker.address,
+            "group.id": f"reader-{random.random()}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "log_level": 0,
+        }
+    )
     try:
         md = c.list_topics(topic, timeout=10.0)
         parts = sorted(md.topics[topic].partitions)
@@ -378,8 +454,13 @@ async def egress_once_each(broker: KafkaBroker, tmp_path: Path, semantic: str) -
     records = [(f"e{i % 7}".encode(), inc(i), None) for i in range(300)]
     produce(broker, topic, records)
     module = module_yaml(tmp_path, broker.address, [(topic, "cr/json", [kafka_app.KT_COUNTER])], egress=semantic)
-    mesh = sm.LocalMesh(kafka_app.functions, peers=2, module=module, blob_store="file://" + str(tmp_path / "ck"),
-                        checkpoint_interval=0.3)  # fmt: skip
+    mesh = sm.LocalMesh(
+        kafka_app.functions,
+        peers=2,
+        module=module,
+        blob_store="file://" + str(tmp_path / "ck"),
+        checkpoint_interval=0.3,
+    )
     async with mesh:
         got = await asyncio.to_thread(read_topic, broker, kafka_app.OUT_TOPIC, 300)
         egresses = [p.kafka_egress for p in mesh.peers]
@@ -396,17 +477,27 @@ async def egress_once_each(broker: KafkaBroker, tmp_path: Path, semantic: str) -
 async def test_egress_across_a_sigkill_loses_nothing(crash_meshes: Callable[..., Any], tmp_path: Path) -> None:
     broker = await asyncio.to_thread(start_kafka_broker, tmp_path)  # its own: the egress topics are fixed
     try:
-        got = await run_exactly_once(broker, crash_meshes, tmp_path, topic="eo-egress", records=2000, keys=40,
-                                     kills=1, budget=120, egress="exactly-once", remote=True)  # fmt: skip
+        got = await run_exactly_once(
+            broker,
+            crash_meshes,
+            tmp_path,
+            topic="eo-egress",
+            records=2000,
+            keys=40,
+            kills=1,
+            budget=120,
+            egress="exactly-once",
+            remote=True,
+        )
     finally:
         broker.stop()
     check_egress(got, 2000, 40, remote=True)
 
 
 @pytest.mark.timeout(150)
-async def test_rescale_3_to_2_moves_partitions_with_their_positions(broker: KafkaBroker,
-                                                                     crash_meshes: Callable[..., Any],
-                                                                     tmp_path: Path) -> None:  # fmt: skip
+async def test_rescale_3_to_2_moves_partitions_with_their_positions(
+    broker: KafkaBroker, crash_meshes: Callable[..., Any], tmp_path: Path
+) -> None:
     """5 partitions on 3 peers (p % 3), the whole mesh SIGKILLed past its last checkpoint, back on
     2 peers (p % 2: partitions 2, 3 and 4 change peers) with --restore latest: every count exact."""
     from tests.integration.crash_util import Clients, reply_json
@@ -441,8 +532,9 @@ async def test_rescale_3_to_2_moves_partitions_with_their_positions(broker: Kafk
         await asyncio.to_thread(produce, broker, topic, [(keys[i % 30].encode(), inc(i), i % 5) for i in range(600)])
         assert await wait_exact(clients, dict.fromkeys(keys, 20)) == dict.fromkeys(keys, 20)
         # more records; the mesh dies while (or right after) it reads them, past its last checkpoint
-        await asyncio.to_thread(produce, broker, topic,
-                                [(keys[i % 30].encode(), inc(i), i % 5) for i in range(600, 1200)])  # fmt: skip
+        await asyncio.to_thread(
+            produce, broker, topic, [(keys[i % 30].encode(), inc(i), i % 5) for i in range(600, 1200)]
+        )
         await asyncio.sleep(0.2)
     finally:
         await clients.aclose()
@@ -454,8 +546,9 @@ async def test_rescale_3_to_2_moves_partitions_with_their_positions(broker: Kafk
     await asyncio.to_thread(mesh.wait_up)
     clients = await Clients.connect(mesh.endpoint)
     try:
-        await asyncio.to_thread(produce, broker, topic,
-                                [(keys[i % 30].encode(), inc(i), i % 5) for i in range(1200, 1500)])  # fmt: skip
+        await asyncio.to_thread(
+            produce, broker, topic, [(keys[i % 30].encode(), inc(i), i % 5) for i in range(1200, 1500)]
+        )
         assert await wait_exact(clients, dict.fromkeys(keys, 50)) == dict.fromkeys(keys, 50)
         assert "dead letter" not in mesh.log()
     finally:

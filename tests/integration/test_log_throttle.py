@@ -59,9 +59,13 @@ async def test_ten_thousand_bad_frames_log_a_bounded_number_of_lines_and_a_summa
     caplog.set_level(logging.INFO)
     client_ep = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     mesh = LocalMesh(
-        app.functions, peers=3, transport="tcp", state_dir=tmp_path, client_endpoints=[client_ep, "", ""],
+        app.functions,
+        peers=3,
+        transport="tcp",
+        state_dir=tmp_path,
+        client_endpoints=[client_ep, "", ""],
         heartbeat_interval=0.2,
-    )  # fmt: skip
+    )
     await mesh.start()
     try:
         peer0 = mesh.peers[0]
@@ -81,8 +85,10 @@ async def test_ten_thousand_bad_frames_log_a_bounded_number_of_lines_and_a_summa
                 await stranger.send(b"x")
             await eventually(
                 lambda: asyncio.sleep(0, peer0.status()["bad_frames"] - before >= 3 * N),
-                timeout=30, interval=0.1, what=f"{3 * N} bad frames counted",
-            )  # fmt: skip
+                timeout=30,
+                interval=0.1,
+                what=f"{3 * N} bad frames counted",
+            )
             # the client endpoint answers each bad frame with an ERROR: drain them
             while await client.poll(0):
                 await client.recv()

@@ -81,8 +81,11 @@ async def test_metrics_move_with_load_and_match_status(tmp_path: Path) -> None:
             assert value(s, "statefun_mesh_ready") == 1
             info = [dict(k[1]) for k in s if k[0] == "statefun_mesh_peer_info"]
             assert info == [{"peer": str(p.peer_id), "peers": "2", "core": info[0]["core"]}]
-            assert value(s, "statefun_mesh_invocations_total", function_type="m/counter") == 0 if (
-                "statefun_mesh_invocations_total", (("function_type", "m/counter"),)) in s else True
+            assert (
+                value(s, "statefun_mesh_invocations_total", function_type="m/counter") == 0
+                if ("statefun_mesh_invocations_total", (("function_type", "m/counter"),)) in s
+                else True
+            )
         n = 300
         for i in range(n):
             await p0.send(message_builder(target_typename="m/counter", target_id=f"k{i % 50}", int_value=1))
@@ -100,19 +103,23 @@ async def test_metrics_move_with_load_and_match_status(tmp_path: Path) -> None:
         assert total("statefun_mesh_invocation_failures_total", after, function_type="m/bad") == 1
         assert total("statefun_mesh_dead_letters_total", after) == 1
         # the slow function's 3 ms invocations: none at or under 2.5 ms, all under 5 ms
-        assert total("statefun_mesh_invocation_duration_seconds_bucket", after, function_type="m/slow",
-                     le="0.0025") == 0  # fmt: skip
+        assert (
+            total("statefun_mesh_invocation_duration_seconds_bucket", after, function_type="m/slow", le="0.0025") == 0
+        )
         assert total("statefun_mesh_invocation_duration_seconds_bucket", after, function_type="m/slow", le="0.01") == 20
         assert total("statefun_mesh_invocation_duration_seconds_count", after, function_type="m/slow") == 20
         assert total("statefun_mesh_invocation_duration_seconds_sum", after, function_type="m/slow") >= 20 * 0.003
         # every message sent through peer 0 entered there and was routed locally or to peer 1
         assert value(after[0], "statefun_mesh_messages_in_total") == n + 21
-        routed = total("statefun_mesh_messages_routed_local_total", after) + total(
-            "statefun_mesh_messages_routed_remote_total", after, to_peer="0") + total(
-            "statefun_mesh_messages_routed_remote_total", after, to_peer="1")  # fmt: skip
+        routed = (
+            total("statefun_mesh_messages_routed_local_total", after)
+            + total("statefun_mesh_messages_routed_remote_total", after, to_peer="0")
+            + total("statefun_mesh_messages_routed_remote_total", after, to_peer="1")
+        )
         assert routed == n + 21 + 20  # and the 20 forwarded by m/counter
         assert value(after[1], "statefun_mesh_messages_received_from_peers_total") == value(
-            after[0], "statefun_mesh_messages_routed_remote_total", to_peer="1")
+            after[0], "statefun_mesh_messages_routed_remote_total", to_peer="1"
+        )
         assert total("statefun_mesh_egress_records_total", after) == 1  # the dead letter
         for p, s in zip((p0, p1), after, strict=True):
             st = p.status()
@@ -136,8 +143,10 @@ async def test_metrics_move_with_load_and_match_status(tmp_path: Path) -> None:
 
 
 async def test_readyz_is_503_until_the_mesh_has_recovered_then_200(tmp_path: Path) -> None:
-    config = MeshConfig(**{k: v for k, v in settings(tmp_path, 2).items() if k != "transport"},
-                        endpoints=(f"ipc://{tmp_path}/p0", f"ipc://{tmp_path}/p1"))  # fmt: skip
+    config = MeshConfig(
+        **{k: v for k, v in settings(tmp_path, 2).items() if k != "transport"},
+        endpoints=(f"ipc://{tmp_path}/p0", f"ipc://{tmp_path}/p1"),
+    )
     functions = app()
     p0 = Peer(config, functions, peer_id=0)
     p1 = Peer(config, functions, peer_id=1)
@@ -207,8 +216,9 @@ async def test_egress_reader_lag_and_client_counters(tmp_path: Path) -> None:
         context.send_egress(egress_message_builder(target_typename="m/out", value=message.as_int(), value_type=IntType))
 
     ep = f"ipc://{tmp_path}/client"
-    async with LocalMesh(functions, state_dir=str(tmp_path / "s"), metrics_endpoints=("127.0.0.1:0",),
-                         client_endpoints=(ep,)) as mesh:  # fmt: skip
+    async with LocalMesh(
+        functions, state_dir=str(tmp_path / "s"), metrics_endpoints=("127.0.0.1:0",), client_endpoints=(ep,)
+    ) as mesh:
         peer = mesh.peers[0]
         async with MeshClient(ep) as client:
             for i in range(10):
@@ -252,8 +262,9 @@ async def test_client_gauges_count_a_pending_request(tmp_path: Path) -> None:
         del context, message  # never replies: the request waits for its timeout
 
     ep = f"ipc://{tmp_path}/client"
-    async with LocalMesh(functions, state_dir=str(tmp_path / "s"), metrics_endpoints=("127.0.0.1:0",),
-                         client_endpoints=(ep,)) as mesh:  # fmt: skip
+    async with LocalMesh(
+        functions, state_dir=str(tmp_path / "s"), metrics_endpoints=("127.0.0.1:0",), client_endpoints=(ep,)
+    ) as mesh:
         peer = mesh.peers[0]
         async with MeshClient(ep) as client:
             s = await scrape(peer)
@@ -289,7 +300,8 @@ async def test_a_taken_metrics_port_is_refused_with_a_clear_error(tmp_path: Path
 
 def test_metrics_endpoints_config(tmp_path: Path) -> None:
     assert MeshConfig(peers=1, metrics_endpoints=["http://127.0.0.1:9100"]).metrics_endpoints == (
-        "http://127.0.0.1:9100",)
+        "http://127.0.0.1:9100",
+    )
     with pytest.raises(ConfigError, match=r"metrics_endpoints.*one entry per peer"):
         MeshConfig(peers=2, endpoints=("ipc:///tmp/a", "ipc:///tmp/b"), metrics_endpoints=("127.0.0.1:1",))
     with pytest.raises(ConfigError, match="expected an HTTP endpoint HOST:PORT"):
@@ -297,8 +309,10 @@ def test_metrics_endpoints_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="expected an HTTP endpoint"):
         MeshConfig(metrics_endpoints=("127.0.0.1:70000",))
     f = tmp_path / "mesh.toml"
-    f.write_text('[[peer]]\nendpoint = "ipc:///tmp/x0"\nmetrics_endpoint = "127.0.0.1:9100"\n'
-                 '[[peer]]\nendpoint = "ipc:///tmp/x1"\n')  # fmt: skip
+    f.write_text(
+        '[[peer]]\nendpoint = "ipc:///tmp/x0"\nmetrics_endpoint = "127.0.0.1:9100"\n'
+        '[[peer]]\nendpoint = "ipc:///tmp/x1"\n'
+    )
     assert load_config(f).metrics_endpoints == ("127.0.0.1:9100", "")
     f.write_text('metrics_endpoints = ["127.0.0.1:9100"]\ndashboard = true\n')
     cfg = load_config(f)
@@ -309,13 +323,17 @@ def test_cli_metrics_flags() -> None:
     from statefun_mesh.cli import build_parser
 
     p = build_parser()
-    args = p.parse_args(["peer", "--config", "m.toml", "--id", "0", "--metrics-endpoint", "127.0.0.1:9100",
-                         "--dashboard"])  # fmt: skip
+    args = p.parse_args(
+        ["peer", "--config", "m.toml", "--id", "0", "--metrics-endpoint", "127.0.0.1:9100", "--dashboard"]
+    )
     assert args.metrics_endpoint == "127.0.0.1:9100" and args.dashboard
     args = p.parse_args(["run", "app:functions", "--metrics-port", "9100", "--dashboard-peer", "1"])
     assert (args.metrics_port, args.dashboard_peer, args.no_metrics) == (9100, 1, False)
-    for bad in (["peer", "--config", "m.toml", "--id", "0", "--metrics-endpoint", "localhost"],
-                ["run", "--metrics-port", "70000"], ["run", "--metrics-port", "-1"]):  # fmt: skip
+    for bad in (
+        ["peer", "--config", "m.toml", "--id", "0", "--metrics-endpoint", "localhost"],
+        ["run", "--metrics-port", "70000"],
+        ["run", "--metrics-port", "-1"],
+    ):
         with pytest.raises(SystemExit) as exc:
             p.parse_args(bad)
         assert exc.value.code == 2

@@ -38,12 +38,11 @@ def metric(text: str, name: str) -> float:
     raise KeyError(name)
 
 
-
-
 def test_run_prints_metrics_ports_and_keeps_them_across_a_restart(tmp_path_factory: pytest.TempPathFactory) -> None:
     with running_cluster(tmp_path_factory.mktemp("metrics"), peers=2, args=("--checkpoint-interval", "0.5")) as cluster:
-        m = re.search(r"metrics at (http://127\.0\.0\.1:\d+)/metrics, (http://127\.0\.0\.1:\d+)/metrics",
-                      cluster.output())  # fmt: skip
+        m = re.search(
+            r"metrics at (http://127\.0\.0\.1:\d+)/metrics, (http://127\.0\.0\.1:\d+)/metrics", cluster.output()
+        )
         assert m, cluster.output()
         urls = [m.group(1), m.group(2)]
         assert f"dashboard at {urls[0]}/" in cluster.output()
@@ -65,17 +64,25 @@ def test_run_prints_metrics_ports_and_keeps_them_across_a_restart(tmp_path_facto
 
         with pytest.raises((StatefunMeshError, TimeoutError)):
             asyncio.run(intrude())
-        wait_until(lambda: metric(fetch(urls[0] + "/metrics")[1],
-                                  "statefun_mesh_client_refused_connections_total") >= 1, 10, "the refusal counted")
+        wait_until(
+            lambda: metric(fetch(urls[0] + "/metrics")[1], "statefun_mesh_client_refused_connections_total") >= 1,
+            10,
+            "the refusal counted",
+        )
 
         victim = cluster.peer_pids()[1]
         os.kill(victim, signal.SIGKILL)
         # the restarted peer serves where it did, and the mesh recovered: peer 0 counts it
         wait_until(lambda: cluster.peer_pids().get(1) not in (None, victim), 30, "peer 1 restarted")
         wait_until(lambda: fetch(urls[1] + "/readyz") == (200, "ready\n"), 60, "peer 1 ready again")
-        wait_until(lambda: fetch(urls[0] + "/readyz") == (200, "ready\n")
-                   and metric(fetch(urls[0] + "/metrics")[1], "statefun_mesh_recoveries_total") >= 1,
-                   60, "peer 0 recovered")  # fmt: skip
+        wait_until(
+            lambda: (
+                fetch(urls[0] + "/readyz") == (200, "ready\n")
+                and metric(fetch(urls[0] + "/metrics")[1], "statefun_mesh_recoveries_total") >= 1
+            ),
+            60,
+            "peer 0 recovered",
+        )
 
 
 def test_no_metrics(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -126,9 +126,20 @@ async def wait_count(url: str, stream: str, at_least: int, timeout: float, bridg
 
 
 async def emit(client: MeshClient, egress: str, ids: list[str], n: int, tag: str) -> None:
-    await asyncio.gather(*(client.send(message_builder(
-        target_typename=EMIT, target_id=i, value={"egress": egress, "n": n, "tag": tag}, value_type=JSON,
-    ), idempotency_key=f"{tag}:{i}") for i in ids))  # fmt: skip
+    await asyncio.gather(
+        *(
+            client.send(
+                message_builder(
+                    target_typename=EMIT,
+                    target_id=i,
+                    value={"egress": egress, "n": n, "tag": tag},
+                    value_type=JSON,
+                ),
+                idempotency_key=f"{tag}:{i}",
+            )
+            for i in ids
+        )
+    )
 
 
 def expected(ids: list[str], n: int, tag: str) -> set[str]:
@@ -186,8 +197,9 @@ async def test_transactional_egress_exactly_once_across_bridge_and_peer_sigkill(
     run = uuid.uuid4().hex[:6]
     egress, stream = f"it/tx{run}", f"TX{run}"
     await add_stream(nats_server.url, stream, [f"tx{run}.>"])
-    bridge = bridges(nats_server.url, mesh, "--name", f"tx{run}", "--batch", "20",
-                     "--route", f"{egress}=tx{run}.{{peer}}")  # fmt: skip
+    bridge = bridges(
+        nats_server.url, mesh, "--name", f"tx{run}", "--batch", "20", "--route", f"{egress}=tx{run}.{{peer}}"
+    )
     ids = [f"{run}-{i}" for i in range(30)]
     want: set[str] = set()
     async with MeshClient(mesh.endpoint, timeout=30) as client:
@@ -236,8 +248,16 @@ async def test_immediate_egress_uses_record_ids_across_bridge_and_peer_sigkill(
     run = uuid.uuid4().hex[:6]
     stream = f"IM{run}"
     await add_stream(nats_server.url, stream, [f"im{run}.>"])
-    bridge = bridges(nats_server.url, mesh, "--name", f"im{run}", "--batch", "10",
-                     "--route", f"{IMMEDIATE}=im{run}.{{name}}.{{peer}}")  # fmt: skip
+    bridge = bridges(
+        nats_server.url,
+        mesh,
+        "--name",
+        f"im{run}",
+        "--batch",
+        "10",
+        "--route",
+        f"{IMMEDIATE}=im{run}.{{name}}.{{peer}}",
+    )
     # NATS turns a line break in a header into a space: unescaped, these two ids would share Nats-Msg-Ids
     ids = [f"{run}-{i}" for i in range(18)] + [f"{run}-line\nbreak%", f"{run}-line break%"]
     async with MeshClient(mesh.endpoint, timeout=30) as client:
@@ -265,9 +285,7 @@ async def test_immediate_egress_uses_record_ids_across_bridge_and_peer_sigkill(
         assert m.headers["Nats-Msg-Id"].startswith(f"{EMIT}/{run}-")
 
 
-async def test_nats_down_at_start_backs_off_then_delivers(
-    tmp_path: Path, mesh: Cluster, bridges: Any
-) -> None:
+async def test_nats_down_at_start_backs_off_then_delivers(tmp_path: Path, mesh: Cluster, bridges: Any) -> None:
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     run = uuid.uuid4().hex[:6]

@@ -58,8 +58,9 @@ class Bridge(BridgeProcess):
 
     def final_counts(self, run: int) -> dict[str, int]:
         """The counters of the ``stopped:`` line of run ``run``."""
-        m = re.search(r"stopped: bridged (\d+) .*?redelivered (\d+), rejected (\d+) \(dead-lettered (\d+)\)",
-                      self.log(run))  # fmt: skip
+        m = re.search(
+            r"stopped: bridged (\d+) .*?redelivered (\d+), rejected (\d+) \(dead-lettered (\d+)\)", self.log(run)
+        )
         assert m, f"no final counters in the bridge log:\n{self.log(run)[-3000:]}"
         return dict(zip(("bridged", "redelivered", "rejected", "dead_lettered"), map(int, m.groups()), strict=True))
 
@@ -166,9 +167,15 @@ async def test_messages_reach_functions_and_publisher_duplicates_apply_once(
                 await js.publish(f"a.it.tally.{k}", str(i).encode(), headers={"Nats-Msg-Id": f"{k}/{i}"})
         # header mapping, int values written as text, a dotted id, subject ignored
         for i in range(1, 21):
-            await js.publish("a.anything", str(i).encode(), headers={
-                "Statefun-Target-Type": TALLY, "Statefun-Target-Id": "a.hdr", "Statefun-Value-Type":
-                "io.statefun.types/int"})  # fmt: skip
+            await js.publish(
+                "a.anything",
+                str(i).encode(),
+                headers={
+                    "Statefun-Target-Type": TALLY,
+                    "Statefun-Target-Id": "a.hdr",
+                    "Statefun-Value-Type": "io.statefun.types/int",
+                },
+            )
         # a function type the mesh does not know: terminated and logged, nothing else stops
         await js.publish("a.it.no-such-function.x", b"1")
         # publisher retries inside the duplicate window: JetStream itself drops them
@@ -193,8 +200,11 @@ async def test_messages_reach_functions_and_publisher_duplicates_apply_once(
         assert b.stop() == 0
         final = b.final_counts(1)
         assert final == {"bridged": len(keys) * n + 20 + 8, "redelivered": 0, "rejected": 1, "dead_lettered": 0}
-        assert re.search(r"A message \d+ \(subject a\.it\.no-such-function\.x\) terminated, not bridged: "
-                         r"the mesh has no function it/no-such-function", b.log()), b.log()[-3000:]  # fmt: skip
+        assert re.search(
+            r"A message \d+ \(subject a\.it\.no-such-function\.x\) terminated, not bridged: "
+            r"the mesh has no function it/no-such-function",
+            b.log(),
+        ), b.log()[-3000:]
     finally:
         await nc.close()
 
@@ -217,8 +227,20 @@ async def test_bridge_sigkilled_mid_stream_applies_every_message_once(
                 await js.publish(f"b.it.tally.{k}", str(i).encode())
         total = len(keys) * n
 
-        b = bridge("--stream", "B", "--subject", "b.>", "--durable", "mesh-b", "--ack-wait", "3",
-                   "--max-in-flight", "64", "--fetch-batch", "16")  # fmt: skip
+        b = bridge(
+            "--stream",
+            "B",
+            "--subject",
+            "b.>",
+            "--durable",
+            "mesh-b",
+            "--ack-wait",
+            "3",
+            "--max-in-flight",
+            "64",
+            "--fetch-batch",
+            "16",
+        )
         applied_unacked = []
         for kill_at in (total // 4, total // 2):
             b.start()

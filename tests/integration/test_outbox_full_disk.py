@@ -41,8 +41,12 @@ def disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     path = tmp_path / "disk"
     path.mkdir()
     try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}m,mode=0755", "tmpfs", str(path)],
-                           capture_output=True, text=True, timeout=30)  # fmt: skip
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}m,mode=0755", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"a full disk needs a small tmpfs mount, and mount could not run: {exc}")
     if r.returncode != 0:
@@ -169,8 +173,9 @@ async def test_a_peer_whose_disk_fills_while_its_outbox_drains_resumes_with_exac
     tested above."""
     n, peers = 40_000, 2
     caplog.set_level(logging.WARNING)
-    async with LocalMesh(burst_functions(n, "v" * 100), peers=peers, state_dir=disk / "s",
-                         memory_budget=1 << 20) as mesh:  # fmt: skip
+    async with LocalMesh(
+        burst_functions(n, "v" * 100), peers=peers, state_dir=disk / "s", memory_budget=1 << 20
+    ) as mesh:
         routers = [p.router for p in mesh.peers]
         await mesh.send(message_builder(target_typename="ob/burst", target_id="b", int_value=0))
         for _ in range(2000):

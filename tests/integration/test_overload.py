@@ -179,8 +179,14 @@ def ten_x_bound_mib() -> int:
     return BUDGET_MIB + (parked + in_flight) // (1 << 20) + OVERHEAD_MIB
 
 
-async def run_ten_x(start_cluster: Callable[..., Cluster], *, total: int, slow_ms: float, drain_timeout: float,
-                    client_timeout: float = 90.0) -> None:  # fmt: skip
+async def run_ten_x(
+    start_cluster: Callable[..., Cluster],
+    *,
+    total: int,
+    slow_ms: float,
+    drain_timeout: float,
+    client_timeout: float = 90.0,
+) -> None:
     """Offer ``total`` client messages at 10x what peers 1 and 2 can apply at best (``it/slow``
     blocks them ``slow_ms`` per message), every 10th one fanning out; then check memory,
     backpressure and exactly-once (see the constants above)."""
@@ -283,8 +289,9 @@ async def run_ten_x(start_cluster: Callable[..., Cluster], *, total: int, slow_m
                     trees = await gather_bounded((tree_count(client, r) for r in roots), 50)
                     return sum(counts) >= sum(want_slow.values()) and sum(trees) >= FANOUT_K * len(roots)
 
-                await eventually(all_applied, timeout=drain_timeout, interval=0.5,
-                                 what="every accepted message applied")  # fmt: skip
+                await eventually(
+                    all_applied, timeout=drain_timeout, interval=0.5, what="every accepted message applied"
+                )
                 processed = time.monotonic() - started
             finally:
                 stop.set()
@@ -307,15 +314,25 @@ async def run_ten_x(start_cluster: Callable[..., Cluster], *, total: int, slow_m
     served = total / processed
     lat = sorted(b - started for b in acked)
     measured = {
-        "messages": total, "fanned_out": FANOUT_K * len(roots) * 2, "offered_per_s": round(offered),
-        "issued_per_s": round(total / issued), "attempts_per_s": round((total + busy) / accepted),
-        "applied_per_s": round(served), "overload_x": round(offered / served, 1), "issued_s": round(issued, 1),
-        "all_acked_s": round(accepted, 1), "all_applied_s": round(processed, 1),
-        "busy_refusals": busy, "parked_peak": parked_peak, "spilled_peak": spilled_peak, "timeouts": timeouts,
-        "rss_anon_growth_mib": growth, "bound_mib": bound,
+        "messages": total,
+        "fanned_out": FANOUT_K * len(roots) * 2,
+        "offered_per_s": round(offered),
+        "issued_per_s": round(total / issued),
+        "attempts_per_s": round((total + busy) / accepted),
+        "applied_per_s": round(served),
+        "overload_x": round(offered / served, 1),
+        "issued_s": round(issued, 1),
+        "all_acked_s": round(accepted, 1),
+        "all_applied_s": round(processed, 1),
+        "busy_refusals": busy,
+        "parked_peak": parked_peak,
+        "spilled_peak": spilled_peak,
+        "timeouts": timeouts,
+        "rss_anon_growth_mib": growth,
+        "bound_mib": bound,
         "peak_vmrss_mib": {p: peak[p]["VmRSS"] // 1024 for p in pids},
         "ack_p50_s": round(lat[len(lat) // 2], 2) if lat else -1,
-    }  # fmt: skip
+    }
     print(f"MEASURED overload-10x: {json.dumps(measured)}")
     assert not wrong, f"{len(wrong)} it/slow instances counted other than sent (got, sent): {list(wrong.items())[:5]}"
     assert not wrong_trees, f"{len(wrong_trees)} fan-outs not applied {FANOUT_K} times: {list(wrong_trees.items())[:5]}"

@@ -34,9 +34,14 @@ def start_function_server(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     log = open(workdir / "functions.log", "wb")  # noqa: SIM115 - closed with the process below
     proc = subprocess.Popen(
-        [sys.executable, str(REMOTE_APP), str(port)], cwd=ROOT, stdout=log, stderr=log,
-        stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-    )  # fmt: skip
+        [sys.executable, str(REMOTE_APP), str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     log.close()
     deadline = time.monotonic() + 30
     while True:
@@ -76,11 +81,17 @@ async def test_official_sdk_remote_function_exactly_once_across_a_sigkill(tmp_pa
             deadline = time.monotonic() + 120
 
             async def send_round(r: int) -> None:
-                await asyncio.gather(*(
-                    clients.send(message_builder("remote.example/counter", id, int_value=1), f"{id}-{r}",
-                                 first=i, deadline=deadline)
-                    for i, id in enumerate(ids)
-                ))  # fmt: skip
+                await asyncio.gather(
+                    *(
+                        clients.send(
+                            message_builder("remote.example/counter", id, int_value=1),
+                            f"{id}-{r}",
+                            first=i,
+                            deadline=deadline,
+                        )
+                        for i, id in enumerate(ids)
+                    )
+                )
 
             for r in range(per_id // 2):
                 await send_round(r)

@@ -97,10 +97,11 @@ def official_greeter() -> Any:
         typename="remote.example/greeter",
         specs=[
             statefun.ValueSpec(name="seen", type=statefun.IntType),
-            statefun.ValueSpec(name="names", type=statefun.make_json_type("example/names"),
-                               expire_after_call=timedelta(days=1)),
+            statefun.ValueSpec(
+                name="names", type=statefun.make_json_type("example/names"), expire_after_call=timedelta(days=1)
+            ),
         ],
-    )  # fmt: skip
+    )
     async def greeter(context: Any, message: Any) -> None:
         if message.is_string():
             name = message.as_string()
@@ -110,14 +111,18 @@ def official_greeter() -> Any:
             context.send(statefun.message_builder(target_typename="local/counter", target_id="all", int_value=1))
             context.send_after(
                 timedelta(milliseconds=50),
-                statefun.message_builder(target_typename="remote.example/greeter", target_id=context.address.id,
-                                         int_value=seen),
+                statefun.message_builder(
+                    target_typename="remote.example/greeter", target_id=context.address.id, int_value=seen
+                ),
                 cancellation_token=f"t{seen}",
-            )  # fmt: skip
+            )
             if seen == 2:
                 context.cancel_delayed_message("t2")
-            context.send_egress(statefun.kafka_egress_message(typename="e/kafka", topic="greetings",
-                                                              key=name, value=f"hello {name} #{seen}"))  # fmt: skip
+            context.send_egress(
+                statefun.kafka_egress_message(
+                    typename="e/kafka", topic="greetings", key=name, value=f"hello {name} #{seen}"
+                )
+            )
         elif message.is_int():  # a delayed message fired
             fired = statefun.egress_message_builder("e/fired", value=message.as_int(), value_type=statefun.IntType)
             context.send_egress(fired)
@@ -209,8 +214,9 @@ async def _test_statefun_mesh_functions_served_by_our_handler(tmp_path: Path, se
     @remote_functions.bind("svc/echo", specs=[sm.ValueSpec("count", sm.IntType, expire_after_write=timedelta(hours=1))])
     def echo(context: sm.Context, message: sm.Message) -> None:
         context.storage.count = (context.storage.count or 0) + 1
-        context.send_egress(sm.egress_message_builder("e/echo", f"{message.as_string()}:{context.storage.count}",
-                                                      sm.StringType))  # fmt: skip
+        context.send_egress(
+            sm.egress_message_builder("e/echo", f"{message.as_string()}:{context.storage.count}", sm.StringType)
+        )
 
     server = await servers.serve(sm.RequestReplyHandler(remote_functions).handle_async)
     module = module_file(tmp_path, ("svc/echo", server.port, "  maxNumBatchRequests: 7\n"))
@@ -289,8 +295,10 @@ async def _test_bad_endpoints_dead_letter_only_their_messages(tmp_path: Path, se
             await mesh.send(sm.message_builder("ok/fn", str(i), str_value=f"fine {i}"))
         await settle(mesh, lambda: len(mesh.peers[0].egress_read(sm.DEAD_LETTERS, 0, 100)) >= 5)
         assert sorted(r.as_string() for r in await egress(mesh, "e/ok")) == [f"fine {i}" for i in range(5)]
-        letters = {json.loads(r.raw_value())["target_typename"]: json.loads(r.raw_value())
-                   for r in await egress(mesh, sm.DEAD_LETTERS)}  # fmt: skip
+        letters = {
+            json.loads(r.raw_value())["target_typename"]: json.loads(r.raw_value())
+            for r in await egress(mesh, sm.DEAD_LETTERS)
+        }
         assert set(letters) == {"bad/500", "bad/garbage", "bad/slow", "bad/down", "bad/undeclared"}
         assert "HTTP 500" in letters["bad/500"]["error"] and "gave up" in letters["bad/500"]["error"]
         assert "not a FromFunction" in letters["bad/garbage"]["error"]

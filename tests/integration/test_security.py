@@ -60,8 +60,9 @@ def counter_record(id: str, n: int) -> tuple[Any, ...]:
     return (app.COUNTER, id, "", "", INT, int_bytes(n), 0, 0)
 
 
-async def strike(endpoint: str, identity: bytes, frames: list[bytes], *, curve: tuple[Keypair, str] | None = None,
-                 hold: float = 0.5) -> None:  # fmt: skip
+async def strike(
+    endpoint: str, identity: bytes, frames: list[bytes], *, curve: tuple[Keypair, str] | None = None, hold: float = 0.5
+) -> None:
     """Connect as ``identity`` (with a CURVE key pair and server key, if given), send ``frames``, go."""
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -122,8 +123,9 @@ async def healthy(cluster: Cluster, run: str) -> None:
                 for p in range(3):
                     key = ids_on(p, f"{run}-healthy-{via}", 1)[0]
                     await add(c, key, 1)
-                    await eventually(_counts_to(c, key, 1), timeout=15,
-                                     what=f"a message entering at peer {via} reaches peer {p}")  # fmt: skip
+                    await eventually(
+                        _counts_to(c, key, 1), timeout=15, what=f"a message entering at peer {via} reaches peer {p}"
+                    )
 
 
 def _counts_to(client: MeshClient, key: str, value: int) -> Callable[[], Any]:
@@ -177,8 +179,9 @@ async def test_spoofed_recover_and_resume(start_cluster: Callable[..., Cluster],
             await eventually(lambda: _equals(count(c1, target), 5), timeout=15, what="the counter is 5")
             gen = live_generation(cluster) + 1
             prefix = struct.pack(">I", gen)
-            await strike_all_ways(cluster, keys, 1, peer_identity(0),
-                                  [prefix + codec.encode_control(codec.RECOVER, gen, -1)])  # fmt: skip
+            await strike_all_ways(
+                cluster, keys, 1, peer_identity(0), [prefix + codec.encode_control(codec.RECOVER, gen, -1)]
+            )
             await asyncio.sleep(1.5)
             resume = prefix + codec.encode_control(codec.RESUME, gen)
             await strike_all_ways(cluster, keys, 1, peer_identity(0), [resume])
@@ -281,9 +284,11 @@ async def test_client_without_an_admitted_key(start_cluster: Callable[..., Clust
     assert await stranger((generate_keypair(), server_key)) == []
     with pytest.raises(RequestTimeoutError):
         stranger_keys = generate_keypair()
-        async with MeshClient(cluster.endpoint, timeout=1.0,
-                              keys=ClientKeys(stranger_keys.public, stranger_keys.secret,
-                                              {cluster.endpoint: server_key})) as c:  # fmt: skip
+        async with MeshClient(
+            cluster.endpoint,
+            timeout=1.0,
+            keys=ClientKeys(stranger_keys.public, stranger_keys.secret, {cluster.endpoint: server_key}),
+        ) as c:
             await c.info()
     status = (await statuses(cluster))[0]
     assert status["refused_clients"] >= 3, status
@@ -306,21 +311,27 @@ def _plain_dealer(endpoint: str, identity: bytes) -> zmq.asyncio.Socket:
 @pytest.mark.timeout(60)
 async def test_control_frames_only_from_the_coordinator(tmp_path: Path) -> None:
     """RECOVER, RESUME, CK_DONE and CK_ABORT on peer 2's link into peer 1 are refused and counted."""
-    async with LocalMesh(app.functions, peers=3, transport="tcp", state_dir=tmp_path,
-                         blob_store=f"memory://sec-{uuid.uuid4().hex}") as mesh:  # fmt: skip
+    async with LocalMesh(
+        app.functions, peers=3, transport="tcp", state_dir=tmp_path, blob_store=f"memory://sec-{uuid.uuid4().hex}"
+    ) as mesh:
         peer = mesh.peers[1]
         gen = peer.generation
         prefix = struct.pack(">I", gen + 1)
-        frames = [prefix + codec.encode_control(codec.RECOVER, gen + 1, -1),
-                  struct.pack(">I", gen) + codec.encode_control(codec.RESUME, gen),
-                  struct.pack(">I", gen) + codec.encode_control(codec.CK_DONE, 1),
-                  struct.pack(">I", gen) + codec.encode_control(codec.CK_ABORT, 1)]  # fmt: skip
+        frames = [
+            prefix + codec.encode_control(codec.RECOVER, gen + 1, -1),
+            struct.pack(">I", gen) + codec.encode_control(codec.RESUME, gen),
+            struct.pack(">I", gen) + codec.encode_control(codec.CK_DONE, 1),
+            struct.pack(">I", gen) + codec.encode_control(codec.CK_ABORT, 1),
+        ]
         sock = _plain_dealer(mesh.config.endpoints[1], peer_identity(2))
         try:
             for f in frames:
                 await sock.send(f)
-            await eventually(lambda: asyncio.sleep(0, peer.status().get("refused_frames") == 4), timeout=5,
-                             what="4 control frames refused")  # fmt: skip
+            await eventually(
+                lambda: asyncio.sleep(0, peer.status().get("refused_frames") == 4),
+                timeout=5,
+                what="4 control frames refused",
+            )
         finally:
             sock.close(0)
         assert peer.generation == gen and peer.resumed
@@ -331,12 +342,16 @@ async def test_control_frames_only_from_the_coordinator(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 async def test_far_ahead_generation_is_refused_not_held(tmp_path: Path) -> None:
     """A batch frame stamped far above the mesh's generation is refused and counted, not held."""
-    async with LocalMesh(app.functions, peers=3, transport="tcp", state_dir=tmp_path,
-                         blob_store=f"memory://sec-{uuid.uuid4().hex}") as mesh:  # fmt: skip
+    async with LocalMesh(
+        app.functions, peers=3, transport="tcp", state_dir=tmp_path, blob_store=f"memory://sec-{uuid.uuid4().hex}"
+    ) as mesh:
         peer = mesh.peers[0]
         inbound = peer.inbound
-        await eventually(lambda: asyncio.sleep(0, inbound.coordinator_generation >= 0 or peer.coordinator is not None),
-                         timeout=5, what="peer 0 knows the generation")  # fmt: skip
+        await eventually(
+            lambda: asyncio.sleep(0, inbound.coordinator_generation >= 0 or peer.coordinator is not None),
+            timeout=5,
+            what="peer 0 knows the generation",
+        )
         far = peer.generation + 1000
         near = peer.generation + 1
         batch = encode_batch([counter_record("x", 1)] * 100)
@@ -346,10 +361,16 @@ async def test_far_ahead_generation_is_refused_not_held(tmp_path: Path) -> None:
             for _ in range(50):
                 await sock.send(struct.pack(">I", far) + batch)
             await sock.send(struct.pack(">I", near) + batch)  # one round ahead: may be real, so held
-            await eventually(lambda: asyncio.sleep(0, peer.status().get("refused_frames") == 50), timeout=5,
-                             what="50 far-ahead frames refused")  # fmt: skip
-            await eventually(lambda: asyncio.sleep(0, len(peer.inbound.held) == held_before + 1), timeout=5,
-                             what="the near frame held")  # fmt: skip
+            await eventually(
+                lambda: asyncio.sleep(0, peer.status().get("refused_frames") == 50),
+                timeout=5,
+                what="50 far-ahead frames refused",
+            )
+            await eventually(
+                lambda: asyncio.sleep(0, len(peer.inbound.held) == held_before + 1),
+                timeout=5,
+                what="the near frame held",
+            )
         finally:
             sock.close(0)
 
@@ -363,15 +384,23 @@ async def test_a_peer_key_cannot_speak_for_another_peer(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
     pairs = [ensure_keypair(str(keys / f"peer-{k}")) for k in range(3)]
-    async with LocalMesh(app.functions, peers=3, transport="tcp", state_dir=tmp_path / "state",
-                         peer_keys=tuple(p.public for p in pairs),
-                         secret_key=str(keys / "peer-{id}.key_secret")) as mesh:  # fmt: skip
+    async with LocalMesh(
+        app.functions,
+        peers=3,
+        transport="tcp",
+        state_dir=tmp_path / "state",
+        peer_keys=tuple(p.public for p in pairs),
+        secret_key=str(keys / "peer-{id}.key_secret"),
+    ) as mesh:
         peer0 = mesh.peers[0]
         before = peer0.status()["bad_frames"]
         beat = struct.pack(">I", peer0.generation) + codec.encode_control(codec.HEARTBEAT, 1, 12345)
         await strike(mesh.config.endpoints[0], peer_identity(1), [beat], curve=(pairs[2], pairs[0].public), hold=0.3)
-        await eventually(lambda: asyncio.sleep(0, peer0.status()["bad_frames"] == before + 1), timeout=5,
-                         what="the heartbeat claiming peer 1 on peer 2's link refused")  # fmt: skip
+        await eventually(
+            lambda: asyncio.sleep(0, peer0.status()["bad_frames"] == before + 1),
+            timeout=5,
+            what="the heartbeat claiming peer 1 on peer 2's link refused",
+        )
         key = ids_on(0, f"{uuid.uuid4().hex[:8]}-t", 1)[0]
         await mesh.peers[1].send(message_builder(target_typename=app.COUNTER, target_id=key, int_value=1))
         await mesh.idle(10)

@@ -126,7 +126,6 @@ async def test_checkpoint_and_sigkill_while_an_invocation_is_parked(mesh: CrashM
         await clients.aclose()
 
 
-
 @pytest.mark.timeout(120)
 async def test_a_blocked_peer_is_named_and_not_recovered(mesh: CrashMesh) -> None:
     """A sync function blocks peer 1's event loop for 8 s (past heartbeat_timeout, 5 s):
@@ -143,7 +142,9 @@ async def test_a_blocked_peer_is_named_and_not_recovered(mesh: CrashMesh) -> Non
         rounds_before = mesh.log().count("recovery round")
         await clients.send(app.json_message(app.BLOCKER, blocked_id, {"block_ms": 8000}), "b0", deadline=deadline)
         line = await asyncio.to_thread(
-            wait_log, mesh, r"peer 1: sync function cr/blocker \(address cr/blocker/[^)]*\) has held the event loop",
+            wait_log,
+            mesh,
+            r"peer 1: sync function cr/blocker \(address cr/blocker/[^)]*\) has held the event loop",
             timeout=10,
         )
         assert blocked_id in line

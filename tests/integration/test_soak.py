@@ -150,8 +150,8 @@ class Load:
             setter, target, token = f"s{n % SETTERS}", f"t{n}", f"tok-{n}"
             delay = self.rng.randint(*TIMER_DELAY_MS) / 1000
             t0, t1, via = await self._send(
-                app.json_message(app.TIMER_SETTER, setter, {"set": [[target, int(delay * 1000), token]]}),
-                f"set-{n}", n)  # fmt: skip
+                app.json_message(app.TIMER_SETTER, setter, {"set": [[target, int(delay * 1000), token]]}), f"set-{n}", n
+            )
             self.latest_due = max(self.latest_due, t1 + delay)
             if self.rng.random() < 0.4:
                 # Sent through the peer that took the timer: its ingress log keeps the two in
@@ -167,8 +167,10 @@ class Load:
             await asyncio.sleep(self.pause * 4)
 
     def tasks(self) -> list[asyncio.Task[None]]:
-        return [asyncio.create_task(c) for c in (self.counters(0), self.counters(1), self.transfers(0),
-                                                  self.chain_starts(), self.timers())]  # fmt: skip
+        return [
+            asyncio.create_task(c)
+            for c in (self.counters(0), self.counters(1), self.transfers(0), self.chain_starts(), self.timers())
+        ]
 
     def ops(self) -> int:
         return len(self.incs) + len(self.xfers) + len(self.chains) + len(self.kept) + 2 * len(self.cancelled)
@@ -192,9 +194,14 @@ def _in_progress_checkpoint(blobs: FileBlobs) -> int | None:
     return None
 
 
-async def _killer(mesh: CrashMesh, kills: int, rng: random.Random, probes: list[str],
-                  script: list[tuple[int, str]] | None = None,
-                  spare_new_coordinator: bool = False) -> list[Kill]:  # fmt: skip
+async def _killer(
+    mesh: CrashMesh,
+    kills: int,
+    rng: random.Random,
+    probes: list[str],
+    script: list[tuple[int, str]] | None = None,
+    spare_new_coordinator: bool = False,
+) -> list[Kill]:
     """SIGKILL ``kills`` times, each at a moment of a random kind (see the module docstring),
     or as ``script`` says: (peer, kind) for each kill. ``spare_new_coordinator``: no kill
     falls into the first round of a restarted peer 0 (an open bug, see
@@ -208,8 +215,10 @@ async def _killer(mesh: CrashMesh, kills: int, rng: random.Random, probes: list[
     if script is not None:
         victims, modes = [k for k, _ in script], [m for _, m in script]
     if spare_new_coordinator:
-        victims = [rng.choice((1, 2)) if k == 0 and j + 1 < kills and modes[j + 1] == "recovery" else k
-                   for j, k in enumerate(victims)]  # fmt: skip
+        victims = [
+            rng.choice((1, 2)) if k == 0 and j + 1 < kills and modes[j + 1] == "recovery" else k
+            for j, k in enumerate(victims)
+        ]
     done: list[Kill] = []
     round_note = ""  # the state of the round a "recovery" kill falls into
     await asyncio.sleep(rng.uniform(0.5, 1.5))  # the load is running
@@ -240,8 +249,10 @@ async def _killer(mesh: CrashMesh, kills: int, rng: random.Random, probes: list[
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nkills so far: {done}\nlauncher log: {mesh.log_path}") from None
         kill.recovered_s = t_ok - t_kill
-        print(f"[soak] kill {j + 1}/{kills}: peer {kill.peer} ({mode}{', ' + note if note else ''}); every peer "
-              f"answered {kill.recovered_s:.2f} s later; newest checkpoint {mesh.manifests()[-1:]}")  # fmt: skip
+        print(
+            f"[soak] kill {j + 1}/{kills}: peer {kill.peer} ({mode}{', ' + note if note else ''}); every peer "
+            f"answered {kill.recovered_s:.2f} s later; newest checkpoint {mesh.manifests()[-1:]}"
+        )
     return done
 
 
@@ -336,9 +347,16 @@ def _pct(xs: list[float], q: float) -> float:
     return round(sorted(xs)[min(int(q * len(xs)), len(xs) - 1)], 3) if xs else -1.0
 
 
-async def run_soak(mesh: CrashMesh, *, kills: int, budget: float, pause: float, seed: int | None = None,
-                   script: list[tuple[int, str]] | None = None,
-                   spare_new_coordinator: bool = False) -> None:  # fmt: skip
+async def run_soak(
+    mesh: CrashMesh,
+    *,
+    kills: int,
+    budget: float,
+    pause: float,
+    seed: int | None = None,
+    script: list[tuple[int, str]] | None = None,
+    spare_new_coordinator: bool = False,
+) -> None:
     seed = random.randrange(1 << 30) if seed is None else seed
     print(f"\n[soak] seed={seed} kills={kills} (rerun: run_soak(..., seed={seed}))")
     rng = random.Random(seed)
@@ -419,13 +437,17 @@ async def run_soak(mesh: CrashMesh, *, kills: int, budget: float, pause: float, 
         print(f"MEASURED soak: {json.dumps(measured)}")
         problems = []
         if wrong:
-            problems.append(f"{len(wrong)} instances differ from the accepted operations (instance: (want, got)): "
-                            f"{dict(list(wrong.items())[:20])}")  # fmt: skip
+            problems.append(
+                f"{len(wrong)} instances differ from the accepted operations (instance: (want, got)): "
+                f"{dict(list(wrong.items())[:20])}"
+            )
         if dups or missing or extra or gaps:
-            problems.append(f"egress {app.INCREMENTS}: {len(records)} records for {len(expected)} increments; "
-                            f"{len(dups)} duplicated (e.g. {list(dups.items())[:5]}), {len(missing)} missing "
-                            f"(e.g. {sorted(missing)[:5]}), {len(extra)} unexpected; "
-                            f"offsets not 0..n-1: {gaps}")  # fmt: skip
+            problems.append(
+                f"egress {app.INCREMENTS}: {len(records)} records for {len(expected)} increments; "
+                f"{len(dups)} duplicated (e.g. {list(dups.items())[:5]}), {len(missing)} missing "
+                f"(e.g. {sorted(missing)[:5]}), {len(extra)} unexpected; "
+                f"offsets not 0..n-1: {gaps}"
+            )
         if problems:
             keys = {f"inc {v.split('|')[1]}": v.split("|")[1] for v in missing}
             for (typename, id), _ in wrong.items():
@@ -434,10 +456,14 @@ async def run_soak(mesh: CrashMesh, *, kills: int, budget: float, pause: float, 
                 elif typename == app.TIMER_TARGET:
                     keys[f"{typename} {id}"] = f"set-{id[1:]}"
             when = sorted((load.accepted[k], what) for what, k in keys.items() if k in load.accepted)
-            problems.append("accepted (wall clock, through peer) of what is missing: " + "; ".join(
-                f"{what} at {_hms(t)} via peer {via}" for (t, via), what in when[:40]))
-            problems.append(f"seed {seed}; kills (peer, kind, note, wall clock): "
-                            f"{[(k.peer, k.mode, k.note, _hms(k.wall)) for k in done]}")  # fmt: skip
+            problems.append(
+                "accepted (wall clock, through peer) of what is missing: "
+                + "; ".join(f"{what} at {_hms(t)} via peer {via}" for (t, via), what in when[:40])
+            )
+            problems.append(
+                f"seed {seed}; kills (peer, kind, note, wall clock): "
+                f"{[(k.peer, k.mode, k.note, _hms(k.wall)) for k in done]}"
+            )
             problems.append(f"launcher log: {mesh.log_path}")
         assert not problems, "\n".join(problems)
         slow = [(k.peer, k.mode, round(k.recovered_s, 1)) for k in done if (k.recovered_s or 0) > RECOVERY_BOUND]

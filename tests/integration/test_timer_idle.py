@@ -26,10 +26,28 @@ async def test_idle_peer_process_with_cancelled_timers(tmp_path: Path) -> None:
     out = tmp_path / "run.out"
     with open(out, "wb") as fh, open(tmp_path / "run.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "statefun_mesh", "run", "tests.integration.timer_app:functions", "--peers", "1",
-             "--transport", "ipc", "--client-endpoint", endpoint, "--state-dir", str(tmp_path / "state")],
-            cwd=ROOT, stdout=fh, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "statefun_mesh",
+                "run",
+                "tests.integration.timer_app:functions",
+                "--peers",
+                "1",
+                "--transport",
+                "ipc",
+                "--client-endpoint",
+                endpoint,
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
+            cwd=ROOT,
+            stdout=fh,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     peer_pid = None
     peer_cmd: list[str] = []
     try:
@@ -41,10 +59,12 @@ async def test_idle_peer_process_with_cancelled_timers(tmp_path: Path) -> None:
         peer_cmd = _cmdline(peer_pid)
         async with MeshClient(endpoint, timeout=20) as client:
             for i in range(3):
-                await client.send(message_builder(target_typename="it/sched", target_id=f"s{i}",
-                                                  str_value=f"schedule:t{i}"))
-                await client.send(message_builder(target_typename="it/sched", target_id=f"s{i}",
-                                                  str_value=f"cancel:t{i}"))
+                await client.send(
+                    message_builder(target_typename="it/sched", target_id=f"s{i}", str_value=f"schedule:t{i}")
+                )
+                await client.send(
+                    message_builder(target_typename="it/sched", target_id=f"s{i}", str_value=f"cancel:t{i}")
+                )
             await asyncio.sleep(1.0)  # past every due time, and past the checkpoint after the sends
             status = (await client.info())["status"]
         assert status["next_timer_ms"] is None, status

@@ -15,9 +15,11 @@ def sched(context, message):
     """``"schedule:<token>"`` sends a message to ``it/sink`` in 200 ms; ``"cancel:<token>"`` cancels it."""
     op, token = message.as_string().split(":", 1)
     if op == "schedule":
-        context.send_after(timedelta(milliseconds=200),
-                           message_builder(target_typename="it/sink", target_id="s", str_value=token),
-                           cancellation_token=token)
+        context.send_after(
+            timedelta(milliseconds=200),
+            message_builder(target_typename="it/sink", target_id="s", str_value=token),
+            cancellation_token=token,
+        )
     else:
         context.cancel_delayed_message(token)
 

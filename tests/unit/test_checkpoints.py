@@ -61,8 +61,11 @@ async def completed(mesh: LocalMesh) -> int:
 
 async def wait_checkpoint_after(mesh: LocalMesh, n: int, timeout: float = 30.0) -> int:
     coord = mesh.peers[0].coordinator
-    await wait_for(lambda: coord.last_complete is not None and coord.last_complete.checkpoint > n, timeout,
-                   f"a checkpoint after {n}")
+    await wait_for(
+        lambda: coord.last_complete is not None and coord.last_complete.checkpoint > n,
+        timeout,
+        f"a checkpoint after {n}",
+    )
     return coord.last_complete.checkpoint
 
 
@@ -220,7 +223,6 @@ def test_manifest_is_json_with_the_documented_fields(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
-
 async def test_without_local_recovery_no_local_copies_are_kept(tmp_path: Path) -> None:
     kw = settings(tmp_path, local_recovery=False)
     async with LocalMesh(app(), peers=2, **kw) as mesh:
@@ -326,8 +328,10 @@ async def test_a_recovery_round_survives_a_lost_ready_or_resume(tmp_path: Path, 
         sender.router.send = lossy  # type: ignore[method-assign]
         before = mesh.peers[0].coordinator.generation
         mesh.peers[0].coordinator.request_recovery("a test")
-        await wait_for(lambda: all(p.resumed and p.generation > before for p in mesh.peers), 20,
-                       f"the round to finish after a lost {lost}")
+        await wait_for(
+            lambda: all(p.resumed and p.generation > before for p in mesh.peers),
+            20,
+            f"the round to finish after a lost {lost}",
+        )
         assert dropped, f"no {lost} was sent"
         assert await count_of(mesh, "after-the-round") == 0
-

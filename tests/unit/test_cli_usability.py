@@ -108,28 +108,64 @@ def test_json_formatter_writes_one_object_per_record() -> None:
 
 def _peer(k: int, invocations: int, **kw: object) -> dict[str, object]:
     doc: dict[str, object] = {
-        "peer": k, "queued": 3, "outgoing": [0, 2], "parked_sends": 1, "invocations": invocations, "failures": 0,
-        "batches": 1, "unavailable_peers": [], "key_groups": [k * 512, (k + 1) * 512], "state_bytes": 1_234_567,
-        "checkpoints": {"last_complete": 7, "failed": 0, "failing": False, "last_error": None,
-                        "last_complete_age_s": 2.345},
-    }  # fmt: skip
+        "peer": k,
+        "queued": 3,
+        "outgoing": [0, 2],
+        "parked_sends": 1,
+        "invocations": invocations,
+        "failures": 0,
+        "batches": 1,
+        "unavailable_peers": [],
+        "key_groups": [k * 512, (k + 1) * 512],
+        "state_bytes": 1_234_567,
+        "checkpoints": {
+            "last_complete": 7,
+            "failed": 0,
+            "failing": False,
+            "last_error": None,
+            "last_complete_age_s": 2.345,
+        },
+    }
     doc.update(kw)
     return doc
 
 
 def test_status_table_rates_backlog_and_problems() -> None:
     before = {"status": [_peer(0, 100), _peer(1, 10)]}
-    failing = {"last_complete": 7, "failed": 2, "failing": True, "last_error": "checkpoint 9: disk full",
-               "last_complete_age_s": 61.0}  # fmt: skip
+    failing = {
+        "last_complete": 7,
+        "failed": 2,
+        "failing": True,
+        "last_error": "checkpoint 9: disk full",
+        "last_complete_age_s": 61.0,
+    }
     doc = {
-        "peers": 2, "max_parallelism": 1024, "functions": ["a/b", "c/d"], "checkpoint_interval": 5.0,
+        "peers": 2,
+        "max_parallelism": 1024,
+        "functions": ["a/b", "c/d"],
+        "checkpoint_interval": 5.0,
         "status": [_peer(0, 300), _peer(1, 12_345, checkpoints=failing, unavailable_peers=[0])],
-    }  # fmt: skip
+    }
     lines = status_table(doc, before, 2.0).splitlines()
     assert lines[0] == "mesh: 2 peers, 1024 key groups, checkpoints every 5 s; functions: a/b, c/d"
     # peer 1 lost sight of peer 0, which answers all the same
-    assert lines[2].split() == ["0", "yes", "(others", "lost", "it)", "0-511", "300", "100", "0", "6", "1.2", "MB",
-                                "7", "2.3", "s"]  # fmt: skip
+    assert lines[2].split() == [
+        "0",
+        "yes",
+        "(others",
+        "lost",
+        "it)",
+        "0-511",
+        "300",
+        "100",
+        "0",
+        "6",
+        "1.2",
+        "MB",
+        "7",
+        "2.3",
+        "s",
+    ]
     assert lines[3].split()[:5] == ["1", "yes", "512-1023", "12,345", "6,168"]
     assert "7 (FAILING)" in lines[3] and "61 s" in lines[3]
     assert lines[4] == "peer 1: checkpoint 9: disk full"

@@ -143,10 +143,14 @@ def test_write_config_round_trips(tmp_path: Path) -> None:
     from statefun_mesh.launcher import write_config
 
     config = MeshConfig(
-        functions=("a:b",), state_dir=str(tmp_path / "st"), peers=2,
-        endpoints=("ipc:///tmp/x-0", "ipc:///tmp/x-1"), client_endpoints=("tcp://127.0.0.1:1", ""),
-        linger=0.5, heartbeat_timeout=9.0,
-    )  # fmt: skip
+        functions=("a:b",),
+        state_dir=str(tmp_path / "st"),
+        peers=2,
+        endpoints=("ipc:///tmp/x-0", "ipc:///tmp/x-1"),
+        client_endpoints=("tcp://127.0.0.1:1", ""),
+        linger=0.5,
+        heartbeat_timeout=9.0,
+    )
     write_config(config, str(tmp_path / "out.toml"))
     assert load_config(tmp_path / "out.toml") == config
 

@@ -187,9 +187,15 @@ def test_dockerfile_builds_the_c_core_and_serves_the_manifests_ports() -> None:
     assert "/var/lib/statefun-mesh" in text
 
 
-@pytest.mark.parametrize(("hostname", "peer"), [
-    ("mesh-0", 0), ("mesh-12", 12), ("my-mesh-3", 3), ("mesh-2.mesh.default.svc.cluster.local", 2),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("hostname", "peer"),
+    [
+        ("mesh-0", 0),
+        ("mesh-12", 12),
+        ("my-mesh-3", 3),
+        ("mesh-2.mesh.default.svc.cluster.local", 2),
+    ],
+)
 def test_peer_id_from_hostname(hostname: str, peer: int) -> None:
     assert peer_id_from_hostname(hostname) == peer
 
@@ -209,10 +215,13 @@ def test_id_and_id_from_hostname_are_exclusive_and_one_is_required() -> None:
 
 @pytest.mark.integration  # processes
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare --uts")
-@pytest.mark.parametrize(("hostname", "expect"), [
-    ("mesh-5", "--id must be in 0..1 for this config, got 5"),
-    ("webserver", "the host name 'webserver' does not end in '-<number>'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("hostname", "expect"),
+    [
+        ("mesh-5", "--id must be in 0..1 for this config, got 5"),
+        ("webserver", "the host name 'webserver' does not end in '-<number>'"),
+    ],
+)
 def test_peer_takes_its_id_from_the_real_hostname(tmp_path: Path, hostname: str, expect: str) -> None:
     """A real ``statefun-mesh peer --id-from-hostname`` in a UTS namespace with the given host name."""
     cfg = tmp_path / "mesh.toml"
@@ -220,7 +229,13 @@ def test_peer_takes_its_id_from_the_real_hostname(tmp_path: Path, hostname: str,
     cfg.write_text(f'functions = ["examples.greeter:functions"]\nstate_dir = "state"\n{peers}')
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     script = f'hostname {shlex.quote(hostname)} && exec "$0" -m statefun_mesh peer --config "$1" --id-from-hostname'
-    r = subprocess.run(["unshare", "--uts", "sh", "-c", script, sys.executable, str(cfg)], capture_output=True,
-                       text=True, timeout=60, env=env, cwd=ROOT)  # fmt: skip
+    r = subprocess.run(
+        ["unshare", "--uts", "sh", "-c", script, sys.executable, str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert expect in r.stderr

@@ -107,14 +107,28 @@ def _run(tmp_path: Path) -> tuple[dict[str, Any], list[Any]]:
     seen: list[Any] = []
     backend = LmdbStateBackend(str(tmp_path / "state"))
     try:
-        backend.commit([
-            ("put", "state", state_key(_speedups.key_group("c", 128), "t/count", "c", "n"),
-             encode_state_value(INT, b"\r\x05\x00\x00\x00", 0)),
-            ("put", "state", state_key(_speedups.key_group("e", 128), "t/ttl", "e", "v"),
-             encode_state_value(INT, b"\r\x05\x00\x00\x00", 500)),
-            ("put", "state", state_key(_speedups.key_group("f", 128), "t/ttl", "f", "v"),
-             encode_state_value(INT, b"\r\x05\x00\x00\x00", 5000)),
-        ])  # fmt: skip
+        backend.commit(
+            [
+                (
+                    "put",
+                    "state",
+                    state_key(_speedups.key_group("c", 128), "t/count", "c", "n"),
+                    encode_state_value(INT, b"\r\x05\x00\x00\x00", 0),
+                ),
+                (
+                    "put",
+                    "state",
+                    state_key(_speedups.key_group("e", 128), "t/ttl", "e", "v"),
+                    encode_state_value(INT, b"\r\x05\x00\x00\x00", 500),
+                ),
+                (
+                    "put",
+                    "state",
+                    state_key(_speedups.key_group("f", 128), "t/ttl", "f", "v"),
+                    encode_state_value(INT, b"\r\x05\x00\x00\x00", 5000),
+                ),
+            ]
+        )
         d = Dispatcher(merge_functions(_functions(seen)), backend, max_parallelism=128)
         out = asyncio.run(d.run(_batch(), [], 1000))
         ops = [

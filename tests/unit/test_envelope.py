@@ -38,8 +38,7 @@ def test_envelope_vectors(v: dict[str, Any]) -> None:
     assert (gen, credit, bytes(body)) == (v["generation"], v["credit"] or None, frame)
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00\x00\x00\x07\x01", b"\x80\x00\x00\x07\x00\x00\x00\x01\x01",
-                                  b"\xff" * 9])  # fmt: skip
+@pytest.mark.parametrize("data", [b"", b"\x00\x00\x00\x07\x01", b"\x80\x00\x00\x07\x00\x00\x00\x01\x01", b"\xff" * 9])
 def test_an_envelope_too_short_for_its_head_and_a_frame_is_refused(data: bytes) -> None:
     with pytest.raises(FrameDecodeError, match="too short"):
         codec.open_envelope(data)
@@ -117,8 +116,9 @@ async def test_a_request_through_another_peer_gets_its_credit_back_on_the_reply(
     (100 CREDIT frames for 100 requests); now the grant rides the REPLIES frame."""
     n = 100
     keys = ids_on(1, 2, 5)
-    async with LocalMesh(app(), state_dir=tmp_path, peers=2, transport=transport,
-                         max_parallelism=MAX_PARALLELISM) as mesh:  # fmt: skip
+    async with LocalMesh(
+        app(), state_dir=tmp_path, peers=2, transport=transport, max_parallelism=MAX_PARALLELISM
+    ) as mesh:
         entry, owner = mesh.peers
         counts, sent = count_frames(owner), count_frames(entry)
         for i in range(n):
@@ -140,8 +140,9 @@ async def test_credit_with_nothing_going_back_is_a_frame_of_its_own(tmp_path: Pa
     """Messages with no answer: nothing goes back, so the grant is a CREDIT frame once the
     receiver's inbox is empty, as before; the window is whole again."""
     keys = ids_on(1, 2, 5)
-    async with LocalMesh(app(), state_dir=tmp_path, peers=2, transport=transport,
-                         max_parallelism=MAX_PARALLELISM) as mesh:  # fmt: skip
+    async with LocalMesh(
+        app(), state_dir=tmp_path, peers=2, transport=transport, max_parallelism=MAX_PARALLELISM
+    ) as mesh:
         entry, owner = mesh.peers
         counts = count_frames(owner)
         for i in range(50):
@@ -160,8 +161,9 @@ async def test_a_carried_grant_of_a_later_generation_waits_like_a_credit_frame(t
     """A grant is handled as the CREDIT frame it replaces would be: one in an envelope of a
     later generation is held with it (not applied to this generation's window); a grant of
     more than is outstanding is refused and counted, and the frame it rode is still handled."""
-    async with LocalMesh(app(), state_dir=tmp_path, peers=2, transport="memory",
-                         max_parallelism=MAX_PARALLELISM) as mesh:  # fmt: skip
+    async with LocalMesh(
+        app(), state_dir=tmp_path, peers=2, transport="memory", max_parallelism=MAX_PARALLELISM
+    ) as mesh:
         peer = mesh.peers[0]
         window = mesh.config.credit_window
         peer.router._credit[1] = window - 10  # 10 records outstanding to peer 1

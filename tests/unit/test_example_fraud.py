@@ -18,9 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def txn(account: str, merchant: str, amount: int, n: int) -> Any:
-    return message_builder(target_typename="fraud/account", target_id=account,
-                           value={"txn": f"t{n}", "merchant": merchant, "amount": amount},
-                           value_type=fd.TRANSACTION)  # fmt: skip
+    return message_builder(
+        target_typename="fraud/account",
+        target_id=account,
+        value={"txn": f"t{n}", "merchant": merchant, "amount": amount},
+        value_type=fd.TRANSACTION,
+    )
 
 
 def report(typename: str, id: str) -> Any:
@@ -67,8 +70,9 @@ async def test_rules_raise_alerts_and_window_closes(tmp_path: Path, monkeypatch:
         # merchant risk: chargebacks above the threshold make every later transaction there suspicious
         await mesh.send(txn("calm", "shop-bad", 500, 300))  # no chargebacks yet: fine
         await mesh.idle()
-        await mesh.send(message_builder(target_typename="fraud/merchant", target_id="shop-bad", value={},
-                                        value_type=fd.CHARGEBACK))  # fmt: skip
+        await mesh.send(
+            message_builder(target_typename="fraud/merchant", target_id="shop-bad", value={}, value_type=fd.CHARGEBACK)
+        )
         await mesh.idle()
         await mesh.send(txn("calm", "shop-bad", 500, 301))  # 1 chargeback in 2 transactions
         await mesh.idle()
@@ -93,13 +97,20 @@ async def test_load_generator_paces_and_counts(tmp_path: Path) -> None:
             total += (await mesh.request(report("fraud/account", f"acct-{i}"))).as_type(fd.PROFILE)["count"]
         chargebacks = 0
         for i in range(0, 10, 10):
-            chargebacks += (await mesh.request(report("fraud/merchant", f"shop-{i}"))).as_type(
-                fd.MERCHANT_STATS)["chargebacks"]  # fmt: skip
+            chargebacks += (await mesh.request(report("fraud/merchant", f"shop-{i}"))).as_type(fd.MERCHANT_STATS)[
+                "chargebacks"
+            ]
         assert total + chargebacks == sent  # every transaction scored once, every chargeback counted once
 
 
 @pytest.mark.integration  # a process
 def test_demo_prints_alerts() -> None:
-    out = subprocess.run([sys.executable, "-m", "examples.fraud_detection", "--seconds", "0.5"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "examples.fraud_detection", "--seconds", "0.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert "first alerts:" in out and "reasons" in out and "acct-0:" in out

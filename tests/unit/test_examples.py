@@ -21,8 +21,7 @@ async def test_greeter_counts_visits_and_greets(tmp_path: Path) -> None:
     async with LocalMesh(greeter_functions, state_dir=str(tmp_path)) as mesh:
         for _ in range(3):
             await mesh.send(message_builder(target_typename="example/person", target_id="Ann", str_value="Ann"))
-        reply = await mesh.request(message_builder(target_typename="example/person", target_id="Ann",
-                                                   str_value="Ann"))
+        reply = await mesh.request(message_builder(target_typename="example/person", target_id="Ann", str_value="Ann"))
         assert reply.as_string() == compute_greeting("Ann", 4)
         greetings = []
         async for rec in mesh.egress(GREETINGS):
@@ -34,16 +33,25 @@ async def test_greeter_counts_visits_and_greets(tmp_path: Path) -> None:
 
 @pytest.mark.integration  # a process
 def test_greeter_main_prints_greetings() -> None:
-    out = subprocess.run([sys.executable, "-m", "examples.greeter", "Zoe", "Zoe"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "examples.greeter", "Zoe", "Zoe"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert "Welcome Zoe" in out and "Third time is a charm Zoe" in out
 
 
 async def test_shopping_cart_reserves_stock_and_checks_out(tmp_path: Path) -> None:
     sc = shopping_cart
     async with LocalMesh(sc.functions, state_dir=str(tmp_path)) as mesh:
-        await mesh.send(message_builder(target_typename="example/stock", target_id="socks",
-                                        value={"quantity": 3}, value_type=sc.RESTOCK))
+        await mesh.send(
+            message_builder(
+                target_typename="example/stock", target_id="socks", value={"quantity": 3}, value_type=sc.RESTOCK
+            )
+        )
         first = await mesh.request(sc.cart_message("ann", {"item": "socks", "quantity": 2}, sc.ADD_TO_CART))
         assert first.as_type(sc.AVAILABILITY)["in_stock"] is True
         second = await mesh.request(sc.cart_message("bob", {"item": "socks", "quantity": 2}, sc.ADD_TO_CART))

@@ -125,7 +125,6 @@ async def test_an_overloaded_peer_answers_info_and_refuses_sends_past_its_parkin
     assert counts == [n // 10] * 10
 
 
-
 def big_app() -> StatefulFunctions:
     functions = StatefulFunctions()
 
@@ -146,8 +145,14 @@ async def test_bytes_in_flight_to_a_peer_are_bounded_not_only_records(tmp_path: 
     budget = 4 << 20  # 2 peers: a 1 MiB window per link, frames of at most 512 KiB
     keys = ids_on(1, 2, 20, "fb")
     n, value = 1000, "x" * (16 << 10)  # 16 MiB in all
-    async with LocalMesh(big_app(), state_dir=tmp_path, peers=2, transport=transport, memory_budget=budget,
-                         max_parallelism=MAX_PARALLELISM) as mesh:  # fmt: skip
+    async with LocalMesh(
+        big_app(),
+        state_dir=tmp_path,
+        peers=2,
+        transport=transport,
+        memory_budget=budget,
+        max_parallelism=MAX_PARALLELISM,
+    ) as mesh:
         sender, receiver = mesh.peers
         # the receiver holds batch frames unread, as while a checkpoint cut waits for a
         # batch: it grants no credit, so what it holds is all the sender has in flight
@@ -189,13 +194,21 @@ async def test_messages_larger_than_the_link_window_still_flow(tmp_path: Path) -
     frame larger than it, which goes once under a quarter of the window is outstanding."""
     keys = ids_on(1, 2, 5, "fl")
     n, value = 30, "y" * 400_000
-    async with LocalMesh(big_app(), state_dir=tmp_path, peers=2, memory_budget=1 << 20,
-                         max_parallelism=MAX_PARALLELISM) as mesh:  # fmt: skip
+    async with LocalMesh(
+        big_app(), state_dir=tmp_path, peers=2, memory_budget=1 << 20, max_parallelism=MAX_PARALLELISM
+    ) as mesh:
         sender = mesh.peers[0]
-        await asyncio.wait_for(asyncio.gather(*(
-            sender.send(message_builder(target_typename="fc/big", target_id=keys[i % len(keys)], str_value=value))
-            for i in range(n)
-        )), 30)  # fmt: skip
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    sender.send(
+                        message_builder(target_typename="fc/big", target_id=keys[i % len(keys)], str_value=value)
+                    )
+                    for i in range(n)
+                )
+            ),
+            30,
+        )
         await asyncio.wait_for(mesh.idle(), 30)
         counts = [
             (await mesh.request(message_builder(target_typename="fc/big", target_id=k, str_value=""))).as_int()
@@ -218,8 +231,9 @@ async def test_a_message_larger_than_a_link_window_is_held_by_a_peer_still_in_an
     from statefun_mesh import _speedups
     from statefun_mesh.routing import GEN
 
-    async with LocalMesh(app(), peers=3, state_dir=tmp_path, memory_budget=1 << 20,
-                         max_parallelism=MAX_PARALLELISM) as mesh:  # fmt: skip
+    async with LocalMesh(
+        app(), peers=3, state_dir=tmp_path, memory_budget=1 << 20, max_parallelism=MAX_PARALLELISM
+    ) as mesh:
         receiver = mesh.peers[0]
         window = receiver.router.link_bytes  # 128 KiB: a quarter of the budget, shared by 2 senders
         keys = ids_on(0, 3, 4, "big")

@@ -90,8 +90,10 @@ def test_both_cores_split_alike_at_every_boundary() -> None:
     py = importlib.import_module("statefun_mesh._speedups_py")
     rng = random.Random(7)
     lens = [0, 1, 30, 31, 32, 255, 256, 65535, 65536, 100_000]
-    records = [rec(rng.choice(lens) + rng.randrange(3), f"id{rng.randrange(99)}", rng.choice([0, 5, 2**33]))
-               for _ in range(400)]
+    records = [
+        rec(rng.choice(lens) + rng.randrange(3), f"id{rng.randrange(99)}", rng.choice([0, 5, 2**33]))
+        for _ in range(400)
+    ]
     biggest = max(py.record_size(r) for r in records)
     for max_bytes in (biggest + 3, biggest + 4, 2 * biggest + 3, 200_000, 1 << 20, 5 << 20, 0):
         for max_records in (0, 1, 15, 16, 17, 1000):
@@ -131,8 +133,11 @@ def _field(v: Any, hexed: bool) -> Any:
     return bytes.fromhex(v) if hexed else v
 
 
-@pytest.mark.parametrize("vector", FRAME_VECTORS["splits"],
-                         ids=[f"{v['frame']}-{v['max_bytes']}-{v['max_records']}" for v in FRAME_VECTORS["splits"]])
+@pytest.mark.parametrize(
+    "vector",
+    FRAME_VECTORS["splits"],
+    ids=[f"{v['frame']}-{v['max_bytes']}-{v['max_records']}" for v in FRAME_VECTORS["splits"]],
+)
 def test_split_vectors(speedups: ModuleType, vector: dict[str, Any]) -> None:
     """The golden splits (tests/data/make_vectors.py, checked there against a msgpack-only reference)."""
     (frame,) = [f for f in FRAME_VECTORS["frames"] if f["name"] == vector["frame"]]

@@ -265,14 +265,28 @@ def test_decoders_do_not_leak_on_the_fuzzed_inputs(c_core: ModuleType) -> None:
 _N = type(None)
 #: per kind, the documented item types (the codec module docstring), checked independently of its table
 CONTROL_TYPES: dict[int, tuple[Any, ...]] = {
-    codec.CREDIT: (int,), codec.HEARTBEAT: (int, int), codec.REPLIES: (list,), codec.BARRIER: (int, int),
-    codec.CK_ACK: (int, (dict, _N), (str, _N)), codec.CK_DONE: (int,), codec.CK_ABORT: (int,),
-    codec.RECOVER: (int, int), codec.READY: (int,), codec.RESUME: (int,), codec.RESTORE_FAILED: (int, int, str),
-    codec.REPLAYED: (int,), codec.C_SEND: (int, str, str, str, bytes, str),
-    codec.C_REQUEST: (int, str, str, str, bytes, (int, float)), codec.C_FETCH: (int, str, (int, str), int, int, int),
-    codec.C_INFO: (int,), codec.R_ACK: (int,), codec.R_REPLY: (int, str, str, str, bytes),
-    codec.R_ERROR: (int, str, str, list), codec.R_RECORDS: (int, int, int, list, int), codec.R_INFO: (int, dict),
-}  # fmt: skip
+    codec.CREDIT: (int,),
+    codec.HEARTBEAT: (int, int),
+    codec.REPLIES: (list,),
+    codec.BARRIER: (int, int),
+    codec.CK_ACK: (int, (dict, _N), (str, _N)),
+    codec.CK_DONE: (int,),
+    codec.CK_ABORT: (int,),
+    codec.RECOVER: (int, int),
+    codec.READY: (int,),
+    codec.RESUME: (int,),
+    codec.RESTORE_FAILED: (int, int, str),
+    codec.REPLAYED: (int,),
+    codec.C_SEND: (int, str, str, str, bytes, str),
+    codec.C_REQUEST: (int, str, str, str, bytes, (int, float)),
+    codec.C_FETCH: (int, str, (int, str), int, int, int),
+    codec.C_INFO: (int,),
+    codec.R_ACK: (int,),
+    codec.R_REPLY: (int, str, str, str, bytes),
+    codec.R_ERROR: (int, str, str, list),
+    codec.R_RECORDS: (int, int, int, list, int),
+    codec.R_INFO: (int, dict),
+}
 
 
 def check_control(frame: bytes, expect: frozenset[int] | None) -> str:

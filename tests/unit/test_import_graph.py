@@ -106,7 +106,6 @@ def test_the_package_has_no_import_cycles() -> None:
     assert _cycles(graph) == [], "import cycles between these modules"
 
 
-
 def _protocol_members(cls_name: str) -> set[str]:
     """The members a protocol of snapshot/host.py declares, with those of its bases (peer_view.py)."""
     classes = {
@@ -129,15 +128,24 @@ def _host_uses(path: Path, names: set[str]) -> tuple[set[str], list[str]]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     locals_: set[str] = set()
     for node in ast.walk(tree):  # `peer = self.host` and the like
-        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute) and node.value.attr in names
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):  # fmt: skip
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr in names
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+        ):
             locals_.update(t.id for t in node.targets if isinstance(t, ast.Name))
 
     def is_handle(node: ast.expr) -> bool:
         if isinstance(node, ast.Name):
             return node.id in locals_
-        return (isinstance(node, ast.Attribute) and node.attr in names and isinstance(node.value, ast.Name)
-                and node.value.id == "self")  # fmt: skip
+        return (
+            isinstance(node, ast.Attribute)
+            and node.attr in names
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+        )
 
     used: set[str] = set()
     writes: list[str] = []

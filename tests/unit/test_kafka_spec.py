@@ -46,21 +46,32 @@ def test_statefun_documented_module_parses() -> None:
     m = parse_module_yaml("---".join([ENDPOINT, INGRESS, EGRESS]))
     assert len(m.endpoints) == 1
     assert m.kafka_ingresses == [
-        KafkaIngressSpec(id="com.example/users", address="kafka-broker:9092", group_id="my-consumer-group",
-                         topics=(KafkaTopic("messages-1", "com.example/User", ("com.example.fns/greeter",)),),
-                         startup="earliest")
+        KafkaIngressSpec(
+            id="com.example/users",
+            address="kafka-broker:9092",
+            group_id="my-consumer-group",
+            topics=(KafkaTopic("messages-1", "com.example/User", ("com.example.fns/greeter",)),),
+            startup="earliest",
+        )
     ]
     assert m.kafka_egresses == [
-        KafkaEgressSpec(id="com.example/users", address="kafka-broker:9092", semantic="exactly-once",
-                        transaction_timeout=900.0, properties={"foo.config": "bar"})
+        KafkaEgressSpec(
+            id="com.example/users",
+            address="kafka-broker:9092",
+            semantic="exactly-once",
+            transaction_timeout=900.0,
+            properties={"foo.config": "bar"},
+        )
     ]
 
 
 def ingress(**changes: str) -> str:
     spec = {
-        "id": "com.example/users", "address": "b1:9092,b2:9093", "consumerGroupId": "g",
+        "id": "com.example/users",
+        "address": "b1:9092,b2:9093",
+        "consumerGroupId": "g",
         "topics": "[{topic: t, valueType: com.example/V, targets: [a/b, a/c]}]",
-    }  # fmt: skip
+    }
     spec.update(changes)
     body = "".join(f"  {k}: {v}\n" for k, v in spec.items() if v != "DROP")
     return "kind: io.statefun.kafka.v1/ingress\nspec:\n" + body
@@ -70,13 +81,17 @@ def test_startup_positions() -> None:
     (s,) = parse_module_yaml(ingress()).kafka_ingresses
     assert s.startup == "group-offsets" and s.auto_offset_reset == "latest"  # StateFun's defaults
     assert s.address == "b1:9092,b2:9093" and s.topic("t").targets == ("a/b", "a/c")
-    (s,) = parse_module_yaml(ingress(startupPosition="{type: specific-offsets, offsets: [t/0: 91, t/2: 8]}",
-                                     autoOffsetResetPosition="earliest")).kafka_ingresses  # fmt: skip
+    (s,) = parse_module_yaml(
+        ingress(
+            startupPosition="{type: specific-offsets, offsets: [t/0: 91, t/2: 8]}", autoOffsetResetPosition="earliest"
+        )
+    ).kafka_ingresses
     assert s.specific_offsets == {("t", 0): 91, ("t", 2): 8} and s.auto_offset_reset == "earliest"
     (s,) = parse_module_yaml(ingress(startupPosition="{type: date, date: '2020-02-01 04:15:00.00 Z'}")).kafka_ingresses
     assert s.date_ms == 1580530500000
-    (s,) = parse_module_yaml(ingress(startupPosition="{type: date, date: '2020-02-01 05:15:00.000 +01:00'}")
-                             ).kafka_ingresses  # fmt: skip
+    (s,) = parse_module_yaml(
+        ingress(startupPosition="{type: date, date: '2020-02-01 05:15:00.000 +01:00'}")
+    ).kafka_ingresses
     assert s.date_ms == 1580530500000
     (s,) = parse_module_yaml(ingress(properties="{max.poll.records: 10, check.crcs: true}")).kafka_ingresses
     assert s.properties == {"max.poll.records": "10", "check.crcs": "true"}
@@ -85,8 +100,10 @@ def test_startup_positions() -> None:
 def test_egress_defaults() -> None:
     (e,) = parse_module_yaml("kind: io.statefun.kafka.v1/egress\nspec: {id: a/b, address: 'k:1'}\n").kafka_egresses
     assert (e.semantic, e.properties) == ("at-least-once", {})
-    (e,) = parse_module_yaml("kind: io.statefun.kafka.v1/egress\nspec: {id: a/b, address: 'k:1', deliverySemantic: "
-                             "{type: exactly-once, transactionTimeoutMillis: 60000}}\n").kafka_egresses  # fmt: skip
+    (e,) = parse_module_yaml(
+        "kind: io.statefun.kafka.v1/egress\nspec: {id: a/b, address: 'k:1', deliverySemantic: "
+        "{type: exactly-once, transactionTimeoutMillis: 60000}}\n"
+    ).kafka_egresses
     assert e.transaction_timeout == 60.0
 
 
@@ -105,8 +122,10 @@ def test_egress_defaults() -> None:
         (ingress(topics="[{topic: t, valueType: a/V, targets: [nons]}]"), r"targets\[0\]: 'nons' is not a function"),
         (ingress(topics="[{topic: 'bad topic', valueType: a/V, targets: [a/b]}]"), r"topics\[0\]\.topic: required"),
         (ingress(topics="[{topic: t, valueType: a/V, targets: [a/b], x: 1}]"), r"topics\[0\]\.x: unknown"),
-        (ingress(topics="[{topic: t, valueType: a/V, targets: [a/b]}, {topic: t, valueType: a/V, targets: [a/c]}]"),
-         "listed twice"),
+        (
+            ingress(topics="[{topic: t, valueType: a/V, targets: [a/b]}, {topic: t, valueType: a/V, targets: [a/c]}]"),
+            "listed twice",
+        ),
         (ingress(startupPosition="{type: soonest}"), r"startupPosition\.type: unknown startup position 'soonest'"),
         (ingress(startupPosition="earliest"), r"spec\.startupPosition: expected \{type"),
         (ingress(startupPosition="{type: specific-offsets}"), "needs offsets"),
@@ -119,12 +138,20 @@ def test_egress_defaults() -> None:
         (ingress(groupId="g"), r"spec\.groupId: unknown setting"),
         ("kind: io.statefun.kafka.v1/ingress\nspec: []\n", "'spec' must be a mapping"),
         ("kind: io.statefun.kafka.v1/egress\nspec: {address: 'k:1'}\n", r"spec\.id: required"),
-        ("kind: io.statefun.kafka.v1/egress\nspec: {id: a/b, address: 'k:1', deliverySemantic: {type: twice}}\n",
-         "unknown delivery semantic 'twice'"),
-        ("kind: io.statefun.kafka.v1/egress\nspec: {id: a/b, address: 'k:1', deliverySemantic: "
-         "{type: at-least-once, transactionTimeout: 1min}}\n", "a transaction timeout is for exactly-once"),
-        ("kind: io.statefun.kafka.v1/egress\nspec: {id: a/b, address: 'k:1', deliverySemantic: "
-         "{type: exactly-once, transactionTimeout: soon}}\n", "expected a duration"),
+        (
+            "kind: io.statefun.kafka.v1/egress\nspec: {id: a/b, address: 'k:1', deliverySemantic: {type: twice}}\n",
+            "unknown delivery semantic 'twice'",
+        ),
+        (
+            "kind: io.statefun.kafka.v1/egress\nspec: {id: a/b, address: 'k:1', deliverySemantic: "
+            "{type: at-least-once, transactionTimeout: 1min}}\n",
+            "a transaction timeout is for exactly-once",
+        ),
+        (
+            "kind: io.statefun.kafka.v1/egress\nspec: {id: a/b, address: 'k:1', deliverySemantic: "
+            "{type: exactly-once, transactionTimeout: soon}}\n",
+            "expected a duration",
+        ),
         (ingress() + "---\n" + ingress(), "two Kafka ingress components have the id 'com.example/users'"),
     ],
 )

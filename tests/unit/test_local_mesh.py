@@ -111,8 +111,11 @@ async def test_function_chain_caller_and_reply_propagation(tmp_path: Path) -> No
     def pong(context, message):
         assert context.caller is not None and context.caller.typename == "test/ping"
         context.storage.seen = (context.storage.seen or 0) + 1
-        context.send(message_builder(target_typename=context.caller.typename, target_id=context.caller.id,
-                                     int_value=message.as_int()))
+        context.send(
+            message_builder(
+                target_typename=context.caller.typename, target_id=context.caller.id, int_value=message.as_int()
+            )
+        )
 
     async with LocalMesh(functions, state_dir=str(tmp_path)) as mesh:
         reply = await mesh.request(message_builder(target_typename="test/ping", target_id="p", int_value=1000))
@@ -127,8 +130,11 @@ async def test_egress_records_and_offsets(tmp_path: Path) -> None:
     def greeter(context, message):
         seen = (context.storage.seen or 0) + 1
         context.storage.seen = seen
-        context.send_egress(egress_message_builder(
-            target_typename="test/greetings", value={"who": context.address.id, "seen": seen}, value_type=Doc))
+        context.send_egress(
+            egress_message_builder(
+                target_typename="test/greetings", value={"who": context.address.id, "seen": seen}, value_type=Doc
+            )
+        )
 
     async with LocalMesh(functions, state_dir=str(tmp_path)) as mesh:
         for name in ["ann", "bob", "ann"]:
@@ -156,8 +162,9 @@ async def test_egress_retention_trims_oldest(tmp_path: Path) -> None:
 
     @functions.bind(typename="test/e")
     def e(context, message):
-        context.send_egress(egress_message_builder(target_typename="test/out", value=message.as_int(),
-                                                   value_type=IntType))
+        context.send_egress(
+            egress_message_builder(target_typename="test/out", value=message.as_int(), value_type=IntType)
+        )
 
     async with LocalMesh(functions, state_dir=str(tmp_path), egress_retention=10) as mesh:
         for i in range(50):
@@ -192,8 +199,10 @@ async def test_async_functions_never_overlap_per_address(tmp_path: Path) -> None
         for i in range(9):
             for k in ("a", "b", "c"):
                 await mesh.send(message_builder(target_typename="test/slow", target_id=k, int_value=i))
-        replies = [await mesh.request(message_builder(target_typename="test/slow", target_id=k, int_value=9))
-                   for k in ("a", "b", "c")]
+        replies = [
+            await mesh.request(message_builder(target_typename="test/slow", target_id=k, int_value=9))
+            for k in ("a", "b", "c")
+        ]
     assert all(v == 1 for v in max_active.values())
     assert max(concurrent_addresses) > 1  # different addresses did interleave
     for r in replies:
@@ -260,16 +269,23 @@ async def test_request_timeout_when_no_reply(tmp_path: Path) -> None:
 
     async with LocalMesh(functions, state_dir=str(tmp_path)) as mesh:
         with pytest.raises(RequestTimeoutError, match=r"context\.reply"):
-            await mesh.request(message_builder(target_typename="test/silent", target_id="1", int_value=1),
-                               timeout=0.2)
+            await mesh.request(message_builder(target_typename="test/silent", target_id="1", int_value=1), timeout=0.2)
 
 
 async def test_stored_type_mismatch_is_a_type_error(tmp_path: Path) -> None:
     # Write a string into the state of a function that declares an int.
     backend = LmdbStateBackend(tmp_path / "peer-0")
     kg = key_group("x", 1024)
-    backend.commit([("put", "state", state_key(kg, "test/counter", "x", "count"),
-                     encode_state_value("io.statefun.types/string", StringType.serializer().serialize("hi"), 0))])
+    backend.commit(
+        [
+            (
+                "put",
+                "state",
+                state_key(kg, "test/counter", "x", "count"),
+                encode_state_value("io.statefun.types/string", StringType.serializer().serialize("hi"), 0),
+            )
+        ]
+    )
     backend.close()
     async with LocalMesh(counter_functions(), state_dir=str(tmp_path)) as mesh:
         with pytest.raises(InvocationError) as info:
@@ -293,6 +309,7 @@ async def test_storage_delete_and_undeclared(tmp_path: Path) -> None:
         context.reply(str_value=repr(context.storage.v))
 
     async with LocalMesh(functions, state_dir=str(tmp_path)) as mesh:
+
         async def call(cmd: str) -> str:
             reply = await mesh.request(message_builder(target_typename="test/kv", target_id="1", str_value=cmd))
             return reply.as_string()
@@ -310,10 +327,13 @@ async def test_ttl_expire_after_write_and_call(tmp_path: Path) -> None:
     clock = ManualClock()
     functions = StatefulFunctions()
 
-    @functions.bind(typename="test/ttl", specs=[
-        ValueSpec(name="w", type=IntType, expire_after_write=timedelta(seconds=10)),
-        ValueSpec(name="c", type=IntType, expire_after_call=timedelta(seconds=10)),
-    ])
+    @functions.bind(
+        typename="test/ttl",
+        specs=[
+            ValueSpec(name="w", type=IntType, expire_after_write=timedelta(seconds=10)),
+            ValueSpec(name="c", type=IntType, expire_after_call=timedelta(seconds=10)),
+        ],
+    )
     def ttl(context, message):
         cmd = message.as_string()
         if cmd == "write":
@@ -322,6 +342,7 @@ async def test_ttl_expire_after_write_and_call(tmp_path: Path) -> None:
         context.reply(str_value=f"{context.storage.w},{context.storage.c}")
 
     async with LocalMesh(functions, state_dir=str(tmp_path), clock=clock) as mesh:
+
         async def call(cmd: str) -> str:
             reply = await mesh.request(message_builder(target_typename="test/ttl", target_id="1", str_value=cmd))
             return reply.as_string()
@@ -344,16 +365,19 @@ async def test_send_after_fires_on_time_and_cancel(tmp_path: Path) -> None:
     def sched(context, message):
         cmd = message.as_type(Delayed)
         if cmd["op"] == "schedule":
-            context.send_after(timedelta(seconds=cmd["delay"]),
-                               message_builder(target_typename="test/sink", target_id="s", str_value=cmd["tag"]),
-                               cancellation_token=cmd.get("token", ""))
+            context.send_after(
+                timedelta(seconds=cmd["delay"]),
+                message_builder(target_typename="test/sink", target_id="s", str_value=cmd["tag"]),
+                cancellation_token=cmd.get("token", ""),
+            )
         elif cmd["op"] == "cancel":
             context.cancel_delayed_message(cmd["token"])
 
     @functions.bind(typename="test/sink")
     def sink(context, message):
-        context.send_egress(egress_message_builder(target_typename="test/fired", value=message.as_string(),
-                                                   value_type=StringType))
+        context.send_egress(
+            egress_message_builder(target_typename="test/fired", value=message.as_string(), value_type=StringType)
+        )
 
     def cmd(**kw) -> object:
         return message_builder(target_typename="test/sched", target_id="1", value=kw, value_type=Delayed)
@@ -413,8 +437,9 @@ async def test_state_full_fails_cleanly_and_keeps_accepted(tmp_path: Path) -> No
     def blob(context, message):
         context.storage.b = "x" * 300_000
 
-    async with LocalMesh(functions, state_dir=str(tmp_path), map_size=1 << 20, max_map_size=2 << 20,
-                         max_batch=1) as mesh:
+    async with LocalMesh(
+        functions, state_dir=str(tmp_path), map_size=1 << 20, max_map_size=2 << 20, max_batch=1
+    ) as mesh:
         peer = mesh.peers[0]
         for i in range(10):
             await mesh.send(message_builder(target_typename="test/blob", target_id=str(i), int_value=1))
@@ -463,8 +488,9 @@ def test_memory_stays_bounded_with_many_idle_addresses(tmp_path: Path, total: in
             await load(20_000, total)
             gc.collect()
             after = _anon_kib()
-            r = await mesh.request(message_builder(target_typename="test/counter", target_id=f"id-{total - 7}",
-                                                   int_value=0))
+            r = await mesh.request(
+                message_builder(target_typename="test/counter", target_id=f"id-{total - 7}", int_value=0)
+            )
             assert r.as_int() == 1
             return before, after
 
@@ -496,8 +522,9 @@ async def test_idempotency_key_applies_a_resend_once(tmp_path: Path) -> None:
     # remembered across restarts, but only for the same target instance
     async with LocalMesh(counter_functions(), state_dir=str(tmp_path), peers=3) as mesh:
         await mesh.send(msg, idempotency_key="order-17")
-        await mesh.send(message_builder(target_typename="test/counter", target_id="y", int_value=1),
-                        idempotency_key="order-17")
+        await mesh.send(
+            message_builder(target_typename="test/counter", target_id="y", int_value=1), idempotency_key="order-17"
+        )
         await mesh.idle()
         r = await mesh.request(message_builder(target_typename="test/counter", target_id="x", int_value=0))
         assert r.as_int() == 15
@@ -512,16 +539,21 @@ async def test_delayed_message_reaches_a_target_on_another_peer(tmp_path: Path) 
     @functions.bind(typename="test/later")
     def later(context, message):
         for i in range(20):  # targets spread over every peer
-            context.send_after(timedelta(seconds=1),
-                               message_builder(target_typename="test/counter", target_id=f"t{i}", int_value=1))
+            context.send_after(
+                timedelta(seconds=1), message_builder(target_typename="test/counter", target_id=f"t{i}", int_value=1)
+            )
 
     async with LocalMesh(functions, state_dir=str(tmp_path), peers=3, clock=clock) as mesh:
         await mesh.send(message_builder(target_typename="test/later", target_id="s", int_value=0))
         await mesh.idle()
         clock.advance(2)
         await mesh.idle()
-        counts = [(await mesh.request(message_builder(target_typename="test/counter", target_id=f"t{i}",
-                                                      int_value=0))).as_int() for i in range(20)]
+        counts = [
+            (
+                await mesh.request(message_builder(target_typename="test/counter", target_id=f"t{i}", int_value=0))
+            ).as_int()
+            for i in range(20)
+        ]
         assert counts == [1] * 20
 
 
@@ -533,13 +565,15 @@ async def test_outgoing_frames_stay_under_max_frame_bytes(tmp_path: Path) -> Non
     def fan(context, message):
         if message.is_string():  # the fan-out: 500 messages of ~1 KB
             for i in range(500):
-                context.send(message_builder(target_typename="test/fan", target_id=f"f{i}", value="x" * 1000,
-                                             value_type=MsgPackType))
+                context.send(
+                    message_builder(
+                        target_typename="test/fan", target_id=f"f{i}", value="x" * 1000, value_type=MsgPackType
+                    )
+                )
             return
         context.storage.n = (context.storage.n or 0) + 1
 
-    async with LocalMesh(functions, state_dir=str(tmp_path), peers=2, transport="tcp",
-                         max_frame_bytes=100_000) as mesh:
+    async with LocalMesh(functions, state_dir=str(tmp_path), peers=2, transport="tcp", max_frame_bytes=100_000) as mesh:
         await mesh.send(message_builder(target_typename="test/fan", target_id="root", str_value="go"))
         await mesh.idle(timeout=20)
         assert sum(p.dispatcher.invocations for p in mesh.peers) == 501
@@ -555,8 +589,10 @@ async def test_expired_idempotency_keys_are_purged(tmp_path: Path) -> None:
     clock = ManualClock()
     async with LocalMesh(counter_functions(), state_dir=str(tmp_path), clock=clock, dedup_retention=60) as mesh:
         for i in range(50):
-            await mesh.send(message_builder(target_typename="test/counter", target_id=f"k{i}", int_value=1),
-                            idempotency_key=f"key-{i}")
+            await mesh.send(
+                message_builder(target_typename="test/counter", target_id=f"k{i}", int_value=1),
+                idempotency_key=f"key-{i}",
+            )
         await mesh.idle()
         backend = mesh.peers[0].backend
         with backend.read() as txn:
@@ -568,8 +604,9 @@ async def test_expired_idempotency_keys_are_purged(tmp_path: Path) -> None:
         with backend.read() as txn:
             assert sum(1 for _ in txn.cursor(db=backend.db_dedup)) == 0
         # an expired key no longer deduplicates
-        await mesh.send(message_builder(target_typename="test/counter", target_id="k1", int_value=1),
-                        idempotency_key="key-1")
+        await mesh.send(
+            message_builder(target_typename="test/counter", target_id="k1", int_value=1), idempotency_key="key-1"
+        )
         r = await mesh.request(message_builder(target_typename="test/counter", target_id="k1", int_value=0))
         assert r.as_int() == 2
 

@@ -119,8 +119,12 @@ async def test_a_checkpoint_of_a_large_spill_is_written_and_read_back_in_bounded
 
     spilled = 48 << 20
     chunk = [rec(i, 32 << 10) for i in range(32)]  # 1 MiB a chunk
-    async with LocalMesh(fan_out_functions(1), state_dir=tmp_path / "state", blob_store=f"file://{tmp_path / 'b'}",
-                         checkpoint_interval=3600) as mesh:  # fmt: skip
+    async with LocalMesh(
+        fan_out_functions(1),
+        state_dir=tmp_path / "state",
+        blob_store=f"file://{tmp_path / 'b'}",
+        checkpoint_interval=3600,
+    ) as mesh:
         peer = mesh.peers[0]
         participant = peer.participant
         spill = Spill(str(tmp_path / "spill"))
@@ -172,8 +176,15 @@ async def test_the_replay_after_a_recovery_routes_the_ingress_log_as_outgoing_ro
         if context.in_request:
             context.reply(int_value=context.storage.n)
 
-    async with LocalMesh(functions, peers=2, state_dir=tmp_path / "state", blob_store=f"file://{tmp_path / 'b'}",
-                         checkpoint_interval=3600, memory_budget=budget, max_parallelism=128) as mesh:  # fmt: skip
+    async with LocalMesh(
+        functions,
+        peers=2,
+        state_dir=tmp_path / "state",
+        blob_store=f"file://{tmp_path / 'b'}",
+        checkpoint_interval=3600,
+        memory_budget=budget,
+        max_parallelism=128,
+    ) as mesh:
         sender, receiver = mesh.peers
         for i in range(n):  # logged by peer 0, every target on peer 1
             await sender.send(message_builder(target_typename="rp/count", target_id=keys[i % 20], str_value=value))
@@ -207,8 +218,10 @@ async def test_the_replay_after_a_recovery_routes_the_ingress_log_as_outgoing_ro
             await asyncio.sleep(0.05)
         await asyncio.wait_for(mesh.idle(), 60)
         assert sender.recoveries >= 1
-        counts = [(await mesh.request(message_builder(target_typename="rp/count", target_id=k, str_value=""))).as_int()
-                  for k in keys]  # fmt: skip
+        counts = [
+            (await mesh.request(message_builder(target_typename="rp/count", target_id=k, str_value=""))).as_int()
+            for k in keys
+        ]
     # no checkpoint completed: the state restarts empty and the whole log is replayed, once
     assert sum(counts) == n + len(keys), counts
     # the outgoing quarter (1 MiB), one slice of 100 messages, the link window (1 MiB) and a frame

@@ -132,7 +132,7 @@ OK = "{functions: 'a/*', urlPathTemplate: 'http://a/'"
         (H + "{functions: 'a/*', urlPathTemplate: 'python:no-colon'}\n", "python:package.module:attribute"),
         ("kind: [unclosed\n", "not valid YAML"),
     ],
-)  # fmt: skip
+)
 def test_bad_module_files_name_what_is_wrong(text: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected) as info:
         parse_module_yaml(text, source="m.yaml")

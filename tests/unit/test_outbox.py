@@ -151,8 +151,7 @@ async def test_one_invocation_sending_many_messages_stays_inside_the_budget(tmp_
     there as room allows: every message arrives once, in order per address. (The issue's
     200,000: ``python bench/outbox_rss.py``.)"""
     n, budget = 40_000, 1 << 20
-    async with LocalMesh(burst_functions(n, "v" * 100), peers=peers, state_dir=tmp_path,
-                         memory_budget=budget) as mesh:  # fmt: skip
+    async with LocalMesh(burst_functions(n, "v" * 100), peers=peers, state_dir=tmp_path, memory_budget=budget) as mesh:
         tracemalloc.start()
         try:
             await mesh.send(message_builder(target_typename="ob/burst", target_id="b", int_value=0))
@@ -181,9 +180,14 @@ async def test_sends_waiting_in_the_outbox_at_a_cut_are_restored_by_a_recovery(t
     object (they are for any peer); a recovery to that checkpoint routes them again, and
     every message is applied once, in order per address."""
     n = 60_000
-    async with LocalMesh(burst_functions(n, "v" * 200), peers=2, state_dir=tmp_path / "s",
-                         blob_store=f"file://{tmp_path / 'b'}", checkpoint_interval=3600,
-                         memory_budget=1 << 20) as mesh:  # fmt: skip
+    async with LocalMesh(
+        burst_functions(n, "v" * 200),
+        peers=2,
+        state_dir=tmp_path / "s",
+        blob_store=f"file://{tmp_path / 'b'}",
+        checkpoint_interval=3600,
+        memory_budget=1 << 20,
+    ) as mesh:
         coord = mesh.peers[0].coordinator
         await mesh.send(message_builder(target_typename="ob/burst", target_id="b", int_value=0))
         for _ in range(3000):

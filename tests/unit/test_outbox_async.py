@@ -241,8 +241,9 @@ async def test_async_invocations_sending_many_messages_stay_inside_the_budget(
     budget before its sends go to its stage, and they are routed from the outbox as room
     allows: every message arrives once, in order per sender and address."""
     n, budget, senders = 10_000, 1 << 20, ["a", "b", "c", "d"]
-    async with LocalMesh(async_functions(n, "v" * 100, kind), peers=peers, state_dir=tmp_path,
-                         memory_budget=budget) as mesh:  # fmt: skip
+    async with LocalMesh(
+        async_functions(n, "v" * 100, kind), peers=peers, state_dir=tmp_path, memory_budget=budget
+    ) as mesh:
 
         async def start() -> None:
             for j in senders:
@@ -304,8 +305,9 @@ async def test_remote_function_answers_with_many_messages_stay_inside_the_budget
         for m in range(REMOTE_CALLS):  # all in one batch of the remote address
             context.send(message_builder(target_typename="remote.example/fan", target_id="7", int_value=m))
 
-    async with LocalMesh(functions, peers=peers, state_dir=tmp_path / "s", module=str(module),
-                         memory_budget=1 << 20) as mesh:  # fmt: skip
+    async with LocalMesh(
+        functions, peers=peers, state_dir=tmp_path / "s", module=str(module), memory_budget=1 << 20
+    ) as mesh:
 
         async def start() -> None:
             await mesh.send(message_builder(target_typename="ob/start", target_id="x", int_value=0))
@@ -323,9 +325,14 @@ async def test_async_sends_waiting_in_the_outbox_at_a_cut_are_restored_by_a_reco
     writes them (read through the FIFO's references) in the inflight object; a recovery to
     that checkpoint routes them again: every message applied once, in order."""
     n, senders = 15_000, ["a", "b", "c", "d"]
-    async with LocalMesh(async_functions(n, "v" * 200, "async"), peers=2, state_dir=tmp_path / "s",
-                         blob_store=f"file://{tmp_path / 'b'}", checkpoint_interval=3600,
-                         memory_budget=1 << 20) as mesh:  # fmt: skip
+    async with LocalMesh(
+        async_functions(n, "v" * 200, "async"),
+        peers=2,
+        state_dir=tmp_path / "s",
+        blob_store=f"file://{tmp_path / 'b'}",
+        checkpoint_interval=3600,
+        memory_budget=1 << 20,
+    ) as mesh:
         coord = mesh.peers[0].coordinator
         for j in senders:
             await mesh.send(message_builder(target_typename="ob/fan", target_id=j, int_value=0))

@@ -68,8 +68,9 @@ async def test_the_loop_still_yields_between_batches_while_records_wait(tmp_path
     @functions.bind(typename="rp/spin")
     def spin(context: Any, message: Any) -> None:
         if message.as_int() > 0:
-            context.send(message_builder(target_typename="rp/spin", target_id=context.address.id,
-                                         int_value=message.as_int() - 1))  # fmt: skip
+            context.send(
+                message_builder(target_typename="rp/spin", target_id=context.address.id, int_value=message.as_int() - 1)
+            )
 
     async with LocalMesh(functions, state_dir=tmp_path, peers=1, max_batch=10) as mesh:
         for i in range(20):

@@ -238,11 +238,12 @@ def test_incomplete_context_names_the_missing_specs(official: Any, sdk_name: str
     answer = theirs.FromFunction.FromString(out)
     assert answer.WhichOneof("response") == "incomplete_invocation_context"
     missing = answer.incomplete_invocation_context.missing_values
-    assert [(m.state_name, m.type_typename, m.expiration_spec.mode, m.expiration_spec.expire_after_millis)
-            for m in missing] == [
+    assert [
+        (m.state_name, m.type_typename, m.expiration_spec.mode, m.expiration_spec.expire_after_millis) for m in missing
+    ] == [
         ("name", "io.statefun.types/string", 1, 2000),  # AFTER_WRITE
         ("gone", "io.statefun.types/bool", 2, 60000),  # AFTER_INVOKE
-    ]  # fmt: skip
+    ]
     if sdk_name == "ours":
         theirs_out = official.RequestReplyHandler(_bind(official)).handle_sync(request)
         assert out == theirs_out

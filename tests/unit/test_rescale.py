@@ -80,8 +80,9 @@ async def checkpoint_after_now(mesh: LocalMesh) -> int:
     # the next checkpoint to start covers everything acknowledged so far
     await wait_for(lambda: coord.next_id > last + 1 and coord.in_progress is None, 10, "the checkpoint in progress")
     start = coord.next_id
-    await wait_for(lambda: coord.last_complete is not None and coord.last_complete.checkpoint >= start, 30,
-                   f"checkpoint {start}")  # fmt: skip
+    await wait_for(
+        lambda: coord.last_complete is not None and coord.last_complete.checkpoint >= start, 30, f"checkpoint {start}"
+    )
     return coord.last_complete.checkpoint
 
 
@@ -185,8 +186,12 @@ async def test_removed_peers_ingress_logs_are_replayed_and_then_deleted(tmp_path
         for i in range(KEYS):
             await add(mesh, f"late{i}", 5)
         await mesh.idle()
-        owner_of = {f"late{i}": mesh._entry(message_builder(target_typename="rs/counter", target_id=f"late{i}",
-                                                           int_value=0)).peer_id for i in range(KEYS)}  # fmt: skip
+        owner_of = {
+            f"late{i}": mesh._entry(
+                message_builder(target_typename="rs/counter", target_id=f"late{i}", int_value=0)
+            ).peer_id
+            for i in range(KEYS)
+        }
     assert 2 in owner_of.values()  # some were acknowledged (and logged) by peer 2
     removed_log = tmp_path / "state" / "peer-2.ingress"
     assert removed_log.is_dir()
@@ -223,8 +228,9 @@ async def test_a_removed_peers_ingress_log_is_replayed_in_slices_as_outgoing_roo
         await checkpoint_after_now(mesh)
         await mesh.peers[0].coordinator.aclose()
         for i in range(n):  # logged by peer 2, which the rescale removes
-            await mesh.peers[2].send(message_builder(target_typename="rs/padded", target_id=keys[i % 20],
-                                                     str_value=value))  # fmt: skip
+            await mesh.peers[2].send(
+                message_builder(target_typename="rs/padded", target_id=keys[i % 20], str_value=value)
+            )
         await mesh.idle()
     held = {"max": 0}
     route = Router.route
@@ -236,8 +242,10 @@ async def test_a_removed_peers_ingress_log_is_replayed_in_slices_as_outgoing_roo
     monkeypatch.setattr(Router, "route", measured_route)
     async with LocalMesh(functions, **settings(tmp_path, 2, restore="latest", memory_budget=4 << 20)) as mesh:
         await asyncio.wait_for(mesh.idle(), 60)
-        counts = [(await mesh.request(message_builder(target_typename="rs/padded", target_id=k, str_value=""))).as_int()
-                  for k in keys]  # fmt: skip
+        counts = [
+            (await mesh.request(message_builder(target_typename="rs/padded", target_id=k, str_value=""))).as_int()
+            for k in keys
+        ]
     assert sum(counts) == n + len(keys), counts  # once each, plus the requests
     # the outgoing quarter (1 MiB), one slice of 100 messages (0.8 MiB) and a frame
     assert held["max"] < 3 << 20, f"{held['max'] >> 20} MiB waited to go out during the replay"

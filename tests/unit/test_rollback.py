@@ -61,8 +61,13 @@ def app() -> StatefulFunctions:
 
 def settings(tmp_path: Path) -> dict[str, Any]:
     # checkpoints only when the test triggers them
-    return dict(state_dir=str(tmp_path / "state"), blob_store=f"file://{tmp_path / 'blobs'}",
-                checkpoint_interval=3600, heartbeat_interval=0.1, heartbeat_timeout=1.0)
+    return dict(
+        state_dir=str(tmp_path / "state"),
+        blob_store=f"file://{tmp_path / 'blobs'}",
+        checkpoint_interval=3600,
+        heartbeat_interval=0.1,
+        heartbeat_timeout=1.0,
+    )
 
 
 async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
@@ -75,8 +80,9 @@ async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") ->
 
 async def drive(mesh: LocalMesh, rng: random.Random, n: int, tag: str) -> None:
     for i in range(n):
-        msg = message_builder(target_typename="rb/cell", target_id=f"k{rng.randrange(60)}",
-                              int_value=rng.randrange(1000))
+        msg = message_builder(
+            target_typename="rb/cell", target_id=f"k{rng.randrange(60)}", int_value=rng.randrange(1000)
+        )
         # every other message with an idempotency key: those write the dedup database
         await mesh.send(msg, idempotency_key=f"{tag}{i}" if i % 2 else None)
     await mesh.idle()
@@ -85,8 +91,9 @@ async def drive(mesh: LocalMesh, rng: random.Random, n: int, tag: str) -> None:
 async def checkpoint(mesh: LocalMesh) -> int:
     coord = mesh.peers[0].coordinator
     n = coord.trigger()
-    await wait_for(lambda: coord.last_complete is not None and coord.last_complete.checkpoint >= n, 30,
-                   f"checkpoint {n}")
+    await wait_for(
+        lambda: coord.last_complete is not None and coord.last_complete.checkpoint >= n, 30, f"checkpoint {n}"
+    )
     return n
 
 
@@ -152,8 +159,11 @@ async def test_a_surviving_peer_rolls_back_in_place_to_exactly_the_checkpoint(
             coord.trigger()
             await drive(mesh, rng, 50, "d")
         coord.request_recovery("test")
-        await wait_for(lambda: coord.recoveries > rounds and all(seen) and all(p.resumed for p in mesh.peers),
-                       30, "the recovery round")
+        await wait_for(
+            lambda: coord.recoveries > rounds and all(seen) and all(p.resumed for p in mesh.peers),
+            30,
+            "the recovery round",
+        )
         manifest = coord.last_complete
         assert manifest is not None
         for p, peer in enumerate(mesh.peers):
@@ -162,8 +172,9 @@ async def test_a_surviving_peer_rolls_back_in_place_to_exactly_the_checkpoint(
             assert store_inode(peer) == inodes[p], f"peer {p}'s store was replaced"
             expected = rebuilt_dump(tmp_path, manifest, p)
             assert len(expected) > 100
-            assert dump == expected, f"peer {p}'s rolled-back store differs from a rebuild of checkpoint " \
-                                     f"{manifest.checkpoint}"
+            assert dump == expected, (
+                f"peer {p}'s rolled-back store differs from a rebuild of checkpoint {manifest.checkpoint}"
+            )
         # the mesh goes on from there: the next checkpoint's delta on the rolled-back store
         # rebuilds to the live store again
         await drive(mesh, rng, 100, "e")
@@ -202,8 +213,11 @@ async def test_a_store_whose_map_grew_since_the_cut_is_rebuilt_instead(tmp_path:
         coord = mesh.peers[0].coordinator
         rounds = coord.recoveries
         coord.request_recovery("test")
-        await wait_for(lambda: coord.recoveries > rounds and all(seen) and all(p.resumed for p in mesh.peers),
-                       30, "the recovery round")
+        await wait_for(
+            lambda: coord.recoveries > rounds and all(seen) and all(p.resumed for p in mesh.peers),
+            30,
+            "the recovery round",
+        )
         manifest = coord.last_complete
         for p in range(2):
             how, dump = seen[p][-1]
@@ -345,8 +359,9 @@ async def test_a_recovery_during_a_checkpoints_build_waits_for_the_build_thread(
         coord.trigger()
         assert await asyncio.to_thread(entered.wait, 10), "the checkpoint's build did not start"
         coord.request_recovery("test")
-        await wait_for(lambda: coord.recoveries > rounds and all(p.resumed for p in mesh.peers), 30,
-                       "the recovery round")
+        await wait_for(
+            lambda: coord.recoveries > rounds and all(p.resumed for p in mesh.peers), 30, "the recovery round"
+        )
         assert await asyncio.to_thread(checked.wait, 10), "the build thread did not go on"
         assert aborted_under_thread == [], "the cut's transaction was aborted while the build thread read it"
         await drive(mesh, rng, 50, "b")  # and the mesh goes on
@@ -416,8 +431,9 @@ def test_every_write_is_in_the_change_set_whatever_op_wrote_it(tmp_path: Path) -
     try:
         assert backend.pending_changes() is None  # not tracking until the first take_changes
         backend.take_changes()
-        backend.commit([("putmulti", "state", [(b"a", b"1"), (b"b", b"2")]), ("put", "dedup", b"a", b"x"),
-                        ("del", "state", b"zz")])  # fmt: skip
+        backend.commit(
+            [("putmulti", "state", [(b"a", b"1"), (b"b", b"2")]), ("put", "dedup", b"a", b"x"), ("del", "state", b"zz")]
+        )
         backend.commit([("putmulti", "dedup", [(b"b", b"y")]), ("putmulti", "state", [(b"a", b"3")])])
         want = {("state", b"a"), ("state", b"b"), ("state", b"zz"), ("dedup", b"a"), ("dedup", b"b")}
         assert backend.pending_changes() == want

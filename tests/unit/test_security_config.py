@@ -65,9 +65,11 @@ def test_mesh_toml_with_keys(tmp_path: Path) -> None:
     publics = keys_dir(tmp_path)
     client = generate_keypair()
     path = tmp_path / "mesh.toml"
-    path.write_text(f"peers = 2\n{EPS}peer_keys = {publics!r}\n".replace("'", '"')
-                    + 'secret_key = "keys/peer-{id}.key_secret"\n'
-                    + f'client_keys = ["{client.public}"]\n')  # fmt: skip
+    path.write_text(
+        f"peers = 2\n{EPS}peer_keys = {publics!r}\n".replace("'", '"')
+        + 'secret_key = "keys/peer-{id}.key_secret"\n'
+        + f'client_keys = ["{client.public}"]\n'
+    )
     config = load_config(path)
     assert config.curve
     assert config.secret_key == str(tmp_path / "keys" / "peer-{id}.key_secret")  # relative to the file
@@ -123,8 +125,12 @@ def test_key_file_without_a_key(tmp_path: Path) -> None:
 def test_a_secret_key_that_is_not_the_peers(tmp_path: Path) -> None:
     publics = keys_dir(tmp_path)
     stranger = generate_keypair()
-    config = MeshConfig(peers=2, endpoints=("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"), peer_keys=tuple(publics),
-                        secret_key=stranger.secret)  # fmt: skip
+    config = MeshConfig(
+        peers=2,
+        endpoints=("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"),
+        peer_keys=tuple(publics),
+        secret_key=stranger.secret,
+    )
     with pytest.raises(ConfigError, match=r"does not belong to peer_keys\[0\]"):
         config.keypair(0)
 
@@ -189,8 +195,10 @@ def test_find_client_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_keys_generate_writes_files_and_prints_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     conf = tmp_path / "mesh.toml"
-    conf.write_text('[[peer]]\nendpoint = "tcp://127.0.0.1:7001"\nclient_endpoint = "tcp://127.0.0.1:7700"\n'
-                    '[[peer]]\nendpoint = "tcp://127.0.0.1:7002"\n')  # fmt: skip
+    conf.write_text(
+        '[[peer]]\nendpoint = "tcp://127.0.0.1:7001"\nclient_endpoint = "tcp://127.0.0.1:7700"\n'
+        '[[peer]]\nendpoint = "tcp://127.0.0.1:7002"\n'
+    )
     d = tmp_path / "k"
     assert main(["keys", "generate", "--dir", str(d), "--config", str(conf), "--clients", "1"]) == 0
     out = capsys.readouterr().out
@@ -220,8 +228,9 @@ def test_a_dead_runs_client_key_copy_is_ignored_and_removed(tmp_path: Path, monk
     ep = "tcp://127.0.0.1:7713"
     path = register_client_keys(ep, ClientKeys(pair.public, pair.secret, {ep: server.public}))
     assert find_client_keys(ep) is not None  # this process, its owner, is alive
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True).stdout.strip()  # fmt: skip
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     Path(path + ".pid").write_text(dead)
     assert find_client_keys(ep) is None
     assert not os.path.exists(path) and not os.path.exists(path + ".pid")

@@ -125,8 +125,9 @@ async def test_sync_function_blocking_the_loop_is_logged(tmp_path: Path, caplog:
 
 
 @pytest.mark.timeout(60)
-async def test_async_function_blocking_between_awaits_is_logged(tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+async def test_async_function_blocking_between_awaits_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     functions = StatefulFunctions()
 
     @functions.bind(typename="t/ablocker")

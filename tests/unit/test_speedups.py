@@ -584,9 +584,23 @@ class _FrameFuzzer:
 
     def wrong(self) -> bytes:
         return self.rng.choice(
-            [b"\xc0", b"\xc2", b"\xc3", b"\xca\0\0\0\0", b"\xcb" + b"\0" * 8, b"\x90", b"\x80", b"\xd4\x01\x00",
-             b"\xc7\x01\x05\x00", b"\xd6\xff\0\0\0\0", b"\xc1", b"\xa1a", b"\xc4\x01a", b"\x05"]
-        )  # fmt: skip
+            [
+                b"\xc0",
+                b"\xc2",
+                b"\xc3",
+                b"\xca\0\0\0\0",
+                b"\xcb" + b"\0" * 8,
+                b"\x90",
+                b"\x80",
+                b"\xd4\x01\x00",
+                b"\xc7\x01\x05\x00",
+                b"\xd6\xff\0\0\0\0",
+                b"\xc1",
+                b"\xa1a",
+                b"\xc4\x01a",
+                b"\x05",
+            ]
+        )
 
     def record(self) -> bytes:
         rng = self.rng

@@ -17,9 +17,11 @@ def scheduler() -> StatefulFunctions:
     def sched(context, message):
         op = message.as_string()
         if op.startswith("schedule"):
-            context.send_after(timedelta(milliseconds=200),
-                               message_builder(target_typename="test/sink", target_id="s", str_value="fired"),
-                               cancellation_token=op)
+            context.send_after(
+                timedelta(milliseconds=200),
+                message_builder(target_typename="test/sink", target_id="s", str_value="fired"),
+                cancellation_token=op,
+            )
         else:
             context.cancel_delayed_message(op.split(":", 1)[1])
 
@@ -68,10 +70,16 @@ async def test_next_due_follows_a_cancel_of_the_earliest_timer(tmp_path: Path) -
     def sched(context, message):
         op = message.as_string()
         if op == "schedule":
-            context.send_after(timedelta(seconds=30), message_builder(target_typename="test/sched", target_id="x",
-                                                                      str_value="late"), cancellation_token="early")
-            context.send_after(timedelta(seconds=60), message_builder(target_typename="test/sched", target_id="x",
-                                                                      str_value="later"), cancellation_token="late")
+            context.send_after(
+                timedelta(seconds=30),
+                message_builder(target_typename="test/sched", target_id="x", str_value="late"),
+                cancellation_token="early",
+            )
+            context.send_after(
+                timedelta(seconds=60),
+                message_builder(target_typename="test/sched", target_id="x", str_value="later"),
+                cancellation_token="late",
+            )
         elif op == "cancel":
             context.cancel_delayed_message("early")
 

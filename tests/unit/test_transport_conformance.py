@@ -71,9 +71,7 @@ def _tcp_curve() -> Factory:
 _SOCKETS = pytest.mark.integration
 
 
-@pytest.fixture(
-    params=["memory", "inproc", *(pytest.param(p, marks=_SOCKETS) for p in ("ipc", "tcp", "tcp-curve"))]
-)
+@pytest.fixture(params=["memory", "inproc", *(pytest.param(p, marks=_SOCKETS) for p in ("ipc", "tcp", "tcp-curve"))])
 def transport_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
     if request.param == "memory":
         yield _memory()
