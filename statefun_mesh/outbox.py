@@ -40,6 +40,10 @@ The outbox is a separate LMDB environment (``<state_dir>/peer-<id>.outbox``), op
 first use, wiped when opened and when a recovery drops the queues, never fsynced: with
 checkpoints on, a cut includes what is committed here (the inflight object, after the
 inbox and its spill), and a restore routes it again.
+
+Longer than ~500 lines because the FIFO, the async stages and their references are one
+key space with one lock and one failure story (full disk, rollback, recovery); the
+stages cannot be correct apart from the FIFO they are referenced from.
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ timeline), the ingress writer through the peer. Calls: the transport, and only t
 callables it is given (the peer's generation, whether output is held before RESUME,
 the dispatcher's parked backlog, the admission check after frames left).
 See docs/architecture.md §5 (memory budget) and §2a.
+
+Longer than ~500 lines because records, bytes and credit are one account per peer: the
+frame queues, the link window, the grants carried on envelopes and the spill/outbox
+refills all move the same numbers, and keeping them in one class keeps that invariant
+in one place.
 """
 
 from __future__ import annotations

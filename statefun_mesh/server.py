@@ -3,6 +3,10 @@
 Owns: the client socket, decoding and answering client frames, the sends parked while the
 peer is full, and the egress readers' positions. It reaches its peer only through
 :class:`~statefun_mesh.client_host.ClientHost` (not ``Peer``: no import cycle).
+
+Longer than ~500 lines because the client protocol is one state machine: every frame
+kind's checks, the per-connection and total bounds, parked sends and held answers share
+the same counters; split, each part would reach into the others' state.
 """
 
 from __future__ import annotations

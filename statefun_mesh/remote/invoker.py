@@ -18,6 +18,10 @@ timeouts and 5xx/408/429 answers are retried with backoff within the endpoint's
 ``call`` timeout; then, or for an answer that breaks the protocol (garbage bytes, state
 the function never declared), the messages of that request go to the dead-letter
 egress with the reason and the peer goes on serving everything else.
+
+Longer than ~500 lines because one request-reply round (batching, the missing-spec
+round trip, retries, applying an answer's effects) is one protocol; the wire format
+lives apart, in ``remote/protocol.py``.
 """
 
 from __future__ import annotations
