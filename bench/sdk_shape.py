@@ -290,8 +290,9 @@ Mutation = tuple[str, TypedValue | None]
 
 def handle(
     functions: StatefulFunctions, typename: str, id: str, invocations: list[list[Any]], store: Store
-) -> tuple[Context, list[Mutation]]:
-    """One request: the invocations of one address, with its state read from and written to ``store``.
+) -> tuple[list[Any], list[Mutation]]:
+    """One request: the invocations of one address, with its state read from ``store``; returns what the
+    SDK's ``collect_success`` puts in the response: the outgoing records and the mutations.
 
     ``invocations`` are records of the mesh's shape: ``[typename, id, caller_typename,
     caller_id, value_typename, value, reply_peer, request_id]``.
@@ -324,7 +325,7 @@ def handle(
     out.extend(ctx._delayed)
     out.extend(ctx._egress)
     mutations: list[Mutation] = [(name, cell.typed_value) for name, cell in cells.items() if cell.dirty]
-    return ctx, mutations
+    return out, mutations
 
 
 def dispatch_frame(functions: StatefulFunctions, frame: bytes, store: Store) -> int:
@@ -340,7 +341,7 @@ def dispatch_frame(functions: StatefulFunctions, frame: bytes, store: Store) -> 
             group.append(rec)
     n = 0
     for (typename, id), recs in groups.items():
-        _, mutations = handle(functions, typename, id, recs, store)
+        _, mutations = handle(functions, typename, id, recs, store)  # no sends: the counter's are empty
         for name, tv in mutations:
             if tv is None or not tv.has_value:
                 store.pop((typename, id, name), None)
