@@ -17,11 +17,25 @@ measures, for every core (``c``/``python``) and every peer count asked for:
   peer owns (one forwarding hop each way), and a few through a whole chain; with the
   CPU time every process spent per request. The floor beside them is the same number
   of round trips to a bare zmq.asyncio echo process.
-* **baseline**: in this process, a bare loop that msgpack-unpacks as many messages as
-  the counter run sends (in 1,000-message frames) and calls a trivial dispatch
-  function per message, measured again right before every throughput run. Every
-  throughput is also given as a ratio of it, which is what to compare between runs
-  on a noisy machine; so is a peer's rate per CPU-second it used.
+* **baselines**, in this process, on the same records as the counter run (msgpack frames
+  of 1,000 records of the mesh's shape), each measured again right before every
+  throughput run:
+
+  - the **StateFun-shaped dispatch with no I/O** (:class:`StatefunShapedBaseline`,
+    ``bench/sdk_shape.py``): per address what the official StateFun Python SDK does per
+    request and invocation (storage of cells, context, ``Message``, the perf app's own
+    counter function, mutations collected), with a dict for the store. Issue 9 states its
+    ratio target against this. Every throughput is given as a ratio of it ("x base"), on
+    wall-clock rates and on rates per CPU-second (what to compare between runs on a noisy
+    machine);
+  - the **trivial dispatch** (:class:`Baseline`): msgpack unpack and a dict increment per
+    message, printed beside it as the floor of message handling in Python.
+
+The "== targets ==" block at the end prints issue 9's targets, each MET or MISSED: >=
+250,000 counter invocations/s per peer with checkpoints every 1 s and >= 0.40 of the
+StateFun-shaped baseline (on CPU-second rates), the Cython core >= 2.5x the twin,
+request->reply p99 < 1 ms to the owner and < 2 ms through another peer. The checkpoint
+cost (<= 10 %) needs runs with and without checkpoints: ``bench/checkpoint_perf.py``.
 
 ``--profile DIR`` adds one more counter run and one more series of requests with
 py-spy sampling every peer (kept out of the figures), and prints where the time goes.
@@ -57,7 +71,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/mesh_perf.py` puts bench/ first, not the root
@@ -66,7 +80,8 @@ if str(ROOT) not in sys.path:  # `python bench/mesh_perf.py` puts bench/ first, 
 import msgpack  # noqa: E402
 
 from bench import perf_app as app  # noqa: E402
-from statefun_mesh import MeshClient, message_builder  # noqa: E402
+from bench import sdk_shape  # noqa: E402
+from statefun_mesh import MeshClient, ValueSpec, message_builder  # noqa: E402
 from statefun_mesh.mesh import free_ports  # noqa: E402
 
 APP_REF = "bench.perf_app:functions"
@@ -81,14 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python bench/mesh_perf.py",
         description=(
             "Measure a real statefun_mesh cluster: keyed-counter and chain throughput (load generated "
-            "inside the mesh), request->reply latency, and a msgpack+dispatch baseline to divide by. "
+            "inside the mesh), request->reply latency, and two no-I/O baselines in this process: a "
+            "StateFun-shaped Python dispatch (bench/sdk_shape.py; every 'x base' ratio and issue 9's ratio "
+            "target divide by it) and a msgpack+trivial dispatch (printed beside it). "
             "Starts `python -m statefun_mesh run bench.perf_app:functions` once per core and peer count, "
             "and always stops it (and only it) on exit, error or Ctrl-C."
         ),
         epilog=(
-            "Targets reported against: >= 200,000 counter invocations/s per peer process with the Cython "
-            "core, and request->reply p99 < 2 ms at light load on loopback. The default run takes about "
-            "two minutes on 2 cores. See bench/RESULTS.md for recorded runs."
+            "Targets reported against (issue 9): >= 250,000 counter invocations/s per peer with checkpoints "
+            "every 1 s and >= 0.40 of the StateFun-shaped baseline (rates per CPU-second), on the Cython core; "
+            "the Cython core >= 2.5x the pure-Python twin; request->reply p99 < 1 ms to the owner peer and < 2 ms "
+            "through another peer, at light load on loopback. See bench/RESULTS.md for recorded runs."
         ),
     )
     g = p.add_argument_group("the mesh")
@@ -370,33 +388,98 @@ class MeshProcesses:
 # -- the baseline ----------------------------------------------------------------------------
 
 
-class Baseline:
-    """msgpack-unpack ``messages`` messages (in 1,000-message frames) and dispatch each one to a
-    trivial function, in this process: the floor every mesh throughput is divided by.
+def counter_frames(messages: int, keys: int, increment: Callable[[int], int] | None = None) -> list[bytes]:
+    """The counter workload as the mesh carries it: msgpack frames of 1,000 records of the mesh's
+    shape (``[typename, id, caller_typename, caller_id, value_typename, value, reply_peer,
+    request_id]``), increment ``i`` to counter ``i % keys``, its value ``increment(i)`` (default 1)."""
+    vt = app.IntType.typename
+    ser = app.IntType.serializer()
+    one = ser.serialize(1)
+    frames = []
+    for start in range(0, messages, 1000):
+        recs = [
+            [
+                app.COUNTER,
+                app.counter_id(i % keys),
+                "",
+                "",
+                vt,
+                one if increment is None else ser.serialize(increment(i)),
+                0,
+                0,
+            ]
+            for i in range(start, min(start + 1000, messages))
+        ]
+        frames.append(msgpack.packb(recs, use_bin_type=True))
+    return frames
+
+
+class _Rates:
+    """Rounds of one baseline: messages per second and per CPU-second."""
+
+    what = ""
+
+    def __init__(self, messages: int) -> None:
+        self.messages = messages
+        self.frames: list[bytes] = []
+        self.rates: list[float] = []
+        self.cpu_rates: list[float] = []
+
+    def _round(self) -> None:
+        raise NotImplementedError
+
+    def _check(self) -> None:
+        """After a round, outside its timing: raise unless it did all its work."""
+
+    def run(self, rounds: int = 1) -> tuple[float, float]:
+        """Best messages per second and per CPU-second of ``rounds`` rounds (all kept)."""
+        best = best_cpu = 0.0
+        for _ in range(rounds):
+            c0, t0 = time.process_time(), time.perf_counter()
+            self._round()
+            rate = self.messages / (time.perf_counter() - t0)
+            rate_cpu = self.messages / max(time.process_time() - c0, 1e-6)
+            self._check()
+            self.rates.append(rate)
+            self.cpu_rates.append(rate_cpu)
+            best, best_cpu = max(best, rate), max(best_cpu, rate_cpu)
+        return best, best_cpu
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "what": self.what,
+            "messages": self.messages,
+            "frames": len(self.frames),
+            "rounds": self.rates,
+            "median": statistics.median(self.rates),
+            "best": max(self.rates),
+            "cpu_rounds": self.cpu_rates,
+            "median_per_cpu_s": statistics.median(self.cpu_rates),
+        }
+
+
+class Baseline(_Rates):
+    """The trivial baseline: msgpack-unpack ``messages`` messages (in 1,000-message frames) and
+    dispatch each one to a trivial function, in this process.
 
     The records have the mesh's shape (``[typename, id, caller_typename, caller_id,
     value_typename, value, reply_peer, request_id]``), the counter's ids and values; the
     dispatch looks the function up by type name and calls it with the id and value, and the
-    function counts the message in a dict.
+    function counts the message in a dict. No state, no objects a function sees: a floor of
+    message handling in Python, printed beside :class:`StatefunShapedBaseline`, which is what
+    the ratios divide by.
     """
 
-    def __init__(self, messages: int, keys: int) -> None:
-        vt = app.IntType.typename
-        one = app.IntType.serializer().serialize(1)
-        self.messages = messages
-        self.frames = []
-        for start in range(0, messages, 1000):
-            recs = [
-                [app.COUNTER, app.counter_id(i % keys), "", "", vt, one, 0, 0]
-                for i in range(start, min(start + 1000, messages))
-            ]
-            self.frames.append(msgpack.packb(recs, use_bin_type=True))
-        self.rates: list[float] = []
-        self.cpu_rates: list[float] = []
+    what = "msgpack unpack + trivial dispatch"
 
-    def run(self, rounds: int = 1) -> tuple[float, float]:
-        """Best messages per second and per CPU-second of ``rounds`` rounds (all kept)."""
-        counts: dict[str, int] = collections.defaultdict(int)
+    def __init__(self, messages: int, keys: int) -> None:
+        super().__init__(messages)
+        self.frames = counter_frames(messages, keys)
+        self.counts: dict[str, int] = collections.defaultdict(int)
+
+    def _round(self) -> None:
+        counts = self.counts
+        counts.clear()
 
         def count(id: str, value: bytes) -> None:
             counts[id] += 1
@@ -407,32 +490,66 @@ class Baseline:
             table[rec[0]](rec[1], rec[5])
 
         unpackb = msgpack.unpackb
-        frames = self.frames
-        best = best_cpu = 0.0
-        for _ in range(rounds):
-            counts.clear()
-            c0, t0 = time.process_time(), time.perf_counter()
-            for frame in frames:
-                for rec in unpackb(frame):
-                    dispatch(rec)
-            rate = self.messages / (time.perf_counter() - t0)
-            rate_cpu = self.messages / max(time.process_time() - c0, 1e-6)
-            assert sum(counts.values()) == self.messages
-            self.rates.append(rate)
-            self.cpu_rates.append(rate_cpu)
-            best, best_cpu = max(best, rate), max(best_cpu, rate_cpu)
-        return best, best_cpu
+        for frame in self.frames:
+            for rec in unpackb(frame):
+                dispatch(rec)
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "messages": self.messages,
-            "frames": len(self.frames),
-            "rounds": self.rates,
-            "median": statistics.median(self.rates),
-            "best": max(self.rates),
-            "cpu_rounds": self.cpu_rates,
-            "median_per_cpu_s": statistics.median(self.cpu_rates),
-        }
+    def _check(self) -> None:
+        assert sum(self.counts.values()) == self.messages
+
+
+class StatefunShapedBaseline(_Rates):
+    """Issue 9's baseline: a StateFun-shaped Python dispatch with no I/O (``bench/sdk_shape.py``).
+
+    Per 1,000-record frame (the same frames as :class:`Baseline`): msgpack-unpack, group by
+    address, and per address do what the official StateFun Python SDK does for one request
+    (function lookup, ``SdkAddress``, the state values wrapped in ``Cell``s of a storage
+    generated per function, a context, per invocation a ``Message`` around a ``TypedValue``
+    and the caller's address, the user's function, then the dirty cells collected as
+    mutations), with a dict standing for the state store. The function is the perf app's
+    own ``perf/counter`` (``bench/perf_app.py``), which reads ``context.storage.count``
+    through the generated property (deserialized on every read by the mesh's ``IntType``
+    serializer, as the SDK does) and ``message.as_int()``.
+
+    No protobuf, no sockets, no disk, no durability: the ceiling of any faithful Python
+    implementation of this API (bench/sdk_shape.py's docstring says exactly what is and is
+    not done). The store persists across rounds, as a warmed-up peer's state does; after each
+    round (outside its timing) the counts in it must have grown by exactly the increments sent.
+    """
+
+    what = "StateFun-shaped dispatch, no I/O"
+
+    def __init__(
+        self, messages: int, keys: int, increment: Callable[[int], int] | None = None, frames: list[bytes] | None = None
+    ) -> None:
+        super().__init__(messages)
+        self.frames = frames if frames is not None else counter_frames(messages, keys, increment)
+        self.functions = sdk_shape.registry([(app.COUNTER, app.counter, [ValueSpec(name="count", type=app.IntType)])])
+        self.store: sdk_shape.Store = {}
+        self._per_round = sum(
+            app.IntType.serializer().deserialize(rec[5]) for f in self.frames for rec in msgpack.unpackb(f)
+        )
+        self.rounds_done = 0
+
+    def _round(self) -> None:
+        functions, store, dispatch = self.functions, self.store, sdk_shape.dispatch_frame
+        done = 0
+        for frame in self.frames:
+            done += dispatch(functions, frame, store)
+        if done != self.messages:
+            raise RuntimeError(f"the StateFun-shaped baseline did {done} of {self.messages} invocations")
+        self.rounds_done += 1
+
+    def counts(self) -> dict[str, int]:
+        """Counter id -> its count in the store."""
+        de = app.IntType.serializer().deserialize
+        return {id: de(v[1]) for (t, id, name), v in self.store.items() if t == app.COUNTER and name == "count"}
+
+    def _check(self) -> None:
+        total = sum(self.counts().values())
+        if total != self._per_round * self.rounds_done:
+            expected = self._per_round * self.rounds_done
+            raise RuntimeError(f"the StateFun-shaped baseline's store holds {total} increments, not {expected}")
 
 
 # -- measurements ----------------------------------------------------------------------------
@@ -811,16 +928,22 @@ async def measure(mesh: MeshProcesses, args: argparse.Namespace, log: Callable[[
         await chain_run(s, 0, min(args.chains, 1000), args.chain_length, args.phase_timeout)
         chain_first = 1000
 
-        log("  baseline (msgpack unpack + dispatch in this process)")
-        base = Baseline(args.messages, args.keys)
+        log("  baselines (msgpack unpack + trivial dispatch; StateFun-shaped dispatch, no I/O; in this process)")
+        trivial = Baseline(args.messages, args.keys)
+        base = StatefunShapedBaseline(args.messages, args.keys)
+        trivial.run(3)
         base.run(3)
+
+        def baselines() -> tuple[tuple[float, float], tuple[float, float]]:
+            """Both, right before a run (the machine's speed at that moment): (shaped, trivial)."""
+            return base.run(2), trivial.run(2)
 
         if "counter" in args.phases:
             runs = []
             for i in range(args.repeat):
-                b = base.run(2)  # right before the run: the machine's speed at that moment
+                b, bt = baselines()
                 r = await counter_run(s, args.messages, args.keys, args.chunk, args.phase_timeout)
-                _ratios(r, b)
+                _ratios(r, b, bt)
                 increments += args.messages
                 log(f"  counter run {i + 1}/{args.repeat}: {r['rate']:,.0f} increments/s ({r['elapsed_s']:.2f} s)")
                 runs.append(r)
@@ -828,14 +951,15 @@ async def measure(mesh: MeshProcesses, args: argparse.Namespace, log: Callable[[
         if "chain" in args.phases:
             runs = []
             for i in range(args.repeat):
-                b = base.run(2)
+                b, bt = baselines()
                 r = await chain_run(s, chain_first, args.chains, args.chain_length, args.phase_timeout)
-                _ratios(r, b)
+                _ratios(r, b, bt)
                 chain_first += args.chains
                 log(f"  chain run {i + 1}/{args.repeat}: {r['rate']:,.0f} hops/s ({r['elapsed_s']:.2f} s)")
                 runs.append(r)
             res["chain"] = _summary(runs)
         res["baseline"] = base.summary()
+        res["baseline_trivial"] = trivial.summary()
 
         if args.profile:
             log("  profiled counter run (py-spy on every peer; not part of the figures)")
@@ -900,15 +1024,20 @@ async def measure(mesh: MeshProcesses, args: argparse.Namespace, log: Callable[[
         await s.close()
 
 
-def _ratios(run: dict[str, Any], baseline: tuple[float, float]) -> None:
-    """Add the run's ratios to the baseline: wall-clock rates, and rates per CPU-second (the peers'
-    summed CPU time against the baseline loop's), which a busy machine disturbs much less."""
+def _ratios(run: dict[str, Any], baseline: tuple[float, float], trivial: tuple[float, float] | None = None) -> None:
+    """Add the run's ratios to the StateFun-shaped baseline (``baseline``; and to the trivial one,
+    ``*_trivial``): wall-clock rates, and rates per CPU-second (the peers' summed CPU time against
+    the baseline loop's), which a busy machine disturbs much less."""
     work = run.get("messages") or run["hops"]
     cpu = sum(p["cpu_s"] for p in run["per_peer"])
     run["baseline"], run["baseline_per_cpu_s"] = baseline
     run["ratio"] = run["rate"] / baseline[0]
     run["rate_per_cpu_s"] = work / cpu if cpu > 0 else None
     run["ratio_cpu"] = run["rate_per_cpu_s"] / baseline[1] if run["rate_per_cpu_s"] else None
+    if trivial is not None:
+        run["baseline_trivial"], run["baseline_trivial_per_cpu_s"] = trivial
+        run["ratio_trivial"] = run["rate"] / trivial[0]
+        run["ratio_cpu_trivial"] = run["rate_per_cpu_s"] / trivial[1] if run["rate_per_cpu_s"] else None
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -933,6 +1062,9 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_ratio_to_baseline": statistics.median(cpu_ratios) if cpu_ratios else None,
         "min_cpu_ratio": min(cpu_ratios, default=None),
         "max_cpu_ratio": max(cpu_ratios, default=None),
+        "cpu_ratio_to_trivial": statistics.median(t)
+        if (t := [r["ratio_cpu_trivial"] for r in runs if r.get("ratio_cpu_trivial")])
+        else None,
     }
 
 
@@ -948,8 +1080,8 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
     ck = "off" if args.checkpoint_interval is None else f"every {args.checkpoint_interval} s"
     out(
         f"\n== summary: {args.transport}, checkpoints {ck}; throughput = median of {args.repeat} runs; x base = "
-        "ratio to the msgpack+dispatch baseline run just before, on wall-clock rates (wall) and on rates per "
-        "CPU-second (cpu) ==\n"
+        "ratio to the StateFun-shaped no-I/O dispatch (bench/sdk_shape.py) run just before, on wall-clock rates "
+        "(wall) and on rates per CPU-second (cpu) ==\n"
     )
     out(
         f"{'core':<7}{'peers':>5} |{'counter/s':>10}{'/peer':>9}{'/CPU-s':>9}{'wall':>7}{'cpu':>7} |"
@@ -978,12 +1110,15 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
             f"\n== core {r['core']}, {n} peer process{'es' if n > 1 else ''} over {args.transport}, "
             f"checkpoints {ck} ==\n"
         )
-        b = r["baseline"]
-        out(
-            f"baseline, msgpack unpack + trivial dispatch in 1 process: {b['median']:,.0f} msg/s, "
-            f"{b['median_per_cpu_s']:,.0f} per CPU-s (medians of {len(b['rounds'])} rounds; wall "
-            f"{min(b['rounds']):,.0f}-{b['best']:,.0f})\n"
-        )
+        for key, label in (
+            ("baseline", "x base: StateFun-shaped dispatch, no I/O"),
+            ("baseline_trivial", "beside: msgpack unpack + trivial dispatch"),
+        ):
+            b = r[key]
+            out(
+                f"{label + ', in 1 process:':<54}{b['median']:>10,.0f} msg/s, {b['median_per_cpu_s']:>10,.0f} "
+                f"per CPU-s (medians of {len(b['rounds'])} rounds; wall {min(b['rounds']):,.0f}-{b['best']:,.0f})\n"
+            )
         rows = []
         if "counter" in r:
             rows.append(("counter", f"{args.messages:,} increments over {args.keys:,} keys", r["counter"]))
@@ -1065,37 +1200,78 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
                         f"{100 * sl:5.1f}%  {fl[:60]}\n"
                     )
 
-    out("\n== targets ==\n")
+    out("\n== targets (issue 9) ==\n")
+    for line in target_lines(results, args):
+        out(line + "\n")
+
+
+#: issue 9's targets
+TARGET_PER_PEER: Final = 250_000
+TARGET_RATIO: Final = 0.40
+TARGET_C_OVER_TWIN: Final = 2.5
+TARGET_P99_OWNER_US: Final = 1_000
+TARGET_P99_FORWARDED_US: Final = 2_000
+
+
+def target_lines(results: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """One line per target of issue 9 this run has figures for, each MET or MISSED with its figure.
+
+    Counter: >= 250,000 invocations/s per peer with checkpoints every 1 s and >= 0.40 of the
+    StateFun-shaped no-I/O baseline (on rates per CPU-second), on the Cython core; the Cython
+    core >= 2.5x the twin (on the x-base ratios); request->reply p99 < 1 ms to the owner and
+    < 2 ms through another peer. The checkpoint-cost target (<= 10 %) needs a run with and one
+    without checkpoints: bench/checkpoint_perf.py measures it, not this script.
+    """
+    ok = {True: "MET", False: "MISSED"}
+    lines: list[str] = []
+    if args.checkpoint_interval != 1:
+        ck = "off" if args.checkpoint_interval is None else f"every {args.checkpoint_interval} s"
+        lines.append(f"(the counter targets are stated with checkpoints every 1 s; this run: checkpoints {ck})")
     for r in results:
         if r["core"] != "c":
             continue
+        n = r["peers"]
         if "counter" in r:
             c = r["counter"]
-            ok = "MET" if c["median_rate_per_peer"] >= 200_000 else "MISSED"
-            out(
-                f">= 200,000 counter invocations/s per peer process, {r['peers']} peer(s): {ok} "
-                f"({c['median_rate_per_peer']:,.0f}/s per peer; {_n(c['median_rate_per_cpu_s'])} per CPU-second of "
-                "a peer)\n"
+            per_peer, ratio = c["median_rate_per_peer"], c["cpu_ratio_to_baseline"]
+            lines.append(
+                f">= {TARGET_PER_PEER:,} counter invocations/s per peer, {n} peer(s): "
+                f"{ok[per_peer >= TARGET_PER_PEER]} ({per_peer:,.0f}/s per peer; "
+                f"{_n(c['median_rate_per_cpu_s'])} per CPU-second of the peers)"
             )
-        for key, what in (("latency_owner", "owner peer"), ("latency_forwarded", "through another peer")):
+            lines.append(
+                f">= {TARGET_RATIO:.2f} of the StateFun-shaped no-I/O dispatch (cpu), {n} peer(s): "
+                f"{ok[ratio is not None and ratio >= TARGET_RATIO]} ({_n(ratio, '.3f')}; wall "
+                f"{c['ratio_to_baseline']:.3f})"
+            )
+        for key, what, limit in (
+            ("latency_owner", "to the owner peer", TARGET_P99_OWNER_US),
+            ("latency_forwarded", "through another peer", TARGET_P99_FORWARDED_US),
+        ):
             if key in r:
-                v = r[key]
-                ok = "MET" if v["p99_us"] < 2000 else "MISSED"
-                out(f"request->reply p99 < 2 ms, {what}, {r['peers']} peer(s): {ok} ({v['p99_us']:,.0f} us)\n")
+                p99 = r[key]["p99_us"]
+                lines.append(
+                    f"request->reply p99 < {limit / 1000:g} ms {what}, {n} peer(s): {ok[p99 < limit]} ({p99:,.0f} us)"
+                )
     by = {(r["core"], r["peers"]): r for r in results}
     for n in args.peers:
         c, py = by.get(("c", n)), by.get(("python", n))
-        if c and py:
-            parts = []
-            for k in ("counter", "chain"):
-                if k in c and k in py:
-                    cc, pc = c[k]["cpu_ratio_to_baseline"], py[k]["cpu_ratio_to_baseline"]
-                    parts.append(
-                        f"{k} {c[k]['ratio_to_baseline'] / py[k]['ratio_to_baseline']:.2f}x wall, "
-                        f"{_n(cc / pc if cc and pc else None, '.2f')}x cpu"
-                    )
-            if parts:
-                out(f"Cython core / pure-Python core, {n} peer(s), on x-base ratios: {'; '.join(parts)}\n")
+        if not (c and py):
+            continue
+        for k in ("counter", "chain"):
+            if k in c and k in py:
+                cc, pc = c[k]["cpu_ratio_to_baseline"], py[k]["cpu_ratio_to_baseline"]
+                wall = c[k]["ratio_to_baseline"] / py[k]["ratio_to_baseline"]
+                cpu = cc / pc if cc and pc else None
+                verdict = f"{ok[cpu is not None and cpu >= TARGET_C_OVER_TWIN]}: " if k == "counter" else ""
+                lines.append(
+                    f"Cython core >= {TARGET_C_OVER_TWIN:g}x the twin, {k}, {n} peer(s): {verdict}"
+                    f"{_n(cpu, '.2f')}x on cpu ratios, {wall:.2f}x wall"
+                )
+    lines.append(
+        "checkpoint cost <= 10 %: not measured here (one run has one checkpoint setting); see bench/checkpoint_perf.py"
+    )
+    return lines
 
 
 def machine() -> dict[str, Any]:

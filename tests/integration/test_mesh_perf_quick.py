@@ -1,0 +1,91 @@
+"""``bench/mesh_perf.py`` at a small size still runs, measures both baselines and prints issue 9's targets.
+
+Not a performance test: the figures are not checked against the targets, only for being there
+(so the benchmark cannot rot) and for what holds at any speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.support import ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
+
+
+def test_mesh_perf_small_run_prints_both_baselines_and_issue_9s_targets(tmp_path: Path) -> None:
+    out_json = tmp_path / "figures.json"
+    env = dict(os.environ)
+    env.pop("STATEFUN_MESH_ENDPOINT", None)
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "mesh_perf.py"),
+        "--peers",
+        "1",
+        "--core",
+        "c",
+        "--transport",
+        "tcp",
+        "--checkpoint-interval",
+        "1",
+        "--phases",
+        "counter",
+        "latency",
+        "--messages",
+        "4000",
+        "--keys",
+        "200",
+        "--repeat",
+        "1",
+        "--requests",
+        "50",
+        "--chain-requests",
+        "0",
+        "--chains",
+        "50",
+        "-q",
+        "--json",
+        str(out_json),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the script stops the mesh it started, then exits
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"mesh_perf.py did not finish in 120 s:\n{stderr.decode()[-3000:]}")
+    text = stdout.decode()
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{text[-2000:]}\n{stderr.decode()[-3000:]}"
+    assert "x base: StateFun-shaped dispatch, no I/O" in text and "beside: msgpack unpack + trivial dispatch" in text
+    assert ">= 250,000 counter invocations/s per peer, 1 peer(s):" in text
+    assert ">= 0.40 of the StateFun-shaped no-I/O dispatch (cpu), 1 peer(s):" in text
+    assert "request->reply p99 < 1 ms to the owner peer, 1 peer(s):" in text
+    (r,) = json.loads(out_json.read_text())["results"]
+    shaped, trivial = r["baseline"], r["baseline_trivial"]
+    assert shaped["what"].startswith("StateFun-shaped") and trivial["what"].startswith("msgpack")
+    # the shaped dispatch does per message what the trivial one does and much more
+    assert shaped["median_per_cpu_s"] < trivial["median_per_cpu_s"]
+    c = r["counter"]
+    assert c["median_run"]["ratio_cpu"] == pytest.approx(
+        c["median_run"]["rate_per_cpu_s"] / c["median_run"]["baseline_per_cpu_s"]
+    )
+    assert c["median_run"]["baseline_per_cpu_s"] < c["median_run"]["baseline_trivial_per_cpu_s"]
