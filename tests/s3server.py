@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,27 @@ class S3Server(ServerProcess):
     port: int = 0
 
     def pause(self) -> None:
-        """SIGSTOP the server: connections are accepted by the kernel but never answered."""
+        """SIGSTOP the server: connections are accepted by the kernel but never answered.
+
+        Returns once every thread of the server is stopped (state ``T`` in ``/proc``): the
+        signal is delivered asynchronously, and on a loaded machine a thread that had not
+        yet been scheduled off a core could still answer the next request."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the S3 server (pid {self.process.pid}) exited with {self.process.returncode}")
         self.process.send_signal(signal.SIGSTOP)
+        task_dir = f"/proc/{self.process.pid}/task"
+        deadline = time.monotonic() + 10
+        while os.path.isdir(task_dir) and time.monotonic() < deadline:
+            states = []
+            for tid in os.listdir(task_dir):
+                try:
+                    with open(f"{task_dir}/{tid}/stat") as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    continue  # a thread that ended meanwhile
+            if states and all(st in ("T", "t") for st in states):
+                return
+            time.sleep(0.01)
 
     def resume(self) -> None:
         """SIGCONT a paused server."""
