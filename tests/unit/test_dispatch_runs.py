@@ -107,3 +107,26 @@ def test_runs_of_types_with_unknown_types_between_them(tmp_path: Path) -> None:
         backend.commit(out.ops)
     finally:
         backend.close()
+
+
+def test_state_keys_of_ascii_and_other_ids_are_the_specs(tmp_path: Path) -> None:
+    # the Cython core builds an ASCII id's key from the str's own bytes, any other id's
+    # from its UTF-8; both are state_key's bytes (long ones: its hashed form)
+    from statefun_mesh import _speedups
+    from statefun_mesh.state.lmdb_backend import state_key
+
+    seen: list[Any] = []
+    backend, d = _dispatcher(tmp_path, seen)
+    ids = ["plain", "é-ü", "日本", "x" * 300, "ü" * 300]
+    try:
+        out = asyncio.run(d.run([_rec("t/a", i, 5) for i in ids], [], 1000))
+        puts = [op for op in out.ops if op[0] == "putmulti"]
+        assert len(puts) == 1
+        keys = [k for k, _ in puts[0][2]]
+        assert keys == [state_key(_speedups.key_group(i, 128), "t/a", i, "n") for i in ids]
+        backend.commit(out.ops)
+        seen.clear()
+        asyncio.run(d.run([_rec("t/a", i, 1) for i in ids], [], 1000))
+        assert [s[2] for s in seen] == [6] * len(ids)  # each read back what it wrote
+    finally:
+        backend.close()
