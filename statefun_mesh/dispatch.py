@@ -75,6 +75,23 @@ Record = tuple[str, str, str, str, str, bytes, int, int]
 #: containers that stay alive until it ends, so the default 700 collected them several
 #: times per batch for nothing (bench/RESULTS.md, session 6, lane perf9b)
 BATCH_GC_THRESHOLD: Final = 20_000
+
+
+def raise_gc_threshold() -> tuple[int, int, int]:
+    """Raise the cyclic GC's generation-0 threshold to at least :data:`BATCH_GC_THRESHOLD`
+    for the whole process; returns the thresholds now in force. For a peer process
+    (``statefun-mesh peer``) once started: outside its batches too (decoding frames,
+    routing a batch's sends) young objects are mostly a batch's records still in use, and
+    with the default 700 the collector ran ~1,700 times in one counter benchmark, ~6 % of
+    the peer's CPU; with 20,000, ~80 times and ~1 % (bench/RESULTS.md, session 6, lane
+    perf9b). Not for a user's own process (``LocalMesh``): there only a batch's sync
+    part runs with it (``Dispatcher.run``)."""
+    g0, g1, g2 = gc.get_threshold()
+    if g0 < BATCH_GC_THRESHOLD:
+        gc.set_threshold(BATCH_GC_THRESHOLD, g1, g2)
+    return gc.get_threshold()
+
+
 _CACHEABLE: Final = frozenset({int, float, str, bool, bytes, type(None)})
 #: (reply_peer, request_id, status, value_typename or error class, value bytes or error text,
 #: replier typename, replier id)

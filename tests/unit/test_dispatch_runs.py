@@ -130,3 +130,16 @@ def test_state_keys_of_ascii_and_other_ids_are_the_specs(tmp_path: Path) -> None
         assert [s[2] for s in seen] == [6] * len(ids)  # each read back what it wrote
     finally:
         backend.close()
+
+
+def test_a_peer_process_raises_the_threshold_for_good_and_keeps_a_higher_one() -> None:
+    from statefun_mesh.dispatch import raise_gc_threshold
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        assert raise_gc_threshold() == (BATCH_GC_THRESHOLD, 10, 10) == gc.get_threshold()
+        gc.set_threshold(BATCH_GC_THRESHOLD * 2, 5, 5)
+        assert raise_gc_threshold() == (BATCH_GC_THRESHOLD * 2, 5, 5)
+    finally:
+        gc.set_threshold(*before)
