@@ -30,6 +30,8 @@ cdef extern from *:
 cdef extern from "Python.h":
     # without exception handling: the caller clears an overflow and lets the serializer raise
     long long SFM_PyLong_AsLL "PyLong_AsLongLong" (object o) noexcept
+    bint SFM_IS_ASCII "PyUnicode_IS_ASCII" (object o) noexcept
+    Py_ssize_t SFM_UNICODE_LEN "PyUnicode_GET_LENGTH" (object o) noexcept
 
 # Bound once by the twin modules (bind_messages, bind_context): they import this module,
 # so it cannot import them.
@@ -529,20 +531,20 @@ cdef class Context:
 
 # -- the per-address steps of the batch loop (the twin: _dispatch_loop.load_cells, invoke_sync) --
 
-cdef inline bytes _concat4(bytes a, bytes b, bytes c, bytes d):
-    """``a + b + c + d`` in one allocation."""
+cdef inline bytes _concat4(bytes a, bytes b, const char* c, Py_ssize_t nc, bytes d):
+    """``a + b + c[:nc] + d`` in one allocation."""
     cdef Py_ssize_t na = PyBytes_GET_SIZE(a), nb = PyBytes_GET_SIZE(b)
-    cdef Py_ssize_t nc = PyBytes_GET_SIZE(c), nd = PyBytes_GET_SIZE(d)
+    cdef Py_ssize_t nd = PyBytes_GET_SIZE(d)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, na + nb + nc + nd)
     cdef char* p = PyBytes_AS_STRING(out)
     memcpy(p, PyBytes_AS_STRING(a), na)
     memcpy(p + na, PyBytes_AS_STRING(b), nb)
-    memcpy(p + na + nb, PyBytes_AS_STRING(c), nc)
+    memcpy(p + na + nb, c, nc)
     memcpy(p + na + nb + nc, PyBytes_AS_STRING(d), nd)
     return out
 
 
-def load_cells_native(fspec, str typename, str id, int kg, get, db_state, now_ms, tuple kit):
+def load_cells_native(fspec, str typename, str id not None, int kg, get, db_state, now_ms, tuple kit):
     """``_dispatch_loop.load_cells``, compiled with this module's Cell (and the state key
     and the stored-value header check in C)."""
     cdef dict cells = {}
@@ -552,10 +554,20 @@ def load_cells_native(fspec, str typename, str id, int kg, get, db_state, now_ms
     cdef bytes skey, vhead
     cdef Py_ssize_t nh
     state_key = kit[_K_STATE_KEY]
-    cdef bytes idb = id.encode("utf-8", "surrogatepass")
+    # the id's UTF-8 bytes: an ASCII str's own data (no bytes object per address), else encoded
+    cdef bytes idb = None
+    cdef const char* idp
+    cdef Py_ssize_t nid
+    if SFM_IS_ASCII(id):
+        idp = <const char*>PyUnicode_1BYTE_DATA(id)
+        nid = SFM_UNICODE_LEN(id)
+    else:
+        idb = id.encode("utf-8", "surrogatepass")
+        idp = PyBytes_AS_STRING(idb)
+        nid = PyBytes_GET_SIZE(idb)
     for part in fspec.key_parts:
         name, stype, tprefix, suffix, vhead, decode = part
-        skey = _concat4(head, tprefix, idb, suffix)
+        skey = _concat4(head, tprefix, idp, nid, suffix)
         if PyBytes_GET_SIZE(skey) > max_key:
             skey = state_key(kg, typename, id, name)
         raw = get(skey, None, db_state)

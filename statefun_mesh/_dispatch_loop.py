@@ -128,6 +128,13 @@ def dispatch_groups(
     send_bytes = 0
     invocations = 0
     t0 = perf_counter()  # chained: one clock read per sync address
+    # the function of the last address's type and what the loop reads of it (valid while
+    # typename == last_tn; a type without a function is looked up every time)
+    last_tn = None
+    fspec = None
+    is_async = False
+    has_specs = False
+    st = None
     for key, recs in groups.items():
         typename, id = key
         if parked or merging:
@@ -148,7 +155,15 @@ def dispatch_groups(
         if max_send_bytes is not None and outbox is not None and outbox.staging:
             out.deferred.extend(recs)  # an invocation's sends went to the outbox: the batch is full
             continue
-        fspec = table.get(typename)
+        if typename != last_tn:  # a batch is mostly runs of one type: its lookups once per run
+            fspec = table.get(typename)
+            st = None  # its TypeStats, once one of its invocations ran
+            if fspec is None:
+                last_tn = None
+            else:
+                last_tn = typename
+                is_async = fspec.is_async
+                has_specs = bool(fspec.specs)
         endpoint = None
         if fspec is None:
             endpoint = d.remote.endpoint_for(typename) if d.remote is not None else None
@@ -158,7 +173,7 @@ def dispatch_groups(
                 continue
         kg = key_group(id, maxp)
         dedup_out = out
-        if fspec is None or fspec.is_async:
+        if fspec is None or is_async:
             # an async address's idempotency keys commit with its invocations
             dedup_out = BatchOutcome()
         for r in recs:
@@ -172,8 +187,8 @@ def dispatch_groups(
             rcells = d.remote.load(d, txn, typename, id, kg, now_ms)
             starting.append(_RemoteRunning(endpoint, address, kg, rcells, recs, dedup_out))
             continue
-        cells: dict[Any, Any] = load_cells(fspec, typename, id, kg, get, db_state, now_ms, kit) if fspec.specs else {}
-        if fspec.is_async:
+        cells: dict[Any, Any] = load_cells(fspec, typename, id, kg, get, db_state, now_ms, kit) if has_specs else {}
+        if is_async:
             starting.append(_Running(fspec, address, kg, cells, recs, dedup_out))
             continue
         if cells:
@@ -185,7 +200,8 @@ def dispatch_groups(
         d.current = None
         # TypeStats.observe, inlined: this runs once per address of every batch
         t1 = perf_counter()
-        st = stats.get(typename) or d._type_stats(typename)
+        if st is None:
+            st = stats.get(typename) or d._type_stats(typename)
         n = len(recs)
         dt = t1 - t0
         st.seconds += dt

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import traceback
@@ -69,6 +70,28 @@ REPLY_OK: Final = 0
 REPLY_ERROR: Final = 1
 
 Record = tuple[str, str, str, str, str, bytes, int, int]
+#: The cyclic GC's generation-0 threshold while a batch's sync invocations run (the
+#: process's own, if higher, is left alone): a full batch allocates a few thousand
+#: containers that stay alive until it ends, so the default 700 collected them several
+#: times per batch for nothing (bench/RESULTS.md, session 6, lane perf9b)
+BATCH_GC_THRESHOLD: Final = 20_000
+
+
+def raise_gc_threshold() -> tuple[int, int, int]:
+    """Raise the cyclic GC's generation-0 threshold to at least :data:`BATCH_GC_THRESHOLD`
+    for the whole process; returns the thresholds now in force. For a peer process
+    (``statefun-mesh peer``) once started: outside its batches too (decoding frames,
+    routing a batch's sends) young objects are mostly a batch's records still in use, and
+    with the default 700 the collector ran ~1,700 times in one counter benchmark, ~6 % of
+    the peer's CPU; with 20,000, ~80 times and ~1 % (bench/RESULTS.md, session 6, lane
+    perf9b). Not for a user's own process (``LocalMesh``): there only a batch's sync
+    part runs with it (``Dispatcher.run``)."""
+    g0, g1, g2 = gc.get_threshold()
+    if g0 < BATCH_GC_THRESHOLD:
+        gc.set_threshold(BATCH_GC_THRESHOLD, g1, g2)
+    return gc.get_threshold()
+
+
 _CACHEABLE: Final = frozenset({int, float, str, bool, bytes, type(None)})
 #: (reply_peer, request_id, status, value_typename or error class, value bytes or error text,
 #: replier typename, replier id)
@@ -405,6 +428,13 @@ class Dispatcher:
         groups = _speedups.group_records(records)
         starting: list[_Running] = []
         touched: list[dict[str, Cell]] = []
+        # The batch's records, cells, contexts and sends live until it ends: with the default
+        # gen0 threshold (700) the cyclic GC ran several times per batch, walking and
+        # promoting objects still in use (~8 % of a busy peer); raised for the sync part of
+        # the batch only (restored at once: no await in between), see BATCH_GC_THRESHOLD.
+        gc_saved = gc.get_threshold()
+        if gc_saved[0] < BATCH_GC_THRESHOLD:
+            gc.set_threshold(BATCH_GC_THRESHOLD, gc_saved[1], gc_saved[2])
         with self.backend.read() as txn:
             self._txn = txn
             try:
@@ -413,6 +443,8 @@ class Dispatcher:
                 )
             finally:
                 self.current = None
+                if gc_saved[0] < BATCH_GC_THRESHOLD:
+                    gc.set_threshold(*gc_saved)
         self._txn = None  # closed: async invocations below read what they need afresh
         for pr in merging.values():
             self._finish(pr, now_ms, out)
