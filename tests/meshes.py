@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["mesh_settings", "wait_for"]
+__all__ = ["checkpoint_then_recover", "mesh_settings", "wait_for"]
 
 
 def mesh_settings(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
@@ -43,3 +43,18 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: st
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def checkpoint_then_recover(mesh: Any, min_inflight: int) -> None:
+    """Take a checkpoint now (its cut must hold more than ``min_inflight`` messages in flight),
+    then start a recovery round, wait until every peer has resumed and the mesh is idle."""
+    coord = mesh.peers[0].coordinator
+    n_ck = coord.trigger()
+    await wait_for(
+        lambda: coord.last_complete is not None and coord.last_complete.checkpoint >= n_ck, 30, "the checkpoint"
+    )
+    inflight = sum(part.inflight.entries for part in coord.last_complete.parts)
+    assert inflight > min_inflight, f"the cut held {inflight} messages in flight"
+    coord.request_recovery("a test")
+    await wait_for(lambda: all(p.recoveries >= 1 and p.resumed for p in mesh.peers), 30, "every peer to resume")
+    await asyncio.wait_for(mesh.idle(), 120)

@@ -18,6 +18,7 @@ from statefun_mesh import IntType, LocalMesh, StatefulFunctions, ValueSpec, mess
 from statefun_mesh.context import Context, Storage
 from statefun_mesh.outbox import Outbox
 from statefun_mesh.spill import Spill
+from tests.meshes import checkpoint_then_recover
 
 
 def ctx(outbox: Outbox) -> Context:
@@ -188,7 +189,6 @@ async def test_sends_waiting_in_the_outbox_at_a_cut_are_restored_by_a_recovery(t
         checkpoint_interval=3600,
         memory_budget=1 << 20,
     ) as mesh:
-        coord = mesh.peers[0].coordinator
         await mesh.send(message_builder(target_typename="ob/burst", target_id="b", int_value=0))
         for _ in range(3000):
             if any(p.router.outbox.count > n // 4 for p in mesh.peers):
@@ -196,22 +196,7 @@ async def test_sends_waiting_in_the_outbox_at_a_cut_are_restored_by_a_recovery(t
             await asyncio.sleep(0.002)
         else:
             raise AssertionError("the burst never waited in an outbox")
-        n_ck = coord.trigger()
-        for _ in range(3000):
-            if coord.last_complete is not None and coord.last_complete.checkpoint >= n_ck:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("the checkpoint did not complete")
-        inflight = sum(part.inflight.entries for part in coord.last_complete.parts)
-        assert inflight > n // 8, f"the cut held {inflight} messages in flight"
-        coord.request_recovery("a test")
-        for _ in range(600):
-            if all(p.recoveries >= 1 and p.resumed for p in mesh.peers):
-                break
-            await asyncio.sleep(0.05)
-        assert all(p.recoveries >= 1 for p in mesh.peers), [p.recoveries for p in mesh.peers]
-        await asyncio.wait_for(mesh.idle(), 120)
+        await checkpoint_then_recover(mesh, n // 8)
         assert await seq_totals(mesh) == (n, 0)
 
 

@@ -24,6 +24,7 @@ from statefun_mesh.context import Context, Storage
 from statefun_mesh.errors import StatefunMeshError
 from statefun_mesh.outbox import AsyncStage, Outbox
 from statefun_mesh.remote.handler import RequestReplyHandler
+from tests.meshes import checkpoint_then_recover
 
 
 def rec(i: Any, size: int = 10) -> tuple[str, str, str, str, str, bytes, int, int]:
@@ -333,7 +334,6 @@ async def test_async_sends_waiting_in_the_outbox_at_a_cut_are_restored_by_a_reco
         checkpoint_interval=3600,
         memory_budget=1 << 20,
     ) as mesh:
-        coord = mesh.peers[0].coordinator
         for j in senders:
             await mesh.send(message_builder(target_typename="ob/fan", target_id=j, int_value=0))
         for _ in range(3000):
@@ -342,20 +342,5 @@ async def test_async_sends_waiting_in_the_outbox_at_a_cut_are_restored_by_a_reco
             await asyncio.sleep(0.002)
         else:
             raise AssertionError("the fan-out never waited in an outbox")
-        n_ck = coord.trigger()
-        for _ in range(3000):
-            if coord.last_complete is not None and coord.last_complete.checkpoint >= n_ck:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("the checkpoint did not complete")
-        inflight = sum(part.inflight.entries for part in coord.last_complete.parts)
-        assert inflight > n // 4, f"the cut held {inflight} messages in flight"
-        coord.request_recovery("a test")
-        for _ in range(600):
-            if all(p.recoveries >= 1 and p.resumed for p in mesh.peers):
-                break
-            await asyncio.sleep(0.05)
-        assert all(p.recoveries >= 1 for p in mesh.peers), [p.recoveries for p in mesh.peers]
-        await asyncio.wait_for(mesh.idle(), 120)
+        await checkpoint_then_recover(mesh, n // 4)
         assert await totals(mesh, senders) == (n * len(senders), 0)
