@@ -374,3 +374,32 @@ def run_cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None
         env=full_env,
         stdin=subprocess.DEVNULL,
     )
+
+
+def run_bench_script(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[str, str]:
+    """Run a bench/ script to completion and return its stdout and stderr (text); on a
+    timeout it gets SIGTERM (the scripts stop the meshes they started, then exit), then its
+    whole session SIGKILL, and the test fails naming the script. The exit code must be 0."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    name = Path(cmd[1]).name if len(cmd) > 1 else cmd[0]
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        raise AssertionError(f"{name} did not finish in {timeout:.0f} s:\n{stderr.decode()[-3000:]}") from None
+    text, err = stdout.decode(), stderr.decode()
+    assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{text[-2000:]}\n{err[-3000:]}"
+    return text, err

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.support import ROOT
+from tests.integration.support import ROOT, run_bench_script
 
 pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
@@ -25,27 +23,9 @@ def test_checkpoint_perf_quick_runs_and_prints_its_figures(tmp_path: Path) -> No
     out_json = tmp_path / "figures.json"
     env = dict(os.environ)
     env.pop("STATEFUN_MESH_ENDPOINT", None)
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "checkpoint_perf.py"), "--quick", "--json", str(out_json)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
+    text, _ = run_bench_script(
+        [sys.executable, str(ROOT / "bench" / "checkpoint_perf.py"), "--quick", "--json", str(out_json)], env, 90
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # the script stops the meshes it started, then exits
-        try:
-            stdout, stderr = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-        pytest.fail(f"checkpoint_perf.py --quick did not finish in 90 s:\n{stderr.decode()[-3000:]}")
-    text = stdout.decode()
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{text[-2000:]}\n{stderr.decode()[-3000:]}"
     for heading in ("checkpoint duration and bytes uploaded", "counter throughput", "SIGKILL of peer 1"):
         assert heading in text, text
     assert "with / without checkpoints:" in text

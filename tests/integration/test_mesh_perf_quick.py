@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.support import ROOT
+from tests.integration.support import ROOT, run_bench_script
 
 pytestmark = [pytest.mark.integration, pytest.mark.c_core_only]
 
@@ -54,27 +52,7 @@ def test_mesh_perf_small_run_prints_both_baselines_and_issue_9s_targets(tmp_path
         "--json",
         str(out_json),
     ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # the script stops the mesh it started, then exits
-        try:
-            stdout, stderr = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-        pytest.fail(f"mesh_perf.py did not finish in 120 s:\n{stderr.decode()[-3000:]}")
-    text = stdout.decode()
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{text[-2000:]}\n{stderr.decode()[-3000:]}"
+    text, _ = run_bench_script(cmd, env, 120)
     assert "x base: StateFun-shaped dispatch, no I/O" in text and "beside: msgpack unpack + trivial dispatch" in text
     assert ">= 250,000 counter invocations/s per peer, 1 peer(s):" in text
     assert ">= 0.40 of the StateFun-shaped no-I/O dispatch (cpu), 1 peer(s):" in text
