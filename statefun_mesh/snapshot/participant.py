@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     import lmdb
 
     from ..blobstore.base import BlobStore
-    from ..state.lmdb_backend import LmdbStateBackend
+    from ..state.lmdb_backend import ChangeLog, LmdbStateBackend
     from .host import CheckpointHost
 
 __all__ = ["Participant"]
@@ -81,7 +81,7 @@ class _Snap:
         self,
         n: int,
         txn: lmdb.Transaction,
-        changes: set[tuple[str, bytes]],
+        changes: ChangeLog,
         inbox: list[Any],
         ingress_pos: int,
         waiting: set[int],
@@ -204,7 +204,10 @@ class Participant:
             return
         self.pending = None
         backend = host.state_store()
-        changes = self.carry | backend.take_changes()
+        # the keys written since the last cut, deduplicated in the build thread, not here
+        changes = backend.take_change_log()
+        if self.carry:
+            changes.add(self.carry)
         self.carry = set()
         txn = backend.read()
         # Unprocessed input: the inbox, and before it the messages of parked async
@@ -464,7 +467,7 @@ class Participant:
         if snap is None or snap.n != n:
             return
         self.snap = None
-        self.carry |= snap.changes
+        self.carry |= snap.changes.as_set()
         if snap.txn is not None and (not snap.finalizing or snap.part is not None):
             snap.txn.abort()
             snap.txn = None
@@ -508,7 +511,7 @@ class Participant:
         self._drop_points()
         if self.view is not None:
             n, chain, txn = self.view
-            self._points[n] = (chain, txn, self.carry | (snap.changes if snap is not None else set()))
+            self._points[n] = (chain, txn, self.carry | (snap.changes.as_set() if snap is not None else set()))
             self.view = None
         if snap is not None and snap.part is not None and snap.txn is not None:
             self._points[snap.n] = (tuple(r.sha256 for r in snap.part.chain), snap.txn, set(self.carry))

@@ -444,3 +444,46 @@ def test_every_write_is_in_the_change_set_whatever_op_wrote_it(tmp_path: Path) -
         assert backend.take_changes() == {("state", b"c")}
     finally:
         backend.close()
+
+
+def test_a_change_log_folds_off_the_loop_into_what_take_changes_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint's cut takes the change log without deduplicating it (``take_change_log``:
+    a batch's commit only lists its ``putmulti`` keys); folded later, in the build thread, it
+    names exactly the keys ``take_changes`` would have, its delta is the same bytes, and the
+    lists a long interval piles up are folded on the way (``FOLD_KEYS``: bounded memory)."""
+    from statefun_mesh.state import lmdb_backend
+
+    monkeypatch.setattr(lmdb_backend, "FOLD_KEYS", 5)
+    backend = LmdbStateBackend(str(tmp_path / "s"))
+    rnd = random.Random(3)
+    keys = [b"k%03d" % i for i in range(40)]
+    try:
+        backend.take_change_log()  # tracking on
+        want: set[tuple[str, bytes]] = set()
+        for _ in range(20):
+            batch = rnd.sample(keys, 3)
+            ops: list[Any] = [("putmulti", "state", [(k, b"v") for k in batch])]
+            want.update(("state", k) for k in batch)
+            if rnd.random() < 0.3:
+                k = rnd.choice(keys)
+                ops.append(("del", "state", k))
+                want.add(("state", k))
+            backend.commit(ops)
+            assert backend._run_keys <= 5 + 3  # folded once above FOLD_KEYS
+        assert backend.pending_changes() == want
+        txn = backend.read()
+        log = backend.take_change_log()
+        backend.commit([("putmulti", "state", [(b"later", b"x")])])  # after the cut: not in this log
+        log.add({("dedup", b"carried")})
+        want.add(("dedup", b"carried"))
+        try:
+            packed = b"".join(d for _, d in backend.delta_packed(txn, log, chunk=7))
+            assert packed == b"".join(d for _, d in backend.delta_packed(txn, want, chunk=7))
+        finally:
+            txn.abort()
+        assert log.as_set() == want
+        assert backend.take_changes() == {("state", b"later")}
+    finally:
+        backend.close()
