@@ -298,7 +298,7 @@ class Participant:
         def build() -> tuple[list[tuple[str, str, int, int, str]], dict[str, int]]:
             entries: Iterator[Any]
             if kind == "base":
-                entries = ([db, k, v] for db, k, v in backend.dump(txn))
+                entries = (PackedEntries(n, data) for n, data in backend.dump_packed(txn))
             else:
                 entries = (PackedEntries(n, data) for n, data in backend.delta_packed(txn, snap.changes))
             # one record at a time: a spilled tail is read from disk, never all in memory
