@@ -548,6 +548,14 @@ class LmdbStateBackend:
         if raw is not None:
             yield "meta", b"timer_seq", raw
 
+    def entries(self, txn: lmdb.Transaction) -> int:
+        """Entries a base object of ``txn``'s view would hold (every database but meta)."""
+        n = 0
+        for name, db in self._dbs.items():
+            if name != "meta":
+                n += int(txn.stat(db)["entries"])
+        return n
+
     def dump_packed(self, txn: lmdb.Transaction, chunk: int = 4096) -> Iterator[tuple[int, bytes]]:
         """What :meth:`dump` yields, msgpack-encoded as ``[database, key, value]`` entries (a
         base object's encoding), ``(count, bytes)`` for up to ``chunk`` entries at a time:
@@ -822,6 +830,15 @@ class ChangeLog:
         """Add changed ``(database, key)`` pairs (keys an aborted checkpoint carried over)."""
         with self._lock:
             self._pairs |= pairs
+
+    def writes(self) -> int:
+        """Writes logged, duplicates counted until folded: what folding would cost."""
+        with self._lock:
+            return (
+                sum(len(keys) for _, keys in self._runs)
+                + len(self._pairs)
+                + sum(len(keys) for keys in self._keys.values())
+            )
 
     def by_database(self) -> dict[str, set[bytes]]:
         """Every changed key, per database (folds the lists: call it off the loop). Do
