@@ -94,6 +94,9 @@ class Coordinator:
         self.acks: dict[int, PeerPart] = {}
         self.ready: set[int] = set()
         self.manifests: list[int] = []
+        #: manifests this coordinator published, parsed (garbage collection reads the retained
+        #: ones after every checkpoint: from here, not by a get and a parse each)
+        self._published: dict[int, Manifest] = {}
         self.last_complete: Manifest | None = None
         self.recoveries = 0
         self._task: asyncio.Task[None] | None = None
@@ -385,6 +388,7 @@ class Coordinator:
         self.in_progress = None
         self.last_complete = manifest
         self.manifests.append(n)
+        self._published[n] = manifest
         # Quiet while all is well: the first checkpoint, and the first after failures, at
         # info level; the steady stream (one every checkpoint_interval) at debug level.
         took = time.monotonic() - self.started_at
@@ -428,9 +432,13 @@ class Coordinator:
             retained = ids[-keep_n:]
             needed: set[str] = set()
             for n in retained:
-                m = Manifest.from_json(await self.blobs.get(manifest_name(n)))
+                m = self._published.get(n)
+                if m is None:
+                    m = Manifest.from_json(await self.blobs.get(manifest_name(n)))
                 for part in m.parts:
                     needed.update(r.name for r in (*part.chain, part.inflight))
+            for n in [n for n in self._published if n not in retained]:
+                del self._published[n]
             for n in ids[:-keep_n]:
                 await self.blobs.delete(manifest_name(n))
             oldest = retained[0] if retained else 0

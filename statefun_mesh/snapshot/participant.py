@@ -36,7 +36,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from .._speedups import key_group
 from ..errors import (
@@ -65,12 +65,17 @@ if TYPE_CHECKING:
     import lmdb
 
     from ..blobstore.base import BlobStore
-    from ..state.lmdb_backend import LmdbStateBackend
+    from ..state.lmdb_backend import ChangeLog, LmdbStateBackend
     from .host import CheckpointHost
 
 __all__ = ["Participant"]
 
 _T = TypeVar("_T")
+#: a checkpoint writes a base instead of a delta once the keys written since the last cut
+#: (duplicates counted) reach this many per entry of the store: deduplicating them (a set
+#: insertion each, ~0.09 µs) would then cost more of the build thread's GIL time than
+#: packing every entry of the store (~0.63 µs each, dump_packed)
+BASE_WHEN_WRITES: Final = 8
 log = logging.getLogger("statefun_mesh.snapshot")
 
 
@@ -81,7 +86,7 @@ class _Snap:
         self,
         n: int,
         txn: lmdb.Transaction,
-        changes: set[tuple[str, bytes]],
+        changes: ChangeLog,
         inbox: list[Any],
         ingress_pos: int,
         waiting: set[int],
@@ -204,7 +209,10 @@ class Participant:
             return
         self.pending = None
         backend = host.state_store()
-        changes = self.carry | backend.take_changes()
+        # the keys written since the last cut, deduplicated in the build thread, not here
+        changes = backend.take_change_log()
+        if self.carry:
+            changes.add(self.carry)
         self.carry = set()
         txn = backend.read()
         # Unprocessed input: the inbox, and before it the messages of parked async
@@ -285,17 +293,23 @@ class Participant:
     async def _write_objects(self, snap: _Snap) -> PeerPart:
         peer = self.host
         backend = peer.state_store()
-        kind = "base" if self._need_base() else "delta"
+        txn = snap.txn
+        assert txn is not None
+        # A base also when deduplicating the change log would cost more than packing the
+        # whole store: a few hot keys written over and over (docs/architecture.md §7)
+        kind = (
+            "base"
+            if self._need_base() or snap.changes.writes() >= BASE_WHEN_WRITES * max(backend.entries(txn), 1)
+            else "delta"
+        )
         n, me = snap.n, peer.peer_id
         lo, hi = peer.key_group_range
         header = {"checkpoint": n, "peer": me, "key_groups": [lo, hi], "max_parallelism": peer.config.max_parallelism}
-        txn = snap.txn
-        assert txn is not None
 
         def build() -> tuple[list[tuple[str, str, int, int, str]], dict[str, int]]:
             entries: Iterator[Any]
             if kind == "base":
-                entries = ([db, k, v] for db, k, v in backend.dump(txn))
+                entries = (PackedEntries(n, data) for n, data in backend.dump_packed(txn))
             else:
                 entries = (PackedEntries(n, data) for n, data in backend.delta_packed(txn, snap.changes))
             # one record at a time: a spilled tail is read from disk, never all in memory
@@ -464,7 +478,7 @@ class Participant:
         if snap is None or snap.n != n:
             return
         self.snap = None
-        self.carry |= snap.changes
+        self.carry |= snap.changes.as_set()
         if snap.txn is not None and (not snap.finalizing or snap.part is not None):
             snap.txn.abort()
             snap.txn = None
@@ -508,7 +522,7 @@ class Participant:
         self._drop_points()
         if self.view is not None:
             n, chain, txn = self.view
-            self._points[n] = (chain, txn, self.carry | (snap.changes if snap is not None else set()))
+            self._points[n] = (chain, txn, self.carry | (snap.changes.as_set() if snap is not None else set()))
             self.view = None
         if snap is not None and snap.part is not None and snap.txn is not None:
             self._points[snap.n] = (tuple(r.sha256 for r in snap.part.chain), snap.txn, set(self.carry))

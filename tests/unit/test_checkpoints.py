@@ -335,3 +335,40 @@ async def test_a_recovery_round_survives_a_lost_ready_or_resume(tmp_path: Path, 
         )
         assert dropped, f"no {lost} was sent"
         assert await count_of(mesh, "after-the-round") == 0
+
+
+def hot_app() -> StatefulFunctions:
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="hot/loop", specs=[ValueSpec(name="n", type=IntType)])
+    def loop(context, message):
+        context.storage.n = (context.storage.n or 0) + 1
+        if message.as_int() > 0:  # to itself: a batch per hop, the same key written in each
+            context.send(message_builder(target_typename="hot/loop", target_id=context.address.id, int_value=0))
+            context.send(message_builder(target_typename="hot/loop", target_id="hot", int_value=message.as_int() - 1))
+        if context.in_request:
+            context.reply(int_value=context.storage.n)
+
+    return functions
+
+
+async def test_a_few_hot_keys_written_over_and_over_get_a_base_not_a_delta(tmp_path: Path) -> None:
+    """A checkpoint whose change log holds BASE_WHEN_WRITES writes per entry of the store
+    writes a base: packing the store costs the build thread less than deduplicating the log.
+    (base_every and delta_ratio are set so that nothing else would start a new base.)"""
+    s = settings(tmp_path, base_every=1000, delta_ratio=1e9)
+    async with LocalMesh(hot_app(), peers=1, **s) as mesh:
+        for i in range(20):
+            await mesh.send(message_builder(target_typename="hot/loop", target_id=f"k{i}", int_value=0))
+        await mesh.idle()
+        n0 = await wait_checkpoint_after(mesh, await completed(mesh) + 1)
+        first = await latest_manifest(mesh.peers[0].blobs)
+        assert first is not None and first.parts[0].chain[0].checkpoint <= n0
+        await mesh.send(message_builder(target_typename="hot/loop", target_id="hot", int_value=3000))
+        await mesh.idle()
+        await wait_checkpoint_after(mesh, await completed(mesh) + 1)
+        m = await latest_manifest(mesh.peers[0].blobs)
+        assert m is not None
+        assert m.parts[0].chain[0].kind == "base" and m.parts[0].chain[0].checkpoint > n0
+        r = await mesh.request(message_builder(target_typename="hot/loop", target_id="hot", int_value=-1))
+        assert r.as_int() == 3001 + 3000 + 1  # every hop, the echo of each but the last, this request

@@ -335,12 +335,12 @@ async def test_a_recovery_during_a_checkpoints_build_waits_for_the_build_thread(
         peer = mesh.peers[0]
         backend = peer.backend
         assert backend is not None and peer.coordinator is not None
-        dump = backend.dump
+        dump = backend.dump_packed
         entered, checked = threading.Event(), threading.Event()
         aborted_under_thread: list[str] = []
 
-        def slow_dump(txn: Any) -> Any:  # fault injection: a build slower than the recovery round
-            for i, item in enumerate(dump(txn)):
+        def slow_dump(txn: Any, chunk: int = 1) -> Any:  # fault injection: a build slower than the recovery round
+            for i, item in enumerate(dump(txn, chunk=1)):
                 if i == 10:
                     entered.set()
                     time.sleep(1.0)  # the round resets the participant meanwhile
@@ -353,7 +353,7 @@ async def test_a_recovery_during_a_checkpoints_build_waits_for_the_build_thread(
                         checked.set()
                 yield item
 
-        backend.dump = slow_dump  # type: ignore[method-assign]
+        backend.dump_packed = slow_dump  # type: ignore[method-assign]
         coord = peer.coordinator
         rounds = coord.recoveries
         coord.trigger()
@@ -444,3 +444,70 @@ def test_every_write_is_in_the_change_set_whatever_op_wrote_it(tmp_path: Path) -
         assert backend.take_changes() == {("state", b"c")}
     finally:
         backend.close()
+
+
+def test_a_change_log_folds_off_the_loop_into_what_take_changes_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint's cut takes the change log without deduplicating it (``take_change_log``:
+    a batch's commit only lists its ``putmulti`` keys); folded later, in the build thread, it
+    names exactly the keys ``take_changes`` would have, its delta is the same bytes, and the
+    lists a long interval piles up are folded on the way (``FOLD_KEYS``: bounded memory)."""
+    from statefun_mesh.state import lmdb_backend
+
+    monkeypatch.setattr(lmdb_backend, "FOLD_KEYS", 5)
+    backend = LmdbStateBackend(str(tmp_path / "s"))
+    rnd = random.Random(3)
+    keys = [b"k%03d" % i for i in range(40)]
+    try:
+        backend.take_change_log()  # tracking on
+        want: set[tuple[str, bytes]] = set()
+        for _ in range(20):
+            batch = rnd.sample(keys, 3)
+            ops: list[Any] = [("putmulti", "state", [(k, b"v") for k in batch])]
+            want.update(("state", k) for k in batch)
+            if rnd.random() < 0.3:
+                k = rnd.choice(keys)
+                ops.append(("del", "state", k))
+                want.add(("state", k))
+            backend.commit(ops)
+            assert backend._run_keys <= 5 + 3  # folded once above FOLD_KEYS
+        assert backend.pending_changes() == want
+        txn = backend.read()
+        log = backend.take_change_log()
+        backend.commit([("putmulti", "state", [(b"later", b"x")])])  # after the cut: not in this log
+        log.add({("dedup", b"carried")})
+        want.add(("dedup", b"carried"))
+        try:
+            packed = b"".join(d for _, d in backend.delta_packed(txn, log, chunk=7))
+            assert packed == b"".join(d for _, d in backend.delta_packed(txn, want, chunk=7))
+        finally:
+            txn.abort()
+        assert log.as_set() == want
+        assert backend.take_changes() == {("state", b"later")}
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_dump_packed_encodes_exactly_the_dump_entries(tmp_path: Path, chunk: int) -> None:
+    """A base object is written from ``dump_packed``: the same bytes, in the same order, as
+    packing every ``dump`` entry one by one (every database but meta, then timer_seq)."""
+    import msgpack
+
+    backend = LmdbStateBackend(str(tmp_path / "s"))
+    rnd = random.Random(11)
+    keys = [b"k%04d" % i for i in range(50)]
+    backend.load([(db, k, rnd.randbytes(rnd.randrange(0, 40))) for db in ("dedup", "state", "timers") for k in keys])
+    backend.load([("meta", b"timer_seq", b"\x00" * 8)])
+    txn = backend.read()
+    try:
+        pack = msgpack.Packer(use_bin_type=True).pack
+        expected = b"".join(pack([db, k, v]) for db, k, v in backend.dump(txn))
+        parts = list(backend.dump_packed(txn, chunk=chunk))
+    finally:
+        txn.abort()
+        backend.close()
+    assert b"".join(data for _, data in parts) == expected
+    assert sum(n for n, _ in parts) == 3 * 50 + 1
+    assert all(n <= chunk for n, _ in parts)
