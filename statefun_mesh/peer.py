@@ -530,7 +530,7 @@ class Peer:
         ]
         try:
             if self.coordinator is not None:
-                await self.coordinator.aclose()
+                await self.coordinator.aclose(grace=0)
             if self.participant is not None:
                 self.participant.reset()
             for t in tasks:

@@ -40,6 +40,8 @@ __all__ = ["Coordinator", "latest_manifest", "list_checkpoints"]
 log = logging.getLogger("statefun_mesh.snapshot")
 
 GENERATION_BLOB = "coordinator/generation"
+#: seconds a shutdown waits for a checkpoint being published (Coordinator.aclose)
+PUBLISH_GRACE = 2.0
 #: the reason of the first recovery round, which is a start, not a failure
 STARTED = "the coordinator started"
 #: while a rescale is in progress: ``{"checkpoint": n, "peers": m}``
@@ -454,14 +456,30 @@ class Coordinator:
         except (BlobStoreError, SnapshotError) as exc:
             log.warning("checkpoint garbage collection failed (retried after the next checkpoint): %s", exc)
 
-    async def aclose(self) -> None:
-        for t in (self._task, self._recovering):
-            if t is not None and not t.done():
-                t.cancel()
-                try:
-                    await t
-                except (asyncio.CancelledError, Exception):
-                    pass
+    async def aclose(self, grace: float = PUBLISH_GRACE) -> None:
+        """Stop triggering checkpoints, let a checkpoint being published finish for up to
+        ``grace`` s (0: cut it off, as an abort does), then stop everything else.
+
+        The peer closes the blob store right after this: a publish cut off there (its
+        manifest, then garbage collection) logged a failed garbage collection at every
+        shutdown that caught one."""
+        await _cancel(self._task)
+        if self._publishing:
+            _, late = (
+                await asyncio.wait(set(self._publishing), timeout=grace) if grace > 0 else ((), set(self._publishing))
+            )
+            for t in late:
+                await _cancel(t)
+        await _cancel(self._recovering)
+
+
+async def _cancel(t: asyncio.Task[Any] | None) -> None:
+    if t is not None and not t.done():
+        t.cancel()
+        try:
+            await t
+        except (asyncio.CancelledError, Exception):
+            pass
 
 
 def _part_from_dict(d: dict[str, Any]) -> PeerPart:

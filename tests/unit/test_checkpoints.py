@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -372,3 +374,43 @@ async def test_a_few_hot_keys_written_over_and_over_get_a_base_not_a_delta(tmp_p
         assert m.parts[0].chain[0].kind == "base" and m.parts[0].chain[0].checkpoint > n0
         r = await mesh.request(message_builder(target_typename="hot/loop", target_id="hot", int_value=-1))
         assert r.as_int() == 3001 + 3000 + 1  # every hop, the echo of each but the last, this request
+
+
+async def test_a_shutdown_lets_a_checkpoint_being_published_finish(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A shutdown that caught a checkpoint between its acknowledgements and the end of its
+    # garbage collection closed the blob store under it: "checkpoint garbage collection
+    # failed ... the blob store was closed" at shutdown (seen in CI). The publish is slowed
+    # down here, in the blob store's listing that garbage collection starts with.
+    caplog.set_level(logging.WARNING, logger="statefun_mesh")
+    slowed = asyncio.Event()
+
+    class SlowListing:
+        """The coordinator's blob store, with a listing that takes 0.5 s."""
+
+        def __init__(self, store: Any) -> None:
+            self._store = store
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._store, name)
+
+        async def list(self, prefix: str = "") -> list[str]:
+            slowed.set()
+            await asyncio.sleep(0.5)
+            return await self._store.list(prefix)  # type: ignore[no-any-return]
+
+    mesh = LocalMesh(app(), peers=2, **mesh_settings(tmp_path, checkpoint_interval=3600.0))
+    await mesh.start()
+    coord = mesh.peers[0].coordinator
+    coord.blobs = SlowListing(coord.blobs)
+    try:
+        await mesh.send(message_builder(target_typename="ck/counter", target_id="x", int_value=1))
+        n = coord.trigger()
+        await asyncio.wait_for(slowed.wait(), 30)
+    finally:
+        await mesh.aclose()
+    await asyncio.sleep(1.0)  # a publish left running past the close would fail by now
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    manifests = list((tmp_path / "blobs").rglob(manifest_name(n).rsplit("/", 1)[-1]))
+    assert manifests, f"checkpoint {n}'s manifest was not written"
