@@ -6,6 +6,11 @@ peer commits in one LMDB write transaction, and the batch's messages, replies an
 egress notifications, which the peer routes only after that commit succeeded. A batch
 is therefore applied wholly or not at all; if the commit fails the peer calls
 :meth:`Dispatcher.rollback` and retries the same records later.
+
+Longer than ~500 lines because sync, async, ``@in_thread`` and remote invocations share
+one batch's bookkeeping (parked addresses, per-invocation rollback, the outbox's stages,
+failures and dead letters); the per-record work itself is in ``_dispatch_loop.py`` and
+the C core.
 """
 
 from __future__ import annotations

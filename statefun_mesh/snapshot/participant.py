@@ -22,6 +22,11 @@ the coordinator, which publishes the manifest once all peers have.
 While a barrier waits for the batch in progress, batch frames are held (not
 processed) so that nothing received after a channel's barrier is mistaken for
 something received before the cut.
+
+Longer than ~500 lines because a cut, its build thread, the upload and a restore share
+one store and one set of transactions: which thread may touch them when (a cancelled
+upload's build thread finishes before anything closes the store) is only checkable in
+one place.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ All writes of one batch go through :meth:`LmdbStateBackend.commit` as an ordered
 of operations applied in one write transaction. A full map grows the map and
 replays the operations; any other failure aborts the transaction, so a batch is
 applied wholly or not at all.
+
+Longer than ~500 lines because it is the one owner of the store's layout: keys and
+value headers, the grow-and-retry commit, the change tracking a checkpoint's delta is
+read from, rollback in place, and the dumps a checkpoint uploads all depend on it.
 """
 
 from __future__ import annotations
