@@ -403,3 +403,33 @@ def run_bench_script(cmd: list[str], env: dict[str, str], timeout: float) -> tup
     text, err = stdout.decode(), stderr.decode()
     assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{text[-2000:]}\n{err[-3000:]}"
     return text, err
+
+
+def mount_tmpfs(path: Path, size: str) -> Path:
+    """Mount a tmpfs of ``size`` (``mount``'s syntax: "6m") at ``path`` for a full-disk test,
+    or skip the test saying why it cannot; unmount it with :func:`unmount`."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        import pytest
+
+        pytest.skip(f"a full disk needs a small tmpfs mount, and mount could not run: {exc}")
+    if r.returncode != 0:
+        import pytest
+
+        pytest.skip(
+            f"a full disk needs a small tmpfs mount, which is not permitted here "
+            f"(needs root with CAP_SYS_ADMIN): {r.stderr.strip()}"
+        )
+    return path
+
+
+def unmount(path: Path) -> None:
+    """Lazily unmount what :func:`mount_tmpfs` mounted at ``path``."""
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)

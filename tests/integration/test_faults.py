@@ -16,7 +16,6 @@ import errno
 import os
 import random
 import stat
-import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,7 +36,7 @@ from tests.integration.crash_util import (
     wait_log,
     wait_responsive,
 )
-from tests.integration.support import read_egress
+from tests.integration.support import mount_tmpfs, read_egress, unmount
 from tests.integration.test_crash_recovery import (
     app_client,
     counter_query,
@@ -73,21 +72,7 @@ class Env:
 
     def tmpfs(self, path: Path, size: str) -> Path:
         """Mount a tmpfs of ``size`` at ``path``, or skip the test saying why it cannot."""
-        path.mkdir(parents=True, exist_ok=True)
-        try:
-            r = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            pytest.skip(f"a full disk needs a small tmpfs mount, and mount could not run: {exc}")
-        if r.returncode != 0:
-            pytest.skip(
-                f"a full disk needs a small tmpfs mount, which is not permitted here "
-                f"(needs root with CAP_SYS_ADMIN): {r.stderr.strip()}"
-            )
+        mount_tmpfs(path, size)
         self.mounts.append(path)
         return path
 
@@ -97,7 +82,7 @@ class Env:
         for close in self.closers:
             close()
         for path in reversed(self.mounts):
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+            unmount(path)
 
 
 @pytest.fixture

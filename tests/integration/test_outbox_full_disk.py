@@ -16,7 +16,6 @@ import asyncio
 import errno
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from statefun_mesh.context import Context, Storage
 from statefun_mesh.errors import StateBackendError
 from statefun_mesh.outbox import Outbox
 from statefun_mesh.spill import Spill
+from tests.integration.support import mount_tmpfs, unmount
 from tests.unit.test_outbox import burst_functions, seq_totals
 
 pytestmark = pytest.mark.integration
@@ -38,23 +38,11 @@ pytestmark = pytest.mark.integration
 def disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     """A tmpfs mounted for this test (6 MiB, or the MiB given by ``indirect`` parametrization)."""
     size = getattr(request, "param", 6)
-    path = tmp_path / "disk"
-    path.mkdir()
-    try:
-        r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}m,mode=0755", "tmpfs", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"a full disk needs a small tmpfs mount, and mount could not run: {exc}")
-    if r.returncode != 0:
-        pytest.skip(f"a full disk needs a small tmpfs mount, which is not permitted here: {r.stderr.strip()}")
+    path = mount_tmpfs(tmp_path / "disk", f"{size}m")
     try:
         yield path
     finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+        unmount(path)
 
 
 def fill(directory: Path) -> Path:
