@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -433,3 +434,27 @@ def mount_tmpfs(path: Path, size: str) -> Path:
 def unmount(path: Path) -> None:
     """Lazily unmount what :func:`mount_tmpfs` mounted at ``path``."""
     subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Fill the file system of ``directory`` with one file, until ENOSPC; return the file."""
+    st = os.statvfs(directory)
+    assert st.f_blocks * st.f_frsize <= (256 << 20), f"refusing to fill {directory}: not one of our small mounts"
+    path = directory / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in (1 << 20, 1 << 12):
+            data = b"\0" * chunk
+            for _ in range(100_000):  # bounded: the mounts are a few MiB
+                try:
+                    if os.write(fd, data) < chunk:
+                        break
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+    st = os.statvfs(directory)
+    assert st.f_bavail * st.f_frsize < (1 << 20), f"{directory} is not full: {st.f_bavail * st.f_frsize} bytes free"
+    return path

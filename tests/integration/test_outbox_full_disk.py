@@ -13,7 +13,6 @@ mounting is not permitted the tests skip and say so.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from statefun_mesh.context import Context, Storage
 from statefun_mesh.errors import StateBackendError
 from statefun_mesh.outbox import Outbox
 from statefun_mesh.spill import Spill
-from tests.integration.support import mount_tmpfs, unmount
+from tests.integration.support import fill_disk, mount_tmpfs, unmount
 from tests.unit.test_outbox import burst_functions, seq_totals
 
 pytestmark = pytest.mark.integration
@@ -46,24 +45,8 @@ def disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
 
 
 def fill(directory: Path) -> Path:
-    """Fill the file system of ``directory`` with one file until ENOSPC; return the file."""
-    st = os.statvfs(directory)
-    assert st.f_blocks * st.f_frsize <= (64 << 20), f"refusing to fill {directory}: not our small mount"
-    path = directory / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for size in (1 << 16, 1 << 12):
-            data = b"\0" * size
-            for _ in range(10_000):  # bounded: the mount is 6 MiB
-                try:
-                    if os.write(fd, data) < size:
-                        break
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    break
-    finally:
-        os.close(fd)
+    """Fill the file system of ``directory`` (:func:`fill_disk`) to its last block."""
+    path = fill_disk(directory)
     assert os.statvfs(directory).f_bavail == 0
     return path
 
