@@ -187,6 +187,14 @@ class PeerCollector:
             ),
             [1 if a else 0 for a in peer.liveness.alive],
         )
+        frames = router.frame_counts()
+        yield counter("peer_frames_sent", "Frames sent to other peers (CREDIT frames included)", frames["sent"])
+        yield counter("credit_frames", "CREDIT frames sent: grants no other frame could carry", frames["credit_frames"])
+        yield counter(
+            "credits_carried",
+            "Credit grants carried in the envelope of another frame (each a CREDIT frame saved)",
+            frames["credits_carried"],
+        )
         batches = HistogramMetricFamily(PREFIX + "batch_size_messages", "Messages per batch (one state-store commit)")
         batches.add_metric([], _cumulative(BATCH_BUCKETS, peer.batch_sizes), peer.batch_records)
         yield batches
@@ -235,6 +243,14 @@ class PeerCollector:
                 req.add_metric([kind], n)
             yield req
             yield counter("client_errors", "Client frames answered with an error", cs.errors)
+            service = HistogramMetricFamily(
+                PREFIX + "client_request_service_seconds",
+                "Requests answered, by the time from their frame's arrival to the answer's send",
+            )
+            # bucket i of the endpoint's counts holds [2**(i-1), 2**i) µs; its last, the rest
+            bounds = tuple(2**i / 1e6 for i in range(len(cs.service_us) - 1))
+            service.add_metric([], _cumulative(bounds, cs.service_us), cs.service_us_sum / 1e6)
+            yield service
             yield counter("client_busy_refusals", "Client frames refused because the peer was over its limits", cs.busy)
             yield gauge("client_pending_requests", "Client requests waiting for their reply", cs.pending_requests)
             yield gauge("client_parked_sends", "Client sends waiting for admission", cs.parked_sends)

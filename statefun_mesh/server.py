@@ -122,6 +122,8 @@ class ClientServer:
         #: bucket i counts those of [2**(i-1), 2**i) µs (bucket 0: under 1 µs), the last one
         #: also everything longer (status "request_service_us_log2", bench/request_path.py)
         self.service_us = [0] * SERVICE_BUCKETS
+        #: their service times added up, µs (the histogram's sum in metrics.py)
+        self.service_us_sum = 0
         self.errors = 0
         #: (client routing id, egress) -> (next offset it asked for, when): the newest readers
         self.readers: dict[tuple[bytes, str], tuple[int, float]] = {}
@@ -576,6 +578,7 @@ class ClientServer:
             self._reply(ident, codec.R_REPLY, corr, reply.target_typename, reply.target_id, reply._vt, reply._v)
             us = (time.perf_counter_ns() - arrived) // 1000
             self.service_us[min(us.bit_length(), SERVICE_BUCKETS - 1)] += 1
+            self.service_us_sum += us
 
     async def _request(
         self, ident: bytes, corr: int, typename: str, id: str, vt: str, value: bytes, timeout: float

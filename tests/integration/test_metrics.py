@@ -117,6 +117,8 @@ async def test_metrics_move_with_load_and_match_status(tmp_path: Path) -> None:
             + total("statefun_mesh_messages_routed_remote_total", after, to_peer="1")
         )
         assert routed == n + 21 + 20  # and the 20 forwarded by m/counter
+        # messages went to the other peer: frames were sent, and credit came back for them
+        assert total("statefun_mesh_peer_frames_sent_total", after) > 0
         assert value(after[1], "statefun_mesh_messages_received_from_peers_total") == value(
             after[0], "statefun_mesh_messages_routed_remote_total", to_peer="1"
         )
@@ -128,6 +130,10 @@ async def test_metrics_move_with_load_and_match_status(tmp_path: Path) -> None:
             for t, c in st["functions"].items():
                 assert value(s, "statefun_mesh_invocations_total", function_type=t) == c["invocations"]
             assert value(s, "statefun_mesh_inbox_messages") == st["queued"] == 0
+            frames = st["frames"]
+            assert value(s, "statefun_mesh_peer_frames_sent_total") == frames["sent"]
+            assert value(s, "statefun_mesh_credit_frames_total") == frames["credit_frames"]
+            assert value(s, "statefun_mesh_credits_carried_total") == frames["credits_carried"]
             assert value(s, "statefun_mesh_state_bytes") > 0
         # checkpoints complete and are counted; their age is small
         await asyncio.sleep(0.6)
@@ -283,6 +289,44 @@ async def test_client_gauges_count_a_pending_request(tmp_path: Path) -> None:
             finally:
                 waiting.cancel()
                 await asyncio.gather(waiting, return_exceptions=True)
+
+
+async def test_request_service_time_histogram(tmp_path: Path) -> None:
+    # the client endpoint's service-time counts (status "request_service_us_log2") as a
+    # Prometheus histogram: one observation per answered request, sum in seconds
+    from statefun_mesh import MeshClient
+
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="m/echo")
+    def echo(context, message):
+        context.reply(int_value=message.as_int())
+
+    ep = f"ipc://{tmp_path}/client"
+    async with LocalMesh(
+        functions, state_dir=str(tmp_path / "s"), metrics_endpoints=("127.0.0.1:0",), client_endpoints=(ep,)
+    ) as mesh:
+        peer = mesh.peers[0]
+        async with MeshClient(ep) as client:
+            s = await scrape(peer)
+            assert value(s, "statefun_mesh_client_request_service_seconds_count") == 0
+            for i in range(7):
+                reply = await client.request(
+                    message_builder(target_typename="m/echo", target_id=str(i), int_value=i), timeout=10.0
+                )
+                assert reply.as_int() == i
+            s = await scrape(peer)
+        buckets = sorted(
+            (float(dict(k[1])["le"]), v)
+            for k, v in s.items()
+            if k[0] == "statefun_mesh_client_request_service_seconds_bucket"
+        )
+        assert len(buckets) == 26 and buckets[-1] == (float("inf"), 7)
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
+        assert buckets[0] == (1e-06, 0)  # nothing is answered within a microsecond
+        assert value(s, "statefun_mesh_client_request_service_seconds_count") == 7
+        assert 0 < value(s, "statefun_mesh_client_request_service_seconds_sum") < 70
+        assert sum(peer.client_server.service_us) == 7
 
 
 async def test_a_taken_metrics_port_is_refused_with_a_clear_error(tmp_path: Path) -> None:
