@@ -354,10 +354,12 @@ def hot_app() -> StatefulFunctions:
     return functions
 
 
-async def test_a_few_hot_keys_written_over_and_over_get_a_base_not_a_delta(tmp_path: Path) -> None:
-    """A checkpoint whose change log holds BASE_WHEN_WRITES writes per entry of the store
-    writes a base: packing the store costs the build thread less than deduplicating the log.
-    (base_every and delta_ratio are set so that nothing else would start a new base.)"""
+async def test_a_few_hot_keys_written_over_and_over_reach_the_delta_once(tmp_path: Path) -> None:
+    """A key written in thousands of batches between two cuts is one entry of the write-back
+    cache, written into LMDB and logged as changed once, at the cut: the checkpoint is a
+    small delta. (Without the cache the change log held a write per batch, and the build
+    thread wrote a base rather than deduplicate them: BASE_WHEN_WRITES; base_every and
+    delta_ratio are set so that nothing else would start a new base.)"""
     s = settings(tmp_path, base_every=1000, delta_ratio=1e9)
     async with LocalMesh(hot_app(), peers=1, **s) as mesh:
         for i in range(20):
@@ -366,12 +368,20 @@ async def test_a_few_hot_keys_written_over_and_over_get_a_base_not_a_delta(tmp_p
         n0 = await wait_checkpoint_after(mesh, await completed(mesh) + 1)
         first = await latest_manifest(mesh.peers[0].blobs)
         assert first is not None and first.parts[0].chain[0].checkpoint <= n0
+        backend = mesh.peers[0].backend
+        flushes, flushed = backend.cache_flushes, backend.cache_flushed_keys
         await mesh.send(message_builder(target_typename="hot/loop", target_id="hot", int_value=3000))
         await mesh.idle()
+        assert mesh.peers[0].batch_loop.batches > 3000  # a batch per hop: the key written in each
         await wait_checkpoint_after(mesh, await completed(mesh) + 1)
         m = await latest_manifest(mesh.peers[0].blobs)
         assert m is not None
-        assert m.parts[0].chain[0].kind == "base" and m.parts[0].chain[0].checkpoint > n0
+        # the cuts taken meanwhile each flushed the one key: deltas of one entry (or none)
+        later = [r for r in m.parts[0].chain if r.checkpoint > n0]
+        assert later and all(r.kind == "delta" and r.entries <= 1 for r in later), m.parts[0].chain
+        assert sum(r.entries for r in later) >= 1
+        assert backend.cache_flushes > flushes
+        assert backend.cache_flushed_keys - flushed == backend.cache_flushes - flushes  # a key per flush
         r = await mesh.request(message_builder(target_typename="hot/loop", target_id="hot", int_value=-1))
         assert r.as_int() == 3001 + 3000 + 1  # every hop, the echo of each but the last, this request
 
