@@ -18,6 +18,7 @@ from statefun_mesh import (
     MeshConfig,
     Peer,
     StatefulFunctions,
+    StringType,
     ValueSpec,
     egress_message_builder,
     message_builder,
@@ -424,3 +425,64 @@ async def test_a_shutdown_lets_a_checkpoint_being_published_finish(
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     manifests = list((tmp_path / "blobs").rglob(manifest_name(n).rsplit("/", 1)[-1]))
     assert manifests, f"checkpoint {n}'s manifest was not written"
+
+
+def wide_app() -> StatefulFunctions:
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="ck/wide", specs=[ValueSpec(name="v", type=StringType)])
+    def wide(context, message):
+        before = context.storage.v
+        context.storage.v = f"{message.as_int()}:" + "w" * 400
+        if context.in_request:
+            context.reply(int_value=int(before.split(":")[0]) if before else -2)
+
+    return functions
+
+
+async def test_a_cut_whose_cache_flush_finds_the_disk_full_fails_and_loses_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cut writes the write-back cache into the store before its read transaction. On
+    a full disk that write fails: the checkpoint is aborted (the last complete one stays in
+    force), the cache keeps every entry and the peer goes on; once there is room the next
+    checkpoint holds every value."""
+    from tests.integration.support import fill_disk, mount_tmpfs, unmount
+    from tests.unit.test_rollback import rebuilt_dump
+
+    disk = mount_tmpfs(tmp_path / "disk", "24m")
+    try:
+        s = settings(tmp_path, state_dir=str(disk / "state"), checkpoint_interval=3600, local_recovery=False)
+        async with LocalMesh(wide_app(), peers=1, **s) as mesh:
+            coord = mesh.peers[0].coordinator
+            base = await completed(mesh)
+            n = 4000
+            for i in range(n):
+                await mesh.send(message_builder(target_typename="ck/wide", target_id=f"w{i}", int_value=i))
+            await mesh.idle()
+            backend = mesh.peers[0].backend
+            assert len(backend.cache) == n
+            cached = dict(backend.cache)
+            filler = fill_disk(disk)
+            failed = mesh.peers[0].checkpoint_host.checkpoint_failures
+            last = await completed(mesh)
+            with caplog.at_level(logging.ERROR):
+                coord.trigger()
+                await wait_for(lambda: mesh.peers[0].checkpoint_host.checkpoint_failures > failed, 20, "the failed cut")
+            assert "cannot write the cached state into the store" in caplog.text
+            assert backend.cache == cached  # nothing lost
+            assert await completed(mesh) == last
+            filler.unlink()
+            coord.trigger()
+            done = await wait_checkpoint_after(mesh, last)
+            assert backend.cache == {}
+            manifest = coord.last_complete
+            assert manifest is not None and manifest.checkpoint == done > base
+            # the checkpoint holds every value the cache held
+            restored = {k: v for db, k, v in rebuilt_dump(tmp_path, manifest, 0) if db == "state"}
+            assert {k: cached[k] for k in restored} == restored and len(restored) == n
+            for i in range(0, n, 397):
+                r = await mesh.request(message_builder(target_typename="ck/wide", target_id=f"w{i}", int_value=-1))
+                assert r.as_int() == i
+    finally:
+        unmount(disk)

@@ -639,3 +639,15 @@ async def test_a_rollback_in_place_discards_the_cache_and_the_bound_flushes_betw
             how, dump = seen[p][-1]
             assert how == "rolled back", p
             assert dump == rebuilt_dump(tmp_path, manifest, p)
+
+
+async def test_without_checkpoints_every_batch_commits_its_state_to_lmdb(tmp_path: Path) -> None:
+    """guarantees.md: without checkpoints committed batches survive a process crash, so
+    there is no write-back cache: a batch's state is in LMDB when it has committed."""
+    async with LocalMesh(app(), peers=1, state_dir=str(tmp_path / "state")) as mesh:
+        backend = mesh.peers[0].backend
+        assert backend.cache is None
+        await mesh.send(message_builder(target_typename="rb/cell", target_id="n", int_value=7))
+        await mesh.idle()
+        with backend.read_unflushed() as txn:
+            assert sum(1 for _ in backend.iter_state(txn)) == 2  # a and b of rb/cell/n
