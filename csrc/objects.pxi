@@ -610,19 +610,24 @@ def collect_puts_native(list touched, list ops, encode):
     cdef list puts = []
     cdef Cell cell
     cdef dict cells
+    cdef bytes value
+    cdef Py_ssize_t size = 0  # bytes of the keys and values: the write-back cache's bound counts them
     for cells in touched:
         for c in cells.values():
             cell = <Cell>c
             if cell.dirty:
                 if cell.data is None:
                     ops.append(("del", "state", cell.key))
-                elif (cell._head is not None and type(cell.data) is bytes and cell.vt is cell.type.typename
-                      and type(cell.expire) is int and cell.expire == 0):
-                    puts.append((cell.key, _concat2(cell._head, cell.data)))
                 else:
-                    puts.append((cell.key, encode(cell.vt, cell.data, cell.expire)))
+                    if (cell._head is not None and type(cell.data) is bytes and cell.vt is cell.type.typename
+                            and type(cell.expire) is int and cell.expire == 0):
+                        value = _concat2(cell._head, cell.data)
+                    else:
+                        value = encode(cell.vt, cell.data, cell.expire)
+                    puts.append((cell.key, value))
+                    size += PyBytes_GET_SIZE(cell.key) + PyBytes_GET_SIZE(value)
     if puts:
-        ops.append(("putmulti", "state", puts))
+        ops.append(("putmulti", "state", puts, size))
 
 
 cdef inline bytes _concat2(bytes a, bytes b):

@@ -405,14 +405,18 @@ def invoke_sync(
 def collect_puts(touched: list[Any], ops: list[Any], encode: Any) -> None:
     """Append the batch's state writes to ``ops``: a ``del`` op per deleted cell, then one
     ``putmulti`` op with every other changed cell's encoded value (distinct keys: one cell
-    per key, and no other op of the batch writes a sync address's cell)."""
+    per key, and no other op of the batch writes a sync address's cell) and the bytes of
+    its keys and values (what the store's write-back cache counts against its bound)."""
     puts: list[Any] = []
+    size = 0
     for cells in touched:
         for cell in cells.values():
             if cell.dirty:
                 if cell.data is None:
                     ops.append(("del", "state", cell.key))
                 else:
-                    puts.append((cell.key, encode(cell.vt, cell.data, cell.expire)))
+                    value = encode(cell.vt, cell.data, cell.expire)
+                    puts.append((cell.key, value))
+                    size += len(cell.key) + len(value)
     if puts:
-        ops.append(("putmulti", "state", puts))
+        ops.append(("putmulti", "state", puts, size))

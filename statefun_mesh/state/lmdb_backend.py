@@ -81,7 +81,8 @@ _KG_SEQ: Final = struct.Struct(">HQ")
 _DUE_KG_SEQ: Final = struct.Struct(">QHQ")
 
 #: One write of a batch: ``("put", db, key, value)``, ``("putmulti", db, [(key, value), ...])``
-#: (distinct keys, written with one cursor), ``("del", db, key)``,
+#: (distinct keys, written with one cursor; a 4th field, when there, is the bytes of its keys
+#: and values), ``("del", db, key)``,
 #: ``("cancel", kg, token_prefix)`` or ``("fired", kg, seq, due_ms, token_prefix_or_None)``
 #: (the tags are named in records.py: OP_PUT, OP_DEL, OP_CANCEL, OP_FIRED).
 Op = tuple[Any, ...]
@@ -509,7 +510,10 @@ class LmdbStateBackend:
                 if kind == "putmulti":
                     puts = op[2]
                     cache.update(puts)
-                    added += sum(map(len, itertools.chain.from_iterable(puts))) + CACHE_ENTRY_OVERHEAD * len(puts)
+                    # the bytes of its keys and values: counted by collect_puts (an optional 4th
+                    # field: a sum over the list here cost ~130 ns a write, a third of the rest)
+                    size = op[3] if len(op) > 3 else sum(map(len, itertools.chain.from_iterable(puts)))
+                    added += size + CACHE_ENTRY_OVERHEAD * len(puts)
                 elif kind == "put":
                     cache[op[2]] = op[3]
                     added += len(op[2]) + len(op[3]) + CACHE_ENTRY_OVERHEAD

@@ -138,9 +138,15 @@ def _run(tmp_path: Path, cache_bytes: int = 0, again: bool = False) -> tuple[dic
         if again:
             backend.commit(out.ops)
             out = asyncio.run(d.run(_batch(), [], 1000))
+        for op in out.ops:  # a putmulti's 4th field: the bytes of its keys and values (the cache's bound)
+            assert op[0] != "putmulti" or op[3] == sum(len(k) + len(v) for k, v in op[2])
         ops = [
             # a dead letter carries a traceback (paths, line numbers): its bytes are not pinned
-            [*op[:3], "<dead letter>"] if op[0] == "put" and op[1] == "egress" else op
+            [*op[:3], "<dead letter>"]
+            if op[0] == "put" and op[1] == "egress"
+            else op[:3]
+            if op[0] == "putmulti"
+            else op
             for op in out.ops
         ]
         backend.commit(out.ops)
