@@ -544,15 +544,16 @@ cdef inline bytes _concat4(bytes a, bytes b, const char* c, Py_ssize_t nc, bytes
     return out
 
 
-def load_cells_native(fspec, str typename, str id not None, int kg, get, db_state, now_ms, tuple kit):
-    """``_dispatch_loop.load_cells``, compiled with this module's Cell (and the state key
-    and the stored-value header check in C)."""
+def load_cells_native(fspec, str typename, str id not None, int kg, get, db_state, dict cache, now_ms, tuple kit):
+    """``_dispatch_loop.load_cells``, compiled with this module's Cell (and the state key,
+    the write-back cache's lookup and the stored-value header check in C)."""
     cdef dict cells = {}
     cdef Cell cell
     cdef bytes head = kit[_K_PREFIXES][kg]
     cdef Py_ssize_t max_key = kit[_K_MAX_KEY]
     cdef bytes skey, vhead
     cdef Py_ssize_t nh
+    cdef PyObject* p
     state_key = kit[_K_STATE_KEY]
     # the id's UTF-8 bytes: an ASCII str's own data (no bytes object per address), else encoded
     cdef bytes idb = None
@@ -570,7 +571,12 @@ def load_cells_native(fspec, str typename, str id not None, int kg, get, db_stat
         skey = _concat4(head, tprefix, idp, nid, suffix)
         if PyBytes_GET_SIZE(skey) > max_key:
             skey = state_key(kg, typename, id, name)
-        raw = get(skey, None, db_state)
+        # the store's write-back cache first (a dict lookup in C; None there: deleted)
+        p = PyDict_GetItem(cache, skey) if cache is not None else NULL
+        if p != NULL:
+            raw = <object>p
+        else:
+            raw = get(skey, None, db_state)
         nh = PyBytes_GET_SIZE(vhead)
         if raw is None:
             cell = _new_cell(name, stype, skey, None, None, 0)
@@ -604,19 +610,24 @@ def collect_puts_native(list touched, list ops, encode):
     cdef list puts = []
     cdef Cell cell
     cdef dict cells
+    cdef bytes value
+    cdef Py_ssize_t size = 0  # bytes of the keys and values: the write-back cache's bound counts them
     for cells in touched:
         for c in cells.values():
             cell = <Cell>c
             if cell.dirty:
                 if cell.data is None:
                     ops.append(("del", "state", cell.key))
-                elif (cell._head is not None and type(cell.data) is bytes and cell.vt is cell.type.typename
-                      and type(cell.expire) is int and cell.expire == 0):
-                    puts.append((cell.key, _concat2(cell._head, cell.data)))
                 else:
-                    puts.append((cell.key, encode(cell.vt, cell.data, cell.expire)))
+                    if (cell._head is not None and type(cell.data) is bytes and cell.vt is cell.type.typename
+                            and type(cell.expire) is int and cell.expire == 0):
+                        value = _concat2(cell._head, cell.data)
+                    else:
+                        value = encode(cell.vt, cell.data, cell.expire)
+                    puts.append((cell.key, value))
+                    size += PyBytes_GET_SIZE(cell.key) + PyBytes_GET_SIZE(value)
     if puts:
-        ops.append(("putmulti", "state", puts))
+        ops.append(("putmulti", "state", puts, size))
 
 
 cdef inline bytes _concat2(bytes a, bytes b):

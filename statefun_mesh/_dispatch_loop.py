@@ -114,6 +114,8 @@ def dispatch_groups(
     table: dict[Any, Any] = d.table
     get = txn.get
     db_state = d._db_state
+    #: the store's write-back cache of state (None: off): looked in before txn (load_cells)
+    cache: Any = d._state_cache
     key_group = d._key_group
     maxp = d.max_parallelism
     limit = d.message_limit
@@ -187,7 +189,9 @@ def dispatch_groups(
             rcells = d.remote.load(d, txn, typename, id, kg, now_ms)
             starting.append(_RemoteRunning(endpoint, address, kg, rcells, recs, dedup_out))
             continue
-        cells: dict[Any, Any] = load_cells(fspec, typename, id, kg, get, db_state, now_ms, kit) if has_specs else {}
+        cells: dict[Any, Any] = (
+            load_cells(fspec, typename, id, kg, get, db_state, cache, now_ms, kit) if has_specs else {}
+        )
         if is_async:
             starting.append(_Running(fspec, address, kg, cells, recs, dedup_out))
             continue
@@ -214,11 +218,20 @@ def dispatch_groups(
 
 
 def load_cells(
-    fspec: Any, typename: str, id: str, kg: int, get: Any, db_state: Any, now_ms: Any, kit: tuple[Any, ...]
+    fspec: Any,
+    typename: str,
+    id: str,
+    kg: int,
+    get: Any,
+    db_state: Any,
+    cache: Any,
+    now_ms: Any,
+    kit: tuple[Any, ...],
 ) -> dict[Any, Any]:
     """The cells of address ``(typename, id)`` of function ``fspec`` (which declares state):
-    state keys from the function's precomputed parts, read in the batch's transaction
-    (``get``), values of the declared type without expiry decoded by a prefix check against
+    state keys from the function's precomputed parts, read from the store's write-back
+    ``cache`` (a dict, ``None``: off; a value ``None`` there is a deletion) or else the batch's
+    transaction (``get``), values of the declared type without expiry decoded by a prefix check against
     the spec's stored-value header. (The Cython core's own: ``load_cells_native``.)"""
     cell_cls, decode_state_value, state_key, kg_prefix, max_key = kit[1], kit[7], kit[8], kit[9], kit[10]
     new = object.__new__
@@ -229,7 +242,11 @@ def load_cells(
         skey = head + tprefix + idb + suffix
         if len(skey) > max_key:
             skey = state_key(kg, typename, id, name)
-        raw = get(skey, None, db_state)  # (key, default, db): no keyword dict per read
+        raw = cache
+        if cache is not None:
+            raw = cache.get(skey, cache)  # the dict itself: not cached (a value is bytes or None)
+        if raw is cache:
+            raw = get(skey, None, db_state)  # (key, default, db): no keyword dict per read
         if raw is None:
             cells[name] = cell_cls(name, stype, skey, None, None, 0)
         elif raw.startswith(vhead):  # the declared type, no expiry: the usual case
@@ -388,14 +405,18 @@ def invoke_sync(
 def collect_puts(touched: list[Any], ops: list[Any], encode: Any) -> None:
     """Append the batch's state writes to ``ops``: a ``del`` op per deleted cell, then one
     ``putmulti`` op with every other changed cell's encoded value (distinct keys: one cell
-    per key, and no other op of the batch writes a sync address's cell)."""
+    per key, and no other op of the batch writes a sync address's cell) and the bytes of
+    its keys and values (what the store's write-back cache counts against its bound)."""
     puts: list[Any] = []
+    size = 0
     for cells in touched:
         for cell in cells.values():
             if cell.dirty:
                 if cell.data is None:
                     ops.append(("del", "state", cell.key))
                 else:
-                    puts.append((cell.key, encode(cell.vt, cell.data, cell.expire)))
+                    value = encode(cell.vt, cell.data, cell.expire)
+                    puts.append((cell.key, value))
+                    size += len(cell.key) + len(value)
     if puts:
-        ops.append(("putmulti", "state", puts))
+        ops.append(("putmulti", "state", puts, size))

@@ -74,7 +74,15 @@ def collect_puts(touched: list[Any], ops: list[Any], encode: Any) -> None: ...
 # spec is _dispatch_loop.load_cells/invoke_sync, context.PyCell/PyStorage/PyContext and
 # messages.PyMessage (context.py and messages.py put these classes in their place)
 def load_cells(
-    fspec: Any, typename: str, id: str, kg: int, get: Any, db_state: Any, now_ms: Any, kit: tuple[Any, ...]
+    fspec: Any,
+    typename: str,
+    id: str,
+    kg: int,
+    get: Any,
+    db_state: Any,
+    cache: dict[bytes, bytes | None] | None,
+    now_ms: Any,
+    kit: tuple[Any, ...],
 ) -> dict[Any, Any]: ...
 def invoke_sync(
     d: Any,
@@ -92,7 +100,15 @@ def invoke_sync(
     kit: tuple[Any, ...],
 ) -> int: ...
 def load_cells_native(
-    fspec: Any, typename: str, id: str, kg: int, get: Any, db_state: Any, now_ms: Any, kit: tuple[Any, ...]
+    fspec: Any,
+    typename: str,
+    id: str,
+    kg: int,
+    get: Any,
+    db_state: Any,
+    cache: dict[bytes, bytes | None] | None,
+    now_ms: Any,
+    kit: tuple[Any, ...],
 ) -> dict[Any, Any]: ...
 def invoke_sync_native(
     d: Any,

@@ -264,7 +264,7 @@ class BatchLoop:
             self.batch_records += n
             self.batch_sizes[bisect.bisect_left(BATCH_BUCKETS, n)] += 1
             self.dirty = True
-            if self.config.sync_interval == 0:
+            if self.config.sync_interval == 0 and not self.config.blob_store:  # checkpoints: see Peer._sync_loop
                 backend.flush()
             if timers_checked or outcome.cancels:
                 # a fired or cancelled timer may have been the earliest: without this the

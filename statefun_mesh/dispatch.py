@@ -280,6 +280,8 @@ class Dispatcher:
         self._egress_seq: dict[bytes, int] = {}
         self._txn: Any = None
         self._db_state = backend.db_state
+        #: the store's write-back cache of state (None: off), read before the batch's transaction
+        self._state_cache = backend.cache
         self._key_group = _speedups.key_group
         self._db_dedup = backend.db_dedup
         #: counters for status: invocations, failures, duplicates skipped
@@ -440,7 +442,7 @@ class Dispatcher:
         gc_saved = gc.get_threshold()
         if gc_saved[0] < BATCH_GC_THRESHOLD:
             gc.set_threshold(BATCH_GC_THRESHOLD, gc_saved[1], gc_saved[2])
-        with self.backend.read() as txn:
+        with self.backend.read_unflushed() as txn:  # state is read through the write-back cache
             self._txn = txn
             try:
                 self.invocations += _speedups.dispatch_groups(
@@ -686,10 +688,10 @@ class Dispatcher:
         seq = self._egress_seq.get(key)
         if seq is None:
             if self._txn is not None:
-                raw = self._txn.get(key, db=self._db_state)
+                raw = self.backend.state_get(self._txn, key)
             else:
-                with self.backend.read() as txn:
-                    raw = txn.get(key, db=self._db_state)
+                with self.backend.read_unflushed() as txn:
+                    raw = self.backend.state_get(txn, key)
             seq = int.from_bytes(decode_state_value(raw)[1], "big") if raw is not None else 0
         seq += 1
         self._egress_seq[key] = seq

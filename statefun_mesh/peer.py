@@ -64,7 +64,7 @@ from .recovery import Recovery
 from .replay import Replay
 from .replies import Answer, PendingRequests
 from .routing import Router
-from .state.lmdb_backend import LmdbStateBackend, discard_store
+from .state.lmdb_backend import CACHE_SHARE, LmdbStateBackend, discard_store
 from .transport import codec
 from .transport.base import Transport
 from .transport.factory import open_transport
@@ -349,7 +349,13 @@ class Peer:
     def _open_backend(self, backend: LmdbStateBackend | None = None) -> LmdbStateBackend:
         cfg = self.config
         if backend is None:
-            backend = LmdbStateBackend(self.state_path, map_size=cfg.map_size, max_map_size=cfg.max_map_size)
+            backend = LmdbStateBackend(
+                self.state_path,
+                map_size=cfg.map_size,
+                max_map_size=cfg.max_map_size,
+                # with checkpoints only: the live store after the last cut is never what a recovery uses
+                cache_bytes=cfg.memory_budget // CACHE_SHARE if self.checkpointing else 0,
+            )
         self.backend = backend
         self.dispatcher = Dispatcher(
             self.table,
@@ -370,7 +376,11 @@ class Peer:
 
     def _reopen_state_store(self, keep: bool) -> LmdbStateBackend:
         """Close and delete the state store and open an empty one (a restore starts);
-        ``keep``: keep the open store (it is rolled back in place), with a new dispatcher."""
+        ``keep``: keep the open store (it is rolled back in place), with a new dispatcher.
+        Either way the write-back cache is discarded first: it holds writes after the cut
+        being restored (not written into a store about to be deleted either)."""
+        if self.backend is not None:
+            self.backend.discard_cache()
         if keep and self.backend is not None:
             return self._open_backend(self.backend)
         if self.backend is not None:
@@ -1115,7 +1125,9 @@ class Peer:
                 self.flush_logs()  # no heartbeat loop to do it
                 self._maybe_trim()
             backend = self.backend
-            if self.batch_loop.dirty and backend is not None:
+            # with checkpoints a restarted peer rebuilds its store from the checkpoint's
+            # objects, never from the live store: an fsync of it buys nothing (architecture.md §6)
+            if self.batch_loop.dirty and backend is not None and not self.checkpointing:
                 self.batch_loop.dirty = False
                 # fsync off the loop; aclose() and recovery wait for it before closing the store.
                 self._flush = asyncio.ensure_future(asyncio.to_thread(backend.flush))

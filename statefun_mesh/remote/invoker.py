@@ -228,7 +228,7 @@ class RemoteFunctions:
                 registered[m.state_name] = spec
                 new_names.append(m.state_name)
             if new_names:
-                with d.backend.read() as txn:
+                with d.backend.read_unflushed() as txn:  # _load_cell reads through the write-back cache
                     for name in new_names:
                         if name not in cells:
                             cells[name] = _load_cell(d, txn, kg, typename, address.id, name, now_ms)
@@ -522,7 +522,7 @@ def _import_handler(ref: str, source: str | None) -> Any:
 
 def _load_cell(d: Dispatcher, txn: Any, kg: int, typename: str, id: str, name: str, now_ms: int) -> Cell:
     key = state_key(kg, typename, id, name)
-    raw = txn.get(key, db=d.backend.db_state)
+    raw = d.backend.state_get(txn, key)
     if raw is None:
         return Cell(name, None, key, None, None, 0)  # type: ignore[arg-type]
     vt, data, expire = decode_state_value(raw)

@@ -214,6 +214,24 @@ class Participant:
             return
         self.pending = None
         backend = host.state_store()
+        try:
+            # the write-back cache into LMDB first: the cut's view and change log hold it
+            backend.flush_cache()
+        except StateBackendError as exc:
+            # e.g. a full disk: nothing was written, the cache keeps every entry; this
+            # checkpoint fails (the coordinator aborts it) and the next one retries
+            host.tlog.error(
+                "failed checkpoint cuts",
+                "peer %d: checkpoint %d: cannot write the cached state into the store: %s; "
+                "processing goes on and the coordinator retries with the next checkpoint",
+                host.peer_id,
+                n,
+                exc,
+            )
+            self.pending_srcs = set()
+            host.release_input()
+            host.acknowledge_checkpoint(n, None, str(exc))
+            return
         # the keys written since the last cut, deduplicated in the build thread, not here
         changes = backend.take_change_log()
         if self.carry:

@@ -81,7 +81,8 @@ _KG_SEQ: Final = struct.Struct(">HQ")
 _DUE_KG_SEQ: Final = struct.Struct(">QHQ")
 
 #: One write of a batch: ``("put", db, key, value)``, ``("putmulti", db, [(key, value), ...])``
-#: (distinct keys, written with one cursor), ``("del", db, key)``,
+#: (distinct keys, written with one cursor; a 4th field, when there, is the bytes of its keys
+#: and values), ``("del", db, key)``,
 #: ``("cancel", kg, token_prefix)`` or ``("fired", kg, seq, due_ms, token_prefix_or_None)``
 #: (the tags are named in records.py: OP_PUT, OP_DEL, OP_CANCEL, OP_FIRED).
 Op = tuple[Any, ...]
@@ -269,6 +270,19 @@ class LmdbStateBackend:
         sync: fsync every commit. Off by default: a commit survives a crash of the
             process (it is in the OS page cache) but not of the machine, which is what
             checkpoints are for; :meth:`close` and :meth:`flush` always sync.
+        cache_bytes: ``> 0``: keep a write-back cache of the ``state`` database of about
+            this many bytes (a peer with checkpoints: a share of ``memory_budget``, see
+            ``CACHE_SHARE``); 0: every commit writes its state to LMDB (without checkpoints).
+
+    The write-back cache (docs/architecture.md §6 "Write-back cache"): a commit's ``state``
+    puts and deletes go to :attr:`cache` (key -> the exact stored bytes, ``None``: deleted)
+    instead of LMDB, after its other operations committed; :meth:`flush_cache` writes them
+    in one transaction (a checkpoint's cut calls it before its read transaction; a commit
+    calls it once the cache passes ``cache_bytes``; :meth:`read` and :meth:`close` call
+    it). Readers of a batch's transaction look in the cache first (:meth:`read_unflushed`,
+    :meth:`state_get`); a recovery discards it (:meth:`discard_cache`). Used only with
+    checkpoints: then the live store after the last cut is never what a recovery uses.
+    The cache is the event loop's: only its thread commits, reads and flushes.
     """
 
     def __init__(
@@ -278,6 +292,7 @@ class LmdbStateBackend:
         map_size: int = 1 << 30,
         max_map_size: int = 1 << 40,
         sync: bool = False,
+        cache_bytes: int = 0,
     ) -> None:
         self.path = os.fspath(path)
         os.makedirs(self.path, exist_ok=True)
@@ -338,6 +353,17 @@ class LmdbStateBackend:
         self._runs: list[tuple[str, list[bytes]]] = []
         #: keys in ``_runs``: folded on the loop once above FOLD_KEYS (bounded memory)
         self._run_keys = 0
+        #: the write-back cache of the ``state`` database (None: off): key -> the bytes LMDB
+        #: will hold, or None for a deletion; one dict for the store's life (the dispatcher
+        #: holds it), emptied by a flush or a discard
+        self.cache: dict[bytes, bytes | None] | None = {} if cache_bytes > 0 else None
+        self.cache_bytes = cache_bytes
+        #: bytes written into the cache since it was last emptied: every write's key and value
+        #: plus CACHE_ENTRY_OVERHEAD, rewrites of a key included (an upper bound of what it holds)
+        self._cached = 0
+        #: flushes of the cache (at cuts, at the bound, before direct reads) and keys they wrote
+        self.cache_flushes = 0
+        self.cache_flushed_keys = 0
 
     # -- reads ------------------------------------------------------------------------
 
@@ -345,8 +371,25 @@ class LmdbStateBackend:
         """Begin a read transaction: a consistent, copy-on-write view of the whole store.
 
         This is the snapshot seam: a checkpoint copies what one read transaction sees.
+        The write-back cache is flushed first, so the view holds every committed batch
+        (raises what :meth:`flush_cache` raises).
         """
+        if self.cache:
+            self.flush_cache()
         return self.env.begin(buffers=False)
+
+    def read_unflushed(self) -> lmdb.Transaction:
+        """A read transaction without flushing the write-back cache first: a batch's (the
+        dispatcher's). Its reader must look in :attr:`cache` before it (:meth:`state_get`)."""
+        return self.env.begin(buffers=False)
+
+    def state_get(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+        """The stored bytes of ``state`` key ``key`` as a batch sees them: the write-back
+        cache's, else ``txn``'s (a transaction of :meth:`read_unflushed`)."""
+        cache = self.cache
+        if cache is not None and key in cache:
+            return cache[key]
+        return cast("bytes | None", txn.get(key, db=self.db_state))
 
     def meta_int(self, key: bytes, default: int = 0) -> int:
         """Read an integer counter from ``meta``."""
@@ -445,6 +488,43 @@ class LmdbStateBackend:
         """
         if not ops:
             return
+        cache = self.cache
+        if cache is not None:
+            if self._cached > self.cache_bytes:
+                self.flush_cache()  # raises with nothing of this batch applied, the cache intact
+            state: list[Op] = []
+            other: list[Op] = []
+            for op in ops:
+                kind = op[0]
+                if (kind == "putmulti" or kind == "put" or kind == "del") and op[1] == "state":
+                    state.append(op)
+                else:
+                    other.append(op)
+            if other:
+                self._write(other)
+            # the batch's other writes are in: its state writes go to the cache (not before:
+            # a failed commit must leave nothing of the batch behind)
+            added = 0
+            for op in state:
+                kind = op[0]
+                if kind == "putmulti":
+                    puts = op[2]
+                    cache.update(puts)
+                    # the bytes of its keys and values: counted by collect_puts (an optional 4th
+                    # field: a sum over the list here cost ~130 ns a write, a third of the rest)
+                    size = op[3] if len(op) > 3 else sum(map(len, itertools.chain.from_iterable(puts)))
+                    added += size + CACHE_ENTRY_OVERHEAD * len(puts)
+                elif kind == "put":
+                    cache[op[2]] = op[3]
+                    added += len(op[2]) + len(op[3]) + CACHE_ENTRY_OVERHEAD
+                else:
+                    cache[op[2]] = None
+                    added += len(op[2]) + CACHE_ENTRY_OVERHEAD
+            self._cached += added
+            return
+        self._write(ops)
+
+    def _write(self, ops: Sequence[Op]) -> None:
         write_growing(
             self.env,
             lambda txn: self._apply(txn, ops),
@@ -496,6 +576,66 @@ class LmdbStateBackend:
                 self._trim(txn, op[1], op[2])
             else:  # pragma: no cover - programming error
                 raise AssertionError(f"unknown op {kind!r}")
+
+    def flush_cache(self) -> int:
+        """Write the write-back cache into LMDB in one write transaction (one ``putmulti``
+        of its puts, its deletes), track each key once as changed, and empty it; returns
+        how many keys. A no-op without a cache.
+
+        Raises:
+            StateCapacityError: the store is full (map at its limit, or the disk); nothing
+                was written and the cache keeps every entry (a later flush retries).
+            StateBackendError: any other LMDB failure; the same.
+        """
+        cache = self.cache
+        if not cache:
+            return 0
+        db = self.db_state
+        puts = [(k, v) for k, v in cache.items() if v is not None]
+        dels = [k for k, v in cache.items() if v is None] if len(puts) < len(cache) else []
+
+        def write(txn: lmdb.Transaction) -> None:
+            if puts:
+                with txn.cursor(db=db) as cur:
+                    cur.putmulti(puts)
+            for key in dels:
+                txn.delete(key, db=db)
+
+        write_growing(
+            self.env,
+            write,
+            what="the state store",
+            path=self.path,
+            max_size=self.max_map_size,
+            full=f"the state store at {self.path} is full at its size limit ({{mib}} MiB) while writing cached "
+            "state; raise max_map_size or delete state",
+            remedy="nothing was written and the cache keeps it; the peer retries",
+        )
+        n = len(cache)
+        if self.changed is not None:  # one key per distinct key written since the last flush
+            self._runs.append(("state", list(cache)))
+            self._run_keys += n
+            if self._run_keys > FOLD_KEYS:
+                _fold(self._changed_keys, self._runs)
+                self._runs = []
+                self._run_keys = 0
+        cache.clear()
+        self._cached = 0
+        self.cache_flushes += 1
+        self.cache_flushed_keys += n
+        return n
+
+    def discard_cache(self) -> int:
+        """Forget the write-back cache without writing it (a recovery: the store is rolled
+        back or rebuilt to a checkpoint, which the cached writes came after); returns how
+        many keys it held."""
+        cache = self.cache
+        if not cache:
+            return 0
+        n = len(cache)
+        cache.clear()
+        self._cached = 0
+        return n
 
     def purge_dedup(self, now_ms: int, start: bytes, limit: int) -> bytes:
         """Delete expired idempotency keys among the next ``limit`` from ``start``.
@@ -718,6 +858,7 @@ class LmdbStateBackend:
             StateBackendError: ``view`` is no longer readable, or the write failed;
                 nothing was written then.
         """
+        self.discard_cache()  # writes after the view's cut that never reached LMDB
         dbs = self._dbs
         try:
             restore = [(dbs[db], key, cast("bytes | None", view.get(key, db=dbs[db]))) for db, key in sorted(keys)]
@@ -789,14 +930,31 @@ class LmdbStateBackend:
         self.env.sync(True)
 
     def close(self) -> None:
-        """Sync and close the environment (idempotent)."""
+        """Flush the write-back cache, sync and close the environment (idempotent). A cache
+        that cannot be written is dropped with a warning (a peer with a cache rebuilds its
+        store from its last checkpoint when it starts again)."""
         if not self._closed:
             self._closed = True
             try:
+                try:
+                    self.flush_cache()
+                except StateBackendError as exc:
+                    log.warning(
+                        "closing %s: %d cached state writes not written: %s", self.path, len(self.cache or ()), exc
+                    )
                 self.env.sync(True)
             finally:
                 self.env.close()
 
+
+#: Python memory of one write-back cache entry besides its key's and value's bytes: the
+#: two bytes objects' headers and the dict's slot (counted per write: see ``_cached``)
+CACHE_ENTRY_OVERHEAD: Final = 100
+#: the write-back cache's share of ``memory_budget`` (a peer with checkpoints): an eighth,
+#: beside the inbox's half and the links' and frames' quarters. Writes are counted with
+#: rewrites, so a hot key set written faster than this per checkpoint interval is flushed
+#: between cuts too: ~230,000 writes of small values per flush at the default 256 MiB
+CACHE_SHARE: Final = 8
 
 #: keys of ``putmulti`` writes the store keeps as lists before it folds them into its
 #: change set on the loop: 262,144 keys (~20 MiB of state keys) bounds the memory when

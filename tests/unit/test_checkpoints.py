@@ -18,6 +18,7 @@ from statefun_mesh import (
     MeshConfig,
     Peer,
     StatefulFunctions,
+    StringType,
     ValueSpec,
     egress_message_builder,
     message_builder,
@@ -354,10 +355,12 @@ def hot_app() -> StatefulFunctions:
     return functions
 
 
-async def test_a_few_hot_keys_written_over_and_over_get_a_base_not_a_delta(tmp_path: Path) -> None:
-    """A checkpoint whose change log holds BASE_WHEN_WRITES writes per entry of the store
-    writes a base: packing the store costs the build thread less than deduplicating the log.
-    (base_every and delta_ratio are set so that nothing else would start a new base.)"""
+async def test_a_few_hot_keys_written_over_and_over_reach_the_delta_once(tmp_path: Path) -> None:
+    """A key written in thousands of batches between two cuts is one entry of the write-back
+    cache, written into LMDB and logged as changed once, at the cut: the checkpoint is a
+    small delta. (Without the cache the change log held a write per batch, and the build
+    thread wrote a base rather than deduplicate them: BASE_WHEN_WRITES; base_every and
+    delta_ratio are set so that nothing else would start a new base.)"""
     s = settings(tmp_path, base_every=1000, delta_ratio=1e9)
     async with LocalMesh(hot_app(), peers=1, **s) as mesh:
         for i in range(20):
@@ -366,12 +369,20 @@ async def test_a_few_hot_keys_written_over_and_over_get_a_base_not_a_delta(tmp_p
         n0 = await wait_checkpoint_after(mesh, await completed(mesh) + 1)
         first = await latest_manifest(mesh.peers[0].blobs)
         assert first is not None and first.parts[0].chain[0].checkpoint <= n0
+        backend = mesh.peers[0].backend
+        flushes, flushed = backend.cache_flushes, backend.cache_flushed_keys
         await mesh.send(message_builder(target_typename="hot/loop", target_id="hot", int_value=3000))
         await mesh.idle()
+        assert mesh.peers[0].batch_loop.batches > 3000  # a batch per hop: the key written in each
         await wait_checkpoint_after(mesh, await completed(mesh) + 1)
         m = await latest_manifest(mesh.peers[0].blobs)
         assert m is not None
-        assert m.parts[0].chain[0].kind == "base" and m.parts[0].chain[0].checkpoint > n0
+        # the cuts taken meanwhile each flushed the one key: deltas of one entry (or none)
+        later = [r for r in m.parts[0].chain if r.checkpoint > n0]
+        assert later and all(r.kind == "delta" and r.entries <= 1 for r in later), m.parts[0].chain
+        assert sum(r.entries for r in later) >= 1
+        assert backend.cache_flushes > flushes
+        assert backend.cache_flushed_keys - flushed == backend.cache_flushes - flushes  # a key per flush
         r = await mesh.request(message_builder(target_typename="hot/loop", target_id="hot", int_value=-1))
         assert r.as_int() == 3001 + 3000 + 1  # every hop, the echo of each but the last, this request
 
@@ -414,3 +425,64 @@ async def test_a_shutdown_lets_a_checkpoint_being_published_finish(
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     manifests = list((tmp_path / "blobs").rglob(manifest_name(n).rsplit("/", 1)[-1]))
     assert manifests, f"checkpoint {n}'s manifest was not written"
+
+
+def wide_app() -> StatefulFunctions:
+    functions = StatefulFunctions()
+
+    @functions.bind(typename="ck/wide", specs=[ValueSpec(name="v", type=StringType)])
+    def wide(context, message):
+        before = context.storage.v
+        context.storage.v = f"{message.as_int()}:" + "w" * 400
+        if context.in_request:
+            context.reply(int_value=int(before.split(":")[0]) if before else -2)
+
+    return functions
+
+
+async def test_a_cut_whose_cache_flush_finds_the_disk_full_fails_and_loses_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cut writes the write-back cache into the store before its read transaction. On
+    a full disk that write fails: the checkpoint is aborted (the last complete one stays in
+    force), the cache keeps every entry and the peer goes on; once there is room the next
+    checkpoint holds every value."""
+    from tests.integration.support import fill_disk, mount_tmpfs, unmount
+    from tests.unit.test_rollback import rebuilt_dump
+
+    disk = mount_tmpfs(tmp_path / "disk", "24m")
+    try:
+        s = settings(tmp_path, state_dir=str(disk / "state"), checkpoint_interval=3600, local_recovery=False)
+        async with LocalMesh(wide_app(), peers=1, **s) as mesh:
+            coord = mesh.peers[0].coordinator
+            base = await completed(mesh)
+            n = 4000
+            for i in range(n):
+                await mesh.send(message_builder(target_typename="ck/wide", target_id=f"w{i}", int_value=i))
+            await mesh.idle()
+            backend = mesh.peers[0].backend
+            assert len(backend.cache) == n
+            cached = dict(backend.cache)
+            filler = fill_disk(disk)
+            failed = mesh.peers[0].checkpoint_host.checkpoint_failures
+            last = await completed(mesh)
+            with caplog.at_level(logging.ERROR):
+                coord.trigger()
+                await wait_for(lambda: mesh.peers[0].checkpoint_host.checkpoint_failures > failed, 20, "the failed cut")
+            assert "cannot write the cached state into the store" in caplog.text
+            assert backend.cache == cached  # nothing lost
+            assert await completed(mesh) == last
+            filler.unlink()
+            coord.trigger()
+            done = await wait_checkpoint_after(mesh, last)
+            assert backend.cache == {}
+            manifest = coord.last_complete
+            assert manifest is not None and manifest.checkpoint == done > base
+            # the checkpoint holds every value the cache held
+            restored = {k: v for db, k, v in rebuilt_dump(tmp_path, manifest, 0) if db == "state"}
+            assert {k: cached[k] for k in restored} == restored and len(restored) == n
+            for i in range(0, n, 397):
+                r = await mesh.request(message_builder(target_typename="ck/wide", target_id=f"w{i}", int_value=-1))
+                assert r.as_int() == i
+    finally:
+        unmount(disk)

@@ -103,9 +103,12 @@ def _hex(x: Any) -> Any:
     return x
 
 
-def _run(tmp_path: Path) -> tuple[dict[str, Any], list[Any]]:
+def _run(tmp_path: Path, cache_bytes: int = 0, again: bool = False) -> tuple[dict[str, Any], list[Any]]:
+    """One batch (``again``: then the same batch once more, reading what the first wrote)
+    through a store with a write-back cache of ``cache_bytes`` (0: none); the result also
+    holds the ``state`` database as LMDB holds it after a flush."""
     seen: list[Any] = []
-    backend = LmdbStateBackend(str(tmp_path / "state"))
+    backend = LmdbStateBackend(str(tmp_path / "state"), cache_bytes=cache_bytes)
     try:
         backend.commit(
             [
@@ -129,11 +132,21 @@ def _run(tmp_path: Path) -> tuple[dict[str, Any], list[Any]]:
                 ),
             ]
         )
+        backend.flush_cache()  # the stored values the batch starts from are in LMDB
         d = Dispatcher(merge_functions(_functions(seen)), backend, max_parallelism=128)
         out = asyncio.run(d.run(_batch(), [], 1000))
+        if again:
+            backend.commit(out.ops)
+            out = asyncio.run(d.run(_batch(), [], 1000))
+        for op in out.ops:  # a putmulti's 4th field: the bytes of its keys and values (the cache's bound)
+            assert op[0] != "putmulti" or op[3] == sum(len(k) + len(v) for k, v in op[2])
         ops = [
             # a dead letter carries a traceback (paths, line numbers): its bytes are not pinned
-            [*op[:3], "<dead letter>"] if op[0] == "put" and op[1] == "egress" else op
+            [*op[:3], "<dead letter>"]
+            if op[0] == "put" and op[1] == "egress"
+            else op[:3]
+            if op[0] == "putmulti"
+            else op
             for op in out.ops
         ]
         backend.commit(out.ops)
@@ -145,6 +158,9 @@ def _run(tmp_path: Path) -> tuple[dict[str, Any], list[Any]]:
             "failures": d.failures,
             "unknown": d.unknown,
         }
+        if cache_bytes or again:
+            with backend.read() as txn:
+                result["state"] = _hex(list(backend.iter_state(txn)))
         return result, seen
     finally:
         backend.close()
@@ -156,6 +172,24 @@ def test_one_batch_writes_the_pinned_bytes(tmp_path: Path) -> None:
         pytest.fail(f"{DATA} is missing; write it with: python {__file__} > {DATA}")
     assert result == json.loads(DATA.read_text())
     assert ("t/count/b", ("t/x", "c1")) in seen and ("t/count/a", None) in seen and ("slots", 4) in seen
+
+
+def test_a_batch_through_the_write_back_cache_writes_and_reads_the_same_bytes(tmp_path: Path) -> None:
+    """With the write-back cache (checkpoints on) a batch writes the same ops and, once
+    flushed, LMDB holds the same bytes; a second batch reads the first one's writes from
+    the cache (its values, its deletion of ``c``'s count, the TTL value's expiry header)
+    and produces what it produces reading them from LMDB, on both cores."""
+    pinned, _ = _run(tmp_path / "pinned", cache_bytes=1 << 20)
+    state = pinned.pop("state")
+    assert pinned == json.loads(DATA.read_text())
+    plain, _ = _run(tmp_path / "plain")
+    with_cache, _ = _run(tmp_path / "cached", cache_bytes=1 << 20)
+    assert with_cache["state"] == state
+    without, _ = _run(tmp_path / "plain2", again=True)
+    cached, _ = _run(tmp_path / "cached2", cache_bytes=1 << 20, again=True)
+    assert cached == without
+    assert cached["state"] != state  # the second batch saw the first's writes and wrote on them
+    assert plain == {k: v for k, v in pinned.items()}
 
 
 def test_the_loop_is_the_cores_own() -> None:

@@ -61,6 +61,21 @@ async def test_immediate_records_are_visible_at_once_with_ids(tmp_path: Path) ->
         assert owner.egress_read("ei/now", 0, 10)[0].id == "ei/counter/x#1"
 
 
+async def test_ids_count_on_across_batches_from_the_write_back_cache(tmp_path: Path) -> None:
+    """The per-instance counter of the ids is state: between two cuts it is in the store's
+    write-back cache, not in LMDB, and each batch must read it from there."""
+    async with LocalMesh(app(), peers=1, **settings(tmp_path)) as mesh:
+        for _ in range(4):  # a batch each
+            await mesh.send(message_builder(target_typename="ei/counter", target_id="y", int_value=1))
+            await mesh.idle()
+        backend = mesh.peers[0].backend
+        assert backend.cache  # no cut since: the counter is only in the cache
+        it = mesh.egress("ei/now")
+        recs = await take(it, 4)
+        await it.aclose()
+        assert [r.id for r in recs] == [f"ei/counter/y#{i}" for i in (1, 2, 3, 4)]
+
+
 async def test_a_recovery_reproduces_records_under_the_same_ids(tmp_path: Path) -> None:
     async with LocalMesh(app(), peers=2, **settings(tmp_path)) as mesh:
         coord = mesh.peers[0].coordinator

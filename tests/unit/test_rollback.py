@@ -204,6 +204,8 @@ async def test_a_store_whose_map_grew_since_the_cut_is_rebuilt_instead(tmp_path:
                 break
             await mesh.send(message_builder(target_typename="rb/cell", target_id=f"big{i}", int_value=6 * i + 1))
             await mesh.send(message_builder(target_typename="rb/cell", target_id=f"k{i % 60}", int_value=6 * i + 95))
+            for p in mesh.peers:  # state reaches LMDB when the write-back cache is flushed (as at its bound)
+                p.backend.flush_cache()
         else:
             raise AssertionError("the maps did not grow")
         await mesh.idle()
@@ -511,3 +513,141 @@ def test_dump_packed_encodes_exactly_the_dump_entries(tmp_path: Path, chunk: int
     assert b"".join(data for _, data in parts) == expected
     assert sum(n for n, _ in parts) == 3 * 50 + 1
     assert all(n <= chunk for n, _ in parts)
+
+
+# -- the write-back cache of state (checkpoints on: docs/architecture.md §6) -------------------------
+
+
+def test_the_write_back_cache_holds_state_writes_until_a_flush_and_logs_each_key_once(tmp_path: Path) -> None:
+    backend = LmdbStateBackend(tmp_path / "s", cache_bytes=1 << 20)
+    try:
+        backend.take_changes()  # tracking on, as with checkpoints
+        backend.commit([("put", "state", b"k0", b"old"), ("put", "state", b"kx", b"x")])
+        assert backend.flush_cache() == 2
+        assert backend.take_changes() == {("state", b"k0"), ("state", b"kx")}
+        # a batch: state puts and a delete to the cache, its other writes to LMDB at once
+        for i in range(50):  # k1 written by 50 batches
+            backend.commit(
+                [
+                    ("put", "dedup", b"d%d" % i, b"\0" * 8),
+                    ("putmulti", "state", [(b"k1", b"v%d" % i), (b"k2", b"w")]),
+                    ("del", "state", b"k0"),
+                ]
+            )
+        with backend.read_unflushed() as txn:
+            assert txn.get(b"k1", db=backend.db_state) is None  # not in LMDB yet
+            assert txn.get(b"k0", db=backend.db_state) == b"old"
+            assert txn.get(b"d49", db=backend.db_dedup) == b"\0" * 8
+            # what a batch reads: the cache first
+            assert backend.state_get(txn, b"k1") == b"v49"
+            assert backend.state_get(txn, b"k0") is None  # deleted in the cache
+            assert backend.state_get(txn, b"kx") == b"x"
+        assert backend.cache == {b"k1": b"v49", b"k2": b"w", b"k0": None}
+        assert backend.pending_changes() == {("dedup", b"d%d" % i) for i in range(50)}
+        # any other reader's transaction sees it: read() flushes first
+        with backend.read() as txn:
+            assert dict(backend.iter_state(txn)) == {b"k1": b"v49", b"k2": b"w", b"kx": b"x"}
+        assert backend.cache == {}
+        log = backend.take_change_log()
+        assert log.writes() == 50 + 3  # each cached key once, however often it was written
+        assert log.as_set() == {("dedup", b"d%d" % i) for i in range(50)} | {
+            ("state", b"k0"),
+            ("state", b"k1"),
+            ("state", b"k2"),
+        }
+    finally:
+        backend.close()
+
+
+def test_a_failed_commit_leaves_nothing_in_the_cache_and_a_failed_flush_loses_nothing(tmp_path: Path) -> None:
+    backend = LmdbStateBackend(tmp_path / "s", map_size=1 << 20, max_map_size=1 << 20, cache_bytes=4 << 20)
+    try:
+        backend.take_changes()
+        backend.commit([("put", "state", b"a", b"1")])
+        # the batch's other write does not fit: nothing of it is applied, not its state either
+        with pytest.raises(StateBackendError, match="full"):
+            backend.commit([("put", "state", b"b", b"2"), ("put", "egress", b"e\0" + b"\0" * 8, b"x" * (2 << 20))])
+        assert backend.cache == {b"a": b"1"}
+        # a cache that does not fit into the store: the flush fails, the cache keeps all of it
+        backend.commit([("putmulti", "state", [(b"big%d" % i, b"y" * 300_000) for i in range(5)])])
+        cached = dict(backend.cache or {})
+        with pytest.raises(StateBackendError, match="full"):
+            backend.flush_cache()
+        assert backend.cache == cached and backend.pending_changes() == set()
+        # past its bound (4 MiB) the next commit flushes first, and fails before applying anything
+        backend.commit([("putmulti", "state", [(b"more%d" % i, b"z" * 300_000) for i in range(10)])])
+        cached = dict(backend.cache or {})
+        with pytest.raises(StateBackendError, match="full"):
+            backend.commit([("put", "state", b"c", b"3"), ("put", "dedup", b"d", b"\0" * 8)])
+        assert backend.cache == cached
+        with backend.read_unflushed() as txn:
+            assert txn.get(b"d", db=backend.db_dedup) is None
+        # a recovery discards it
+        assert backend.discard_cache() == len(cached)
+        assert backend.cache == {}
+        backend.commit([("put", "state", b"c", b"3")])
+        with backend.read() as txn:
+            assert dict(backend.iter_state(txn)) == {b"c": b"3"}
+    finally:
+        backend.close()
+
+
+def test_past_its_bound_the_cache_is_flushed_by_the_next_commit(tmp_path: Path) -> None:
+    backend = LmdbStateBackend(tmp_path / "s", cache_bytes=10_000)
+    try:
+        backend.take_changes()
+        for i in range(200):
+            backend.commit([("putmulti", "state", [(b"k%d" % (i % 7), b"v%d" % i)])])
+        assert backend.cache_flushes >= 2  # ~115 counted bytes a write: a flush every ~87 commits
+        assert len(backend.cache or ()) <= 7
+        with backend.read() as txn:
+            assert dict(backend.iter_state(txn)) == {b"k%d" % (i % 7): b"v%d" % i for i in range(200)}
+        assert backend.take_change_log().as_set() == {("state", b"k%d" % j) for j in range(7)}
+    finally:
+        backend.close()
+
+
+async def test_a_rollback_in_place_discards_the_cache_and_the_bound_flushes_between_cuts(tmp_path: Path) -> None:
+    """A surviving peer whose cache holds writes after the cut, and whose cache was flushed
+    at its bound since the cut (an eighth of a 1 MiB memory_budget), rolls back to exactly
+    the checkpoint: the flushed keys are rolled back in LMDB, the cached ones discarded."""
+    rng = random.Random(7)
+    kw = settings(tmp_path)
+    kw["memory_budget"] = 1 << 20
+    async with LocalMesh(app(), peers=2, **kw) as mesh:
+        assert all(p.backend.cache == {} and p.backend.cache_bytes == (1 << 20) // 8 for p in mesh.peers)
+        await drive(mesh, rng, 200, "a")
+        await checkpoint(mesh)
+        flushes = [p.backend.cache_flushes for p in mesh.peers]
+        await drive(mesh, rng, 3600, "b")
+        assert all(p.backend.cache_flushes > flushes[i] for i, p in enumerate(mesh.peers)), "no flush at the bound"
+        assert all(p.backend.cache for p in mesh.peers), "nothing cached at the recovery"
+        seen: list[list[tuple[str, list[tuple[str, bytes, bytes]]]]] = [[] for _ in mesh.peers]
+        for p, peer in enumerate(mesh.peers):
+            watch_restores(peer, seen[p])
+        coord = mesh.peers[0].coordinator
+        rounds = coord.recoveries
+        coord.request_recovery("test")
+        await wait_for(
+            lambda: coord.recoveries > rounds and all(seen) and all(p.resumed for p in mesh.peers),
+            30,
+            "the recovery round",
+        )
+        manifest = coord.last_complete
+        assert manifest is not None
+        for p in range(2):
+            how, dump = seen[p][-1]
+            assert how == "rolled back", p
+            assert dump == rebuilt_dump(tmp_path, manifest, p)
+
+
+async def test_without_checkpoints_every_batch_commits_its_state_to_lmdb(tmp_path: Path) -> None:
+    """guarantees.md: without checkpoints committed batches survive a process crash, so
+    there is no write-back cache: a batch's state is in LMDB when it has committed."""
+    async with LocalMesh(app(), peers=1, state_dir=str(tmp_path / "state")) as mesh:
+        backend = mesh.peers[0].backend
+        assert backend.cache is None
+        await mesh.send(message_builder(target_typename="rb/cell", target_id="n", int_value=7))
+        await mesh.idle()
+        with backend.read_unflushed() as txn:
+            assert sum(1 for _ in backend.iter_state(txn)) == 2  # a and b of rb/cell/n
