@@ -12,6 +12,7 @@
 
 from cpython.dict cimport PyDict_GetItem, PyDict_Next
 from cpython.object cimport PyTypeObject
+from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM
 
 cdef extern from *:
     """
@@ -26,6 +27,23 @@ cdef extern from *:
     }
     """
     object sfm_type_new(object t)
+
+cdef extern from *:
+    """
+    /* Address(a, b) without Address.__new__ or tuple.__new__'s temporary tuple: what
+       tuple_subtype_new does (tp_alloc, then the items), for a tuple subtype. */
+    static PyObject* sfm_new_pair(PyObject* type, PyObject* a, PyObject* b) {
+        PyTypeObject* tp = (PyTypeObject*)type;
+        PyObject* o = tp->tp_alloc(tp, 2);
+        if (o == NULL) return NULL;
+        Py_INCREF(a);
+        PyTuple_SET_ITEM(o, 0, a);
+        Py_INCREF(b);
+        PyTuple_SET_ITEM(o, 1, b);
+        return o;
+    }
+    """
+    object sfm_new_pair(object type, object a, object b)
 
 cdef extern from "Python.h":
     # without exception handling: the caller clears an overflow and lets the serializer raise
@@ -46,7 +64,6 @@ cdef object _LONG_TYPE = None
 cdef object _INT_TN = None
 cdef object _LONG_TN = None
 cdef object _IMMUTABLE = frozenset({int, float, str, bool, bytes, type(None)})
-cdef object _tuple_new = tuple.__new__
 #: positions in the dispatcher's kit (_dispatch_loop.KIT_FIELDS; set after its include)
 cdef Py_ssize_t _K_DECODE_STATE, _K_STATE_KEY, _K_PREFIXES, _K_MAX_KEY, _K_CACHEABLE
 cdef bytes _EMPTY_BYTES = b""
@@ -72,6 +89,15 @@ def bind_context(deleted, address, py_context, py_storage):
     _ADDRESS = address
     _PY_CONTEXT = py_context
     _PY_STORAGE = py_storage
+
+
+cdef inline object _pair_item(object a, Py_ssize_t i):
+    """``a[i]`` of an address: an ``Address`` is a tuple subtype, whose ``a[i]`` through the
+    sequence protocol (Cython's for an untyped object) is a Python-level ``__getitem__``
+    call (CPython gives a heap subtype of tuple a generic ``sq_item``): ~0.1 us each."""
+    if PyTuple_Check(a) and PyTuple_GET_SIZE(a) == 2:
+        return <object>PyTuple_GET_ITEM(a, i)
+    return a[i]
 
 
 # -- the int/long value codec (valuetypes._IntSerializer/_LongSerializer's common cases) --
@@ -457,7 +483,7 @@ cdef class Context:
         """The address of the function that sent the message; ``None`` for a message from
         a client, an ingress or a timer the mesh itself fired."""
         rec = self._rec
-        return _tuple_new(_ADDRESS, (rec[2], rec[3])) if rec[2] else None
+        return sfm_new_pair(_ADDRESS, rec[2], rec[3]) if rec[2] else None
 
     @property
     def _reply_peer(self):
@@ -487,10 +513,12 @@ cdef class Context:
             raise TypeError(f"send() takes a Message (use message_builder), got {type(message).__name__}")
         m = <Message>message
         a = self.address
+        at = _pair_item(a, 0)
+        ai = _pair_item(a, 1)
         own = self._rec
         t, i, vt, v = m.target_typename, m.target_id, m._vt, m._v
-        rec = (t, i, a[0], a[1], vt, v, own[6], own[7])
-        if self._limit and len(v) + 4 * (len(t) + len(i) + len(a[0]) + len(a[1]) + len(vt)) + 49 > self._limit:
+        rec = (t, i, at, ai, vt, v, own[6], own[7])
+        if self._limit and len(v) + 4 * (len(t) + len(i) + len(at) + len(ai) + len(vt)) + 49 > self._limit:
             self._check_size(rec, "message")
         if self._sends is None:
             self._sends = [rec]
@@ -676,8 +704,8 @@ def invoke_sync_native(d, fspec, address, int kg, dict cells, list recs, Py_ssiz
     storage_cls = fspec.storage_class
     fun = fspec.fun
     ttl = fspec.ttl_ms
-    typename = address[0]
-    id = address[1]
+    typename = _pair_item(address, 0)
+    id = _pair_item(address, 1)
     # one storage per address group, its writes emptied before each invocation (those of one
     # that raised are dropped with it); a fresh Context and Message per invocation
     storage = <Storage>sfm_type_new(storage_cls)
