@@ -575,6 +575,10 @@ cdef inline bytes _concat4(bytes a, bytes b, const char* c, Py_ssize_t nc, bytes
 def load_cells_native(fspec, str typename, str id not None, int kg, get, db_state, now_ms, tuple kit):
     """``_dispatch_loop.load_cells``, compiled with this module's Cell (and the state key
     and the stored-value header check in C)."""
+    return _load_cells(fspec, typename, id, kg, get, db_state, now_ms, kit)
+
+
+cdef dict _load_cells(fspec, str typename, str id, int kg, get, db_state, now_ms, tuple kit):
     cdef dict cells = {}
     cdef Cell cell
     cdef bytes head = kit[_K_PREFIXES][kg]
@@ -691,6 +695,11 @@ def invoke_sync_native(d, fspec, address, int kg, dict cells, list recs, Py_ssiz
                        Py_ssize_t stage_bytes, out, list sends, now_ms, tuple kit):
     """``_dispatch_loop.invoke_sync``, compiled with this module's Context, Storage,
     Message and Cell: a sync function's invocations at one address, in order."""
+    return _invoke_sync(d, fspec, address, kg, cells, recs, limit, outbox, stage_bytes, out, sends, now_ms, kit)
+
+
+cdef Py_ssize_t _invoke_sync(d, fspec, address, int kg, dict cells, list recs, Py_ssize_t limit, outbox,
+                             Py_ssize_t stage_bytes, out, list sends, now_ms, tuple kit) except -1:
     cdef Context ctx
     cdef Storage storage
     cdef Message msg

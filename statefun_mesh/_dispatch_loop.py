@@ -126,6 +126,7 @@ def dispatch_groups(
     seen: set[Any] = set()
     counted = 0
     send_bytes = 0
+    full = False  # the batch's sends reached max_send_bytes: every later address is deferred
     invocations = 0
     t0 = perf_counter()  # chained: one clock read per sync address
     # the function of the last address's type and what the loop reads of it (valid while
@@ -145,11 +146,13 @@ def dispatch_groups(
                     qlens[key] = (behind, len(behind.queue))
                 behind.queue.extend(recs)
                 continue
-        if max_send_bytes is not None and counted < len(sends):
-            for r in sends[counted:]:
-                send_bytes += len(r[1]) + len(r[5]) + 64  # dispatch._SEND_OVERHEAD
-            counted = len(sends)
-            if send_bytes >= max_send_bytes:
+        if max_send_bytes is not None:
+            if counted < len(sends):
+                for r in sends[counted:]:
+                    send_bytes += len(r[1]) + len(r[5]) + 64  # dispatch._SEND_OVERHEAD
+                counted = len(sends)
+                full = send_bytes >= max_send_bytes
+            if full:  # (not only when new sends came: then every other address ran past the budget)
                 out.deferred.extend(recs)
                 continue
         if max_send_bytes is not None and outbox is not None and outbox.staging:

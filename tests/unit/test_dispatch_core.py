@@ -159,9 +159,11 @@ def test_one_batch_writes_the_pinned_bytes(tmp_path: Path) -> None:
 
 
 def test_the_loop_is_the_cores_own() -> None:
-    # the Cython core has the loop compiled in; the twin runs the module's source
+    # the Cython core runs its typed loop (csrc/dispatch.pxi; tests/unit/test_dispatch_native.py
+    # holds it to the twin's); the twin runs the module's source
     if _speedups.IMPLEMENTATION == "c":
         assert type(_speedups.dispatch_groups).__name__ == "cython_function_or_method"
+        assert _speedups.dispatch_groups.__name__ == "dispatch_groups_native"
     else:
         from statefun_mesh import _dispatch_loop
 
