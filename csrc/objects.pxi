@@ -559,16 +559,19 @@ cdef class Context:
 
 # -- the per-address steps of the batch loop (the twin: _dispatch_loop.load_cells, invoke_sync) --
 
-cdef inline bytes _concat4(bytes a, bytes b, const char* c, Py_ssize_t nc, bytes d):
-    """``a + b + c[:nc] + d`` in one allocation."""
-    cdef Py_ssize_t na = PyBytes_GET_SIZE(a), nb = PyBytes_GET_SIZE(b)
+cdef inline bytes _state_key(int kg, bytes b, const char* c, Py_ssize_t nc, bytes d):
+    """``KG_PREFIXES[kg] + b + c[:nc] + d`` in one allocation. The key group's two bytes
+    (big-endian, lmdb_backend.KG_PREFIXES) are written here: reading them from that list
+    of 32,768 bytes objects was a cache miss or two per address (over half of this step)."""
+    cdef Py_ssize_t nb = PyBytes_GET_SIZE(b)
     cdef Py_ssize_t nd = PyBytes_GET_SIZE(d)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, na + nb + nc + nd)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 2 + nb + nc + nd)
     cdef char* p = PyBytes_AS_STRING(out)
-    memcpy(p, PyBytes_AS_STRING(a), na)
-    memcpy(p + na, PyBytes_AS_STRING(b), nb)
-    memcpy(p + na + nb, c, nc)
-    memcpy(p + na + nb + nc, PyBytes_AS_STRING(d), nd)
+    p[0] = <char>((kg >> 8) & 0xFF)
+    p[1] = <char>(kg & 0xFF)
+    memcpy(p + 2, PyBytes_AS_STRING(b), nb)
+    memcpy(p + 2 + nb, c, nc)
+    memcpy(p + 2 + nb + nc, PyBytes_AS_STRING(d), nd)
     return out
 
 
@@ -581,7 +584,8 @@ def load_cells_native(fspec, str typename, str id not None, int kg, get, db_stat
 cdef dict _load_cells(fspec, str typename, str id, int kg, get, db_state, now_ms, tuple kit):
     cdef dict cells = {}
     cdef Cell cell
-    cdef bytes head = kit[_K_PREFIXES][kg]
+    if not 0 <= kg <= 0xFFFF:
+        raise ValueError(f"key group {kg} is out of range (0..65535)")
     cdef Py_ssize_t max_key = kit[_K_MAX_KEY]
     cdef bytes skey, vhead
     cdef Py_ssize_t nh
@@ -599,7 +603,7 @@ cdef dict _load_cells(fspec, str typename, str id, int kg, get, db_state, now_ms
         nid = PyBytes_GET_SIZE(idb)
     for part in fspec.key_parts:
         name, stype, tprefix, suffix, vhead, decode = part
-        skey = _concat4(head, tprefix, idp, nid, suffix)
+        skey = _state_key(kg, tprefix, idp, nid, suffix)
         if PyBytes_GET_SIZE(skey) > max_key:
             skey = state_key(kg, typename, id, name)
         raw = get(skey, None, db_state)
