@@ -1,8 +1,10 @@
 """The per-batch loop of the dispatcher: group by address, read state, invoke, collect.
 
-This file is the pure-Python twin *and* the source of the Cython core's version: the
-Cython core includes it verbatim (``csrc/_speedups_c.pyx``: ``include``), so both cores
-run the same statements for ``group_records`` and ``dispatch_groups``. The per-address
+This file is the pure-Python twin *and* the specification of the Cython core's version:
+the Cython core includes it verbatim (``csrc/_speedups_c.pyx``: ``include``) and runs its
+``group_records``; for ``dispatch_groups`` it runs its typed C version,
+``dispatch_groups_native`` (``csrc/dispatch.pxi``: the same statements, in the same order;
+change both, ``tests/unit/test_dispatch_native.py`` compares them). The per-address
 steps ``load_cells``, ``invoke_sync`` and ``collect_puts`` are the specification of the
 Cython core's own versions (``csrc/objects.pxi``: ``*_native``, which build its extension
 types ``Cell``, ``Context``, ``Message`` and storage with their C fields); the dispatcher
