@@ -199,3 +199,20 @@ def test_a_send_carries_the_senders_fields_whatever_holds_them(address: Any) -> 
     assert ctx._sends == [("t/to", "you", "t/from", "me", INT, b"\r\x01\x00\x00\x00", 4, 9)] * 2
     caller = ctx.caller
     assert type(caller) is Address and caller == Address("t/caller", "c") and caller.id == "c"
+
+
+def test_storage_attribute_reads_keep_their_order_and_errors() -> None:
+    # The Cython core's Storage reads through __getattribute__ (generic lookup, then the
+    # declared cells) instead of __getattr__: the same results as the twin's
+    from statefun_mesh.context import Cell, Storage, storage_class
+
+    cells = {"n": Cell("n", IntType, b"k", INT, IntType.serializer().serialize(4), 0)}
+    s = storage_class("t/a", ["n"])(Address("t/a", "x"), cells)
+    assert s.n == 4 and hasattr(s, "n") and not hasattr(s, "other") and getattr(s, "other", 7) == 7
+    assert s._cells is cells and s._writes is None and callable(s.__dir__)
+    with pytest.raises(AttributeError, match="t/a has no state 'other'; declare it with ValueSpec"):
+        _ = s.other
+    base = Storage(Address("t/a", "x"), cells)  # no property per state: read from the cells
+    assert base.n == 4
+    base.n = 6
+    assert base.n == 6 and s.n == 4
