@@ -104,6 +104,8 @@ include "batching.pxi"
 include "objects.pxi"
 # The dispatcher's per-batch loop: the twin's own source, compiled (see its docstring).
 include "../statefun_mesh/_dispatch_loop.py"
+# ... and its typed C version, which this core runs (the twin's above is its specification)
+include "dispatch.pxi"
 
 _K_DECODE_STATE = KIT_FIELDS.index("decode_state_value")
 _K_STATE_KEY = KIT_FIELDS.index("state_key")
@@ -115,3 +117,4 @@ _K_CACHEABLE = KIT_FIELDS.index("_CACHEABLE")
 invoke_sync = invoke_sync_native
 load_cells = load_cells_native
 collect_puts = collect_puts_native
+dispatch_groups = dispatch_groups_native

@@ -11,7 +11,8 @@
 # (send_after, reply, as_kafka, ...) run the twin's own code on these objects' fields.
 
 from cpython.dict cimport PyDict_GetItem, PyDict_Next
-from cpython.object cimport PyTypeObject
+from cpython.object cimport PyObject_GenericGetAttr, PyTypeObject
+from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM
 
 cdef extern from *:
     """
@@ -26,6 +27,23 @@ cdef extern from *:
     }
     """
     object sfm_type_new(object t)
+
+cdef extern from *:
+    """
+    /* Address(a, b) without Address.__new__ or tuple.__new__'s temporary tuple: what
+       tuple_subtype_new does (tp_alloc, then the items), for a tuple subtype. */
+    static PyObject* sfm_new_pair(PyObject* type, PyObject* a, PyObject* b) {
+        PyTypeObject* tp = (PyTypeObject*)type;
+        PyObject* o = tp->tp_alloc(tp, 2);
+        if (o == NULL) return NULL;
+        Py_INCREF(a);
+        PyTuple_SET_ITEM(o, 0, a);
+        Py_INCREF(b);
+        PyTuple_SET_ITEM(o, 1, b);
+        return o;
+    }
+    """
+    object sfm_new_pair(object type, object a, object b)
 
 cdef extern from "Python.h":
     # without exception handling: the caller clears an overflow and lets the serializer raise
@@ -46,7 +64,6 @@ cdef object _LONG_TYPE = None
 cdef object _INT_TN = None
 cdef object _LONG_TN = None
 cdef object _IMMUTABLE = frozenset({int, float, str, bool, bytes, type(None)})
-cdef object _tuple_new = tuple.__new__
 #: positions in the dispatcher's kit (_dispatch_loop.KIT_FIELDS; set after its include)
 cdef Py_ssize_t _K_DECODE_STATE, _K_STATE_KEY, _K_PREFIXES, _K_MAX_KEY, _K_CACHEABLE
 cdef bytes _EMPTY_BYTES = b""
@@ -72,6 +89,15 @@ def bind_context(deleted, address, py_context, py_storage):
     _ADDRESS = address
     _PY_CONTEXT = py_context
     _PY_STORAGE = py_storage
+
+
+cdef inline object _pair_item(object a, Py_ssize_t i):
+    """``a[i]`` of an address: an ``Address`` is a tuple subtype, whose ``a[i]`` through the
+    sequence protocol (Cython's for an untyped object) is a Python-level ``__getitem__``
+    call (CPython gives a heap subtype of tuple a generic ``sq_item``): ~0.1 us each."""
+    if PyTuple_Check(a) and PyTuple_GET_SIZE(a) == 2:
+        return <object>PyTuple_GET_ITEM(a, i)
+    return a[i]
 
 
 # -- the int/long value codec (valuetypes._IntSerializer/_LongSerializer's common cases) --
@@ -239,8 +265,16 @@ cdef class Storage:
         self._cells = cells
         self._writes = None
 
-    def __getattr__(self, name):
-        # reached only for names without a property: the base class, or an undeclared name
+    def __getattribute__(self, name):
+        # object.__getattribute__ first (a StateProperty per declared state, methods, the
+        # fields), then what the twin's __getattr__ does: reached only for names without a
+        # property (the base class, or an undeclared name). Not a __getattr__: CPython gives
+        # a subclass (each function's storage class) of a type with one a generic slot that
+        # looks both methods up on every read (~60 ns of a ~115 ns `storage.x`).
+        try:
+            return PyObject_GenericGetAttr(self, name)
+        except AttributeError:
+            pass
         cell = self._cells.get(name)
         if cell is None:
             raise AttributeError(
@@ -457,7 +491,7 @@ cdef class Context:
         """The address of the function that sent the message; ``None`` for a message from
         a client, an ingress or a timer the mesh itself fired."""
         rec = self._rec
-        return _tuple_new(_ADDRESS, (rec[2], rec[3])) if rec[2] else None
+        return sfm_new_pair(_ADDRESS, rec[2], rec[3]) if rec[2] else None
 
     @property
     def _reply_peer(self):
@@ -487,10 +521,12 @@ cdef class Context:
             raise TypeError(f"send() takes a Message (use message_builder), got {type(message).__name__}")
         m = <Message>message
         a = self.address
+        at = _pair_item(a, 0)
+        ai = _pair_item(a, 1)
         own = self._rec
         t, i, vt, v = m.target_typename, m.target_id, m._vt, m._v
-        rec = (t, i, a[0], a[1], vt, v, own[6], own[7])
-        if self._limit and len(v) + 4 * (len(t) + len(i) + len(a[0]) + len(a[1]) + len(vt)) + 49 > self._limit:
+        rec = (t, i, at, ai, vt, v, own[6], own[7])
+        if self._limit and len(v) + 4 * (len(t) + len(i) + len(at) + len(ai) + len(vt)) + 49 > self._limit:
             self._check_size(rec, "message")
         if self._sends is None:
             self._sends = [rec]
@@ -531,25 +567,33 @@ cdef class Context:
 
 # -- the per-address steps of the batch loop (the twin: _dispatch_loop.load_cells, invoke_sync) --
 
-cdef inline bytes _concat4(bytes a, bytes b, const char* c, Py_ssize_t nc, bytes d):
-    """``a + b + c[:nc] + d`` in one allocation."""
-    cdef Py_ssize_t na = PyBytes_GET_SIZE(a), nb = PyBytes_GET_SIZE(b)
+cdef inline bytes _state_key(int kg, bytes b, const char* c, Py_ssize_t nc, bytes d):
+    """``KG_PREFIXES[kg] + b + c[:nc] + d`` in one allocation. The key group's two bytes
+    (big-endian, lmdb_backend.KG_PREFIXES) are written here: reading them from that list
+    of 32,768 bytes objects was a cache miss or two per address (over half of this step)."""
+    cdef Py_ssize_t nb = PyBytes_GET_SIZE(b)
     cdef Py_ssize_t nd = PyBytes_GET_SIZE(d)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, na + nb + nc + nd)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 2 + nb + nc + nd)
     cdef char* p = PyBytes_AS_STRING(out)
-    memcpy(p, PyBytes_AS_STRING(a), na)
-    memcpy(p + na, PyBytes_AS_STRING(b), nb)
-    memcpy(p + na + nb, c, nc)
-    memcpy(p + na + nb + nc, PyBytes_AS_STRING(d), nd)
+    p[0] = <char>((kg >> 8) & 0xFF)
+    p[1] = <char>(kg & 0xFF)
+    memcpy(p + 2, PyBytes_AS_STRING(b), nb)
+    memcpy(p + 2 + nb, c, nc)
+    memcpy(p + 2 + nb + nc, PyBytes_AS_STRING(d), nd)
     return out
 
 
 def load_cells_native(fspec, str typename, str id not None, int kg, get, db_state, dict cache, now_ms, tuple kit):
     """``_dispatch_loop.load_cells``, compiled with this module's Cell (and the state key,
     the write-back cache's lookup and the stored-value header check in C)."""
+    return _load_cells(fspec, typename, id, kg, get, db_state, cache, now_ms, kit)
+
+
+cdef dict _load_cells(fspec, str typename, str id, int kg, get, db_state, dict cache, now_ms, tuple kit):
     cdef dict cells = {}
     cdef Cell cell
-    cdef bytes head = kit[_K_PREFIXES][kg]
+    if not 0 <= kg <= 0xFFFF:
+        raise ValueError(f"key group {kg} is out of range (0..65535)")
     cdef Py_ssize_t max_key = kit[_K_MAX_KEY]
     cdef bytes skey, vhead
     cdef Py_ssize_t nh
@@ -568,7 +612,7 @@ def load_cells_native(fspec, str typename, str id not None, int kg, get, db_stat
         nid = PyBytes_GET_SIZE(idb)
     for part in fspec.key_parts:
         name, stype, tprefix, suffix, vhead, decode = part
-        skey = _concat4(head, tprefix, idp, nid, suffix)
+        skey = _state_key(kg, tprefix, idp, nid, suffix)
         if PyBytes_GET_SIZE(skey) > max_key:
             skey = state_key(kg, typename, id, name)
         # the store's write-back cache first (a dict lookup in C; None there: deleted)
@@ -674,6 +718,11 @@ def invoke_sync_native(d, fspec, address, int kg, dict cells, list recs, Py_ssiz
                        Py_ssize_t stage_bytes, out, list sends, now_ms, tuple kit):
     """``_dispatch_loop.invoke_sync``, compiled with this module's Context, Storage,
     Message and Cell: a sync function's invocations at one address, in order."""
+    return _invoke_sync(d, fspec, address, kg, cells, recs, limit, outbox, stage_bytes, out, sends, now_ms, kit)
+
+
+cdef Py_ssize_t _invoke_sync(d, fspec, address, int kg, dict cells, list recs, Py_ssize_t limit, outbox,
+                             Py_ssize_t stage_bytes, out, list sends, now_ms, tuple kit) except -1:
     cdef Context ctx
     cdef Storage storage
     cdef Message msg
@@ -687,8 +736,8 @@ def invoke_sync_native(d, fspec, address, int kg, dict cells, list recs, Py_ssiz
     storage_cls = fspec.storage_class
     fun = fspec.fun
     ttl = fspec.ttl_ms
-    typename = address[0]
-    id = address[1]
+    typename = _pair_item(address, 0)
+    id = _pair_item(address, 1)
     # one storage per address group, its writes emptied before each invocation (those of one
     # that raised are dropped with it); a fresh Context and Message per invocation
     storage = <Storage>sfm_type_new(storage_cls)

@@ -1,8 +1,10 @@
 """The per-batch loop of the dispatcher: group by address, read state, invoke, collect.
 
-This file is the pure-Python twin *and* the source of the Cython core's version: the
-Cython core includes it verbatim (``csrc/_speedups_c.pyx``: ``include``), so both cores
-run the same statements for ``group_records`` and ``dispatch_groups``. The per-address
+This file is the pure-Python twin *and* the specification of the Cython core's version:
+the Cython core includes it verbatim (``csrc/_speedups_c.pyx``: ``include``) and runs its
+``group_records``; for ``dispatch_groups`` it runs its typed C version,
+``dispatch_groups_native`` (``csrc/dispatch.pxi``: the same statements, in the same order;
+change both, ``tests/unit/test_dispatch_native.py`` compares them). The per-address
 steps ``load_cells``, ``invoke_sync`` and ``collect_puts`` are the specification of the
 Cython core's own versions (``csrc/objects.pxi``: ``*_native``, which build its extension
 types ``Cell``, ``Context``, ``Message`` and storage with their C fields); the dispatcher
@@ -128,6 +130,7 @@ def dispatch_groups(
     seen: set[Any] = set()
     counted = 0
     send_bytes = 0
+    full = False  # the batch's sends reached max_send_bytes: every later address is deferred
     invocations = 0
     t0 = perf_counter()  # chained: one clock read per sync address
     # the function of the last address's type and what the loop reads of it (valid while
@@ -147,11 +150,13 @@ def dispatch_groups(
                     qlens[key] = (behind, len(behind.queue))
                 behind.queue.extend(recs)
                 continue
-        if max_send_bytes is not None and counted < len(sends):
-            for r in sends[counted:]:
-                send_bytes += len(r[1]) + len(r[5]) + 64  # dispatch._SEND_OVERHEAD
-            counted = len(sends)
-            if send_bytes >= max_send_bytes:
+        if max_send_bytes is not None:
+            if counted < len(sends):
+                for r in sends[counted:]:
+                    send_bytes += len(r[1]) + len(r[5]) + 64  # dispatch._SEND_OVERHEAD
+                counted = len(sends)
+                full = send_bytes >= max_send_bytes
+            if full:  # (not only when new sends came: then every other address ran past the budget)
                 out.deferred.extend(recs)
                 continue
         if max_send_bytes is not None and outbox is not None and outbox.staging:

@@ -432,19 +432,20 @@ class Dispatcher:
                     out.sends.append(tuple(rec))
                 out.ops.append(("fired", kg, seq, due, tok))
 
-        groups = _speedups.group_records(records)
         starting: list[_Running] = []
         touched: list[dict[str, Cell]] = []
         # The batch's records, cells, contexts and sends live until it ends: with the default
         # gen0 threshold (700) the cyclic GC ran several times per batch, walking and
         # promoting objects still in use (~8 % of a busy peer); raised for the sync part of
         # the batch only (restored at once: no await in between), see BATCH_GC_THRESHOLD.
+        # Grouping is inside it too: its list per address alone passed 700 in a full batch.
         gc_saved = gc.get_threshold()
         if gc_saved[0] < BATCH_GC_THRESHOLD:
             gc.set_threshold(BATCH_GC_THRESHOLD, gc_saved[1], gc_saved[2])
         with self.backend.read_unflushed() as txn:  # state is read through the write-back cache
             self._txn = txn
             try:
+                groups = _speedups.group_records(records)
                 self.invocations += _speedups.dispatch_groups(
                     self, _KIT, groups, txn, now_ms, out, max_send_bytes, merging, starting, touched
                 )

@@ -193,9 +193,11 @@ def test_a_batch_through_the_write_back_cache_writes_and_reads_the_same_bytes(tm
 
 
 def test_the_loop_is_the_cores_own() -> None:
-    # the Cython core has the loop compiled in; the twin runs the module's source
+    # the Cython core runs its typed loop (csrc/dispatch.pxi; tests/unit/test_dispatch_native.py
+    # holds it to the twin's); the twin runs the module's source
     if _speedups.IMPLEMENTATION == "c":
         assert type(_speedups.dispatch_groups).__name__ == "cython_function_or_method"
+        assert _speedups.dispatch_groups.__name__ == "dispatch_groups_native"
     else:
         from statefun_mesh import _dispatch_loop
 
