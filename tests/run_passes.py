@@ -38,7 +38,7 @@ from typing import TextIO, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 #: integration files the C core runs in lane 2, beside tests/unit and the pure pass, to balance the lanes
-LANE_2_C_FILES = ("tests/integration/test_hosts.py", "tests/integration/test_cli_rough_edges.py")
+LANE_2_C_FILES = ("tests/integration/test_hosts.py",)
 C_CORE = {"STATEFUN_MESH_REQUIRE_EXTENSIONS": "1"}
 PURE = {"STATEFUN_MESH_NO_EXTENSIONS": "1"}
 _CORE_VARS = ("STATEFUN_MESH_REQUIRE_EXTENSIONS", "STATEFUN_MESH_NO_EXTENSIONS")
