@@ -155,7 +155,7 @@ def main(extra: list[str]) -> int:
     worst = max((p.returncode or 0 for p in [*lane1, *lane2]), key=abs)
     failed = total.get("failed", 0) + total.get("error", 0)
     passed, skipped = total.get("passed", 0), total.get("skipped", 0)
-    print(f"all passes: {passed} passed, {failed} failed, {skipped} skipped", flush=True)
+    print(f"total: {passed} passed, {failed} failed, {skipped} skipped", flush=True)  # all three passes
     return worst if worst else 0
 
 
