@@ -60,6 +60,10 @@ def counter_record(id: str, n: int) -> tuple[Any, ...]:
     return (app.COUNTER, id, "", "", INT, int_bytes(n), 0, 0)
 
 
+#: how long an attacker's send may wait for a connection (a refused handshake leaves it none)
+STRIKE_SEND_TIMEOUT = 5.0
+
+
 async def strike(
     endpoint: str, identity: bytes, frames: list[bytes], *, curve: tuple[Keypair, str] | None = None, hold: float = 0.5
 ) -> None:
@@ -72,7 +76,13 @@ async def strike(
     sock.connect(endpoint)
     try:
         for f in frames:
-            await sock.send(f)
+            # A DEALER's send waits while it has no connection, and a refused CURVE handshake
+            # leaves it none between reconnects: bounded, so a refused attacker gives up
+            # (the attacks that must succeed, without keys, are checked by their effect).
+            try:
+                await asyncio.wait_for(sock.send(f), STRIKE_SEND_TIMEOUT)
+            except TimeoutError:
+                break
         await asyncio.sleep(hold)
     finally:
         sock.close(0)
