@@ -88,6 +88,7 @@ __all__ = [
     "load_cells",
     "partition",
     "record_size",
+    "records_bytes",
     "stable_hash",
 ]
 

@@ -6,7 +6,13 @@
 #   record = [str, str, str, str, str, bin, uint, uint]
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.tuple cimport PyTuple_GET_ITEM
 from libc.string cimport memset
+
+from statefun_mesh.memory import RECORD_OVERHEAD as _RECORD_OVERHEAD_PY
+
+# memory.RECORD_OVERHEAD, read once (the twin, memory.records_bytes, uses it directly)
+cdef Py_ssize_t _RECORD_OVERHEAD = _RECORD_OVERHEAD_PY
 
 cdef enum:
     _FRAME_VERSION = 1
@@ -337,6 +343,20 @@ def record_size(record):
     return enc._len
 
 
+def records_bytes(records):
+    """Estimated memory of message records held as Python tuples: what
+    ``statefun_mesh.memory.records_bytes`` (the spec) returns, without a Python-level loop
+    (the inbox accounting runs it on every record taken in or out)."""
+    cdef Py_ssize_t size = 0, n = 0
+    for rec in records:
+        n += 1
+        if type(rec) is tuple and PyTuple_GET_SIZE(rec) > 5:  # items 1 and 5 exist: unchecked reads
+            size += len(<object>PyTuple_GET_ITEM(rec, 1)) + len(<object>PyTuple_GET_ITEM(rec, 5))
+        else:  # not a record tuple: the same items, or the spec's error
+            size += len(rec[1]) + len(rec[5])
+    return size + n * _RECORD_OVERHEAD
+
+
 def encode_batch(records):
     """Return the batch frame for ``records``."""
     cdef BatchEncoder enc = BatchEncoder()
@@ -359,7 +379,7 @@ cdef struct _Reader:
 
 
 cdef struct _TextCache:
-    # The last text decoded for one field, reused while the next records repeat it.
+    # The last text (or value) decoded for one field, reused while the next records repeat it.
     # `obj` is a borrowed reference, kept alive by the record that holds it: a local of
     # _decode until the record is stored in the output list; any error in between
     # ends the decode (and the cache with it).
@@ -543,7 +563,9 @@ cdef list _decode(const unsigned char* data, Py_ssize_t size):
     cdef Py_ssize_t idx, n = 0
     cdef const unsigned char* value_data = NULL
     cdef _ReadStatus st
-    cdef _TextCache target_type, caller_type, value_type
+    # a frame's records often repeat the caller (one function's sends) and the value (the
+    # same message to many ids): the previous record's objects are reused when equal
+    cdef _TextCache target_type, caller_type, caller_id_cache, value_type, value_cache
     cdef list out
     if size < 3:
         raise FrameDecodeError(f"batch frame truncated: {size} bytes")
@@ -565,7 +587,9 @@ cdef list _decode(const unsigned char* data, Py_ssize_t size):
             f"batch frame truncated: {count} records declared in {r.end - r.p} bytes"
         )
     out = []
-    target_type.obj = caller_type.obj = value_type.obj = NULL
+    target_type.obj = caller_type.obj = caller_id_cache.obj = value_type.obj = value_cache.obj = NULL
+    value_cache.data = NULL
+    value_cache.size = 0
     for idx in range(<Py_ssize_t>count):
         st = _rd_array(&r, &nfields)
         if st == _RD_TRUNCATED:
@@ -575,12 +599,18 @@ cdef list _decode(const unsigned char* data, Py_ssize_t size):
         target_typename = _rd_text(&r, idx, 0, &target_type)
         target_id = _rd_text(&r, idx, 1, NULL)
         caller_typename = _rd_text(&r, idx, 2, &caller_type)
-        caller_id = _rd_text(&r, idx, 3, NULL)
+        caller_id = _rd_text(&r, idx, 3, &caller_id_cache)
         value_typename = _rd_text(&r, idx, 4, &value_type)
         st = _rd_bin(&r, &value_data, &n)
         if st != _RD_OK:
             _field_error(st, idx, 5)
-        value = PyBytes_FromStringAndSize(<char*>value_data, n)
+        if value_cache.obj != NULL and n == value_cache.size and memcmp(value_data, value_cache.data, <size_t>n) == 0:
+            value = <bytes>value_cache.obj
+        else:
+            value = PyBytes_FromStringAndSize(<char*>value_data, n)
+            value_cache.data = value_data
+            value_cache.size = n
+            value_cache.obj = <PyObject*>value
         st = _rd_uint(&r, &reply_peer)
         if st != _RD_OK:
             _field_error(st, idx, 6)

@@ -31,6 +31,7 @@ if TYPE_CHECKING or NO_EXTENSIONS:
         load_cells,
         partition,
         record_size,
+        records_bytes,
         stable_hash,
     )
 
@@ -52,6 +53,7 @@ else:
             load_cells,
             partition,
             record_size,
+            records_bytes,
             stable_hash,
         )
 
@@ -78,6 +80,7 @@ else:
             load_cells,
             partition,
             record_size,
+            records_bytes,
             stable_hash,
         )
 
@@ -99,5 +102,6 @@ __all__ = [
     "load_cells",
     "partition",
     "record_size",
+    "records_bytes",
     "stable_hash",
 ]

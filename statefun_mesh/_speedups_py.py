@@ -43,6 +43,7 @@ import msgpack
 
 from ._dispatch_loop import collect_puts, dispatch_groups, group_records, invoke_sync, load_cells
 from .errors import FrameDecodeError
+from .memory import records_bytes  # the spec of the core's records_bytes
 
 __all__ = [
     "FRAME_VERSION",
@@ -60,6 +61,7 @@ __all__ = [
     "load_cells",
     "partition",
     "record_size",
+    "records_bytes",
     "stable_hash",
 ]
 

@@ -26,9 +26,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ._speedups import records_bytes
 from .dispatch import BATCH_BUCKETS, BatchOutcome
 from .errors import StateBackendError, StatefunMeshError
-from .memory import records_bytes
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -197,8 +197,13 @@ class BatchLoop:
                 self._wake.clear()
                 continue
             self._idle.clear()
-            n = min(len(inbox), max_batch)
-            batch = [inbox.popleft() for _ in range(n)]
+            n = len(inbox)
+            if n <= max_batch:  # the whole inbox (the common case): no popleft per record
+                batch = list(inbox)
+                inbox.clear()
+            else:
+                n = max_batch
+                batch = [inbox.popleft() for _ in range(n)]
             batch_bytes = records_bytes(batch)
             router.inbox_bytes = router.inbox_bytes - batch_bytes if inbox else 0
             fired: list[Any] = []

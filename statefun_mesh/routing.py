@@ -31,8 +31,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _speedups
+from ._speedups import records_bytes
 from .errors import ClosedTransportError, StatefunMeshError
-from .memory import RECORD_OVERHEAD, records_bytes
+from .memory import RECORD_OVERHEAD
 from .outbox import Outbox
 from .records import TARGET_ID, TARGET_TYPE
 from .spill import Spill

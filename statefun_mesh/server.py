@@ -128,6 +128,7 @@ class ClientServer:
         #: (client routing id, egress) -> (next offset it asked for, when): the newest readers
         self.readers: dict[tuple[bytes, str], tuple[int, float]] = {}
         self._zap: Any = None
+        self._peer_keys: list[str] = []  #: every peer's public key (Z85), read at start (CURVE only)
         self._unregister: Any = None
         self._watch: asyncio.Task[None] | None = None
         # answers the ROUTER had no room for, per client routing id, in order
@@ -178,7 +179,10 @@ class ClientServer:
             users = dict.fromkeys(config.client_public_keys(), CLIENT_USER)
             # the mesh's own peers may ask each other for status as clients (the dashboard's
             # /api/mesh, metrics.py); a peer's key already lets it do anything in the mesh
-            users.update(dict.fromkeys(config.peer_public_keys(), CLIENT_USER))
+            # read once: info() hands them to every status call (the key files, read per
+            # call, were ~0.5 % of a busy peer's loop under a 5 ms status poll)
+            self._peer_keys = config.peer_public_keys()
+            users.update(dict.fromkeys(self._peer_keys, CLIENT_USER))
             self._zap = ZapPolicy(
                 f"peer {self.peer.peer_id}'s client endpoint {self.endpoint}",
                 users,
@@ -533,7 +537,7 @@ class ClientServer:
         }
         if self._zap is not None:
             # public keys: a client that authenticated with this peer learns the others' (egress, status)
-            info["peer_keys"] = peer.config.peer_public_keys()
+            info["peer_keys"] = list(self._peer_keys)
             status["refused_clients"] = self._zap.refused
         return info
 

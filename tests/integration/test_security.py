@@ -419,3 +419,33 @@ async def test_a_peer_key_cannot_speak_for_another_peer(tmp_path: Path) -> None:
         )
         assert reply.as_int() == 1
         assert peer0.status()["unavailable_peers"] == []
+
+
+@pytest.mark.timeout(60)
+async def test_status_names_the_peer_keys_its_links_were_started_with(tmp_path: Path) -> None:
+    """A peer's info lists every peer's public key as its links use them: read once at start,
+    not from the key files on every status call (a 5 ms status poll read them 200 times a
+    second). So it still answers, with the same keys, once the files are gone."""
+    from statefun_mesh.mesh import local_endpoints
+    from statefun_mesh.security import ensure_keypair
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    pairs = [ensure_keypair(str(keys / f"peer-{k}")) for k in range(2)]
+    async with LocalMesh(
+        app.functions,
+        peers=2,
+        transport="tcp",
+        state_dir=tmp_path / "state",
+        client_endpoints=local_endpoints("tcp", 2, ""),
+        peer_keys=tuple(str(keys / f"peer-{k}.key") for k in range(2)),
+        secret_key=str(keys / "peer-{id}.key_secret"),
+    ) as mesh:
+        server = mesh.peers[1].client_server
+        assert server is not None
+        assert server.info()["peer_keys"] == [p.public for p in pairs]
+        for k in range(2):
+            (keys / f"peer-{k}.key").unlink()
+        info = server.info()
+        assert info["peer_keys"] == [p.public for p in pairs]
+        assert info["status"]["peer"] == 1

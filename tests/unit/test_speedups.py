@@ -7,6 +7,7 @@ come from tests/data/make_vectors.py.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import hashlib
@@ -251,7 +252,7 @@ def test_exported_names_match(both: tuple[ModuleType, ModuleType]) -> None:
     assert c.Record == py.Record
 
 
-FUNCTIONS = ["stable_hash", "key_group", "key_groups", "partition", "encode_batch", "decode_batch"]
+FUNCTIONS = ["stable_hash", "key_group", "key_groups", "partition", "encode_batch", "decode_batch", "records_bytes"]
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
@@ -683,6 +684,46 @@ def test_error_messages_name_the_problem(both: tuple[ModuleType, ModuleType]) ->
         c.decode_batch(b"\x02\x01\x90")
 
 
+# ---------------------------------------------------------------- records_bytes (inbox accounting)
+
+
+def test_records_bytes_is_memory_records_bytes(speedups: ModuleType) -> None:
+    from statefun_mesh.memory import RECORD_OVERHEAD, records_bytes
+
+    rng = random.Random(11)
+    records = _random_records(rng, 300)
+    assert speedups.records_bytes(records) == records_bytes(records)
+    assert speedups.records_bytes(collections.deque(records)) == records_bytes(records)
+    assert speedups.records_bytes(iter(records[:7])) == records_bytes(records[:7])
+    assert speedups.records_bytes([]) == 0
+    # ids count in code points, values in bytes, plus the overhead per record
+    rec = ("t", "\u00e9\u4e2d", "", "", "v", b"abc", 0, 0)
+    assert speedups.records_bytes([rec, rec]) == 2 * (2 + 3 + RECORD_OVERHEAD)
+    # not a record tuple: len() of the same items, or the spec's error
+    assert speedups.records_bytes([["a", "bb", 0, 0, 0, b"xyz"]]) == 2 + 3 + RECORD_OVERHEAD
+    for bad in ([("t",)], [5], [("t", 3, "", "", "", b"")], [("t", "i", "", "", "", None)]):
+        with pytest.raises((IndexError, TypeError)) as want:
+            records_bytes(bad)
+        with pytest.raises(want.type, match=str(want.value)):
+            speedups.records_bytes(bad)
+
+
+def test_decode_shares_repeated_callers_and_values() -> None:
+    """The C decoder reuses the previous record's caller id and value when they repeat (one
+    function's sends, the same message to many ids): two objects fewer per record, equal records."""
+    c = c_module()
+    records = [
+        ("perf/counter", f"k{i}", "perf/driver", "d0", "io.statefun.types/int", b"\x08\x01", 0, i) for i in range(50)
+    ]
+    records[20] = (*records[20][:3], "d1", records[20][4], b"\x08\x02", 0, 20)  # a change breaks the run
+    out = c.decode_batch(c.encode_batch(records))
+    assert out == records == _speedups_py.decode_batch(c.encode_batch(records))
+    assert all(out[i][3] is out[0][3] and out[i][5] is out[0][5] for i in range(1, 20))
+    assert out[20][3] == "d1" and out[20][5] == b"\x08\x02"
+    assert all(out[i][3] is out[21][3] and out[i][5] is out[21][5] for i in range(22, 50))
+    assert out[21][3] == "d0" and out[21][5] == b"\x08\x01"
+
+
 # ---------------------------------------------------------------- memory
 
 
@@ -701,6 +742,7 @@ def test_no_leaks(speedups: ModuleType) -> None:
         speedups.decode_batch(bytearray(frame))
         speedups.partition(records, 128, 3)
         speedups.key_groups([r[1] for r in records], 128)
+        speedups.records_bytes(records)
         for bad in bad_frames:
             with contextlib.suppress(FrameDecodeError):
                 speedups.decode_batch(bad)
