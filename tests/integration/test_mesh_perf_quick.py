@@ -37,7 +37,7 @@ def test_mesh_perf_small_run_prints_both_baselines_and_issue_9s_targets(tmp_path
         "counter",
         "latency",
         "--messages",
-        "4000",
+        "40000",  # ~0.15 s of a peer's CPU: /proc counts it in 10 ms ticks, and 4,000 took under one
         "--keys",
         "200",
         "--repeat",

@@ -131,6 +131,9 @@ async def test_metrics_move_with_load_and_match_status(tmp_path: Path) -> None:
         assert routed == n + 21 + 20  # and the 20 forwarded by m/counter
         # messages went to the other peer: frames were sent, and credit came back for them
         assert total("statefun_mesh_peer_frames_sent_total", after) > 0
+        assert (
+            total("statefun_mesh_credit_frames_total", after) + total("statefun_mesh_credits_carried_total", after) > 0
+        )
         assert value(after[1], "statefun_mesh_messages_received_from_peers_total") == value(
             after[0], "statefun_mesh_messages_routed_remote_total", to_peer="1"
         )
@@ -142,10 +145,11 @@ async def test_metrics_move_with_load_and_match_status(tmp_path: Path) -> None:
             for t, c in st["functions"].items():
                 assert value(s, "statefun_mesh_invocations_total", function_type=t) == c["invocations"]
             assert value(s, "statefun_mesh_inbox_messages") == st["queued"] == 0
+            # heartbeats and checkpoint barriers keep going out between the scrape and status()
             frames = st["frames"]
-            assert value(s, "statefun_mesh_peer_frames_sent_total") == frames["sent"]
-            assert value(s, "statefun_mesh_credit_frames_total") == frames["credit_frames"]
-            assert value(s, "statefun_mesh_credits_carried_total") == frames["credits_carried"]
+            assert value(s, "statefun_mesh_peer_frames_sent_total") <= frames["sent"]
+            assert value(s, "statefun_mesh_credit_frames_total") <= frames["credit_frames"]
+            assert value(s, "statefun_mesh_credits_carried_total") <= frames["credits_carried"]
             assert value(s, "statefun_mesh_state_bytes") > 0
         # checkpoints complete and are counted; their age is small
         await asyncio.sleep(0.6)
